@@ -1,0 +1,200 @@
+//! OTLP attribute values as text, and sorted attribute sets.
+//!
+//! Tollgate keeps attribute keys as they arrive (dots included) and compares values as text:
+//! the gateway sends strings, the access-log sink sends numbers as strings (`"404"`), other
+//! SDKs send ints. One rendering for all of them keeps series identity and label values stable
+//! whichever way a value was typed.
+
+use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::fmt::Write;
+
+/// The text of an attribute value: strings as they are, booleans `true`/`false`, integers in
+/// decimal, doubles in their shortest round-trip form, bytes in lowercase hex, arrays and
+/// key-value lists as JSON. A missing value is the empty string.
+pub fn value_text(value: Option<&AnyValue>) -> Cow<'_, str> {
+    let Some(inner) = value.and_then(|v| v.value.as_ref()) else {
+        return Cow::Borrowed("");
+    };
+    match inner {
+        Value::StringValue(s) => Cow::Borrowed(s.as_str()),
+        Value::BoolValue(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
+        Value::IntValue(i) => Cow::Owned(i.to_string()),
+        Value::DoubleValue(d) => Cow::Owned(double_text(*d)),
+        Value::BytesValue(bytes) => Cow::Owned(hex(bytes)),
+        Value::ArrayValue(_) | Value::KvlistValue(_) => Cow::Owned(value_json(inner).to_string()),
+        // An index into a profiles string table; metrics and logs have no such table.
+        Value::StringValueStrindex(_) => Cow::Borrowed(""),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+fn double_text(d: f64) -> String {
+    if d.is_finite() {
+        format!("{d}")
+    } else if d.is_nan() {
+        "NaN".to_string()
+    } else if d > 0.0 {
+        "Infinity".to_string()
+    } else {
+        "-Infinity".to_string()
+    }
+}
+
+fn value_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::StringValue(s) => serde_json::Value::String(s.clone()),
+        Value::BoolValue(b) => serde_json::Value::Bool(*b),
+        Value::IntValue(i) => serde_json::Value::from(*i),
+        Value::DoubleValue(d) => serde_json::Number::from_f64(*d)
+            .map(serde_json::Value::Number)
+            .unwrap_or_else(|| serde_json::Value::String(double_text(*d))),
+        Value::BytesValue(bytes) => serde_json::Value::String(hex(bytes)),
+        Value::ArrayValue(array) => serde_json::Value::Array(
+            array.values.iter().map(|v| v.value.as_ref().map(value_json).unwrap_or(serde_json::Value::Null)).collect(),
+        ),
+        Value::KvlistValue(list) => serde_json::Value::Object(
+            list.values
+                .iter()
+                .map(|kv| {
+                    let inner = kv.value.as_ref().and_then(|v| v.value.as_ref());
+                    (kv.key.clone(), inner.map(value_json).unwrap_or(serde_json::Value::Null))
+                })
+                .collect(),
+        ),
+        Value::StringValueStrindex(_) => serde_json::Value::Null,
+    }
+}
+
+/// The first attribute named `key`, if any. OTLP forbids duplicate keys; when a sender repeats
+/// one anyway, the first occurrence wins (as in SkyWalking's receiver).
+pub fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a KeyValue> {
+    attributes.iter().find(|kv| kv.key == key)
+}
+
+/// The text of attribute `key`, or `None` when it is missing.
+pub fn find_text<'a>(attributes: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
+    find(attributes, key).map(|kv| value_text(kv.value.as_ref()))
+}
+
+/// A set of attributes as sorted, de-duplicated `(key, text)` pairs: the canonical form used
+/// for series identity and label derivation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AttributeSet(Vec<(String, String)>);
+
+impl AttributeSet {
+    /// The canonical set of OTLP attributes (first occurrence of a repeated key wins).
+    pub fn from_key_values(attributes: &[KeyValue]) -> AttributeSet {
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(attributes.len());
+        for kv in attributes {
+            if pairs.iter().any(|(k, _)| *k == kv.key) {
+                continue;
+            }
+            pairs.push((kv.key.clone(), value_text(kv.value.as_ref()).into_owned()));
+        }
+        pairs.sort();
+        AttributeSet(pairs)
+    }
+
+    /// A set from pairs (sorted here; the first of repeated keys wins).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> AttributeSet {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (k, v) in pairs {
+            let key = k.into();
+            if out.iter().any(|(existing, _)| *existing == key) {
+                continue;
+            }
+            out.push((key, v.into()));
+        }
+        out.sort();
+        AttributeSet(out)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok().map(|index| self.0[index].1.as_str())
+    }
+
+    /// The pairs in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Number of attributes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there is no attribute.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
+
+    fn kv(key: &str, value: Value) -> KeyValue {
+        KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    }
+
+    #[test]
+    fn test_value_text_renders_every_kind() {
+        let s = AnyValue { value: Some(Value::StringValue("404".into())) };
+        assert_eq!(value_text(Some(&s)), "404");
+        let i = AnyValue { value: Some(Value::IntValue(404)) };
+        assert_eq!(value_text(Some(&i)), "404");
+        let b = AnyValue { value: Some(Value::BoolValue(true)) };
+        assert_eq!(value_text(Some(&b)), "true");
+        let d = AnyValue { value: Some(Value::DoubleValue(0.25)) };
+        assert_eq!(value_text(Some(&d)), "0.25");
+        let bytes = AnyValue { value: Some(Value::BytesValue(vec![0xde, 0xad])) };
+        assert_eq!(value_text(Some(&bytes)), "dead");
+        let array = AnyValue {
+            value: Some(Value::ArrayValue(ArrayValue {
+                values: vec![
+                    AnyValue { value: Some(Value::IntValue(1)) },
+                    AnyValue { value: Some(Value::StringValue("a".into())) },
+                ],
+            })),
+        };
+        assert_eq!(value_text(Some(&array)), r#"[1,"a"]"#);
+        let list = AnyValue {
+            value: Some(Value::KvlistValue(KeyValueList { values: vec![kv("k", Value::BoolValue(false))] })),
+        };
+        assert_eq!(value_text(Some(&list)), r#"{"k":false}"#);
+        assert_eq!(value_text(None), "");
+        assert_eq!(value_text(Some(&AnyValue { value: None })), "");
+    }
+
+    #[test]
+    fn test_attribute_set_is_sorted_and_first_key_wins() {
+        let set = AttributeSet::from_key_values(&[
+            kv("z", Value::StringValue("1".into())),
+            kv("a", Value::IntValue(2)),
+            kv("z", Value::StringValue("ignored".into())),
+        ]);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![("a", "2"), ("z", "1")]);
+        assert_eq!(set.get("z"), Some("1"));
+        assert_eq!(set.get("missing"), None);
+    }
+
+    #[test]
+    fn test_find_text_returns_first_occurrence() {
+        let attributes =
+            vec![kv("response_code", Value::StringValue("404".into())), kv("response_code", Value::IntValue(200))];
+        assert_eq!(find_text(&attributes, "response_code").as_deref(), Some("404"));
+        assert_eq!(find_text(&attributes, "duration"), None);
+    }
+}

@@ -1,0 +1,140 @@
+//! The rules document (routing, normalisation windows, sampling thresholds, metric catalogue)
+//! and its compiled form. It is one unit of replicated configuration (SPEC §6).
+
+use crate::catalogue::{Catalogue, ResolvedMetric};
+use crate::entity::RoutingRules;
+use crate::normalize::NormalizeConfig;
+use crate::sampling::SamplingRules;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+
+/// The rules document. Every section has built-in defaults, so `{}` is a valid document.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Which resources are gateway resources and how they map to entities.
+    #[serde(default)]
+    pub routing: RoutingRules,
+    /// Lateness, future and cumulative windows, cardinality limit.
+    #[serde(default)]
+    pub normalize: NormalizeConfig,
+    /// Access-log keep rules.
+    #[serde(default)]
+    pub sampling: SamplingRules,
+    /// Output metrics.
+    #[serde(default)]
+    pub catalogue: Catalogue,
+}
+
+/// Why a rules document was refused; the message names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid rules: {0}")]
+pub struct RulesError(pub String);
+
+impl RulesConfig {
+    /// Parses YAML or JSON and validates it.
+    pub fn parse(text: &str) -> Result<RulesConfig, RulesError> {
+        let config: RulesConfig = parse_yaml(text).map_err(RulesError)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every section.
+    pub fn validate(&self) -> Result<(), RulesError> {
+        self.routing.validate().map_err(RulesError)?;
+        self.normalize.validate().map_err(RulesError)?;
+        self.sampling.validate().map_err(RulesError)?;
+        self.catalogue.validate().map_err(RulesError)?;
+        Ok(())
+    }
+}
+
+/// A validated rules document with its lookup tables, tagged with the version under which it
+/// was committed.
+#[derive(Clone, Debug)]
+pub struct CompiledRules {
+    /// The document.
+    pub config: RulesConfig,
+    /// Committed version (0 for the built-in defaults).
+    pub version: u64,
+    metrics: HashMap<String, ResolvedMetric>,
+    sources: HashSet<String>,
+}
+
+impl CompiledRules {
+    /// Compiles a document after validating it.
+    pub fn new(config: RulesConfig, version: u64) -> Result<CompiledRules, RulesError> {
+        config.validate()?;
+        let metrics = config.catalogue.index();
+        let sources = config.catalogue.source_metrics().into_iter().collect();
+        Ok(CompiledRules { config, version, metrics, sources })
+    }
+
+    /// The metric with this full name.
+    pub fn metric(&self, name: &str) -> Option<&ResolvedMetric> {
+        self.metrics.get(name)
+    }
+
+    /// True when some rule reads this source metric (only those are stored).
+    pub fn is_source(&self, metric: &str) -> bool {
+        self.sources.contains(metric)
+    }
+}
+
+impl Default for CompiledRules {
+    fn default() -> Self {
+        CompiledRules::new(RulesConfig::default(), 0).expect("the built-in rules are valid")
+    }
+}
+
+/// Parses YAML (or JSON, a subset) into `T`, with serde-saphyr's input budgets; the error text
+/// carries the parser's location and, for type errors, the offending field.
+pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    if text.trim().is_empty() {
+        return Err("the document is empty".into());
+    }
+    serde_saphyr::from_str(text).map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_empty_mapping_gives_the_built_in_rules() {
+        let config = RulesConfig::parse("{}").unwrap();
+        assert_eq!(config, RulesConfig::default());
+        assert_eq!(config.sampling.token_threshold, Some(10_000));
+        assert_eq!(config.normalize.max_lateness_seconds, 600);
+    }
+
+    #[test]
+    fn test_partial_sections_keep_other_defaults() {
+        let config = RulesConfig::parse("sampling:\n  token_threshold: 5000\n  cost_threshold: 250000\n").unwrap();
+        assert_eq!(config.sampling.token_threshold, Some(5000));
+        assert_eq!(config.sampling.cost_threshold, Some(250_000.0));
+        assert_eq!(config.sampling.slow_threshold_ms, Some(30_000));
+        assert_eq!(config.catalogue, Catalogue::default());
+    }
+
+    #[test]
+    fn test_unknown_fields_and_bad_values_are_named() {
+        let error = RulesConfig::parse("sampling:\n  token_treshold: 5000\n").unwrap_err().to_string();
+        assert!(error.contains("token_treshold"), "{error}");
+        let error = RulesConfig::parse("normalize:\n  max_lateness_seconds: -1\n").unwrap_err().to_string();
+        assert!(error.contains("max_lateness_seconds") || error.contains("-1"), "{error}");
+        let error = RulesConfig::parse("normalize:\n  max_lateness_seconds: 999999\n").unwrap_err().to_string();
+        assert!(error.contains("normalize.max_lateness_seconds"), "{error}");
+        let error = RulesConfig::parse("sampling:\n  cost_threshold: -5\n").unwrap_err().to_string();
+        assert!(error.contains("sampling.cost_threshold"), "{error}");
+        assert!(RulesConfig::parse("").unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn test_rules_round_trip_as_yaml() {
+        let config = RulesConfig::default();
+        let yaml = serde_saphyr::to_string(&config).unwrap();
+        assert_eq!(RulesConfig::parse(&yaml).unwrap(), config);
+    }
+}

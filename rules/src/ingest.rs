@@ -1,0 +1,739 @@
+//! The ingest path: OTLP request → selected, validated points ([`extract_metrics`]) → per-series
+//! normalisation and cost ([`SeriesTable::apply`]) → merges into per-(series, minute) state.
+//!
+//! Extraction is stateless and runs where a request arrives; the series table is the state of
+//! an owner and runs where the series' partition lives. [`MemoryPipeline`] strings both
+//! together in memory: the reference the node is tested against, and the benchmark's subject.
+
+use crate::aggregate::{empty_bounds, Aggregate, Bounds, Delta};
+use crate::attributes::AttributeSet;
+use crate::catalogue::{LOG_REQUESTS_METRIC, LOG_SAMPLED_METRIC};
+use crate::config::CompiledRules;
+use crate::entity::{Entity, Selection};
+use crate::evaluate::{MetricQuery, MetricResult, Partial, Step};
+use crate::fixed::Fixed;
+use crate::normalize::{normalize, Normalized, PartitionClock, SeriesCursor};
+use crate::point::{check_histogram, check_number, Checked, RejectReason, Rejection, Temporality, ValidPoint};
+use crate::pricing::{PriceTable, TokenType};
+use crate::sampling::LogDecision;
+use crate::series::{minute_of, Minute, SeriesId, SeriesKey};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// How many detailed rejection messages a report keeps (the counts are always complete).
+pub const MAX_REPORT_MESSAGES: usize = 8;
+
+/// Why data was accepted but not kept. Not errors: the sender did nothing wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// The resource is not a gateway resource.
+    NotGateway,
+    /// No catalogue rule reads this metric.
+    UnknownMetric,
+    /// The point is flagged `NO_RECORDED_VALUE`.
+    NoRecordedValue,
+    /// A log record that is neither an LLM nor an MCP record.
+    NotClassified,
+    /// A log record that matched no keep reason (counted in log metrics, not stored).
+    Sampled,
+}
+
+impl DropReason {
+    /// Every reason.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::NotGateway,
+        DropReason::UnknownMetric,
+        DropReason::NoRecordedValue,
+        DropReason::NotClassified,
+        DropReason::Sampled,
+    ];
+
+    /// The stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NotGateway => "not_gateway",
+            DropReason::UnknownMetric => "unknown_metric",
+            DropReason::NoRecordedValue => "no_recorded_value",
+            DropReason::NotClassified => "not_classified",
+            DropReason::Sampled => "sampled_out",
+        }
+    }
+}
+
+/// What happened to the items (points or log records) of one request. Mergeable, so that the
+/// reports of several owners make the answer to one export.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestReport {
+    /// Items merged (or stored).
+    pub merged: u64,
+    /// Items recognised as already merged (retries).
+    pub duplicates: u64,
+    /// Cumulative first points that only became a baseline.
+    pub baselines: u64,
+    /// Rejected items per reason.
+    pub rejected: BTreeMap<RejectReason, u64>,
+    /// Accepted but not kept, per reason.
+    pub dropped: BTreeMap<DropReason, u64>,
+    /// The first few rejections in detail.
+    pub messages: Vec<String>,
+}
+
+impl IngestReport {
+    /// Counts a rejection, keeping its message if there is room.
+    pub fn reject(&mut self, rejection: &Rejection, context: impl FnOnce() -> String) {
+        self.reject_many(rejection, 1, context);
+    }
+
+    /// Counts `count` items rejected for the same cause, with one message.
+    pub fn reject_many(&mut self, rejection: &Rejection, count: u64, context: impl FnOnce() -> String) {
+        if count == 0 {
+            return;
+        }
+        *self.rejected.entry(rejection.reason).or_default() += count;
+        if self.messages.len() < MAX_REPORT_MESSAGES {
+            self.messages.push(format!("{}: {}", context(), rejection));
+        }
+    }
+
+    /// Counts dropped items.
+    pub fn drop_items(&mut self, reason: DropReason, count: u64) {
+        if count > 0 {
+            *self.dropped.entry(reason).or_default() += count;
+        }
+    }
+
+    /// Number of rejected items.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+
+    /// Adds another report.
+    pub fn merge(&mut self, other: &IngestReport) {
+        self.merged += other.merged;
+        self.duplicates += other.duplicates;
+        self.baselines += other.baselines;
+        for (reason, count) in &other.rejected {
+            *self.rejected.entry(*reason).or_default() += count;
+        }
+        for (reason, count) in &other.dropped {
+            *self.dropped.entry(*reason).or_default() += count;
+        }
+        for message in &other.messages {
+            if self.messages.len() < MAX_REPORT_MESSAGES {
+                self.messages.push(message.clone());
+            }
+        }
+    }
+
+    /// The `partial_success.error_message`: empty when nothing was rejected, otherwise counts per
+    /// reason followed by the first rejections in detail.
+    pub fn error_message(&self, items: &str) -> String {
+        let total = self.rejected_total();
+        if total == 0 {
+            return String::new();
+        }
+        let mut out = format!("rejected {total} {items} (");
+        for (index, (reason, count)) in self.rejected.iter().enumerate() {
+            if index > 0 {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{reason}: {count}");
+        }
+        out.push(')');
+        for message in &self.messages {
+            out.push_str("; ");
+            out.push_str(message);
+        }
+        if total > self.messages.len() as u64 {
+            let _ = write!(out, "; and {} more", total - self.messages.len() as u64);
+        }
+        out
+    }
+}
+
+/// A valid point of a gateway series, with everything its owner needs.
+#[derive(Clone, Debug)]
+pub struct ExtractedPoint {
+    /// Series id.
+    pub series: SeriesId,
+    /// The series' entity (shared by all points of a resource).
+    pub entity: Arc<Entity>,
+    /// `entity.partition_hash()`.
+    pub partition: u64,
+    /// Metric name (shared by all points of a metric).
+    pub metric: Arc<str>,
+    /// The point's attributes, moved out of the request.
+    pub attributes: Vec<KeyValue>,
+    /// The validated point.
+    pub point: ValidPoint,
+}
+
+impl ExtractedPoint {
+    /// The owned series key (built only for series the owner has not seen yet).
+    pub fn key(&self) -> SeriesKey {
+        SeriesKey {
+            entity: (*self.entity).clone(),
+            metric: self.metric.to_string(),
+            attributes: AttributeSet::from_key_values(&self.attributes),
+        }
+    }
+
+    fn describe(&self) -> String {
+        describe_point(&self.metric, &self.entity, self.point.time_ns)
+    }
+}
+
+fn describe_point(metric: &str, entity: &Entity, time_ns: u64) -> String {
+    format!("{metric} of {entity} at {time_ns}")
+}
+
+/// The valid points of one request and the report of everything else.
+#[derive(Debug, Default)]
+pub struct MetricsBatch {
+    /// Points to hand to their owners.
+    pub points: Vec<ExtractedPoint>,
+    /// Rejections and drops found while extracting.
+    pub report: IngestReport,
+}
+
+/// Selects gateway resources, maps entities, keeps catalogue metrics and validates points.
+/// Consumes the request so that attribute and bucket vectors move instead of being copied.
+pub fn extract_metrics(request: ExportMetricsServiceRequest, rules: &CompiledRules) -> MetricsBatch {
+    let mut batch = MetricsBatch::default();
+    for resource_metrics in request.resource_metrics {
+        let point_total: u64 = resource_metrics
+            .scope_metrics
+            .iter()
+            .flat_map(|s| s.metrics.iter())
+            .map(|m| data_point_count(m.data.as_ref()) as u64)
+            .sum();
+        let entity = match rules.config.routing.select(resource_metrics.resource.as_ref()) {
+            Selection::Ours(entity) => Arc::new(entity),
+            Selection::NotOurs => {
+                batch.report.drop_items(DropReason::NotGateway, point_total);
+                continue;
+            }
+            Selection::MissingService => {
+                let rejection = Rejection::new(
+                    RejectReason::MissingService,
+                    "gateway resource without aigw.service or service.name",
+                );
+                batch.report.reject_many(&rejection, point_total, || "resource".to_string());
+                continue;
+            }
+        };
+        let partition = entity.partition_hash();
+        for scope_metrics in resource_metrics.scope_metrics {
+            for metric in scope_metrics.metrics {
+                if !rules.is_source(&metric.name) {
+                    batch.report.drop_items(DropReason::UnknownMetric, data_point_count(metric.data.as_ref()) as u64);
+                    continue;
+                }
+                let name: Arc<str> = Arc::from(metric.name.as_str());
+                let points = &mut batch.points;
+                let mut emit = |attributes: Vec<KeyValue>,
+                                checked: Checked,
+                                time_ns: u64,
+                                report: &mut IngestReport| match checked {
+                    Checked::Valid(point) => points.push(ExtractedPoint {
+                        series: SeriesId::of(&entity, &name, &attributes),
+                        entity: Arc::clone(&entity),
+                        partition,
+                        metric: Arc::clone(&name),
+                        attributes,
+                        point,
+                    }),
+                    Checked::NoRecordedValue => report.drop_items(DropReason::NoRecordedValue, 1),
+                    Checked::Rejected(rejection) => {
+                        report.reject(&rejection, || describe_point(&name, &entity, time_ns))
+                    }
+                };
+                let report = &mut batch.report;
+                match metric.data {
+                    Some(Data::Histogram(histogram)) => {
+                        let temporality = Temporality::from_otlp(histogram.aggregation_temporality);
+                        for mut point in histogram.data_points {
+                            let time_ns = point.time_unix_nano;
+                            let checked = match temporality {
+                                Some(t) => check_histogram(&mut point, t),
+                                None => Checked::Rejected(unspecified(histogram.aggregation_temporality)),
+                            };
+                            emit(std::mem::take(&mut point.attributes), checked, time_ns, report);
+                        }
+                    }
+                    Some(Data::Sum(sum)) => {
+                        let temporality = Temporality::from_otlp(sum.aggregation_temporality);
+                        for mut point in sum.data_points {
+                            let time_ns = point.time_unix_nano;
+                            let checked = match temporality {
+                                Some(t) => check_number(&point, t, sum.is_monotonic),
+                                None => Checked::Rejected(unspecified(sum.aggregation_temporality)),
+                            };
+                            emit(std::mem::take(&mut point.attributes), checked, time_ns, report);
+                        }
+                    }
+                    other => {
+                        let rejection = Rejection::new(
+                            RejectReason::UnsupportedType,
+                            format!(
+                                "{} points cannot be merged: send a histogram or a sum",
+                                data_type_name(other.as_ref())
+                            ),
+                        );
+                        let count = data_point_count(other.as_ref()) as u64;
+                        report.reject_many(&rejection, count, || format!("{name} of {entity}"));
+                    }
+                }
+            }
+        }
+    }
+    batch
+}
+
+fn unspecified(value: i32) -> Rejection {
+    Rejection::new(
+        RejectReason::UnspecifiedTemporality,
+        format!("aggregation_temporality {value} is neither DELTA (1) nor CUMULATIVE (2)"),
+    )
+}
+
+fn data_point_count(data: Option<&Data>) -> usize {
+    match data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
+}
+
+fn data_type_name(data: Option<&Data>) -> &'static str {
+    match data {
+        Some(Data::Gauge(_)) => "gauge",
+        Some(Data::Sum(_)) => "sum",
+        Some(Data::Histogram(_)) => "histogram",
+        Some(Data::ExponentialHistogram(_)) => "exponential histogram",
+        Some(Data::Summary(_)) => "summary",
+        None => "empty",
+    }
+}
+
+/// Price of a token series at a pricing version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TokenPrice {
+    rules_version: u64,
+    pricing_version: u64,
+    /// Cost of one token, per million (0 for non-token series).
+    per_m: Fixed,
+    /// Input/output tokens of an unpriced model.
+    unpriced: bool,
+}
+
+/// An owner's state of one series.
+#[derive(Clone, Debug)]
+pub struct SeriesEntry {
+    /// The key.
+    pub key: Arc<SeriesKey>,
+    /// Normalisation state (persisted).
+    pub cursor: SeriesCursor,
+    /// Interned bucket bounds of the latest point.
+    bounds: Bounds,
+    /// Cached price, recomputed when rules or pricing change.
+    price: Option<TokenPrice>,
+    /// Time of the newest accepted point, for idle eviction.
+    pub last_seen_ns: u64,
+}
+
+impl SeriesEntry {
+    fn new(key: Arc<SeriesKey>, cursor: SeriesCursor) -> SeriesEntry {
+        let bounds = cursor.baseline.as_ref().map(|b| Arc::clone(&b.bounds)).unwrap_or_else(empty_bounds);
+        let last_seen_ns =
+            cursor.seen.last().map(|k| k.time_ns).or(cursor.baseline.as_ref().map(|b| b.time_ns)).unwrap_or(0);
+        SeriesEntry { key, cursor, bounds, price: None, last_seen_ns }
+    }
+
+    fn token_price(&mut self, rules: &CompiledRules, pricing: &PriceTable) -> TokenPrice {
+        if let Some(price) = self.price {
+            if price.rules_version == rules.version && price.pricing_version == pricing.version() {
+                return price;
+            }
+        }
+        let mut price = TokenPrice {
+            rules_version: rules.version,
+            pricing_version: pricing.version(),
+            per_m: Fixed::ZERO,
+            unpriced: false,
+        };
+        let catalogue = &rules.config.catalogue;
+        if self.key.metric == catalogue.cost.metric {
+            let token_type = self.key.attributes.get(&catalogue.cost.token_type_attribute).and_then(TokenType::parse);
+            let model = catalogue.label_value(&catalogue.cost.model_label, &self.key.attributes).unwrap_or("");
+            match (token_type, pricing.lookup(model)) {
+                (Some(token_type), Some(model_price)) => price.per_m = model_price.price_per_m(token_type),
+                (Some(TokenType::Input | TokenType::Output), None) => price.unpriced = true,
+                _ => {}
+            }
+        }
+        self.price = Some(price);
+        price
+    }
+}
+
+/// What [`SeriesTable::apply`] did with a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Merged into this minute.
+    Merged(Minute),
+    /// A retry of a merged point.
+    Duplicate,
+    /// Became a cumulative baseline.
+    Baseline,
+    /// Rejected (counted in the report).
+    Rejected(RejectReason),
+}
+
+/// An owner's normalisation state: series cursors, partition clocks, per-service cardinality.
+#[derive(Debug, Default)]
+pub struct SeriesTable {
+    series: HashMap<SeriesId, SeriesEntry>,
+    clocks: HashMap<u64, PartitionClock>,
+    per_service: HashMap<String, usize>,
+    dirty_series: HashSet<SeriesId>,
+    dirty_clocks: HashSet<u64>,
+    new_series: Vec<SeriesId>,
+}
+
+impl SeriesTable {
+    /// An empty table.
+    pub fn new() -> SeriesTable {
+        SeriesTable::default()
+    }
+
+    /// Number of series.
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    /// True without series.
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
+    /// A series' state.
+    pub fn get(&self, id: &SeriesId) -> Option<&SeriesEntry> {
+        self.series.get(id)
+    }
+
+    /// A partition's clock.
+    pub fn clock(&self, partition: u64) -> Option<&PartitionClock> {
+        self.clocks.get(&partition)
+    }
+
+    /// All series.
+    pub fn iter(&self) -> impl Iterator<Item = (&SeriesId, &SeriesEntry)> {
+        self.series.iter()
+    }
+
+    /// All partition clocks.
+    pub fn clocks(&self) -> impl Iterator<Item = (&u64, &PartitionClock)> {
+        self.clocks.iter()
+    }
+
+    /// Restores a persisted series (after a restart or a partition hand-over).
+    pub fn restore_series(&mut self, key: SeriesKey, cursor: SeriesCursor) {
+        let id = key.id();
+        let service = key.entity.service.clone();
+        if self.series.insert(id, SeriesEntry::new(Arc::new(key), cursor)).is_none() {
+            *self.per_service.entry(service).or_default() += 1;
+        }
+    }
+
+    /// Restores a persisted partition clock, keeping the newer minute.
+    pub fn restore_clock(&mut self, partition: u64, clock: PartitionClock) {
+        let current = self.clocks.entry(partition).or_default();
+        if clock.newest_minute_ns > current.newest_minute_ns {
+            *current = clock;
+        }
+    }
+
+    /// Series and clocks changed since the last call, and the series created since then.
+    /// The caller persists them in the same atomic write as the merged states.
+    pub fn take_changes(&mut self) -> TableChanges {
+        TableChanges {
+            series: self.dirty_series.drain().collect(),
+            clocks: self.dirty_clocks.drain().collect(),
+            created: std::mem::take(&mut self.new_series),
+        }
+    }
+
+    /// Forgets series with no accepted point since `before_ns` (their baselines and keys can no
+    /// longer matter: anything that old is rejected as too late). Returns their ids.
+    pub fn evict_idle(&mut self, before_ns: u64) -> Vec<SeriesId> {
+        let idle: Vec<SeriesId> =
+            self.series.iter().filter(|(_, e)| e.last_seen_ns < before_ns).map(|(id, _)| *id).collect();
+        for id in &idle {
+            if let Some(entry) = self.series.remove(id) {
+                if let Some(count) = self.per_service.get_mut(&entry.key.entity.service) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.per_service.remove(&entry.key.entity.service);
+                    }
+                }
+            }
+            self.dirty_series.remove(id);
+        }
+        idle
+    }
+
+    /// Normalises one point and, when it is to be merged, calls `merge` with its minute and delta
+    /// (cost included). Rejections are counted in `report`.
+    pub fn apply(
+        &mut self,
+        mut extracted: ExtractedPoint,
+        now_ns: u64,
+        rules: &CompiledRules,
+        pricing: &PriceTable,
+        report: &mut IngestReport,
+        mut merge: impl FnMut(SeriesId, Minute, &Delta<'_>),
+    ) -> Applied {
+        let config = &rules.config.normalize;
+        let entry = match self.series.get_mut(&extracted.series) {
+            Some(entry) => entry,
+            None => {
+                let service_count = self.per_service.get(&extracted.entity.service).copied().unwrap_or(0);
+                if service_count >= config.max_series_per_service {
+                    let rejection = Rejection::new(
+                        RejectReason::CardinalityLimit,
+                        format!(
+                            "service {:?} already has {service_count} series (max_series_per_service)",
+                            extracted.entity.service
+                        ),
+                    );
+                    report.reject(&rejection, || extracted.describe());
+                    return Applied::Rejected(RejectReason::CardinalityLimit);
+                }
+                *self.per_service.entry(extracted.entity.service.clone()).or_default() += 1;
+                self.new_series.push(extracted.series);
+                self.series
+                    .entry(extracted.series)
+                    .or_insert_with(|| SeriesEntry::new(Arc::new(extracted.key()), SeriesCursor::default()))
+            }
+        };
+        if *entry.bounds != *extracted.point.bounds {
+            entry.bounds = Arc::from(std::mem::take(&mut extracted.point.bounds));
+        }
+        let clock = self.clocks.entry(extracted.partition).or_default();
+        let clock_before = *clock;
+        let outcome = normalize(&mut entry.cursor, clock, &mut extracted.point, &entry.bounds, now_ns, config);
+        if *clock != clock_before {
+            self.dirty_clocks.insert(extracted.partition);
+        }
+        let point = &extracted.point;
+        let applied = match outcome {
+            Normalized::Duplicate => {
+                report.duplicates += 1;
+                return Applied::Duplicate;
+            }
+            Normalized::Rejected(rejection) => {
+                let reason = rejection.reason;
+                report.reject(&rejection, || extracted.describe());
+                return Applied::Rejected(reason);
+            }
+            Normalized::Baseline => {
+                report.baselines += 1;
+                Applied::Baseline
+            }
+            Normalized::Merge => {
+                let price = entry.token_price(rules, pricing);
+                let minute = minute_of(point.time_ns);
+                let delta = Delta {
+                    count: point.count,
+                    sum: point.sum,
+                    min: point.min,
+                    max: point.max,
+                    bounds: &entry.bounds,
+                    buckets: &point.buckets,
+                    cost: point.sum.mul_price(price.per_m),
+                    unpriced: if price.unpriced { point.sum } else { Fixed::ZERO },
+                };
+                merge(extracted.series, minute, &delta);
+                report.merged += 1;
+                Applied::Merged(minute)
+            }
+        };
+        entry.last_seen_ns = entry.last_seen_ns.max(point.time_ns);
+        self.dirty_series.insert(extracted.series);
+        applied
+    }
+}
+
+/// What a [`SeriesTable`] changed since the last [`SeriesTable::take_changes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableChanges {
+    /// Series whose cursor changed.
+    pub series: Vec<SeriesId>,
+    /// Partitions whose clock moved.
+    pub clocks: Vec<u64>,
+    /// Series created.
+    pub created: Vec<SeriesId>,
+}
+
+/// The log-derived counter series a classified record increments by one each (SPEC §5):
+/// requests by kind and status class, and one per keep reason.
+pub fn log_counter_keys(entity: &Entity, decision: &LogDecision) -> Vec<SeriesKey> {
+    let Some(kind) = decision.kind else { return Vec::new() };
+    let mut keys = Vec::with_capacity(1 + decision.reasons.len());
+    keys.push(SeriesKey {
+        entity: entity.clone(),
+        metric: LOG_REQUESTS_METRIC.into(),
+        attributes: AttributeSet::from_pairs([("kind", kind.as_str()), ("status_class", decision.status_class())]),
+    });
+    for reason in &decision.reasons {
+        keys.push(SeriesKey {
+            entity: entity.clone(),
+            metric: LOG_SAMPLED_METRIC.into(),
+            attributes: AttributeSet::from_pairs([("kind", kind.as_str()), ("reason", reason.as_str())]),
+        });
+    }
+    keys
+}
+
+/// The delta of one log-derived increment.
+pub fn log_increment() -> Aggregate {
+    let mut state = Aggregate::empty();
+    state.sum = Fixed::from_int(1);
+    state
+}
+
+/// Every state an owner holds, per (series, minute), in memory.
+#[derive(Debug, Default)]
+pub struct MinuteStates {
+    states: HashMap<(SeriesId, Minute), Aggregate>,
+}
+
+impl MinuteStates {
+    /// Merges a delta.
+    pub fn merge_delta(&mut self, series: SeriesId, minute: Minute, delta: &Delta<'_>) {
+        match self.states.get_mut(&(series, minute)) {
+            Some(state) => state.merge_delta(delta),
+            None => {
+                self.states.insert((series, minute), Aggregate::from_delta(delta));
+            }
+        }
+    }
+
+    /// Merges a state.
+    pub fn merge(&mut self, series: SeriesId, minute: Minute, state: &Aggregate) {
+        self.states.entry((series, minute)).or_default().merge(state);
+    }
+
+    /// The state of a series in a minute.
+    pub fn get(&self, series: SeriesId, minute: Minute) -> Option<&Aggregate> {
+        self.states.get(&(series, minute))
+    }
+
+    /// Every state.
+    pub fn iter(&self) -> impl Iterator<Item = (&(SeriesId, Minute), &Aggregate)> {
+        self.states.iter()
+    }
+
+    /// Number of states.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// True without states.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+}
+
+/// The whole single-owner path in memory: extraction, normalisation, merge and evaluation.
+#[derive(Debug)]
+pub struct MemoryPipeline {
+    /// Rules in force.
+    pub rules: CompiledRules,
+    /// Prices in force.
+    pub pricing: PriceTable,
+    /// Normalisation state.
+    pub table: SeriesTable,
+    /// Merged states.
+    pub states: MinuteStates,
+    keys: HashMap<SeriesId, Arc<SeriesKey>>,
+}
+
+impl MemoryPipeline {
+    /// A pipeline with these rules and prices.
+    pub fn new(rules: CompiledRules, pricing: PriceTable) -> MemoryPipeline {
+        MemoryPipeline {
+            rules,
+            pricing,
+            table: SeriesTable::new(),
+            states: MinuteStates::default(),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// Ingests one export at time `now_ns`.
+    pub fn ingest(&mut self, request: ExportMetricsServiceRequest, now_ns: u64) -> IngestReport {
+        let batch = extract_metrics(request, &self.rules);
+        let mut report = batch.report;
+        for point in batch.points {
+            let states = &mut self.states;
+            self.table.apply(point, now_ns, &self.rules, &self.pricing, &mut report, |series, minute, delta| {
+                states.merge_delta(series, minute, delta)
+            });
+        }
+        for id in self.table.take_changes().created {
+            if let Some(entry) = self.table.get(&id) {
+                self.keys.insert(id, Arc::clone(&entry.key));
+            }
+        }
+        report
+    }
+
+    /// Counts one classified log record in the log-derived metrics.
+    pub fn count_log(&mut self, entity: &Entity, decision: &LogDecision, time_ns: u64) {
+        let increment = log_increment();
+        for key in log_counter_keys(entity, decision) {
+            let id = key.id();
+            self.keys.entry(id).or_insert_with(|| Arc::new(key));
+            self.states.merge(id, minute_of(time_ns), &increment);
+        }
+    }
+
+    /// Evaluates a catalogue metric.
+    pub fn query(
+        &self,
+        name: &str,
+        service: &str,
+        instance: Option<&str>,
+        start: i64,
+        end: i64,
+        step: Step,
+    ) -> Option<MetricResult> {
+        let metric = self.rules.metric(name)?.clone();
+        let query = MetricQuery {
+            metric,
+            service: service.to_string(),
+            instance: instance.map(str::to_string),
+            start,
+            end,
+            step,
+        };
+        let mut partial = Partial::default();
+        for ((series, minute), state) in self.states.iter() {
+            if let Some(key) = self.keys.get(series) {
+                partial.add(&self.rules.config.catalogue, &query, key, minute * 60, state);
+            }
+        }
+        Some(partial.finish(&query))
+    }
+}

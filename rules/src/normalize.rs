@@ -1,0 +1,472 @@
+//! Per-series normalisation (SPEC §1.5): de-duplication, lateness, and cumulative → delta.
+//!
+//! The owner of a series keeps one [`SeriesCursor`] per series and one [`PartitionClock`] per
+//! partition, and feeds every valid point through [`normalize`]. Both are plain data so that
+//! the node can persist them next to the merged state in the same atomic write: after a
+//! restart a retried export is recognised as a duplicate, and a cumulative series continues
+//! from its last baseline.
+
+use crate::aggregate::Bounds;
+use crate::fixed::Fixed;
+use crate::point::{PointKind, RejectReason, Rejection, Temporality, ValidPoint};
+use crate::series::NANOS_PER_MINUTE;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Time windows of normalisation. Part of the replicated rules: every owner must agree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeConfig {
+    /// Points whose minute is more than this behind the newest minute of their partition are
+    /// rejected as `too_late`.
+    #[serde(default = "default_max_lateness_seconds")]
+    pub max_lateness_seconds: u64,
+    /// Points more than this ahead of the clock are rejected as `too_far_in_future`.
+    #[serde(default = "default_max_future_seconds")]
+    pub max_future_seconds: u64,
+    /// The first cumulative point of a series counts whole only if its start is at most this far
+    /// before its time; otherwise it only becomes the baseline.
+    #[serde(default = "default_max_delta_gap_seconds")]
+    pub max_delta_gap_seconds: u64,
+    /// New series of a service beyond this many are rejected as `cardinality_limit`.
+    #[serde(default = "default_max_series_per_service")]
+    pub max_series_per_service: usize,
+}
+
+fn default_max_lateness_seconds() -> u64 {
+    600
+}
+fn default_max_future_seconds() -> u64 {
+    300
+}
+fn default_max_delta_gap_seconds() -> u64 {
+    300
+}
+fn default_max_series_per_service() -> usize {
+    20_000
+}
+
+impl Default for NormalizeConfig {
+    fn default() -> Self {
+        NormalizeConfig {
+            max_lateness_seconds: default_max_lateness_seconds(),
+            max_future_seconds: default_max_future_seconds(),
+            max_delta_gap_seconds: default_max_delta_gap_seconds(),
+            max_series_per_service: default_max_series_per_service(),
+        }
+    }
+}
+
+impl NormalizeConfig {
+    /// Checks the windows are usable; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        const DAY: u64 = 86_400;
+        for (field, value) in [
+            ("max_lateness_seconds", self.max_lateness_seconds),
+            ("max_future_seconds", self.max_future_seconds),
+            ("max_delta_gap_seconds", self.max_delta_gap_seconds),
+        ] {
+            if value > DAY {
+                return Err(format!("normalize.{field}: {value} is more than a day ({DAY})"));
+            }
+        }
+        if self.max_series_per_service == 0 {
+            return Err("normalize.max_series_per_service: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn lateness_ns(&self) -> u64 {
+        self.max_lateness_seconds * 1_000_000_000
+    }
+}
+
+/// The identity of one point within its series: `(start, time)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PointKey {
+    /// `time_unix_nano` (first, so keys sort by time).
+    pub time_ns: u64,
+    /// `start_time_unix_nano`.
+    pub start_ns: u64,
+}
+
+/// The last cumulative point of a series.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// Its start time.
+    pub start_ns: u64,
+    /// Its time.
+    pub time_ns: u64,
+    /// Its running count.
+    pub count: u64,
+    /// Its running sum.
+    pub sum: Fixed,
+    /// Its bounds.
+    pub bounds: Bounds,
+    /// Its running bucket counts.
+    pub buckets: Vec<u64>,
+}
+
+/// Normalisation state of one series.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeriesCursor {
+    /// The last cumulative point, for cumulative series.
+    pub baseline: Option<Baseline>,
+    /// Keys of the points accepted within the lateness window, sorted. Older keys are
+    /// forgotten: a point that old is rejected as too late anyway.
+    pub seen: Vec<PointKey>,
+}
+
+/// The newest minute seen in a partition `(service, instance)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionClock {
+    /// Start of the newest minute with an accepted point, in unix nanoseconds.
+    pub newest_minute_ns: Option<u64>,
+}
+
+impl PartitionClock {
+    /// The earliest `time_unix_nano` still accepted.
+    pub fn oldest_accepted_ns(&self, config: &NormalizeConfig) -> u64 {
+        self.newest_minute_ns.map(|newest| newest.saturating_sub(config.lateness_ns())).unwrap_or(0)
+    }
+
+    fn advance(&mut self, time_ns: u64) {
+        let minute_ns = time_ns - time_ns % NANOS_PER_MINUTE;
+        if self.newest_minute_ns.is_none_or(|newest| minute_ns > newest) {
+            self.newest_minute_ns = Some(minute_ns);
+        }
+    }
+}
+
+/// What [`normalize`] decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Normalized {
+    /// Merge the point: it now holds the delta to merge (count, sum, buckets; min and max only
+    /// when they describe the delta).
+    Merge,
+    /// Already merged earlier (a retried export): accept, do not merge.
+    Duplicate,
+    /// The first point of a cumulative series that started long ago: it became the baseline.
+    Baseline,
+    /// Not merged.
+    Rejected(Rejection),
+}
+
+/// Normalises one valid point of a series whose cursor is `cursor` and whose partition clock
+/// is `clock`, given the current time `now_ns`. On [`Normalized::Merge`], `point` has been
+/// rewritten in place into the delta to merge (no allocation). `bounds` is the series'
+/// interned bound list equal to `point.bounds`.
+pub fn normalize(
+    cursor: &mut SeriesCursor,
+    clock: &mut PartitionClock,
+    point: &mut ValidPoint,
+    bounds: &Bounds,
+    now_ns: u64,
+    config: &NormalizeConfig,
+) -> Normalized {
+    let key = PointKey { time_ns: point.time_ns, start_ns: point.start_ns };
+    if cursor.seen.binary_search(&key).is_ok() {
+        return Normalized::Duplicate;
+    }
+    if let Some(baseline) = &cursor.baseline {
+        if point.temporality == Temporality::Cumulative
+            && baseline.time_ns == key.time_ns
+            && baseline.start_ns == key.start_ns
+        {
+            return Normalized::Duplicate;
+        }
+    }
+    let future_limit = now_ns.saturating_add(config.max_future_seconds * 1_000_000_000);
+    if point.time_ns > future_limit {
+        return Normalized::Rejected(Rejection::new(
+            RejectReason::TooFarInFuture,
+            format!(
+                "time {} is {} s ahead of the clock (limit {} s)",
+                point.time_ns,
+                (point.time_ns - now_ns) / 1_000_000_000,
+                config.max_future_seconds
+            ),
+        ));
+    }
+    let oldest = clock.oldest_accepted_ns(config);
+    let point_minute_ns = point.time_ns - point.time_ns % NANOS_PER_MINUTE;
+    if point_minute_ns < oldest {
+        return Normalized::Rejected(Rejection::new(
+            RejectReason::TooLate,
+            format!(
+                "minute of time {} is more than {} s behind the newest minute of its partition",
+                point.time_ns, config.max_lateness_seconds
+            ),
+        ));
+    }
+    let outcome = match point.temporality {
+        Temporality::Delta => Normalized::Merge,
+        Temporality::Cumulative => match cumulative_to_delta(cursor, point, bounds, config) {
+            Ok(outcome) => outcome,
+            Err(rejection) => return Normalized::Rejected(rejection),
+        },
+    };
+    clock.advance(point.time_ns);
+    remember(cursor, key, clock.oldest_accepted_ns(config));
+    outcome
+}
+
+fn remember(cursor: &mut SeriesCursor, key: PointKey, oldest_ns: u64) {
+    let position = cursor.seen.binary_search(&key).unwrap_or_else(|p| p);
+    cursor.seen.insert(position, key);
+    let expired = cursor.seen.partition_point(|k| k.time_ns < oldest_ns);
+    if expired > 0 {
+        cursor.seen.drain(..expired);
+    }
+}
+
+fn cumulative_to_delta(
+    cursor: &mut SeriesCursor,
+    point: &mut ValidPoint,
+    bounds: &Bounds,
+    config: &NormalizeConfig,
+) -> Result<Normalized, Rejection> {
+    // Extremes of a cumulative point cover the series' whole life, not the delta.
+    point.min = None;
+    point.max = None;
+    let Some(baseline) = cursor.baseline.as_mut() else {
+        cursor.baseline = Some(baseline_of(point, bounds));
+        let gap_ns = point.time_ns - point.start_ns;
+        if point.start_ns > 0 && gap_ns <= config.max_delta_gap_seconds * 1_000_000_000 {
+            return Ok(Normalized::Merge);
+        }
+        return Ok(Normalized::Baseline);
+    };
+    if point.time_ns < baseline.time_ns {
+        return Err(Rejection::new(
+            RejectReason::OutOfOrder,
+            format!("cumulative point at {} is older than the last one merged at {}", point.time_ns, baseline.time_ns),
+        ));
+    }
+    if is_reset(baseline, point, bounds) {
+        *baseline = baseline_of(point, bounds);
+        return Ok(Normalized::Merge);
+    }
+    // delta = point − baseline; baseline = point, swapped in place without allocating.
+    let (count, sum) = (point.count, point.sum);
+    point.count -= baseline.count;
+    point.sum = point.sum - baseline.sum;
+    for (current, previous) in point.buckets.iter_mut().zip(baseline.buckets.iter_mut()) {
+        let running = *current;
+        *current = running - *previous;
+        *previous = running;
+    }
+    baseline.count = count;
+    baseline.sum = sum;
+    baseline.time_ns = point.time_ns;
+    Ok(Normalized::Merge)
+}
+
+/// A reset: a new start time, other bounds, or any running total that went down (for sums
+/// that are not monotonic, a lower value is a legitimate decrease, not a reset).
+fn is_reset(baseline: &Baseline, point: &ValidPoint, bounds: &Bounds) -> bool {
+    if point.start_ns != baseline.start_ns || !Arc::ptr_eq(bounds, &baseline.bounds) && **bounds != *baseline.bounds {
+        return true;
+    }
+    match point.kind {
+        PointKind::Counter { monotonic: false } => false,
+        PointKind::Counter { monotonic: true } => point.sum < baseline.sum,
+        PointKind::Histogram => {
+            point.count < baseline.count
+                || point.buckets.len() != baseline.buckets.len()
+                || point.buckets.iter().zip(&baseline.buckets).any(|(now, before)| now < before)
+        }
+    }
+}
+
+fn baseline_of(point: &ValidPoint, bounds: &Bounds) -> Baseline {
+    Baseline {
+        start_ns: point.start_ns,
+        time_ns: point.time_ns,
+        count: point.count,
+        sum: point.sum,
+        bounds: Arc::clone(bounds),
+        buckets: point.buckets.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::PointKind;
+
+    const MINUTE: u64 = NANOS_PER_MINUTE;
+    const T0: u64 = 1_764_151_200 * 1_000_000_000;
+
+    fn bounds() -> Bounds {
+        Arc::from(vec![1.0, 2.0])
+    }
+
+    fn point(temporality: Temporality, start: u64, time: u64, buckets: [u64; 3], sum: f64) -> ValidPoint {
+        ValidPoint {
+            start_ns: start,
+            time_ns: time,
+            temporality,
+            count: buckets.iter().sum(),
+            sum: Fixed::from_f64(sum).unwrap(),
+            min: Some(0.1),
+            max: Some(5.0),
+            bounds: vec![1.0, 2.0],
+            buckets: buckets.to_vec(),
+            kind: PointKind::Histogram,
+        }
+    }
+
+    struct Harness {
+        cursor: SeriesCursor,
+        clock: PartitionClock,
+        bounds: Bounds,
+        config: NormalizeConfig,
+        now: u64,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            Harness {
+                cursor: SeriesCursor::default(),
+                clock: PartitionClock::default(),
+                bounds: bounds(),
+                config: NormalizeConfig::default(),
+                now: T0 + 10 * MINUTE,
+            }
+        }
+
+        fn feed(&mut self, mut p: ValidPoint) -> (Normalized, ValidPoint) {
+            let outcome = normalize(&mut self.cursor, &mut self.clock, &mut p, &self.bounds, self.now, &self.config);
+            (outcome, p)
+        }
+    }
+
+    fn rejected(outcome: Normalized) -> RejectReason {
+        match outcome {
+            Normalized::Rejected(r) => r.reason,
+            other => panic!("expected rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_normalize_delta_points_pass_through_with_extremes() {
+        let mut h = Harness::new();
+        let (outcome, p) = h.feed(point(Temporality::Delta, T0, T0 + 10, [1, 1, 0], 1.5));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!((p.count, p.min, p.max), (2, Some(0.1), Some(5.0)));
+    }
+
+    #[test]
+    fn test_normalize_duplicate_key_is_not_merged_twice() {
+        let mut h = Harness::new();
+        assert_eq!(h.feed(point(Temporality::Delta, T0, T0 + 10, [1, 0, 0], 0.5)).0, Normalized::Merge);
+        assert_eq!(h.feed(point(Temporality::Delta, T0, T0 + 10, [1, 0, 0], 0.5)).0, Normalized::Duplicate);
+        // Same time, other start: another point (e.g. another exporter).
+        assert_eq!(h.feed(point(Temporality::Delta, T0 + 1, T0 + 10, [1, 0, 0], 0.5)).0, Normalized::Merge);
+    }
+
+    #[test]
+    fn test_normalize_cumulative_first_point_within_gap_counts_whole() {
+        let mut h = Harness::new();
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0, T0 + 40_000_000_000, [2, 1, 0], 2.5));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!((p.count, p.buckets.clone(), p.min, p.max), (3, vec![2, 1, 0], None, None));
+    }
+
+    #[test]
+    fn test_normalize_cumulative_first_point_of_old_series_is_baseline_only() {
+        let mut h = Harness::new();
+        let start = T0 - 6 * MINUTE;
+        assert_eq!(h.feed(point(Temporality::Cumulative, start, T0, [5, 5, 0], 9.0)).0, Normalized::Baseline);
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, start, T0 + 30, [6, 7, 1], 13.25));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!((p.count, p.buckets.clone(), p.sum), (4, vec![1, 2, 1], Fixed::from_f64(4.25).unwrap()));
+        assert_eq!(h.cursor.baseline.as_ref().unwrap().buckets, vec![6, 7, 1]);
+    }
+
+    #[test]
+    fn test_normalize_cumulative_unknown_start_is_baseline_only() {
+        let mut h = Harness::new();
+        assert_eq!(h.feed(point(Temporality::Cumulative, 0, T0, [1, 0, 0], 0.5)).0, Normalized::Baseline);
+    }
+
+    #[test]
+    fn test_normalize_cumulative_reset_on_new_start_or_decrease() {
+        let mut h = Harness::new();
+        h.feed(point(Temporality::Cumulative, T0, T0 + 10, [5, 0, 0], 2.5));
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0 + 20, T0 + 30, [1, 0, 0], 0.5));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!(p.count, 1, "a new start: the point itself is the delta");
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0 + 20, T0 + 40, [0, 1, 0], 1.5));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!((p.count, p.buckets), (1, vec![0, 1, 0]), "a bucket went down: reset");
+    }
+
+    #[test]
+    fn test_normalize_cumulative_out_of_order_is_rejected_and_retry_is_duplicate() {
+        let mut h = Harness::new();
+        h.feed(point(Temporality::Cumulative, T0, T0 + 10, [1, 0, 0], 0.5));
+        h.feed(point(Temporality::Cumulative, T0, T0 + 30, [2, 0, 0], 1.0));
+        let (outcome, _) = h.feed(point(Temporality::Cumulative, T0, T0 + 20, [1, 1, 0], 0.7));
+        assert_eq!(rejected(outcome), RejectReason::OutOfOrder);
+        assert_eq!(h.feed(point(Temporality::Cumulative, T0, T0 + 10, [1, 0, 0], 0.5)).0, Normalized::Duplicate);
+        assert_eq!(h.feed(point(Temporality::Cumulative, T0, T0 + 30, [2, 0, 0], 1.0)).0, Normalized::Duplicate);
+        assert_eq!(h.cursor.baseline.as_ref().unwrap().time_ns, T0 + 30);
+    }
+
+    #[test]
+    fn test_normalize_rejects_late_and_future_points() {
+        let mut h = Harness::new();
+        h.feed(point(Temporality::Delta, T0 + 9 * MINUTE, T0 + 10 * MINUTE, [1, 0, 0], 0.5));
+        // Newest minute is T0+10m; lateness 10 min: T0 itself is still accepted, T0-1ns is not.
+        assert_eq!(h.feed(point(Temporality::Delta, T0 - MINUTE, T0, [1, 0, 0], 0.5)).0, Normalized::Merge);
+        assert_eq!(
+            rejected(h.feed(point(Temporality::Delta, T0 - MINUTE, T0 - 1, [1, 0, 0], 0.5)).0),
+            RejectReason::TooLate
+        );
+        let future = h.now + 5 * MINUTE + 1;
+        assert_eq!(
+            rejected(h.feed(point(Temporality::Delta, future - 1, future, [1, 0, 0], 0.5)).0),
+            RejectReason::TooFarInFuture
+        );
+        let edge = h.now + 5 * MINUTE;
+        assert_eq!(h.feed(point(Temporality::Delta, edge - 1, edge, [1, 0, 0], 0.5)).0, Normalized::Merge);
+    }
+
+    #[test]
+    fn test_normalize_forgets_keys_outside_the_window() {
+        let mut h = Harness::new();
+        for minute in 0..30 {
+            h.now = T0 + minute * MINUTE + 1;
+            h.feed(point(Temporality::Delta, T0 + minute * MINUTE, T0 + minute * MINUTE + 1, [1, 0, 0], 0.5));
+        }
+        assert_eq!(h.cursor.seen.len(), 11, "keys of minutes 19..=29");
+    }
+
+    #[test]
+    fn test_normalize_counter_decrease_is_reset_only_when_monotonic() {
+        let counter = |time: u64, value: i64, monotonic: bool| ValidPoint {
+            start_ns: T0,
+            time_ns: time,
+            temporality: Temporality::Cumulative,
+            count: 0,
+            sum: Fixed::from_int(value),
+            min: None,
+            max: None,
+            bounds: Vec::new(),
+            buckets: Vec::new(),
+            kind: PointKind::Counter { monotonic },
+        };
+        let mut h = Harness::new();
+        h.bounds = Arc::from(Vec::new());
+        h.feed(counter(T0 + 10, 10, true));
+        let (_, p) = h.feed(counter(T0 + 20, 4, true));
+        assert_eq!(p.sum, Fixed::from_int(4));
+        let mut h = Harness::new();
+        h.bounds = Arc::from(Vec::new());
+        h.feed(counter(T0 + 10, 10, false));
+        let (_, p) = h.feed(counter(T0 + 20, 4, false));
+        assert_eq!(p.sum, Fixed::from_int(-6));
+    }
+}

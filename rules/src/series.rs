@@ -1,0 +1,184 @@
+//! Series identity (SPEC §1.5): (service, instance, metric name, full sorted point attribute set).
+
+use crate::attributes::{self, AttributeSet};
+use crate::entity::{hash_str, Entity};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use xxhash_rust::xxh3::Xxh3;
+
+/// A series' identity in full.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SeriesKey {
+    /// The service and instance the series belongs to (its partition key).
+    pub entity: Entity,
+    /// OTLP metric name, dots kept (`gen_ai.server.request.duration`).
+    pub metric: String,
+    /// The point attributes, sorted.
+    pub attributes: AttributeSet,
+}
+
+impl SeriesKey {
+    /// The key's stable identifier.
+    pub fn id(&self) -> SeriesId {
+        let mut hasher = series_hasher(&self.entity, &self.metric);
+        for (key, value) in self.attributes.iter() {
+            hash_str(&mut hasher, key);
+            hash_str(&mut hasher, value);
+        }
+        SeriesId(hasher.digest128())
+    }
+}
+
+impl fmt::Display for SeriesKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{{", self.metric)?;
+        for (index, (key, value)) in self.attributes.iter().enumerate() {
+            if index > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{key}={value:?}")?;
+        }
+        write!(f, "}} of {}", self.entity)
+    }
+}
+
+/// A 128-bit hash of a [`SeriesKey`]: the key series state is stored and looked up under.
+///
+/// xxh3-128 is a fixed, documented algorithm, so ids are the same on every node and release;
+/// with 2^-128 collision odds per pair, a billion series collide with probability ~10^-21.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SeriesId(pub u128);
+
+impl SeriesId {
+    /// Big-endian bytes, so byte order equals numeric order in ordered stores.
+    pub fn to_be_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// The id from [`SeriesId::to_be_bytes`].
+    pub fn from_be_bytes(bytes: [u8; 16]) -> SeriesId {
+        SeriesId(u128::from_be_bytes(bytes))
+    }
+
+    /// The id of a series given its OTLP attributes, without building the owned key. Equal to
+    /// `SeriesKey::id` of the same series; allocates only for attributes that are not strings.
+    pub fn of(entity: &Entity, metric: &str, point_attributes: &[KeyValue]) -> SeriesId {
+        let mut hasher = series_hasher(entity, metric);
+        // Gateway points carry 5 to 8 attributes: sorting indexes on the stack is cheaper than
+        // building the sorted owned set.
+        let mut order: Vec<usize> = Vec::new();
+        let mut stack = [0usize; 16];
+        let indexes: &mut [usize] = if point_attributes.len() <= stack.len() {
+            for (slot, index) in stack.iter_mut().zip(0..point_attributes.len()) {
+                *slot = index;
+            }
+            &mut stack[..point_attributes.len()]
+        } else {
+            order.extend(0..point_attributes.len());
+            &mut order
+        };
+        // Stable sort by key keeps the first of repeated keys first, as `AttributeSet` does.
+        indexes.sort_by(|a, b| point_attributes[*a].key.cmp(&point_attributes[*b].key));
+        let mut previous: Option<&str> = None;
+        for index in indexes.iter() {
+            let kv = &point_attributes[*index];
+            if previous == Some(kv.key.as_str()) {
+                continue;
+            }
+            previous = Some(kv.key.as_str());
+            hash_str(&mut hasher, &kv.key);
+            hash_str(&mut hasher, &attributes::value_text(kv.value.as_ref()));
+        }
+        SeriesId(hasher.digest128())
+    }
+}
+
+fn series_hasher(entity: &Entity, metric: &str) -> Xxh3 {
+    let mut hasher = Xxh3::new();
+    hash_str(&mut hasher, &entity.service);
+    match &entity.instance {
+        Some(instance) => {
+            hasher.update(&[1]);
+            hash_str(&mut hasher, instance);
+        }
+        None => hasher.update(&[0]),
+    }
+    hash_str(&mut hasher, metric);
+    hasher
+}
+
+/// Minutes since the unix epoch (UTC): the key of per-minute state.
+pub type Minute = i64;
+
+/// Nanoseconds in one minute.
+pub const NANOS_PER_MINUTE: u64 = 60_000_000_000;
+
+/// The minute a point with this `time_unix_nano` is merged into: `floor(time / 60 s)`.
+pub fn minute_of(time_unix_nano: u64) -> Minute {
+    (time_unix_nano / NANOS_PER_MINUTE) as Minute
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue};
+
+    fn kv(key: &str, value: Value) -> KeyValue {
+        KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    }
+
+    #[test]
+    fn test_series_id_of_borrowed_attributes_equals_owned_key_id() {
+        let entity = Entity::new("gw", Some("pod"));
+        let attributes = vec![
+            kv("gen_ai.token.type", Value::StringValue("input".into())),
+            kv("gen_ai.provider.name", Value::StringValue("openai".into())),
+            kv("count", Value::IntValue(3)),
+            kv("gen_ai.token.type", Value::StringValue("shadowed".into())),
+        ];
+        let key = SeriesKey {
+            entity: entity.clone(),
+            metric: "gen_ai.client.token.usage".into(),
+            attributes: AttributeSet::from_key_values(&attributes),
+        };
+        assert_eq!(SeriesId::of(&entity, "gen_ai.client.token.usage", &attributes), key.id());
+    }
+
+    #[test]
+    fn test_series_id_ignores_attribute_order() {
+        let entity = Entity::new("gw", None);
+        let a = vec![kv("a", Value::StringValue("1".into())), kv("b", Value::StringValue("2".into()))];
+        let b = vec![kv("b", Value::StringValue("2".into())), kv("a", Value::StringValue("1".into()))];
+        assert_eq!(SeriesId::of(&entity, "m", &a), SeriesId::of(&entity, "m", &b));
+    }
+
+    #[test]
+    fn test_series_id_distinguishes_entity_metric_and_values() {
+        let attributes = vec![kv("a", Value::StringValue("1".into()))];
+        let base = SeriesId::of(&Entity::new("gw", Some("p")), "m", &attributes);
+        assert_ne!(base, SeriesId::of(&Entity::new("gw", None), "m", &attributes));
+        assert_ne!(base, SeriesId::of(&Entity::new("gw", Some("q")), "m", &attributes));
+        assert_ne!(base, SeriesId::of(&Entity::new("gw", Some("p")), "n", &attributes));
+        assert_ne!(base, SeriesId::of(&Entity::new("gw", Some("p")), "m", &[kv("a", Value::StringValue("2".into()))]));
+        assert_ne!(base, SeriesId::of(&Entity::new("gw", Some("p")), "m", &[]));
+    }
+
+    #[test]
+    fn test_series_id_of_handles_many_attributes() {
+        let entity = Entity::new("gw", None);
+        let attributes: Vec<KeyValue> = (0..40).rev().map(|i| kv(&format!("k{i:02}"), Value::IntValue(i))).collect();
+        let key = SeriesKey {
+            entity: entity.clone(),
+            metric: "m".into(),
+            attributes: AttributeSet::from_key_values(&attributes),
+        };
+        assert_eq!(SeriesId::of(&entity, "m", &attributes), key.id());
+    }
+
+    #[test]
+    fn test_minute_of_floors_to_utc_minute() {
+        assert_eq!(minute_of(1_764_151_210_000_000_000), 1_764_151_200 / 60);
+        assert_eq!(minute_of(1_764_151_199_999_999_999), 1_764_151_140 / 60);
+    }
+}

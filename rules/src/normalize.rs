@@ -164,18 +164,6 @@ pub fn normalize(
     now_ns: u64,
     config: &NormalizeConfig,
 ) -> Normalized {
-    let key = PointKey { time_ns: point.time_ns, start_ns: point.start_ns };
-    if cursor.seen.binary_search(&key).is_ok() {
-        return Normalized::Duplicate;
-    }
-    if let Some(baseline) = &cursor.baseline {
-        if point.temporality == Temporality::Cumulative
-            && baseline.time_ns == key.time_ns
-            && baseline.start_ns == key.start_ns
-        {
-            return Normalized::Duplicate;
-        }
-    }
     let future_limit = now_ns.saturating_add(config.max_future_seconds * 1_000_000_000);
     if point.time_ns > future_limit {
         return Normalized::Rejected(Rejection::new(
@@ -198,6 +186,12 @@ pub fn normalize(
                 point.time_ns, config.max_lateness_seconds
             ),
         ));
+    }
+    // Lateness is checked first so that the answer does not depend on when old keys were
+    // forgotten: a point that is too late is rejected whether or not it was merged before.
+    let key = PointKey { time_ns: point.time_ns, start_ns: point.start_ns };
+    if cursor.seen.binary_search(&key).is_ok() {
+        return Normalized::Duplicate;
     }
     let outcome = match point.temporality {
         Temporality::Delta => Normalized::Merge,

@@ -164,7 +164,7 @@ pub fn partition_hash(service: &str, instance: Option<&str>) -> u64 {
     hasher.digest()
 }
 
-pub(crate) fn hash_str(hasher: &mut Xxh3, value: &str) {
+fn hash_str(hasher: &mut Xxh3, value: &str) {
     hasher.update(&(value.len() as u64).to_le_bytes());
     hasher.update(value.as_bytes());
 }

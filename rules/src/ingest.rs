@@ -16,12 +16,12 @@ use crate::normalize::{normalize, Normalized, PartitionClock, SeriesCursor};
 use crate::point::{check_histogram, check_number, Checked, RejectReason, Rejection, Temporality, ValidPoint};
 use crate::pricing::{PriceTable, TokenType};
 use crate::sampling::LogDecision;
-use crate::series::{minute_of, Minute, SeriesId, SeriesKey};
+use crate::series::{minute_of, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -206,6 +206,15 @@ pub struct MetricsBatch {
 /// Consumes the request so that attribute and bucket vectors move instead of being copied.
 pub fn extract_metrics(request: ExportMetricsServiceRequest, rules: &CompiledRules) -> MetricsBatch {
     let mut batch = MetricsBatch::default();
+    let total: usize = request
+        .resource_metrics
+        .iter()
+        .flat_map(|r| r.scope_metrics.iter())
+        .flat_map(|s| s.metrics.iter())
+        .map(|m| data_point_count(m.data.as_ref()))
+        .sum();
+    batch.points.reserve_exact(total);
+    let mut ids = IdEncoder::default();
     for resource_metrics in request.resource_metrics {
         let point_total: u64 = resource_metrics
             .scope_metrics
@@ -237,12 +246,13 @@ pub fn extract_metrics(request: ExportMetricsServiceRequest, rules: &CompiledRul
                 }
                 let name: Arc<str> = Arc::from(metric.name.as_str());
                 let points = &mut batch.points;
+                let ids = &mut ids;
                 let mut emit = |attributes: Vec<KeyValue>,
                                 checked: Checked,
                                 time_ns: u64,
                                 report: &mut IngestReport| match checked {
                     Checked::Valid(point) => points.push(ExtractedPoint {
-                        series: SeriesId::of(&entity, &name, &attributes),
+                        series: ids.series(&entity, &name, &attributes),
                         entity: Arc::clone(&entity),
                         partition,
                         metric: Arc::clone(&name),
@@ -355,7 +365,7 @@ impl SeriesEntry {
     fn new(key: Arc<SeriesKey>, cursor: SeriesCursor) -> SeriesEntry {
         let bounds = cursor.baseline.as_ref().map(|b| Arc::clone(&b.bounds)).unwrap_or_else(empty_bounds);
         let last_seen_ns =
-            cursor.seen.last().map(|k| k.time_ns).or(cursor.baseline.as_ref().map(|b| b.time_ns)).unwrap_or(0);
+            cursor.seen.back().map(|k| k.time_ns).or(cursor.baseline.as_ref().map(|b| b.time_ns)).unwrap_or(0);
         SeriesEntry { key, cursor, bounds, price: None, last_seen_ns }
     }
 
@@ -402,11 +412,11 @@ pub enum Applied {
 /// An owner's normalisation state: series cursors, partition clocks, per-service cardinality.
 #[derive(Debug, Default)]
 pub struct SeriesTable {
-    series: HashMap<SeriesId, SeriesEntry>,
-    clocks: HashMap<u64, PartitionClock>,
-    per_service: HashMap<String, usize>,
-    dirty_series: HashSet<SeriesId>,
-    dirty_clocks: HashSet<u64>,
+    series: FastMap<SeriesId, SeriesEntry>,
+    clocks: FastMap<u64, PartitionClock>,
+    per_service: FastMap<String, usize>,
+    dirty_series: FastSet<SeriesId>,
+    dirty_clocks: FastSet<u64>,
     new_series: Vec<SeriesId>,
 }
 
@@ -615,7 +625,7 @@ pub fn log_increment() -> Aggregate {
 /// Every state an owner holds, per (series, minute), in memory.
 #[derive(Debug, Default)]
 pub struct MinuteStates {
-    states: HashMap<(SeriesId, Minute), Aggregate>,
+    states: FastMap<(SeriesId, Minute), Aggregate>,
 }
 
 impl MinuteStates {
@@ -666,7 +676,7 @@ pub struct MemoryPipeline {
     pub table: SeriesTable,
     /// Merged states.
     pub states: MinuteStates,
-    keys: HashMap<SeriesId, Arc<SeriesKey>>,
+    keys: FastMap<SeriesId, Arc<SeriesKey>>,
 }
 
 impl MemoryPipeline {
@@ -677,7 +687,7 @@ impl MemoryPipeline {
             pricing,
             table: SeriesTable::new(),
             states: MinuteStates::default(),
-            keys: HashMap::new(),
+            keys: FastMap::default(),
         }
     }
 

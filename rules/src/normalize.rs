@@ -11,6 +11,7 @@ use crate::fixed::Fixed;
 use crate::point::{PointKind, RejectReason, Rejection, Temporality, ValidPoint};
 use crate::series::NANOS_PER_MINUTE;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Time windows of normalisation. Part of the replicated rules: every owner must agree.
@@ -114,7 +115,7 @@ pub struct SeriesCursor {
     pub baseline: Option<Baseline>,
     /// Keys of the points accepted within the lateness window, sorted. Older keys are
     /// forgotten: a point that old is rejected as too late anyway.
-    pub seen: Vec<PointKey>,
+    pub seen: VecDeque<PointKey>,
 }
 
 /// The newest minute seen in a partition `(service, instance)`.
@@ -190,7 +191,9 @@ pub fn normalize(
     // Lateness is checked first so that the answer does not depend on when old keys were
     // forgotten: a point that is too late is rejected whether or not it was merged before.
     let key = PointKey { time_ns: point.time_ns, start_ns: point.start_ns };
-    if cursor.seen.binary_search(&key).is_ok() {
+    // Points usually arrive newest last: only an older key needs the search.
+    let newest_seen = cursor.seen.back().is_some_and(|newest| key <= *newest);
+    if newest_seen && cursor.seen.binary_search(&key).is_ok() {
         return Normalized::Duplicate;
     }
     let outcome = match point.temporality {
@@ -206,8 +209,12 @@ pub fn normalize(
 }
 
 fn remember(cursor: &mut SeriesCursor, key: PointKey, oldest_ns: u64) {
-    let position = cursor.seen.binary_search(&key).unwrap_or_else(|p| p);
-    cursor.seen.insert(position, key);
+    if cursor.seen.back().is_none_or(|newest| key > *newest) {
+        cursor.seen.push_back(key);
+    } else {
+        let position = cursor.seen.binary_search(&key).unwrap_or_else(|p| p);
+        cursor.seen.insert(position, key);
+    }
     let expired = cursor.seen.partition_point(|k| k.time_ns < oldest_ns);
     if expired > 0 {
         cursor.seen.drain(..expired);

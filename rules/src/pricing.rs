@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 
+/// The pricing Tollgate starts with: SkyWalking's shipped `gen-ai-config.yml`, verbatim
+/// (apache/skywalking 5839d2ad, Apache-2.0).
+pub const BUILT_IN_PRICING: &str = include_str!("gen-ai-config.yml");
+
 /// The highest accepted price per million tokens; anything above is a typo, not a model.
 pub const MAX_PRICE_PER_M: f64 = 1_000_000.0;
 
@@ -334,6 +338,33 @@ providers:
   - provider: ollama
     prefix-match:
 "#;
+
+    #[test]
+    fn test_upstream_gen_ai_config_loads_unchanged() {
+        let table = PriceTable::parse(BUILT_IN_PRICING).unwrap();
+        assert_eq!(table.document().providers.len(), 12);
+        // SkyWalking's own unit-test expectations (SKYWALKING-CASES E, G).
+        let f = |v: f64| Fixed::from_f64(v).unwrap();
+        let pro = table.lookup("gpt-5.4-pro").unwrap();
+        assert_eq!((pro.input, pro.output), (f(30.0), f(180.0)));
+        assert_eq!(table.lookup("gpt-4.1-mini").unwrap().key, "gpt-4.1");
+        assert_eq!(table.lookup("gpt-4.1-mini-2025-04-14-x").unwrap().key, "gpt-4.1-mini-2025-04-14");
+        assert_eq!(table.lookup("gpt-5.4-mini-2026-03-17").unwrap().key, "gpt-5.4-mini");
+        assert_eq!(table.lookup("gpt-5.1-codex").unwrap().key, "gpt-5.1");
+        assert_eq!(table.lookup("claude-opus-4-20250514").unwrap().model, "claude-4-opus");
+        assert_eq!(table.lookup("claude-opus-4-1-20250805").unwrap().model, "claude-4.1-opus");
+        assert!(table.lookup("qwen2.5:0.5b").is_none());
+        assert_eq!(table.provider_of("qwen2.5:0.5b"), Some("alibaba"));
+        assert!(table.lookup("GPT-4o").is_none());
+        let cost = |model: &str, input, output| {
+            table.lookup(model).map(|p| p.request_cost(&RequestTokens { input, output, ..Default::default() }))
+        };
+        assert_eq!(cost("gpt-5.4", 1000, 500), Some(Fixed::from_int(10_000)));
+        assert_eq!(cost("deepseek-chat", 2000, 1000), Some(Fixed::from_int(980)));
+        assert_eq!(cost("gpt-4o-mini", 1, 1), Some(f(0.75)));
+        assert_eq!(table.provider_of("deepseek-chat"), Some("deepseek"));
+        assert_eq!(table.provider_of("gemini-3.1-pro-preview"), Some("gemini"));
+    }
 
     #[test]
     fn test_lookup_longest_prefix_over_names_and_aliases() {

@@ -1,11 +1,19 @@
 //! Series identity (SPEC §1.5): (service, instance, metric name, full sorted point attribute set).
 
 use crate::attributes::{self, AttributeSet};
-use crate::entity::{hash_str, Entity};
+use crate::entity::Entity;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_128;
+
+/// A hash map for keys that are (or contain) [`SeriesId`]s and other small integers:
+/// foldhash, randomly seeded per process, so crafted series names cannot force collisions.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The set counterpart of [`FastMap`].
+pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// A series' identity in full.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -21,12 +29,13 @@ pub struct SeriesKey {
 impl SeriesKey {
     /// The key's stable identifier.
     pub fn id(&self) -> SeriesId {
-        let mut hasher = series_hasher(&self.entity, &self.metric);
+        let mut encoder = IdEncoder::default();
+        encoder.start(&self.entity, &self.metric);
         for (key, value) in self.attributes.iter() {
-            hash_str(&mut hasher, key);
-            hash_str(&mut hasher, value);
+            encoder.push_str(key);
+            encoder.push_str(value);
         }
-        SeriesId(hasher.digest128())
+        encoder.finish()
     }
 }
 
@@ -64,10 +73,24 @@ impl SeriesId {
     /// The id of a series given its OTLP attributes, without building the owned key. Equal to
     /// `SeriesKey::id` of the same series; allocates only for attributes that are not strings.
     pub fn of(entity: &Entity, metric: &str, point_attributes: &[KeyValue]) -> SeriesId {
-        let mut hasher = series_hasher(entity, metric);
+        IdEncoder::default().series(entity, metric, point_attributes)
+    }
+}
+
+/// Encodes series identities for hashing. Reusing one encoder keeps its buffer, so computing
+/// ids on the hot path does not allocate.
+#[derive(Debug, Default)]
+pub struct IdEncoder {
+    buffer: Vec<u8>,
+}
+
+impl IdEncoder {
+    /// The id of a series given its OTLP attributes (see [`SeriesId::of`]).
+    pub fn series(&mut self, entity: &Entity, metric: &str, point_attributes: &[KeyValue]) -> SeriesId {
+        self.start(entity, metric);
         // Gateway points carry 5 to 8 attributes: sorting indexes on the stack is cheaper than
         // building the sorted owned set.
-        let mut order: Vec<usize> = Vec::new();
+        let mut heap: Vec<usize> = Vec::new();
         let mut stack = [0usize; 16];
         let indexes: &mut [usize] = if point_attributes.len() <= stack.len() {
             for (slot, index) in stack.iter_mut().zip(0..point_attributes.len()) {
@@ -75,10 +98,10 @@ impl SeriesId {
             }
             &mut stack[..point_attributes.len()]
         } else {
-            order.extend(0..point_attributes.len());
-            &mut order
+            heap.extend(0..point_attributes.len());
+            &mut heap
         };
-        // Stable sort by key keeps the first of repeated keys first, as `AttributeSet` does.
+        // A stable sort keeps the first of repeated keys first, as `AttributeSet` does.
         indexes.sort_by(|a, b| point_attributes[*a].key.cmp(&point_attributes[*b].key));
         let mut previous: Option<&str> = None;
         for index in indexes.iter() {
@@ -87,25 +110,33 @@ impl SeriesId {
                 continue;
             }
             previous = Some(kv.key.as_str());
-            hash_str(&mut hasher, &kv.key);
-            hash_str(&mut hasher, &attributes::value_text(kv.value.as_ref()));
+            self.push_str(&kv.key);
+            self.push_str(&attributes::value_text(kv.value.as_ref()));
         }
-        SeriesId(hasher.digest128())
+        self.finish()
     }
-}
 
-fn series_hasher(entity: &Entity, metric: &str) -> Xxh3 {
-    let mut hasher = Xxh3::new();
-    hash_str(&mut hasher, &entity.service);
-    match &entity.instance {
-        Some(instance) => {
-            hasher.update(&[1]);
-            hash_str(&mut hasher, instance);
+    fn start(&mut self, entity: &Entity, metric: &str) {
+        self.buffer.clear();
+        self.push_str(&entity.service);
+        match &entity.instance {
+            Some(instance) => {
+                self.buffer.push(1);
+                self.push_str(instance);
+            }
+            None => self.buffer.push(0),
         }
-        None => hasher.update(&[0]),
+        self.push_str(metric);
     }
-    hash_str(&mut hasher, metric);
-    hasher
+
+    fn push_str(&mut self, value: &str) {
+        self.buffer.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.buffer.extend_from_slice(value.as_bytes());
+    }
+
+    fn finish(&self) -> SeriesId {
+        SeriesId(xxh3_128(&self.buffer))
+    }
 }
 
 /// Minutes since the unix epoch (UTC): the key of per-minute state.

@@ -1,5 +1,8 @@
 //! Property tests: random point streams against a naive model, and the algebra of merges.
 
+// The model is written with plain index loops on purpose: obviously correct beats idiomatic.
+#![allow(clippy::needless_range_loop)]
+
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::{metric, Histogram, Metric, ResourceMetrics, ScopeMetrics};
 use proptest::prelude::*;

@@ -135,6 +135,10 @@ impl Partial {
         if !query.selects(key) || !query.covers(unix_seconds) {
             return;
         }
+        // Tokens of priced models are not unpriced data: they must not show up as zeros.
+        if query.metric.rule.value == ValueKind::Unpriced && state.unpriced.is_zero() {
+            return;
+        }
         let Some(group) = catalogue.group_of(&query.metric.rule, &key.attributes) else {
             return;
         };

@@ -747,3 +747,257 @@ impl MemoryPipeline {
         Some(partial.finish(&query))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::normalize::NormalizeConfig;
+    use crate::testing::{gateway_resource, string_attribute, Convention};
+    use crate::RulesConfig;
+    use opentelemetry_proto::tonic::metrics::v1::{
+        number_data_point, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics,
+        ScopeMetrics, Sum,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    const T0: u64 = 1_764_151_200 * 1_000_000_000;
+    const NOW: u64 = T0 + 120 * 1_000_000_000;
+
+    fn histogram_point(attributes: Vec<KeyValue>, time: u64, buckets: Vec<u64>, sum: f64) -> HistogramDataPoint {
+        HistogramDataPoint {
+            attributes,
+            start_time_unix_nano: time - 10_000_000_000,
+            time_unix_nano: time,
+            count: buckets.iter().sum(),
+            sum: Some(sum),
+            explicit_bounds: vec![1.0, 10.0],
+            bucket_counts: buckets,
+            ..Default::default()
+        }
+    }
+
+    fn request(resource: Resource, metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(resource),
+                scope_metrics: vec![ScopeMetrics { metrics, ..Default::default() }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn histogram(name: &str, temporality: i32, points: Vec<HistogramDataPoint>) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(Data::Histogram(Histogram { data_points: points, aggregation_temporality: temporality })),
+            ..Default::default()
+        }
+    }
+
+    fn tokens(model: &str, token_type: &str, time: u64, count: u64) -> HistogramDataPoint {
+        histogram_point(
+            vec![
+                string_attribute("gen_ai.response.model", model),
+                string_attribute("gen_ai.provider.name", "openai"),
+                string_attribute("gen_ai.token.type", token_type),
+            ],
+            time,
+            vec![0, 0, 1],
+            count as f64,
+        )
+    }
+
+    fn resource() -> Resource {
+        gateway_resource(Convention::JobName, "gw", Some("pod-0"))
+    }
+
+    fn pricing(input: f64) -> PriceTable {
+        PriceTable::parse(&format!(
+            "providers:\n  - provider: openai\n    models:\n      - name: gpt-4o\n        input-estimated-cost-per-m: {input}\n        output-estimated-cost-per-m: 10\n"
+        ))
+        .unwrap()
+    }
+
+    fn duration_metric(points: Vec<HistogramDataPoint>) -> Metric {
+        histogram("gen_ai.server.request.duration", 1, points)
+    }
+
+    #[test]
+    fn test_one_bad_point_keeps_the_good_points_of_the_request() {
+        let mut pipeline = MemoryPipeline::new(CompiledRules::default(), PriceTable::default());
+        let mut bad = histogram_point(vec![string_attribute("gen_ai.provider.name", "b")], T0 + 1, vec![1, 0, 0], 0.5);
+        bad.bucket_counts = vec![1, 0];
+        let good = histogram_point(vec![string_attribute("gen_ai.provider.name", "a")], T0 + 1, vec![1, 1, 0], 2.5);
+        let report = pipeline.ingest(request(resource(), vec![duration_metric(vec![bad, good])]), NOW);
+        assert_eq!(report.merged, 1);
+        assert_eq!(report.rejected.get(&RejectReason::BucketCountMismatch), Some(&1));
+        let message = report.error_message("data points");
+        assert!(
+            message.starts_with(
+                "rejected 1 data points (bucket_count_mismatch: 1); gen_ai.server.request.duration of gw/pod-0 at"
+            ),
+            "{message}"
+        );
+        assert!(message.contains("bucket_counts has 2 entries and explicit_bounds 2: expected 3"), "{message}");
+        let result = pipeline
+            .query("meter_envoy_ai_gw_request_cpm", "gw", None, 1_764_151_200, 1_764_151_260, Step::Minute)
+            .unwrap();
+        assert_eq!(result.series[0].points, vec![(1_764_151_200, Some(2.0))]);
+    }
+
+    #[test]
+    fn test_extract_drops_foreign_resources_and_unknown_metrics_without_rejecting() {
+        let rules = CompiledRules::default();
+        let foreign = Resource { attributes: vec![string_attribute("service.name", "checkout")], ..Default::default() };
+        let point = histogram_point(vec![], T0, vec![1, 0, 0], 0.5);
+        let batch =
+            extract_metrics(request(foreign, vec![duration_metric(vec![point.clone(), point.clone()])]), &rules);
+        assert!(batch.points.is_empty());
+        assert_eq!(batch.report.dropped.get(&DropReason::NotGateway), Some(&2));
+        let batch =
+            extract_metrics(request(resource(), vec![histogram("http.server.duration", 1, vec![point])]), &rules);
+        assert_eq!(batch.report.dropped.get(&DropReason::UnknownMetric), Some(&1));
+        assert_eq!(batch.report.rejected_total(), 0);
+    }
+
+    #[test]
+    fn test_extract_rejects_resource_without_service_and_unsupported_types() {
+        let rules = CompiledRules::default();
+        let nameless =
+            Resource { attributes: vec![string_attribute("job_name", "envoy-ai-gateway")], ..Default::default() };
+        let point = histogram_point(vec![], T0, vec![1, 0, 0], 0.5);
+        let batch =
+            extract_metrics(request(nameless, vec![duration_metric(vec![point.clone(), point.clone()])]), &rules);
+        assert_eq!(batch.report.rejected.get(&RejectReason::MissingService), Some(&2));
+        assert_eq!(batch.report.messages.len(), 1);
+
+        let gauge = Metric {
+            name: "gen_ai.server.request.duration".into(),
+            data: Some(Data::Gauge(Gauge { data_points: vec![NumberDataPoint::default(); 3] })),
+            ..Default::default()
+        };
+        let batch = extract_metrics(request(resource(), vec![gauge]), &rules);
+        assert_eq!(batch.report.rejected.get(&RejectReason::UnsupportedType), Some(&3));
+        assert!(batch.report.error_message("data points").contains("gauge points cannot be merged"));
+
+        let unspecified = histogram("gen_ai.server.request.duration", 0, vec![point]);
+        let batch = extract_metrics(request(resource(), vec![unspecified]), &rules);
+        assert_eq!(batch.report.rejected.get(&RejectReason::UnspecifiedTemporality), Some(&1));
+    }
+
+    #[test]
+    fn test_extract_skips_no_recorded_value_points() {
+        let rules = CompiledRules::default();
+        let mut point = histogram_point(vec![], T0, vec![1, 0, 0], 0.5);
+        point.flags = crate::point::FLAG_NO_RECORDED_VALUE;
+        let batch = extract_metrics(request(resource(), vec![duration_metric(vec![point])]), &rules);
+        assert!(batch.points.is_empty());
+        assert_eq!(batch.report.dropped.get(&DropReason::NoRecordedValue), Some(&1));
+    }
+
+    #[test]
+    fn test_counter_points_merge_as_sums() {
+        let mut pipeline = MemoryPipeline::new(CompiledRules::default(), PriceTable::default());
+        let counter = |time: u64, value: i64| NumberDataPoint {
+            attributes: vec![string_attribute("mcp.method.name", "tools/call"), string_attribute("status", "error")],
+            start_time_unix_nano: T0 - 10_000_000_000,
+            time_unix_nano: time,
+            value: Some(number_data_point::Value::AsInt(value)),
+            ..Default::default()
+        };
+        let metric = Metric {
+            name: "mcp.method.count".into(),
+            data: Some(Data::Sum(Sum {
+                data_points: vec![counter(T0 + 1, 3), counter(T0 + 30_000_000_000, 7)],
+                aggregation_temporality: 2,
+                is_monotonic: true,
+            })),
+            ..Default::default()
+        };
+        let report = pipeline.ingest(request(resource(), vec![metric]), NOW);
+        assert_eq!(report.merged, 2);
+        let result = pipeline
+            .query("meter_envoy_ai_gw_mcp_error_cpm", "gw", None, 1_764_151_200, 1_764_151_260, Step::Minute)
+            .unwrap();
+        assert_eq!(result.series[0].points, vec![(1_764_151_200, Some(7.0))]);
+    }
+
+    #[test]
+    fn test_cardinality_limit_rejects_new_series_and_keeps_live_ones() {
+        let config = RulesConfig {
+            normalize: NormalizeConfig { max_series_per_service: 2, ..Default::default() },
+            ..Default::default()
+        };
+        let mut pipeline = MemoryPipeline::new(CompiledRules::new(config, 1).unwrap(), PriceTable::default());
+        let point = |provider: &str, time: u64| {
+            histogram_point(vec![string_attribute("gen_ai.provider.name", provider)], time, vec![1, 0, 0], 0.5)
+        };
+        let report = pipeline.ingest(
+            request(
+                resource(),
+                vec![duration_metric(vec![point("a", T0 + 1), point("b", T0 + 1), point("c", T0 + 1)])],
+            ),
+            NOW,
+        );
+        assert_eq!((report.merged, report.rejected.get(&RejectReason::CardinalityLimit)), (2, Some(&1)));
+        let report =
+            pipeline.ingest(request(resource(), vec![duration_metric(vec![point("a", T0 + 20_000_000_000)])]), NOW);
+        assert_eq!(report.merged, 1, "existing series keep working at the limit");
+        let other = gateway_resource(Convention::JobName, "other-gw", None);
+        let report = pipeline.ingest(request(other, vec![duration_metric(vec![point("c", T0 + 1)])]), NOW);
+        assert_eq!(report.merged, 1, "the limit is per service");
+        assert_eq!(
+            pipeline.table.evict_idle(T0 + 10_000_000_000).len(),
+            2,
+            "gw/b and other-gw/c are idle since T0+10s"
+        );
+        let report =
+            pipeline.ingest(request(resource(), vec![duration_metric(vec![point("c", T0 + 20_000_000_000)])]), NOW);
+        assert_eq!(report.merged, 1, "an evicted series frees its slot");
+    }
+
+    #[test]
+    fn test_cost_is_fixed_at_merge_time_and_unpriced_tokens_are_counted() {
+        let mut pipeline = MemoryPipeline::new(CompiledRules::default(), pricing(2.5).with_version(1));
+        let metric = |points| histogram("gen_ai.client.token.usage", 1, points);
+        pipeline.ingest(
+            request(
+                resource(),
+                vec![metric(vec![
+                    tokens("gpt-4o", "input", T0 + 1, 1000),
+                    tokens("gpt-4o", "output", T0 + 1, 100),
+                    tokens("llama3", "input", T0 + 1, 40),
+                ])],
+            ),
+            NOW,
+        );
+        pipeline.pricing = pricing(5.0).with_version(2);
+        pipeline
+            .ingest(request(resource(), vec![metric(vec![tokens("gpt-4o", "input", T0 + 61_000_000_000, 1000)])]), NOW);
+        let cost = pipeline
+            .query("meter_envoy_ai_gw_estimated_cost", "gw", None, 1_764_151_200, 1_764_151_320, Step::Minute)
+            .unwrap();
+        // 1000·2.5 + 100·10 = 3500 before the change; 1000·5 after it, history unchanged.
+        assert_eq!(cost.series[0].points, vec![(1_764_151_200, Some(3500.0)), (1_764_151_260, Some(5000.0))]);
+        let unpriced = pipeline
+            .query("meter_envoy_ai_gw_unpriced_token_rate", "gw", None, 1_764_151_200, 1_764_151_260, Step::Minute)
+            .unwrap();
+        assert_eq!(unpriced.series.len(), 1);
+        assert_eq!(unpriced.series[0].labels["model"], "llama3");
+        assert_eq!(unpriced.series[0].points, vec![(1_764_151_200, Some(40.0))]);
+    }
+
+    #[test]
+    fn test_report_merge_and_message_limit() {
+        let mut a = IngestReport::default();
+        for index in 0..MAX_REPORT_MESSAGES + 3 {
+            a.reject(&Rejection::new(RejectReason::TooLate, "x"), || format!("p{index}"));
+        }
+        let mut b = IngestReport { merged: 2, ..Default::default() };
+        b.merge(&a);
+        assert_eq!(b.rejected_total(), MAX_REPORT_MESSAGES as u64 + 3);
+        assert_eq!(b.messages.len(), MAX_REPORT_MESSAGES);
+        assert!(b.error_message("data points").ends_with("; and 3 more"));
+        assert_eq!(IngestReport::default().error_message("data points"), "");
+    }
+}

@@ -38,7 +38,8 @@ pub use entity::{Entity, RoutingRules, Selection};
 pub use evaluate::{MetricQuery, MetricResult, OutputSeries, Partial, Step};
 pub use fixed::Fixed;
 pub use ingest::{
-    extract_metrics, Applied, DropReason, ExtractedPoint, IngestReport, MemoryPipeline, MetricsBatch, SeriesTable,
+    extract_logs, extract_metrics, log_fingerprint, Applied, DropReason, ExtractedLog, ExtractedPoint, IngestReport,
+    LogsBatch, MemoryPipeline, MetricsBatch, SeriesTable,
 };
 pub use normalize::{NormalizeConfig, PartitionClock, SeriesCursor};
 pub use point::{RejectReason, Rejection, Temporality};

@@ -1,0 +1,382 @@
+//! The HTTP API on port 12800 (SPEC §7): services, metric catalogue and series, kept logs,
+//! configuration, `/metrics`, `/healthz`, `/readyz`. Errors are `{"error", "code"}` JSON.
+
+use crate::error::Error;
+use crate::query::{LogQuery, QueryEngine};
+use crate::runtime::ConfigService;
+use crate::store::{LogPosition, StoredLog};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tollgate_rules::{KeepReason, LogKind, PricingDocument, RulesConfig, Step};
+
+/// Everything the API handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Reads.
+    pub query: QueryEngine,
+    /// Configuration reads and writes.
+    pub config: Arc<dyn ConfigService>,
+    /// Self-metrics.
+    pub prometheus: PrometheusHandle,
+    /// Required for writes when set.
+    pub api_token: Option<String>,
+    /// True once the node serves traffic.
+    pub ready: Arc<AtomicBool>,
+    /// True while the node is healthy (false once storage failed).
+    pub healthy: Arc<AtomicBool>,
+    /// Extra routes (the cluster API) merged in by the server.
+    pub clock: Arc<dyn crate::clock::Clock>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState").finish_non_exhaustive()
+    }
+}
+
+/// The API router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/metrics", get(catalogue))
+        .route("/api/v1/metrics/{name}", get(metric))
+        .route("/api/v1/logs", get(logs))
+        .route("/api/v1/config/pricing", get(get_pricing).put(put_pricing))
+        .route("/api/v1/config/rules", get(get_rules).put(put_rules))
+        .route("/metrics", get(prometheus))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { Error::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured.
+pub fn authorize(headers: &HeaderMap, token: Option<&str>) -> Result<(), Error> {
+    let Some(token) = token else { return Ok(()) };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Error::Unauthorized("this write needs Authorization: Bearer <api_token>".into()))?;
+    if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized("the bearer token is not the configured api_token".into()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Parses a time parameter: RFC 3339 or unix seconds.
+pub fn parse_time(name: &str, value: &str) -> Result<i64, Error> {
+    if let Ok(seconds) = value.trim().parse::<i64>() {
+        return Ok(seconds);
+    }
+    chrono::DateTime::parse_from_rfc3339(value.trim())
+        .map(|t| t.timestamp())
+        .map_err(|_| Error::InvalidArgument(format!("{name}: {value:?} is neither RFC 3339 nor unix seconds")))
+}
+
+/// Rounds an API value to 6 decimals (SPEC §4: no rounding until the API).
+pub fn round6(value: f64) -> f64 {
+    (value * 1e6).round() / 1e6
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("query task failed: {e}")))?
+}
+
+async fn services(State(state): State<ApiState>) -> Result<Response, Error> {
+    let query = state.query.clone();
+    let services = blocking(move || query.services()).await?;
+    Ok(Json(json!({ "services": services })).into_response())
+}
+
+async fn catalogue(State(state): State<ApiState>) -> Response {
+    let config = state.query.config();
+    Json(config.rules.config.catalogue.entries()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct MetricParams {
+    service: Option<String>,
+    instance: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    step: Option<String>,
+}
+
+/// The default query range: the last hour.
+const DEFAULT_RANGE_SECONDS: i64 = 3600;
+
+fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(i64, i64), Error> {
+    let end = match end {
+        Some(value) => parse_time("end", value)?,
+        None => now,
+    };
+    let start = match start {
+        Some(value) => parse_time("start", value)?,
+        None => end - DEFAULT_RANGE_SECONDS,
+    };
+    Ok((start, end))
+}
+
+async fn metric(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(params): Query<MetricParams>,
+) -> Result<Response, Error> {
+    let service = params.service.ok_or_else(|| Error::InvalidArgument("service is required".into()))?;
+    let step = match params.step.as_deref() {
+        None => Step::Minute,
+        Some(value) => Step::parse(value)
+            .ok_or_else(|| Error::InvalidArgument(format!("step: {value:?} is not minute, hour or day")))?,
+    };
+    let (start, end) = range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?;
+    let query = state.query.metric_query(&name, &service, params.instance.as_deref(), start, end, step)?;
+    let engine = state.query.clone();
+    let partial = blocking({
+        let query = query.clone();
+        move || engine.partial(&query)
+    })
+    .await?;
+    let mut result = partial.finish(&query);
+    for series in &mut result.series {
+        for point in &mut series.points {
+            point.1 = point.1.map(round6);
+        }
+    }
+    Ok(Json(result).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LogParams {
+    service: Option<String>,
+    instance: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    reason: Option<String>,
+    kind: Option<String>,
+    model: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// A log as the API shows it (SPEC §7).
+#[derive(Debug, Serialize)]
+struct LogView {
+    time: u64,
+    service: String,
+    instance: Option<String>,
+    kind: &'static str,
+    reasons: Vec<String>,
+    model: Option<String>,
+    provider: Option<String>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    cost: Option<f64>,
+    response_code: Option<i64>,
+    duration_ms: Option<u64>,
+    session_id: Option<String>,
+    attributes: BTreeMap<String, String>,
+    body: Option<String>,
+}
+
+impl From<StoredLog> for LogView {
+    fn from(log: StoredLog) -> LogView {
+        LogView {
+            time: log.time_ns,
+            service: log.service,
+            instance: log.instance,
+            kind: log.kind.as_str(),
+            reasons: log.reasons,
+            model: log.model,
+            provider: log.provider,
+            input_tokens: log.input_tokens,
+            output_tokens: log.output_tokens,
+            total_tokens: log.total_tokens,
+            cost: log.cost.map(|c| round6(c.to_f64())),
+            response_code: log.response_code,
+            duration_ms: log.duration_ms,
+            session_id: log.session_id,
+            attributes: log.attributes.into_iter().collect(),
+            body: log.body,
+        }
+    }
+}
+
+/// Cursor text: `<time ns>-<fingerprint hex>`.
+pub fn format_cursor(position: LogPosition) -> String {
+    format!("{}-{:032x}", position.time_ns, position.fingerprint)
+}
+
+/// Parses [`format_cursor`]'s text.
+pub fn parse_cursor(text: &str) -> Result<LogPosition, Error> {
+    let invalid = || Error::InvalidArgument(format!("cursor {text:?} is not a cursor returned by this API"));
+    let (time, fingerprint) = text.split_once('-').ok_or_else(invalid)?;
+    Ok(LogPosition {
+        time_ns: time.parse().map_err(|_| invalid())?,
+        fingerprint: u128::from_str_radix(fingerprint, 16).map_err(|_| invalid())?,
+    })
+}
+
+async fn logs(State(state): State<ApiState>, Query(params): Query<LogParams>) -> Result<Response, Error> {
+    let service = params.service.ok_or_else(|| Error::InvalidArgument("service is required".into()))?;
+    let (start, end) = range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?;
+    let reason = match params.reason.as_deref() {
+        None => None,
+        Some(value) => Some(KeepReason::parse(value).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "reason: {value:?} is not error, upstream_failure, slow, high_tokens or high_cost"
+            ))
+        })?),
+    };
+    let kind = match params.kind.as_deref() {
+        None => None,
+        Some(value) => Some(
+            LogKind::parse(value)
+                .ok_or_else(|| Error::InvalidArgument(format!("kind: {value:?} is not llm or mcp")))?,
+        ),
+    };
+    let query = LogQuery {
+        service,
+        instance: params.instance,
+        start_ns: start.max(0) as u64 * 1_000_000_000,
+        end_ns: end.max(0) as u64 * 1_000_000_000,
+        reason,
+        kind,
+        model: params.model,
+        limit: params.limit.unwrap_or(100),
+        cursor: params.cursor.as_deref().map(parse_cursor).transpose()?,
+    };
+    let engine = state.query.clone();
+    let page = blocking(move || engine.logs(&query)).await?;
+    let logs: Vec<LogView> = page.logs.into_iter().map(LogView::from).collect();
+    Ok(Json(json!({ "logs": logs, "next_cursor": page.next.map(format_cursor) })).into_response())
+}
+
+fn wants_yaml(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|accept| accept.contains("yaml"))
+}
+
+fn document_response<T: Serialize>(
+    headers: &HeaderMap,
+    version: u64,
+    document: &T,
+    freshness: crate::runtime::Freshness,
+) -> Result<Response, Error> {
+    if wants_yaml(headers) {
+        let text = serde_saphyr::to_string(document).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, "application/yaml")], text).into_response();
+        if let Ok(value) = version.to_string().parse() {
+            response.headers_mut().insert("x-tollgate-config-version", value);
+        }
+        return Ok(response);
+    }
+    Ok(Json(json!({ "version": version, "document": document, "freshness": freshness })).into_response())
+}
+
+async fn get_pricing(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Error> {
+    let config = state.query.config();
+    document_response(&headers, config.pricing.version(), config.pricing.document(), state.config.freshness())
+}
+
+async fn get_rules(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Error> {
+    let config = state.query.config();
+    document_response(&headers, config.rules.version, &config.rules.config, state.config.freshness())
+}
+
+fn body_text(body: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(body).map_err(|_| Error::InvalidArgument("the body is not UTF-8 text".into()))
+}
+
+async fn put_pricing(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, Error> {
+    authorize(&headers, state.api_token.as_deref())?;
+    let document = PricingDocument::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let version = state.config.set_pricing(document).await?;
+    Ok(Json(json!({ "version": version })).into_response())
+}
+
+async fn put_rules(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, Error> {
+    authorize(&headers, state.api_token.as_deref())?;
+    let document = RulesConfig::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let version = state.config.set_rules(document).await?;
+    Ok(Json(json!({ "version": version })).into_response())
+}
+
+async fn prometheus(State(state): State<ApiState>) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response()
+}
+
+async fn healthz(State(state): State<ApiState>) -> Response {
+    if state.healthy.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        Error::Unavailable("storage failed: the node is stopping".into()).into_response()
+    }
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) && state.healthy.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        Error::Unavailable("not ready".into()).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_time_accepts_rfc3339_and_unix_seconds() {
+        assert_eq!(parse_time("start", "1764151200").unwrap(), 1_764_151_200);
+        assert_eq!(parse_time("start", "2025-11-26T10:00:00Z").unwrap(), 1_764_151_200);
+        assert_eq!(parse_time("start", "2025-11-26T11:00:00+01:00").unwrap(), 1_764_151_200);
+        assert!(parse_time("start", "yesterday").unwrap_err().to_string().contains("start"));
+    }
+
+    #[test]
+    fn test_cursor_round_trips() {
+        let position = LogPosition { time_ns: 17, fingerprint: u128::MAX - 5 };
+        assert_eq!(parse_cursor(&format_cursor(position)).unwrap(), position);
+        assert!(parse_cursor("nope").is_err());
+    }
+
+    #[test]
+    fn test_authorize_needs_the_exact_bearer_token() {
+        let mut headers = HeaderMap::new();
+        assert!(authorize(&headers, None).is_ok());
+        assert!(matches!(authorize(&headers, Some("s3cret")), Err(Error::Unauthorized(_))));
+        headers.insert(header::AUTHORIZATION, "Bearer s3cre".parse().unwrap());
+        assert!(matches!(authorize(&headers, Some("s3cret")), Err(Error::Unauthorized(_))));
+        headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert!(authorize(&headers, Some("s3cret")).is_ok());
+    }
+
+    #[test]
+    fn test_round6() {
+        assert_eq!(round6(1992.0454545454), 1992.045455);
+        assert_eq!(round6(276.29999999999995), 276.3);
+    }
+}

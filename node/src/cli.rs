@@ -1,0 +1,385 @@
+//! The command line (SPEC §9): `serve` runs a node; the other commands are clients of a node's
+//! HTTP API (`--api`, default `http://127.0.0.1:12800`).
+
+use crate::clock::SystemClock;
+use crate::config::{FlagOverrides, NodeConfig};
+use crate::server::Node;
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracing::{error, info};
+
+/// Exact observability for AI gateway traffic.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    /// The node API to talk to (client commands).
+    #[arg(long, global = true, env = "TOLLGATE_API", default_value = "http://127.0.0.1:12800")]
+    pub api: String,
+    /// Bearer token for writes (client commands).
+    #[arg(long, global = true, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (a new single node with data under ./data when given no options).
+    Serve(ServeArgs),
+    /// Read or replace the pricing document (gen-ai-config.yml format).
+    Pricing {
+        /// get or set.
+        #[command(subcommand)]
+        action: DocumentAction,
+    },
+    /// Read or replace the rules document (routing, sampling thresholds, catalogue).
+    Rules {
+        /// get or set.
+        #[command(subcommand)]
+        action: DocumentAction,
+    },
+    /// Query a metric.
+    Query(QueryArgs),
+    /// List kept access logs, newest first.
+    Logs(LogsArgs),
+    /// List services and their instances.
+    Services,
+}
+
+/// Document commands.
+#[derive(Debug, Subcommand)]
+pub enum DocumentAction {
+    /// Print the document in force (YAML) and its version.
+    Get,
+    /// Replace the document with FILE (YAML or JSON); prints the new version.
+    Set {
+        /// The document.
+        file: PathBuf,
+    },
+}
+
+/// `tollgate serve` options; each also comes from the config file and `TOLLGATE_<OPTION>`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// YAML configuration file (also `TOLLGATE_CONFIG`).
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Node identity.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// OTLP/gRPC listen addresses, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub otlp_grpc_addrs: Option<Vec<SocketAddr>>,
+    /// OTLP/HTTP listen address.
+    #[arg(long)]
+    pub otlp_http_addr: Option<SocketAddr>,
+    /// API listen address.
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// Cluster listen address.
+    #[arg(long)]
+    pub cluster_addr: Option<SocketAddr>,
+    /// HOST:PORT other nodes reach this node's cluster port at.
+    #[arg(long)]
+    pub advertise_addr: Option<String>,
+    /// Cluster addresses of running nodes to join, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub join: Option<Vec<String>>,
+}
+
+/// `tollgate query` options.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Metric name (`tollgate query --list` shows them all).
+    pub metric: Option<String>,
+    /// List the catalogue instead.
+    #[arg(long)]
+    pub list: bool,
+    /// Service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Instance (instance metrics).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Start (RFC 3339 or unix seconds; default: an hour before end).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// End, exclusive (default: now).
+    #[arg(long)]
+    pub end: Option<String>,
+    /// minute, hour or day.
+    #[arg(long)]
+    pub step: Option<String>,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tollgate logs` options.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Service.
+    #[arg(long)]
+    pub service: String,
+    /// Instance.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Start (RFC 3339 or unix seconds).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// End, exclusive.
+    #[arg(long)]
+    pub end: Option<String>,
+    /// Keep reason.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// llm or mcp.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Page size.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Continue from a previous page's cursor.
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            command => Client::new(cli.api, cli.token).run(command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let environment: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_")).collect();
+    let flags = FlagOverrides {
+        data_dir: args.data_dir,
+        node_id: args.node_id,
+        otlp_grpc_addrs: args.otlp_grpc_addrs,
+        otlp_http_addr: args.otlp_http_addr,
+        http_addr: args.http_addr,
+        cluster_addr: args.cluster_addr,
+        advertise_addr: args.advertise_addr,
+        join: args.join,
+    };
+    let config = NodeConfig::load(args.config.as_deref(), &environment, &flags)?;
+    let mut node = Node::start(config, Arc::new(SystemClock)).await?;
+    let reason = tokio::select! {
+        _ = shutdown_signal() => None,
+        reason = node.fatal() => Some(reason),
+    };
+    info!("shutting down");
+    node.shutdown().await;
+    match reason {
+        None => Ok(()),
+        Some(reason) => {
+            error!(%reason, "stopped after a fatal error");
+            Err(anyhow::anyhow!("stopped: {reason}"))
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A client of a node's HTTP API.
+#[derive(Debug)]
+pub struct Client {
+    api: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of `api`.
+    pub fn new(api: String, token: Option<String>) -> Client {
+        Client { api: api.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", self.api))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or(body);
+        anyhow::bail!("{status}: {message}")
+    }
+
+    async fn get_json(&self, path: &str, query: &[(&str, Option<String>)]) -> anyhow::Result<Value> {
+        let query: Vec<(&str, String)> = query.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v))).collect();
+        let response = self.send(self.http.get(format!("{}{path}", self.api)).query(&query)).await?;
+        Ok(response.json().await?)
+    }
+
+    /// Runs a client command.
+    #[allow(clippy::print_stdout)]
+    pub async fn run(&self, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Serve(_) => unreachable!("serve is not a client command"),
+            Command::Pricing { action } => self.document("pricing", action).await,
+            Command::Rules { action } => self.document("rules", action).await,
+            Command::Services => {
+                let value = self.get_json("/api/v1/services", &[]).await?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                Ok(())
+            }
+            Command::Query(args) => {
+                if args.list || args.metric.is_none() {
+                    let value = self.get_json("/api/v1/metrics", &[]).await?;
+                    for entry in value.as_array().into_iter().flatten() {
+                        println!(
+                            "{:<60} {:<16} {:<9} {}",
+                            entry["name"].as_str().unwrap_or(""),
+                            entry["unit"].as_str().unwrap_or(""),
+                            entry["scope"].as_str().unwrap_or(""),
+                            entry["labels"]
+                                .as_array()
+                                .map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                                .unwrap_or_default()
+                        );
+                    }
+                    return Ok(());
+                }
+                let metric = args.metric.unwrap_or_default();
+                let value = self
+                    .get_json(
+                        &format!("/api/v1/metrics/{metric}"),
+                        &[
+                            ("service", args.service),
+                            ("instance", args.instance),
+                            ("start", args.start),
+                            ("end", args.end),
+                            ("step", args.step),
+                        ],
+                    )
+                    .await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    return Ok(());
+                }
+                println!(
+                    "{} ({}), step {}",
+                    value["name"].as_str().unwrap_or(""),
+                    value["unit"].as_str().unwrap_or(""),
+                    value["step"].as_str().unwrap_or("")
+                );
+                for series in value["series"].as_array().into_iter().flatten() {
+                    println!("{}", series["labels"]);
+                    for point in series["points"].as_array().into_iter().flatten() {
+                        let time = point[0].as_i64().unwrap_or(0);
+                        let stamp =
+                            chrono::DateTime::from_timestamp(time, 0).map(|t| t.to_rfc3339()).unwrap_or_default();
+                        println!("  {stamp}  {}", point[1]);
+                    }
+                }
+                Ok(())
+            }
+            Command::Logs(args) => {
+                let value = self
+                    .get_json(
+                        "/api/v1/logs",
+                        &[
+                            ("service", Some(args.service)),
+                            ("instance", args.instance),
+                            ("start", args.start),
+                            ("end", args.end),
+                            ("reason", args.reason),
+                            ("kind", args.kind),
+                            ("model", args.model),
+                            ("limit", args.limit.map(|l| l.to_string())),
+                            ("cursor", args.cursor),
+                        ],
+                    )
+                    .await?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                Ok(())
+            }
+        }
+    }
+
+    #[allow(clippy::print_stdout)]
+    async fn document(&self, name: &str, action: DocumentAction) -> anyhow::Result<()> {
+        let url = format!("{}/api/v1/config/{name}", self.api);
+        match action {
+            DocumentAction::Get => {
+                let response = self.send(self.http.get(&url).header("accept", "application/yaml")).await?;
+                let version = response
+                    .headers()
+                    .get("x-tollgate-config-version")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?")
+                    .to_string();
+                println!("# {name} version {version}");
+                print!("{}", response.text().await?);
+                Ok(())
+            }
+            DocumentAction::Set { file } => {
+                let body =
+                    std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                let response =
+                    self.send(self.http.put(&url).header("content-type", "application/yaml").body(body)).await?;
+                let value: Value = response.json().await?;
+                println!("{name} version {}", value["version"]);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Node configuration: built-in defaults, overridden by a YAML file, overridden by environment
+//! variables `TOLLGATE_<OPTION>` (nested options join their path with `_`:
+//! `TOLLGATE_LIMITS_MAX_REQUEST_BYTES`), overridden by command-line flags (SPEC §9).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Stable identity of this node in the cluster. Default: the one stored in the data
+    /// directory, else `node-1` for a new single node.
+    pub node_id: Option<String>,
+    /// Where sled keeps everything.
+    pub data_dir: PathBuf,
+    /// OTLP/gRPC listeners (the standard port and SkyWalking's).
+    pub otlp_grpc_addrs: Vec<SocketAddr>,
+    /// OTLP/HTTP listener.
+    pub otlp_http_addr: SocketAddr,
+    /// Query, config and cluster API, `/metrics`, `/healthz`, `/readyz`.
+    pub http_addr: SocketAddr,
+    /// Node-to-node listener.
+    pub cluster_addr: SocketAddr,
+    /// `HOST:PORT` other nodes use to reach this node's cluster port. Default: `cluster_addr`.
+    pub advertise_addr: Option<String>,
+    /// Cluster port addresses of running nodes to join (empty: bootstrap or restart).
+    pub join: Vec<String>,
+    /// Bearer token required for config and membership writes (none: writes are open).
+    pub api_token: Option<String>,
+    /// Shared secret every node-to-node call must carry (none: the cluster port is open).
+    pub cluster_secret: Option<String>,
+    /// Request, memory and queue limits.
+    pub limits: LimitsConfig,
+    /// sled settings.
+    pub storage: StorageConfig,
+    /// How long data is kept.
+    pub retention: RetentionConfig,
+    /// Partitioning and failure detection.
+    pub cluster: ClusterConfig,
+}
+
+/// Request, memory and queue limits (SPEC §8).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted request (compressed and decompressed), bytes.
+    pub max_request_bytes: usize,
+    /// Bytes of requests being processed at once; beyond it requests get a retryable overload
+    /// error.
+    pub max_inflight_bytes: usize,
+    /// Batches queued per owner actor; beyond it requests get a retryable overload error.
+    pub owner_queue_capacity: usize,
+    /// Longest a request may wait for its owners' durable writes before a retryable error.
+    pub request_timeout_ms: u64,
+    /// Largest page of `GET /api/v1/logs`.
+    pub max_log_page: usize,
+    /// Longest range of a metric query, in steps.
+    pub max_query_points: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_bytes: 16 * 1024 * 1024,
+            max_inflight_bytes: 256 * 1024 * 1024,
+            owner_queue_capacity: 64,
+            request_timeout_ms: 10_000,
+            max_log_page: 1000,
+            max_query_points: 20_000,
+        }
+    }
+}
+
+/// sled settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// sled's page cache size, bytes (sled's own default of 1 GiB is too much for most pods).
+    pub cache_capacity_bytes: u64,
+    /// Most write batches one flush may group.
+    pub max_batches_per_flush: usize,
+    /// Write batches waiting for the writer; beyond it owners wait (back-pressure).
+    pub writer_queue_capacity: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            cache_capacity_bytes: 256 * 1024 * 1024,
+            max_batches_per_flush: 512,
+            writer_queue_capacity: 1024,
+        }
+    }
+}
+
+/// How long each kind of data is kept, seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Per-minute states.
+    pub minute_seconds: u64,
+    /// Per-hour roll-ups.
+    pub hour_seconds: u64,
+    /// Per-day roll-ups.
+    pub day_seconds: u64,
+    /// Kept access logs.
+    pub logs_seconds: u64,
+    /// How often the retention sweep runs.
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            minute_seconds: 3 * 86_400,
+            hour_seconds: 45 * 86_400,
+            day_seconds: 400 * 86_400,
+            logs_seconds: 14 * 86_400,
+            sweep_interval_seconds: 3_600,
+        }
+    }
+}
+
+/// Partitioning and failure detection (SPEC §6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Number of virtual partitions; fixed when a cluster is created.
+    pub vnodes: u16,
+    /// A node unreachable this long has its vnodes reassigned.
+    pub failover_after_seconds: u64,
+    /// Deadline of one node-to-node call.
+    pub rpc_timeout_ms: u64,
+    /// Raft heartbeat interval.
+    pub heartbeat_interval_ms: u64,
+    /// Raft election timeout (lower bound; the upper bound is twice it).
+    pub election_timeout_ms: u64,
+    /// Bytes of forwarded data in flight per peer.
+    pub max_forward_inflight_bytes: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            vnodes: 256,
+            failover_after_seconds: 60,
+            rpc_timeout_ms: 5_000,
+            heartbeat_interval_ms: 250,
+            election_timeout_ms: 1_000,
+            max_forward_inflight_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: None,
+            data_dir: PathBuf::from("./data"),
+            otlp_grpc_addrs: vec![addr("0.0.0.0:4317"), addr("0.0.0.0:11800")],
+            otlp_http_addr: addr("0.0.0.0:4318"),
+            http_addr: addr("0.0.0.0:12800"),
+            cluster_addr: addr("0.0.0.0:11900"),
+            advertise_addr: None,
+            join: Vec::new(),
+            api_token: None,
+            cluster_secret: None,
+            limits: LimitsConfig::default(),
+            storage: StorageConfig::default(),
+            retention: RetentionConfig::default(),
+            cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("a valid built-in address")
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Clone, Debug, Default)]
+pub struct FlagOverrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--node-id`.
+    pub node_id: Option<String>,
+    /// `--otlp-grpc-addrs`.
+    pub otlp_grpc_addrs: Option<Vec<SocketAddr>>,
+    /// `--otlp-http-addr`.
+    pub otlp_http_addr: Option<SocketAddr>,
+    /// `--http-addr`.
+    pub http_addr: Option<SocketAddr>,
+    /// `--cluster-addr`.
+    pub cluster_addr: Option<SocketAddr>,
+    /// `--advertise-addr`.
+    pub advertise_addr: Option<String>,
+    /// `--join`.
+    pub join: Option<Vec<String>>,
+}
+
+impl NodeConfig {
+    /// Defaults < file < environment < flags, then validation.
+    pub fn load(
+        file: Option<&Path>,
+        environment: &BTreeMap<String, String>,
+        flags: &FlagOverrides,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+                NodeConfig::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?
+            }
+            None => NodeConfig::default(),
+        };
+        config = config.with_environment(environment)?;
+        config.apply_flags(flags);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a YAML configuration (unknown keys are errors).
+    pub fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(NodeConfig::default());
+        }
+        serde_saphyr::from_str(text).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// Applies `TOLLGATE_*` variables: every option, nested ones with their path joined by `_`.
+    /// Lists are comma-separated. Unknown `TOLLGATE_*` variables are errors (typos must not
+    /// silently do nothing); `TOLLGATE_CONFIG` names the file and `TOLLGATE_LOG` the log filter.
+    pub fn with_environment(self, environment: &BTreeMap<String, String>) -> Result<NodeConfig, ConfigError> {
+        let mut tree = serde_json::to_value(&self).map_err(|e| ConfigError(e.to_string()))?;
+        let mut known = vec!["TOLLGATE_CONFIG".to_string(), "TOLLGATE_LOG".to_string(), "TOLLGATE_API".to_string()];
+        overlay(&mut tree, "TOLLGATE", environment, &mut known)?;
+        if let Some(unknown) = environment.keys().find(|k| k.starts_with("TOLLGATE_") && !known.contains(k)) {
+            return Err(ConfigError(format!("unknown environment variable {unknown}")));
+        }
+        serde_json::from_value(tree).map_err(|e| ConfigError(format!("from environment: {e}")))
+    }
+
+    fn apply_flags(&mut self, flags: &FlagOverrides) {
+        if let Some(v) = &flags.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = &flags.node_id {
+            self.node_id = Some(v.clone());
+        }
+        if let Some(v) = &flags.otlp_grpc_addrs {
+            self.otlp_grpc_addrs = v.clone();
+        }
+        if let Some(v) = flags.otlp_http_addr {
+            self.otlp_http_addr = v;
+        }
+        if let Some(v) = flags.http_addr {
+            self.http_addr = v;
+        }
+        if let Some(v) = flags.cluster_addr {
+            self.cluster_addr = v;
+        }
+        if let Some(v) = &flags.advertise_addr {
+            self.advertise_addr = Some(v.clone());
+        }
+        if let Some(v) = &flags.join {
+            self.join = v.clone();
+        }
+    }
+
+    /// Checks values; the message names the option.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: String| Err(ConfigError(message));
+        if self.data_dir.as_os_str().is_empty() {
+            return fail("data_dir: must not be empty".into());
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return fail(format!("node_id: {id:?} must be 1-128 letters, digits, '-', '_' or '.'"));
+            }
+        }
+        if self.otlp_grpc_addrs.is_empty() {
+            return fail("otlp_grpc_addrs: at least one address".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for listener in self.otlp_grpc_addrs.iter().chain([&self.otlp_http_addr, &self.http_addr, &self.cluster_addr]) {
+            if listener.port() != 0 && !seen.insert(*listener) {
+                return fail(format!("listener address {listener} is used twice"));
+            }
+        }
+        if let Some(advertise) = &self.advertise_addr {
+            if !advertise.contains(':') {
+                return fail(format!("advertise_addr: {advertise:?} must be HOST:PORT"));
+            }
+        }
+        for address in &self.join {
+            if !address.contains(':') {
+                return fail(format!("join: {address:?} must be HOST:PORT"));
+            }
+        }
+        for (name, value) in [("api_token", &self.api_token), ("cluster_secret", &self.cluster_secret)] {
+            if value.as_deref() == Some("") {
+                return fail(format!("{name}: must not be empty when set (remove it to disable)"));
+            }
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("limits.max_request_bytes", l.max_request_bytes),
+            ("limits.max_inflight_bytes", l.max_inflight_bytes),
+            ("limits.owner_queue_capacity", l.owner_queue_capacity),
+            ("limits.max_log_page", l.max_log_page),
+            ("limits.max_query_points", l.max_query_points),
+            ("storage.max_batches_per_flush", self.storage.max_batches_per_flush),
+            ("storage.writer_queue_capacity", self.storage.writer_queue_capacity),
+            ("cluster.max_forward_inflight_bytes", self.cluster.max_forward_inflight_bytes),
+        ] {
+            if value == 0 {
+                return fail(format!("{name}: must be greater than 0"));
+            }
+        }
+        if l.max_inflight_bytes < l.max_request_bytes {
+            return fail(format!(
+                "limits.max_inflight_bytes ({}) must be at least limits.max_request_bytes ({})",
+                l.max_inflight_bytes, l.max_request_bytes
+            ));
+        }
+        if l.request_timeout_ms == 0 {
+            return fail("limits.request_timeout_ms: must be greater than 0".into());
+        }
+        if self.storage.cache_capacity_bytes < 1024 * 1024 {
+            return fail("storage.cache_capacity_bytes: at least 1 MiB".into());
+        }
+        let r = &self.retention;
+        if r.minute_seconds < 3_600 || r.hour_seconds < r.minute_seconds || r.day_seconds < r.hour_seconds {
+            return fail(
+                "retention: need minute_seconds >= 3600, hour_seconds >= minute_seconds, day_seconds >= hour_seconds"
+                    .into(),
+            );
+        }
+        if r.logs_seconds == 0 || r.sweep_interval_seconds == 0 {
+            return fail("retention.logs_seconds and retention.sweep_interval_seconds: must be greater than 0".into());
+        }
+        let c = &self.cluster;
+        if c.vnodes == 0 || c.vnodes > 4096 {
+            return fail(format!("cluster.vnodes: {} must be between 1 and 4096", c.vnodes));
+        }
+        if c.heartbeat_interval_ms == 0 || c.election_timeout_ms <= c.heartbeat_interval_ms * 2 {
+            return fail("cluster.election_timeout_ms must be more than twice cluster.heartbeat_interval_ms".into());
+        }
+        if c.rpc_timeout_ms == 0 || c.failover_after_seconds == 0 {
+            return fail("cluster.rpc_timeout_ms and cluster.failover_after_seconds: must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// The address other nodes reach this node's cluster port at.
+    pub fn advertised_cluster_addr(&self) -> String {
+        self.advertise_addr.clone().unwrap_or_else(|| self.cluster_addr.to_string())
+    }
+}
+
+/// Walks the configuration tree; for every leaf, a variable named after its path replaces it.
+fn overlay(
+    tree: &mut serde_json::Value,
+    prefix: &str,
+    environment: &BTreeMap<String, String>,
+    known: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let serde_json::Value::Object(fields) = tree else { return Ok(()) };
+    for (name, value) in fields.iter_mut() {
+        let variable = format!("{prefix}_{}", name.to_ascii_uppercase());
+        if value.is_object() {
+            overlay(value, &variable, environment, known)?;
+            continue;
+        }
+        known.push(variable.clone());
+        let Some(text) = environment.get(&variable) else { continue };
+        *value = match value {
+            serde_json::Value::Array(_) => serde_json::Value::Array(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| serde_json::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            serde_json::Value::Number(_) => serde_json::Value::Number(
+                text.trim()
+                    .parse::<u64>()
+                    .map_err(|_| ConfigError(format!("{variable}: {text:?} is not a number")))?
+                    .into(),
+            ),
+            serde_json::Value::Bool(_) => serde_json::Value::Bool(
+                text.trim()
+                    .parse::<bool>()
+                    .map_err(|_| ConfigError(format!("{variable}: {text:?} is not true/false")))?,
+            ),
+            _ => serde_json::Value::String(text.clone()),
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn test_config_defaults_are_the_embedded_single_node() {
+        let config = NodeConfig::load(None, &BTreeMap::new(), &FlagOverrides::default()).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.otlp_grpc_addrs.len(), 2);
+        assert_eq!(config.http_addr.port(), 12800);
+        assert!(config.join.is_empty());
+    }
+
+    #[test]
+    fn test_config_flags_beat_env_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tollgate.yaml");
+        std::fs::write(&file, "data_dir: /from/file\nhttp_addr: 127.0.0.1:1000\nlimits:\n  max_log_page: 5\n").unwrap();
+        let environment = env(&[
+            ("TOLLGATE_DATA_DIR", "/from/env"),
+            ("TOLLGATE_JOIN", "a:1, b:2"),
+            ("TOLLGATE_LIMITS_MAX_LOG_PAGE", "7"),
+            ("PATH", "/bin"),
+        ]);
+        let flags = FlagOverrides { data_dir: Some("/from/flag".into()), ..Default::default() };
+        let config = NodeConfig::load(Some(&file), &environment, &flags).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.join, vec!["a:1".to_string(), "b:2".to_string()]);
+        assert_eq!(config.limits.max_log_page, 7);
+        assert_eq!(config.http_addr, addr("127.0.0.1:1000"));
+        let config = NodeConfig::load(Some(&file), &environment, &FlagOverrides::default()).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/env"));
+    }
+
+    #[test]
+    fn test_config_rejects_unknown_keys_variables_and_bad_values() {
+        assert!(NodeConfig::parse("data_dri: x\n").unwrap_err().0.contains("data_dri"));
+        let error = NodeConfig::load(None, &env(&[("TOLLGATE_DATADIR", "x")]), &FlagOverrides::default()).unwrap_err();
+        assert!(error.0.contains("TOLLGATE_DATADIR"), "{error}");
+        let error =
+            NodeConfig::load(None, &env(&[("TOLLGATE_LIMITS_MAX_LOG_PAGE", "many")]), &FlagOverrides::default())
+                .unwrap_err();
+        assert!(error.0.contains("TOLLGATE_LIMITS_MAX_LOG_PAGE"), "{error}");
+        let bad =
+            NodeConfig { limits: LimitsConfig { max_inflight_bytes: 1, ..Default::default() }, ..Default::default() };
+        assert!(bad.validate().unwrap_err().0.contains("limits.max_inflight_bytes"));
+        let bad = NodeConfig { node_id: Some("a b".into()), ..Default::default() };
+        assert!(bad.validate().unwrap_err().0.contains("node_id"));
+        let bad = NodeConfig { http_addr: addr("0.0.0.0:4317"), ..Default::default() };
+        assert!(bad.validate().unwrap_err().0.contains("used twice"));
+    }
+
+    #[test]
+    fn test_example_config_in_deploy_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tollgate.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = NodeConfig::parse(&text).unwrap();
+        config.validate().unwrap();
+        assert_ne!(config, NodeConfig::default(), "the example should show settings, not be empty");
+    }
+}

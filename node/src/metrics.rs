@@ -1,0 +1,81 @@
+//! Self-metric names, all in one place, and the Prometheus recorder (SPEC §7 `/metrics`).
+//!
+//! Label values are bounded: protocols, reason names from fixed enums, outcome names.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// Data points received, by `protocol` (`grpc`, `http`).
+pub const POINTS_RECEIVED: &str = "tollgate_points_received_total";
+/// Data points rejected, by `reason` and `protocol`.
+pub const POINTS_REJECTED: &str = "tollgate_points_rejected_total";
+/// Data points accepted but not kept, by `reason` (`not_gateway`, `unknown_metric`, ...).
+pub const POINTS_DROPPED: &str = "tollgate_points_dropped_total";
+/// Data points merged.
+pub const POINTS_MERGED: &str = "tollgate_points_merged_total";
+/// Data points recognised as retries of merged points.
+pub const POINTS_DUPLICATE: &str = "tollgate_points_duplicate_total";
+/// Points rejected because they were too late (also counted in `POINTS_REJECTED`).
+pub const POINTS_LATE: &str = "tollgate_points_late_total";
+/// Log records received, by `protocol`.
+pub const LOGS_RECEIVED: &str = "tollgate_log_records_received_total";
+/// Log records rejected, by `reason` and `protocol`.
+pub const LOGS_REJECTED: &str = "tollgate_log_records_rejected_total";
+/// Log records not kept, by `reason`.
+pub const LOGS_DROPPED: &str = "tollgate_log_records_dropped_total";
+/// Kept log records, by keep `reason` (a record with two reasons counts twice).
+pub const LOGS_KEPT: &str = "tollgate_logs_kept_total";
+/// Log records whose numeric attributes did not parse, by `field`.
+pub const LOGS_MALFORMED: &str = "tollgate_log_records_malformed_total";
+/// Log batches recognised as retries.
+pub const LOG_BATCHES_DUPLICATE: &str = "tollgate_log_batches_duplicate_total";
+/// Export requests, by `protocol`, `signal` (`metrics`, `logs`) and `outcome`.
+pub const REQUESTS: &str = "tollgate_requests_total";
+/// Requests refused for overload, by `what` (`inflight_bytes`, `owner_queue`).
+pub const OVERLOAD: &str = "tollgate_overload_total";
+/// Bytes of requests in flight.
+pub const INFLIGHT_BYTES: &str = "tollgate_inflight_bytes";
+/// Messages pushed into owner intakes.
+pub const OWNER_PUSHED: &str = "tollgate_owner_intake_pushed_total";
+/// Messages taken from owner intakes.
+pub const OWNER_POPPED: &str = "tollgate_owner_intake_popped_total";
+/// Write batches grouped into one flush.
+pub const COMMIT_BATCHES_PER_FLUSH: &str = "tollgate_commit_batches_per_flush";
+/// Bytes written per flush.
+pub const COMMIT_BYTES_PER_FLUSH: &str = "tollgate_commit_bytes_per_flush";
+/// Duration of apply + flush, seconds.
+pub const COMMIT_FLUSH_SECONDS: &str = "tollgate_commit_flush_seconds";
+/// Bytes the store occupies on disk.
+pub const STORE_SIZE_BYTES: &str = "tollgate_store_size_bytes";
+/// Series held in owner memory.
+pub const SERIES_ACTIVE: &str = "tollgate_series_active";
+/// Keys removed by retention.
+pub const RETENTION_DELETED: &str = "tollgate_retention_deleted_total";
+/// Config versions applied, by `document` (`pricing`, `rules`).
+pub const CONFIG_VERSION: &str = "tollgate_config_version";
+/// Query requests, by `kind` (`metric`, `logs`) and `outcome`.
+pub const QUERIES: &str = "tollgate_queries_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+            let counts = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+            let bytes = [1024.0, 8192.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_BATCHES_PER_FLUSH.into()), &counts))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_BYTES_PER_FLUSH.into()), &bytes))
+                .expect("valid bucket configuration")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests embedding several nodes): then
+            // this handle renders an empty registry, which is still valid output.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

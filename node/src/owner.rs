@@ -1,0 +1,707 @@
+//! Owner actors (ractor): one per owned vnode, the only place its series are merged.
+//!
+//! An owner holds the normalisation state of its series (cursors, partition clocks) and a small
+//! cache of hot aggregates, runs the rules crate on each message, and writes everything the
+//! message changed as one atomic batch. It does not wait for the flush: it hands the batch to the
+//! store's group-commit writer and moves on; a small task replies to the sender once the batch is
+//! durable. Batches of one owner are applied in order, so later batches never overtake earlier
+//! ones.
+//!
+//! Intake is bounded: ractor mailboxes are unbounded, so every message carries a permit of the
+//! owner's semaphore (`limits.owner_queue_capacity`); without one the sender gets a retryable
+//! overload error instead of queueing.
+//!
+//! Periodically (`Maintain`) an owner rolls closed minutes into hour and day states, evicts idle
+//! state from memory once everything it wrote is durable, and forgets old log-batch fingerprints.
+
+use crate::clock::Clock;
+use crate::error::Error;
+use crate::metrics as m;
+use crate::runtime::RuntimeConfig;
+use crate::store::{durable, EntityRecord, Op, Resolution, Storage, StoreBatch, StoredLog};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tollgate_rules::ingest::{log_counter_keys, log_increment};
+use tollgate_rules::normalize::PointKey;
+use tollgate_rules::point::Temporality;
+use tollgate_rules::series::{minute_of, FastMap, FastSet, NANOS_PER_MINUTE};
+use tollgate_rules::{
+    Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, RejectReason,
+    Rejection, SeriesId, SeriesTable,
+};
+use tracing::{debug, warn};
+
+/// Everything owners share.
+#[derive(Debug)]
+pub struct OwnerContext {
+    /// Durable state.
+    pub store: Arc<dyn Storage>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Configuration in force.
+    pub config: watch::Receiver<Arc<RuntimeConfig>>,
+}
+
+/// The reply to a batch: its report once durable, or why not.
+pub type Reply = oneshot::Sender<Result<IngestReport, Error>>;
+
+/// Messages of an owner.
+#[derive(Debug)]
+pub enum OwnerMsg {
+    /// Merge these points (all of this owner's vnode).
+    Metrics {
+        /// The points.
+        points: Vec<ExtractedPoint>,
+        /// Where the report goes once durable.
+        reply: Reply,
+        /// The intake slot this message occupies.
+        permit: OwnedSemaphorePermit,
+    },
+    /// Classify, count and keep these log records (all of this owner's vnode), which arrived
+    /// together in one export whose part for this vnode has fingerprint `batch`.
+    Logs {
+        /// The records.
+        records: Vec<ExtractedLog>,
+        /// Fingerprint of this slice of the export (retries have the same one).
+        batch: u128,
+        /// Where the report goes once durable.
+        reply: Reply,
+        /// The intake slot this message occupies.
+        permit: OwnedSemaphorePermit,
+    },
+    /// Roll up, evict, forget.
+    Maintain {
+        /// Signalled when done (tests and shutdown).
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// A running owner: its actor and its intake semaphore.
+#[derive(Clone, Debug)]
+pub struct OwnerHandle {
+    /// The vnode it owns.
+    pub vnode: u16,
+    actor: ActorRef<OwnerMsg>,
+    intake: Arc<Semaphore>,
+}
+
+impl OwnerHandle {
+    /// Spawns the owner of `vnode`.
+    pub async fn spawn(vnode: u16, context: Arc<OwnerContext>, queue_capacity: usize) -> Result<OwnerHandle, Error> {
+        let (actor, _) = Actor::spawn(None, Owner, OwnerArguments { vnode, context })
+            .await
+            .map_err(|e| Error::Internal(format!("starting owner of vnode {vnode}: {e}")))?;
+        Ok(OwnerHandle { vnode, actor, intake: Arc::new(Semaphore::new(queue_capacity)) })
+    }
+
+    fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        Arc::clone(&self.intake).try_acquire_owned().map_err(|_| {
+            metrics::counter!(m::OVERLOAD, "what" => "owner_queue").increment(1);
+            Error::overloaded(format!("the owner of vnode {} has a full queue", self.vnode))
+        })
+    }
+
+    fn send(&self, message: OwnerMsg) -> Result<(), Error> {
+        self.actor
+            .cast(message)
+            .map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?;
+        metrics::counter!(m::OWNER_PUSHED).increment(1);
+        Ok(())
+    }
+
+    /// Queues points; the receiver yields the report once they are durable.
+    pub fn submit_metrics(
+        &self,
+        points: Vec<ExtractedPoint>,
+    ) -> Result<oneshot::Receiver<Result<IngestReport, Error>>, Error> {
+        let permit = self.permit()?;
+        let (reply, receiver) = oneshot::channel();
+        self.send(OwnerMsg::Metrics { points, reply, permit })?;
+        Ok(receiver)
+    }
+
+    /// Queues log records; the receiver yields the report once they are durable.
+    pub fn submit_logs(
+        &self,
+        records: Vec<ExtractedLog>,
+        batch: u128,
+    ) -> Result<oneshot::Receiver<Result<IngestReport, Error>>, Error> {
+        let permit = self.permit()?;
+        let (reply, receiver) = oneshot::channel();
+        self.send(OwnerMsg::Logs { records, batch, reply, permit })?;
+        Ok(receiver)
+    }
+
+    /// Asks for maintenance and waits until it is done.
+    pub async fn maintain(&self) -> Result<(), Error> {
+        let (done, wait) = oneshot::channel();
+        self.send(OwnerMsg::Maintain { done: Some(done) })?;
+        wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))
+    }
+
+    /// Asks for maintenance without waiting (the periodic tick; skipped when the queue is full).
+    pub fn tick(&self) {
+        let _ = self.actor.cast(OwnerMsg::Maintain { done: None });
+    }
+
+    /// Stops the actor after the messages already queued.
+    pub async fn stop(&self) {
+        let _ = self.actor.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+    }
+}
+
+struct Owner;
+
+struct OwnerArguments {
+    vnode: u16,
+    context: Arc<OwnerContext>,
+}
+
+/// A partition this owner has seen since it started.
+#[derive(Debug)]
+struct PartitionState {
+    entity: Arc<Entity>,
+    /// Minutes before this are already in the hour and day states.
+    rolled_until: u64,
+    /// Newest data time written to the entity index.
+    entity_written_ns: u64,
+}
+
+/// Key of a cached aggregate: series, resolution, period (first minute).
+type StateKey = (SeriesId, Resolution, u64);
+
+struct OwnerState {
+    vnode: u16,
+    context: Arc<OwnerContext>,
+    table: SeriesTable,
+    partitions: FastMap<u64, PartitionState>,
+    cache: FastMap<StateKey, Aggregate>,
+    /// Log counter series known to have their key stored.
+    counter_series: FastSet<SeriesId>,
+    /// Fingerprints of log batches processed within the lateness window, with their time.
+    log_batches: FastMap<u128, u64>,
+    log_batches_loaded: bool,
+    /// Batches handed to the writer.
+    submitted: u64,
+    /// Highest batch known durable (batches become durable in order).
+    durable: watch::Sender<u64>,
+}
+
+impl Actor for Owner {
+    type Msg = OwnerMsg;
+    type State = OwnerState;
+    type Arguments = OwnerArguments;
+
+    async fn pre_start(&self, _: ActorRef<OwnerMsg>, args: OwnerArguments) -> Result<OwnerState, ActorProcessingErr> {
+        Ok(OwnerState {
+            vnode: args.vnode,
+            context: args.context,
+            table: SeriesTable::new(),
+            partitions: FastMap::default(),
+            cache: FastMap::default(),
+            counter_series: FastSet::default(),
+            log_batches: FastMap::default(),
+            log_batches_loaded: false,
+            submitted: 0,
+            durable: watch::channel(0).0,
+        })
+    }
+
+    async fn post_stop(&self, _: ActorRef<OwnerMsg>, state: &mut OwnerState) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!(m::SERIES_ACTIVE).decrement(state.table.len() as f64);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<OwnerMsg>,
+        message: OwnerMsg,
+        state: &mut OwnerState,
+    ) -> Result<(), ActorProcessingErr> {
+        metrics::counter!(m::OWNER_POPPED).increment(1);
+        match message {
+            OwnerMsg::Metrics { points, reply, permit } => {
+                let outcome = state.ingest_metrics(points);
+                state.finish(outcome, reply, permit).await;
+            }
+            OwnerMsg::Logs { records, batch, reply, permit } => {
+                let outcome = state.ingest_logs(records, batch);
+                state.finish(outcome, reply, permit).await;
+            }
+            OwnerMsg::Maintain { done } => {
+                if let Err(error) = state.maintain().await {
+                    warn!(vnode = state.vnode, %error, "owner maintenance failed");
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What processing one message produced: the batch to write (always), and the report to send
+/// once it is durable, or the error that stopped processing.
+type Outcome = (StoreBatch, Result<IngestReport, Error>);
+
+impl OwnerState {
+    /// Queues the batch with the writer (in this owner's order) and replies once it is durable;
+    /// the intake permit is released with the reply. A batch is written even when processing
+    /// stopped early with an error: what was applied in memory must reach the disk, so that a
+    /// retry of the whole request is recognised for the part that was merged.
+    async fn finish(&mut self, outcome: Outcome, reply: Reply, permit: OwnedSemaphorePermit) {
+        let (batch, result) = outcome;
+        if batch.is_empty() {
+            drop(permit);
+            let _ = reply.send(result);
+            return;
+        }
+        let ticket = match self.context.store.commit(batch).await {
+            Ok(ticket) => ticket,
+            Err(error) => {
+                drop(permit);
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        self.submitted += 1;
+        let sequence = self.submitted;
+        let durable_sender = self.durable.clone();
+        tokio::spawn(async move {
+            let written = durable(ticket).await;
+            // Batches become durable in the order they were queued, so the highest durable
+            // sequence implies all lower ones.
+            if written.is_ok() {
+                durable_sender.send_if_modified(|highest| {
+                    let advanced = sequence > *highest;
+                    *highest = (*highest).max(sequence);
+                    advanced
+                });
+            }
+            drop(permit);
+            let _ = reply.send(written.and(result));
+        });
+    }
+
+    fn config(&self) -> Arc<RuntimeConfig> {
+        Arc::clone(&self.context.config.borrow())
+    }
+
+    /// Loads a partition's clock and frontier the first time it is seen.
+    fn ensure_partition(&mut self, partition: u64, entity: &Arc<Entity>) -> Result<(), Error> {
+        if self.partitions.contains_key(&partition) {
+            return Ok(());
+        }
+        let store = &self.context.store;
+        if let Some(clock) = store.clock(self.vnode, partition)? {
+            self.table.restore_clock(partition, clock);
+        }
+        let rolled_until = store.rolled_until(self.vnode, partition)?;
+        self.partitions
+            .insert(partition, PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0 });
+        Ok(())
+    }
+
+    /// Loads a series' key and cursor from the store if it is not in memory.
+    fn ensure_series(&mut self, id: SeriesId, partition: u64, config: &RuntimeConfig) -> Result<(), Error> {
+        if self.table.get(&id).is_some() {
+            return Ok(());
+        }
+        let store = &self.context.store;
+        let Some(key) = store.series(self.vnode, partition, id)? else { return Ok(()) };
+        let normalize = &config.rules.config.normalize;
+        let since = self.table.clock(partition).map(|c| c.oldest_accepted_ns(normalize)).unwrap_or(0);
+        let cursor = store.cursor(self.vnode, partition, id, since)?;
+        self.table.restore_series(key, cursor);
+        metrics::gauge!(m::SERIES_ACTIVE).increment(1.0);
+        Ok(())
+    }
+
+    fn ingest_metrics(&mut self, points: Vec<ExtractedPoint>) -> Outcome {
+        let config = self.config();
+        let now = self.context.clock.now_ns();
+        let mut report = IngestReport::default();
+        let mut batch = StoreBatch::default();
+        let mut touched: FastSet<StateKey> = FastSet::default();
+        let mut failure = None;
+        for point in points {
+            if let Err(error) = self.ingest_point(point, &config, now, &mut report, &mut batch, &mut touched) {
+                failure = Some(error);
+                break;
+            }
+        }
+        self.record_changes(&mut batch);
+        self.write_states(touched, &mut batch);
+        (batch, failure.map_or(Ok(report), Err))
+    }
+
+    /// Everything that can fail (store reads) happens before the point is applied, so a failure
+    /// leaves no trace in memory.
+    fn ingest_point(
+        &mut self,
+        point: ExtractedPoint,
+        config: &RuntimeConfig,
+        now: u64,
+        report: &mut IngestReport,
+        batch: &mut StoreBatch,
+        touched: &mut FastSet<StateKey>,
+    ) -> Result<(), Error> {
+        let id = point.series;
+        let partition = point.partition;
+        self.ensure_partition(partition, &point.entity)?;
+        self.ensure_series(id, partition, config)?;
+        let point_key = PointKey { time_ns: point.point.time_ns, start_ns: point.point.start_ns };
+        let cumulative = point.point.temporality == Temporality::Cumulative;
+        let minute = minute_of(point_key.time_ns) as u64;
+        let rolled_until = self.partitions[&partition].rolled_until;
+        let keys = state_keys(id, minute, rolled_until);
+        for key in &keys {
+            self.load_state(*key)?;
+        }
+        let cache = &mut self.cache;
+        let applied = self.table.apply(point, now, &config.rules, &config.pricing, report, |_, _, delta| {
+            for key in &keys {
+                if let Some(state) = cache.get_mut(key) {
+                    state.merge_delta(delta);
+                    touched.insert(*key);
+                }
+            }
+        });
+        match applied {
+            Applied::Merged(_) | Applied::Baseline => {
+                batch.push(Op::PointKey { vnode: self.vnode, partition, id, key: point_key });
+                if cumulative {
+                    if let Some(baseline) = self.table.get(&id).and_then(|e| e.cursor.baseline.clone()) {
+                        batch.push(Op::Baseline { vnode: self.vnode, id, baseline });
+                    }
+                }
+                self.note_entity(partition, point_key.time_ns, batch);
+            }
+            Applied::Rejected(RejectReason::TooLate) => metrics::counter!(m::POINTS_LATE).increment(1),
+            Applied::Duplicate | Applied::Rejected(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Series created and clocks moved since the last batch.
+    fn record_changes(&mut self, batch: &mut StoreBatch) {
+        let changes = self.table.take_changes();
+        for id in changes.created {
+            if let Some(entry) = self.table.get(&id) {
+                let partition = entry.key.entity.partition_hash();
+                batch.push(Op::Series { vnode: self.vnode, partition, id, key: (*entry.key).clone() });
+                metrics::gauge!(m::SERIES_ACTIVE).increment(1.0);
+            }
+        }
+        for partition in changes.clocks {
+            if let Some(clock) = self.table.clock(partition) {
+                batch.push(Op::Clock { vnode: self.vnode, partition, clock: *clock });
+            }
+        }
+    }
+
+    /// Makes sure an aggregate is in the cache (from the store, or empty).
+    fn load_state(&mut self, key: StateKey) -> Result<(), Error> {
+        if !self.cache.contains_key(&key) {
+            let (id, resolution, period) = key;
+            let state = self.context.store.state(self.vnode, id, resolution, period)?.unwrap_or_default();
+            self.cache.insert(key, state);
+        }
+        Ok(())
+    }
+
+    /// Adds the touched aggregates to the batch.
+    fn write_states(&self, touched: FastSet<StateKey>, batch: &mut StoreBatch) {
+        for key in touched {
+            if let Some(state) = self.cache.get(&key) {
+                let (id, resolution, period) = key;
+                batch.push(Op::State { vnode: self.vnode, id, resolution, period, state: state.clone() });
+            }
+        }
+    }
+
+    /// Updates the entity index when a partition's data moved into a new minute.
+    fn note_entity(&mut self, partition: u64, time_ns: u64, batch: &mut StoreBatch) {
+        let Some(state) = self.partitions.get_mut(&partition) else { return };
+        if time_ns / NANOS_PER_MINUTE <= state.entity_written_ns / NANOS_PER_MINUTE && state.entity_written_ns != 0 {
+            return;
+        }
+        state.entity_written_ns = state.entity_written_ns.max(time_ns);
+        batch.push(Op::Entity {
+            partition,
+            record: EntityRecord {
+                service: state.entity.service.clone(),
+                instance: state.entity.instance.clone(),
+                last_seen_ns: state.entity_written_ns,
+            },
+        });
+    }
+
+    fn load_log_batches(&mut self) -> Result<(), Error> {
+        if self.log_batches_loaded {
+            return Ok(());
+        }
+        for (fingerprint, time) in self.context.store.log_batches(self.vnode)? {
+            self.log_batches.insert(fingerprint, time);
+        }
+        self.log_batches_loaded = true;
+        Ok(())
+    }
+
+    fn ingest_logs(&mut self, records: Vec<ExtractedLog>, fingerprint: u128) -> Outcome {
+        let mut report = IngestReport::default();
+        let mut batch = StoreBatch::default();
+        if let Err(error) = self.load_log_batches() {
+            return (batch, Err(error));
+        }
+        if self.log_batches.contains_key(&fingerprint) {
+            report.duplicates = records.len() as u64;
+            metrics::counter!(m::LOG_BATCHES_DUPLICATE).increment(1);
+            return (batch, Ok(report));
+        }
+        let config = self.config();
+        let now = self.context.clock.now_ns();
+        let mut touched: FastSet<StateKey> = FastSet::default();
+        let mut failure = None;
+        for record in records {
+            if let Err(error) = self.ingest_log(record, &config, now, &mut report, &mut batch, &mut touched) {
+                failure = Some(error);
+                break;
+            }
+        }
+        // A batch that failed part-way is not remembered: its retry must be processed again
+        // (the records that were kept are stored under their own fingerprint, so storing them
+        // again is harmless; their counters are not idempotent, which is why the batch is).
+        if failure.is_none() {
+            self.log_batches.insert(fingerprint, now);
+            batch.push(Op::LogBatch { vnode: self.vnode, fingerprint, time_ns: now });
+        }
+        self.write_states(touched, &mut batch);
+        (batch, failure.map_or(Ok(report), Err))
+    }
+
+    fn ingest_log(
+        &mut self,
+        record: ExtractedLog,
+        config: &RuntimeConfig,
+        now: u64,
+        report: &mut IngestReport,
+        batch: &mut StoreBatch,
+        touched: &mut FastSet<StateKey>,
+    ) -> Result<(), Error> {
+        let normalize = &config.rules.config.normalize;
+        self.ensure_partition(record.partition, &record.entity)?;
+        if record.time_ns > now.saturating_add(normalize.max_future_seconds * 1_000_000_000) {
+            let rejection = Rejection::new(
+                RejectReason::TooFarInFuture,
+                format!("time {} is more than {} s ahead of the clock", record.time_ns, normalize.max_future_seconds),
+            );
+            report.reject(&rejection, || format!("log record of {}", record.entity));
+            return Ok(());
+        }
+        let decision =
+            tollgate_rules::decide(&record.record.attributes, &config.rules.config.sampling, &config.pricing);
+        for field in &decision.malformed {
+            metrics::counter!(m::LOGS_MALFORMED, "field" => *field).increment(1);
+        }
+        let Some(kind) = decision.kind else {
+            report.drop_items(DropReason::NotClassified, 1);
+            return Ok(());
+        };
+        let minute = minute_of(record.time_ns) as u64;
+        let rolled_until = self.partitions[&record.partition].rolled_until;
+        let counters = log_counter_keys(&record.entity, &decision);
+        let mut new_series = Vec::new();
+        for key in &counters {
+            let id = key.id();
+            if !self.counter_series.contains(&id)
+                && self.context.store.series(self.vnode, record.partition, id)?.is_none()
+            {
+                new_series.push((id, key.clone()));
+            }
+            for state_key in state_keys(id, minute, rolled_until) {
+                self.load_state(state_key)?;
+            }
+        }
+        // Nothing below can fail.
+        for (id, key) in new_series {
+            batch.push(Op::Series { vnode: self.vnode, partition: record.partition, id, key });
+        }
+        let increment = log_increment();
+        let delta = Delta {
+            count: 0,
+            sum: increment.sum,
+            min: None,
+            max: None,
+            bounds: &increment.bounds,
+            buckets: &[],
+            cost: Fixed::ZERO,
+            unpriced: Fixed::ZERO,
+        };
+        for key in &counters {
+            let id = key.id();
+            self.counter_series.insert(id);
+            for state_key in state_keys(id, minute, rolled_until) {
+                if let Some(state) = self.cache.get_mut(&state_key) {
+                    state.merge_delta(&delta);
+                    touched.insert(state_key);
+                }
+            }
+        }
+        self.note_entity(record.partition, record.time_ns, batch);
+        if !decision.keep() {
+            report.drop_items(DropReason::Sampled, 1);
+            return Ok(());
+        }
+        for reason in &decision.reasons {
+            metrics::counter!(m::LOGS_KEPT, "reason" => reason.as_str()).increment(1);
+        }
+        report.merged += 1;
+        batch.push(Op::Log {
+            vnode: self.vnode,
+            partition: record.partition,
+            log: stored_log(&record, kind, &decision),
+        });
+        Ok(())
+    }
+
+    /// Waits until every batch handed to the writer so far is durable.
+    async fn settle(&mut self) -> Result<(), Error> {
+        let target = self.submitted;
+        let mut durable = self.durable.subscribe();
+        let settled =
+            tokio::time::timeout(Duration::from_secs(30), async { durable.wait_for(|d| *d >= target).await.is_ok() })
+                .await;
+        match settled {
+            Ok(true) => Ok(()),
+            _ => Err(Error::Unavailable("writes did not become durable".into())),
+        }
+    }
+
+    async fn maintain(&mut self) -> Result<(), Error> {
+        self.settle().await?;
+        let config = self.config();
+        let normalize = &config.rules.config.normalize;
+        let now = self.context.clock.now_ns();
+        // Aggregates: keep minutes still open for merges in their partition; the rest is durable
+        // (settled above) and can be read back if a late point needs it.
+        let open_from: FastMap<u64, u64> = self
+            .table
+            .clocks()
+            .map(|(partition, clock)| (*partition, clock.oldest_accepted_ns(normalize) / NANOS_PER_MINUTE))
+            .collect();
+        let keep_minutes: FastMap<SeriesId, u64> = self
+            .table
+            .iter()
+            .map(|(id, entry)| (*id, open_from.get(&entry.key.entity.partition_hash()).copied().unwrap_or(u64::MAX)))
+            .collect();
+        let before = self.cache.len();
+        self.cache.retain(|(id, resolution, period), _| {
+            *resolution == Resolution::Minute && keep_minutes.get(id).is_some_and(|open| *period >= *open)
+        });
+        // Series idle for two lateness windows leave memory; their cursor is in the store.
+        let idle_before = now.saturating_sub(2 * normalize.max_lateness_seconds * 1_000_000_000);
+        let evicted = self.table.evict_idle(idle_before);
+        metrics::gauge!(m::SERIES_ACTIVE).decrement(evicted.len() as f64);
+        let forget_before = now.saturating_sub(normalize.max_lateness_seconds * 1_000_000_000);
+        self.log_batches.retain(|_, time| *time >= forget_before);
+        debug!(
+            vnode = self.vnode,
+            evicted_states = before - self.cache.len(),
+            evicted_series = evicted.len(),
+            "owner maintenance"
+        );
+        self.roll_up(&config).await
+    }
+
+    /// Merges closed minutes (no point can be merged into them any more) into hour and day
+    /// states, partition by partition, and advances each partition's frontier in the same batch.
+    async fn roll_up(&mut self, config: &RuntimeConfig) -> Result<(), Error> {
+        let normalize = &config.rules.config.normalize;
+        let store = Arc::clone(&self.context.store);
+        for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
+            // In-memory clocks are newer than stored ones only by batches not yet durable; the
+            // owner settled before maintenance, so the stored clock is current.
+            let Some(oldest) = clock.newest_minute_ns.map(|_| clock.oldest_accepted_ns(normalize)) else { continue };
+            let closed = oldest.div_ceil(NANOS_PER_MINUTE);
+            let rolled_until = store.rolled_until(self.vnode, partition)?;
+            if rolled_until >= closed {
+                continue;
+            }
+            let mut rollups: FastMap<StateKey, Aggregate> = FastMap::default();
+            for key in store.series_of_partition(self.vnode, partition)? {
+                let id = key.id();
+                for (minute, state) in store.states(self.vnode, id, Resolution::Minute, rolled_until, closed)? {
+                    for resolution in [Resolution::Hour, Resolution::Day] {
+                        let period = resolution.period_of(minute);
+                        let entry = match rollups.entry((id, resolution, period)) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(store.state(self.vnode, id, resolution, period)?.unwrap_or_default())
+                            }
+                        };
+                        entry.merge(&state);
+                    }
+                }
+            }
+            let mut batch = StoreBatch::default();
+            for ((id, resolution, period), state) in rollups {
+                batch.push(Op::State { vnode: self.vnode, id, resolution, period, state });
+            }
+            batch.push(Op::RolledUntil { vnode: self.vnode, partition, minute: closed });
+            durable(store.commit(batch).await?).await?;
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.rolled_until = closed;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The aggregates a merge into `minute` updates: the minute, and also its hour and day when the
+/// minute is behind the partition's roll-up frontier (those were rolled up already).
+fn state_keys(id: SeriesId, minute: u64, rolled_until: u64) -> Vec<StateKey> {
+    let mut keys = vec![(id, Resolution::Minute, minute)];
+    if minute < rolled_until {
+        keys.push((id, Resolution::Hour, Resolution::Hour.period_of(minute)));
+        keys.push((id, Resolution::Day, Resolution::Day.period_of(minute)));
+    }
+    keys
+}
+
+/// The stored form of a kept record.
+fn stored_log(
+    record: &ExtractedLog,
+    kind: tollgate_rules::LogKind,
+    decision: &tollgate_rules::LogDecision,
+) -> StoredLog {
+    let attributes = record
+        .record
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), tollgate_rules::attributes::value_text(kv.value.as_ref()).into_owned()))
+        .collect();
+    let body = record.record.body.as_ref().map(|b| tollgate_rules::attributes::value_text(Some(b)).into_owned());
+    StoredLog {
+        time_ns: record.time_ns,
+        fingerprint: record.fingerprint,
+        service: record.entity.service.clone(),
+        instance: record.entity.instance.clone(),
+        kind,
+        reasons: decision.reasons.iter().map(|r| r.as_str().to_string()).collect(),
+        model: decision.model.clone(),
+        provider: decision.provider.clone(),
+        input_tokens: decision.input_tokens,
+        output_tokens: decision.output_tokens,
+        total_tokens: decision.total_tokens,
+        cost: decision.cost,
+        response_code: decision.response_code,
+        duration_ms: decision.duration_ms,
+        session_id: decision.session_id.clone(),
+        attributes,
+        body,
+    }
+}

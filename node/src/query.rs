@@ -1,0 +1,298 @@
+//! Reading back: metric series, services, kept logs (SPEC §7). Everything is read from the store,
+//! which holds every acknowledged write, so a value is visible as soon as its export was
+//! acknowledged.
+//!
+//! A metric query is answered in two steps, so that a cluster can spread the first:
+//! [`QueryEngine::partial`] folds the states this node holds into a [`Partial`], partials merge,
+//! and [`Partial::finish`] evaluates the catalogue rule.
+
+use crate::error::Error;
+use crate::ingest::vnode_of;
+use crate::runtime::RuntimeConfig;
+use crate::store::{LogPosition, Resolution, Storage, StoredLog};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tollgate_rules::entity::LAYER;
+use tollgate_rules::{KeepReason, LogKind, MetricQuery, Partial, Scope, Step};
+
+/// Reads metric states, entities and logs from the store.
+#[derive(Clone, Debug)]
+pub struct QueryEngine {
+    store: Arc<dyn Storage>,
+    config: watch::Receiver<Arc<RuntimeConfig>>,
+    vnodes: u16,
+    max_query_points: usize,
+    max_log_page: usize,
+}
+
+/// `GET /api/v1/services` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// Service name.
+    pub name: String,
+    /// Always `ENVOY_AI_GATEWAY`.
+    pub layer: String,
+    /// Its instances.
+    pub instances: Vec<InstanceView>,
+}
+
+/// An instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// Instance name.
+    pub name: String,
+    /// Newest data time, unix seconds.
+    pub last_seen: i64,
+}
+
+/// A log query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogQuery {
+    /// Service.
+    pub service: String,
+    /// Only this instance.
+    pub instance: Option<String>,
+    /// First time included, unix ns.
+    pub start_ns: u64,
+    /// End time, exclusive, unix ns.
+    pub end_ns: u64,
+    /// Only records kept for this reason.
+    pub reason: Option<KeepReason>,
+    /// Only this kind.
+    pub kind: Option<LogKind>,
+    /// Only this model.
+    pub model: Option<String>,
+    /// Page size.
+    pub limit: usize,
+    /// Continue after this position.
+    pub cursor: Option<LogPosition>,
+}
+
+/// One page of logs, newest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogPage {
+    /// The logs.
+    pub logs: Vec<StoredLog>,
+    /// Where the next page starts, if there may be one.
+    pub next: Option<LogPosition>,
+}
+
+/// Most records examined per partition for one page (filters can skip many).
+const MAX_LOG_SCAN: usize = 200_000;
+
+impl QueryEngine {
+    /// A query engine.
+    pub fn new(
+        store: Arc<dyn Storage>,
+        config: watch::Receiver<Arc<RuntimeConfig>>,
+        vnodes: u16,
+        max_query_points: usize,
+        max_log_page: usize,
+    ) -> QueryEngine {
+        QueryEngine { store, config, vnodes, max_query_points, max_log_page }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<RuntimeConfig> {
+        Arc::clone(&self.config.borrow())
+    }
+
+    /// Resolves and checks a metric query.
+    pub fn metric_query(
+        &self,
+        name: &str,
+        service: &str,
+        instance: Option<&str>,
+        start: i64,
+        end: i64,
+        step: Step,
+    ) -> Result<MetricQuery, Error> {
+        let config = self.config();
+        let metric = config
+            .rules
+            .metric(name)
+            .ok_or_else(|| Error::NotFound(format!("no metric named {name:?} (GET /api/v1/metrics lists them)")))?
+            .clone();
+        if service.is_empty() {
+            return Err(Error::InvalidArgument("service is required".into()));
+        }
+        if metric.scope == Scope::Instance && instance.is_none_or(str::is_empty) {
+            return Err(Error::InvalidArgument(format!("{name} is an instance metric: instance is required")));
+        }
+        if end <= start {
+            return Err(Error::InvalidArgument(format!("end ({end}) must be after start ({start})")));
+        }
+        let points = (end - step.floor(start) + step.seconds() - 1) / step.seconds();
+        if points as usize > self.max_query_points {
+            return Err(Error::InvalidArgument(format!(
+                "the range has {points} {step} steps; at most {} (limits.max_query_points): use a larger step",
+                self.max_query_points
+            )));
+        }
+        Ok(MetricQuery {
+            metric,
+            service: service.to_string(),
+            instance: if metric_scope_is_instance(name, &config) { instance.map(str::to_string) } else { None },
+            start,
+            end,
+            step,
+        })
+    }
+
+    /// Folds the states of this node for `query`. Blocking (store reads).
+    pub fn partial(&self, query: &MetricQuery) -> Result<Partial, Error> {
+        let config = self.config();
+        let catalogue = &config.rules.config.catalogue;
+        let mut partial = Partial::default();
+        let start_minute = (query.step.floor(query.start).max(0) / 60) as u64;
+        let end_minute = (query.end.max(0) as u64).div_ceil(60);
+        for (partition, entity) in self.store.entities()? {
+            if entity.service != query.service {
+                continue;
+            }
+            if query.metric.scope == Scope::Instance && entity.instance != query.instance {
+                continue;
+            }
+            let vnode = vnode_of(partition, self.vnodes);
+            let rolled_until = self.store.rolled_until(vnode, partition)?;
+            for key in self.store.series_of_partition(vnode, partition)? {
+                if key.metric != query.metric.rule.source {
+                    continue;
+                }
+                let id = key.id();
+                let mut add = |states: Vec<(u64, tollgate_rules::Aggregate)>| {
+                    for (period, state) in states {
+                        partial.add(catalogue, query, &key, period as i64 * 60, &state);
+                    }
+                };
+                match query.step {
+                    Step::Minute => add(self.store.states(vnode, id, Resolution::Minute, start_minute, end_minute)?),
+                    Step::Hour | Step::Day => {
+                        let resolution = if query.step == Step::Hour { Resolution::Hour } else { Resolution::Day };
+                        // Roll-ups hold the minutes before the frontier; later minutes are read as
+                        // minutes and folded into their step.
+                        add(self.store.states(vnode, id, resolution, start_minute, end_minute.min(rolled_until))?);
+                        add(self.store.states(
+                            vnode,
+                            id,
+                            Resolution::Minute,
+                            start_minute.max(rolled_until),
+                            end_minute,
+                        )?);
+                    }
+                }
+            }
+        }
+        Ok(partial)
+    }
+
+    /// Services and their instances.
+    pub fn services(&self) -> Result<Vec<ServiceView>, Error> {
+        let mut services: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
+        for (_, entity) in self.store.entities()? {
+            let instances = services.entry(entity.service).or_default();
+            if let Some(instance) = entity.instance {
+                instances
+                    .push(InstanceView { name: instance, last_seen: (entity.last_seen_ns / 1_000_000_000) as i64 });
+            }
+        }
+        Ok(services
+            .into_iter()
+            .map(|(name, mut instances)| {
+                instances.sort_by(|a, b| a.name.cmp(&b.name));
+                ServiceView { name, layer: LAYER.to_string(), instances }
+            })
+            .collect())
+    }
+
+    /// One page of kept logs, newest first. Blocking (store reads).
+    pub fn logs(&self, query: &LogQuery) -> Result<LogPage, Error> {
+        if query.limit == 0 || query.limit > self.max_log_page {
+            return Err(Error::InvalidArgument(format!("limit must be between 1 and {}", self.max_log_page)));
+        }
+        if query.end_ns <= query.start_ns {
+            return Err(Error::InvalidArgument("end must be after start".into()));
+        }
+        let end = LogPosition { time_ns: query.end_ns, fingerprint: 0 };
+        let before = query.cursor.map_or(end, |cursor| cursor.min(end));
+        let mut candidates: Vec<StoredLog> = Vec::new();
+        let mut more = false;
+        for (partition, entity) in self.store.entities()? {
+            if entity.service != query.service || (query.instance.is_some() && entity.instance != query.instance) {
+                continue;
+            }
+            let vnode = vnode_of(partition, self.vnodes);
+            let (matches, exhausted) = self.partition_logs(vnode, partition, before, query)?;
+            more |= !exhausted;
+            candidates.extend(matches);
+        }
+        candidates.sort_by_key(|log| std::cmp::Reverse((log.time_ns, log.fingerprint)));
+        if candidates.len() > query.limit {
+            candidates.truncate(query.limit);
+            more = true;
+        }
+        let next = if more {
+            candidates.last().map(|log| LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint })
+        } else {
+            None
+        };
+        Ok(LogPage { logs: candidates, next })
+    }
+
+    /// Up to `limit + 1` matching logs of one partition before `before`; `exhausted` when there
+    /// are no more.
+    fn partition_logs(
+        &self,
+        vnode: u16,
+        partition: u64,
+        mut before: LogPosition,
+        query: &LogQuery,
+    ) -> Result<(Vec<StoredLog>, bool), Error> {
+        let chunk = (query.limit + 1).clamp(64, 4096);
+        let mut matches = Vec::new();
+        let mut scanned = 0;
+        loop {
+            let page = self.store.logs(vnode, partition, query.start_ns, Some(before), chunk)?;
+            let exhausted = page.len() < chunk;
+            for log in page {
+                scanned += 1;
+                before = LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint };
+                if matches_filters(&log, query) {
+                    matches.push(log);
+                    if matches.len() > query.limit {
+                        return Ok((matches, false));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((matches, true));
+            }
+            if scanned >= MAX_LOG_SCAN {
+                return Ok((matches, false));
+            }
+        }
+    }
+}
+
+fn metric_scope_is_instance(name: &str, config: &RuntimeConfig) -> bool {
+    config.rules.metric(name).is_some_and(|m| m.scope == Scope::Instance)
+}
+
+fn matches_filters(log: &StoredLog, query: &LogQuery) -> bool {
+    if let Some(reason) = query.reason {
+        if !log.reasons.iter().any(|r| r == reason.as_str()) {
+            return false;
+        }
+    }
+    if query.kind.is_some_and(|kind| kind != log.kind) {
+        return false;
+    }
+    if let Some(model) = &query.model {
+        if log.model.as_deref() != Some(model.as_str()) {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,212 @@
+//! OTLP/HTTP (SPEC §1.1): `POST /v1/metrics` and `POST /v1/logs`, protobuf or JSON, optionally
+//! gzip-compressed. Answers in the request's encoding; errors are a `google.rpc.Status` with the
+//! HTTP status of SPEC §8 (400, 413, 415, 429 and 503 with `Retry-After`).
+
+use super::{logs_response, metrics_response};
+use crate::budget::Budget;
+use crate::error::Error;
+use crate::ingest::Ingest;
+use crate::metrics as m;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::Read;
+
+/// Shared state of the OTLP/HTTP handlers.
+#[derive(Clone, Debug)]
+pub struct OtlpHttp {
+    ingest: Ingest,
+    budget: Budget,
+    max_request_bytes: usize,
+}
+
+/// The two encodings OTLP/HTTP allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// The router of the OTLP/HTTP listener.
+pub fn router(ingest: Ingest, budget: Budget, max_request_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/metrics", post(export_metrics))
+        .route("/v1/logs", post(export_logs))
+        .with_state(OtlpHttp { ingest, budget, max_request_bytes })
+        // Bodies are read with our own limit (below), which answers in OTLP's format.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// `google.rpc.Status`, the OTLP/HTTP error body.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+fn error_response(error: &Error, encoding: Encoding) -> Response {
+    let status = RpcStatus { code: error.grpc_status().code() as i32, message: error.to_string() };
+    let body = match encoding {
+        Encoding::Protobuf => status.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(&status).unwrap_or_default(),
+    };
+    let mut response = (error.http_status(), [(header::CONTENT_TYPE, encoding.content_type())], body).into_response();
+    if let Some(delay) = error.retry_after() {
+        if let Ok(value) = HeaderValue::from_str(&delay.as_secs().max(1).to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+    }
+    response
+}
+
+fn encoding_of(headers: &HeaderMap) -> Result<Encoding, Error> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
+        "application/json" => Ok(Encoding::Json),
+        other => Err(Error::InvalidArgument(format!(
+            "unsupported Content-Type {other:?}: use application/x-protobuf or application/json"
+        ))),
+    }
+}
+
+/// Reads the body within the size limit and undoes `Content-Encoding: gzip`.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Error> {
+    let too_large = || Error::TooLarge(format!("request body exceeds limits.max_request_bytes ({limit} bytes)"));
+    let compressed: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity");
+    match encoding.trim().to_ascii_lowercase().as_str() {
+        "identity" | "" => Ok(compressed.to_vec()),
+        "gzip" => {
+            let mut decoded = Vec::with_capacity(compressed.len() * 4);
+            let mut reader = flate2::read::GzDecoder::new(compressed.as_ref()).take(limit as u64 + 1);
+            reader.read_to_end(&mut decoded).map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
+            if decoded.len() > limit {
+                return Err(too_large());
+            }
+            Ok(decoded)
+        }
+        other => Err(Error::InvalidArgument(format!("unsupported Content-Encoding {other:?}: use gzip or none"))),
+    }
+}
+
+fn decode<T: Message + Default + DeserializeOwned>(bytes: &[u8], encoding: Encoding) -> Result<T, Error> {
+    match encoding {
+        Encoding::Protobuf => {
+            T::decode(bytes).map_err(|e| Error::InvalidArgument(format!("malformed protobuf request: {e}")))
+        }
+        Encoding::Json => {
+            serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument(format!("malformed JSON request: {e}")))
+        }
+    }
+}
+
+fn encode<T: Message + Serialize>(message: &T, encoding: Encoding) -> Response {
+    let body = match encoding {
+        Encoding::Protobuf => message.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(message).unwrap_or_default(),
+    };
+    (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+}
+
+fn count(signal: &'static str, result: &Result<Response, Error>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(error) => error.code(),
+    };
+    metrics::counter!(m::REQUESTS, "protocol" => "http", "signal" => signal, "outcome" => outcome).increment(1);
+}
+
+async fn export_metrics(State(state): State<OtlpHttp>, headers: HeaderMap, body: Body) -> Response {
+    let encoding = encoding_of(&headers).unwrap_or(Encoding::Protobuf);
+    let result = async {
+        let encoding = encoding_of(&headers)?;
+        let bytes = read_body(&headers, body, state.max_request_bytes).await?;
+        let _permit = state.budget.try_acquire(bytes.len())?;
+        let request: ExportMetricsServiceRequest = decode(&bytes, encoding)?;
+        drop(bytes);
+        let report = state.ingest.metrics(request, "http").await?;
+        Ok(encode(&metrics_response(&report), encoding))
+    }
+    .await;
+    count("metrics", &result);
+    result.unwrap_or_else(|error| error_response(&error, encoding))
+}
+
+async fn export_logs(State(state): State<OtlpHttp>, headers: HeaderMap, body: Body) -> Response {
+    let encoding = encoding_of(&headers).unwrap_or(Encoding::Protobuf);
+    let result = async {
+        let encoding = encoding_of(&headers)?;
+        let bytes = read_body(&headers, body, state.max_request_bytes).await?;
+        let _permit = state.budget.try_acquire(bytes.len())?;
+        let request: ExportLogsServiceRequest = decode(&bytes, encoding)?;
+        drop(bytes);
+        let report = state.ingest.logs(request, "http").await?;
+        Ok(encode(&logs_response(&report), encoding))
+    }
+    .await;
+    count("logs", &result);
+    result.unwrap_or_else(|error| error_response(&error, encoding))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_otlp_json_request_decodes_as_the_spec_writes_it() {
+        // OTLP/JSON: camelCase names, 64-bit integers as strings, enums as numbers.
+        let json = r#"{"resourceMetrics":[{"resource":{"attributes":[
+              {"key":"service.name","value":{"stringValue":"gw"}},
+              {"key":"job_name","value":{"stringValue":"envoy-ai-gateway"}}]},
+            "scopeMetrics":[{"scope":{"name":"envoyproxy/ai-gateway"},"metrics":[{
+              "name":"gen_ai.server.request.duration","unit":"s",
+              "histogram":{"aggregationTemporality":1,"dataPoints":[{
+                "attributes":[{"key":"gen_ai.provider.name","value":{"stringValue":"openai"}}],
+                "startTimeUnixNano":"1764151180000000000","timeUnixNano":"1764151210000000000",
+                "count":"3","sum":3.242,"bucketCounts":["0","1","2"],"explicitBounds":[0.5,1.0],
+                "min":0.304,"max":1.471}]}}]}]}]}"#;
+        let request: ExportMetricsServiceRequest = decode(json.as_bytes(), Encoding::Json).unwrap();
+        let metric = &request.resource_metrics[0].scope_metrics[0].metrics[0];
+        let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(histogram)) = &metric.data else {
+            panic!("histogram expected")
+        };
+        let point = &histogram.data_points[0];
+        assert_eq!(histogram.aggregation_temporality, 1);
+        assert_eq!(point.time_unix_nano, 1_764_151_210_000_000_000);
+        assert_eq!(point.count, 3);
+        assert_eq!(point.bucket_counts, vec![0, 1, 2]);
+        assert_eq!(point.sum, Some(3.242));
+    }
+
+    #[test]
+    fn test_encoding_of_content_types() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        assert_eq!(encoding_of(&headers).unwrap(), Encoding::Json);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+        assert_eq!(encoding_of(&headers).unwrap(), Encoding::Protobuf);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(encoding_of(&headers).unwrap_err().to_string().contains("text/plain"));
+    }
+}

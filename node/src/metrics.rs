@@ -49,6 +49,8 @@ pub const COMMIT_FLUSH_SECONDS: &str = "tollgate_commit_flush_seconds";
 pub const STORE_SIZE_BYTES: &str = "tollgate_store_size_bytes";
 /// Series held in owner memory.
 pub const SERIES_ACTIVE: &str = "tollgate_series_active";
+/// Minute states rolled into hour and day states.
+pub const ROLLED_UP_MINUTES: &str = "tollgate_rolled_up_minutes_total";
 /// Keys removed by retention.
 pub const RETENTION_DELETED: &str = "tollgate_retention_deleted_total";
 /// Config versions applied, by `document` (`pricing`, `rules`).

@@ -632,9 +632,11 @@ impl OwnerState {
                 continue;
             }
             let mut rollups: FastMap<StateKey, Aggregate> = FastMap::default();
+            let mut minutes = 0u64;
             for key in store.series_of_partition(self.vnode, partition)? {
                 let id = key.id();
                 for (minute, state) in store.states(self.vnode, id, Resolution::Minute, rolled_until, closed)? {
+                    minutes += 1;
                     for resolution in [Resolution::Hour, Resolution::Day] {
                         let period = resolution.period_of(minute);
                         let entry = match rollups.entry((id, resolution, period)) {
@@ -653,6 +655,7 @@ impl OwnerState {
             }
             batch.push(Op::RolledUntil { vnode: self.vnode, partition, minute: closed });
             durable(store.commit(batch).await?).await?;
+            metrics::counter!(m::ROLLED_UP_MINUTES).increment(minutes);
             if let Some(state) = self.partitions.get_mut(&partition) {
                 state.rolled_until = closed;
             }

@@ -94,47 +94,59 @@ pub async fn serve(
         .send_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(max_request_bytes);
     tonic::transport::Server::builder()
-        .layer(OversizeAsResourceExhausted)
+        .layer(CodecStatusMapping)
         .add_service(metrics)
         .add_service(logs)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
 }
 
-/// tonic answers a message over `max_decoding_message_size` with `OUT_OF_RANGE`; OTLP clients
-/// and SPEC §8 expect `RESOURCE_EXHAUSTED` for an oversized request. Our handlers never return
-/// `OUT_OF_RANGE`, so the mapping cannot hide anything else.
+/// tonic's codec answers an oversized message with `OUT_OF_RANGE` and a protobuf that does not
+/// decode with `INTERNAL`; SPEC §8 (and OTLP clients, which must not retry them) expect
+/// `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never return `OUT_OF_RANGE`, and
+/// their `INTERNAL` errors never start with prost's decode-error text, so the mapping cannot hide
+/// anything else.
 #[derive(Clone, Copy, Debug)]
-struct OversizeAsResourceExhausted;
+struct CodecStatusMapping;
 
-impl<S> Layer<S> for OversizeAsResourceExhausted {
-    type Service = OversizeService<S>;
-    fn layer(&self, inner: S) -> OversizeService<S> {
-        OversizeService { inner }
+impl<S> Layer<S> for CodecStatusMapping {
+    type Service = CodecStatusService<S>;
+    fn layer(&self, inner: S) -> CodecStatusService<S> {
+        CodecStatusService { inner }
     }
 }
 
 #[derive(Clone, Debug)]
-struct OversizeService<S> {
+struct CodecStatusService<S> {
     inner: S,
 }
 
 const OUT_OF_RANGE: &str = "11";
 const RESOURCE_EXHAUSTED: &str = "8";
+const INTERNAL: &str = "13";
+const INVALID_ARGUMENT: &str = "3";
 
 fn rewrite(headers: &mut http::HeaderMap) {
-    if headers.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
+    let Some(status) = headers.get("grpc-status") else { return };
+    if status == OUT_OF_RANGE {
         headers.insert("grpc-status", http::HeaderValue::from_static(RESOURCE_EXHAUSTED));
+    } else if status == INTERNAL {
+        let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
+        let decode_error = message.starts_with(b"failed to decode Protobuf message")
+            || message.starts_with(b"failed%20to%20decode%20Protobuf%20message");
+        if decode_error {
+            headers.insert("grpc-status", http::HeaderValue::from_static(INVALID_ARGUMENT));
+        }
     }
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for OversizeService<S>
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CodecStatusService<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Send,
     S::Future: Send + 'static,
     ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
 {
-    type Response = http::Response<OversizeBody<ResBody>>;
+    type Response = http::Response<CodecStatusBody<ResBody>>;
     type Error = S::Error;
     type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -147,7 +159,7 @@ where
         Box::pin(async move {
             let mut response = future.await?;
             rewrite(response.headers_mut());
-            Ok(response.map(|inner| OversizeBody { inner }))
+            Ok(response.map(|inner| CodecStatusBody { inner }))
         })
     }
 }
@@ -155,13 +167,13 @@ where
 pin_project_lite::pin_project! {
     /// The response body, with `grpc-status` in trailers rewritten the same way.
     #[derive(Debug)]
-    pub struct OversizeBody<B> {
+    pub struct CodecStatusBody<B> {
         #[pin]
         inner: B,
     }
 }
 
-impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for OversizeBody<B> {
+impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for CodecStatusBody<B> {
     type Data = bytes::Bytes;
     type Error = B::Error;
 

@@ -124,9 +124,22 @@ fn decode<T: Message + Default + DeserializeOwned>(bytes: &[u8], encoding: Encod
 fn encode<T: Message + Serialize>(message: &T, encoding: Encoding) -> Response {
     let body = match encoding {
         Encoding::Protobuf => message.encode_to_vec(),
-        Encoding::Json => serde_json::to_vec(message).unwrap_or_default(),
+        Encoding::Json => {
+            // Absent fields are omitted, as protobuf's JSON mapping writes them (`{}` when all
+            // was accepted), rather than written as null.
+            let mut value = serde_json::to_value(message).unwrap_or_default();
+            drop_nulls(&mut value);
+            serde_json::to_vec(&value).unwrap_or_default()
+        }
     };
     (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+}
+
+fn drop_nulls(value: &mut serde_json::Value) {
+    if let serde_json::Value::Object(fields) = value {
+        fields.retain(|_, v| !v.is_null());
+        fields.values_mut().for_each(drop_nulls);
+    }
 }
 
 fn count(signal: &'static str, result: &Result<Response, Error>) {

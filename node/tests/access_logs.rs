@@ -1,0 +1,222 @@
+//! Access logs shaped like Envoy AI Gateway's OTLP sink: the shared sampling cases as records,
+//! kept ones read back with their reasons, log-derived metrics, retries, paging, filters and a
+//! runtime threshold change.
+
+mod common;
+
+use common::TestNode;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value::Value as Any, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use tollgate_rules::testing::{sampling_cases, string_attribute, CaseValue};
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The resource Envoy Gateway's OpenTelemetry access-log sink sends: Envoy's built-in labels and
+/// the sink's `resources`.
+fn envoy_resource(service: &str) -> Resource {
+    Resource {
+        attributes: vec![
+            string_attribute("log_name", "otel_envoy_accesslog"),
+            string_attribute("zone_name", ""),
+            string_attribute("cluster_name", "default/aigw-run"),
+            string_attribute("node_name", "default-aigw-run-85f8cf28"),
+            string_attribute("service.name", "envoy-ai-gateway"),
+            string_attribute("aigw.service", service),
+            string_attribute("service.instance.id", "pod-0"),
+        ],
+        ..Default::default()
+    }
+}
+
+fn record(time: u64, attributes: &BTreeMap<String, CaseValue>) -> LogRecord {
+    let mut kvs = vec![
+        string_attribute("k8s.namespace.name", "default"),
+        string_attribute("k8s.pod.name", "envoy-default-aigw-0"),
+        string_attribute("start_time", "2026-11-26T10:00:00.000Z"),
+        string_attribute("method", "POST"),
+        string_attribute("request.path", "/v1/chat/completions"),
+        string_attribute("x-request-id", &format!("req-{time}")),
+    ];
+    kvs.extend(attributes.iter().map(|(k, v)| KeyValue {
+        key: k.clone(),
+        value: Some(v.any_value()),
+        ..Default::default()
+    }));
+    LogRecord {
+        time_unix_nano: time * 1_000_000_000,
+        observed_time_unix_nano: time * 1_000_000_000 + 5,
+        body: Some(AnyValue {
+            value: Some(Any::StringValue(format!("[{time}] /v1/chat/completions model=m 200 1ms"))),
+        }),
+        attributes: kvs,
+        ..Default::default()
+    }
+}
+
+fn request(service: &str, records: Vec<LogRecord>) -> ExportLogsServiceRequest {
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(envoy_resource(service)),
+            scope_logs: vec![ScopeLogs { log_records: records, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+}
+
+async fn logs(node: &TestNode, query: &str) -> Value {
+    let (status, body) = node.get(&format!("/api/v1/logs?{query}")).await;
+    assert_eq!(status, 200, "{query}: {body}");
+    body
+}
+
+async fn total(node: &TestNode, metric: &str, service: &str, start: u64, labels: Value) -> f64 {
+    let (status, body) =
+        node.get(&format!("/api/v1/metrics/{metric}?service={service}&start={}&end={}", start - 60, start + 600)).await;
+    assert_eq!(status, 200, "{body}");
+    body["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["labels"] == labels)
+        .flat_map(|s| s["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()))
+        .sum()
+}
+
+fn status_class(attributes: &BTreeMap<String, CaseValue>) -> &'static str {
+    let code = match attributes.get("response_code") {
+        Some(CaseValue::Int(i)) => Some(*i),
+        Some(CaseValue::Text(t)) => t.parse::<i64>().ok(),
+        None => None,
+    };
+    match code {
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "none",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_access_logs_sampling_counters_retries_paging_and_runtime_thresholds() {
+    let node = TestNode::start().await;
+    let cases = sampling_cases();
+    let base = now_seconds() - 300;
+    let records: Vec<LogRecord> =
+        cases.cases.iter().enumerate().map(|(i, case)| record(base + i as u64, &case.attributes)).collect();
+    let mut client = node.logs_client().await;
+    let response = client.export(request("log-gw", records.clone())).await.expect("accepted").into_inner();
+    assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+
+    // Kept records, newest first, with their reasons and parsed fields.
+    let window = format!("service=log-gw&start={}&end={}", base - 60, base + 600);
+    let body = logs(&node, &format!("{window}&limit=100")).await;
+    let kept: Vec<(u64, Vec<String>)> = body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|log| {
+            let index = log["time"].as_u64().unwrap() / 1_000_000_000 - base;
+            (index, log["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect())
+        })
+        .collect();
+    let mut expected: Vec<(u64, Vec<String>)> =
+        cases.cases.iter().enumerate().filter(|(_, c)| c.keep).map(|(i, c)| (i as u64, c.reasons.clone())).collect();
+    expected.reverse();
+    assert_eq!(kept, expected);
+    assert!(body["next_cursor"].is_null());
+    let first = &body["logs"][body["logs"].as_array().unwrap().len() - 1];
+    assert_eq!(first["service"], "log-gw");
+    assert_eq!(first["instance"], "pod-0");
+    assert_eq!(first["kind"], "llm");
+    assert_eq!(first["attributes"]["method"], "POST");
+    assert!(first["body"].as_str().unwrap().contains("/v1/chat/completions"));
+
+    // Log-derived metrics: every classified record by status class, every keep reason.
+    let mut by_class: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut by_reason: BTreeMap<String, f64> = BTreeMap::new();
+    for case in cases.cases.iter().filter(|c| c.kind.is_some()) {
+        *by_class.entry(status_class(&case.attributes)).or_default() += 1.0;
+        for reason in &case.reasons {
+            *by_reason.entry(reason.clone()).or_default() += 1.0;
+        }
+    }
+    for (class, count) in &by_class {
+        let value =
+            total(&node, "meter_envoy_ai_gw_log_request_cpm", "log-gw", base, json!({"status_class": class})).await;
+        assert_eq!(value, *count, "status class {class}");
+    }
+    for (reason, count) in &by_reason {
+        let value = total(&node, "meter_envoy_ai_gw_log_sampled_cpm", "log-gw", base, json!({"reason": reason})).await;
+        assert_eq!(value, *count, "reason {reason}");
+    }
+
+    // A retried export changes nothing.
+    client.export(request("log-gw", records.clone())).await.expect("accepted");
+    assert_eq!(logs(&node, &format!("{window}&limit=100")).await["logs"], body["logs"]);
+    for (class, count) in &by_class {
+        let value =
+            total(&node, "meter_envoy_ai_gw_log_request_cpm", "log-gw", base, json!({"status_class": class})).await;
+        assert_eq!(value, *count, "status class {class} after a retry");
+    }
+
+    // Paging: pages of 2 add up to the whole list.
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("{window}&limit=2&cursor={c}"),
+            None => format!("{window}&limit=2"),
+        };
+        let page = logs(&node, &query).await;
+        paged.extend(page["logs"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(Value::Array(paged), body["logs"]);
+
+    // Filters.
+    let only = logs(&node, &format!("{window}&reason=high_tokens")).await;
+    assert!(only["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["reasons"].as_array().unwrap().contains(&json!("high_tokens"))));
+    assert_eq!(only["logs"].as_array().unwrap().len() as f64, by_reason["high_tokens"]);
+    let mcp = logs(&node, &format!("{window}&kind=mcp")).await;
+    assert!(mcp["logs"].as_array().unwrap().iter().all(|l| l["kind"] == "mcp"));
+    assert_eq!(logs(&node, &format!("{window}&model=nonexistent-model")).await["logs"].as_array().unwrap().len(), 1);
+    let (status, error) = node.get(&format!("/api/v1/logs?{window}&reason=boring")).await;
+    assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")));
+
+    // A runtime threshold change applies to the next records.
+    let record_6000 = |time| {
+        let attributes = BTreeMap::from([
+            ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
+            ("response_code".to_string(), CaseValue::Text("200".into())),
+            ("gen_ai.usage.input_tokens".to_string(), CaseValue::Text("5000".into())),
+            ("gen_ai.usage.output_tokens".to_string(), CaseValue::Text("1000".into())),
+        ]);
+        record(time, &attributes)
+    };
+    client.export(request("threshold-gw", vec![record_6000(base)])).await.expect("accepted");
+    let (status, body) = node.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
+    assert_eq!(status, 200, "{body}");
+    client.export(request("threshold-gw", vec![record_6000(base + 1)])).await.expect("accepted");
+    let kept = logs(&node, &format!("service=threshold-gw&start={}&end={}", base - 60, base + 60)).await;
+    let kept = kept["logs"].as_array().unwrap();
+    assert_eq!(kept.len(), 1, "only the record after the change is kept: {kept:?}");
+    assert_eq!(kept[0]["time"].as_u64(), Some((base + 1) * 1_000_000_000));
+    assert_eq!(kept[0]["reasons"], json!(["high_tokens"]));
+    // Cost per request with the built-in pricing: 5000·2.5 + 1000·10 micro-units.
+    assert_eq!(kept[0]["cost"], json!(22500.0));
+    assert_eq!(kept[0]["total_tokens"], json!(6000));
+}

@@ -1,0 +1,326 @@
+//! Bad input gets the documented answer, one bad point never costs the good points of its
+//! request, overload is an explicit retryable error, and the node keeps serving.
+
+mod common;
+
+use bytes::{Buf, BufMut};
+use common::TestNode;
+use flate2::write::GzEncoder;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+use serde_json::Value;
+use std::io::Write;
+use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Code;
+
+const LIMIT: &str = "65536";
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn point(provider: &str, time: u64) -> HistogramDataPoint {
+    HistogramDataPoint {
+        attributes: vec![string_attribute("gen_ai.provider.name", provider)],
+        start_time_unix_nano: (time - 10) * 1_000_000_000,
+        time_unix_nano: time * 1_000_000_000,
+        count: 2,
+        sum: Some(1.5),
+        bucket_counts: vec![1, 1, 0],
+        explicit_bounds: vec![0.5, 1.0],
+        min: Some(0.4),
+        max: Some(1.0),
+        ..Default::default()
+    }
+}
+
+fn request(resource: Resource, metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(resource),
+            scope_metrics: vec![ScopeMetrics { metrics, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn durations(points: Vec<HistogramDataPoint>) -> Metric {
+    Metric {
+        name: "gen_ai.server.request.duration".into(),
+        data: Some(metric::Data::Histogram(Histogram { data_points: points, aggregation_temporality: 1 })),
+        ..Default::default()
+    }
+}
+
+fn gateway(service: &str) -> Resource {
+    gateway_resource(Convention::JobName, service, Some("pod-0"))
+}
+
+/// Sends arbitrary bytes as a gRPC message.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+#[derive(Clone, Copy, Debug, Default)]
+struct RawEncoder;
+#[derive(Clone, Copy, Debug, Default)]
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+async fn raw_grpc(node: &TestNode, bytes: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(node.grpc()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export");
+    grpc.unary(tonic::Request::new(bytes), path, RawCodec).await.map(|r| r.into_inner())
+}
+
+async fn post(
+    node: &TestNode,
+    path: &str,
+    content_type: &str,
+    encoding: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    let mut request =
+        node.http.post(format!("{}{path}", node.otlp_http())).header("content-type", content_type).body(body);
+    if let Some(encoding) = encoding {
+        request = request.header("content-encoding", encoding);
+    }
+    let response = request.send().await.expect("otlp http reachable");
+    (response.status().as_u16(), response.bytes().await.unwrap().to_vec())
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+async fn request_cpm(node: &TestNode, service: &str, minute: u64) -> Option<f64> {
+    node.value("meter_envoy_ai_gw_request_cpm", service, None, &serde_json::json!({}), minute as i64).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
+    let node = TestNode::start_with(&[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", LIMIT)], &[]).await;
+
+    // Malformed protobuf over gRPC: INVALID_ARGUMENT (not INTERNAL, not retried by clients).
+    let status = raw_grpc(&node, vec![0xff, 0xff, 0xff, 0x0f]).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Oversized over gRPC: RESOURCE_EXHAUSTED.
+    let status = raw_grpc(&node, vec![0u8; 70_000]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // Malformed protobuf over HTTP: 400 with a google.rpc.Status in protobuf.
+    let (code, body) = post(&node, "/v1/metrics", "application/x-protobuf", None, vec![0xff, 0xff, 0xff, 0x0f]).await;
+    assert_eq!(code, 400);
+    let status = RpcStatus::decode(body.as_slice()).unwrap();
+    assert_eq!(status.code, 3);
+    assert!(status.message.starts_with("malformed protobuf request"), "{}", status.message);
+    // Malformed JSON: 400 with a JSON status.
+    let (code, body) =
+        post(&node, "/v1/metrics", "application/json", None, br#"{"resourceMetrics": [}"#.to_vec()).await;
+    assert_eq!(code, 400);
+    let status: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["code"], 3);
+    assert!(status["message"].as_str().unwrap().starts_with("malformed JSON request"), "{status}");
+    // Unknown content type and encoding.
+    assert_eq!(post(&node, "/v1/logs", "text/plain", None, b"hello".to_vec()).await.0, 400);
+    assert_eq!(post(&node, "/v1/logs", "application/json", Some("br"), b"{}".to_vec()).await.0, 400);
+    // Oversized over HTTP: 413, also when only the decompressed body is too large.
+    assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", None, vec![0u8; 70_000]).await.0, 413);
+    let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gzip.write_all(&vec![0u8; 1_000_000]).unwrap();
+    let bomb = gzip.finish().unwrap();
+    assert!(bomb.len() < 65_536);
+    assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), bomb).await.0, 413);
+    assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), vec![1, 2, 3]).await.0, 400);
+
+    // Still serving: protobuf, gzip-compressed protobuf and JSON all land.
+    let time = now_seconds() - 120;
+    let minute = time / 60 * 60;
+    let body = request(gateway("http-gw"), vec![durations(vec![point("a", time)])]).encode_to_vec();
+    assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", None, body).await.0, 200);
+    let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&request(gateway("http-gw"), vec![durations(vec![point("b", time)])]).encode_to_vec()).unwrap();
+    assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), gzip.finish().unwrap()).await.0, 200);
+    let json = serde_json::to_vec(&request(gateway("http-gw"), vec![durations(vec![point("c", time)])])).unwrap();
+    let (code, body) = post(&node, "/v1/metrics", "application/json", None, json).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), serde_json::json!({}));
+    assert_eq!(request_cpm(&node, "http-gw", minute).await, Some(6.0));
+    let (code, _) = node.get("/healthz").await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_bad_points_are_rejected_with_reasons_and_good_points_kept() {
+    let node = TestNode::start().await;
+    let mut client = node.metrics_client(0).await;
+    let time = now_seconds() - 120;
+    let minute = time / 60 * 60;
+
+    let mut wrong_buckets = point("wrong-buckets", time);
+    wrong_buckets.bucket_counts = vec![1, 1];
+    let mut not_adding_up = point("not-adding-up", time);
+    not_adding_up.count = 5;
+    let mut nan = point("nan", time);
+    nan.sum = Some(f64::NAN);
+    let future = point("future", now_seconds() + 3600);
+    let gauge = Metric {
+        name: "gen_ai.server.request.duration".into(),
+        data: Some(metric::Data::Gauge(Gauge { data_points: vec![NumberDataPoint::default()] })),
+        ..Default::default()
+    };
+    let unknown = Metric { name: "http.server.request.duration".into(), ..durations(vec![point("x", time)]) };
+    let mut export = request(
+        gateway("bad-gw"),
+        vec![
+            durations(vec![point("good-1", time), wrong_buckets, not_adding_up, nan, future, point("good-2", time)]),
+            gauge,
+            unknown,
+        ],
+    );
+    // Not a gateway resource: accepted and dropped; a gateway resource without a name: rejected.
+    export.resource_metrics.push(
+        request(
+            Resource { attributes: vec![string_attribute("service.name", "checkout")], ..Default::default() },
+            vec![durations(vec![point("y", time)])],
+        )
+        .resource_metrics
+        .remove(0),
+    );
+    export.resource_metrics.push(
+        request(
+            Resource { attributes: vec![string_attribute("job_name", "envoy-ai-gateway")], ..Default::default() },
+            vec![durations(vec![point("z", time)])],
+        )
+        .resource_metrics
+        .remove(0),
+    );
+
+    let response = client.export(export).await.expect("a partially bad request is still accepted").into_inner();
+    let partial = response.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_data_points, 6);
+    let message = partial.error_message;
+    assert!(message.starts_with("rejected 6 data points ("), "{message}");
+    for reason in [
+        "bucket_count_mismatch: 1",
+        "bucket_sum_mismatch: 1",
+        "non_finite_value: 1",
+        "too_far_in_future: 1",
+        "unsupported_type: 1",
+        "missing_service: 1",
+    ] {
+        assert!(message.contains(reason), "{reason} missing from {message}");
+    }
+    assert!(message.contains("bucket_counts has 2 entries and explicit_bounds 2: expected 3"), "{message}");
+    assert!(message.contains("bucket_counts add up to 2 but count is 5"), "{message}");
+    assert_eq!(request_cpm(&node, "bad-gw", minute).await, Some(4.0), "the two good points are merged");
+
+    // A point too late for its partition.
+    let response = client
+        .export(request(gateway("bad-gw"), vec![durations(vec![point("old", time - 1200)])]))
+        .await
+        .unwrap()
+        .into_inner();
+    let partial = response.partial_success.expect("too late");
+    assert!(partial.error_message.contains("too_late: 1"), "{}", partial.error_message);
+
+    let metrics = node.self_metrics().await;
+    for line in [
+        r#"tollgate_points_rejected_total{reason="bucket_count_mismatch",protocol="grpc"} 1"#,
+        r#"tollgate_points_rejected_total{reason="too_late",protocol="grpc"} 1"#,
+        r#"tollgate_points_dropped_total{reason="not_gateway"} 1"#,
+        r#"tollgate_points_dropped_total{reason="unknown_metric"} 1"#,
+        "tollgate_points_late_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_node_keeps_serving() {
+    let node = TestNode::start_with(
+        &[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"), ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000")],
+        &[],
+    )
+    .await;
+    let time = now_seconds() - 120;
+    // Each request is well under the request limit but together they exceed the budget.
+    let big = |n: u64| {
+        let points = (0..400).map(|i| point(&format!("p{n}-{i}"), time)).collect();
+        request(gateway("flood-gw"), vec![durations(points)])
+    };
+    assert!(big(0).encoded_len() > 20_000);
+    let client = node.metrics_client(0).await;
+    let attempts = (0..64).map(|n| {
+        let mut client = client.clone();
+        let export = big(n);
+        async move { client.export(export).await }
+    });
+    let results = futures_join_all(attempts).await;
+    let overloaded: Vec<&tonic::Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert!(accepted > 0, "some requests fit the budget");
+    assert!(!overloaded.is_empty(), "64 concurrent requests of 20+ KB exceed a 200 KB budget");
+    for status in &overloaded {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("max_inflight_bytes"), "{status:?}");
+        // OTLP clients retry RESOURCE_EXHAUSTED only with RetryInfo in the details.
+        use tonic_types::StatusExt;
+        assert!(status.get_details_retry_info().is_some(), "{status:?}");
+    }
+    // The node keeps serving once the flood is over, and counted what it refused.
+    let mut client = node.metrics_client(1).await;
+    client.export(big(1000)).await.expect("accepted after the flood");
+    assert!(node.self_metrics().await.contains(r#"tollgate_overload_total{what="inflight_bytes"}"#));
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}

@@ -1,0 +1,219 @@
+//! Configuration over the API and the command line: versions, validation, bearer tokens, changes
+//! applied at runtime; and the query API's parameter errors.
+
+mod common;
+
+use common::TestNode;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
+};
+use serde_json::json;
+use std::process::Command;
+use tollgate_rules::testing::{gateway_bounds, gateway_resource, string_attribute, Convention};
+
+const TOKEN: &str = "s3cret-token";
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn input_tokens(model: &str, time: u64, tokens: f64) -> ExportMetricsServiceRequest {
+    let bounds = gateway_bounds("gen_ai.client.token.usage").to_vec();
+    let mut buckets = vec![0; bounds.len() + 1];
+    buckets[8] = 1;
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(gateway_resource(Convention::AigwService, "cfg-gw", Some("pod-0"))),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "gen_ai.client.token.usage".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        aggregation_temporality: 1,
+                        data_points: vec![HistogramDataPoint {
+                            attributes: vec![
+                                string_attribute("gen_ai.token.type", "input"),
+                                string_attribute("gen_ai.response.model", model),
+                                string_attribute("gen_ai.provider.name", "acme"),
+                            ],
+                            start_time_unix_nano: (time - 5) * 1_000_000_000,
+                            time_unix_nano: time * 1_000_000_000,
+                            count: 1,
+                            sum: Some(tokens),
+                            bucket_counts: buckets,
+                            explicit_bounds: bounds,
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn cli(node: &TestNode, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--api", &node.api()])
+        .args(args)
+        .env_remove("TOLLGATE_API_TOKEN")
+        .output()
+        .expect("the CLI runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_pricing_and_rules_are_versioned_validated_protected_and_applied_at_runtime() {
+    let node = TestNode::start_with(&[("TOLLGATE_API_TOKEN", TOKEN)], &[]).await;
+
+    // The built-in documents, version 0.
+    let (status, body) = node.get("/api/v1/config/pricing").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["version"], 0);
+    assert_eq!(body["document"]["providers"].as_array().unwrap().len(), 12);
+    let (_, rules) = node.get("/api/v1/config/rules").await;
+    assert_eq!(rules["version"], 0);
+    assert_eq!(rules["document"]["sampling"]["token_threshold"], 10000);
+
+    let pricing = "providers:\n  - provider: acme\n    models:\n      - name: acme-large\n        input-estimated-cost-per-m: 2\n";
+    // Writes need the token.
+    let (status, body) = node.put("/api/v1/config/pricing", pricing, None).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = node.put("/api/v1/config/pricing", pricing, Some("wrong")).await;
+    assert_eq!(status, 401);
+    // Invalid documents are refused with the field named, and nothing changes.
+    let (status, body) = node
+        .put(
+            "/api/v1/config/pricing",
+            "providers:\n  - provider: acme\n    models:\n      - name: x\n        input-estimated-cost-per-m: -2\n",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("providers[0].models[0].input-estimated-cost-per-m"), "{body}");
+    let (status, body) = node.put("/api/v1/config/rules", "sampling:\n  token_threshold: lots\n", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(node.get("/api/v1/config/pricing").await.1["version"], 0);
+
+    // Merges before the change use the old prices (acme-large is unpriced), after it the new.
+    let base = now_seconds() - 180;
+    let minute = |t: u64| (t / 60 * 60) as i64;
+    let mut client = node.metrics_client(0).await;
+    client.export(input_tokens("acme-large-v2", base - 60, 1000.0)).await.unwrap();
+    let (status, body) = node.put("/api/v1/config/pricing", pricing, Some(TOKEN)).await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(1)), "{body}");
+    client.export(input_tokens("acme-large-v2", base, 1000.0)).await.unwrap();
+    let no_labels = json!({});
+    let cost = |t| node.value("meter_envoy_ai_gw_estimated_cost", "cfg-gw", None, &no_labels, minute(t));
+    assert_eq!(cost(base - 60).await, Some(0.0), "history keeps the cost of its time");
+    assert_eq!(cost(base).await, Some(2000.0));
+    let model = json!({"model": "acme-large-v2"});
+    let unpriced = |t| node.value("meter_envoy_ai_gw_unpriced_token_rate", "cfg-gw", None, &model, minute(t));
+    assert_eq!(unpriced(base - 60).await, Some(1000.0));
+    assert_eq!(unpriced(base).await, None);
+
+    // YAML read with the version in a header.
+    let response = node
+        .http
+        .get(format!("{}/api/v1/config/pricing", node.api()))
+        .header("accept", "application/yaml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-tollgate-config-version"], "1");
+    assert!(response.text().await.unwrap().contains("acme-large"));
+
+    // The command line, with and without the token.
+    let (ok, stdout, _) = cli(&node, &["pricing", "get"]);
+    assert!(ok && stdout.starts_with("# pricing version 1\n") && stdout.contains("acme-large"), "{stdout}");
+    let file = node.dir.join("rules.yaml");
+    std::fs::write(&file, "sampling:\n  slow_threshold_ms: 1000\n").unwrap();
+    let (ok, _, stderr) = cli(&node, &["rules", "set", file.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("401"), "{stderr}");
+    let (ok, stdout, stderr) = cli(&node, &["--token", TOKEN, "rules", "set", file.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "rules version 1");
+    assert_eq!(node.get("/api/v1/config/rules").await.1["document"]["sampling"]["slow_threshold_ms"], 1000);
+    let (ok, stdout, _) = cli(
+        &node,
+        &[
+            "query",
+            "meter_envoy_ai_gw_estimated_cost",
+            "--service",
+            "cfg-gw",
+            "--start",
+            &(base - 120).to_string(),
+            "--json",
+        ],
+    );
+    assert!(ok);
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["name"], "meter_envoy_ai_gw_estimated_cost");
+    let (ok, stdout, _) = cli(&node, &["services"]);
+    assert!(ok && stdout.contains("cfg-gw") && stdout.contains("pod-0"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_query_api_answers_and_parameter_errors() {
+    let node = TestNode::start().await;
+    let (status, catalogue) = node.get("/api/v1/metrics").await;
+    assert_eq!(status, 200);
+    let entries = catalogue.as_array().unwrap();
+    assert_eq!(entries.len(), 76);
+    assert!(entries.contains(&json!({"name": "meter_envoy_ai_gw_instance_model_token_rate", "unit": "tokens/min", "scope": "instance", "labels": ["model", "token_type"]})));
+
+    let base = now_seconds() - 120;
+    node.metrics_client(0).await.export(input_tokens("gpt-4o", base, 500.0)).await.unwrap();
+    let (_, services) = node.get("/api/v1/services").await;
+    assert_eq!(services["services"][0]["name"], "cfg-gw");
+    assert_eq!(services["services"][0]["layer"], "ENVOY_AI_GATEWAY");
+    assert_eq!(services["services"][0]["instances"][0]["name"], "pod-0");
+    assert_eq!(services["services"][0]["instances"][0]["last_seen"], base);
+
+    let hour = (base / 3600 * 3600) as i64;
+    let (status, body) = node
+        .get(&format!(
+            "/api/v1/metrics/meter_envoy_ai_gw_input_token_rate?service=cfg-gw&start={hour}&end={}&step=hour",
+            hour + 3600
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["step"], "hour");
+    // A rate over an hour is the per-minute average: 500 tokens / 60 minutes.
+    assert_eq!(body["series"][0]["points"], json!([[hour, (500.0f64 / 60.0 * 1e6).round() / 1e6]]));
+    let rfc3339 = "2026-01-01T00:00:00Z";
+    let (status, body) = node
+        .get(&format!(
+            "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start={rfc3339}&end=2026-01-01T00:03:00Z"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["series"][0]["points"].as_array().unwrap().len(), 3);
+
+    for (query, status, code) in [
+        ("/api/v1/metrics/meter_envoy_ai_gw_instance_request_cpm?service=cfg-gw", 400, "invalid_argument"),
+        ("/api/v1/metrics/meter_nothing?service=cfg-gw", 404, "not_found"),
+        ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm", 400, "invalid_argument"),
+        ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&step=week", 400, "invalid_argument"),
+        ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=10&end=5", 400, "invalid_argument"),
+        ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=yesterday", 400, "invalid_argument"),
+        (
+            "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=0&end=99999999999",
+            400,
+            "invalid_argument",
+        ),
+        ("/api/v1/logs?service=cfg-gw&cursor=nope", 400, "invalid_argument"),
+        ("/api/v1/logs?service=cfg-gw&limit=0", 400, "invalid_argument"),
+        ("/api/v2/anything", 404, "not_found"),
+    ] {
+        let (actual, body) = node.get(query).await;
+        assert_eq!((actual, body["code"].as_str()), (status, Some(code)), "{query}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{query}: {body}");
+    }
+}

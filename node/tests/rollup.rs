@@ -1,0 +1,140 @@
+//! Hour and day roll-ups (in-process node, maintenance driven by the test): a step's value is the
+//! same before and after its minutes are rolled up, and merges behind the roll-up frontier reach
+//! the roll-ups too.
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
+};
+use serde_json::Value;
+use std::sync::Arc;
+use tollgate::{Node, NodeConfig, SystemClock};
+use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn export(time: u64, count: u64, seconds: f64) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(gateway_resource(Convention::JobName, "roll-gw", Some("pod-0"))),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "gen_ai.server.request.duration".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        aggregation_temporality: 1,
+                        data_points: vec![HistogramDataPoint {
+                            attributes: vec![string_attribute("gen_ai.provider.name", "openai")],
+                            start_time_unix_nano: (time - 1) * 1_000_000_000,
+                            time_unix_nano: time * 1_000_000_000,
+                            count,
+                            sum: Some(seconds * count as f64),
+                            bucket_counts: vec![0, count, 0],
+                            explicit_bounds: vec![0.5, 5.0],
+                            min: Some(seconds),
+                            max: Some(seconds),
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+async fn points(api: &str, metric: &str, start: u64, end: u64, step: &str) -> Value {
+    let url = format!("{api}/api/v1/metrics/{metric}?service=roll-gw&start={start}&end={end}&step={step}");
+    let body: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    body["series"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
+    let any = "127.0.0.1:0".parse().unwrap();
+    config.otlp_grpc_addrs = vec![any];
+    config.otlp_http_addr = any;
+    config.http_addr = any;
+    config.cluster_addr = any;
+    config.cluster.vnodes = 8;
+    let node = Node::start(config, Arc::new(SystemClock)).await.unwrap();
+    let api = format!("http://{}", node.endpoints.http);
+    let mut client = MetricsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+
+    // Three hours of data, one point every 7 minutes, ending two hours ago.
+    let day = now_seconds() / 86_400 * 86_400;
+    let first = now_seconds() / 3600 * 3600 - 5 * 3600;
+    let mut expected_requests = 0;
+    for (index, time) in (first..first + 3 * 3600).step_by(420).enumerate() {
+        let count = index as u64 % 4 + 1;
+        expected_requests += count;
+        client.export(export(time, count, 0.25 * (index % 3 + 1) as f64)).await.unwrap();
+    }
+    let range = (first - 3600, first + 4 * 3600);
+    let day_range = (day - 86_400, day + 86_400);
+    let metrics = [
+        "meter_envoy_ai_gw_request_cpm",
+        "meter_envoy_ai_gw_request_latency_avg",
+        "meter_envoy_ai_gw_request_latency_percentile",
+    ];
+    let mut before = Vec::new();
+    for metric in metrics {
+        before.push(points(&api, metric, range.0, range.1, "hour").await);
+        before.push(points(&api, metric, day_range.0, day_range.1, "day").await);
+    }
+    let hourly: f64 =
+        before[0][0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 60.0).sum();
+    assert!((hourly - expected_requests as f64).abs() < 1e-3, "{hourly} vs {expected_requests}");
+
+    // Roll up everything closed (all but the last lateness window of the partition).
+    for owner in node.owners() {
+        owner.maintain().await.unwrap();
+    }
+    let mut after = Vec::new();
+    for metric in metrics {
+        after.push(points(&api, metric, range.0, range.1, "hour").await);
+        after.push(points(&api, metric, day_range.0, day_range.1, "day").await);
+    }
+    assert_eq!(after, before, "roll-ups answer exactly like the minutes they replace");
+    let metrics = reqwest::get(format!("{api}/metrics")).await.unwrap().text().await.unwrap();
+    let rolled: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_rolled_up_minutes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("roll-up counter");
+    assert!(rolled >= 20.0, "the closed minutes were rolled up ({rolled})");
+
+    // Widen the lateness window, then merge a point into a minute that was rolled up already: the
+    // hour and day values include it, and the minute value too.
+    let status = reqwest::Client::new()
+        .put(format!("{api}/api/v1/config/rules"))
+        .body("normalize:\n  max_lateness_seconds: 86400\n")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let late = first + 61;
+    client.export(export(late, 5, 0.25)).await.unwrap();
+    let hour = points(&api, "meter_envoy_ai_gw_request_cpm", range.0, range.1, "hour").await;
+    let hourly: f64 =
+        hour[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 60.0).sum();
+    assert!((hourly - (expected_requests + 5) as f64).abs() < 1e-3, "{hourly}");
+    for owner in node.owners() {
+        owner.maintain().await.unwrap();
+    }
+    let minute = points(&api, "meter_envoy_ai_gw_request_cpm", range.0, range.1, "minute").await;
+    let total: f64 = minute[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).sum();
+    assert_eq!(total, (expected_requests + 5) as f64);
+    let day_after = points(&api, "meter_envoy_ai_gw_request_cpm", day_range.0, day_range.1, "day").await;
+    let daily: f64 =
+        day_after[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 1440.0).sum();
+    assert!((daily - (expected_requests + 5) as f64).abs() < 1e-2, "{daily}");
+    node.shutdown().await;
+}

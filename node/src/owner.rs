@@ -42,6 +42,45 @@ pub struct OwnerContext {
     pub clock: Arc<dyn Clock>,
     /// Configuration in force.
     pub config: watch::Receiver<Arc<RuntimeConfig>>,
+    /// Series per service in memory across all owners of this node.
+    pub cardinality: Cardinality,
+}
+
+/// Live series per service across the owners of a node (SPEC §8: new series beyond the limit are
+/// rejected; live ones are never evicted to make room). A service's instances live in different
+/// vnodes, so one owner alone cannot enforce the limit.
+#[derive(Debug, Default)]
+pub struct Cardinality {
+    per_service: std::sync::Mutex<FastMap<String, usize>>,
+}
+
+impl Cardinality {
+    /// Counts a new series if the service has room; `Err(count)` when it is at `limit`.
+    pub fn try_add(&self, service: &str, limit: usize) -> Result<(), usize> {
+        let mut per_service = self.per_service.lock().expect("cardinality lock");
+        let count = per_service.entry(service.to_string()).or_default();
+        if *count >= limit {
+            return Err(*count);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Counts a series restored from the store (it exists; the limit does not apply).
+    pub fn add_existing(&self, service: &str) {
+        *self.per_service.lock().expect("cardinality lock").entry(service.to_string()).or_default() += 1;
+    }
+
+    /// Forgets a series that left memory.
+    pub fn remove(&self, service: &str) {
+        let mut per_service = self.per_service.lock().expect("cardinality lock");
+        if let Some(count) = per_service.get_mut(service) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_service.remove(service);
+            }
+        }
+    }
 }
 
 /// The reply to a batch: its report once durable, or why not.
@@ -211,6 +250,9 @@ impl Actor for Owner {
 
     async fn post_stop(&self, _: ActorRef<OwnerMsg>, state: &mut OwnerState) -> Result<(), ActorProcessingErr> {
         metrics::gauge!(m::SERIES_ACTIVE).decrement(state.table.len() as f64);
+        for (_, entry) in state.table.iter() {
+            state.context.cardinality.remove(&entry.key.entity.service);
+        }
         Ok(())
     }
 
@@ -315,6 +357,7 @@ impl OwnerState {
         let normalize = &config.rules.config.normalize;
         let since = self.table.clock(partition).map(|c| c.oldest_accepted_ns(normalize)).unwrap_or(0);
         let cursor = store.cursor(self.vnode, partition, id, since)?;
+        self.context.cardinality.add_existing(&key.entity.service);
         self.table.restore_series(key, cursor);
         metrics::gauge!(m::SERIES_ACTIVE).increment(1.0);
         Ok(())
@@ -353,6 +396,18 @@ impl OwnerState {
         let partition = point.partition;
         self.ensure_partition(partition, &point.entity)?;
         self.ensure_series(id, partition, config)?;
+        if self.table.get(&id).is_none() {
+            let limit = config.rules.config.normalize.max_series_per_service;
+            if let Err(count) = self.context.cardinality.try_add(&point.entity.service, limit) {
+                let rejection = Rejection::new(
+                    RejectReason::CardinalityLimit,
+                    format!("service {:?} already has {count} series (max_series_per_service)", point.entity.service),
+                );
+                report
+                    .reject(&rejection, || format!("{} of {} at {}", point.metric, point.entity, point.point.time_ns));
+                return Ok(());
+            }
+        }
         let point_key = PointKey { time_ns: point.point.time_ns, start_ns: point.point.start_ns };
         let cumulative = point.point.temporality == Temporality::Cumulative;
         let minute = minute_of(point_key.time_ns) as u64;
@@ -605,6 +660,9 @@ impl OwnerState {
         // Series idle for two lateness windows leave memory; their cursor is in the store.
         let idle_before = now.saturating_sub(2 * normalize.max_lateness_seconds * 1_000_000_000);
         let evicted = self.table.evict_idle(idle_before);
+        for key in &evicted {
+            self.context.cardinality.remove(&key.entity.service);
+        }
         metrics::gauge!(m::SERIES_ACTIVE).decrement(evicted.len() as f64);
         let forget_before = now.saturating_sub(normalize.max_lateness_seconds * 1_000_000_000);
         self.log_batches.retain(|_, time| *time >= forget_before);

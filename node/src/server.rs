@@ -127,8 +127,12 @@ impl Node {
             metrics::gauge!(m::CONFIG_VERSION, "document" => "rules").set(current.rules.version as f64);
         }
 
-        let context =
-            Arc::new(OwnerContext { store: Arc::clone(&storage), clock: Arc::clone(&clock), config: runtime.clone() });
+        let context = Arc::new(OwnerContext {
+            store: Arc::clone(&storage),
+            clock: Arc::clone(&clock),
+            config: runtime.clone(),
+            cardinality: Default::default(),
+        });
         let mut owners = Vec::with_capacity(config.cluster.vnodes as usize);
         for vnode in 0..config.cluster.vnodes {
             owners.push(OwnerHandle::spawn(vnode, Arc::clone(&context), config.limits.owner_queue_capacity).await?);

@@ -324,3 +324,33 @@ where
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cardinality_limit_spans_the_instances_of_a_service() {
+    let node = TestNode::start().await;
+    let (status, body) = node.put("/api/v1/config/rules", "normalize:\n  max_series_per_service: 3\n", None).await;
+    assert_eq!(status, 200, "{body}");
+    let mut client = node.metrics_client(0).await;
+    let time = now_seconds() - 60;
+    // Five pods of one service: their series live in different vnodes (owners).
+    let mut rejected = 0;
+    for pod in 0..5 {
+        let resource = gateway_resource(Convention::JobName, "wide-gw", Some(&format!("pod-{pod}")));
+        let response =
+            client.export(request(resource, vec![durations(vec![point("openai", time)])])).await.unwrap().into_inner();
+        if let Some(partial) = response.partial_success {
+            assert!(partial.error_message.contains("cardinality_limit: 1"), "{}", partial.error_message);
+            rejected += partial.rejected_data_points;
+        }
+    }
+    assert_eq!(rejected, 2);
+    // Live series keep working at the limit; other services are not affected.
+    let resource = gateway_resource(Convention::JobName, "wide-gw", Some("pod-0"));
+    let response =
+        client.export(request(resource, vec![durations(vec![point("openai", time + 1)])])).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none());
+    let resource = gateway_resource(Convention::JobName, "narrow-gw", Some("pod-9"));
+    let response =
+        client.export(request(resource, vec![durations(vec![point("openai", time)])])).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none());
+}

@@ -586,11 +586,12 @@ impl SeriesTable {
         }
     }
 
-    /// Forgets series with no accepted point since `before_ns` (their baselines and keys can no
-    /// longer matter: anything that old is rejected as too late). Returns their ids.
-    pub fn evict_idle(&mut self, before_ns: u64) -> Vec<SeriesId> {
+    /// Forgets series with no accepted point since `before_ns` (their state is persisted by the
+    /// owner and reloaded if they come back). Returns their keys.
+    pub fn evict_idle(&mut self, before_ns: u64) -> Vec<Arc<SeriesKey>> {
         let idle: Vec<SeriesId> =
             self.series.iter().filter(|(_, e)| e.last_seen_ns < before_ns).map(|(id, _)| *id).collect();
+        let mut evicted = Vec::with_capacity(idle.len());
         for id in &idle {
             if let Some(entry) = self.series.remove(id) {
                 if let Some(count) = self.per_service.get_mut(&entry.key.entity.service) {
@@ -599,10 +600,11 @@ impl SeriesTable {
                         self.per_service.remove(&entry.key.entity.service);
                     }
                 }
+                evicted.push(entry.key);
             }
             self.dirty_series.remove(id);
         }
-        idle
+        evicted
     }
 
     /// Normalises one point and, when it is to be merged, calls `merge` with its minute and delta

@@ -5,7 +5,8 @@ use crate::error::Error;
 use crate::query::{LogQuery, QueryEngine};
 use crate::runtime::ConfigService;
 use crate::store::{LogPosition, StoredLog};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -56,7 +57,37 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            Error::MethodNotAllowed("this endpoint does not take that method".into())
+        })
+        .layer(DefaultBodyLimit::max(MAX_DOCUMENT_BYTES))
         .with_state(state)
+}
+
+/// Largest configuration document accepted by a `PUT`.
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Query parameters, with a malformed value answered in the API's error format.
+fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
+    query.map(|Query(params)| params).map_err(|rejection| Error::InvalidArgument(rejection.body_text()))
+}
+
+/// A request body, with an oversized one answered in the API's error format.
+fn body(bytes: Result<axum::body::Bytes, BytesRejection>) -> Result<axum::body::Bytes, Error> {
+    bytes.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            Error::TooLarge(format!("documents are limited to {MAX_DOCUMENT_BYTES} bytes"))
+        }
+        _ => Error::InvalidArgument(rejection.body_text()),
+    })
+}
+
+fn count_query<T>(kind: &'static str, result: &Result<T, Error>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(error) => error.code(),
+    };
+    metrics::counter!(crate::metrics::QUERIES, "kind" => kind, "outcome" => outcome).increment(1);
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.
@@ -135,8 +166,19 @@ fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(i64, i64),
 async fn metric(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    Query(params): Query<MetricParams>,
+    query: Result<Query<MetricParams>, QueryRejection>,
 ) -> Result<Response, Error> {
+    let result = metric_answer(state, name, query).await;
+    count_query("metric", &result);
+    result
+}
+
+async fn metric_answer(
+    state: ApiState,
+    name: String,
+    query: Result<Query<MetricParams>, QueryRejection>,
+) -> Result<Response, Error> {
+    let params = params(query)?;
     let service = params.service.ok_or_else(|| Error::InvalidArgument("service is required".into()))?;
     let step = match params.step.as_deref() {
         None => Step::Minute,
@@ -232,7 +274,17 @@ pub fn parse_cursor(text: &str) -> Result<LogPosition, Error> {
     })
 }
 
-async fn logs(State(state): State<ApiState>, Query(params): Query<LogParams>) -> Result<Response, Error> {
+async fn logs(
+    State(state): State<ApiState>,
+    query: Result<Query<LogParams>, QueryRejection>,
+) -> Result<Response, Error> {
+    let result = logs_answer(state, query).await;
+    count_query("logs", &result);
+    result
+}
+
+async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejection>) -> Result<Response, Error> {
+    let params = params(query)?;
     let service = params.service.ok_or_else(|| Error::InvalidArgument("service is required".into()))?;
     let (start, end) = range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?;
     let reason = match params.reason.as_deref() {
@@ -305,9 +357,10 @@ fn body_text(body: &[u8]) -> Result<&str, Error> {
 async fn put_pricing(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    bytes: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     authorize(&headers, state.api_token.as_deref())?;
+    let body = body(bytes)?;
     let document = PricingDocument::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let version = state.config.set_pricing(document).await?;
     Ok(Json(json!({ "version": version })).into_response())
@@ -316,9 +369,10 @@ async fn put_pricing(
 async fn put_rules(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    bytes: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     authorize(&headers, state.api_token.as_deref())?;
+    let body = body(bytes)?;
     let document = RulesConfig::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let version = state.config.set_rules(document).await?;
     Ok(Json(json!({ "version": version })).into_response())

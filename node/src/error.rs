@@ -35,6 +35,9 @@ pub enum Error {
     /// The request conflicts with the current state (e.g. a write to a minority partition).
     #[error("{0}")]
     Conflict(String),
+    /// The endpoint exists but not with this HTTP method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// A bug or an unexpected failure.
     #[error("{0}")]
     Internal(String),
@@ -59,6 +62,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Unauthorized(_) => "unauthorized",
             Error::Conflict(_) => "conflict",
+            Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::Internal(_) => "internal",
         }
     }
@@ -73,6 +77,7 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +102,7 @@ impl Error {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::Unauthorized(_) => tonic::Status::unauthenticated(message),
             Error::Conflict(_) => tonic::Status::failed_precondition(message),
+            Error::MethodNotAllowed(_) => tonic::Status::unimplemented(message),
             Error::Internal(_) => tonic::Status::internal(message),
         }
     }

@@ -24,6 +24,13 @@ pub struct RuntimeConfig {
     pub pricing: Arc<PriceTable>,
 }
 
+/// Publishes a configuration: its versions become self-metrics, then every component sees it.
+pub fn publish(sender: &watch::Sender<Arc<RuntimeConfig>>, runtime: RuntimeConfig) {
+    metrics::gauge!(crate::metrics::CONFIG_VERSION, "document" => "pricing").set(runtime.pricing.version() as f64);
+    metrics::gauge!(crate::metrics::CONFIG_VERSION, "document" => "rules").set(runtime.rules.version as f64);
+    sender.send_replace(Arc::new(runtime));
+}
+
 impl RuntimeConfig {
     /// The built-in rules and SkyWalking's shipped pricing, both at version 0.
     pub fn built_in() -> RuntimeConfig {
@@ -119,7 +126,8 @@ impl LocalConfig {
             None => StoredDocuments::default(),
         };
         let runtime = RuntimeConfig::from_documents(&documents)?;
-        let (sender, _) = watch::channel(Arc::new(runtime));
+        let (sender, _) = watch::channel(Arc::new(RuntimeConfig::built_in()));
+        publish(&sender, runtime);
         Ok(LocalConfig { store, documents: Mutex::new(documents), sender })
     }
 
@@ -133,7 +141,7 @@ impl LocalConfig {
         batch.push(Op::Meta { key: META_KEY.into(), value: bytes });
         durable(self.store.commit(batch).await?).await?;
         *documents = next;
-        self.sender.send_replace(Arc::new(runtime));
+        publish(&self.sender, runtime);
         Ok(version)
     }
 }

@@ -121,11 +121,6 @@ impl Node {
         let storage: Arc<dyn Storage> = store.clone();
         let config_service: Arc<dyn ConfigService> = Arc::new(LocalConfig::load(Arc::clone(&storage))?);
         let runtime = config_service.watch();
-        {
-            let current = runtime.borrow();
-            metrics::gauge!(m::CONFIG_VERSION, "document" => "pricing").set(current.pricing.version() as f64);
-            metrics::gauge!(m::CONFIG_VERSION, "document" => "rules").set(current.rules.version as f64);
-        }
 
         let context = Arc::new(OwnerContext {
             store: Arc::clone(&storage),

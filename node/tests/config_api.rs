@@ -217,3 +217,27 @@ async fn test_query_api_answers_and_parameter_errors() {
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{query}: {body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_every_api_error_is_json() {
+    let node = TestNode::start().await;
+    let response = node.http.post(format!("{}/api/v1/services", node.api())).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed");
+    let (status, body) = node.get("/api/v1/logs?service=x&limit=abc").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{body}");
+    // The server answers before reading an oversized body and closes that connection: use a
+    // client of its own so the pooled connection of the others is not the one closed.
+    let huge = "#".repeat(5 * 1024 * 1024);
+    let response =
+        reqwest::Client::new().put(format!("{}/api/v1/config/rules", node.api())).body(huge).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "too_large", "{body}");
+    // Config versions are self-metrics that follow changes.
+    assert!(node.self_metrics().await.contains(r#"tollgate_config_version{document="rules"} 0"#));
+    node.put("/api/v1/config/rules", "{}", None).await;
+    assert!(node.self_metrics().await.contains(r#"tollgate_config_version{document="rules"} 1"#));
+    assert!(node.self_metrics().await.contains(r#"tollgate_queries_total{kind="logs",outcome="invalid_argument"} 1"#));
+}

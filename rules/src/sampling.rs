@@ -335,7 +335,11 @@ pub fn decide(attributes: &[KeyValue], rules: &SamplingRules, pricing: &PriceTab
     match kind {
         LogKind::Llm => {
             decision.model = llm_model(attributes, names);
-            decision.provider = present(attributes, &names.provider).map(Cow::into_owned);
+            // Without a provider attribute, the pricing file's `prefix-match` names it (as
+            // SkyWalking does for spans without `gen_ai.provider.name`).
+            decision.provider = present(attributes, &names.provider)
+                .map(Cow::into_owned)
+                .or_else(|| decision.model.as_deref().and_then(|m| pricing.provider_of(m)).map(str::to_string));
             decision.session_id = present(attributes, &names.session_id).map(Cow::into_owned);
             decision.input_tokens = non_negative(attributes, &names.input_tokens, malformed, "input_tokens");
             decision.output_tokens = non_negative(attributes, &names.output_tokens, malformed, "output_tokens");
@@ -533,6 +537,18 @@ mod tests {
         assert_eq!(d.kind, Some(LogKind::Mcp));
         assert!(!d.keep());
         assert_eq!(d.session_id.as_deref(), Some("s-1"));
+    }
+
+    #[test]
+    fn test_decide_provider_falls_back_to_prefix_match() {
+        let pricing = PriceTable::parse("providers:\n  - provider: openai\n    prefix-match: [gpt]\n").unwrap();
+        let rules = SamplingRules::default();
+        let d = decide(&[s("gen_ai.request.model", "gpt-4o")], &rules, &pricing);
+        assert_eq!(d.provider.as_deref(), Some("openai"));
+        let d = decide(&[s("gen_ai.request.model", "gpt-4o"), s("gen_ai.provider.name", "azure")], &rules, &pricing);
+        assert_eq!(d.provider.as_deref(), Some("azure"));
+        let d = decide(&[s("gen_ai.request.model", "llama")], &rules, &pricing);
+        assert_eq!(d.provider, None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! OTLP/HTTP (SPEC §1.1): `POST /v1/metrics` and `POST /v1/logs`, protobuf or JSON, optionally
 //! gzip-compressed. Answers in the request's encoding; errors are a `google.rpc.Status` with the
-//! HTTP status of SPEC §8 (400, 413, 415, 429 and 503 with `Retry-After`).
+//! HTTP status of SPEC §8 (400 for malformed or unsupported bodies, 413, 429 and 503 with
+//! `Retry-After`).
 
 use super::{logs_response, metrics_response};
 use crate::budget::Budget;

@@ -1,0 +1,308 @@
+//! The replicated state (SPEC §6): pricing, rules, members and the vnode map, changed only by
+//! committed [`Command`]s. Applying a command is a pure function, so every node that applied the
+//! same log holds the same state.
+
+use crate::vnodes::{NodeId, VnodeMap, VnodeState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use tollgate_rules::{PricingDocument, RulesConfig};
+
+/// How other nodes reach a member.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    /// Its name (`--node-id`), for people.
+    pub name: String,
+    /// `HOST:PORT` of its cluster port.
+    pub cluster_addr: String,
+    /// `HOST:PORT` of its HTTP API.
+    pub api_addr: String,
+}
+
+impl fmt::Display for PeerNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.cluster_addr)
+    }
+}
+
+/// A document and the version it was committed as.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Versioned<T> {
+    /// Version: 1 for the first written document (0 is the built-in one).
+    pub version: u64,
+    /// The document.
+    pub document: T,
+}
+
+/// A change of the replicated state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// The first command of a new cluster: its vnodes, all owned by its first node.
+    Bootstrap {
+        /// Number of vnodes, fixed for the cluster's life.
+        vnodes: u16,
+        /// The first node.
+        id: NodeId,
+        /// How to reach it.
+        node: PeerNode,
+    },
+    /// Replace the pricing document.
+    SetPricing(PricingDocument),
+    /// Replace the rules document.
+    SetRules(RulesConfig),
+    /// A node joins the data plane (it owns nothing until moves give it vnodes).
+    AddNode {
+        /// Its id.
+        id: NodeId,
+        /// How to reach it.
+        node: PeerNode,
+    },
+    /// A node leaves the data plane (it must own nothing).
+    RemoveNode {
+        /// Its id.
+        id: NodeId,
+    },
+    /// Start handing a vnode from its owner to another member.
+    BeginMove {
+        /// The vnode.
+        vnode: u16,
+        /// Its owner.
+        from: NodeId,
+        /// The new owner.
+        to: NodeId,
+        /// Move all data, not only the normalisation state (the old owner is leaving).
+        full: bool,
+    },
+    /// The new owner has the state: it owns the vnode from now on.
+    CompleteMove {
+        /// The vnode.
+        vnode: u16,
+    },
+    /// Give up a move; the old owner keeps the vnode.
+    AbortMove {
+        /// The vnode.
+        vnode: u16,
+    },
+    /// Reassign a vnode at once, without hand-over (its owner is unreachable: failover).
+    Reassign {
+        /// The vnode.
+        vnode: u16,
+        /// The new owner.
+        to: NodeId,
+    },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Bootstrap { vnodes, id, node } => write!(f, "bootstrap({vnodes} vnodes, {id} {node})"),
+            Command::SetPricing(_) => f.write_str("set-pricing"),
+            Command::SetRules(_) => f.write_str("set-rules"),
+            Command::AddNode { id, node } => write!(f, "add-node({id} {node})"),
+            Command::RemoveNode { id } => write!(f, "remove-node({id})"),
+            Command::BeginMove { vnode, from, to, full } => {
+                write!(f, "begin-move({vnode}: {from} -> {to}, full {full})")
+            }
+            Command::CompleteMove { vnode } => write!(f, "complete-move({vnode})"),
+            Command::AbortMove { vnode } => write!(f, "abort-move({vnode})"),
+            Command::Reassign { vnode, to } => write!(f, "reassign({vnode} -> {to})"),
+        }
+    }
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResponse {
+    /// Applied; the version of the document written, or the vnode map epoch.
+    Applied {
+        /// Document version or map epoch after the change.
+        version: u64,
+    },
+    /// Not applied: the state did not allow it (stale or conflicting command).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Everything replicated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Pricing, if ever written (otherwise the built-in one).
+    pub pricing: Option<Versioned<PricingDocument>>,
+    /// Rules, if ever written (otherwise the built-in ones).
+    pub rules: Option<Versioned<RulesConfig>>,
+    /// Data-plane members.
+    pub nodes: BTreeMap<NodeId, PeerNode>,
+    /// Ownership of the vnodes (empty before bootstrap).
+    pub vnodes: VnodeMap,
+}
+
+impl Default for VnodeMap {
+    fn default() -> Self {
+        VnodeMap { epoch: 0, vnodes: Vec::new() }
+    }
+}
+
+fn refused(reason: impl Into<String>) -> CommandResponse {
+    CommandResponse::Refused { reason: reason.into() }
+}
+
+impl ClusterState {
+    /// True once the cluster was bootstrapped.
+    pub fn is_bootstrapped(&self) -> bool {
+        !self.vnodes.is_empty()
+    }
+
+    /// Applies one committed command. Never panics: a command the state does not allow is
+    /// refused and changes nothing.
+    pub fn apply(&mut self, command: &Command) -> CommandResponse {
+        match command {
+            Command::Bootstrap { vnodes, id, node } => {
+                if self.is_bootstrapped() {
+                    return refused("the cluster is already bootstrapped");
+                }
+                if *vnodes == 0 {
+                    return refused("a cluster needs at least one vnode");
+                }
+                self.nodes.insert(*id, node.clone());
+                self.vnodes = VnodeMap::single(*vnodes, *id);
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
+            Command::SetPricing(document) => {
+                if let Err(e) = document.validate() {
+                    return refused(e.to_string());
+                }
+                let version = self.pricing.as_ref().map_or(0, |v| v.version) + 1;
+                self.pricing = Some(Versioned { version, document: document.clone() });
+                CommandResponse::Applied { version }
+            }
+            Command::SetRules(document) => {
+                if let Err(e) = document.validate() {
+                    return refused(e.to_string());
+                }
+                let version = self.rules.as_ref().map_or(0, |v| v.version) + 1;
+                self.rules = Some(Versioned { version, document: document.clone() });
+                CommandResponse::Applied { version }
+            }
+            Command::AddNode { id, node } => {
+                self.nodes.insert(*id, node.clone());
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
+            Command::RemoveNode { id } => {
+                let involved = self.vnodes.vnodes.iter().any(|s| match s {
+                    VnodeState::Active { owner } => owner == id,
+                    VnodeState::Moving { from, to, .. } => from == id || to == id,
+                });
+                if involved {
+                    return refused(format!("node {id} still owns or moves vnodes"));
+                }
+                if self.nodes.remove(id).is_none() {
+                    return refused(format!("node {id} is not a member"));
+                }
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
+            Command::BeginMove { vnode, from, to, full } => {
+                if !self.nodes.contains_key(to) {
+                    return refused(format!("node {to} is not a member"));
+                }
+                match self.vnodes.vnodes.get(*vnode as usize) {
+                    Some(VnodeState::Active { owner }) if owner == from && from != to => {}
+                    other => return refused(format!("vnode {vnode} is {other:?}, not owned by {from}")),
+                }
+                self.vnodes.vnodes[*vnode as usize] = VnodeState::Moving { from: *from, to: *to, full: *full };
+                self.vnodes.epoch += 1;
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
+            Command::CompleteMove { vnode } => match self.vnodes.vnodes.get(*vnode as usize) {
+                Some(VnodeState::Moving { to, .. }) => {
+                    let to = *to;
+                    self.vnodes.vnodes[*vnode as usize] = VnodeState::Active { owner: to };
+                    self.vnodes.epoch += 1;
+                    CommandResponse::Applied { version: self.vnodes.epoch }
+                }
+                other => refused(format!("vnode {vnode} is {other:?}, not moving")),
+            },
+            Command::AbortMove { vnode } => match self.vnodes.vnodes.get(*vnode as usize) {
+                Some(VnodeState::Moving { from, .. }) => {
+                    let from = *from;
+                    self.vnodes.vnodes[*vnode as usize] = VnodeState::Active { owner: from };
+                    self.vnodes.epoch += 1;
+                    CommandResponse::Applied { version: self.vnodes.epoch }
+                }
+                other => refused(format!("vnode {vnode} is {other:?}, not moving")),
+            },
+            Command::Reassign { vnode, to } => {
+                if !self.nodes.contains_key(to) {
+                    return refused(format!("node {to} is not a member"));
+                }
+                if (*vnode as usize) >= self.vnodes.vnodes.len() {
+                    return refused(format!("no vnode {vnode}"));
+                }
+                self.vnodes.vnodes[*vnode as usize] = VnodeState::Active { owner: *to };
+                self.vnodes.epoch += 1;
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> PeerNode {
+        PeerNode { name: name.into(), cluster_addr: format!("{name}:11900"), api_addr: format!("{name}:12800") }
+    }
+
+    fn applied(response: CommandResponse) -> u64 {
+        match response {
+            CommandResponse::Applied { version } => version,
+            CommandResponse::Refused { reason } => panic!("refused: {reason}"),
+        }
+    }
+
+    #[test]
+    fn test_state_bootstrap_then_documents_are_versioned() {
+        let mut state = ClusterState::default();
+        assert!(!state.is_bootstrapped());
+        applied(state.apply(&Command::Bootstrap { vnodes: 4, id: 1, node: node("a") }));
+        assert!(matches!(
+            state.apply(&Command::Bootstrap { vnodes: 4, id: 2, node: node("b") }),
+            CommandResponse::Refused { .. }
+        ));
+        assert_eq!(applied(state.apply(&Command::SetPricing(PricingDocument::default()))), 1);
+        assert_eq!(applied(state.apply(&Command::SetPricing(PricingDocument::default()))), 2);
+        assert_eq!(applied(state.apply(&Command::SetRules(RulesConfig::default()))), 1);
+        let mut bad = RulesConfig::default();
+        bad.normalize.max_series_per_service = 0;
+        assert!(matches!(state.apply(&Command::SetRules(bad)), CommandResponse::Refused { .. }));
+        assert_eq!(state.rules.as_ref().unwrap().version, 1);
+    }
+
+    #[test]
+    fn test_state_moves_follow_their_protocol() {
+        let mut state = ClusterState::default();
+        applied(state.apply(&Command::Bootstrap { vnodes: 4, id: 1, node: node("a") }));
+        assert!(matches!(
+            state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2, full: false }),
+            CommandResponse::Refused { .. }
+        ));
+        applied(state.apply(&Command::AddNode { id: 2, node: node("b") }));
+        let epoch = applied(state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2, full: false }));
+        assert_eq!(state.vnodes.owner(0), None);
+        assert!(matches!(
+            state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2, full: false }),
+            CommandResponse::Refused { .. }
+        ));
+        assert!(matches!(state.apply(&Command::RemoveNode { id: 2 }), CommandResponse::Refused { .. }));
+        assert_eq!(applied(state.apply(&Command::CompleteMove { vnode: 0 })), epoch + 1);
+        assert_eq!(state.vnodes.owner(0), Some(2));
+        applied(state.apply(&Command::BeginMove { vnode: 1, from: 1, to: 2, full: true }));
+        applied(state.apply(&Command::AbortMove { vnode: 1 }));
+        assert_eq!(state.vnodes.owner(1), Some(1));
+        applied(state.apply(&Command::Reassign { vnode: 0, to: 1 }));
+        applied(state.apply(&Command::RemoveNode { id: 2 }));
+        assert!(!state.nodes.contains_key(&2));
+    }
+}

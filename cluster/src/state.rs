@@ -138,12 +138,6 @@ pub struct ClusterState {
     pub vnodes: VnodeMap,
 }
 
-impl Default for VnodeMap {
-    fn default() -> Self {
-        VnodeMap { epoch: 0, vnodes: Vec::new() }
-    }
-}
-
 fn refused(reason: impl Into<String>) -> CommandResponse {
     CommandResponse::Refused { reason: reason.into() }
 }

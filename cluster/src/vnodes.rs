@@ -46,7 +46,7 @@ impl VnodeState {
 }
 
 /// Ownership of every vnode, with an epoch that grows on every change.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VnodeMap {
     /// Incremented by every change.
     pub epoch: u64,

@@ -16,6 +16,7 @@
 //! - [`ingest`]: the request → merge path, and an in-memory pipeline built from the above.
 //! - [`config`]: the replicated rules document.
 //! - [`fixed`], [`attributes`]: fixed-point sums and attribute text.
+//! - [`fleet`]: exports shaped like Envoy AI Gateway's, for load generation and tests.
 
 pub mod aggregate;
 pub mod attributes;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod entity;
 pub mod evaluate;
 pub mod fixed;
+pub mod fleet;
 pub mod ingest;
 pub mod normalize;
 pub mod point;

@@ -4,9 +4,20 @@
 //! Parts:
 //! - [`vnodes`]: the vnode map and its minimal-movement rebalancing.
 //! - [`state`]: the replicated state and the commands that change it.
+//! - [`raft`], [`raft_store`]: the Raft types, and the log and state machine on sled.
+//! - [`transport`], [`network`]: calls between nodes (tonic, or with injected faults), and
+//!   openraft's network on top.
+//! - [`runtime`]: a node's handle on the cluster: bootstrap, join, writes through the leader,
+//!   status, and the leader's controller (failover, leaving, rebalancing).
 
+pub mod network;
+pub mod raft;
+pub mod raft_store;
+pub mod runtime;
 pub mod state;
+pub mod transport;
 pub mod vnodes;
 
+pub use runtime::{Cluster, ClusterError, ClusterSettings, ClusterStatus, RaftFigures};
 pub use state::{ClusterState, Command, CommandResponse, PeerNode, Versioned};
 pub use vnodes::{Move, NodeId, VnodeMap, VnodeState};

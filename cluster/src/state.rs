@@ -4,7 +4,7 @@
 
 use crate::vnodes::{NodeId, VnodeMap, VnodeState};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use tollgate_rules::{PricingDocument, RulesConfig};
 
@@ -57,6 +57,11 @@ pub enum Command {
         /// How to reach it.
         node: PeerNode,
     },
+    /// A node asks to leave: its vnodes are handed to others, then it is removed.
+    MarkLeaving {
+        /// Its id.
+        id: NodeId,
+    },
     /// A node leaves the data plane (it must own nothing).
     RemoveNode {
         /// Its id.
@@ -99,6 +104,7 @@ impl fmt::Display for Command {
             Command::SetPricing(_) => f.write_str("set-pricing"),
             Command::SetRules(_) => f.write_str("set-rules"),
             Command::AddNode { id, node } => write!(f, "add-node({id} {node})"),
+            Command::MarkLeaving { id } => write!(f, "mark-leaving({id})"),
             Command::RemoveNode { id } => write!(f, "remove-node({id})"),
             Command::BeginMove { vnode, from, to, full } => {
                 write!(f, "begin-move({vnode}: {from} -> {to}, full {full})")
@@ -125,7 +131,8 @@ pub enum CommandResponse {
     },
 }
 
-/// Everything replicated.
+/// Everything replicated. Fields added later must be `#[serde(default)]`: older snapshots and
+/// applied states are read back as JSON.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Pricing, if ever written (otherwise the built-in one).
@@ -136,6 +143,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, PeerNode>,
     /// Ownership of the vnodes (empty before bootstrap).
     pub vnodes: VnodeMap,
+    /// Members on their way out.
+    #[serde(default)]
+    pub leaving: BTreeSet<NodeId>,
 }
 
 fn refused(reason: impl Into<String>) -> CommandResponse {
@@ -183,6 +193,16 @@ impl ClusterState {
                 self.nodes.insert(*id, node.clone());
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
+            Command::MarkLeaving { id } => {
+                if !self.nodes.contains_key(id) {
+                    return refused(format!("node {id} is not a member"));
+                }
+                if self.nodes.keys().all(|member| member == id || self.leaving.contains(member)) {
+                    return refused(format!("node {id} is the last member: a cluster cannot be empty"));
+                }
+                self.leaving.insert(*id);
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
             Command::RemoveNode { id } => {
                 let involved = self.vnodes.vnodes.iter().any(|s| match s {
                     VnodeState::Active { owner } => owner == id,
@@ -194,6 +214,7 @@ impl ClusterState {
                 if self.nodes.remove(id).is_none() {
                     return refused(format!("node {id} is not a member"));
                 }
+                self.leaving.remove(id);
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
             Command::BeginMove { vnode, from, to, full } => {
@@ -296,7 +317,12 @@ mod tests {
         applied(state.apply(&Command::AbortMove { vnode: 1 }));
         assert_eq!(state.vnodes.owner(1), Some(1));
         applied(state.apply(&Command::Reassign { vnode: 0, to: 1 }));
+        applied(state.apply(&Command::MarkLeaving { id: 2 }));
+        assert!(
+            matches!(state.apply(&Command::MarkLeaving { id: 1 }), CommandResponse::Refused { .. }),
+            "the last member stays"
+        );
         applied(state.apply(&Command::RemoveNode { id: 2 }));
-        assert!(!state.nodes.contains_key(&2));
+        assert!(!state.nodes.contains_key(&2) && state.leaving.is_empty());
     }
 }

@@ -235,7 +235,7 @@ pub struct CatalogueEntry {
 }
 
 /// A catalogue metric resolved from its full name.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedMetric {
     /// Full name.
     pub name: String,

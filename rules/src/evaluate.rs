@@ -71,7 +71,7 @@ impl fmt::Display for Step {
 }
 
 /// What to evaluate: a metric for an entity over `[start, end)` (unix seconds) at a step.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricQuery {
     /// The metric.
     pub metric: ResolvedMetric,

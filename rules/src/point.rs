@@ -30,7 +30,7 @@ impl Temporality {
 }
 
 /// A point that passed validation. Histogram vectors are moved out of the request, not copied.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ValidPoint {
     /// `start_time_unix_nano` (0 when the sender does not know it).
     pub start_ns: u64,
@@ -55,7 +55,7 @@ pub struct ValidPoint {
 }
 
 /// The OTLP type a point came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PointKind {
     /// A histogram point.
     Histogram,

@@ -1,0 +1,176 @@
+//! openraft's network over the [`Transport`]: the client side ([`NetworkFactory`]) and the
+//! server side ([`serve_raft`]). openraft's messages travel as JSON inside the `Raft` RPC.
+
+use crate::raft::{Raft, TypeConfig};
+use crate::state::PeerNode;
+use crate::transport::Transport;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::io::Cursor;
+use std::sync::Arc;
+use tollgate_proto::peer::{RaftKind, RaftRequest, RaftResponse};
+
+pub use crate::raft_store::SnapshotData;
+
+/// A full snapshot on the wire.
+#[derive(Serialize, Deserialize)]
+struct FullSnapshot {
+    vote: VoteOf<TypeConfig>,
+    meta: SnapshotMetaOf<TypeConfig>,
+    data: Vec<u8>,
+}
+
+/// Creates openraft clients for peers.
+#[derive(Clone, Debug)]
+pub struct NetworkFactory {
+    transport: Arc<dyn Transport>,
+}
+
+impl NetworkFactory {
+    /// Clients over `transport`.
+    pub fn new(transport: Arc<dyn Transport>) -> NetworkFactory {
+        NetworkFactory { transport }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, _target: u64, node: &PeerNode) -> Network {
+        Network { transport: Arc::clone(&self.transport), addr: node.cluster_addr.clone() }
+    }
+}
+
+/// openraft's client for one peer.
+#[derive(Debug)]
+pub struct Network {
+    transport: Arc<dyn Transport>,
+    addr: String,
+}
+
+impl Network {
+    async fn call<Q: Serialize, A: DeserializeOwned>(
+        &self,
+        kind: RaftKind,
+        request: &Q,
+        option: &RPCOption,
+    ) -> Result<A, RPCError<TypeConfig>> {
+        let payload = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let call = self.transport.raft(&self.addr, RaftRequest { kind: kind as i32, payload });
+        let response = match tokio::time::timeout(option.soft_ttl(), call).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Err(RPCError::Unreachable(Unreachable::new(&error))),
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "{} did not answer in time",
+                    self.addr
+                ))))
+            }
+        };
+        decode_response(&self.addr, response).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+}
+
+fn decode_response<A: DeserializeOwned>(addr: &str, response: RaftResponse) -> Result<A, String> {
+    if !response.error.is_empty() {
+        return Err(format!("{addr}: {}", response.error));
+    }
+    serde_json::from_slice(&response.payload).map_err(|e| format!("{addr}: undecodable raft response: {e}"))
+}
+
+impl RaftNetworkV2<TypeConfig> for Network {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftKind::AppendEntries, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftKind::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftKind::PreVote, &rpc, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = FullSnapshot { vote, meta: snapshot.meta, data: snapshot.snapshot.into_inner() };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = self.call(RaftKind::FullSnapshot, &request, &option) => result.map_err(|e| match e {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::RemoteError(r) => StreamingError::Network(NetworkError::from_string(r.to_string())),
+            }),
+        }
+    }
+}
+
+fn answer<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> RaftResponse {
+    match result {
+        Ok(value) => match serde_json::to_vec(&value) {
+            Ok(payload) => RaftResponse { payload, error: String::new() },
+            Err(e) => RaftResponse { payload: Vec::new(), error: format!("cannot encode the answer: {e}") },
+        },
+        Err(e) => RaftResponse { payload: Vec::new(), error: e.to_string() },
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RaftResponse> {
+    serde_json::from_slice(payload)
+        .map_err(|e| RaftResponse { payload: Vec::new(), error: format!("undecodable raft request: {e}") })
+}
+
+/// Hands a Raft RPC from a peer to the local Raft node.
+pub async fn serve_raft(raft: &Raft, request: RaftRequest) -> RaftResponse {
+    let kind = RaftKind::try_from(request.kind).unwrap_or(RaftKind::Unspecified);
+    match kind {
+        RaftKind::AppendEntries => match decode(&request.payload) {
+            Ok(rpc) => answer(raft.append_entries(rpc).await),
+            Err(e) => e,
+        },
+        RaftKind::Vote => match decode(&request.payload) {
+            Ok(rpc) => answer(raft.vote(rpc).await),
+            Err(e) => e,
+        },
+        RaftKind::PreVote => match decode(&request.payload) {
+            Ok(rpc) => answer(raft.pre_vote(rpc).await),
+            Err(e) => e,
+        },
+        RaftKind::FullSnapshot => match decode::<FullSnapshot>(&request.payload) {
+            Ok(full) => {
+                let snapshot =
+                    SnapshotOf::<TypeConfig, SnapshotData> { meta: full.meta, snapshot: Cursor::new(full.data) };
+                answer(raft.install_full_snapshot(full.vote, snapshot).await)
+            }
+            Err(e) => e,
+        },
+        RaftKind::Unspecified => {
+            RaftResponse { payload: Vec::new(), error: format!("unknown raft message kind {}", request.kind) }
+        }
+    }
+}

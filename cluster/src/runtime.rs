@@ -1,0 +1,657 @@
+//! A node's membership in the cluster: its Raft node, the replicated state it has applied,
+//! writes routed to the leader, joining, and (on the leader) the controller that keeps the vnode
+//! map balanced, fails over unreachable nodes and lets nodes leave.
+
+use crate::network::NetworkFactory;
+use crate::raft::Raft;
+use crate::raft_store::{self, AppliedState};
+use crate::state::{ClusterState, Command, CommandResponse, PeerNode};
+use crate::transport::{Transport, TransportError};
+use crate::vnodes::{Move, NodeId, VnodeState};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tollgate_proto::peer::{JoinRequest, JoinResponse, WriteRequest, WriteResponse};
+use tracing::{debug, info, warn};
+
+/// The most voters a cluster keeps; further nodes are learners (SPEC §6).
+pub const MAX_VOTERS: usize = 5;
+
+/// Cluster timing and size.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Vnodes of a new cluster.
+    pub vnodes: u16,
+    /// Raft heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Raft election timeout (lower bound; twice it is the upper bound).
+    pub election_timeout: Duration,
+    /// Deadline of one node-to-node call, and of a write waiting for its commit.
+    pub rpc_timeout: Duration,
+    /// A node unreachable this long loses its vnodes.
+    pub failover_after: Duration,
+    /// Vnodes moved at once.
+    pub max_concurrent_moves: usize,
+}
+
+/// Why a cluster operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader is reachable (election in progress, or this node is in a minority): retry.
+    #[error("{0}")]
+    NoQuorum(String),
+    /// The state refused the command.
+    #[error("{0}")]
+    Refused(String),
+    /// Something else failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One member as `GET /api/v1/cluster` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Raft id.
+    pub id: NodeId,
+    /// Name.
+    pub name: String,
+    /// Cluster address.
+    pub cluster_addr: String,
+    /// API address.
+    pub api_addr: String,
+    /// `voter` or `learner` (or `member` when not in the Raft membership yet).
+    pub role: String,
+    /// Leader's view: milliseconds since the last acknowledged heartbeat (leader only).
+    pub last_contact_ms: Option<u64>,
+    /// Vnodes it owns.
+    pub vnodes: usize,
+    /// True while it is leaving.
+    pub leaving: bool,
+}
+
+/// The cluster as `GET /api/v1/cluster` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// This node's name.
+    pub name: String,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: String,
+    /// The leader, if known.
+    pub leader: Option<NodeId>,
+    /// Raft term.
+    pub term: u64,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last committed entry.
+    pub commit_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub applied_index: Option<u64>,
+    /// Members.
+    pub nodes: Vec<MemberStatus>,
+    /// Vnode map summary.
+    pub vnodes: VnodeSummary,
+}
+
+/// Vnode map summary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VnodeSummary {
+    /// Number of vnodes.
+    pub total: u16,
+    /// Map epoch.
+    pub epoch: u64,
+    /// Vnodes being handed over.
+    pub moving: usize,
+    /// Vnodes per owner name.
+    pub owners: BTreeMap<String, usize>,
+}
+
+/// Raft figures of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaftFigures {
+    /// Current term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// Last entry committed by a quorum.
+    pub commit_index: u64,
+    /// Last entry applied here.
+    pub applied_index: u64,
+    /// This node leads.
+    pub is_leader: bool,
+}
+
+/// A node's handle on the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This node's Raft id.
+    pub id: NodeId,
+    /// This node's addresses.
+    pub me: PeerNode,
+    raft: Raft,
+    applied: watch::Receiver<Arc<AppliedState>>,
+    transport: Arc<dyn Transport>,
+    settings: ClusterSettings,
+    controller: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, ClusterError> {
+    let election = settings.election_timeout.as_millis() as u64;
+    let config = openraft::Config {
+        cluster_name: "tollgate".into(),
+        heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: election,
+        election_timeout_max: election * 2,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    config.validate().map(Arc::new).map_err(|e| ClusterError::Failed(format!("raft configuration: {e}")))
+}
+
+// Commands carry the rules and pricing documents, whose optional fields are skipped when empty:
+// JSON, not postcard, reads them back.
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(bytes).map_err(|e| ClusterError::Failed(format!("undecodable {what}: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("cluster messages always encode")
+}
+
+impl Cluster {
+    /// Opens the Raft store in `dir`, starts the Raft node and, for a new node, either bootstraps
+    /// a one-node cluster (`join` empty) or asks the nodes in `join` to be let in. A node whose
+    /// store already holds cluster state just rejoins its cluster.
+    pub async fn start(
+        dir: &Path,
+        id: NodeId,
+        me: PeerNode,
+        settings: ClusterSettings,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let (log_store, state_machine) =
+            raft_store::open(dir).map_err(|e| ClusterError::Failed(format!("opening the raft store: {e}")))?;
+        let applied = state_machine.subscribe();
+        let raft = Raft::new(
+            id,
+            raft_config(&settings)?,
+            NetworkFactory::new(Arc::clone(&transport)),
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| ClusterError::Failed(format!("starting raft: {e}")))?;
+        let cluster = Arc::new(Cluster { id, me, raft, applied, transport, settings, controller: Mutex::new(None) });
+        let handle = tokio::spawn(controller(Arc::clone(&cluster)));
+        *cluster.controller.lock().expect("controller lock") = Some(handle);
+        Ok(cluster)
+    }
+
+    /// True once this node is part of an initialized cluster.
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Makes this node the first node of a new cluster and waits until the bootstrap is applied.
+    pub async fn bootstrap(&self) -> Result<(), ClusterError> {
+        if !self.is_initialized().await {
+            let members = BTreeMap::from([(self.id, self.me.clone())]);
+            if let Err(e) = self.raft.initialize(members).await {
+                return Err(ClusterError::Failed(format!("initializing the cluster: {e}")));
+            }
+            info!(node = self.id, name = %self.me.name, "bootstrapped a new cluster");
+        }
+        self.wait_leader(self.settings.election_timeout * 10).await?;
+        if !self.applied.borrow().state.is_bootstrapped() {
+            let command = Command::Bootstrap { vnodes: self.settings.vnodes, id: self.id, node: self.me.clone() };
+            match self.write(command).await? {
+                CommandResponse::Applied { .. } => {}
+                CommandResponse::Refused { reason } => debug!(%reason, "bootstrap already applied"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the nodes at `addresses` (cluster ports) to let this node in, retrying until one
+    /// does or `deadline` passes, then waits until this node is a member of the applied state.
+    pub async fn join(&self, addresses: &[String], deadline: Duration) -> Result<(), ClusterError> {
+        let started = Instant::now();
+        let request = JoinRequest {
+            node_id: self.id,
+            name: self.me.name.clone(),
+            cluster_addr: self.me.cluster_addr.clone(),
+            api_addr: self.me.api_addr.clone(),
+        };
+        let mut attempt: u32 = 0;
+        loop {
+            if self.applied.borrow().state.nodes.contains_key(&self.id) {
+                return Ok(());
+            }
+            for address in addresses {
+                match self.transport.join(address, request.clone()).await {
+                    Ok(response) => {
+                        info!(via = %address, leader = response.leader_id, "joined the cluster");
+                        return self.wait_member(deadline.saturating_sub(started.elapsed())).await;
+                    }
+                    Err(error) => warn!(via = %address, %error, "join attempt failed"),
+                }
+            }
+            if started.elapsed() > deadline {
+                return Err(ClusterError::NoQuorum(format!("could not join via {addresses:?} within {deadline:?}")));
+            }
+            attempt = attempt.saturating_add(1);
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
+        }
+    }
+
+    async fn wait_member(&self, timeout: Duration) -> Result<(), ClusterError> {
+        let id = self.id;
+        if wait_applied(&self.applied, timeout, |a| a.state.nodes.contains_key(&id)).await {
+            Ok(())
+        } else {
+            Err(ClusterError::NoQuorum("joined, but the membership was not applied here in time".into()))
+        }
+    }
+
+    async fn wait_leader(&self, timeout: Duration) -> Result<NodeId, ClusterError> {
+        let waited = self.raft.wait(Some(timeout)).metrics(|m| m.current_leader.is_some(), "a leader").await;
+        match waited {
+            Ok(m) => Ok(m.current_leader.expect("checked")),
+            Err(_) => Err(ClusterError::NoQuorum(format!("no leader elected within {timeout:?}"))),
+        }
+    }
+
+    /// The replicated state as applied on this node, as it changes.
+    pub fn applied(&self) -> watch::Receiver<Arc<AppliedState>> {
+        self.applied.clone()
+    }
+
+    /// The replicated state as applied now.
+    pub fn state(&self) -> ClusterState {
+        self.applied.borrow().state.clone()
+    }
+
+    /// The Raft node (the peer service hands it Raft RPCs).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The transport to the other nodes.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// The cluster settings.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// The current leader and its node, if known.
+    pub fn leader(&self) -> Option<(NodeId, PeerNode)> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let leader = metrics.current_leader?;
+        let node =
+            metrics.membership_config.membership().nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone())?;
+        Some((leader, node))
+    }
+
+    /// True when this node is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// Commits a command, on the leader or through it, and returns its response once it is
+    /// applied on the leader. A follower cut off from the leader, or a leader without a quorum,
+    /// fails with [`ClusterError::NoQuorum`] (retryable).
+    pub async fn write(&self, command: Command) -> Result<CommandResponse, ClusterError> {
+        let timeout = self.settings.rpc_timeout * 2;
+        for _ in 0..3 {
+            if self.is_leader() {
+                return match tokio::time::timeout(timeout, self.raft.client_write(command.clone())).await {
+                    Ok(Ok(response)) => Ok(response.data),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => continue,
+                    Ok(Err(e)) => Err(ClusterError::Failed(e.to_string())),
+                    Err(_) => Err(ClusterError::NoQuorum(format!(
+                        "the write was not committed within {timeout:?}: this leader cannot reach a majority; retry"
+                    ))),
+                };
+            }
+            let Some((leader, node)) = self.leader() else {
+                self.wait_leader(self.settings.election_timeout * 3).await?;
+                continue;
+            };
+            debug!(leader, "forwarding a write to the leader");
+            let request = WriteRequest { command: encode(&command) };
+            return match self.transport.write(&node.cluster_addr, request).await {
+                Ok(WriteResponse { response }) => decode("write response", &response),
+                Err(e @ TransportError::Refused { .. }) if !e.is_retryable() => {
+                    Err(ClusterError::Failed(e.to_string()))
+                }
+                Err(e) => {
+                    Err(ClusterError::NoQuorum(format!("the leader {} cannot be reached: {e}; retry", node.name)))
+                }
+            };
+        }
+        Err(ClusterError::NoQuorum("no stable leader; retry".into()))
+    }
+
+    /// Handles a write forwarded by another node (this node must be the leader).
+    pub async fn handle_write(&self, request: WriteRequest) -> Result<WriteResponse, ClusterError> {
+        let command: Command = decode("command", &request.command)?;
+        let response = self.write(command).await?;
+        Ok(WriteResponse { response: encode(&response) })
+    }
+
+    /// Handles a join request: the leader adds the node as a learner (waiting until it caught
+    /// up), makes it a data-plane member, and a voter while there are fewer than five.
+    pub async fn handle_join(&self, request: JoinRequest) -> Result<JoinResponse, ClusterError> {
+        if !self.is_leader() {
+            let (leader, node) = match self.leader() {
+                Some(found) => found,
+                None => (
+                    self.wait_leader(self.settings.election_timeout * 3).await?,
+                    self.leader().ok_or_else(|| ClusterError::NoQuorum("no leader".into()))?.1,
+                ),
+            };
+            if leader == self.id {
+                return Box::pin(self.handle_join(request)).await;
+            }
+            return self
+                .transport
+                .join(&node.cluster_addr, request)
+                .await
+                .map_err(|e| ClusterError::NoQuorum(format!("forwarding the join to the leader: {e}")));
+        }
+        let id = request.node_id;
+        let node = PeerNode { name: request.name, cluster_addr: request.cluster_addr, api_addr: request.api_addr };
+        let state = self.state();
+        if let Some((other, _)) = state.nodes.iter().find(|(other, n)| **other != id && n.name == node.name) {
+            return Err(ClusterError::Refused(format!(
+                "a member named {:?} exists already (id {other}); remove it first or choose another --node-id",
+                node.name
+            )));
+        }
+        let membership = self.raft.metrics().borrow_watched().membership_config.membership().clone();
+        if !membership.nodes().any(|(n, _)| *n == id) {
+            info!(node = id, name = %node.name, "adding a learner");
+            self.raft
+                .add_learner(id, node.clone(), true)
+                .await
+                .map_err(|e| ClusterError::Failed(format!("adding {id}: {e}")))?;
+        }
+        if let CommandResponse::Refused { reason } = self.write(Command::AddNode { id, node }).await? {
+            return Err(ClusterError::Refused(reason));
+        }
+        self.promote_voters().await;
+        Ok(JoinResponse { leader_id: self.id })
+    }
+
+    /// Makes learners voters while there are fewer than [`MAX_VOTERS`].
+    async fn promote_voters(&self) {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let leaving = self.state().leaving;
+        let candidates: Vec<NodeId> = membership.learner_ids().filter(|id| !leaving.contains(id)).collect();
+        let room = MAX_VOTERS.saturating_sub(voters.len());
+        let promote: BTreeSet<NodeId> = candidates.into_iter().take(room).collect();
+        if promote.is_empty() {
+            return;
+        }
+        info!(nodes = ?promote, "promoting learners to voters");
+        if let Err(e) = self.raft.change_membership(ChangeMembers::AddVoterIds(promote), true).await {
+            warn!(error = %e, "promoting learners failed");
+        }
+    }
+
+    /// Asks the cluster to remove a member: its vnodes are handed to others (with their data),
+    /// then it leaves the Raft membership. Returns once it is gone from the applied state, or
+    /// fails after `timeout` (the removal goes on).
+    pub async fn remove_node(&self, id: NodeId, timeout: Duration) -> Result<(), ClusterError> {
+        if !self.state().nodes.contains_key(&id) {
+            return Err(ClusterError::Refused(format!("node {id} is not a member")));
+        }
+        if let CommandResponse::Refused { reason } = self.write(Command::MarkLeaving { id }).await? {
+            return Err(ClusterError::Refused(reason));
+        }
+        if wait_applied(&self.applied, timeout, |a| !a.state.nodes.contains_key(&id)).await {
+            Ok(())
+        } else {
+            Err(ClusterError::NoQuorum(format!("node {id} is still leaving after {timeout:?}; it goes on")))
+        }
+    }
+
+    /// The cluster as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let applied = self.applied.borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let raft_nodes: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+        let mut owned: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut moving = 0;
+        for vnode in &applied.state.vnodes.vnodes {
+            match vnode {
+                VnodeState::Active { owner } => *owned.entry(*owner).or_default() += 1,
+                VnodeState::Moving { .. } => moving += 1,
+            }
+        }
+        let nodes = applied
+            .state
+            .nodes
+            .iter()
+            .map(|(id, node)| MemberStatus {
+                id: *id,
+                name: node.name.clone(),
+                cluster_addr: node.cluster_addr.clone(),
+                api_addr: node.api_addr.clone(),
+                role: if voters.contains(id) {
+                    "voter".into()
+                } else if raft_nodes.contains(id) {
+                    "learner".into()
+                } else {
+                    "member".into()
+                },
+                last_contact_ms: heartbeat
+                    .get(id)
+                    .and_then(|t| *t)
+                    .map(|t| openraft::Instant::elapsed(&t.into_inner()).as_millis() as u64),
+                vnodes: owned.get(id).copied().unwrap_or(0),
+                leaving: applied.state.leaving.contains(id),
+            })
+            .collect();
+        let owners = owned
+            .iter()
+            .map(|(id, count)| (applied.state.nodes.get(id).map_or_else(|| id.to_string(), |n| n.name.clone()), *count))
+            .collect();
+        ClusterStatus {
+            node_id: self.id,
+            name: self.me.name.clone(),
+            state: format!("{:?}", metrics.state).to_lowercase(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            commit_index: metrics.cluster_committed.map(|l| l.index),
+            applied_index: metrics.last_applied.map(|l| l.index),
+            nodes,
+            vnodes: VnodeSummary {
+                total: applied.state.vnodes.len(),
+                epoch: applied.state.vnodes.epoch,
+                moving,
+                owners,
+            },
+        }
+    }
+
+    /// Raft figures for self-metrics.
+    pub fn figures(&self) -> RaftFigures {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        RaftFigures {
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            commit_index: metrics.cluster_committed.map_or(0, |l| l.index),
+            applied_index: metrics.last_applied.map_or(0, |l| l.index),
+            is_leader: metrics.state == ServerState::Leader,
+        }
+    }
+
+    /// Stops the controller and the Raft node.
+    pub async fn shutdown(&self) {
+        if let Some(handle) = self.controller.lock().expect("controller lock").take() {
+            handle.abort();
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Waits until the applied state satisfies `ready`; false on timeout.
+pub async fn wait_applied(
+    applied: &watch::Receiver<Arc<AppliedState>>,
+    timeout: Duration,
+    ready: impl Fn(&Arc<AppliedState>) -> bool,
+) -> bool {
+    let mut applied = applied.clone();
+    let waited = tokio::time::timeout(timeout, async move { applied.wait_for(|a| ready(a)).await.is_ok() }).await;
+    waited.unwrap_or(false)
+}
+
+/// How often the leader's controller looks at the cluster.
+const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
+async fn controller(cluster: Arc<Cluster>) {
+    let mut leader_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(CONTROL_INTERVAL).await;
+        if !cluster.is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        if let Err(error) = control_once(&cluster, since).await {
+            debug!(%error, "controller pass incomplete");
+        }
+    }
+}
+
+/// Members reachable in the leader's view: those acknowledged within `failover_after` (nodes
+/// never heard of since this leader took over count as reachable until `failover_after` passed).
+fn unreachable_members(cluster: &Cluster, state: &ClusterState, leader_since: Instant) -> BTreeSet<NodeId> {
+    let metrics = cluster.raft.metrics().borrow_watched().clone();
+    let heartbeat = metrics.heartbeat.unwrap_or_default();
+    let failover_after = cluster.settings.failover_after;
+    state
+        .nodes
+        .keys()
+        .copied()
+        .filter(|id| *id != cluster.id)
+        .filter(|id| match heartbeat.get(id).and_then(|t| *t) {
+            Some(instant) => openraft::Instant::elapsed(&instant.into_inner()) > failover_after,
+            None => leader_since.elapsed() > failover_after,
+        })
+        .collect()
+}
+
+async fn control_once(cluster: &Cluster, leader_since: Instant) -> Result<(), ClusterError> {
+    let state = cluster.state();
+    if !state.is_bootstrapped() {
+        return Ok(());
+    }
+    cluster.promote_voters().await;
+    let unreachable = unreachable_members(cluster, &state, leader_since);
+    let live: BTreeSet<NodeId> =
+        state.nodes.keys().copied().filter(|id| !unreachable.contains(id) && !state.leaving.contains(id)).collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+
+    // Failover: vnodes of unreachable nodes go to live ones at once (no hand-over possible).
+    let mut reassigned = false;
+    let mut load: BTreeMap<NodeId, usize> =
+        state.vnodes.counts(&live).into_iter().filter(|(id, _)| live.contains(id)).collect();
+    for (vnode, vnode_state) in state.vnodes.vnodes.iter().enumerate() {
+        let vnode = vnode as u16;
+        let command = match vnode_state {
+            VnodeState::Active { owner } if unreachable.contains(owner) => {
+                let (to, count) = load.iter_mut().min_by_key(|(id, count)| (**count, **id)).expect("live is not empty");
+                *count += 1;
+                Some(Command::Reassign { vnode, to: *to })
+            }
+            VnodeState::Moving { from, to, .. } if unreachable.contains(from) && live.contains(to) => {
+                Some(Command::Reassign { vnode, to: *to })
+            }
+            VnodeState::Moving { to, .. } if unreachable.contains(to) => Some(Command::AbortMove { vnode }),
+            _ => None,
+        };
+        if let Some(command) = command {
+            warn!(vnode, %command, "failover");
+            cluster.write(command).await?;
+            reassigned = true;
+        }
+    }
+    if reassigned {
+        return Ok(());
+    }
+
+    // Leaving nodes: once they own and move nothing, out of Raft and out of the state.
+    for id in &state.leaving {
+        let involved = state.vnodes.vnodes.iter().any(|s| match s {
+            VnodeState::Active { owner } => owner == id,
+            VnodeState::Moving { from, to, .. } => from == id || to == id,
+        });
+        if involved {
+            continue;
+        }
+        let membership = cluster.raft.metrics().borrow_watched().membership_config.membership().clone();
+        if membership.voter_ids().any(|v| v == *id) {
+            let remaining: BTreeSet<NodeId> = membership.voter_ids().filter(|v| v != id).collect();
+            if remaining.is_empty() {
+                continue;
+            }
+            info!(node = id, "removing a leaving voter");
+            cluster
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*id])), false)
+                .await
+                .map_err(|e| ClusterError::Failed(e.to_string()))?;
+        } else if membership.nodes().any(|(n, _)| n == id) {
+            info!(node = id, "removing a leaving learner");
+            cluster
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([*id])), false)
+                .await
+                .map_err(|e| ClusterError::Failed(e.to_string()))?;
+        }
+        cluster.write(Command::RemoveNode { id: *id }).await?;
+        cluster.promote_voters().await;
+    }
+
+    // Planned moves toward a balanced map, a few at a time; leaving nodes move everything.
+    let moving = state.vnodes.vnodes.iter().filter(|s| matches!(s, VnodeState::Moving { .. })).count();
+    let budget = cluster.settings.max_concurrent_moves.saturating_sub(moving);
+    if budget == 0 {
+        return Ok(());
+    }
+    let moves: Vec<Move> = state.vnodes.rebalance(&live);
+    for planned in moves.into_iter().take(budget) {
+        let full = state.leaving.contains(&planned.from);
+        if unreachable.contains(&planned.from) {
+            continue;
+        }
+        info!(vnode = planned.vnode, from = planned.from, to = planned.to, full, "moving a vnode");
+        cluster.write(Command::BeginMove { vnode: planned.vnode, from: planned.from, to: planned.to, full }).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,363 @@
+//! How nodes reach each other: the [`Transport`] trait over the `Peer` gRPC service, its tonic
+//! implementation (with the cluster secret, deadlines and a bound on bytes in flight per peer),
+//! and [`FaultyTransport`], a decorator that partitions, drops and delays calls for tests.
+
+use futures_util::StreamExt;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tollgate_proto::peer::peer_client::PeerClient;
+use tollgate_proto::peer::{
+    ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryRequest,
+    QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+};
+use tollgate_proto::CLUSTER_SECRET_HEADER;
+use tonic::transport::{Channel, Endpoint};
+
+/// A boxed future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a call to a peer failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// The peer could not be reached (connection refused, partition, deadline): retry later.
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable {
+        /// The peer.
+        addr: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The peer answered with an error.
+    #[error("peer {addr} refused: {code}: {message}")]
+    Refused {
+        /// The peer.
+        addr: String,
+        /// gRPC status code.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// Too many bytes are already in flight to this peer: back off.
+    #[error("too much data in flight to peer {addr}")]
+    Backpressure {
+        /// The peer.
+        addr: String,
+    },
+}
+
+impl TransportError {
+    /// True when retrying later may succeed (everything but a refusal that says otherwise).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransportError::Refused { code, .. } => {
+                matches!(code.as_str(), "Unavailable" | "ResourceExhausted" | "DeadlineExceeded" | "Aborted")
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A stream of hand-off chunks.
+pub type ChunkStream = Pin<Box<dyn futures_util::Stream<Item = Result<HandOffChunk, TransportError>> + Send>>;
+
+/// Calls to other nodes, addressed by their cluster address (`HOST:PORT`).
+pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
+    /// A Raft RPC.
+    fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>>;
+    /// Forwarded points or records; `bytes` is the payload size for the in-flight bound.
+    fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>>;
+    /// A query for the peer's partial result.
+    fn query(&self, addr: &str, request: QueryRequest) -> BoxFuture<'_, Result<QueryResponse, TransportError>>;
+    /// A vnode's hand-off stream.
+    fn hand_off(&self, addr: &str, request: HandOffRequest) -> BoxFuture<'_, Result<ChunkStream, TransportError>>;
+    /// A write for the leader.
+    fn write(&self, addr: &str, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, TransportError>>;
+    /// A join request.
+    fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>>;
+}
+
+/// The real transport: one lazily connected tonic channel per peer.
+#[derive(Debug)]
+pub struct TonicTransport {
+    secret: Option<String>,
+    timeout: Duration,
+    max_forward_bytes: usize,
+    channels: Mutex<HashMap<String, Channel>>,
+    inflight: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl TonicTransport {
+    /// A transport with the cluster secret, a deadline per call, and a bound on forwarded bytes
+    /// in flight per peer.
+    pub fn new(secret: Option<String>, timeout: Duration, max_forward_bytes: usize) -> TonicTransport {
+        TonicTransport {
+            secret,
+            timeout,
+            max_forward_bytes: max_forward_bytes.clamp(1, u32::MAX as usize),
+            channels: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<PeerClient<Channel>, TransportError> {
+        let channel = {
+            let mut channels = self.channels.lock().expect("channels lock");
+            match channels.get(addr) {
+                Some(channel) => channel.clone(),
+                None => {
+                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| unreachable(addr, e))?
+                        .connect_timeout(self.timeout)
+                        .timeout(self.timeout)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(10))
+                        .keep_alive_timeout(Duration::from_secs(10));
+                    let channel = endpoint.connect_lazy();
+                    channels.insert(addr.to_string(), channel.clone());
+                    channel
+                }
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024))
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        if let Some(secret) = &self.secret {
+            if let Ok(value) = secret.parse() {
+                request.metadata_mut().insert(CLUSTER_SECRET_HEADER, value);
+            }
+        }
+        request
+    }
+
+    fn semaphore(&self, addr: &str) -> Arc<Semaphore> {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        Arc::clone(inflight.entry(addr.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.max_forward_bytes))))
+    }
+}
+
+fn unreachable(addr: &str, error: impl std::fmt::Display) -> TransportError {
+    TransportError::Unreachable { addr: addr.to_string(), reason: error.to_string() }
+}
+
+fn status_error(addr: &str, status: tonic::Status) -> TransportError {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            unreachable(addr, status.message())
+        }
+        code => TransportError::Refused {
+            addr: addr.to_string(),
+            code: format!("{code:?}"),
+            message: status.message().to_string(),
+        },
+    }
+}
+
+impl Transport for TonicTransport {
+    fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            client.raft(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+        })
+    }
+
+    fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let bytes = (request.payload.len().max(1)).min(self.max_forward_bytes) as u32;
+            let _permit = self
+                .semaphore(&addr)
+                .try_acquire_many_owned(bytes)
+                .map_err(|_| TransportError::Backpressure { addr: addr.clone() })?;
+            let mut client = self.client(&addr)?;
+            client.forward(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+        })
+    }
+
+    fn query(&self, addr: &str, request: QueryRequest) -> BoxFuture<'_, Result<QueryResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            client.query(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+        })
+    }
+
+    fn hand_off(&self, addr: &str, request: HandOffRequest) -> BoxFuture<'_, Result<ChunkStream, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            // A hand-off can be long: no overall deadline, the stream's messages keep it alive.
+            let mut call = tonic::Request::new(request);
+            if let Some(secret) = &self.secret {
+                if let Ok(value) = secret.parse() {
+                    call.metadata_mut().insert(CLUSTER_SECRET_HEADER, value);
+                }
+            }
+            let stream = client.hand_off(call).await.map_err(|s| status_error(&addr, s))?.into_inner();
+            let mapped = stream.map(move |item| item.map_err(|s| status_error(&addr, s)));
+            Ok(Box::pin(mapped) as ChunkStream)
+        })
+    }
+
+    fn write(&self, addr: &str, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            client.write(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+        })
+    }
+
+    fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            client.join(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+        })
+    }
+}
+
+/// Faults shared by the transports of an in-process test cluster.
+#[derive(Debug, Default)]
+pub struct Faults {
+    state: Mutex<FaultState>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    /// Addresses cut off from everyone else (both directions).
+    isolated: BTreeSet<String>,
+    /// Calls dropped (failing as unreachable) every `n`-th time, 0 for never.
+    drop_every: u64,
+    calls: u64,
+    /// Added to every call.
+    delay: Duration,
+}
+
+impl Faults {
+    /// No faults.
+    pub fn new() -> Arc<Faults> {
+        Arc::new(Faults::default())
+    }
+
+    /// Cuts `addr` off: calls from it and to it fail as unreachable.
+    pub fn isolate(&self, addr: &str) {
+        self.state.lock().expect("faults lock").isolated.insert(addr.to_string());
+    }
+
+    /// Reconnects `addr`.
+    pub fn heal(&self, addr: &str) {
+        self.state.lock().expect("faults lock").isolated.remove(addr);
+    }
+
+    /// Reconnects everything and removes drops and delays.
+    pub fn heal_all(&self) {
+        let mut state = self.state.lock().expect("faults lock");
+        state.isolated.clear();
+        state.drop_every = 0;
+        state.delay = Duration::ZERO;
+    }
+
+    /// Fails every `n`-th call (0: never).
+    pub fn drop_every(&self, n: u64) {
+        self.state.lock().expect("faults lock").drop_every = n;
+    }
+
+    /// Delays every call.
+    pub fn delay(&self, delay: Duration) {
+        self.state.lock().expect("faults lock").delay = delay;
+    }
+
+    fn check(&self, from: &str, to: &str) -> Result<Duration, TransportError> {
+        let mut state = self.state.lock().expect("faults lock");
+        state.calls += 1;
+        if state.isolated.contains(from) || state.isolated.contains(to) {
+            return Err(unreachable(to, format!("partitioned from {from}")));
+        }
+        if state.drop_every > 0 && state.calls.is_multiple_of(state.drop_every) {
+            return Err(unreachable(to, "dropped"));
+        }
+        Ok(state.delay)
+    }
+}
+
+/// A transport that applies [`Faults`] before delegating to another transport.
+#[derive(Debug)]
+pub struct FaultyTransport {
+    from: String,
+    inner: Arc<dyn Transport>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyTransport {
+    /// Calls from `from` (a cluster address) through `inner`, subject to `faults`.
+    pub fn new(from: &str, inner: Arc<dyn Transport>, faults: Arc<Faults>) -> FaultyTransport {
+        FaultyTransport { from: from.to_string(), inner, faults }
+    }
+
+    async fn gate(&self, to: &str) -> Result<(), TransportError> {
+        let delay = self.faults.check(&self.from, to)?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(())
+    }
+}
+
+impl Transport for FaultyTransport {
+    fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.raft(&addr, request).await
+        })
+    }
+
+    fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.forward(&addr, request).await
+        })
+    }
+
+    fn query(&self, addr: &str, request: QueryRequest) -> BoxFuture<'_, Result<QueryResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.query(&addr, request).await
+        })
+    }
+
+    fn hand_off(&self, addr: &str, request: HandOffRequest) -> BoxFuture<'_, Result<ChunkStream, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.hand_off(&addr, request).await
+        })
+    }
+
+    fn write(&self, addr: &str, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.write(&addr, request).await
+        })
+    }
+
+    fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.join(&addr, request).await
+        })
+    }
+}

@@ -1,0 +1,454 @@
+//! Real Raft clusters in one process: every node has its own sled store and Raft node, and they
+//! talk through a transport that hands calls to the peer's handlers directly, wrapped in
+//! [`FaultyTransport`] to partition, drop and delay them. What is tested is Tollgate's cluster
+//! behaviour: writes from any node, refusal without quorum, identity across restarts, five voters
+//! at most, failover and leaving.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tollgate_cluster::network::serve_raft;
+use tollgate_cluster::runtime::wait_applied;
+use tollgate_cluster::transport::{BoxFuture, ChunkStream, Faults, FaultyTransport, Transport, TransportError};
+use tollgate_cluster::{
+    Cluster, ClusterError, ClusterSettings, ClusterState, Command, CommandResponse, NodeId, PeerNode, VnodeState,
+};
+use tollgate_proto::peer::{
+    ForwardRequest, ForwardResponse, HandOffRequest, JoinRequest, JoinResponse, QueryRequest, QueryResponse,
+    RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+};
+use tollgate_rules::pricing::{ModelPricing, ProviderPricing};
+use tollgate_rules::PricingDocument;
+
+/// Calls go straight to the handlers of the node registered at the address.
+#[derive(Debug, Default)]
+struct LocalTransport {
+    nodes: Mutex<HashMap<String, Arc<Cluster>>>,
+}
+
+impl LocalTransport {
+    fn node(&self, addr: &str) -> Result<Arc<Cluster>, TransportError> {
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(addr)
+            .cloned()
+            .ok_or_else(|| TransportError::Unreachable { addr: addr.into(), reason: "not running".into() })
+    }
+}
+
+fn refused(addr: &str, error: ClusterError) -> TransportError {
+    let code = match error {
+        ClusterError::NoQuorum(_) => "Unavailable",
+        ClusterError::Refused(_) => "FailedPrecondition",
+        ClusterError::Failed(_) => "Internal",
+    };
+    TransportError::Refused { addr: addr.into(), code: code.into(), message: error.to_string() }
+}
+
+fn not_served(addr: &str) -> TransportError {
+    TransportError::Refused { addr: addr.into(), code: "Unimplemented".into(), message: "no data plane here".into() }
+}
+
+impl Transport for LocalTransport {
+    fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>> {
+        let node = self.node(addr);
+        Box::pin(async move { Ok(serve_raft(node?.raft(), request).await) })
+    }
+
+    fn forward(&self, addr: &str, _: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
+        let error = not_served(addr);
+        Box::pin(async move { Err(error) })
+    }
+
+    fn query(&self, addr: &str, _: QueryRequest) -> BoxFuture<'_, Result<QueryResponse, TransportError>> {
+        let error = not_served(addr);
+        Box::pin(async move { Err(error) })
+    }
+
+    fn hand_off(&self, addr: &str, _: HandOffRequest) -> BoxFuture<'_, Result<ChunkStream, TransportError>> {
+        let error = not_served(addr);
+        Box::pin(async move { Err(error) })
+    }
+
+    fn write(&self, addr: &str, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move { self.node(&addr)?.handle_write(request).await.map_err(|e| refused(&addr, e)) })
+    }
+
+    fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move { self.node(&addr)?.handle_join(request).await.map_err(|e| refused(&addr, e)) })
+    }
+}
+
+fn settings() -> ClusterSettings {
+    ClusterSettings {
+        vnodes: 16,
+        heartbeat_interval: Duration::from_millis(50),
+        election_timeout: Duration::from_millis(300),
+        rpc_timeout: Duration::from_millis(500),
+        failover_after: Duration::from_secs(3),
+        max_concurrent_moves: 4,
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct TestNode {
+    cluster: Arc<Cluster>,
+    mover: tokio::task::JoinHandle<()>,
+}
+
+struct TestCluster {
+    root: tempfile::TempDir,
+    local: Arc<LocalTransport>,
+    faults: Arc<Faults>,
+    nodes: BTreeMap<NodeId, TestNode>,
+}
+
+fn addr(id: NodeId) -> String {
+    format!("node-{id}:11900")
+}
+
+/// Stands in for the data plane's mover: a node that is handed a vnode has nothing to pull here,
+/// so it completes the move at once.
+fn complete_moves(cluster: Arc<Cluster>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut applied = cluster.applied();
+        loop {
+            let moving: Vec<u16> = applied
+                .borrow_and_update()
+                .state
+                .vnodes
+                .vnodes
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s, VnodeState::Moving { to, .. } if *to == cluster.id))
+                .map(|(vnode, _)| vnode as u16)
+                .collect();
+            for vnode in moving {
+                let _ = cluster.write(Command::CompleteMove { vnode }).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(300), applied.changed()).await;
+        }
+    })
+}
+
+impl TestCluster {
+    fn new() -> TestCluster {
+        TestCluster {
+            root: tempfile::tempdir().unwrap(),
+            local: Arc::new(LocalTransport::default()),
+            faults: Faults::new(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    fn dir(&self, id: NodeId) -> PathBuf {
+        self.root.path().join(format!("node-{id}"))
+    }
+
+    async fn start(&mut self, id: NodeId) -> Arc<Cluster> {
+        let me = PeerNode { name: format!("node-{id}"), cluster_addr: addr(id), api_addr: format!("node-{id}:12800") };
+        let transport: Arc<dyn Transport> = Arc::new(FaultyTransport::new(
+            &addr(id),
+            Arc::clone(&self.local) as Arc<dyn Transport>,
+            Arc::clone(&self.faults),
+        ));
+        let cluster = Cluster::start(&self.dir(id), id, me, settings(), transport).await.expect("start");
+        self.local.nodes.lock().unwrap().insert(addr(id), Arc::clone(&cluster));
+        let mover = complete_moves(Arc::clone(&cluster));
+        self.nodes.insert(id, TestNode { cluster: Arc::clone(&cluster), mover });
+        cluster
+    }
+
+    async fn bootstrap(&mut self, id: NodeId) -> Arc<Cluster> {
+        let cluster = self.start(id).await;
+        cluster.bootstrap().await.expect("bootstrap");
+        cluster
+    }
+
+    async fn join(&mut self, id: NodeId, via: NodeId) -> Arc<Cluster> {
+        let cluster = self.start(id).await;
+        cluster.join(&[addr(via)], WAIT).await.expect("join");
+        cluster
+    }
+
+    /// Stops a node the way a crash does, as far as the others can tell.
+    async fn stop(&mut self, id: NodeId) {
+        let TestNode { cluster, mover } = self.nodes.remove(&id).expect("running");
+        self.local.nodes.lock().unwrap().remove(&addr(id));
+        mover.abort();
+        let _ = mover.await;
+        cluster.shutdown().await;
+        let weak = Arc::downgrade(&cluster);
+        drop(cluster);
+        // The sled store is released once the last handle is gone.
+        let deadline = Instant::now() + WAIT;
+        while weak.strong_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn node(&self, id: NodeId) -> &Arc<Cluster> {
+        &self.nodes[&id].cluster
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.nodes.values().find(|n| n.cluster.is_leader()).map(|n| n.cluster.id)
+    }
+
+    async fn wait_leader_among(&self, ids: &[NodeId]) -> NodeId {
+        wait_until("a leader", || ids.iter().copied().find(|id| self.node(*id).is_leader())).await
+    }
+
+    /// Waits until every running node applied a state satisfying `ready`.
+    async fn wait_all(&self, what: &str, ready: impl Fn(&ClusterState) -> bool + Copy) {
+        for (id, node) in &self.nodes {
+            let ok = wait_applied(&node.cluster.applied(), WAIT, |a| ready(&a.state)).await;
+            assert!(ok, "node {id}: {what} not applied within {WAIT:?}; state: {:?}", node.cluster.state());
+        }
+    }
+}
+
+async fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pricing(price: f64) -> PricingDocument {
+    PricingDocument {
+        last_updated: None,
+        providers: vec![ProviderPricing {
+            provider: "openai".into(),
+            prefix_match: None,
+            models: Some(vec![model("gpt-4o-mini", price)]),
+        }],
+    }
+}
+
+fn model(name: &str, input: f64) -> ModelPricing {
+    ModelPricing {
+        name: name.into(),
+        aliases: None,
+        input: Some(input),
+        output: Some(input * 4.0),
+        cached_input: None,
+        cache_creation_input: None,
+    }
+}
+
+fn price_of(state: &ClusterState) -> Option<f64> {
+    state.pricing.as_ref()?.document.providers.first()?.models.as_ref()?.first()?.input
+}
+
+fn voters(cluster: &Cluster) -> BTreeSet<NodeId> {
+    cluster.status().nodes.into_iter().filter(|m| m.role == "voter").map(|m| m.id).collect()
+}
+
+fn owned_by(state: &ClusterState, id: NodeId) -> usize {
+    state.vnodes.vnodes.iter().filter(|s| matches!(s, VnodeState::Active { owner } if *owner == id)).count()
+}
+
+fn balanced(state: &ClusterState, members: &[NodeId]) -> bool {
+    let total = state.vnodes.vnodes.len();
+    let fair = total / members.len();
+    state.vnodes.vnodes.iter().all(|s| matches!(s, VnodeState::Active { .. }))
+        && members.iter().all(|id| (fair..=fair + 1).contains(&owned_by(state, *id)))
+}
+
+async fn three_nodes() -> TestCluster {
+    let mut cluster = TestCluster::new();
+    cluster.bootstrap(1).await;
+    cluster.join(2, 1).await;
+    cluster.join(3, 1).await;
+    cluster.wait_all("three members, balanced", |s| s.nodes.len() == 3 && balanced(s, &[1, 2, 3])).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3]).await;
+    wait_until("three voters", || (voters(cluster.node(leader)).len() == 3).then_some(())).await;
+    cluster
+}
+
+/// Retries a write while it fails with a retryable error, as the API's clients do.
+async fn write_retrying(node: &Cluster, command: Command) -> CommandResponse {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match node.write(command.clone()).await {
+            Ok(response) => return response,
+            Err(ClusterError::NoQuorum(reason)) if Instant::now() < deadline => {
+                eprintln!("retrying a write: {reason}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_writes_from_any_node_reach_every_node() {
+    let cluster = three_nodes().await;
+    let leader = cluster.leader().expect("a leader");
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+
+    let response =
+        cluster.node(follower).write(Command::SetPricing(pricing(0.15))).await.expect("write via a follower");
+    assert_eq!(response, CommandResponse::Applied { version: 1 });
+    cluster.wait_all("pricing v1", |s| s.pricing.as_ref().map(|p| p.version) == Some(1)).await;
+    for id in [1, 2, 3] {
+        assert_eq!(price_of(&cluster.node(id).state()), Some(0.15), "node {id}");
+    }
+
+    // A refusal is the state's answer, the same wherever the write was made.
+    let mut bad = pricing(0.15);
+    bad.providers[0].models.as_mut().unwrap().push(model("broken", -1.0));
+    match cluster.node(follower).write(Command::SetPricing(bad)).await.expect("committed") {
+        CommandResponse::Refused { reason } => assert!(reason.contains("broken"), "{reason}"),
+        other => panic!("a negative price was accepted: {other:?}"),
+    }
+    let states: Vec<ClusterState> = [1, 2, 3].iter().map(|id| cluster.node(*id).state()).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "every node applied the same log");
+    assert_eq!(states[0].pricing.as_ref().unwrap().version, 1);
+
+    let status = cluster.node(follower).status();
+    assert_eq!(status.leader, Some(leader));
+    assert_eq!(status.nodes.len(), 3);
+    assert_eq!(status.vnodes.total, 16);
+    assert_eq!(status.vnodes.owners.values().sum::<usize>(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_minority_refuses_writes_and_catches_up_after_healing() {
+    let cluster = three_nodes().await;
+    let old_leader = cluster.leader().expect("a leader");
+    cluster.faults.isolate(&addr(old_leader));
+
+    let error = cluster.node(old_leader).write(Command::SetPricing(pricing(1.0))).await.expect_err("no quorum");
+    match &error {
+        ClusterError::NoQuorum(reason) => assert!(reason.contains("retry"), "{reason}"),
+        other => panic!("expected a retryable error, got {other:?}"),
+    }
+
+    let majority: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != old_leader).collect();
+    let new_leader = wait_until("a new leader in the majority", || {
+        majority.iter().copied().find(|id| cluster.node(*id).is_leader())
+    })
+    .await;
+    let response = write_retrying(cluster.node(majority[0]), Command::SetPricing(pricing(2.0))).await;
+    assert!(matches!(response, CommandResponse::Applied { .. }), "{response:?}");
+    assert_ne!(new_leader, old_leader);
+    assert_eq!(price_of(&cluster.node(old_leader).state()), None, "the minority applied nothing new");
+
+    cluster.faults.heal_all();
+    cluster.wait_all("the majority's pricing", |s| price_of(s) == Some(2.0)).await;
+    let states: Vec<ClusterState> = [1, 2, 3].iter().map(|id| cluster.node(*id).state()).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "the old leader converged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_converges_despite_dropped_and_delayed_calls() {
+    let cluster = three_nodes().await;
+    cluster.faults.drop_every(4);
+    cluster.faults.delay(Duration::from_millis(15));
+    for round in 1..=12u32 {
+        let node = cluster.node(NodeId::from(round % 3 + 1));
+        let response = write_retrying(node, Command::SetPricing(pricing(f64::from(round)))).await;
+        assert!(matches!(response, CommandResponse::Applied { .. }), "{response:?}");
+    }
+    cluster.faults.heal_all();
+    cluster.wait_all("the last pricing", |s| price_of(s) == Some(12.0)).await;
+    let states: Vec<ClusterState> = [1, 2, 3].iter().map(|id| cluster.node(*id).state()).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "every node applied the same log");
+    // A write retried after a lost answer may commit twice: versions count commits, at least 12.
+    assert!(states[0].pricing.as_ref().unwrap().version >= 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_restarted_node_keeps_its_identity_and_catches_up() {
+    let mut cluster = three_nodes().await;
+    let leader = cluster.leader().expect("a leader");
+    let restarted = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let before = owned_by(&cluster.node(restarted).state(), restarted);
+    assert!(before > 0);
+
+    cluster.stop(restarted).await;
+    let response = write_retrying(cluster.node(leader), Command::SetPricing(pricing(3.0))).await;
+    assert!(matches!(response, CommandResponse::Applied { .. }));
+
+    let node = cluster.start(restarted).await;
+    assert!(node.is_initialized().await, "the raft store kept the membership");
+    cluster.wait_all("pricing made while it was down", |s| price_of(s) == Some(3.0)).await;
+    let state = node.state();
+    assert_eq!(state.nodes.len(), 3, "no new member: the same node came back");
+    assert_eq!(owned_by(&state, restarted), before, "its vnodes waited for it (no failover within 3s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_keeps_five_voters_and_makes_the_rest_learners() {
+    let mut cluster = TestCluster::new();
+    cluster.bootstrap(1).await;
+    for id in 2..=6 {
+        cluster.join(id, 1).await;
+    }
+    cluster.wait_all("six members", |s| s.nodes.len() == 6).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3, 4, 5, 6]).await;
+    let status = wait_until("five voters", || {
+        let status = cluster.node(leader).status();
+        (status.nodes.iter().filter(|m| m.role == "voter").count() == 5).then_some(status)
+    })
+    .await;
+    let learners: Vec<&str> = status.nodes.iter().filter(|m| m.role == "learner").map(|m| m.name.as_str()).collect();
+    assert_eq!(learners, ["node-6"], "{status:?}");
+    // Learners own data like everyone else.
+    cluster.wait_all("a balanced map over six", |s| balanced(s, &[1, 2, 3, 4, 5, 6])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_unreachable_node_loses_its_vnodes_after_the_failover_delay() {
+    let mut cluster = three_nodes().await;
+    let leader = cluster.leader().expect("a leader");
+    let failed = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let stopped_at = Instant::now();
+    cluster.stop(failed).await;
+    cluster.wait_all("the failed node's vnodes reassigned", move |s| owned_by(s, failed) == 0).await;
+    assert!(stopped_at.elapsed() >= Duration::from_secs(3), "failover waited for failover_after");
+    let state = cluster.node(leader).state();
+    let live: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != failed).collect();
+    assert_eq!(live.iter().map(|id| owned_by(&state, *id)).sum::<usize>(), 16, "every vnode has a live owner");
+    assert!(state.nodes.contains_key(&failed), "failover keeps the member: it may come back");
+
+    // Back, it owns nothing, then the controller gives it its share again.
+    cluster.start(failed).await;
+    cluster.wait_all("rebalanced with the node back", |s| balanced(s, &[1, 2, 3])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_leaving_node_hands_everything_over_and_is_removed() {
+    let cluster = three_nodes().await;
+    let leader = cluster.leader().expect("a leader");
+    let leaving = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    cluster.node(leader).remove_node(leaving, WAIT).await.expect("leave");
+    let rest: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != leaving).collect();
+    for id in &rest {
+        let ok = wait_applied(&cluster.node(*id).applied(), WAIT, |a| !a.state.nodes.contains_key(&leaving)).await;
+        let state = cluster.node(*id).state();
+        assert!(ok && state.leaving.is_empty(), "node {id}: {state:?}");
+        assert!(balanced(&state, &rest), "node {id}: {state:?}");
+    }
+    wait_until("out of the raft membership", || {
+        (!cluster.node(leader).status().nodes.iter().any(|m| m.id == leaving)
+            && voters(cluster.node(leader)) == rest.iter().copied().collect())
+        .then_some(())
+    })
+    .await;
+    // The last member cannot leave.
+    cluster.node(rest[0]).remove_node(rest[1], WAIT).await.expect("leave");
+    let error = cluster.node(rest[0]).remove_node(rest[0], WAIT).await.expect_err("last member");
+    assert!(matches!(error, ClusterError::Refused(ref r) if r.contains("last member")), "{error:?}");
+}

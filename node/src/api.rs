@@ -2,7 +2,9 @@
 //! configuration, `/metrics`, `/healthz`, `/readyz`. Errors are `{"error", "code"}` JSON.
 
 use crate::error::Error;
-use crate::query::{LogQuery, QueryEngine};
+use crate::fanout::{Answer, Fanout};
+use crate::query::LogQuery;
+use crate::runtime::cluster_error;
 use crate::runtime::ConfigService;
 use crate::store::{LogPosition, StoredLog};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -22,8 +24,10 @@ use tollgate_rules::{KeepReason, LogKind, PricingDocument, RulesConfig, Step};
 /// Everything the API handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    /// Reads.
-    pub query: QueryEngine,
+    /// Reads, across the cluster.
+    pub query: Fanout,
+    /// The node's cluster handle.
+    pub cluster: Arc<tollgate_cluster::Cluster>,
     /// Configuration reads and writes.
     pub config: Arc<dyn ConfigService>,
     /// Self-metrics.
@@ -34,7 +38,7 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     /// True while the node is healthy (false once storage failed).
     pub healthy: Arc<AtomicBool>,
-    /// Extra routes (the cluster API) merged in by the server.
+    /// Time.
     pub clock: Arc<dyn crate::clock::Clock>,
 }
 
@@ -53,6 +57,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/logs", get(logs))
         .route("/api/v1/config/pricing", get(get_pricing).put(put_pricing))
         .route("/api/v1/config/rules", get(get_rules).put(put_rules))
+        .route("/api/v1/cluster", get(cluster_status))
+        .route("/api/v1/cluster/nodes", axum::routing::post(add_node))
+        .route("/api/v1/cluster/nodes/{id}", axum::routing::delete(remove_node))
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -124,18 +131,26 @@ pub fn round6(value: f64) -> f64 {
     (value * 1e6).round() / 1e6
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("query task failed: {e}")))?
+/// The JSON answer, with `X-Tollgate-Missing-Nodes` naming members that could not be asked (the
+/// answer may lack their data).
+fn answer<T>(answer: Answer<T>, body: impl FnOnce(T) -> serde_json::Value) -> Response {
+    let missing = answer.missing;
+    let mut response = Json(body(answer.value)).into_response();
+    if !missing.is_empty() {
+        if let Ok(value) = missing.join(",").parse() {
+            response.headers_mut().insert("x-tollgate-missing-nodes", value);
+        }
+    }
+    response
 }
 
 async fn services(State(state): State<ApiState>) -> Result<Response, Error> {
-    let query = state.query.clone();
-    let services = blocking(move || query.services()).await?;
-    Ok(Json(json!({ "services": services })).into_response())
+    let services = state.query.services().await?;
+    Ok(answer(services, |services| json!({ "services": services })))
 }
 
 async fn catalogue(State(state): State<ApiState>) -> Response {
-    let config = state.query.config();
+    let config = state.query.local().config();
     Json(config.rules.config.catalogue.entries()).into_response()
 }
 
@@ -186,20 +201,14 @@ async fn metric_answer(
             .ok_or_else(|| Error::InvalidArgument(format!("step: {value:?} is not minute, hour or day")))?,
     };
     let (start, end) = range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?;
-    let query = state.query.metric_query(&name, &service, params.instance.as_deref(), start, end, step)?;
-    let engine = state.query.clone();
-    let partial = blocking({
-        let query = query.clone();
-        move || engine.partial(&query)
-    })
-    .await?;
-    let mut result = partial.finish(&query);
-    for series in &mut result.series {
+    let query = state.query.local().metric_query(&name, &service, params.instance.as_deref(), start, end, step)?;
+    let mut result = state.query.metric(query).await?;
+    for series in &mut result.value.series {
         for point in &mut series.points {
             point.1 = point.1.map(round6);
         }
     }
-    Ok(Json(result).into_response())
+    Ok(answer(result, |result| serde_json::to_value(result).unwrap_or_default()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -313,10 +322,11 @@ async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejec
         limit: params.limit.unwrap_or(100),
         cursor: params.cursor.as_deref().map(parse_cursor).transpose()?,
     };
-    let engine = state.query.clone();
-    let page = blocking(move || engine.logs(&query)).await?;
-    let logs: Vec<LogView> = page.logs.into_iter().map(LogView::from).collect();
-    Ok(Json(json!({ "logs": logs, "next_cursor": page.next.map(format_cursor) })).into_response())
+    let page = state.query.logs(query).await?;
+    Ok(answer(page, |page| {
+        let logs: Vec<LogView> = page.logs.into_iter().map(LogView::from).collect();
+        json!({ "logs": logs, "next_cursor": page.next.map(format_cursor) })
+    }))
 }
 
 fn wants_yaml(headers: &HeaderMap) -> bool {
@@ -341,12 +351,12 @@ fn document_response<T: Serialize>(
 }
 
 async fn get_pricing(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Error> {
-    let config = state.query.config();
+    let config = state.query.local().config();
     document_response(&headers, config.pricing.version(), config.pricing.document(), state.config.freshness())
 }
 
 async fn get_rules(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Error> {
-    let config = state.query.config();
+    let config = state.query.local().config();
     document_response(&headers, config.rules.version, &config.rules.config, state.config.freshness())
 }
 
@@ -376,6 +386,60 @@ async fn put_rules(
     let document = RulesConfig::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let version = state.config.set_rules(document).await?;
     Ok(Json(json!({ "version": version })).into_response())
+}
+
+async fn cluster_status(State(state): State<ApiState>) -> Response {
+    Json(state.cluster.status()).into_response()
+}
+
+/// A node to add, as `POST /api/v1/cluster/nodes` takes it (what `serve --join` sends itself).
+#[derive(Debug, Deserialize)]
+struct NodeToAdd {
+    node_id: u64,
+    name: String,
+    cluster_addr: String,
+    api_addr: String,
+}
+
+async fn add_node(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    bytes: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    authorize(&headers, state.api_token.as_deref())?;
+    let body = body(bytes)?;
+    let node: NodeToAdd =
+        serde_json::from_slice(&body).map_err(|e| Error::InvalidArgument(format!("the node to add: {e}")))?;
+    let request = tollgate_proto::peer::JoinRequest {
+        node_id: node.node_id,
+        name: node.name,
+        cluster_addr: node.cluster_addr,
+        api_addr: node.api_addr,
+    };
+    let response = state.cluster.handle_join(request).await.map_err(cluster_error)?;
+    Ok(Json(json!({ "leader": response.leader_id })).into_response())
+}
+
+/// How long `DELETE /api/v1/cluster/nodes/{id}` waits for the node's vnodes to move away.
+const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+async fn remove_node(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    authorize(&headers, state.api_token.as_deref())?;
+    let members = state.cluster.state().nodes;
+    let node_id = match id.parse::<u64>() {
+        Ok(number) if members.contains_key(&number) => number,
+        _ => *members
+            .iter()
+            .find(|(_, node)| node.name == id)
+            .map(|(number, _)| number)
+            .ok_or_else(|| Error::NotFound(format!("no member with id or name {id:?}")))?,
+    };
+    state.cluster.remove_node(node_id, LEAVE_TIMEOUT).await.map_err(cluster_error)?;
+    Ok(Json(json!({ "removed": node_id })).into_response())
 }
 
 async fn prometheus(State(state): State<ApiState>) -> Response {

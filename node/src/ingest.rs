@@ -1,19 +1,25 @@
-//! From a decoded export to durable merges: extraction (rules crate), grouping by vnode,
-//! submission to the owners, waiting for every owner's durable reply, one merged report.
+//! From a decoded export to durable merges: extraction (rules crate), grouping by vnode, routing
+//! each group to its owner — the local owner actor, or the owning node over the cluster port —
+//! and waiting for every owner's durable reply, merged into one report.
 //!
 //! A request is acknowledged only when every owner it touched replied with a durable write. Any
-//! failure (full owner queue, timeout, storage) fails the whole request with a retryable error;
-//! the parts that were written are recognised as duplicates when the client retries.
+//! failure (full owner queue, unreachable owner, vnode moving, timeout, storage) fails the whole
+//! request with a retryable error; the parts that were written are recognised as duplicates when
+//! the client retries.
 
 use crate::error::Error;
 use crate::metrics as m;
 use crate::owner::OwnerHandle;
 use crate::runtime::RuntimeConfig;
+use crate::wire::{self, WireLog, WirePoint};
+use futures_util::future::{BoxFuture, FutureExt};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tollgate_cluster::Cluster;
+use tollgate_proto::peer::{ForwardRequest, Signal};
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{
     extract_logs, extract_metrics, DropReason, ExtractedLog, ExtractedPoint, IngestReport, RejectReason,
@@ -29,21 +35,70 @@ pub fn vnode_of(partition: u64, vnodes: u16) -> u16 {
 pub struct Ingest {
     owners: Arc<Vec<OwnerHandle>>,
     config: watch::Receiver<Arc<RuntimeConfig>>,
+    cluster: Arc<Cluster>,
     vnodes: u16,
     request_timeout: Duration,
 }
 
-type Pending = oneshot::Receiver<Result<IngestReport, Error>>;
+type Pending = BoxFuture<'static, Result<IngestReport, Error>>;
+
+/// Where a vnode's data goes now.
+enum Route {
+    Local(OwnerHandle),
+    Remote { addr: String, epoch: u64 },
+}
 
 impl Ingest {
-    /// Routing over `owners` (one per vnode, in vnode order).
+    /// Routing over `owners` (one per vnode, in vnode order) and the cluster's vnode map.
     pub fn new(
         owners: Arc<Vec<OwnerHandle>>,
         config: watch::Receiver<Arc<RuntimeConfig>>,
+        cluster: Arc<Cluster>,
         request_timeout: Duration,
     ) -> Ingest {
         let vnodes = owners.len() as u16;
-        Ingest { owners, config, vnodes, request_timeout }
+        Ingest { owners, config, cluster, vnodes, request_timeout }
+    }
+
+    fn route(&self, vnode: u16) -> Result<Route, Error> {
+        let applied = Arc::clone(&self.cluster.applied().borrow());
+        let state = &applied.state;
+        match state.vnodes.owner(vnode) {
+            Some(owner) if owner == self.cluster.id => Ok(Route::Local(self.owners[vnode as usize].clone())),
+            Some(owner) => match state.nodes.get(&owner) {
+                Some(node) => Ok(Route::Remote { addr: node.cluster_addr.clone(), epoch: state.vnodes.epoch }),
+                None => Err(Error::Unavailable(format!("the owner of vnode {vnode} is not a member; retry"))),
+            },
+            None if state.vnodes.is_empty() => {
+                Err(Error::Unavailable("the cluster is not bootstrapped yet; retry".into()))
+            }
+            None => Err(Error::Unavailable(format!("vnode {vnode} is being handed over; retry"))),
+        }
+    }
+
+    fn forward(&self, addr: String, request: ForwardRequest) -> Pending {
+        let transport = Arc::clone(self.cluster.transport());
+        async move {
+            let started = Instant::now();
+            let result = transport.forward(&addr, request).await;
+            metrics::histogram!(m::FORWARD_SECONDS, "peer" => addr.clone()).record(started.elapsed().as_secs_f64());
+            let response = result.map_err(|error| {
+                let reason = match &error {
+                    tollgate_cluster::transport::TransportError::Unreachable { .. } => "unreachable",
+                    tollgate_cluster::transport::TransportError::Refused { .. } => "refused",
+                    tollgate_cluster::transport::TransportError::Backpressure { .. } => "backpressure",
+                };
+                metrics::counter!(m::FORWARD_FAILURES, "peer" => addr.clone(), "reason" => reason).increment(1);
+                match error {
+                    tollgate_cluster::transport::TransportError::Backpressure { .. } => {
+                        Error::overloaded(format!("too much data in flight to {addr}; retry later"))
+                    }
+                    other => Error::Unavailable(format!("forwarding to the owner failed: {other}; retry")),
+                }
+            })?;
+            wire::decode("forwarded report", &response.report).map_err(Error::Internal)
+        }
+        .boxed()
     }
 
     /// Merges an export; the report says what was rejected and why.
@@ -61,9 +116,23 @@ impl Ingest {
         for point in batch.points {
             groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
         }
-        let mut pending = Vec::with_capacity(groups.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(groups.len());
         for (vnode, points) in groups {
-            pending.push(self.owners[vnode as usize].submit_metrics(points)?);
+            match self.route(vnode)? {
+                Route::Local(owner) => pending.push(submit_metrics(&owner, points)?),
+                Route::Remote { addr, epoch } => {
+                    metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(points.len() as u64);
+                    let wire: Vec<WirePoint> = points.into_iter().map(WirePoint::from).collect();
+                    let request = ForwardRequest {
+                        vnode: u32::from(vnode),
+                        map_epoch: epoch,
+                        signal: Signal::Metrics as i32,
+                        payload: wire::encode(&wire),
+                        batch_fingerprint: Vec::new(),
+                    };
+                    pending.push(self.forward(addr, request));
+                }
+            }
         }
         let report = self.gather(batch.report, pending).await?;
         count_report(&report, protocol, m::POINTS_REJECTED, m::POINTS_DROPPED);
@@ -83,33 +152,73 @@ impl Ingest {
         for record in batch.records {
             groups.entry(vnode_of(record.partition, self.vnodes)).or_default().push(record);
         }
-        let mut pending = Vec::with_capacity(groups.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(groups.len());
         for (vnode, records) in groups {
             let fingerprint = batch_fingerprint(vnode, &records);
-            pending.push(self.owners[vnode as usize].submit_logs(records, fingerprint)?);
+            match self.route(vnode)? {
+                Route::Local(owner) => pending.push(submit_logs(&owner, records, fingerprint)?),
+                Route::Remote { addr, epoch } => {
+                    let wire: Vec<WireLog> = records.into_iter().map(WireLog::from).collect();
+                    let request = ForwardRequest {
+                        vnode: u32::from(vnode),
+                        map_epoch: epoch,
+                        signal: Signal::Logs as i32,
+                        payload: wire::encode(&wire),
+                        batch_fingerprint: fingerprint.to_be_bytes().to_vec(),
+                    };
+                    pending.push(self.forward(addr, request));
+                }
+            }
         }
         let report = self.gather(batch.report, pending).await?;
         count_report(&report, protocol, m::LOGS_REJECTED, m::LOGS_DROPPED);
         Ok(report)
     }
 
+    /// Points forwarded to this node for `owner`'s vnode.
+    pub async fn owner_metrics(&self, owner: &OwnerHandle, points: Vec<ExtractedPoint>) -> Result<IngestReport, Error> {
+        let pending = submit_metrics(owner, points)?;
+        self.gather(IngestReport::default(), vec![pending]).await
+    }
+
+    /// Log records forwarded to this node for `owner`'s vnode.
+    pub async fn owner_logs(
+        &self,
+        owner: &OwnerHandle,
+        records: Vec<ExtractedLog>,
+        fingerprint: u128,
+    ) -> Result<IngestReport, Error> {
+        let pending = submit_logs(owner, records, fingerprint)?;
+        self.gather(IngestReport::default(), vec![pending]).await
+    }
+
     async fn gather(&self, mut report: IngestReport, pending: Vec<Pending>) -> Result<IngestReport, Error> {
-        let all = async {
-            for receiver in pending {
-                let part =
-                    receiver.await.map_err(|_| Error::Unavailable("an owner stopped before replying".into()))??;
-                report.merge(&part);
-            }
-            Ok::<_, Error>(report)
-        };
+        let all = futures_util::future::join_all(pending);
         match tokio::time::timeout(self.request_timeout, all).await {
-            Ok(result) => result,
+            Ok(parts) => {
+                for part in parts {
+                    report.merge(&part?);
+                }
+                Ok(report)
+            }
             Err(_) => Err(Error::Unavailable(format!(
                 "durable writes did not complete within {} ms; retry (merges are idempotent)",
                 self.request_timeout.as_millis()
             ))),
         }
     }
+}
+
+fn submit_metrics(owner: &OwnerHandle, points: Vec<ExtractedPoint>) -> Result<Pending, Error> {
+    let receiver = owner.submit_metrics(points)?;
+    Ok(async move { receiver.await.map_err(|_| Error::Unavailable("an owner stopped before replying".into()))? }
+        .boxed())
+}
+
+fn submit_logs(owner: &OwnerHandle, records: Vec<ExtractedLog>, fingerprint: u128) -> Result<Pending, Error> {
+    let receiver = owner.submit_logs(records, fingerprint)?;
+    Ok(async move { receiver.await.map_err(|_| Error::Unavailable("an owner stopped before replying".into()))? }
+        .boxed())
 }
 
 /// The fingerprint of the records of one export that belong to one vnode: a retry of the same

@@ -7,7 +7,10 @@
 //! - [`ingest`]: extraction with the rules crate, grouping by vnode, waiting for every owner.
 //! - [`owner`]: one ractor actor per vnode that normalises, merges and samples, and writes.
 //! - [`store`]: durable state behind our own trait, on sled with a group-commit writer.
-//! - [`query`] and [`api`]: reading back over HTTP; [`runtime`]: pricing and rules in force.
+//! - [`query`] and [`api`]: reading back over HTTP; [`fanout`]: the same across the cluster;
+//!   [`runtime`]: pricing and rules in force, replicated through the cluster.
+//! - [`peer`]: the node-to-node service (Raft, forwarded data, queries, hand-overs); [`wire`]:
+//!   what travels on it; [`mover`]: taking vnodes over.
 //! - [`server`]: starting and stopping all of it; [`config`]: options from file, environment and
 //!   flags; [`cli`]: the command line; [`metrics`]: self-metric names; [`clock`], [`error`].
 
@@ -17,14 +20,18 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fanout;
 pub mod ingest;
 pub mod metrics;
+pub mod mover;
 pub mod owner;
+pub mod peer;
 pub mod query;
 pub mod receiver;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod wire;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::NodeConfig;

@@ -55,6 +55,26 @@ pub const ROLLED_UP_MINUTES: &str = "tollgate_rolled_up_minutes_total";
 pub const RETENTION_DELETED: &str = "tollgate_retention_deleted_total";
 /// Config versions applied, by `document` (`pricing`, `rules`).
 pub const CONFIG_VERSION: &str = "tollgate_config_version";
+/// Points forwarded to their owner node, by `peer` (its cluster address).
+pub const FORWARDED_POINTS: &str = "tollgate_forwarded_points_total";
+/// Duration of a forward to an owner node until its durable acknowledgement, by `peer`.
+pub const FORWARD_SECONDS: &str = "tollgate_forward_seconds";
+/// Forwards that failed, by `peer` and `reason` (`unreachable`, `refused`, `backpressure`).
+pub const FORWARD_FAILURES: &str = "tollgate_forward_failures_total";
+/// Current Raft term.
+pub const RAFT_TERM: &str = "tollgate_raft_term";
+/// Leader changes seen by this node.
+pub const RAFT_LEADER_CHANGES: &str = "tollgate_raft_leader_changes_total";
+/// Index of the last committed Raft entry.
+pub const RAFT_COMMIT_INDEX: &str = "tollgate_raft_commit_index";
+/// Index of the last applied Raft entry.
+pub const RAFT_APPLIED_INDEX: &str = "tollgate_raft_applied_index";
+/// 1 while this node is the Raft leader.
+pub const RAFT_IS_LEADER: &str = "tollgate_raft_is_leader";
+/// Vnodes this node owns.
+pub const VNODES_OWNED: &str = "tollgate_vnodes_owned";
+/// Vnode hand-overs this node completed, by `direction` (`in`, `out`) and `kind` (`state`, `full`).
+pub const VNODE_MOVES: &str = "tollgate_vnode_moves_total";
 /// Query requests, by `kind` (`metric`, `logs`) and `outcome`.
 pub const QUERIES: &str = "tollgate_queries_total";
 

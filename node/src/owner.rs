@@ -23,6 +23,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tollgate_cluster::raft_store::AppliedState;
+use tollgate_cluster::NodeId;
 use tollgate_rules::ingest::{log_counter_keys, log_increment};
 use tollgate_rules::normalize::PointKey;
 use tollgate_rules::point::Temporality;
@@ -31,11 +33,15 @@ use tollgate_rules::{
     Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, RejectReason,
     Rejection, SeriesId, SeriesTable,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Everything owners share.
 #[derive(Debug)]
 pub struct OwnerContext {
+    /// This node's cluster id.
+    pub me: NodeId,
+    /// The applied cluster state: who owns which vnode.
+    pub cluster: watch::Receiver<Arc<AppliedState>>,
     /// Durable state.
     pub store: Arc<dyn Storage>,
     /// Time.
@@ -115,6 +121,26 @@ pub enum OwnerMsg {
         /// Signalled when done (tests and shutdown).
         done: Option<oneshot::Sender<()>>,
     },
+    /// The vnode is being handed to another node: make everything written so far durable (and,
+    /// for a full hand-over, roll every minute up), so that the store holds all of it.
+    Release {
+        /// Roll up every minute too (all data moves).
+        full: bool,
+        /// Signalled when done.
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    /// State (or all data) of the vnode handed over by its previous owner: merge it into the
+    /// store.
+    Import {
+        /// Raw store entries.
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        /// All data (merge aggregates and roll-up frontiers), or only the normalisation state.
+        full: bool,
+        /// A metadata entry written in the same batch (the mover's marker).
+        marker: Option<(String, Vec<u8>)>,
+        /// Signalled when durable.
+        done: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// A running owner: its actor and its intake semaphore.
@@ -180,6 +206,25 @@ impl OwnerHandle {
         wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))
     }
 
+    /// Releases the vnode for a hand-over and waits until its store is complete.
+    pub async fn release(&self, full: bool) -> Result<(), Error> {
+        let (done, wait) = oneshot::channel();
+        self.send(OwnerMsg::Release { full, done })?;
+        wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?
+    }
+
+    /// Merges handed-over entries into the store and waits until they are durable.
+    pub async fn import(
+        &self,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        full: bool,
+        marker: Option<(String, Vec<u8>)>,
+    ) -> Result<(), Error> {
+        let (done, wait) = oneshot::channel();
+        self.send(OwnerMsg::Import { entries, full, marker, done })?;
+        wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?
+    }
+
     /// Asks for maintenance without waiting (the periodic tick; skipped when the queue is full).
     pub fn tick(&self) {
         let _ = self.actor.cast(OwnerMsg::Maintain { done: None });
@@ -213,6 +258,8 @@ type StateKey = (SeriesId, Resolution, u64);
 
 struct OwnerState {
     vnode: u16,
+    /// Whether this node owned the vnode at the last message.
+    owned: bool,
     context: Arc<OwnerContext>,
     table: SeriesTable,
     partitions: FastMap<u64, PartitionState>,
@@ -236,6 +283,7 @@ impl Actor for Owner {
     async fn pre_start(&self, _: ActorRef<OwnerMsg>, args: OwnerArguments) -> Result<OwnerState, ActorProcessingErr> {
         Ok(OwnerState {
             vnode: args.vnode,
+            owned: false,
             context: args.context,
             table: SeriesTable::new(),
             partitions: FastMap::default(),
@@ -263,7 +311,16 @@ impl Actor for Owner {
         state: &mut OwnerState,
     ) -> Result<(), ActorProcessingErr> {
         metrics::counter!(m::OWNER_POPPED).increment(1);
+        // Ownership is read from the applied cluster state at every message: data that was
+        // queued before a hand-over began is refused once it has.
+        let owned = state.owns_now();
+        if owned != state.owned {
+            state.transition(owned).await;
+        }
         match message {
+            OwnerMsg::Metrics { reply, .. } | OwnerMsg::Logs { reply, .. } if !owned => {
+                let _ = reply.send(Err(state.not_owner()));
+            }
             OwnerMsg::Metrics { points, reply, permit } => {
                 let outcome = state.ingest_metrics(points);
                 state.finish(outcome, reply, permit).await;
@@ -271,6 +328,24 @@ impl Actor for Owner {
             OwnerMsg::Logs { records, batch, reply, permit } => {
                 let outcome = state.ingest_logs(records, batch);
                 state.finish(outcome, reply, permit).await;
+            }
+            OwnerMsg::Release { full, done } => {
+                let result = if owned {
+                    Err(Error::Conflict(format!("vnode {} is owned here; nothing to release", state.vnode)))
+                } else if full {
+                    state.roll_up_everything().await
+                } else {
+                    Ok(())
+                };
+                let _ = done.send(result);
+            }
+            OwnerMsg::Import { entries, full, marker, done } => {
+                let result = if owned {
+                    Err(Error::Conflict(format!("vnode {} is owned here already; refusing an import", state.vnode)))
+                } else {
+                    state.import(entries, full, marker).await
+                };
+                let _ = done.send(result);
             }
             OwnerMsg::Maintain { done } => {
                 if let Err(error) = state.maintain().await {
@@ -290,6 +365,38 @@ impl Actor for Owner {
 type Outcome = (StoreBatch, Result<IngestReport, Error>);
 
 impl OwnerState {
+    /// True when the applied cluster state says this node owns the vnode now.
+    fn owns_now(&self) -> bool {
+        self.context.cluster.borrow().state.vnodes.owner(self.vnode) == Some(self.context.me)
+    }
+
+    fn not_owner(&self) -> Error {
+        Error::Unavailable(format!(
+            "this node does not own vnode {} now (it is moving or elsewhere); retry",
+            self.vnode
+        ))
+    }
+
+    /// Ownership changed: everything written so far is made durable, and memory is forgotten
+    /// (a new owner reads the handed-over state from the store; a former owner holds nothing).
+    async fn transition(&mut self, owned: bool) {
+        if let Err(error) = self.settle().await {
+            warn!(vnode = self.vnode, %error, "writes before an ownership change are not durable");
+        }
+        for (_, entry) in self.table.iter() {
+            self.context.cardinality.remove(&entry.key.entity.service);
+        }
+        metrics::gauge!(m::SERIES_ACTIVE).decrement(self.table.len() as f64);
+        self.table = SeriesTable::new();
+        self.partitions.clear();
+        self.cache.clear();
+        self.counter_series.clear();
+        self.log_batches.clear();
+        self.log_batches_loaded = false;
+        self.owned = owned;
+        info!(vnode = self.vnode, owned, "vnode ownership changed");
+    }
+
     /// Queues the batch with the writer (in this owner's order) and replies once it is durable;
     /// the intake permit is released with the reply. A batch is written even when processing
     /// stopped early with an error: what was applied in memory must reach the disk, so that a
@@ -672,7 +779,23 @@ impl OwnerState {
             evicted_series = evicted.len(),
             "owner maintenance"
         );
-        self.roll_up(&config).await
+        if self.owned {
+            self.roll_up(&config).await
+        } else {
+            // A vnode owned elsewhere gets no more points here: every minute is closed.
+            self.roll_up_everything().await
+        }
+    }
+
+    /// Rolls every stored minute of the vnode's partitions up (the vnode is not owned here).
+    async fn roll_up_everything(&mut self) -> Result<(), Error> {
+        self.settle().await?;
+        let store = Arc::clone(&self.context.store);
+        for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
+            let Some(newest) = clock.newest_minute_ns else { continue };
+            self.roll_up_partition(partition, newest / NANOS_PER_MINUTE + 1).await?;
+        }
+        Ok(())
     }
 
     /// Merges closed minutes (no point can be merged into them any more) into hour and day
@@ -684,40 +807,114 @@ impl OwnerState {
             // In-memory clocks are newer than stored ones only by batches not yet durable; the
             // owner settled before maintenance, so the stored clock is current.
             let Some(oldest) = clock.newest_minute_ns.map(|_| clock.oldest_accepted_ns(normalize)) else { continue };
-            let closed = oldest.div_ceil(NANOS_PER_MINUTE);
-            let rolled_until = store.rolled_until(self.vnode, partition)?;
-            if rolled_until >= closed {
-                continue;
-            }
-            let mut rollups: FastMap<StateKey, Aggregate> = FastMap::default();
-            let mut minutes = 0u64;
-            for key in store.series_of_partition(self.vnode, partition)? {
-                let id = key.id();
-                for (minute, state) in store.states(self.vnode, id, Resolution::Minute, rolled_until, closed)? {
-                    minutes += 1;
-                    for resolution in [Resolution::Hour, Resolution::Day] {
-                        let period = resolution.period_of(minute);
-                        let entry = match rollups.entry((id, resolution, period)) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                e.insert(store.state(self.vnode, id, resolution, period)?.unwrap_or_default())
-                            }
-                        };
-                        entry.merge(&state);
-                    }
+            self.roll_up_partition(partition, oldest.div_ceil(NANOS_PER_MINUTE)).await?;
+        }
+        Ok(())
+    }
+
+    /// Merges the partition's minutes before `closed` that are not rolled up yet into hour and
+    /// day states, and moves its frontier to `closed`, in one batch.
+    async fn roll_up_partition(&mut self, partition: u64, closed: u64) -> Result<(), Error> {
+        let store = Arc::clone(&self.context.store);
+        let rolled_until = store.rolled_until(self.vnode, partition)?;
+        if rolled_until >= closed {
+            return Ok(());
+        }
+        let (rollups, minutes) = self.rollup_states(partition, rolled_until, closed)?;
+        let mut batch = StoreBatch::default();
+        for ((id, resolution, period), state) in rollups {
+            batch.push(Op::State { vnode: self.vnode, id, resolution, period, state });
+        }
+        batch.push(Op::RolledUntil { vnode: self.vnode, partition, minute: closed });
+        durable(store.commit(batch).await?).await?;
+        metrics::counter!(m::ROLLED_UP_MINUTES).increment(minutes);
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.rolled_until = closed;
+        }
+        Ok(())
+    }
+
+    /// The hour and day states of a partition with its stored minutes in `[from, to)` merged in,
+    /// and how many minute states that was.
+    fn rollup_states(&self, partition: u64, from: u64, to: u64) -> Result<(FastMap<StateKey, Aggregate>, u64), Error> {
+        let store = &self.context.store;
+        let mut rollups: FastMap<StateKey, Aggregate> = FastMap::default();
+        let mut minutes = 0u64;
+        for key in store.series_of_partition(self.vnode, partition)? {
+            let id = key.id();
+            for (minute, state) in store.states(self.vnode, id, Resolution::Minute, from, to)? {
+                minutes += 1;
+                for resolution in [Resolution::Hour, Resolution::Day] {
+                    let period = resolution.period_of(minute);
+                    let entry = match rollups.entry((id, resolution, period)) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(store.state(self.vnode, id, resolution, period)?.unwrap_or_default())
+                        }
+                    };
+                    entry.merge(&state);
                 }
             }
-            let mut batch = StoreBatch::default();
-            for ((id, resolution, period), state) in rollups {
-                batch.push(Op::State { vnode: self.vnode, id, resolution, period, state });
-            }
-            batch.push(Op::RolledUntil { vnode: self.vnode, partition, minute: closed });
-            durable(store.commit(batch).await?).await?;
-            metrics::counter!(m::ROLLED_UP_MINUTES).increment(minutes);
-            if let Some(state) = self.partitions.get_mut(&partition) {
-                state.rolled_until = closed;
-            }
         }
+        Ok((rollups, minutes))
+    }
+
+    /// Merges a hand-over into the store (the vnode is not owned here yet, so nothing else
+    /// writes it). Series keys, baselines, point keys, log batches, logs, entities and bounds are
+    /// copied; clocks keep the newer minute. For a full hand-over, aggregates are merged with
+    /// what this node already holds (each node's contributions are disjoint, so the merge is
+    /// exact), and each partition's roll-up frontier becomes the later of the two, with this
+    /// node's own minutes up to it rolled up first.
+    async fn import(
+        &mut self,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        full: bool,
+        marker: Option<(String, Vec<u8>)>,
+    ) -> Result<(), Error> {
+        self.settle().await?;
+        let store = Arc::clone(&self.context.store);
+        let imported = crate::store::handoff::Imported::parse(entries, full)?;
+        let mut batch = StoreBatch::default();
+        if let Some((key, value)) = marker {
+            batch.push(Op::Meta { key, value });
+        }
+        for (key, value) in imported.raw {
+            batch.push(Op::PutRaw { key, value });
+        }
+        for (partition, clock) in imported.clocks {
+            let merged = match store.clock(self.vnode, partition)? {
+                Some(existing) if existing.newest_minute_ns > clock.newest_minute_ns => existing,
+                _ => clock,
+            };
+            batch.push(Op::Clock { vnode: self.vnode, partition, clock: merged });
+        }
+        // Aggregates: existing ⊕ this node's own roll-forward ⊕ imported.
+        let mut states: FastMap<StateKey, Aggregate> = FastMap::default();
+        for (partition, theirs) in &imported.rolled_until {
+            let ours = store.rolled_until(self.vnode, *partition)?;
+            let frontier = ours.max(*theirs);
+            let (rollups, _) = self.rollup_states(*partition, ours, frontier)?;
+            states.extend(rollups);
+            batch.push(Op::RolledUntil { vnode: self.vnode, partition: *partition, minute: frontier });
+        }
+        let bounds = |hash: u64| imported.bounds.get(&hash).cloned().or_else(|| store.bounds(hash));
+        for ((id, resolution, period), bytes) in imported.states {
+            let theirs = crate::store::codec::decode_state(&bytes, bounds)
+                .map_err(|e| Error::Internal(format!("handed-over aggregate: {e}")))?;
+            let entry = match states.entry((id, resolution, period)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(store.state(self.vnode, id, resolution, period)?.unwrap_or_default())
+                }
+            };
+            entry.merge(&theirs);
+        }
+        for ((id, resolution, period), state) in states {
+            batch.push(Op::State { vnode: self.vnode, id, resolution, period, state });
+        }
+        let count = batch.ops.len();
+        durable(store.commit(batch).await?).await?;
+        info!(vnode = self.vnode, full, writes = count, "imported a vnode hand-over");
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 use crate::error::Error;
 use crate::ingest::vnode_of;
 use crate::runtime::RuntimeConfig;
-use crate::store::{LogPosition, Resolution, Storage, StoredLog};
+use crate::store::{EntityRecord, LogPosition, Resolution, Storage, StoredLog};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,7 +48,7 @@ pub struct InstanceView {
 }
 
 /// A log query.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LogQuery {
     /// Service.
     pub service: String,
@@ -71,7 +71,7 @@ pub struct LogQuery {
 }
 
 /// One page of logs, newest first.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LogPage {
     /// The logs.
     pub logs: Vec<StoredLog>,
@@ -188,23 +188,53 @@ impl QueryEngine {
         Ok(partial)
     }
 
-    /// Services and their instances.
-    pub fn services(&self) -> Result<Vec<ServiceView>, Error> {
-        let mut services: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
-        for (_, entity) in self.store.entities()? {
+    /// The entities this node holds data of.
+    pub fn entities(&self) -> Result<Vec<EntityRecord>, Error> {
+        Ok(self.store.entities()?.into_iter().map(|(_, entity)| entity).collect())
+    }
+
+    /// Services and their instances, from entity records of any number of nodes.
+    pub fn services_of(entities: impl IntoIterator<Item = EntityRecord>) -> Vec<ServiceView> {
+        let mut services: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for entity in entities {
             let instances = services.entry(entity.service).or_default();
             if let Some(instance) = entity.instance {
-                instances
-                    .push(InstanceView { name: instance, last_seen: (entity.last_seen_ns / 1_000_000_000) as i64 });
+                let last_seen = instances.entry(instance).or_default();
+                *last_seen = (*last_seen).max(entity.last_seen_ns);
             }
         }
-        Ok(services
+        services
             .into_iter()
-            .map(|(name, mut instances)| {
-                instances.sort_by(|a, b| a.name.cmp(&b.name));
-                ServiceView { name, layer: LAYER.to_string(), instances }
+            .map(|(name, instances)| ServiceView {
+                name,
+                layer: LAYER.to_string(),
+                instances: instances
+                    .into_iter()
+                    .map(|(name, last_seen_ns)| InstanceView { name, last_seen: (last_seen_ns / 1_000_000_000) as i64 })
+                    .collect(),
             })
-            .collect())
+            .collect()
+    }
+
+    /// Merges the log pages of several nodes into one, newest first.
+    pub fn merge_log_pages(pages: impl IntoIterator<Item = LogPage>, limit: usize) -> LogPage {
+        let mut logs = Vec::new();
+        let mut more = false;
+        for page in pages {
+            more |= page.next.is_some();
+            logs.extend(page.logs);
+        }
+        logs.sort_by_key(|log| std::cmp::Reverse((log.time_ns, log.fingerprint)));
+        if logs.len() > limit {
+            logs.truncate(limit);
+            more = true;
+        }
+        let next = if more {
+            logs.last().map(|log| LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint })
+        } else {
+            None
+        };
+        LogPage { logs, next }
     }
 
     /// One page of kept logs, newest first. Blocking (store reads).

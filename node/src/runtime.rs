@@ -2,18 +2,21 @@
 //! through a `watch` channel so owners and receivers use a new version from their next message
 //! on, without restart.
 //!
-//! [`ConfigService`] is how documents are read and written. [`LocalConfig`] keeps them in the
-//! node's own store (a single node); the cluster replaces it with a Raft-replicated service.
+//! Documents are part of the Raft-replicated cluster state: a write goes to the leader (from any
+//! node), is committed by a majority, and every node applies it ([`ClusterConfig`]).
 
 use crate::error::Error;
-use crate::store::{durable, Op, Storage, StoreBatch};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::{watch, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tollgate_cluster::{Cluster, ClusterError, Command, CommandResponse, Versioned};
 use tollgate_rules::pricing::BUILT_IN_PRICING;
 use tollgate_rules::{CompiledRules, PriceTable, PricingDocument, RulesConfig};
+use tracing::{error, info};
 
 /// The configuration every component reads.
 #[derive(Clone, Debug)]
@@ -40,20 +43,23 @@ impl RuntimeConfig {
         }
     }
 
-    /// From stored documents.
-    pub fn from_documents(stored: &StoredDocuments) -> Result<RuntimeConfig, Error> {
+    /// From committed documents (absent ones are the built-in defaults).
+    pub fn from_documents(
+        pricing: Option<&Versioned<PricingDocument>>,
+        rules: Option<&Versioned<RulesConfig>>,
+    ) -> Result<RuntimeConfig, Error> {
         let built_in = RuntimeConfig::built_in();
-        let rules = match &stored.rules {
+        let rules = match rules {
             Some(versioned) => Arc::new(
                 CompiledRules::new(versioned.document.clone(), versioned.version)
-                    .map_err(|e| Error::Internal(format!("stored rules are invalid: {e}")))?,
+                    .map_err(|e| Error::Internal(format!("committed rules are invalid: {e}")))?,
             ),
             None => built_in.rules,
         };
-        let pricing = match &stored.pricing {
+        let pricing = match pricing {
             Some(versioned) => Arc::new(
                 PriceTable::new(versioned.document.clone())
-                    .map_err(|e| Error::Internal(format!("stored pricing is invalid: {e}")))?
+                    .map_err(|e| Error::Internal(format!("committed pricing is invalid: {e}")))?
                     .with_version(versioned.version),
             ),
             None => built_in.pricing,
@@ -62,30 +68,15 @@ impl RuntimeConfig {
     }
 }
 
-/// A document and the version it was committed as.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Versioned<T> {
-    /// Version, starting at 1 for the first written document (0 is the built-in one).
-    pub version: u64,
-    /// The document.
-    pub document: T,
-}
-
-/// The written documents (absent ones are the built-in defaults).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StoredDocuments {
-    /// Pricing, if ever written.
-    pub pricing: Option<Versioned<PricingDocument>>,
-    /// Rules, if ever written.
-    pub rules: Option<Versioned<RulesConfig>>,
-}
-
-/// How current a read is (a single node is always current; a cluster follower may lag).
+/// How current a read is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Freshness {
-    /// Index of the last applied configuration change on this node.
-    pub applied_index: u64,
-    /// True when this node knows it has applied everything committed so far.
+    /// Index of the last configuration change applied on this node.
+    pub applied_index: Option<u64>,
+    /// The leader this node follows, if it knows one.
+    pub leader: Option<String>,
+    /// False when this node knows no leader: it may have missed changes (it is partitioned,
+    /// or an election is running).
     pub up_to_date: bool,
 }
 
@@ -107,46 +98,83 @@ pub trait ConfigService: Send + Sync + std::fmt::Debug + 'static {
     fn freshness(&self) -> Freshness;
 }
 
-const META_KEY: &str = "config/documents";
-
-/// Configuration kept in this node's store.
-#[derive(Debug)]
-pub struct LocalConfig {
-    store: Arc<dyn Storage>,
-    documents: Mutex<StoredDocuments>,
-    sender: watch::Sender<Arc<RuntimeConfig>>,
+/// Maps a cluster failure to the API's error taxonomy.
+pub fn cluster_error(error: ClusterError) -> Error {
+    match error {
+        ClusterError::NoQuorum(message) => Error::Unavailable(message),
+        ClusterError::Refused(message) => Error::InvalidArgument(message),
+        ClusterError::Failed(message) => Error::Internal(message),
+    }
 }
 
-impl LocalConfig {
-    /// Loads the stored documents (or the built-in ones).
-    pub fn load(store: Arc<dyn Storage>) -> Result<LocalConfig, Error> {
-        let documents: StoredDocuments = match store.meta(META_KEY)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Internal(format!("stored configuration is corrupt: {e}")))?,
-            None => StoredDocuments::default(),
-        };
-        let runtime = RuntimeConfig::from_documents(&documents)?;
+/// Configuration replicated through the cluster's Raft state.
+#[derive(Debug)]
+pub struct ClusterConfig {
+    cluster: Arc<Cluster>,
+    sender: watch::Sender<Arc<RuntimeConfig>>,
+    follower: JoinHandle<()>,
+}
+
+impl Drop for ClusterConfig {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+impl ClusterConfig {
+    /// Follows the documents of the applied cluster state.
+    pub fn start(cluster: Arc<Cluster>) -> Result<ClusterConfig, Error> {
+        let state = cluster.state();
+        let runtime = RuntimeConfig::from_documents(state.pricing.as_ref(), state.rules.as_ref())?;
         let (sender, _) = watch::channel(Arc::new(RuntimeConfig::built_in()));
         publish(&sender, runtime);
-        Ok(LocalConfig { store, documents: Mutex::new(documents), sender })
+        let follower = tokio::spawn(follow(cluster.applied(), sender.clone()));
+        Ok(ClusterConfig { cluster, sender, follower })
     }
 
-    async fn commit(&self, update: impl FnOnce(&mut StoredDocuments) -> u64) -> Result<u64, Error> {
-        let mut documents = self.documents.lock().await;
-        let mut next = documents.clone();
-        let version = update(&mut next);
-        let runtime = RuntimeConfig::from_documents(&next)?;
-        let bytes = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
-        let mut batch = StoreBatch::default();
-        batch.push(Op::Meta { key: META_KEY.into(), value: bytes });
-        durable(self.store.commit(batch).await?).await?;
-        *documents = next;
-        publish(&self.sender, runtime);
-        Ok(version)
+    async fn commit(&self, command: Command, applied: impl Fn(&RuntimeConfig) -> u64) -> Result<u64, Error> {
+        let version = match self.cluster.write(command).await.map_err(cluster_error)? {
+            CommandResponse::Applied { version } => version,
+            CommandResponse::Refused { reason } => return Err(Error::InvalidArgument(reason)),
+        };
+        // Answer once this node applies it too, so a read after the write sees it here.
+        let mut receiver = self.sender.subscribe();
+        let waited = tokio::time::timeout(Duration::from_secs(30), receiver.wait_for(|r| applied(r) >= version)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(version),
+            _ => {
+                Err(Error::Unavailable(format!("version {version} was committed but is not applied on this node yet")))
+            }
+        }
     }
 }
 
-impl ConfigService for LocalConfig {
+async fn follow(
+    mut applied: watch::Receiver<Arc<tollgate_cluster::raft_store::AppliedState>>,
+    sender: watch::Sender<Arc<RuntimeConfig>>,
+) {
+    loop {
+        if applied.changed().await.is_err() {
+            return;
+        }
+        let state = Arc::clone(&applied.borrow_and_update());
+        let current = Arc::clone(&sender.borrow());
+        let pricing_version = state.state.pricing.as_ref().map_or(0, |v| v.version);
+        let rules_version = state.state.rules.as_ref().map_or(0, |v| v.version);
+        if pricing_version == current.pricing.version() && rules_version == current.rules.version {
+            continue;
+        }
+        match RuntimeConfig::from_documents(state.state.pricing.as_ref(), state.state.rules.as_ref()) {
+            Ok(runtime) => {
+                info!(pricing = pricing_version, rules = rules_version, "configuration applied");
+                publish(&sender, runtime);
+            }
+            Err(e) => error!(error = %e, "a committed configuration could not be applied"),
+        }
+    }
+}
+
+impl ConfigService for ClusterConfig {
     fn watch(&self) -> watch::Receiver<Arc<RuntimeConfig>> {
         self.sender.subscribe()
     }
@@ -154,28 +182,20 @@ impl ConfigService for LocalConfig {
     fn set_pricing(&self, document: PricingDocument) -> BoxFuture<'_, Result<u64, Error>> {
         Box::pin(async move {
             document.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            self.commit(|documents| {
-                let version = documents.pricing.as_ref().map_or(0, |v| v.version) + 1;
-                documents.pricing = Some(Versioned { version, document });
-                version
-            })
-            .await
+            self.commit(Command::SetPricing(document), |r| r.pricing.version()).await
         })
     }
 
     fn set_rules(&self, document: RulesConfig) -> BoxFuture<'_, Result<u64, Error>> {
         Box::pin(async move {
             document.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            self.commit(|documents| {
-                let version = documents.rules.as_ref().map_or(0, |v| v.version) + 1;
-                documents.rules = Some(Versioned { version, document });
-                version
-            })
-            .await
+            self.commit(Command::SetRules(document), |r| r.rules.version).await
         })
     }
 
     fn freshness(&self) -> Freshness {
-        Freshness { applied_index: 0, up_to_date: true }
+        let status = self.cluster.status();
+        let leader = self.cluster.leader().map(|(_, node)| node.name);
+        Freshness { applied_index: status.applied_index, up_to_date: leader.is_some(), leader }
     }
 }

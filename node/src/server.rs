@@ -1,16 +1,23 @@
-//! Starting and stopping a node: store, configuration, owners, receivers, API, background work.
+//! Starting and stopping a node: store, cluster membership, configuration, owners, receivers,
+//! the API, the cluster port and background work.
+//!
+//! Every node runs the cluster machinery; a node started without `--join` on an empty data
+//! directory bootstraps a one-node cluster (SPEC §9), a node with `--join` asks a running one to
+//! let it in, and a node whose data directory holds cluster state rejoins its cluster.
 
 use crate::api::{self, ApiState};
 use crate::budget::Budget;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::error::Error;
+use crate::fanout::Fanout;
 use crate::ingest::Ingest;
 use crate::metrics as m;
 use crate::owner::{OwnerContext, OwnerHandle};
+use crate::peer::{self, PeerService};
 use crate::query::QueryEngine;
 use crate::receiver::{grpc, http as otlp_http};
-use crate::runtime::{ConfigService, LocalConfig};
+use crate::runtime::{cluster_error, ClusterConfig, ConfigService};
 use crate::store::{Op, RetentionCutoffs, SledStorage, Storage, StoreBatch};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -21,10 +28,15 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tollgate_cluster::transport::{TonicTransport, Transport};
+use tollgate_cluster::{Cluster, ClusterSettings, NodeId, PeerNode};
 use tracing::{error, info, warn};
 
 /// How often owners roll up and evict.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a new node keeps asking to join before giving up.
+const JOIN_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The addresses a started node listens on (ports resolved when 0 was asked for). Also written
 /// to `<data_dir>/endpoints.json` so that scripts and tests can find them.
@@ -36,8 +48,12 @@ pub struct Endpoints {
     pub otlp_http: SocketAddr,
     /// API listener.
     pub http: SocketAddr,
-    /// The node's id.
+    /// Cluster listener.
+    pub cluster: SocketAddr,
+    /// The node's name.
     pub node_id: String,
+    /// The node's cluster (Raft) id.
+    pub raft_id: NodeId,
 }
 
 /// A running node.
@@ -50,16 +66,29 @@ pub struct Node {
     tasks: JoinSet<()>,
     owners: Arc<Vec<OwnerHandle>>,
     store: Arc<SledStorage>,
+    cluster: Arc<Cluster>,
     ready: Arc<AtomicBool>,
 }
 
 const NODE_ID_KEY: &str = "node/id";
+const RAFT_ID_KEY: &str = "node/raft_id";
 const VNODES_KEY: &str = "node/vnodes";
 
-/// The node's identity: what the data directory says, checked against what was asked for.
-fn identity(store: &SledStorage, config: &NodeConfig, batch: &mut StoreBatch) -> Result<String, Error> {
+/// The machine's host name (how peers and clients reach a node listening on all addresses).
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// The node's identity: its name and cluster id from the data directory, checked against what
+/// was asked for; a new data directory gets a fresh cluster id (ids are never reused, even by a
+/// node with the same name).
+fn identity(store: &SledStorage, config: &NodeConfig, batch: &mut StoreBatch) -> Result<(String, NodeId), Error> {
     let stored = store.meta(NODE_ID_KEY)?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-    let id = match (&stored, &config.node_id) {
+    let name = match (&stored, &config.node_id) {
         (Some(stored), Some(asked)) if stored != asked => {
             return Err(Error::InvalidArgument(format!(
                 "the data directory {} belongs to node {stored:?}, not {asked:?}",
@@ -68,11 +97,27 @@ fn identity(store: &SledStorage, config: &NodeConfig, batch: &mut StoreBatch) ->
         }
         (Some(stored), _) => stored.clone(),
         (None, Some(asked)) => asked.clone(),
-        (None, None) => "node-1".to_string(),
+        (None, None) => hostname().unwrap_or_else(|| "node-1".to_string()),
     };
     if stored.is_none() {
-        batch.push(Op::Meta { key: NODE_ID_KEY.into(), value: id.clone().into_bytes() });
+        batch.push(Op::Meta { key: NODE_ID_KEY.into(), value: name.clone().into_bytes() });
     }
+    let raft_id = match store.meta(RAFT_ID_KEY)? {
+        Some(bytes) => {
+            u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| Error::Internal("corrupt raft id".into()))?)
+        }
+        None => {
+            let seed = format!(
+                "{name}/{}/{:?}/{}",
+                config.data_dir.display(),
+                std::time::SystemTime::now(),
+                std::process::id()
+            );
+            let id = xxhash_rust::xxh3::xxh3_64(seed.as_bytes()).max(1);
+            batch.push(Op::Meta { key: RAFT_ID_KEY.into(), value: id.to_be_bytes().to_vec() });
+            id
+        }
+    };
     match store.meta(VNODES_KEY)? {
         Some(bytes) => {
             let stored_vnodes = u16::from_be_bytes(
@@ -87,7 +132,7 @@ fn identity(store: &SledStorage, config: &NodeConfig, batch: &mut StoreBatch) ->
         }
         None => batch.push(Op::Meta { key: VNODES_KEY.into(), value: config.cluster.vnodes.to_be_bytes().to_vec() }),
     }
-    Ok(id)
+    Ok((name, raft_id))
 }
 
 async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, Error> {
@@ -96,13 +141,33 @@ async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, Error> {
         .map_err(|e| Error::Unavailable(format!("cannot listen on {address} ({what}): {e}")))
 }
 
+/// `HOST:PORT` peers use for a listener: its own address, or the host name when it listens on
+/// all addresses.
+fn reachable(bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        format!("{}:{}", hostname().unwrap_or_else(|| "localhost".into()), bound.port())
+    } else {
+        bound.to_string()
+    }
+}
+
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 impl Node {
-    /// Opens the store, starts the owners, binds every listener and starts serving.
+    /// Opens the store, joins or bootstraps the cluster, starts the owners, binds every listener
+    /// and starts serving. Returns once the node is ready.
     pub async fn start(config: NodeConfig, clock: Arc<dyn Clock>) -> Result<Node, Error> {
+        Node::start_with_transport(config, clock, None).await
+    }
+
+    /// [`Node::start`] with a given transport to the other nodes (tests inject faults with it).
+    pub async fn start_with_transport(
+        config: NodeConfig,
+        clock: Arc<dyn Clock>,
+        transport: Option<Arc<dyn Transport>>,
+    ) -> Result<Node, Error> {
         config.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
         // A previous run's endpoints must not be mistaken for this one's.
         let _ = std::fs::remove_file(config.data_dir.join("endpoints.json"));
@@ -114,15 +179,59 @@ impl Node {
             config.storage.writer_queue_capacity,
         )?);
         let mut batch = StoreBatch::default();
-        let node_id = identity(&store, &config, &mut batch)?;
+        let (name, raft_id) = identity(&store, &config, &mut batch)?;
         if !batch.is_empty() {
             crate::store::durable(store.commit(batch).await?).await?;
         }
         let storage: Arc<dyn Storage> = store.clone();
-        let config_service: Arc<dyn ConfigService> = Arc::new(LocalConfig::load(Arc::clone(&storage))?);
+
+        // Listeners first: the cluster port must answer before this node asks to join.
+        let mut grpc_listeners = Vec::new();
+        for address in &config.otlp_grpc_addrs {
+            grpc_listeners.push(bind(*address, "otlp grpc").await?);
+        }
+        let http_listener = bind(config.otlp_http_addr, "otlp http").await?;
+        let api_listener = bind(config.http_addr, "api").await?;
+        let cluster_listener = bind(config.cluster_addr, "cluster").await?;
+        let local = |listener: &TcpListener| listener.local_addr().map_err(|e| Error::Internal(e.to_string()));
+        let endpoints = Endpoints {
+            otlp_grpc: grpc_listeners.iter().map(local).collect::<Result<_, _>>()?,
+            otlp_http: local(&http_listener)?,
+            http: local(&api_listener)?,
+            cluster: local(&cluster_listener)?,
+            node_id: name.clone(),
+            raft_id,
+        };
+        let me = PeerNode {
+            name: name.clone(),
+            cluster_addr: config.advertise_addr.clone().unwrap_or_else(|| reachable(endpoints.cluster)),
+            api_addr: reachable(endpoints.http),
+        };
+
+        let transport: Arc<dyn Transport> = transport.unwrap_or_else(|| {
+            Arc::new(TonicTransport::new(
+                config.cluster_secret.clone(),
+                Duration::from_millis(config.cluster.rpc_timeout_ms),
+                config.cluster.max_forward_inflight_bytes,
+            ))
+        });
+        let settings = ClusterSettings {
+            vnodes: config.cluster.vnodes,
+            heartbeat_interval: Duration::from_millis(config.cluster.heartbeat_interval_ms),
+            election_timeout: Duration::from_millis(config.cluster.election_timeout_ms),
+            rpc_timeout: Duration::from_millis(config.cluster.rpc_timeout_ms),
+            failover_after: Duration::from_secs(config.cluster.failover_after_seconds),
+            max_concurrent_moves: 16,
+        };
+        let cluster = Cluster::start(&config.data_dir.join("raft"), raft_id, me, settings, Arc::clone(&transport))
+            .await
+            .map_err(cluster_error)?;
+        let config_service = Arc::new(ClusterConfig::start(Arc::clone(&cluster))?);
         let runtime = config_service.watch();
 
         let context = Arc::new(OwnerContext {
+            me: raft_id,
+            cluster: cluster.applied(),
             store: Arc::clone(&storage),
             clock: Arc::clone(&clock),
             config: runtime.clone(),
@@ -133,9 +242,20 @@ impl Node {
             owners.push(OwnerHandle::spawn(vnode, Arc::clone(&context), config.limits.owner_queue_capacity).await?);
         }
         let owners = Arc::new(owners);
-        let ingest =
-            Ingest::new(Arc::clone(&owners), runtime.clone(), Duration::from_millis(config.limits.request_timeout_ms));
+        let ingest = Ingest::new(
+            Arc::clone(&owners),
+            runtime.clone(),
+            Arc::clone(&cluster),
+            Duration::from_millis(config.limits.request_timeout_ms),
+        );
         let budget = Budget::new(config.limits.max_inflight_bytes);
+        let query = QueryEngine::new(
+            Arc::clone(&storage),
+            runtime.clone(),
+            config.cluster.vnodes,
+            config.limits.max_query_points,
+            config.limits.max_log_page,
+        );
 
         let (stop, stop_receiver) = watch::channel(false);
         let (fatal_sender, fatal) = watch::channel(None);
@@ -143,10 +263,26 @@ impl Node {
         let healthy = Arc::new(AtomicBool::new(true));
         let mut tasks = JoinSet::new();
 
-        let mut grpc_addresses = Vec::new();
-        for address in &config.otlp_grpc_addrs {
-            let listener = bind(*address, "otlp grpc").await?;
-            grpc_addresses.push(listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?);
+        // The cluster port.
+        {
+            let service = PeerService::new(
+                Arc::clone(&cluster),
+                ingest.clone(),
+                Arc::clone(&owners),
+                query.clone(),
+                Arc::clone(&storage),
+                config.cluster.vnodes,
+            );
+            let secret = config.cluster_secret.clone();
+            let shutdown = stopped(stop_receiver.clone());
+            tasks.spawn(async move {
+                if let Err(e) = peer::serve(cluster_listener, service, secret, shutdown).await {
+                    error!(error = %e, "cluster port failed");
+                }
+            });
+        }
+
+        for listener in grpc_listeners {
             let services = grpc::OtlpGrpc::new(ingest.clone(), budget.clone());
             let shutdown = stopped(stop_receiver.clone());
             let limit = config.limits.max_request_bytes;
@@ -156,133 +292,103 @@ impl Node {
                 }
             });
         }
-
-        let http_listener = bind(config.otlp_http_addr, "otlp http").await?;
-        let otlp_http_address = http_listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
-        let router = otlp_http::router(ingest.clone(), budget.clone(), config.limits.max_request_bytes);
-        let shutdown = stopped(stop_receiver.clone());
-        tasks.spawn(async move {
-            info!(address = %otlp_http_address, "otlp http listening");
-            if let Err(e) = axum::serve(http_listener, router).with_graceful_shutdown(shutdown).await {
-                error!(error = %e, "otlp http server failed");
-            }
-        });
-
-        let api_listener = bind(config.http_addr, "api").await?;
-        let api_address = api_listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
-        let query = QueryEngine::new(
-            Arc::clone(&storage),
-            runtime.clone(),
-            config.cluster.vnodes,
-            config.limits.max_query_points,
-            config.limits.max_log_page,
-        );
-        let api_state = ApiState {
-            query,
-            config: Arc::clone(&config_service),
-            prometheus: prometheus.clone(),
-            api_token: config.api_token.clone(),
-            ready: Arc::clone(&ready),
-            healthy: Arc::clone(&healthy),
-            clock: Arc::clone(&clock),
-        };
-        let api_router = api::router(api_state);
-        let shutdown = stopped(stop_receiver.clone());
-        tasks.spawn(async move {
-            info!(address = %api_address, "api listening");
-            if let Err(e) = axum::serve(api_listener, api_router).with_graceful_shutdown(shutdown).await {
-                error!(error = %e, "api server failed");
-            }
-        });
-
-        // Owner maintenance: roll-ups, eviction.
         {
-            let owners = Arc::clone(&owners);
-            let mut stop = stop_receiver.clone();
+            let router = otlp_http::router(ingest.clone(), budget.clone(), config.limits.max_request_bytes);
+            let shutdown = stopped(stop_receiver.clone());
+            let address = endpoints.otlp_http;
             tasks.spawn(async move {
-                let mut interval = tokio::time::interval(MAINTENANCE_INTERVAL);
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = interval.tick() => owners.iter().for_each(OwnerHandle::tick),
-                        _ = stop.changed() => break,
-                    }
+                info!(%address, "otlp http listening");
+                if let Err(e) = axum::serve(http_listener, router).with_graceful_shutdown(shutdown).await {
+                    error!(error = %e, "otlp http server failed");
                 }
             });
         }
-        // Retention.
         {
-            let store = Arc::clone(&storage);
-            let clock = Arc::clone(&clock);
-            let retention = config.retention.clone();
-            let runtime = runtime.clone();
-            let mut stop = stop_receiver.clone();
+            let api_state = ApiState {
+                query: Fanout::new(query.clone(), Arc::clone(&cluster)),
+                config: Arc::clone(&config_service) as Arc<dyn ConfigService>,
+                cluster: Arc::clone(&cluster),
+                prometheus: prometheus.clone(),
+                api_token: config.api_token.clone(),
+                ready: Arc::clone(&ready),
+                healthy: Arc::clone(&healthy),
+                clock: Arc::clone(&clock),
+            };
+            let router = api::router(api_state);
+            let shutdown = stopped(stop_receiver.clone());
+            let address = endpoints.http;
             tasks.spawn(async move {
-                let period = Duration::from_secs(retention.sweep_interval_seconds);
-                // The first sweep waits a minute: startup is busy enough.
-                let mut interval =
-                    tokio::time::interval_at(tokio::time::Instant::now() + period.min(Duration::from_secs(60)), period);
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = interval.tick() => {}
-                        _ = stop.changed() => break,
-                    }
-                    let lateness_ns = runtime.borrow().rules.config.normalize.max_lateness_seconds * 1_000_000_000;
-                    let cutoffs = retention_cutoffs(clock.now_ns(), &retention, lateness_ns);
-                    let store = Arc::clone(&store);
-                    match tokio::task::spawn_blocking(move || store.sweep(cutoffs)).await {
-                        Ok(Ok(report)) => {
-                            metrics::counter!(m::RETENTION_DELETED).increment(report.deleted);
-                            info!(examined = report.examined, deleted = report.deleted, "retention sweep");
-                        }
-                        Ok(Err(e)) => warn!(error = %e, "retention sweep failed"),
-                        Err(e) => warn!(error = %e, "retention sweep panicked"),
-                    }
+                info!(%address, "api listening");
+                if let Err(e) = axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await {
+                    error!(error = %e, "api server failed");
                 }
             });
         }
-        // Store size, self-metric upkeep, storage failure.
-        {
-            let store = Arc::clone(&store);
-            let healthy = Arc::clone(&healthy);
-            let mut stop = stop_receiver.clone();
-            tasks.spawn(async move {
-                let mut interval = tokio::time::interval(Duration::from_secs(1));
-                let mut ticks: u64 = 0;
-                loop {
-                    tokio::select! {
-                        _ = interval.tick() => {}
-                        _ = stop.changed() => break,
-                    }
-                    ticks += 1;
-                    if store.has_failed() && healthy.swap(false, Ordering::SeqCst) {
-                        let _ = fatal_sender.send(Some("storage failed".into()));
-                    }
-                    if ticks.is_multiple_of(5) {
-                        prometheus.run_upkeep();
-                    }
-                    if ticks % 30 == 1 {
-                        let store = Arc::clone(&store);
-                        if let Ok(size) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
-                            metrics::gauge!(m::STORE_SIZE_BYTES).set(size as f64);
-                        }
-                    }
-                }
-            });
-        }
-
-        let endpoints =
-            Endpoints { otlp_grpc: grpc_addresses, otlp_http: otlp_http_address, http: api_address, node_id };
         write_endpoints(&config.data_dir, &endpoints)?;
-        ready.store(true, Ordering::SeqCst);
-        info!(node = %endpoints.node_id, "tollgate node ready");
-        Ok(Node { endpoints, stop, fatal, tasks, owners, store, ready })
+
+        // Membership: bootstrap, join, or rejoin (the store already holds the cluster).
+        if !cluster.is_initialized().await {
+            if config.join.is_empty() {
+                cluster.bootstrap().await.map_err(cluster_error)?;
+            } else {
+                info!(join = ?config.join, "asking to join a cluster");
+                cluster.join(&config.join, JOIN_DEADLINE).await.map_err(cluster_error)?;
+            }
+        }
+
+        tasks.spawn({
+            let handle = crate::mover::start(Arc::clone(&cluster), Arc::clone(&owners), Arc::clone(&storage));
+            let mut stop = stop_receiver.clone();
+            async move {
+                let _ = stop.changed().await;
+                handle.abort();
+            }
+        });
+        spawn_background(
+            &mut tasks,
+            &config,
+            &owners,
+            &storage,
+            &store,
+            &cluster,
+            &clock,
+            &runtime,
+            &healthy,
+            &stop_receiver,
+            prometheus,
+            fatal_sender,
+        );
+
+        // Ready once the cluster state this node follows has vnodes and names it a member.
+        let member = tollgate_cluster::runtime::wait_applied(&cluster.applied(), Duration::from_secs(60), |a| {
+            a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)
+        })
+        .await;
+        if !member {
+            warn!("not a member of a bootstrapped cluster yet; not ready");
+        }
+        ready.store(member, Ordering::SeqCst);
+        if !member {
+            let ready = Arc::clone(&ready);
+            let applied = cluster.applied();
+            tasks.spawn(async move {
+                let mut applied = applied;
+                let _ = applied.wait_for(|a| a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)).await;
+                ready.store(true, Ordering::SeqCst);
+            });
+        }
+        info!(node = %endpoints.node_id, raft_id, "tollgate node started");
+        Ok(Node { endpoints, stop, fatal, tasks, owners, store, cluster, ready })
     }
 
     /// The owners (tests drive maintenance through them).
     pub fn owners(&self) -> &[OwnerHandle] {
         &self.owners
+    }
+
+    /// The node's cluster handle.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// Resolves with a reason when the node must stop (storage failed).
@@ -297,21 +403,146 @@ impl Node {
         }
     }
 
-    /// Stops accepting requests, lets the ones in flight finish, drains the owners and waits for
-    /// their writes to be durable.
+    /// Stops accepting requests, lets the ones in flight finish, drains the owners, waits for
+    /// their writes to be durable and stops the Raft node.
     pub async fn shutdown(mut self) {
         self.ready.store(false, Ordering::SeqCst);
         let _ = self.stop.send(true);
         while let Some(result) = self.tasks.join_next().await {
             if let Err(e) = result {
-                warn!(error = %e, "node task ended abnormally");
+                if !e.is_cancelled() {
+                    warn!(error = %e, "node task ended abnormally");
+                }
             }
         }
         for owner in self.owners.iter() {
             let _ = owner.maintain().await;
             owner.stop().await;
         }
+        self.cluster.shutdown().await;
         info!(failed = self.store.has_failed(), "tollgate node stopped");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_background(
+    tasks: &mut JoinSet<()>,
+    config: &NodeConfig,
+    owners: &Arc<Vec<OwnerHandle>>,
+    storage: &Arc<dyn Storage>,
+    store: &Arc<SledStorage>,
+    cluster: &Arc<Cluster>,
+    clock: &Arc<dyn Clock>,
+    runtime: &watch::Receiver<Arc<crate::runtime::RuntimeConfig>>,
+    healthy: &Arc<AtomicBool>,
+    stop_receiver: &watch::Receiver<bool>,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    fatal_sender: watch::Sender<Option<String>>,
+) {
+    // Owner maintenance: roll-ups, eviction.
+    {
+        let owners = Arc::clone(owners);
+        let mut stop = stop_receiver.clone();
+        tasks.spawn(async move {
+            let mut interval = tokio::time::interval(MAINTENANCE_INTERVAL);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => owners.iter().for_each(OwnerHandle::tick),
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
+    // Retention.
+    {
+        let store = Arc::clone(storage);
+        let clock = Arc::clone(clock);
+        let retention = config.retention.clone();
+        let runtime = runtime.clone();
+        let mut stop = stop_receiver.clone();
+        tasks.spawn(async move {
+            let period = Duration::from_secs(retention.sweep_interval_seconds);
+            // The first sweep waits a minute: startup is busy enough.
+            let start = tokio::time::Instant::now() + period.min(Duration::from_secs(60));
+            let mut interval = tokio::time::interval_at(start, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let lateness_ns = runtime.borrow().rules.config.normalize.max_lateness_seconds * 1_000_000_000;
+                let cutoffs = retention_cutoffs(clock.now_ns(), &retention, lateness_ns);
+                let store = Arc::clone(&store);
+                match tokio::task::spawn_blocking(move || store.sweep(cutoffs)).await {
+                    Ok(Ok(report)) => {
+                        metrics::counter!(m::RETENTION_DELETED).increment(report.deleted);
+                        info!(examined = report.examined, deleted = report.deleted, "retention sweep");
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "retention sweep failed"),
+                    Err(e) => warn!(error = %e, "retention sweep panicked"),
+                }
+            }
+        });
+    }
+    // Raft and vnode self-metrics, sampled every second.
+    {
+        let cluster = Arc::clone(cluster);
+        let mut stop = stop_receiver.clone();
+        tasks.spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            let mut leader = None;
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let raft = cluster.figures();
+                metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
+                metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.commit_index as f64);
+                metrics::gauge!(m::RAFT_APPLIED_INDEX).set(raft.applied_index as f64);
+                metrics::gauge!(m::RAFT_IS_LEADER).set(f64::from(u8::from(raft.is_leader)));
+                if raft.leader != leader {
+                    if leader.is_some() {
+                        metrics::counter!(m::RAFT_LEADER_CHANGES).increment(1);
+                    }
+                    leader = raft.leader;
+                }
+                let state = cluster.state();
+                let owned = (0..state.vnodes.len()).filter(|v| state.vnodes.owner(*v) == Some(cluster.id)).count();
+                metrics::gauge!(m::VNODES_OWNED).set(owned as f64);
+            }
+        });
+    }
+    // Store size, self-metric upkeep, storage failure.
+    {
+        let store = Arc::clone(store);
+        let healthy = Arc::clone(healthy);
+        let mut stop = stop_receiver.clone();
+        tasks.spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            let mut ticks: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                ticks += 1;
+                if store.has_failed() && healthy.swap(false, Ordering::SeqCst) {
+                    let _ = fatal_sender.send(Some("storage failed".into()));
+                }
+                if ticks.is_multiple_of(5) {
+                    prometheus.run_upkeep();
+                }
+                if ticks % 30 == 1 {
+                    let store = Arc::clone(&store);
+                    if let Ok(size) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
+                        metrics::gauge!(m::STORE_SIZE_BYTES).set(size as f64);
+                    }
+                }
+            }
+        });
     }
 }
 

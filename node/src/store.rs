@@ -11,6 +11,7 @@
 //! ([`Storage::commit`]); one writer thread groups many batches per flush.
 
 pub mod codec;
+pub mod handoff;
 pub mod sled_store;
 
 use crate::error::Error;
@@ -142,8 +143,12 @@ pub enum Op {
     LogBatch { vnode: u16, fingerprint: u128, time_ns: u64 },
     /// Set a metadata value.
     Meta { key: String, value: Vec<u8> },
+    /// Remove a metadata value.
+    DeleteMeta { key: String },
     /// Delete a raw key of the data tree (retention).
     DeleteRaw { key: Vec<u8> },
+    /// Put a raw entry of the data tree (a hand-over copying entries as they are).
+    PutRaw { key: Vec<u8>, value: Vec<u8> },
 }
 
 /// Writes applied atomically together.
@@ -199,6 +204,9 @@ pub struct RetentionCutoffs {
     /// window: older points are rejected anyway, so their keys can never match).
     pub lateness_ns: u64,
 }
+
+/// Receives a hand-over's entries (raw key, raw value), a chunk at a time.
+pub type ChunkSink<'a> = dyn FnMut(Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), Error> + 'a;
 
 /// The node's durable state.
 pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
@@ -263,4 +271,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
 
     /// Bytes on disk.
     fn size_on_disk(&self) -> u64;
+
+    /// Interned bucket bounds by hash.
+    fn bounds(&self, hash: u64) -> Option<tollgate_rules::Bounds>;
+
+    /// Every entry a hand-over of `vnode` carries (see [`handoff`]), in chunks given to `sink`.
+    /// Blocking.
+    fn export_vnode(
+        &self,
+        vnode: u16,
+        vnodes: u16,
+        full: bool,
+        sink: &mut ChunkSink<'_>,
+    ) -> Result<(), Error>;
 }

@@ -192,6 +192,11 @@ impl SledStorage {
                     bytes += key.len();
                     data.remove(key);
                 }
+                Op::PutRaw { key, value } => put(&mut data, key, value, &mut bytes),
+                Op::DeleteMeta { key } => {
+                    has_meta = true;
+                    meta.remove(key.into_bytes());
+                }
             }
         }
         (data, meta, has_meta, bytes)
@@ -417,6 +422,52 @@ impl Storage for SledStorage {
 
     fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn bounds(&self, hash: u64) -> Option<Bounds> {
+        self.resolve_bounds(hash)
+    }
+
+    fn export_vnode(
+        &self,
+        vnode: u16,
+        vnodes: u16,
+        full: bool,
+        sink: &mut super::ChunkSink<'_>,
+    ) -> Result<(), Error> {
+        const CHUNK: usize = 2_000;
+        let mut chunk: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(CHUNK);
+        let mut emit = |key: &[u8], value: &[u8], chunk: &mut Vec<(Vec<u8>, Vec<u8>)>| -> Result<(), Error> {
+            chunk.push((key.to_vec(), value.to_vec()));
+            if chunk.len() >= CHUNK {
+                sink(std::mem::take(chunk))?;
+            }
+            Ok(())
+        };
+        let tags: &[u8] = if full { &super::handoff::FULL_TAGS } else { &super::handoff::STATE_TAGS };
+        for tag in tags {
+            for entry in self.data.scan_prefix(codec::vnode_prefix(*tag, vnode)) {
+                let (key, value) = entry.map_err(|e| storage_error("hand-over scan", e))?;
+                emit(&key, &value, &mut chunk)?;
+            }
+        }
+        if full {
+            for entry in self.data.scan_prefix([ENTITY]) {
+                let (key, value) = entry.map_err(|e| storage_error("hand-over scan", e))?;
+                let partition = u64::from_be_bytes(key[1..9].try_into().map_err(|_| corrupt("entity key"))?);
+                if (partition % u64::from(vnodes)) as u16 == vnode {
+                    emit(&key, &value, &mut chunk)?;
+                }
+            }
+            for entry in self.data.scan_prefix([codec::BOUNDS]) {
+                let (key, value) = entry.map_err(|e| storage_error("hand-over scan", e))?;
+                emit(&key, &value, &mut chunk)?;
+            }
+        }
+        if !chunk.is_empty() {
+            sink(chunk)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,107 @@
+//! Queries across the cluster (SPEC §6): every member folds what it stores, partial results
+//! merge exactly (minutes of one series can sit on two nodes after a vnode moved), and the
+//! answer says which members could not be asked.
+
+use crate::error::Error;
+use crate::query::{LogPage, LogQuery, QueryEngine, ServiceView};
+use crate::store::EntityRecord;
+use crate::wire;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use tollgate_cluster::Cluster;
+use tollgate_proto::peer::{QueryKind, QueryRequest};
+use tollgate_rules::{MetricQuery, MetricResult, Partial};
+use tracing::warn;
+
+/// A cluster-wide answer and the members that did not contribute.
+#[derive(Debug)]
+pub struct Answer<T> {
+    /// The merged answer.
+    pub value: T,
+    /// Names of members that could not be asked: the answer may miss their data.
+    pub missing: Vec<String>,
+}
+
+/// Fans queries out to every member.
+#[derive(Clone, Debug)]
+pub struct Fanout {
+    local: QueryEngine,
+    cluster: Arc<Cluster>,
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("query task failed: {e}")))?
+}
+
+impl Fanout {
+    /// Queries over `local` and the other members of `cluster`.
+    pub fn new(local: QueryEngine, cluster: Arc<Cluster>) -> Fanout {
+        Fanout { local, cluster }
+    }
+
+    /// This node's query engine.
+    pub fn local(&self) -> &QueryEngine {
+        &self.local
+    }
+
+    async fn remote<T: DeserializeOwned>(&self, kind: QueryKind, payload: Vec<u8>) -> (Vec<T>, Vec<String>) {
+        let state = self.cluster.state();
+        let me = self.cluster.id;
+        let calls = state.nodes.iter().filter(|(id, _)| **id != me).map(|(_, node)| {
+            let transport = Arc::clone(self.cluster.transport());
+            let request = QueryRequest { kind: kind as i32, payload: payload.clone() };
+            let node = node.clone();
+            async move {
+                let result = transport
+                    .query(&node.cluster_addr, request)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|response| wire::decode::<T>("query answer", &response.payload));
+                (node.name, result)
+            }
+        });
+        let mut values = Vec::new();
+        let mut missing = Vec::new();
+        for (name, result) in futures_util::future::join_all(calls).await {
+            match result {
+                Ok(value) => values.push(value),
+                Err(error) => {
+                    warn!(node = %name, %error, "a member did not answer a query");
+                    missing.push(name);
+                }
+            }
+        }
+        (values, missing)
+    }
+
+    /// A metric over every member's data.
+    pub async fn metric(&self, query: MetricQuery) -> Result<Answer<MetricResult>, Error> {
+        let (remote, missing) = self.remote::<Partial>(QueryKind::Metric, wire::encode_json(&query)).await;
+        let engine = self.local.clone();
+        let local_query = query.clone();
+        let mut partial = blocking(move || engine.partial(&local_query)).await?;
+        for other in &remote {
+            partial.merge(other);
+        }
+        Ok(Answer { value: partial.finish(&query), missing })
+    }
+
+    /// A page of kept logs over every member's data.
+    pub async fn logs(&self, query: LogQuery) -> Result<Answer<LogPage>, Error> {
+        let engine = self.local.clone();
+        let local_query = query.clone();
+        let local = blocking(move || engine.logs(&local_query)).await?;
+        let (remote, missing) = self.remote::<LogPage>(QueryKind::Logs, wire::encode(&query)).await;
+        let page = QueryEngine::merge_log_pages(std::iter::once(local).chain(remote), query.limit);
+        Ok(Answer { value: page, missing })
+    }
+
+    /// Services and instances over every member's data.
+    pub async fn services(&self) -> Result<Answer<Vec<ServiceView>>, Error> {
+        let engine = self.local.clone();
+        let local = blocking(move || engine.entities()).await?;
+        let (remote, missing) = self.remote::<Vec<EntityRecord>>(QueryKind::Entities, Vec::new()).await;
+        let all = local.into_iter().chain(remote.into_iter().flatten());
+        Ok(Answer { value: QueryEngine::services_of(all), missing })
+    }
+}

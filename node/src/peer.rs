@@ -1,0 +1,213 @@
+//! The node-to-node service (port 11900, `proto/tollgate_peer.proto`): Raft RPCs, forwarded data
+//! for the vnodes this node owns, fan-out queries, vnode hand-overs, writes and joins for the
+//! leader. Every call must carry the cluster secret when one is configured.
+
+use crate::error::Error;
+use crate::ingest::Ingest;
+use crate::owner::OwnerHandle;
+use crate::query::{LogQuery, QueryEngine};
+use crate::store::Storage;
+use crate::wire::{self, WireLog, WirePoint};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tollgate_cluster::raft_store::AppliedState;
+use tollgate_cluster::{Cluster, ClusterError, VnodeState};
+use tollgate_proto::peer::peer_server::{Peer, PeerServer};
+use tollgate_proto::peer::{
+    ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryKind, QueryRequest,
+    QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
+};
+use tollgate_proto::CLUSTER_SECRET_HEADER;
+use tollgate_rules::{ExtractedLog, ExtractedPoint, MetricQuery};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// What the peer service needs from the node.
+#[derive(Clone, Debug)]
+pub struct PeerService {
+    cluster: Arc<Cluster>,
+    ingest: Ingest,
+    owners: Arc<Vec<OwnerHandle>>,
+    query: QueryEngine,
+    store: Arc<dyn Storage>,
+    vnodes: u16,
+}
+
+impl PeerService {
+    /// The service.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        ingest: Ingest,
+        owners: Arc<Vec<OwnerHandle>>,
+        query: QueryEngine,
+        store: Arc<dyn Storage>,
+        vnodes: u16,
+    ) -> PeerService {
+        PeerService { cluster, ingest, owners, query, store, vnodes }
+    }
+}
+
+fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+fn cluster_status(error: ClusterError) -> Status {
+    match error {
+        ClusterError::NoQuorum(message) => Status::unavailable(message),
+        ClusterError::Refused(message) => Status::failed_precondition(message),
+        ClusterError::Failed(message) => Status::internal(message),
+    }
+}
+
+type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HandOffChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        Ok(Response::new(tollgate_cluster::network::serve_raft(self.cluster.raft(), request.into_inner()).await))
+    }
+
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let request = request.into_inner();
+        let vnode =
+            u16::try_from(request.vnode).map_err(|_| invalid(format!("vnode {} out of range", request.vnode)))?;
+        let owner = self.owners.get(vnode as usize).ok_or_else(|| invalid(format!("vnode {vnode} out of range")))?;
+        let report = match Signal::try_from(request.signal).unwrap_or(Signal::Unspecified) {
+            Signal::Metrics => {
+                let points: Vec<WirePoint> = wire::decode("points", &request.payload).map_err(invalid)?;
+                let points: Vec<ExtractedPoint> = points.into_iter().map(ExtractedPoint::from).collect();
+                self.ingest.owner_metrics(owner, points).await?
+            }
+            Signal::Logs => {
+                let logs: Vec<WireLog> = wire::decode("log records", &request.payload).map_err(invalid)?;
+                let records: Vec<ExtractedLog> =
+                    logs.into_iter().map(WireLog::into_extracted).collect::<Result<_, _>>().map_err(invalid)?;
+                let fingerprint: [u8; 16] =
+                    request.batch_fingerprint.as_slice().try_into().map_err(|_| invalid("batch fingerprint".into()))?;
+                self.ingest.owner_logs(owner, records, u128::from_be_bytes(fingerprint)).await?
+            }
+            Signal::Unspecified => return Err(invalid(format!("unknown signal {}", request.signal))),
+        };
+        Ok(Response::new(ForwardResponse { report: wire::encode(&report) }))
+    }
+
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        let request = request.into_inner();
+        let engine = self.query.clone();
+        let payload = match QueryKind::try_from(request.kind).unwrap_or(QueryKind::Unspecified) {
+            QueryKind::Metric => {
+                let query: MetricQuery = wire::decode_json("metric query", &request.payload).map_err(invalid)?;
+                let partial = blocking(move || engine.partial(&query)).await?;
+                wire::encode(&partial)
+            }
+            QueryKind::Logs => {
+                let query: LogQuery = wire::decode("log query", &request.payload).map_err(invalid)?;
+                let page = blocking(move || engine.logs(&query)).await?;
+                wire::encode(&page)
+            }
+            QueryKind::Entities => {
+                let entities = blocking(move || engine.entities()).await?;
+                wire::encode(&entities)
+            }
+            QueryKind::Unspecified => return Err(invalid(format!("unknown query kind {}", request.kind))),
+        };
+        Ok(Response::new(QueryResponse { payload }))
+    }
+
+    type HandOffStream = ChunkStream;
+
+    async fn hand_off(&self, request: Request<HandOffRequest>) -> Result<Response<ChunkStream>, Status> {
+        let request = request.into_inner();
+        let vnode =
+            u16::try_from(request.vnode).map_err(|_| invalid(format!("vnode {} out of range", request.vnode)))?;
+        let owner =
+            self.owners.get(vnode as usize).ok_or_else(|| invalid(format!("vnode {vnode} out of range")))?.clone();
+        // Only once this node applied the move does its owner refuse new data for the vnode; then
+        // everything it accepted is made durable, and the store holds the whole state.
+        let me = self.cluster.id;
+        let mut applied = self.cluster.applied();
+        let moving = |a: &Arc<AppliedState>| matches!(a.state.vnodes.vnodes.get(vnode as usize), Some(VnodeState::Moving { from, .. }) if *from == me);
+        if tokio::time::timeout(Duration::from_secs(30), applied.wait_for(moving)).await.map_or(true, |r| r.is_err()) {
+            return Err(Status::failed_precondition(format!("vnode {vnode} is not moving away from this node")));
+        }
+        owner.release(request.full).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<HandOffChunk, Status>>(4);
+        let store = Arc::clone(&self.store);
+        let vnodes = self.vnodes;
+        let full = request.full;
+        tokio::task::spawn_blocking(move || {
+            let mut sent = 0usize;
+            let result = store.export_vnode(vnode, vnodes, full, &mut |entries| {
+                sent += entries.len();
+                let (keys, values) = entries.into_iter().unzip();
+                sender
+                    .blocking_send(Ok(HandOffChunk { keys, values }))
+                    .map_err(|_| Error::Unavailable("the receiving node went away".into()))
+            });
+            match result {
+                Ok(()) => info!(vnode, full, entries = sent, "handed over a vnode"),
+                Err(error) => {
+                    warn!(vnode, %error, "hand-over failed");
+                    let _ = sender.blocking_send(Err(Status::from(error)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        self.cluster.handle_write(request.into_inner()).await.map(Response::new).map_err(cluster_status)
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let request = request.into_inner();
+        info!(node = request.node_id, name = %request.name, addr = %request.cluster_addr, "join request");
+        self.cluster.handle_join(request).await.map(Response::new).map_err(cluster_status)
+    }
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+/// Serves the peer service on `listener` until `shutdown` resolves; calls without the secret
+/// (when one is configured) are refused as unauthenticated.
+pub async fn serve(
+    listener: TcpListener,
+    service: PeerService,
+    secret: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let address: Option<SocketAddr> = listener.local_addr().ok();
+    info!(address = ?address, "cluster port listening");
+    let check = move |request: Request<()>| -> Result<Request<()>, Status> {
+        let Some(expected) = &secret else { return Ok(request) };
+        let given = request.metadata().get(CLUSTER_SECRET_HEADER).and_then(|v| v.to_str().ok());
+        match given {
+            Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(request),
+            _ => Err(Status::unauthenticated("the cluster port needs the cluster secret")),
+        }
+    };
+    let server = tonic::service::interceptor::InterceptedService::new(
+        PeerServer::new(service)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024),
+        check,
+    );
+    tonic::transport::Server::builder()
+        .add_service(server)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

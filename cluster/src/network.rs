@@ -4,15 +4,17 @@
 use crate::raft::{Raft, TypeConfig};
 use crate::state::PeerNode;
 use crate::transport::Transport;
+use crate::vnodes::NodeId;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Cursor;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tollgate_proto::peer::{RaftKind, RaftRequest, RaftResponse};
 
 pub use crate::raft_store::SnapshotData;
@@ -25,24 +27,56 @@ struct FullSnapshot {
     data: Vec<u8>,
 }
 
+/// The latest known cluster address of each node. openraft keeps a client per peer for as long
+/// as the peer stays in the membership, so a member that restarted elsewhere is reached through
+/// this directory (kept current from the applied state), not through the address its client was
+/// created with.
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    addresses: Arc<RwLock<HashMap<NodeId, String>>>,
+}
+
+impl Directory {
+    /// Records the addresses of `nodes`.
+    pub fn update<'a>(&self, nodes: impl IntoIterator<Item = (&'a NodeId, &'a PeerNode)>) {
+        let mut addresses = self.addresses.write().expect("directory lock");
+        for (id, node) in nodes {
+            if addresses.get(id) != Some(&node.cluster_addr) {
+                addresses.insert(*id, node.cluster_addr.clone());
+            }
+        }
+    }
+
+    fn resolve(&self, id: NodeId) -> Option<String> {
+        self.addresses.read().expect("directory lock").get(&id).cloned()
+    }
+}
+
 /// Creates openraft clients for peers.
 #[derive(Clone, Debug)]
 pub struct NetworkFactory {
     transport: Arc<dyn Transport>,
+    directory: Directory,
 }
 
 impl NetworkFactory {
-    /// Clients over `transport`.
-    pub fn new(transport: Arc<dyn Transport>) -> NetworkFactory {
-        NetworkFactory { transport }
+    /// Clients over `transport`, addressing peers through `directory` first.
+    pub fn new(transport: Arc<dyn Transport>, directory: Directory) -> NetworkFactory {
+        NetworkFactory { transport, directory }
     }
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
-    async fn new_client(&mut self, _target: u64, node: &PeerNode) -> Network {
-        Network { transport: Arc::clone(&self.transport), addr: node.cluster_addr.clone() }
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> Network {
+        Network {
+            transport: Arc::clone(&self.transport),
+            target,
+            fallback: node.cluster_addr.clone(),
+            directory: self.directory.clone(),
+            addr: node.cluster_addr.clone(),
+        }
     }
 }
 
@@ -50,16 +84,20 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 #[derive(Debug)]
 pub struct Network {
     transport: Arc<dyn Transport>,
+    target: NodeId,
+    fallback: String,
+    directory: Directory,
     addr: String,
 }
 
 impl Network {
     async fn call<Q: Serialize, A: DeserializeOwned>(
-        &self,
+        &mut self,
         kind: RaftKind,
         request: &Q,
         option: &RPCOption,
     ) -> Result<A, RPCError<TypeConfig>> {
+        self.addr = self.directory.resolve(self.target).unwrap_or_else(|| self.fallback.clone());
         let payload = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let call = self.transport.raft(&self.addr, RaftRequest { kind: kind as i32, payload });
         let response = match tokio::time::timeout(option.soft_ttl(), call).await {

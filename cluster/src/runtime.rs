@@ -2,7 +2,7 @@
 //! writes routed to the leader, joining, and (on the leader) the controller that keeps the vnode
 //! map balanced, fails over unreachable nodes and lets nodes leave.
 
-use crate::network::NetworkFactory;
+use crate::network::{Directory, NetworkFactory};
 use crate::raft::Raft;
 use crate::raft_store::{self, AppliedState};
 use crate::state::{ClusterState, Command, CommandResponse, PeerNode};
@@ -83,6 +83,12 @@ pub struct ClusterStatus {
     pub node_id: NodeId,
     /// This node's name.
     pub name: String,
+    /// This node's cluster address.
+    pub cluster_addr: String,
+    /// This node's API address.
+    pub api_addr: String,
+    /// The vnode count this node was configured with (the cluster's once it is a member).
+    pub configured_vnodes: u16,
     /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
     pub state: String,
     /// The leader, if known.
@@ -99,6 +105,10 @@ pub struct ClusterStatus {
     pub nodes: Vec<MemberStatus>,
     /// Vnode map summary.
     pub vnodes: VnodeSummary,
+    /// Departed nodes whose data a member holds: departed id → member id.
+    pub held_by: BTreeMap<NodeId, NodeId>,
+    /// Leaving nodes whose data is being copied: leaving id → member id.
+    pub draining: BTreeMap<NodeId, NodeId>,
 }
 
 /// Vnode map summary.
@@ -140,7 +150,8 @@ pub struct Cluster {
     applied: watch::Receiver<Arc<AppliedState>>,
     transport: Arc<dyn Transport>,
     settings: ClusterSettings,
-    controller: Mutex<Option<JoinHandle<()>>>,
+    /// The controller and the address directory's updater.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, ClusterError> {
@@ -181,18 +192,24 @@ impl Cluster {
         let (log_store, state_machine) =
             raft_store::open(dir).map_err(|e| ClusterError::Failed(format!("opening the raft store: {e}")))?;
         let applied = state_machine.subscribe();
-        let raft = Raft::new(
-            id,
-            raft_config(&settings)?,
-            NetworkFactory::new(Arc::clone(&transport)),
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| ClusterError::Failed(format!("starting raft: {e}")))?;
-        let cluster = Arc::new(Cluster { id, me, raft, applied, transport, settings, controller: Mutex::new(None) });
-        let handle = tokio::spawn(controller(Arc::clone(&cluster)));
-        *cluster.controller.lock().expect("controller lock") = Some(handle);
+        let directory = Directory::default();
+        directory.update(&applied.borrow().state.nodes);
+        let network = NetworkFactory::new(Arc::clone(&transport), directory.clone());
+        let raft = Raft::new(id, raft_config(&settings)?, network, log_store, state_machine)
+            .await
+            .map_err(|e| ClusterError::Failed(format!("starting raft: {e}")))?;
+        let cluster = Arc::new(Cluster { id, me, raft, applied, transport, settings, tasks: Mutex::new(Vec::new()) });
+        let controller = tokio::spawn(controller(Arc::clone(&cluster)));
+        let addresses = tokio::spawn({
+            let mut applied = cluster.applied();
+            async move {
+                while applied.changed().await.is_ok() {
+                    let state = Arc::clone(&applied.borrow_and_update());
+                    directory.update(&state.state.nodes);
+                }
+            }
+        });
+        cluster.tasks.lock().expect("tasks lock").extend([controller, addresses]);
         Ok(cluster)
     }
 
@@ -230,6 +247,7 @@ impl Cluster {
             name: self.me.name.clone(),
             cluster_addr: self.me.cluster_addr.clone(),
             api_addr: self.me.api_addr.clone(),
+            vnodes: u32::from(self.settings.vnodes),
         };
         let mut attempt: u32 = 0;
         loop {
@@ -242,6 +260,9 @@ impl Cluster {
                         info!(via = %address, leader = response.leader_id, "joined the cluster");
                         return self.wait_member(deadline.saturating_sub(started.elapsed())).await;
                     }
+                    Err(error @ TransportError::Refused { .. }) if is_final(&error) => {
+                        return Err(ClusterError::Refused(format!("joining via {address} was refused: {error}")));
+                    }
                     Err(error) => warn!(via = %address, %error, "join attempt failed"),
                 }
             }
@@ -250,6 +271,48 @@ impl Cluster {
             }
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
+        }
+    }
+
+    /// For a member that restarted: when the addresses the cluster knows it by are not its own
+    /// any more, asks the other members (any of them forwards to the leader) to update them,
+    /// retrying until one does or `deadline` passes.
+    pub async fn announce(&self, deadline: Duration) -> Result<(), ClusterError> {
+        let started = Instant::now();
+        loop {
+            let state = self.state();
+            if state.nodes.get(&self.id).is_none_or(|known| *known == self.me) {
+                return Ok(());
+            }
+            let peers: Vec<String> =
+                state.nodes.iter().filter(|(id, _)| **id != self.id).map(|(_, n)| n.cluster_addr.clone()).collect();
+            let request = JoinRequest {
+                node_id: self.id,
+                name: self.me.name.clone(),
+                cluster_addr: self.me.cluster_addr.clone(),
+                api_addr: self.me.api_addr.clone(),
+                vnodes: u32::from(self.settings.vnodes),
+            };
+            for address in &peers {
+                match self.transport.join(address, request.clone()).await {
+                    Ok(_) => {
+                        info!(via = %address, "announced new addresses");
+                        let me = self.me.clone();
+                        let id = self.id;
+                        let left = deadline.saturating_sub(started.elapsed());
+                        return if wait_applied(&self.applied, left, |a| a.state.nodes.get(&id) == Some(&me)).await {
+                            Ok(())
+                        } else {
+                            Err(ClusterError::NoQuorum("the new addresses were not applied here in time".into()))
+                        };
+                    }
+                    Err(error) => warn!(via = %address, %error, "announcing new addresses failed"),
+                }
+            }
+            if started.elapsed() > deadline {
+                return Err(ClusterError::NoQuorum(format!("could not announce new addresses within {deadline:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -374,19 +437,47 @@ impl Cluster {
         let id = request.node_id;
         let node = PeerNode { name: request.name, cluster_addr: request.cluster_addr, api_addr: request.api_addr };
         let state = self.state();
+        if state.departed.contains(&id) {
+            return Err(ClusterError::Refused(format!(
+                "node {id} ({}) left this cluster; to join again, start it with an empty data directory",
+                node.name
+            )));
+        }
+        if request.vnodes != 0 && state.is_bootstrapped() && request.vnodes != u32::from(state.vnodes.len()) {
+            return Err(ClusterError::Refused(format!(
+                "this cluster has {} vnodes but {} was started with cluster.vnodes = {}; the count is fixed when a cluster is created",
+                state.vnodes.len(),
+                node.name,
+                request.vnodes
+            )));
+        }
         if let Some((other, _)) = state.nodes.iter().find(|(other, n)| **other != id && n.name == node.name) {
             return Err(ClusterError::Refused(format!(
                 "a member named {:?} exists already (id {other}); remove it first or choose another --node-id",
                 node.name
             )));
         }
+        if state.nodes.get(&id) == Some(&node) {
+            return Ok(JoinResponse { leader_id: self.id });
+        }
         let membership = self.raft.metrics().borrow_watched().membership_config.membership().clone();
-        if !membership.nodes().any(|(n, _)| *n == id) {
-            info!(node = id, name = %node.name, "adding a learner");
-            self.raft
-                .add_learner(id, node.clone(), true)
-                .await
-                .map_err(|e| ClusterError::Failed(format!("adding {id}: {e}")))?;
+        match membership.nodes().find(|(n, _)| **n == id).map(|(_, known)| known.clone()) {
+            None => {
+                info!(node = id, name = %node.name, "adding a learner");
+                self.raft
+                    .add_learner(id, node.clone(), true)
+                    .await
+                    .map_err(|e| ClusterError::Failed(format!("adding {id}: {e}")))?;
+            }
+            Some(known) if known != node => {
+                // A member restarted with other addresses: the same node, reachable elsewhere.
+                info!(node = id, from = %known, to = %node, "updating a member's addresses");
+                self.raft
+                    .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node.clone())])), false)
+                    .await
+                    .map_err(|e| ClusterError::Failed(format!("updating {id}'s addresses: {e}")))?;
+            }
+            Some(_) => {}
         }
         if let CommandResponse::Refused { reason } = self.write(Command::AddNode { id, node }).await? {
             return Err(ClusterError::Refused(reason));
@@ -413,14 +504,18 @@ impl Cluster {
         }
     }
 
-    /// Asks the cluster to remove a member: its vnodes are handed to others (with their data),
-    /// then it leaves the Raft membership. Returns once it is gone from the applied state, or
-    /// fails after `timeout` (the removal goes on).
-    pub async fn remove_node(&self, id: NodeId, timeout: Duration) -> Result<(), ClusterError> {
+    /// Asks the cluster to remove a member: its vnodes move to the others, a member copies
+    /// everything it holds, and it leaves the state and the Raft membership. Returns once it is
+    /// gone from the applied state, or fails after `timeout` (the removal goes on).
+    ///
+    /// `force` removes a member that cannot leave cleanly (it is down for good): once failover
+    /// gave its vnodes away, it is forgotten with the data it held.
+    pub async fn remove_node(&self, id: NodeId, force: bool, timeout: Duration) -> Result<(), ClusterError> {
         if !self.state().nodes.contains_key(&id) {
             return Err(ClusterError::Refused(format!("node {id} is not a member")));
         }
-        if let CommandResponse::Refused { reason } = self.write(Command::MarkLeaving { id }).await? {
+        let command = if force { Command::RemoveNode { id } } else { Command::MarkLeaving { id } };
+        if let CommandResponse::Refused { reason } = self.write(command).await? {
             return Err(ClusterError::Refused(reason));
         }
         if wait_applied(&self.applied, timeout, |a| !a.state.nodes.contains_key(&id)).await {
@@ -477,6 +572,9 @@ impl Cluster {
         ClusterStatus {
             node_id: self.id,
             name: self.me.name.clone(),
+            cluster_addr: self.me.cluster_addr.clone(),
+            api_addr: self.me.api_addr.clone(),
+            configured_vnodes: self.settings.vnodes,
             state: format!("{:?}", metrics.state).to_lowercase(),
             leader: metrics.current_leader,
             term: metrics.current_term,
@@ -490,6 +588,8 @@ impl Cluster {
                 moving,
                 owners,
             },
+            held_by: applied.state.held_by.clone(),
+            draining: applied.state.draining.iter().map(|(from, drain)| (*from, drain.to)).collect(),
         }
     }
 
@@ -507,13 +607,20 @@ impl Cluster {
 
     /// Stops the controller and the Raft node.
     pub async fn shutdown(&self) {
-        if let Some(handle) = self.controller.lock().expect("controller lock").take() {
-            handle.abort();
+        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().expect("tasks lock").drain(..).collect();
+        for task in tasks {
+            task.abort();
         }
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// A refusal that retrying cannot change: the cluster said no, or the secret is wrong.
+fn is_final(error: &TransportError) -> bool {
+    matches!(error, TransportError::Refused { code, .. }
+        if matches!(code.as_str(), "FailedPrecondition" | "Unauthenticated" | "PermissionDenied" | "InvalidArgument"))
 }
 
 /// Waits until the applied state satisfies `ready`; false on timeout.
@@ -605,37 +712,49 @@ async fn control_once(cluster: &Cluster, leader_since: Instant) -> Result<(), Cl
         return Ok(());
     }
 
-    // Leaving nodes: once they own and move nothing, out of Raft and out of the state.
+    // Leaving nodes: once they own and move nothing, a live member copies their data (a
+    // drain); the drain's completion removes them from the state.
     for id in &state.leaving {
-        let involved = state.vnodes.vnodes.iter().any(|s| match s {
-            VnodeState::Active { owner } => owner == id,
-            VnodeState::Moving { from, to, .. } => from == id || to == id,
-        });
-        if involved {
+        if state.owns_or_moves(*id) || state.draining.values().any(|d| d.to == *id) {
             continue;
         }
-        let membership = cluster.raft.metrics().borrow_watched().membership_config.membership().clone();
-        if membership.voter_ids().any(|v| v == *id) {
-            let remaining: BTreeSet<NodeId> = membership.voter_ids().filter(|v| v != id).collect();
-            if remaining.is_empty() {
+        if let Some(drain) = state.draining.get(id) {
+            if live.contains(&drain.to) {
                 continue;
             }
-            info!(node = id, "removing a leaving voter");
-            cluster
-                .raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*id])), false)
-                .await
-                .map_err(|e| ClusterError::Failed(e.to_string()))?;
-        } else if membership.nodes().any(|(n, _)| n == id) {
-            info!(node = id, "removing a leaving learner");
-            cluster
-                .raft
-                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([*id])), false)
-                .await
-                .map_err(|e| ClusterError::Failed(e.to_string()))?;
+            warn!(node = id, target = drain.to, "the drain target is unreachable; restarting the drain");
         }
-        cluster.write(Command::RemoveNode { id: *id }).await?;
+        if unreachable.contains(id) {
+            // Its data cannot be copied while it is down (`leave --force` gives it up).
+            continue;
+        }
+        let Some(to) = drain_target(&state, &live, *id) else { continue };
+        info!(node = id, to, "draining a leaving node");
+        cluster.write(Command::BeginDrain { from: *id, to }).await?;
+    }
+
+    // Nodes gone from the state leave the Raft membership too.
+    let membership = cluster.raft.metrics().borrow_watched().membership_config.membership().clone();
+    let gone_voters: BTreeSet<NodeId> = membership.voter_ids().filter(|id| state.departed.contains(id)).collect();
+    let remaining = membership.voter_ids().filter(|id| !gone_voters.contains(id)).count();
+    if !gone_voters.is_empty() && remaining > 0 {
+        info!(nodes = ?gone_voters, "removing departed voters");
+        cluster
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
+            .await
+            .map_err(|e| ClusterError::Failed(e.to_string()))?;
         cluster.promote_voters().await;
+    }
+    let membership = cluster.raft.metrics().borrow_watched().membership_config.membership().clone();
+    let gone_learners: BTreeSet<NodeId> = membership.learner_ids().filter(|id| state.departed.contains(id)).collect();
+    if !gone_learners.is_empty() {
+        info!(nodes = ?gone_learners, "removing departed learners");
+        cluster
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(gone_learners), false)
+            .await
+            .map_err(|e| ClusterError::Failed(e.to_string()))?;
     }
 
     // Planned moves toward a balanced map, a few at a time; leaving nodes move everything.
@@ -646,12 +765,21 @@ async fn control_once(cluster: &Cluster, leader_since: Instant) -> Result<(), Cl
     }
     let moves: Vec<Move> = state.vnodes.rebalance(&live);
     for planned in moves.into_iter().take(budget) {
-        let full = state.leaving.contains(&planned.from);
         if unreachable.contains(&planned.from) {
             continue;
         }
-        info!(vnode = planned.vnode, from = planned.from, to = planned.to, full, "moving a vnode");
-        cluster.write(Command::BeginMove { vnode: planned.vnode, from: planned.from, to: planned.to, full }).await?;
+        info!(vnode = planned.vnode, from = planned.from, to = planned.to, "moving a vnode");
+        cluster.write(Command::BeginMove { vnode: planned.vnode, from: planned.from, to: planned.to }).await?;
     }
     Ok(())
+}
+
+/// The live member that takes a leaving node's data: the one holding the fewest departed nodes'
+/// data, then owning the fewest vnodes.
+fn drain_target(state: &ClusterState, live: &BTreeSet<NodeId>, leaving: NodeId) -> Option<NodeId> {
+    let owned = state.vnodes.counts(live);
+    live.iter()
+        .copied()
+        .filter(|id| *id != leaving && !state.leaving.contains(id))
+        .min_by_key(|id| (state.held_by_member(*id).len(), owned.get(id).copied().unwrap_or(0), *id))
 }

@@ -62,12 +62,30 @@ pub enum Command {
         /// Its id.
         id: NodeId,
     },
-    /// A node leaves the data plane (it must own nothing).
+    /// Forget a member that owns nothing, without copying its data (`leave --force`: the node
+    /// is gone for good, and what it held with it).
     RemoveNode {
         /// Its id.
         id: NodeId,
     },
-    /// Start handing a vnode from its owner to another member.
+    /// A leaving node that owns nothing any more: `to` starts copying everything it holds.
+    BeginDrain {
+        /// The leaving node.
+        from: NodeId,
+        /// The member that will hold its data.
+        to: NodeId,
+    },
+    /// `to` holds a durable copy of everything `from` held: from now on `to` answers for it and
+    /// `from` is no longer a member.
+    Drained {
+        /// The leaving node.
+        from: NodeId,
+        /// The member now holding its data.
+        to: NodeId,
+        /// The drain this completes (a restarted drain has a new one).
+        generation: u64,
+    },
+    /// Start handing a vnode (its normalisation state) from its owner to another member.
     BeginMove {
         /// The vnode.
         vnode: u16,
@@ -75,8 +93,6 @@ pub enum Command {
         from: NodeId,
         /// The new owner.
         to: NodeId,
-        /// Move all data, not only the normalisation state (the old owner is leaving).
-        full: bool,
     },
     /// The new owner has the state: it owns the vnode from now on.
     CompleteMove {
@@ -106,9 +122,9 @@ impl fmt::Display for Command {
             Command::AddNode { id, node } => write!(f, "add-node({id} {node})"),
             Command::MarkLeaving { id } => write!(f, "mark-leaving({id})"),
             Command::RemoveNode { id } => write!(f, "remove-node({id})"),
-            Command::BeginMove { vnode, from, to, full } => {
-                write!(f, "begin-move({vnode}: {from} -> {to}, full {full})")
-            }
+            Command::BeginMove { vnode, from, to } => write!(f, "begin-move({vnode}: {from} -> {to})"),
+            Command::BeginDrain { from, to } => write!(f, "begin-drain({from} -> {to})"),
+            Command::Drained { from, to, generation } => write!(f, "drained({from} -> {to}, #{generation})"),
             Command::CompleteMove { vnode } => write!(f, "complete-move({vnode})"),
             Command::AbortMove { vnode } => write!(f, "abort-move({vnode})"),
             Command::Reassign { vnode, to } => write!(f, "reassign({vnode} -> {to})"),
@@ -146,6 +162,27 @@ pub struct ClusterState {
     /// Members on their way out.
     #[serde(default)]
     pub leaving: BTreeSet<NodeId>,
+    /// Leaving nodes whose data is being copied, and where to.
+    #[serde(default)]
+    pub draining: BTreeMap<NodeId, Drain>,
+    /// Departed nodes whose data a member holds and answers queries for: holder → member.
+    #[serde(default)]
+    pub held_by: BTreeMap<NodeId, NodeId>,
+    /// Drains started so far (the next drain's generation).
+    #[serde(default)]
+    pub drains: u64,
+    /// Nodes that left (drained or removed): they leave the Raft membership and may not rejoin.
+    #[serde(default)]
+    pub departed: BTreeSet<NodeId>,
+}
+
+/// A drain in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// The member copying the leaving node's data.
+    pub to: NodeId,
+    /// Which attempt this is.
+    pub generation: u64,
 }
 
 fn refused(reason: impl Into<String>) -> CommandResponse {
@@ -156,6 +193,19 @@ impl ClusterState {
     /// True once the cluster was bootstrapped.
     pub fn is_bootstrapped(&self) -> bool {
         !self.vnodes.is_empty()
+    }
+
+    /// True when `id` owns a vnode or takes part in a move.
+    pub fn owns_or_moves(&self, id: NodeId) -> bool {
+        self.vnodes.vnodes.iter().any(|s| match s {
+            VnodeState::Active { owner } => *owner == id,
+            VnodeState::Moving { from, to } => *from == id || *to == id,
+        })
+    }
+
+    /// Holders whose data `member` answers for (besides its own).
+    pub fn held_by_member(&self, member: NodeId) -> Vec<NodeId> {
+        self.held_by.iter().filter(|(_, m)| **m == member).map(|(holder, _)| *holder).collect()
     }
 
     /// Applies one committed command. Never panics: a command the state does not allow is
@@ -190,6 +240,12 @@ impl ClusterState {
                 CommandResponse::Applied { version }
             }
             Command::AddNode { id, node } => {
+                if self.departed.contains(id) {
+                    return refused(format!(
+                        "node {id} ({}) left this cluster; to join again, start it with an empty data directory",
+                        node.name
+                    ));
+                }
                 self.nodes.insert(*id, node.clone());
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
@@ -204,20 +260,56 @@ impl ClusterState {
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
             Command::RemoveNode { id } => {
-                let involved = self.vnodes.vnodes.iter().any(|s| match s {
-                    VnodeState::Active { owner } => owner == id,
-                    VnodeState::Moving { from, to, .. } => from == id || to == id,
-                });
-                if involved {
+                if self.owns_or_moves(*id) {
                     return refused(format!("node {id} still owns or moves vnodes"));
+                }
+                if self.draining.values().any(|d| d.to == *id) {
+                    return refused(format!("node {id} is receiving a drain"));
                 }
                 if self.nodes.remove(id).is_none() {
                     return refused(format!("node {id} is not a member"));
                 }
                 self.leaving.remove(id);
+                self.draining.remove(id);
+                self.departed.insert(*id);
+                // What it held is gone with it.
+                self.held_by.retain(|_, member| member != id);
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
-            Command::BeginMove { vnode, from, to, full } => {
+            Command::BeginDrain { from, to } => {
+                if !self.leaving.contains(from) {
+                    return refused(format!("node {from} is not leaving"));
+                }
+                if self.owns_or_moves(*from) {
+                    return refused(format!("node {from} still owns or moves vnodes"));
+                }
+                if self.draining.values().any(|d| d.to == *from) {
+                    return refused(format!("node {from} is receiving a drain"));
+                }
+                if from == to || !self.nodes.contains_key(to) || self.leaving.contains(to) {
+                    return refused(format!("node {to} cannot take node {from}'s data"));
+                }
+                self.drains += 1;
+                self.draining.insert(*from, Drain { to: *to, generation: self.drains });
+                CommandResponse::Applied { version: self.drains }
+            }
+            Command::Drained { from, to, generation } => {
+                if self.draining.get(from) != Some(&Drain { to: *to, generation: *generation }) {
+                    return refused(format!("no drain #{generation} of node {from} to node {to} is under way"));
+                }
+                self.draining.remove(from);
+                for member in self.held_by.values_mut() {
+                    if member == from {
+                        *member = *to;
+                    }
+                }
+                self.held_by.insert(*from, *to);
+                self.nodes.remove(from);
+                self.leaving.remove(from);
+                self.departed.insert(*from);
+                CommandResponse::Applied { version: self.vnodes.epoch }
+            }
+            Command::BeginMove { vnode, from, to } => {
                 if !self.nodes.contains_key(to) {
                     return refused(format!("node {to} is not a member"));
                 }
@@ -225,7 +317,7 @@ impl ClusterState {
                     Some(VnodeState::Active { owner }) if owner == from && from != to => {}
                     other => return refused(format!("vnode {vnode} is {other:?}, not owned by {from}")),
                 }
-                self.vnodes.vnodes[*vnode as usize] = VnodeState::Moving { from: *from, to: *to, full: *full };
+                self.vnodes.vnodes[*vnode as usize] = VnodeState::Moving { from: *from, to: *to };
                 self.vnodes.epoch += 1;
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
@@ -300,20 +392,20 @@ mod tests {
         let mut state = ClusterState::default();
         applied(state.apply(&Command::Bootstrap { vnodes: 4, id: 1, node: node("a") }));
         assert!(matches!(
-            state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2, full: false }),
+            state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2 }),
             CommandResponse::Refused { .. }
         ));
         applied(state.apply(&Command::AddNode { id: 2, node: node("b") }));
-        let epoch = applied(state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2, full: false }));
+        let epoch = applied(state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2 }));
         assert_eq!(state.vnodes.owner(0), None);
         assert!(matches!(
-            state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2, full: false }),
+            state.apply(&Command::BeginMove { vnode: 0, from: 1, to: 2 }),
             CommandResponse::Refused { .. }
         ));
         assert!(matches!(state.apply(&Command::RemoveNode { id: 2 }), CommandResponse::Refused { .. }));
         assert_eq!(applied(state.apply(&Command::CompleteMove { vnode: 0 })), epoch + 1);
         assert_eq!(state.vnodes.owner(0), Some(2));
-        applied(state.apply(&Command::BeginMove { vnode: 1, from: 1, to: 2, full: true }));
+        applied(state.apply(&Command::BeginMove { vnode: 1, from: 1, to: 2 }));
         applied(state.apply(&Command::AbortMove { vnode: 1 }));
         assert_eq!(state.vnodes.owner(1), Some(1));
         applied(state.apply(&Command::Reassign { vnode: 0, to: 1 }));
@@ -324,5 +416,43 @@ mod tests {
         );
         applied(state.apply(&Command::RemoveNode { id: 2 }));
         assert!(!state.nodes.contains_key(&2) && state.leaving.is_empty());
+    }
+
+    #[test]
+    fn test_state_drains_pass_held_data_on_atomically() {
+        let mut state = ClusterState::default();
+        applied(state.apply(&Command::Bootstrap { vnodes: 2, id: 1, node: node("a") }));
+        for (id, name) in [(2, "b"), (3, "c")] {
+            applied(state.apply(&Command::AddNode { id, node: node(name) }));
+        }
+        applied(state.apply(&Command::BeginMove { vnode: 1, from: 1, to: 2 }));
+        applied(state.apply(&Command::CompleteMove { vnode: 1 }));
+        applied(state.apply(&Command::MarkLeaving { id: 2 }));
+        let refuse = |state: &mut ClusterState, command: Command| {
+            assert!(matches!(state.apply(&command), CommandResponse::Refused { .. }), "{command} was applied");
+        };
+        refuse(&mut state, Command::BeginDrain { from: 2, to: 1 });
+        applied(state.apply(&Command::BeginMove { vnode: 1, from: 2, to: 3 }));
+        applied(state.apply(&Command::CompleteMove { vnode: 1 }));
+        refuse(&mut state, Command::BeginDrain { from: 1, to: 3 });
+        refuse(&mut state, Command::BeginDrain { from: 2, to: 2 });
+        let first = applied(state.apply(&Command::BeginDrain { from: 2, to: 1 }));
+        // The target became unreachable: the leader restarts the drain elsewhere.
+        let second = applied(state.apply(&Command::BeginDrain { from: 2, to: 3 }));
+        assert_ne!(first, second);
+        refuse(&mut state, Command::Drained { from: 2, to: 1, generation: first });
+        refuse(&mut state, Command::RemoveNode { id: 3 });
+        applied(state.apply(&Command::Drained { from: 2, to: 3, generation: second }));
+        assert!(!state.nodes.contains_key(&2) && state.leaving.is_empty() && state.draining.is_empty());
+        assert_eq!(state.held_by_member(3), vec![2]);
+
+        // When the holder leaves in turn, what it held moves on with its own data.
+        applied(state.apply(&Command::MarkLeaving { id: 3 }));
+        applied(state.apply(&Command::BeginMove { vnode: 1, from: 3, to: 1 }));
+        applied(state.apply(&Command::CompleteMove { vnode: 1 }));
+        let third = applied(state.apply(&Command::BeginDrain { from: 3, to: 1 }));
+        applied(state.apply(&Command::Drained { from: 3, to: 1, generation: third }));
+        assert_eq!(state.held_by_member(1), vec![2, 3]);
+        assert_eq!(state.nodes.keys().copied().collect::<Vec<_>>(), vec![1]);
     }
 }

@@ -80,11 +80,16 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>>;
 }
 
+/// Deadline of calls that do real work on the peer: queries, joins (the leader waits until the
+/// new node caught up), and the start of a hand-off.
+pub const SLOW_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The real transport: one lazily connected tonic channel per peer.
 #[derive(Debug)]
 pub struct TonicTransport {
     secret: Option<String>,
     timeout: Duration,
+    slow_timeout: Duration,
     max_forward_bytes: usize,
     channels: Mutex<HashMap<String, Channel>>,
     inflight: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -97,6 +102,7 @@ impl TonicTransport {
         TonicTransport {
             secret,
             timeout,
+            slow_timeout: timeout.max(SLOW_CALL_TIMEOUT),
             max_forward_bytes: max_forward_bytes.clamp(1, u32::MAX as usize),
             channels: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
@@ -112,7 +118,6 @@ impl TonicTransport {
                     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                         .map_err(|e| unreachable(addr, e))?
                         .connect_timeout(self.timeout)
-                        .timeout(self.timeout)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(10))
                         .keep_alive_timeout(Duration::from_secs(10));
@@ -127,9 +132,9 @@ impl TonicTransport {
             .max_encoding_message_size(64 * 1024 * 1024))
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request.set_timeout(self.timeout);
+        request.set_timeout(timeout);
         if let Some(secret) = &self.secret {
             if let Ok(value) = secret.parse() {
                 request.metadata_mut().insert(CLUSTER_SECRET_HEADER, value);
@@ -141,6 +146,18 @@ impl TonicTransport {
     fn semaphore(&self, addr: &str) -> Arc<Semaphore> {
         let mut inflight = self.inflight.lock().expect("inflight lock");
         Arc::clone(inflight.entry(addr.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.max_forward_bytes))))
+    }
+}
+
+/// A call that fails as unreachable when `timeout` passes (the peer may be hung, not gone).
+async fn within<T>(
+    addr: &str,
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, TransportError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map(tonic::Response::into_inner).map_err(|s| status_error(addr, s)),
+        Err(_) => Err(unreachable(addr, format!("no answer within {timeout:?}"))),
     }
 }
 
@@ -166,7 +183,8 @@ impl Transport for TonicTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             let mut client = self.client(&addr)?;
-            client.raft(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+            let timeout = self.timeout;
+            within(&addr, timeout, client.raft(self.request(request, timeout))).await
         })
     }
 
@@ -179,7 +197,8 @@ impl Transport for TonicTransport {
                 .try_acquire_many_owned(bytes)
                 .map_err(|_| TransportError::Backpressure { addr: addr.clone() })?;
             let mut client = self.client(&addr)?;
-            client.forward(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+            let timeout = self.timeout;
+            within(&addr, timeout, client.forward(self.request(request, timeout))).await
         })
     }
 
@@ -187,7 +206,8 @@ impl Transport for TonicTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             let mut client = self.client(&addr)?;
-            client.query(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+            let timeout = self.slow_timeout;
+            within(&addr, timeout, client.query(self.request(request, timeout))).await
         })
     }
 
@@ -202,7 +222,7 @@ impl Transport for TonicTransport {
                     call.metadata_mut().insert(CLUSTER_SECRET_HEADER, value);
                 }
             }
-            let stream = client.hand_off(call).await.map_err(|s| status_error(&addr, s))?.into_inner();
+            let stream = within(&addr, self.slow_timeout, client.hand_off(call)).await?;
             let mapped = stream.map(move |item| item.map_err(|s| status_error(&addr, s)));
             Ok(Box::pin(mapped) as ChunkStream)
         })
@@ -212,7 +232,8 @@ impl Transport for TonicTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             let mut client = self.client(&addr)?;
-            client.write(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+            let timeout = self.timeout * 3;
+            within(&addr, timeout, client.write(self.request(request, timeout))).await
         })
     }
 
@@ -220,7 +241,8 @@ impl Transport for TonicTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             let mut client = self.client(&addr)?;
-            client.join(self.request(request)).await.map(|r| r.into_inner()).map_err(|s| status_error(&addr, s))
+            let timeout = self.slow_timeout;
+            within(&addr, timeout, client.join(self.request(request, timeout))).await
         })
     }
 }

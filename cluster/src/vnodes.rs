@@ -15,15 +15,13 @@ pub enum VnodeState {
         /// The owner.
         owner: NodeId,
     },
-    /// Being handed from one node to another: neither merges it until the move completes.
+    /// Being handed from one node to another: neither merges it until the move completes. Only
+    /// the normalisation state moves; the old owner keeps the minutes it merged.
     Moving {
         /// The owner before the move (it exports the vnode's state).
         from: NodeId,
         /// The owner after the move (it imports the state).
         to: NodeId,
-        /// True when all data moves too (the old owner is leaving), false when only the
-        /// normalisation state moves (the old owner keeps its older minutes).
-        full: bool,
     },
 }
 
@@ -195,7 +193,7 @@ mod tests {
     #[test]
     fn test_rebalance_leaves_moving_vnodes_alone() {
         let mut map = VnodeMap::single(8, 1);
-        map.vnodes[0] = VnodeState::Moving { from: 1, to: 2, full: false };
+        map.vnodes[0] = VnodeState::Moving { from: 1, to: 2 };
         let moves = map.rebalance(&members(&[1, 2]));
         assert!(moves.iter().all(|m| m.vnode != 0));
         assert_eq!(moves.len(), 3, "vnode 0 already counts for node 2");

@@ -112,8 +112,8 @@ fn addr(id: NodeId) -> String {
     format!("node-{id}:11900")
 }
 
-/// Stands in for the data plane's mover: a node that is handed a vnode has nothing to pull here,
-/// so it completes the move at once.
+/// Stands in for the data plane's mover: a node that is handed a vnode, or a leaving node's data,
+/// has nothing to pull here, so it completes the move or the drain at once.
 fn complete_moves(cluster: Arc<Cluster>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut applied = cluster.applied();
@@ -130,6 +130,17 @@ fn complete_moves(cluster: Arc<Cluster>) -> tokio::task::JoinHandle<()> {
                 .collect();
             for vnode in moving {
                 let _ = cluster.write(Command::CompleteMove { vnode }).await;
+            }
+            let drains: Vec<(NodeId, u64)> = applied
+                .borrow()
+                .state
+                .draining
+                .iter()
+                .filter(|(_, drain)| drain.to == cluster.id)
+                .map(|(from, drain)| (*from, drain.generation))
+                .collect();
+            for (from, generation) in drains {
+                let _ = cluster.write(Command::Drained { from, to: cluster.id, generation }).await;
             }
             let _ = tokio::time::timeout(Duration::from_millis(300), applied.changed()).await;
         }
@@ -433,7 +444,7 @@ async fn test_cluster_leaving_node_hands_everything_over_and_is_removed() {
     let cluster = three_nodes().await;
     let leader = cluster.leader().expect("a leader");
     let leaving = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
-    cluster.node(leader).remove_node(leaving, WAIT).await.expect("leave");
+    cluster.node(leader).remove_node(leaving, false, WAIT).await.expect("leave");
     let rest: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != leaving).collect();
     for id in &rest {
         let ok = wait_applied(&cluster.node(*id).applied(), WAIT, |a| !a.state.nodes.contains_key(&leaving)).await;
@@ -448,7 +459,39 @@ async fn test_cluster_leaving_node_hands_everything_over_and_is_removed() {
     })
     .await;
     // The last member cannot leave.
-    cluster.node(rest[0]).remove_node(rest[1], WAIT).await.expect("leave");
-    let error = cluster.node(rest[0]).remove_node(rest[0], WAIT).await.expect_err("last member");
+    let state = cluster.node(leader).state();
+    assert_eq!(state.held_by.get(&leaving).map(|m| rest.contains(m)), Some(true), "a member holds its data");
+    // The leader leaves too: it hands its role over as well.
+    let leader = cluster.wait_leader_among(&rest).await;
+    let last = rest.iter().copied().find(|id| *id != leader).unwrap();
+    cluster.node(last).remove_node(leader, false, WAIT).await.expect("the leader leaves");
+    wait_until("the last member leads alone", || {
+        (cluster.node(last).is_leader() && voters(cluster.node(last)) == BTreeSet::from([last])).then_some(())
+    })
+    .await;
+    assert_eq!(cluster.node(last).state().held_by.len(), 2, "it holds both departed nodes' data");
+    let error = cluster.node(last).remove_node(last, false, WAIT).await.expect_err("last member");
     assert!(matches!(error, ClusterError::Refused(ref r) if r.contains("last member")), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_dead_node_is_removed_by_force_after_failover() {
+    let mut cluster = three_nodes().await;
+    let leader = cluster.leader().expect("a leader");
+    let dead = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    cluster.stop(dead).await;
+    // A dead node cannot be drained: a clean leave waits, a forced one is refused until failover
+    // gave its vnodes away.
+    match cluster.node(leader).remove_node(dead, true, Duration::from_secs(1)).await {
+        Err(ClusterError::Refused(reason)) => assert!(reason.contains("owns"), "{reason}"),
+        other => panic!("forced removal of an owner: {other:?}"),
+    }
+    cluster.wait_all("failover", move |s| owned_by(s, dead) == 0).await;
+    cluster.node(leader).remove_node(dead, true, WAIT).await.expect("forced removal");
+    cluster.wait_all("two members", move |s| s.nodes.len() == 2 && !s.nodes.contains_key(&dead)).await;
+    wait_until("the dead node out of the raft membership", || {
+        (voters(cluster.node(leader)) == [1, 2, 3].into_iter().filter(|id| *id != dead).collect()).then_some(())
+    })
+    .await;
+    assert!(cluster.node(leader).state().held_by.is_empty(), "its data is given up, not held");
 }

@@ -399,6 +399,9 @@ struct NodeToAdd {
     name: String,
     cluster_addr: String,
     api_addr: String,
+    /// The node's configured vnode count, checked against the cluster's (absent: not checked).
+    #[serde(default)]
+    vnodes: u32,
 }
 
 async fn add_node(
@@ -415,6 +418,7 @@ async fn add_node(
         name: node.name,
         cluster_addr: node.cluster_addr,
         api_addr: node.api_addr,
+        vnodes: node.vnodes,
     };
     let response = state.cluster.handle_join(request).await.map_err(cluster_error)?;
     Ok(Json(json!({ "leader": response.leader_id })).into_response())
@@ -423,11 +427,21 @@ async fn add_node(
 /// How long `DELETE /api/v1/cluster/nodes/{id}` waits for the node's vnodes to move away.
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// `DELETE /api/v1/cluster/nodes/{id}` options.
+#[derive(Debug, Default, Deserialize)]
+struct RemoveOptions {
+    /// Forget a member that is down for good, with the data it held.
+    #[serde(default)]
+    force: bool,
+}
+
 async fn remove_node(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    options: Result<Query<RemoveOptions>, QueryRejection>,
 ) -> Result<Response, Error> {
+    let options = params(options)?;
     authorize(&headers, state.api_token.as_deref())?;
     let members = state.cluster.state().nodes;
     let node_id = match id.parse::<u64>() {
@@ -438,7 +452,7 @@ async fn remove_node(
             .map(|(number, _)| number)
             .ok_or_else(|| Error::NotFound(format!("no member with id or name {id:?}")))?,
     };
-    state.cluster.remove_node(node_id, LEAVE_TIMEOUT).await.map_err(cluster_error)?;
+    state.cluster.remove_node(node_id, options.force, LEAVE_TIMEOUT).await.map_err(cluster_error)?;
     Ok(Json(json!({ "removed": node_id })).into_response())
 }
 

@@ -51,6 +51,34 @@ pub enum Command {
     Logs(LogsArgs),
     /// List services and their instances.
     Services,
+    /// The cluster: its members, and admitting or removing them.
+    Cluster {
+        /// status, join or leave.
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+/// Cluster commands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Members, roles, leader, Raft term and indexes, vnode ownership.
+    Status {
+        /// Print the raw JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admit the node whose API is NODE_API (a node started with --join that waits to be let in,
+    /// or a member whose addresses changed).
+    Join {
+        /// The new node's API URL, e.g. http://10.0.0.7:12800.
+        node_api: String,
+    },
+    /// Remove a member (id or name): its vnodes and their data move to the others first.
+    Leave {
+        /// Raft id or name of the member.
+        node: String,
+    },
 }
 
 /// Document commands.
@@ -276,6 +304,7 @@ impl Client {
             Command::Serve(_) => unreachable!("serve is not a client command"),
             Command::Pricing { action } => self.document("pricing", action).await,
             Command::Rules { action } => self.document("rules", action).await,
+            Command::Cluster { action } => self.cluster(action).await,
             Command::Services => {
                 let value = self.get_json("/api/v1/services", &[]).await?;
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -356,6 +385,51 @@ impl Client {
     }
 
     #[allow(clippy::print_stdout)]
+    async fn cluster(&self, action: ClusterAction) -> anyhow::Result<()> {
+        match action {
+            ClusterAction::Status { json } => {
+                let value = self.get_json("/api/v1/cluster", &[]).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    return Ok(());
+                }
+                let status: tollgate_cluster::ClusterStatus = serde_json::from_value(value)?;
+                print!("{}", render_status(&status));
+                Ok(())
+            }
+            ClusterAction::Join { node_api } => {
+                let node_api = node_api.trim_end_matches('/');
+                let url = format!("{node_api}/api/v1/cluster");
+                let response =
+                    self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+                if !response.status().is_success() {
+                    anyhow::bail!("{url}: {}", response.status());
+                }
+                let node: tollgate_cluster::ClusterStatus = response.json().await?;
+                let body = serde_json::json!({
+                    "node_id": node.node_id,
+                    "name": node.name,
+                    "cluster_addr": node.cluster_addr,
+                    "api_addr": node.api_addr,
+                    "vnodes": node.configured_vnodes,
+                });
+                let response =
+                    self.send(self.http.post(format!("{}/api/v1/cluster/nodes", self.api)).json(&body)).await?;
+                let value: Value = response.json().await?;
+                println!("admitted {} (id {}) by leader {}", node.name, node.node_id, value["leader"]);
+                Ok(())
+            }
+            ClusterAction::Leave { node } => {
+                let url = format!("{}/api/v1/cluster/nodes/{node}", self.api);
+                let response = self.send(self.http.delete(url)).await?;
+                let value: Value = response.json().await?;
+                println!("removed {node} (id {}): its vnodes moved to the other members", value["removed"]);
+                Ok(())
+            }
+        }
+    }
+
+    #[allow(clippy::print_stdout)]
     async fn document(&self, name: &str, action: DocumentAction) -> anyhow::Result<()> {
         let url = format!("{}/api/v1/config/{name}", self.api);
         match action {
@@ -382,4 +456,47 @@ impl Client {
             }
         }
     }
+}
+
+/// `tollgate cluster status` as text.
+pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let leader = status
+        .leader
+        .and_then(|id| status.nodes.iter().find(|n| n.id == id).map(|n| format!("{} ({id})", n.name)))
+        .unwrap_or_else(|| "none".into());
+    let _ = writeln!(out, "this node  {} ({}), {}", status.name, status.node_id, status.state);
+    let _ = writeln!(out, "leader     {leader}, term {}", status.term);
+    let index = |i: Option<u64>| i.map_or_else(|| "-".to_string(), |i| i.to_string());
+    let _ = writeln!(
+        out,
+        "raft log   last {}, committed {}, applied {}",
+        index(status.last_log_index),
+        index(status.commit_index),
+        index(status.applied_index)
+    );
+    let _ = writeln!(
+        out,
+        "vnodes     {} (map epoch {}, {} moving)",
+        status.vnodes.total, status.vnodes.epoch, status.vnodes.moving
+    );
+    let _ = writeln!(
+        out,
+        "{:<20} {:<20} {:<8} {:>6} {:>10}  {:<22} api",
+        "id", "name", "role", "vnodes", "contact", "cluster"
+    );
+    for node in &status.nodes {
+        let contact = node.last_contact_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms}ms"));
+        let role = if node.leaving { format!("{}*", node.role) } else { node.role.clone() };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<20} {:<8} {:>6} {:>10}  {:<22} {}",
+            node.id, node.name, role, node.vnodes, contact, node.cluster_addr, node.api_addr
+        );
+    }
+    if status.nodes.iter().any(|n| n.leaving) {
+        let _ = writeln!(out, "* leaving: its vnodes are moving to the other members");
+    }
+    out
 }

@@ -1,6 +1,10 @@
 //! Queries across the cluster (SPEC §6): every member folds what it stores, partial results
 //! merge exactly (minutes of one series can sit on two nodes after a vnode moved), and the
 //! answer says which members could not be asked.
+//!
+//! Data of departed nodes is held by a member (after a drain). Which member answers for it is
+//! read from the applied state of the node asking, once per query, and sent along with the
+//! query: a query sees the leaving node's data or its copy, never both and never neither.
 
 use crate::error::Error;
 use crate::query::{LogPage, LogQuery, QueryEngine, ServiceView};
@@ -8,7 +12,7 @@ use crate::store::EntityRecord;
 use crate::wire;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
-use tollgate_cluster::Cluster;
+use tollgate_cluster::{Cluster, ClusterState};
 use tollgate_proto::peer::{QueryKind, QueryRequest};
 use tollgate_rules::{MetricQuery, MetricResult, Partial};
 use tracing::warn;
@@ -44,12 +48,17 @@ impl Fanout {
         &self.local
     }
 
-    async fn remote<T: DeserializeOwned>(&self, kind: QueryKind, payload: Vec<u8>) -> (Vec<T>, Vec<String>) {
-        let state = self.cluster.state();
+    async fn remote<T: DeserializeOwned>(
+        &self,
+        state: &ClusterState,
+        kind: QueryKind,
+        payload: Vec<u8>,
+    ) -> (Vec<T>, Vec<String>) {
         let me = self.cluster.id;
-        let calls = state.nodes.iter().filter(|(id, _)| **id != me).map(|(_, node)| {
+        let calls = state.nodes.iter().filter(|(id, _)| **id != me).map(|(id, node)| {
             let transport = Arc::clone(self.cluster.transport());
-            let request = QueryRequest { kind: kind as i32, payload: payload.clone() };
+            let request =
+                QueryRequest { kind: kind as i32, payload: payload.clone(), holders: state.held_by_member(*id) };
             let node = node.clone();
             async move {
                 let result = transport
@@ -76,10 +85,12 @@ impl Fanout {
 
     /// A metric over every member's data.
     pub async fn metric(&self, query: MetricQuery) -> Result<Answer<MetricResult>, Error> {
-        let (remote, missing) = self.remote::<Partial>(QueryKind::Metric, wire::encode_json(&query)).await;
+        let state = self.cluster.state();
+        let (remote, missing) = self.remote::<Partial>(&state, QueryKind::Metric, wire::encode_json(&query)).await;
         let engine = self.local.clone();
         let local_query = query.clone();
-        let mut partial = blocking(move || engine.partial(&local_query)).await?;
+        let holders = state.held_by_member(self.cluster.id);
+        let mut partial = blocking(move || engine.partial_held(&local_query, &holders)).await?;
         for other in &remote {
             partial.merge(other);
         }
@@ -88,19 +99,23 @@ impl Fanout {
 
     /// A page of kept logs over every member's data.
     pub async fn logs(&self, query: LogQuery) -> Result<Answer<LogPage>, Error> {
+        let state = self.cluster.state();
         let engine = self.local.clone();
         let local_query = query.clone();
-        let local = blocking(move || engine.logs(&local_query)).await?;
-        let (remote, missing) = self.remote::<LogPage>(QueryKind::Logs, wire::encode(&query)).await;
+        let holders = state.held_by_member(self.cluster.id);
+        let local = blocking(move || engine.logs_held(&local_query, &holders)).await?;
+        let (remote, missing) = self.remote::<LogPage>(&state, QueryKind::Logs, wire::encode(&query)).await;
         let page = QueryEngine::merge_log_pages(std::iter::once(local).chain(remote), query.limit);
         Ok(Answer { value: page, missing })
     }
 
     /// Services and instances over every member's data.
     pub async fn services(&self) -> Result<Answer<Vec<ServiceView>>, Error> {
+        let state = self.cluster.state();
         let engine = self.local.clone();
-        let local = blocking(move || engine.entities()).await?;
-        let (remote, missing) = self.remote::<Vec<EntityRecord>>(QueryKind::Entities, Vec::new()).await;
+        let holders = state.held_by_member(self.cluster.id);
+        let local = blocking(move || engine.entities_held(&holders)).await?;
+        let (remote, missing) = self.remote::<Vec<EntityRecord>>(&state, QueryKind::Entities, Vec::new()).await;
         let all = local.into_iter().chain(remote.into_iter().flatten());
         Ok(Answer { value: QueryEngine::services_of(all), missing })
     }

@@ -121,21 +121,22 @@ pub enum OwnerMsg {
         /// Signalled when done (tests and shutdown).
         done: Option<oneshot::Sender<()>>,
     },
-    /// The vnode is being handed to another node: make everything written so far durable (and,
-    /// for a full hand-over, roll every minute up), so that the store holds all of it.
+    /// The vnode is being handed to another node: make everything written so far durable, so
+    /// that the store holds all of its state.
     Release {
-        /// Roll up every minute too (all data moves).
-        full: bool,
         /// Signalled when done.
         done: oneshot::Sender<Result<(), Error>>,
     },
-    /// State (or all data) of the vnode handed over by its previous owner: merge it into the
-    /// store.
+    /// The node is leaving: roll every stored minute of the vnode up, so that its data moves
+    /// complete (the vnode is owned elsewhere, so no minute can change any more).
+    RollUpAll {
+        /// Signalled when done.
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    /// State of the vnode handed over by its previous owner: merge it into the store.
     Import {
         /// Raw store entries.
         entries: Vec<(Vec<u8>, Vec<u8>)>,
-        /// All data (merge aggregates and roll-up frontiers), or only the normalisation state.
-        full: bool,
         /// A metadata entry written in the same batch (the mover's marker).
         marker: Option<(String, Vec<u8>)>,
         /// Signalled when durable.
@@ -207,9 +208,16 @@ impl OwnerHandle {
     }
 
     /// Releases the vnode for a hand-over and waits until its store is complete.
-    pub async fn release(&self, full: bool) -> Result<(), Error> {
+    pub async fn release(&self) -> Result<(), Error> {
         let (done, wait) = oneshot::channel();
-        self.send(OwnerMsg::Release { full, done })?;
+        self.send(OwnerMsg::Release { done })?;
+        wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?
+    }
+
+    /// Rolls every stored minute of the vnode (owned elsewhere) up and waits until it is durable.
+    pub async fn roll_up_all(&self) -> Result<(), Error> {
+        let (done, wait) = oneshot::channel();
+        self.send(OwnerMsg::RollUpAll { done })?;
         wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?
     }
 
@@ -217,11 +225,10 @@ impl OwnerHandle {
     pub async fn import(
         &self,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
-        full: bool,
         marker: Option<(String, Vec<u8>)>,
     ) -> Result<(), Error> {
         let (done, wait) = oneshot::channel();
-        self.send(OwnerMsg::Import { entries, full, marker, done })?;
+        self.send(OwnerMsg::Import { entries, marker, done })?;
         wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?
     }
 
@@ -329,21 +336,27 @@ impl Actor for Owner {
                 let outcome = state.ingest_logs(records, batch);
                 state.finish(outcome, reply, permit).await;
             }
-            OwnerMsg::Release { full, done } => {
+            OwnerMsg::Release { done } => {
                 let result = if owned {
                     Err(Error::Conflict(format!("vnode {} is owned here; nothing to release", state.vnode)))
-                } else if full {
-                    state.roll_up_everything().await
                 } else {
                     Ok(())
                 };
                 let _ = done.send(result);
             }
-            OwnerMsg::Import { entries, full, marker, done } => {
+            OwnerMsg::RollUpAll { done } => {
+                let result = if owned {
+                    Err(Error::Conflict(format!("vnode {} is owned here; its minutes are still open", state.vnode)))
+                } else {
+                    state.roll_up_everything().await
+                };
+                let _ = done.send(result);
+            }
+            OwnerMsg::Import { entries, marker, done } => {
                 let result = if owned {
                     Err(Error::Conflict(format!("vnode {} is owned here already; refusing an import", state.vnode)))
                 } else {
-                    state.import(entries, full, marker).await
+                    state.import(entries, marker).await
                 };
                 let _ = done.send(result);
             }
@@ -860,20 +873,16 @@ impl OwnerState {
     }
 
     /// Merges a hand-over into the store (the vnode is not owned here yet, so nothing else
-    /// writes it). Series keys, baselines, point keys, log batches, logs, entities and bounds are
-    /// copied; clocks keep the newer minute. For a full hand-over, aggregates are merged with
-    /// what this node already holds (each node's contributions are disjoint, so the merge is
-    /// exact), and each partition's roll-up frontier becomes the later of the two, with this
-    /// node's own minutes up to it rolled up first.
+    /// writes it): series keys, baselines, point keys and log batches are copied; clocks keep
+    /// the newer minute. The minutes this node merged before stay as they are.
     async fn import(
         &mut self,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
-        full: bool,
         marker: Option<(String, Vec<u8>)>,
     ) -> Result<(), Error> {
         self.settle().await?;
         let store = Arc::clone(&self.context.store);
-        let imported = crate::store::handoff::Imported::parse(entries, full)?;
+        let imported = crate::store::handoff::Imported::parse(entries)?;
         let mut batch = StoreBatch::default();
         if let Some((key, value)) = marker {
             batch.push(Op::Meta { key, value });
@@ -888,33 +897,9 @@ impl OwnerState {
             };
             batch.push(Op::Clock { vnode: self.vnode, partition, clock: merged });
         }
-        // Aggregates: existing ⊕ this node's own roll-forward ⊕ imported.
-        let mut states: FastMap<StateKey, Aggregate> = FastMap::default();
-        for (partition, theirs) in &imported.rolled_until {
-            let ours = store.rolled_until(self.vnode, *partition)?;
-            let frontier = ours.max(*theirs);
-            let (rollups, _) = self.rollup_states(*partition, ours, frontier)?;
-            states.extend(rollups);
-            batch.push(Op::RolledUntil { vnode: self.vnode, partition: *partition, minute: frontier });
-        }
-        let bounds = |hash: u64| imported.bounds.get(&hash).cloned().or_else(|| store.bounds(hash));
-        for ((id, resolution, period), bytes) in imported.states {
-            let theirs = crate::store::codec::decode_state(&bytes, bounds)
-                .map_err(|e| Error::Internal(format!("handed-over aggregate: {e}")))?;
-            let entry = match states.entry((id, resolution, period)) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(store.state(self.vnode, id, resolution, period)?.unwrap_or_default())
-                }
-            };
-            entry.merge(&theirs);
-        }
-        for ((id, resolution, period), state) in states {
-            batch.push(Op::State { vnode: self.vnode, id, resolution, period, state });
-        }
         let count = batch.ops.len();
         durable(store.commit(batch).await?).await?;
-        info!(vnode = self.vnode, full, writes = count, "imported a vnode hand-over");
+        info!(vnode = self.vnode, writes = count, "imported a vnode hand-over");
         Ok(())
     }
 }

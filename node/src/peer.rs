@@ -35,7 +35,6 @@ pub struct PeerService {
     owners: Arc<Vec<OwnerHandle>>,
     query: QueryEngine,
     store: Arc<dyn Storage>,
-    vnodes: u16,
 }
 
 impl PeerService {
@@ -46,9 +45,8 @@ impl PeerService {
         owners: Arc<Vec<OwnerHandle>>,
         query: QueryEngine,
         store: Arc<dyn Storage>,
-        vnodes: u16,
     ) -> PeerService {
-        PeerService { cluster, ingest, owners, query, store, vnodes }
+        PeerService { cluster, ingest, owners, query, store }
     }
 }
 
@@ -99,19 +97,20 @@ impl Peer for PeerService {
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         let request = request.into_inner();
         let engine = self.query.clone();
+        let holders = request.holders;
         let payload = match QueryKind::try_from(request.kind).unwrap_or(QueryKind::Unspecified) {
             QueryKind::Metric => {
                 let query: MetricQuery = wire::decode_json("metric query", &request.payload).map_err(invalid)?;
-                let partial = blocking(move || engine.partial(&query)).await?;
+                let partial = blocking(move || engine.partial_held(&query, &holders)).await?;
                 wire::encode(&partial)
             }
             QueryKind::Logs => {
                 let query: LogQuery = wire::decode("log query", &request.payload).map_err(invalid)?;
-                let page = blocking(move || engine.logs(&query)).await?;
+                let page = blocking(move || engine.logs_held(&query, &holders)).await?;
                 wire::encode(&page)
             }
             QueryKind::Entities => {
-                let entities = blocking(move || engine.entities()).await?;
+                let entities = blocking(move || engine.entities_held(&holders)).await?;
                 wire::encode(&entities)
             }
             QueryKind::Unspecified => return Err(invalid(format!("unknown query kind {}", request.kind))),
@@ -123,6 +122,9 @@ impl Peer for PeerService {
 
     async fn hand_off(&self, request: Request<HandOffRequest>) -> Result<Response<ChunkStream>, Status> {
         let request = request.into_inner();
+        if request.drain {
+            return self.drain().await;
+        }
         let vnode =
             u16::try_from(request.vnode).map_err(|_| invalid(format!("vnode {} out of range", request.vnode)))?;
         let owner =
@@ -130,34 +132,22 @@ impl Peer for PeerService {
         // Only once this node applied the move does its owner refuse new data for the vnode; then
         // everything it accepted is made durable, and the store holds the whole state.
         let me = self.cluster.id;
-        let mut applied = self.cluster.applied();
-        let moving = |a: &Arc<AppliedState>| matches!(a.state.vnodes.vnodes.get(vnode as usize), Some(VnodeState::Moving { from, .. }) if *from == me);
-        if tokio::time::timeout(Duration::from_secs(30), applied.wait_for(moving)).await.map_or(true, |r| r.is_err()) {
+        let moving = move |a: &Arc<AppliedState>| matches!(a.state.vnodes.vnodes.get(vnode as usize), Some(VnodeState::Moving { from, .. }) if *from == me);
+        if !self.applied_within(moving).await {
             return Err(Status::failed_precondition(format!("vnode {vnode} is not moving away from this node")));
         }
-        owner.release(request.full).await?;
-        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<HandOffChunk, Status>>(4);
+        owner.release().await?;
         let store = Arc::clone(&self.store);
-        let vnodes = self.vnodes;
-        let full = request.full;
-        tokio::task::spawn_blocking(move || {
+        let stream = export_stream(move |send| {
             let mut sent = 0usize;
-            let result = store.export_vnode(vnode, vnodes, full, &mut |entries| {
+            store.export_vnode(vnode, &mut |entries| {
                 sent += entries.len();
-                let (keys, values) = entries.into_iter().unzip();
-                sender
-                    .blocking_send(Ok(HandOffChunk { keys, values }))
-                    .map_err(|_| Error::Unavailable("the receiving node went away".into()))
-            });
-            match result {
-                Ok(()) => info!(vnode, full, entries = sent, "handed over a vnode"),
-                Err(error) => {
-                    warn!(vnode, %error, "hand-over failed");
-                    let _ = sender.blocking_send(Err(Status::from(error)));
-                }
-            }
+                send(entries, 0)
+            })?;
+            info!(vnode, entries = sent, "handed a vnode over");
+            Ok(())
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(stream))
     }
 
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
@@ -169,6 +159,66 @@ impl Peer for PeerService {
         info!(node = request.node_id, name = %request.name, addr = %request.cluster_addr, "join request");
         self.cluster.handle_join(request).await.map(Response::new).map_err(cluster_status)
     }
+}
+
+impl PeerService {
+    /// Waits (a while) until this node applied a state satisfying `ready`.
+    async fn applied_within(&self, ready: impl Fn(&Arc<AppliedState>) -> bool) -> bool {
+        tollgate_cluster::runtime::wait_applied(&self.cluster.applied(), Duration::from_secs(30), ready).await
+    }
+
+    /// Everything this leaving node holds, for the member draining it: every minute rolled up
+    /// first, then its own data and the data it holds for departed nodes, each tagged with whose
+    /// it is.
+    async fn drain(&self) -> Result<Response<ChunkStream>, Status> {
+        let me = self.cluster.id;
+        if !self.applied_within(move |a| a.state.draining.contains_key(&me)).await {
+            return Err(Status::failed_precondition("this node is not being drained"));
+        }
+        for owner in self.owners.iter() {
+            owner.roll_up_all().await?;
+        }
+        let holders = self.cluster.state().held_by_member(me);
+        let mut sources = vec![(me, Arc::clone(&self.store))];
+        for holder in holders {
+            sources.push((holder, self.store.held(holder)?));
+        }
+        let stream = export_stream(move |send| {
+            for (holder, store) in sources {
+                let mut sent = 0usize;
+                store.export_all(&mut |entries| {
+                    sent += entries.len();
+                    send(entries, holder)
+                })?;
+                info!(holder, entries = sent, "drained data");
+            }
+            Ok(())
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// Runs a blocking export that hands chunks (entries, holder) to `send`, as a stream of chunks;
+/// a failure ends the stream with an error.
+fn export_stream(
+    export: impl FnOnce(&mut dyn FnMut(Vec<(Vec<u8>, Vec<u8>)>, u64) -> Result<(), Error>) -> Result<(), Error>
+        + Send
+        + 'static,
+) -> ChunkStream {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<HandOffChunk, Status>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut send = |entries: Vec<(Vec<u8>, Vec<u8>)>, holder: u64| {
+            let (keys, values) = entries.into_iter().unzip();
+            sender
+                .blocking_send(Ok(HandOffChunk { keys, values, holder }))
+                .map_err(|_| Error::Unavailable("the receiving node went away".into()))
+        };
+        if let Err(error) = export(&mut send) {
+            warn!(%error, "hand-over failed");
+            let _ = sender.blocking_send(Err(Status::from(error)));
+        }
+    });
+    Box::pin(ReceiverStream::new(receiver))
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
@@ -193,7 +243,9 @@ pub async fn serve(
         let given = request.metadata().get(CLUSTER_SECRET_HEADER).and_then(|v| v.to_str().ok());
         match given {
             Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(request),
-            _ => Err(Status::unauthenticated("the cluster port needs the cluster secret")),
+            _ => Err(Status::unauthenticated(
+                "missing or wrong cluster secret: every node of a cluster needs the same cluster_secret",
+            )),
         }
     };
     let server = tonic::service::interceptor::InterceptedService::new(

@@ -188,6 +188,46 @@ impl QueryEngine {
         Ok(partial)
     }
 
+    /// This engine and one over the data held for each of `holders` (departed nodes).
+    fn holdings(&self, holders: &[u64]) -> Result<Vec<QueryEngine>, Error> {
+        let mut engines = vec![self.clone()];
+        if holders.is_empty() {
+            return Ok(engines);
+        }
+        let present = self.store.held_holders()?;
+        for holder in holders {
+            if !present.contains(holder) {
+                return Err(Error::Unavailable(format!("the data of departed node {holder} is not on this node")));
+            }
+            engines.push(QueryEngine { store: self.store.held(*holder)?, ..self.clone() });
+        }
+        Ok(engines)
+    }
+
+    /// [`QueryEngine::partial`] over this node's data and what it holds for `holders`.
+    pub fn partial_held(&self, query: &MetricQuery, holders: &[u64]) -> Result<Partial, Error> {
+        let mut partial = Partial::default();
+        for engine in self.holdings(holders)? {
+            partial.merge(&engine.partial(query)?);
+        }
+        Ok(partial)
+    }
+
+    /// [`QueryEngine::logs`] over this node's data and what it holds for `holders`.
+    pub fn logs_held(&self, query: &LogQuery, holders: &[u64]) -> Result<LogPage, Error> {
+        let pages = self.holdings(holders)?.iter().map(|engine| engine.logs(query)).collect::<Result<Vec<_>, _>>()?;
+        Ok(QueryEngine::merge_log_pages(pages, query.limit))
+    }
+
+    /// [`QueryEngine::entities`] over this node's data and what it holds for `holders`.
+    pub fn entities_held(&self, holders: &[u64]) -> Result<Vec<EntityRecord>, Error> {
+        let mut entities = Vec::new();
+        for engine in self.holdings(holders)? {
+            entities.extend(engine.entities()?);
+        }
+        Ok(entities)
+    }
+
     /// The entities this node holds data of.
     pub fn entities(&self) -> Result<Vec<EntityRecord>, Error> {
         Ok(self.store.entities()?.into_iter().map(|(_, entity)| entity).collect())

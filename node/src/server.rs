@@ -271,7 +271,6 @@ impl Node {
                 Arc::clone(&owners),
                 query.clone(),
                 Arc::clone(&storage),
-                config.cluster.vnodes,
             );
             let secret = config.cluster_secret.clone();
             let shutdown = stopped(stop_receiver.clone());
@@ -334,6 +333,21 @@ impl Node {
                 info!(join = ?config.join, "asking to join a cluster");
                 cluster.join(&config.join, JOIN_DEADLINE).await.map_err(cluster_error)?;
             }
+        } else {
+            // Restarted with other addresses (another port, another IP): tell the cluster.
+            let cluster = Arc::clone(&cluster);
+            tasks.spawn(async move {
+                if let Err(e) = cluster.announce(JOIN_DEADLINE).await {
+                    warn!(error = %e, "the cluster still knows this node by its old addresses");
+                }
+            });
+        }
+        let cluster_vnodes = cluster.state().vnodes.len();
+        if cluster_vnodes != 0 && cluster_vnodes != config.cluster.vnodes {
+            return Err(Error::InvalidArgument(format!(
+                "the cluster has {cluster_vnodes} vnodes but cluster.vnodes is {}; the count is fixed when a cluster is created",
+                config.cluster.vnodes
+            )));
         }
 
         tasks.spawn({
@@ -375,6 +389,23 @@ impl Node {
                 let mut applied = applied;
                 let _ = applied.wait_for(|a| a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)).await;
                 ready.store(true, Ordering::SeqCst);
+            });
+        }
+        // A node that left stops being ready: the load balancer must stop sending it traffic.
+        {
+            let ready = Arc::clone(&ready);
+            let mut applied = cluster.applied();
+            let mut stop = stop_receiver.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    left = applied.wait_for(|a| a.state.departed.contains(&raft_id)) => {
+                        if left.is_ok() {
+                            ready.store(false, Ordering::SeqCst);
+                            warn!("this node left the cluster: its data is held by another member; it can be stopped");
+                        }
+                    }
+                    _ = stop.changed() => {}
+                }
             });
         }
         info!(node = %endpoints.node_id, raft_id, "tollgate node started");
@@ -475,7 +506,17 @@ fn spawn_background(
                 let lateness_ns = runtime.borrow().rules.config.normalize.max_lateness_seconds * 1_000_000_000;
                 let cutoffs = retention_cutoffs(clock.now_ns(), &retention, lateness_ns);
                 let store = Arc::clone(&store);
-                match tokio::task::spawn_blocking(move || store.sweep(cutoffs)).await {
+                // This node's data, and what it holds for departed nodes.
+                let swept = tokio::task::spawn_blocking(move || {
+                    let mut report = store.sweep(cutoffs)?;
+                    for holder in store.held_holders()? {
+                        let held = store.held(holder)?.sweep(cutoffs)?;
+                        report.examined += held.examined;
+                        report.deleted += held.deleted;
+                    }
+                    Ok::<_, crate::error::Error>(report)
+                });
+                match swept.await {
                     Ok(Ok(report)) => {
                         metrics::counter!(m::RETENTION_DELETED).increment(report.deleted);
                         info!(examined = report.examined, deleted = report.deleted, "retention sweep");

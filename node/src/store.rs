@@ -275,13 +275,20 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Interned bucket bounds by hash.
     fn bounds(&self, hash: u64) -> Option<tollgate_rules::Bounds>;
 
-    /// Every entry a hand-over of `vnode` carries (see [`handoff`]), in chunks given to `sink`.
-    /// Blocking.
-    fn export_vnode(
-        &self,
-        vnode: u16,
-        vnodes: u16,
-        full: bool,
-        sink: &mut ChunkSink<'_>,
-    ) -> Result<(), Error>;
+    /// The normalisation state of `vnode` a hand-over carries (see [`handoff`]), in chunks
+    /// given to `sink`. Blocking.
+    fn export_vnode(&self, vnode: u16, sink: &mut ChunkSink<'_>) -> Result<(), Error>;
+
+    /// Every entry, in chunks given to `sink` (a drain). Blocking.
+    fn export_all(&self, sink: &mut ChunkSink<'_>) -> Result<(), Error>;
+
+    /// The data this node holds for the departed node `holder` (opened empty when absent), as a
+    /// store of its own that shares this store's writer.
+    fn held(&self, holder: u64) -> Result<std::sync::Arc<dyn Storage>, Error>;
+
+    /// Departed nodes this node has data of.
+    fn held_holders(&self) -> Result<Vec<u64>, Error>;
+
+    /// Deletes the data held for `holder`.
+    fn drop_held(&self, holder: u64) -> Result<(), Error>;
 }

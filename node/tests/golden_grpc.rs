@@ -12,7 +12,7 @@ async fn test_golden_cases_over_grpc_read_back_over_http() {
     let cases = testing::aggregation_cases();
     for convention in [Convention::JobName, Convention::AigwService] {
         for case in &cases.cases {
-            let node = TestNode::start().await;
+            let node = TestNode::start_with(&common::KEEP_OLD_DATA, &[]).await;
             let (status, body) = node.put("/api/v1/config/pricing", &cases.pricing.to_string(), None).await;
             assert_eq!(status, 200, "{body}");
             // Alternate between the two gRPC listeners (4317 and 11800 in production).

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::metrics as m;
+use sled::Transactional;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -28,6 +29,8 @@ use tracing::{error, info};
 const SWEEP_CHUNK: usize = 10_000;
 
 struct WriteRequest {
+    /// The tree `data` goes to, when not the node's own data tree (data held for a departed node).
+    tree: Option<sled::Tree>,
     data: sled::Batch,
     meta: sled::Batch,
     has_meta: bool,
@@ -35,10 +38,16 @@ struct WriteRequest {
     done: oneshot::Sender<Result<(), Error>>,
 }
 
-/// sled-backed storage.
+/// Name prefix of the trees holding departed nodes' data.
+const HELD_PREFIX: &str = "held-";
+
+/// sled-backed storage: the node's own data, or (a view sharing the writer) the data it holds
+/// for a departed node.
 pub struct SledStorage {
     db: sled::Db,
     data: sled::Tree,
+    /// For a view on a departed node's data: that node.
+    holder: Option<u64>,
     meta: sled::Tree,
     /// Bounds known to be in the data tree (or in a batch ahead of any batch using them).
     bounds: RwLock<FastMap<u64, Bounds>>,
@@ -107,11 +116,27 @@ impl SledStorage {
         Ok(SledStorage {
             db,
             data,
+            holder: None,
             meta,
             bounds: RwLock::new(FastMap::default()),
             writer: Some(writer),
             writer_thread: Some(writer_thread),
             failed,
+        })
+    }
+
+    fn held_view(&self, holder: u64) -> Result<SledStorage, Error> {
+        let name = format!("{HELD_PREFIX}{holder}");
+        let data = self.db.open_tree(&name).map_err(|e| storage_error(&format!("opening tree {name}"), e))?;
+        Ok(SledStorage {
+            db: self.db.clone(),
+            data,
+            holder: Some(holder),
+            meta: self.meta.clone(),
+            bounds: RwLock::new(FastMap::default()),
+            writer: self.writer.clone(),
+            writer_thread: None,
+            failed: Arc::clone(&self.failed),
         })
     }
 
@@ -230,7 +255,7 @@ impl Storage for SledStorage {
             let (data, meta, has_meta, bytes) = self.encode(batch);
             let writer = self.writer.as_ref().ok_or_else(|| Error::Unavailable("storage is closing".into()))?;
             writer
-                .send(WriteRequest { data, meta, has_meta, bytes, done })
+                .send(WriteRequest { tree: self.holder.map(|_| self.data.clone()), data, meta, has_meta, bytes, done })
                 .await
                 .map_err(|_| Error::Unavailable("storage writer stopped".into()))?;
             Ok(ticket)
@@ -428,40 +453,53 @@ impl Storage for SledStorage {
         self.resolve_bounds(hash)
     }
 
-    fn export_vnode(
-        &self,
-        vnode: u16,
-        vnodes: u16,
-        full: bool,
-        sink: &mut super::ChunkSink<'_>,
-    ) -> Result<(), Error> {
+    fn export_vnode(&self, vnode: u16, sink: &mut super::ChunkSink<'_>) -> Result<(), Error> {
+        let prefixes = super::handoff::STATE_TAGS.iter().map(|tag| codec::vnode_prefix(*tag, vnode));
+        self.export(prefixes, sink)
+    }
+
+    fn export_all(&self, sink: &mut super::ChunkSink<'_>) -> Result<(), Error> {
+        self.export(std::iter::once(Vec::new()), sink)
+    }
+
+    fn held(&self, holder: u64) -> Result<Arc<dyn Storage>, Error> {
+        if self.holder.is_some() {
+            return Err(Error::Internal("data held for a departed node holds no other node's data".into()));
+        }
+        Ok(Arc::new(self.held_view(holder)?))
+    }
+
+    fn held_holders(&self) -> Result<Vec<u64>, Error> {
+        let mut holders: Vec<u64> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|name| std::str::from_utf8(name).ok()?.strip_prefix(HELD_PREFIX)?.parse().ok())
+            .collect();
+        holders.sort_unstable();
+        Ok(holders)
+    }
+
+    fn drop_held(&self, holder: u64) -> Result<(), Error> {
+        let name = format!("{HELD_PREFIX}{holder}");
+        self.db.drop_tree(&name).map_err(|e| storage_error(&format!("dropping tree {name}"), e))?;
+        self.db.flush().map_err(|e| storage_error("flush", e))?;
+        Ok(())
+    }
+}
+
+impl SledStorage {
+    /// Entries under `prefixes`, in chunks given to `sink`.
+    fn export(&self, prefixes: impl Iterator<Item = Vec<u8>>, sink: &mut super::ChunkSink<'_>) -> Result<(), Error> {
         const CHUNK: usize = 2_000;
         let mut chunk: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(CHUNK);
-        let mut emit = |key: &[u8], value: &[u8], chunk: &mut Vec<(Vec<u8>, Vec<u8>)>| -> Result<(), Error> {
-            chunk.push((key.to_vec(), value.to_vec()));
-            if chunk.len() >= CHUNK {
-                sink(std::mem::take(chunk))?;
-            }
-            Ok(())
-        };
-        let tags: &[u8] = if full { &super::handoff::FULL_TAGS } else { &super::handoff::STATE_TAGS };
-        for tag in tags {
-            for entry in self.data.scan_prefix(codec::vnode_prefix(*tag, vnode)) {
+        for prefix in prefixes {
+            for entry in self.data.scan_prefix(prefix) {
                 let (key, value) = entry.map_err(|e| storage_error("hand-over scan", e))?;
-                emit(&key, &value, &mut chunk)?;
-            }
-        }
-        if full {
-            for entry in self.data.scan_prefix([ENTITY]) {
-                let (key, value) = entry.map_err(|e| storage_error("hand-over scan", e))?;
-                let partition = u64::from_be_bytes(key[1..9].try_into().map_err(|_| corrupt("entity key"))?);
-                if (partition % u64::from(vnodes)) as u16 == vnode {
-                    emit(&key, &value, &mut chunk)?;
+                chunk.push((key.to_vec(), value.to_vec()));
+                if chunk.len() >= CHUNK {
+                    sink(std::mem::take(&mut chunk))?;
                 }
-            }
-            for entry in self.data.scan_prefix([codec::BOUNDS]) {
-                let (key, value) = entry.map_err(|e| storage_error("hand-over scan", e))?;
-                emit(&key, &value, &mut chunk)?;
             }
         }
         if !chunk.is_empty() {
@@ -500,15 +538,23 @@ fn writer_loop(
             if outcome.is_err() {
                 break;
             }
+            let data = request.tree.as_ref().unwrap_or(&data);
             let data_batch = std::mem::take(&mut request.data);
-            if let Err(e) = data.apply_batch(data_batch) {
+            if request.has_meta {
+                // Data and metadata (hand-over markers) change together or not at all.
+                let meta_batch = std::mem::take(&mut request.meta);
+                let applied = (data, &meta).transaction(|(data, meta)| {
+                    data.apply_batch(&data_batch)?;
+                    meta.apply_batch(&meta_batch)?;
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                });
+                if let Err(e) = applied {
+                    outcome = Err(storage_error("apply", format!("{e:?}")));
+                    break;
+                }
+            } else if let Err(e) = data.apply_batch(data_batch) {
                 outcome = Err(storage_error("apply", e));
                 break;
-            }
-            if request.has_meta {
-                if let Err(e) = meta.apply_batch(std::mem::take(&mut request.meta)) {
-                    outcome = Err(storage_error("apply meta", e));
-                }
             }
         }
         if outcome.is_ok() {

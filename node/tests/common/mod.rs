@@ -21,6 +21,8 @@ pub struct TestNode {
     pub endpoints: Endpoints,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    /// The cluster listen address; pinned to the first run's port so restarts keep it.
+    cluster_addr: String,
     pub http: reqwest::Client,
 }
 
@@ -36,8 +38,53 @@ impl TestNode {
         let dir = temp.path().to_path_buf();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, endpoints) = spawn(&dir, &env, &args).await;
-        TestNode { dir, _temp: Some(temp), child: Some(child), endpoints, env, args, http: reqwest::Client::new() }
+        let (child, endpoints) = spawn(&dir, &env, &args, "127.0.0.1:0").await;
+        let cluster_addr = endpoints.cluster.to_string();
+        TestNode {
+            dir,
+            _temp: Some(temp),
+            child: Some(child),
+            endpoints,
+            env,
+            args,
+            cluster_addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Starts a cluster member named `name` with the test cluster settings, joining `join` (a
+    /// cluster address) or bootstrapping a new cluster.
+    pub async fn start_member(name: &str, join: Option<&str>, env: &[(&str, &str)]) -> TestNode {
+        let mut all: Vec<(&str, &str)> = CLUSTER_ENV.to_vec();
+        all.retain(|(key, _)| !env.iter().any(|(k, _)| k == key));
+        all.extend_from_slice(env);
+        let mut args = vec!["--node-id", name];
+        if let Some(join) = join {
+            args.extend(["--join", join]);
+        }
+        TestNode::start_with(&all, &args).await
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The cluster address other nodes reach this node at.
+    pub fn cluster_addr(&self) -> String {
+        self.endpoints.cluster.to_string()
+    }
+
+    /// The Raft id.
+    pub fn raft_id(&self) -> u64 {
+        self.endpoints.raft_id
+    }
+
+    /// `GET /api/v1/cluster`.
+    pub async fn cluster_status(&self) -> Value {
+        let (status, body) = self.get("/api/v1/cluster").await;
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     /// `kill -9`.
@@ -57,12 +104,45 @@ impl TestNode {
         status
     }
 
-    /// Starts the node again on the same data directory (new ports).
+    /// Starts the node again on the same data directory (new ports, but the same cluster port).
     pub async fn restart(&mut self) {
         self.kill9();
-        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args).await;
+        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args, &self.cluster_addr).await;
         self.child = Some(child);
         self.endpoints = endpoints;
+    }
+
+    /// Starts the node again with a new cluster port too: it must tell the cluster.
+    pub async fn restart_elsewhere(&mut self) {
+        self.kill9();
+        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args, "127.0.0.1:0").await;
+        self.child = Some(child);
+        self.cluster_addr = endpoints.cluster.to_string();
+        self.endpoints = endpoints;
+    }
+
+    /// DELETE an API path with an optional token.
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.http.delete(format!("{}{path}", self.api()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("api reachable");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// POST a JSON body to an API path with an optional token.
+    pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.http.post(format!("{}{path}", self.api())).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("api reachable");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// The API base URL.
@@ -125,8 +205,12 @@ impl TestNode {
         if let Some(instance) = instance {
             query.push_str(&format!("&instance={instance}"));
         }
-        let (status, body) = self.get(&query).await;
+        let response = self.http.get(format!("{}{query}", self.api())).send().await.expect("api reachable");
+        let missing = response.headers().get("x-tollgate-missing-nodes").cloned();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("json");
         assert_eq!(status, 200, "{query}: {body}");
+        assert_eq!(missing, None, "{query}: some members did not answer");
         let series = body["series"].as_array().expect("series");
         let matching = series.iter().find(|s| &s["labels"] == labels)?;
         matching["points"][0][1].as_f64()
@@ -156,7 +240,51 @@ impl Drop for KillOnDrop {
     }
 }
 
-async fn spawn(dir: &Path, env: &[(String, String)], args: &[String]) -> (Child, Endpoints) {
+/// Retention long enough for data dated like the golden cases (2025): a sweep during a slow
+/// test must not delete what the test reads back.
+pub const KEEP_OLD_DATA: [(&str, &str); 3] = [
+    ("TOLLGATE_RETENTION_MINUTE_SECONDS", "400000000"),
+    ("TOLLGATE_RETENTION_HOUR_SECONDS", "400000000"),
+    ("TOLLGATE_RETENTION_DAY_SECONDS", "400000000"),
+];
+
+/// Cluster settings of test clusters: few vnodes, fast elections.
+pub const CLUSTER_ENV: [(&str, &str); 5] = [
+    ("TOLLGATE_CLUSTER_VNODES", "16"),
+    ("TOLLGATE_CLUSTER_HEARTBEAT_INTERVAL_MS", "100"),
+    ("TOLLGATE_CLUSTER_ELECTION_TIMEOUT_MS", "600"),
+    ("TOLLGATE_CLUSTER_RPC_TIMEOUT_MS", "2000"),
+    ("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "60"),
+];
+
+/// Waits until `nodes` (all running members) agree on a map with no vnode moving, each owning
+/// its fair share.
+pub async fn wait_balanced(nodes: &[&TestNode]) {
+    let started = Instant::now();
+    loop {
+        let mut views = Vec::new();
+        for node in nodes {
+            views.push(node.cluster_status().await);
+        }
+        let fair = 16 / nodes.len() as u64;
+        let settled = views.iter().all(|view| {
+            view["vnodes"]["moving"] == 0
+                && view["vnodes"]["epoch"] == views[0]["vnodes"]["epoch"]
+                && view["nodes"].as_array().map(Vec::len) == Some(nodes.len())
+                && view["nodes"].as_array().into_iter().flatten().all(|member| {
+                    let owned = member["vnodes"].as_u64().unwrap_or(0);
+                    owned == fair || owned == fair + 1
+                })
+        });
+        if settled {
+            return;
+        }
+        assert!(started.elapsed() < START_DEADLINE, "the cluster did not settle: {views:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn spawn(dir: &Path, env: &[(String, String)], args: &[String], cluster_addr: &str) -> (Child, Endpoints) {
     let file = dir.join("endpoints.json");
     // The previous process's endpoints must not be mistaken for the new one's.
     let _ = std::fs::remove_file(&file);
@@ -166,9 +294,10 @@ async fn spawn(dir: &Path, env: &[(String, String)], args: &[String]) -> (Child,
         .arg("--data-dir")
         .arg(dir)
         .args(["--otlp-grpc-addrs", "127.0.0.1:0,127.0.0.1:0"])
-        .args(["--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
+        .args(["--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--cluster-addr", cluster_addr])
         .args(args)
         .env("TOLLGATE_LOG", std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env_remove("TOLLGATE_TEST_LOG")
         .stdin(Stdio::null());
     for (key, value) in env {
         command.env(key, value);
@@ -199,4 +328,110 @@ async fn spawn(dir: &Path, env: &[(String, String)], args: &[String]) -> (Child,
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (guard.0.take().expect("spawned"), endpoints)
+}
+
+/// Unix seconds now.
+pub fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Export `k` of a fleet of `pods` gateway pods of `service`, all in one request: per pod, delta
+/// request durations for three providers and a cumulative input-token series started at
+/// `base − 1`. Returns the request and the number of requests it reports.
+pub fn fleet_export(
+    service: &str,
+    base: u64,
+    k: u64,
+    pods: u64,
+) -> (opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest, u64) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
+    };
+    use tollgate_rules::testing::{gateway_bounds, gateway_resource, string_attribute, Convention};
+    let time = base + k;
+    let histogram = |name: &str, points, temporality| Metric {
+        name: name.into(),
+        data: Some(metric::Data::Histogram(Histogram { data_points: points, aggregation_temporality: temporality })),
+        ..Default::default()
+    };
+    let mut requests = 0;
+    let mut resources = Vec::new();
+    for pod in 0..pods {
+        let bounds = gateway_bounds("gen_ai.server.request.duration").to_vec();
+        let mut durations = Vec::new();
+        for provider in ["openai", "anthropic", "deepseek"] {
+            let count = (k + pod) % 3 + 1;
+            requests += count;
+            let mut buckets = vec![0u64; bounds.len() + 1];
+            buckets[(k as usize + pod as usize) % (bounds.len() + 1)] = count;
+            durations.push(HistogramDataPoint {
+                attributes: vec![
+                    string_attribute("gen_ai.provider.name", provider),
+                    string_attribute("gen_ai.response.model", "m"),
+                ],
+                start_time_unix_nano: (time - 1) * 1_000_000_000,
+                time_unix_nano: time * 1_000_000_000,
+                count,
+                sum: Some(0.5 * count as f64),
+                bucket_counts: buckets,
+                explicit_bounds: bounds.clone(),
+                ..Default::default()
+            });
+        }
+        // Cumulative: 100·(1 + 2 + … + (k+1)) input tokens since base − 1.
+        let total = 100 * (k + 1) * (k + 2) / 2;
+        let token_bounds = gateway_bounds("gen_ai.client.token.usage").to_vec();
+        let mut token_buckets = vec![0u64; token_bounds.len() + 1];
+        token_buckets[7] = k + 1;
+        let tokens = HistogramDataPoint {
+            attributes: vec![
+                string_attribute("gen_ai.token.type", "input"),
+                string_attribute("gen_ai.response.model", "m"),
+            ],
+            start_time_unix_nano: (base - 1) * 1_000_000_000,
+            time_unix_nano: time * 1_000_000_000,
+            count: k + 1,
+            sum: Some(total as f64),
+            bucket_counts: token_buckets,
+            explicit_bounds: token_bounds,
+            ..Default::default()
+        };
+        resources.push(ResourceMetrics {
+            resource: Some(gateway_resource(Convention::AigwService, service, Some(&format!("pod-{pod}")))),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![
+                    histogram("gen_ai.server.request.duration", durations, 1),
+                    histogram("gen_ai.client.token.usage", vec![tokens], 2),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    (ExportMetricsServiceRequest { resource_metrics: resources }, requests)
+}
+
+/// The input tokens `exports` exports of [`fleet_export`] report in all.
+pub fn fleet_tokens(exports: u64, pods: u64) -> u64 {
+    pods * 100 * exports * (exports + 1) / 2
+}
+
+/// The sum over all points of a service metric's first series, with the header naming nodes
+/// that did not answer.
+pub async fn sum_of(node: &TestNode, metric: &str, service: &str, start: u64, end: u64) -> (f64, Option<String>) {
+    let url = format!("{}/api/v1/metrics/{metric}?service={service}&start={start}&end={end}&step=minute", node.api());
+    let response = node.http.get(&url).send().await.expect("api reachable");
+    let missing = response.headers().get("x-tollgate-missing-nodes").map(|v| v.to_str().unwrap_or("").to_string());
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(status, 200, "{url}: {body}");
+    let sum = body["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p[1].as_f64())
+        .sum();
+    (sum, missing)
 }

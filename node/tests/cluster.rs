@@ -1,0 +1,394 @@
+//! Three real `tollgate` processes forming a cluster over their cluster ports: data sent to any
+//! node lands on the owner of its series, queries through any node see everything, and the
+//! results stay exact across `kill -9` of an owner or the leader, joins and leaves, provided the
+//! client retries what was not acknowledged (as OTLP exporters do).
+
+mod common;
+
+use common::{fleet_export, fleet_tokens, now_seconds, sum_of, wait_balanced, TestNode};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_rules::testing::{self, Convention};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn three_nodes(env: &[(&str, &str)]) -> Vec<TestNode> {
+    let first = TestNode::start_member("n1", None, env).await;
+    let seed = first.cluster_addr();
+    let second = TestNode::start_member("n2", Some(&seed), env).await;
+    let third = TestNode::start_member("n3", Some(&seed), env).await;
+    let nodes = vec![first, second, third];
+    wait_balanced(&nodes.iter().collect::<Vec<_>>()).await;
+    nodes
+}
+
+fn leader_name(status: &Value) -> Option<String> {
+    let leader = status["leader"].as_u64()?;
+    status["nodes"].as_array()?.iter().find(|n| n["id"] == leader).and_then(|n| n["name"].as_str()).map(String::from)
+}
+
+async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(started.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_golden_cases_sent_to_all_nodes_read_back_through_any() {
+    let nodes = three_nodes(&common::KEEP_OLD_DATA).await;
+    let cases = testing::aggregation_cases();
+
+    // Pricing written through the last node is applied everywhere, with one version.
+    let (status, body) = nodes[2].put("/api/v1/config/pricing", &cases.pricing.to_string(), None).await;
+    assert_eq!(status, 200, "{body}");
+    let version = body["version"].clone();
+    for node in &nodes {
+        wait_for("the pricing version on every node", || async {
+            let (status, body) = node.get("/api/v1/config/pricing").await;
+            (status == 200 && body["version"] == version).then_some(())
+        })
+        .await;
+    }
+
+    // Each case under its own service names, its points spread over the three nodes.
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(node.metrics_client(0).await);
+    }
+    let mut expectations = Vec::new();
+    for (c, case) in cases.cases.iter().enumerate() {
+        for (index, point) in case.points.iter().enumerate() {
+            let mut point = point.clone();
+            point.service = format!("{}-case{c}", point.service);
+            let response = clients[index % 3]
+                .export(point.request(Convention::AigwService))
+                .await
+                .unwrap_or_else(|e| panic!("{}: point {index} refused: {e}", case.name))
+                .into_inner();
+            assert!(response.partial_success.is_none(), "{}: {:?}", case.name, response.partial_success);
+        }
+        for expect in &case.expect {
+            let mut expect = expect.clone();
+            expect.service = format!("{}-case{c}", expect.service);
+            expectations.push((case.name.clone(), expect));
+        }
+    }
+    for (n, node) in nodes.iter().enumerate() {
+        let mut failures = Vec::new();
+        for (case, expect) in &expectations {
+            let labels = json!(expect.labels);
+            let actual =
+                node.value(&expect.metric, &expect.service, expect.instance.as_deref(), &labels, expect.minute).await;
+            if let Err(problem) = expect.check(actual) {
+                failures.push(format!("{case}: {problem}"));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "through node {}: {} of {} expectations failed:\n{}",
+            n + 1,
+            failures.len(),
+            expectations.len(),
+            failures.join("\n")
+        );
+    }
+
+    // Every node received forwarded points: the series are spread over the cluster.
+    for node in &nodes {
+        let text = node.self_metrics().await;
+        assert!(text.contains("tollgate_forwarded_points_total"), "no forwarding from {}", node.endpoints.node_id);
+    }
+}
+
+/// Streams `exports` fleet exports to `node`'s gRPC port, retrying each until it is
+/// acknowledged; returns the number of failed attempts.
+async fn stream_with_retries(
+    endpoints: Arc<std::sync::Mutex<Vec<String>>>,
+    service: &'static str,
+    base: u64,
+    exports: u64,
+    pods: u64,
+    acknowledged: Arc<AtomicU64>,
+) -> u64 {
+    let mut failures = 0;
+    for k in 0..exports {
+        let request = fleet_export(service, base, k, pods).0;
+        let started = Instant::now();
+        let mut attempt = 0usize;
+        loop {
+            let endpoint = {
+                let endpoints = endpoints.lock().unwrap();
+                endpoints[attempt % endpoints.len()].clone()
+            };
+            let result = async {
+                let mut client = MetricsServiceClient::connect(endpoint).await.map_err(|e| e.to_string())?;
+                client.export(request.clone()).await.map_err(|e| format!("{}: {}", e.code(), e.message()))
+            }
+            .await;
+            match result {
+                Ok(response) => {
+                    assert!(response.into_inner().partial_success.is_none());
+                    acknowledged.fetch_add(1, Ordering::SeqCst);
+                    break;
+                }
+                Err(error) => {
+                    failures += 1;
+                    assert!(
+                        !error.starts_with("Invalid") && !error.starts_with("Internal"),
+                        "export {k}: not a retryable error: {error}"
+                    );
+                    assert!(started.elapsed() < Duration::from_secs(120), "export {k} never acknowledged: {error}");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    failures
+}
+
+async fn wait_acknowledged(acknowledged: &AtomicU64, count: u64) {
+    let started = Instant::now();
+    while acknowledged.load(Ordering::SeqCst) < count {
+        assert!(started.elapsed() < WAIT, "the stream stalled at {}", acknowledged.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn assert_exact(node: &TestNode, service: &str, base: u64, exports: u64, pods: u64) {
+    let expected_requests: u64 = (0..exports).map(|k| fleet_export(service, base, k, pods).1).sum();
+    let (requests, missing) =
+        sum_of(node, "meter_envoy_ai_gw_request_cpm", service, base - 120, base + exports + 120).await;
+    assert_eq!(missing, None, "every member answered");
+    assert_eq!(requests, expected_requests as f64, "every request counted exactly once");
+    let (tokens, _) =
+        sum_of(node, "meter_envoy_ai_gw_input_token_rate", service, base - 120, base + exports + 120).await;
+    assert_eq!(tokens, fleet_tokens(exports, pods) as f64, "cumulative series: the whole increase, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_kill9_of_an_owner_during_a_stream_loses_and_doubles_nothing() {
+    const EXPORTS: u64 = 240;
+    const PODS: u64 = 12;
+    let mut nodes = three_nodes(&[]).await;
+    let base = now_seconds() - EXPORTS - 120;
+    // Every export carries all pods, so it needs every owner: killing any node interrupts it.
+    let endpoints = Arc::new(std::sync::Mutex::new(vec![nodes[0].grpc()]));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let producer = tokio::spawn(stream_with_retries(
+        Arc::clone(&endpoints),
+        "owners-gw",
+        base,
+        EXPORTS,
+        PODS,
+        Arc::clone(&acknowledged),
+    ));
+    wait_acknowledged(&acknowledged, 60).await;
+    nodes[1].kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nodes[1].restart().await;
+    let failures = producer.await.unwrap();
+    assert!(failures > 0, "the kill interrupted the stream");
+
+    // The restarted owner kept its vnodes (no failover within 60 s) and everything it acknowledged.
+    wait_balanced(&nodes.iter().collect::<Vec<_>>()).await;
+    for node in &nodes {
+        assert_exact(node, "owners-gw", base, EXPORTS, PODS).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_kill9_of_the_leader_then_writes_resume_and_it_catches_up() {
+    let env = [("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "4")];
+    let mut nodes = three_nodes(&env).await;
+    let status = nodes[0].cluster_status().await;
+    let leader = leader_name(&status).expect("a leader");
+    let index = nodes.iter().position(|n| n.endpoints.node_id == leader).unwrap();
+    let survivor = (index + 1) % 3;
+    nodes[index].kill9();
+
+    // A config write through a survivor succeeds once the survivors elected a new leader.
+    let pricing = "providers:\n  - provider: openai\n    models:\n      - name: gpt-4o\n        input-estimated-cost-per-m: 2.5\n        output-estimated-cost-per-m: 10\n";
+    let version = wait_for("a config write without the old leader", || async {
+        let (status, body) = nodes[survivor].put("/api/v1/config/pricing", pricing, None).await;
+        match status {
+            200 => Some(body["version"].clone()),
+            503 => None,
+            other => panic!("unexpected {other}: {body}"),
+        }
+    })
+    .await;
+    let new_status = nodes[survivor].cluster_status().await;
+    assert_ne!(leader_name(&new_status).as_deref(), Some(leader.as_str()));
+
+    // After failover_after, the dead node's vnodes belong to the survivors: all data is accepted.
+    let base = now_seconds() - 200;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != index).collect();
+    wait_for("ingest without the dead node", || async {
+        let mut client = nodes[survivors[0]].metrics_client(0).await;
+        client.export(fleet_export("failover-gw", base, 0, 12).0).await.ok().map(|_| ())
+    })
+    .await;
+    let (_, missing) =
+        sum_of(&nodes[survivors[1]], "meter_envoy_ai_gw_request_cpm", "failover-gw", base - 60, base + 60).await;
+    assert_eq!(missing.as_deref(), Some(leader.as_str()), "the dead member is named as missing");
+
+    // Back, the old leader follows the new configuration and gets vnodes again.
+    nodes[index].restart().await;
+    wait_for("the new pricing on the restarted node", || async {
+        let (status, body) = nodes[index].get("/api/v1/config/pricing").await;
+        (status == 200 && body["version"] == version).then_some(())
+    })
+    .await;
+    wait_balanced(&nodes.iter().collect::<Vec<_>>()).await;
+    let (requests, missing) =
+        sum_of(&nodes[index], "meter_envoy_ai_gw_request_cpm", "failover-gw", base - 60, base + 60).await;
+    assert_eq!(missing, None);
+    assert_eq!(requests, fleet_export("failover-gw", base, 0, 12).1 as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
+    const EXPORTS: u64 = 300;
+    const PODS: u64 = 12;
+    let first = TestNode::start_member("n1", None, &[]).await;
+    let seed = first.cluster_addr();
+    let second = TestNode::start_member("n2", Some(&seed), &[]).await;
+    wait_balanced(&[&first, &second]).await;
+
+    let base = now_seconds() - EXPORTS - 120;
+    let endpoints = Arc::new(std::sync::Mutex::new(vec![first.grpc()]));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let producer = tokio::spawn(stream_with_retries(
+        Arc::clone(&endpoints),
+        "moves-gw",
+        base,
+        EXPORTS,
+        PODS,
+        Arc::clone(&acknowledged),
+    ));
+
+    // A third node joins mid-stream: vnodes move to it with their state.
+    wait_acknowledged(&acknowledged, 60).await;
+    let third = TestNode::start_member("n3", Some(&seed), &[]).await;
+    wait_balanced(&[&first, &second, &third]).await;
+
+    // The second leaves mid-stream, through the command line: its vnodes and data move away.
+    wait_acknowledged(&acknowledged, 160).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--api", &first.api(), "cluster", "leave", "n2"])
+        .output()
+        .expect("the cli runs");
+    assert!(output.status.success(), "leave failed: {}", String::from_utf8_lossy(&output.stderr));
+    wait_balanced(&[&first, &third]).await;
+    let failures = producer.await.unwrap();
+    eprintln!("{failures} export attempts were refused (vnodes moving) and retried");
+
+    let status = String::from_utf8(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--api", &third.api(), "cluster", "status"])
+            .output()
+            .expect("the cli runs")
+            .stdout,
+    )
+    .unwrap();
+    assert!(status.contains("n1") && status.contains("n3") && !status.contains("n2"), "{status}");
+
+    // The node that left is gone for good; the other two hold everything.
+    drop(second);
+    assert_exact(&first, "moves-gw", base, EXPORTS, PODS).await;
+    assert_exact(&third, "moves-gw", base, EXPORTS, PODS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_restart_on_another_port_is_announced() {
+    let mut nodes = three_nodes(&[]).await;
+    let old = nodes[2].cluster_addr();
+    nodes[2].restart_elsewhere().await;
+    let new = nodes[2].cluster_addr();
+    assert_ne!(old, new);
+    wait_for("the new address known by every node", || async {
+        for node in &nodes {
+            let status = node.cluster_status().await;
+            let known = status["nodes"].as_array()?.iter().find(|n| n["name"] == "n3")?["cluster_addr"].clone();
+            if known != json!(new) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // Data for its vnodes reaches it at the new address.
+    let base = now_seconds() - 200;
+    let mut client = nodes[0].metrics_client(0).await;
+    let (request, requests) = fleet_export("moved-gw", base, 0, 12);
+    wait_for("an export acknowledged", || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.export(request).await.ok().map(|_| ()) }
+    })
+    .await;
+    let _ = &mut client;
+    let (sum, missing) = sum_of(&nodes[1], "meter_envoy_ai_gw_request_cpm", "moved-gw", base - 60, base + 60).await;
+    assert_eq!((sum, missing), (requests as f64, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_secret_and_api_token_are_enforced() {
+    let secured = [("TOLLGATE_CLUSTER_SECRET", "s3cret"), ("TOLLGATE_API_TOKEN", "t0ken")];
+    let first = TestNode::start_member("n1", None, &secured).await;
+    let second = TestNode::start_member("n2", Some(&first.cluster_addr()), &secured).await;
+    wait_balanced(&[&first, &second]).await;
+
+    // Membership changes need the token.
+    let (status, body) = first.delete("/api/v1/cluster/nodes/n2", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = first
+        .post(
+            "/api/v1/cluster/nodes",
+            &json!({"node_id": 7, "name": "x", "cluster_addr": "a:1", "api_addr": "b:2"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 401, "{body}");
+
+    // A node with the wrong secret cannot join, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command
+        .args(["serve", "--node-id", "intruder", "--data-dir"])
+        .arg(dir.path())
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0", "--join", &first.cluster_addr()])
+        .envs(common::CLUSTER_ENV)
+        .env("TOLLGATE_CLUSTER_SECRET", "wrong")
+        .env("TOLLGATE_LOG", "error");
+    let output = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("Unauthenticated") && stderr.contains("secret"), "{stderr}");
+    let status = first.cluster_status().await;
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status}");
+
+    // A raw call on the cluster port without the secret is refused.
+    let mut peer = tollgate_proto::peer::peer_client::PeerClient::connect(format!("http://{}", first.cluster_addr()))
+        .await
+        .unwrap();
+    let error = peer
+        .join(tollgate_proto::peer::JoinRequest { node_id: 9, name: "raw".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unauthenticated);
+
+    // With the token, the second node leaves.
+    let (status, body) = first.delete("/api/v1/cluster/nodes/n2", Some("t0ken")).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,0 +1,187 @@
+//! Three nodes in one process whose node-to-node calls go through a [`FaultyTransport`]: dropped,
+//! delayed and partitioned forwarding fails the client's export with a retryable error, never
+//! loses or doubles what was acknowledged, and results are exact once the client's retries got
+//! through.
+
+mod common;
+
+use common::{fleet_export, fleet_tokens, now_seconds};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate::{Node, NodeConfig, SystemClock};
+use tollgate_cluster::transport::{Faults, FaultyTransport, TonicTransport, Transport};
+
+const PODS: u64 = 12;
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Cluster {
+    nodes: Vec<Node>,
+    faults: Arc<Faults>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn start_node(name: &str, dir: &std::path::Path, join: Option<String>, faults: &Arc<Faults>) -> Node {
+    let cluster_addr = free_address();
+    let mut config = NodeConfig { node_id: Some(name.into()), data_dir: dir.to_path_buf(), ..NodeConfig::default() };
+    config.otlp_grpc_addrs = vec!["127.0.0.1:0".parse().unwrap()];
+    config.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.cluster_addr = cluster_addr;
+    config.join = join.into_iter().collect();
+    config.cluster.vnodes = 16;
+    config.cluster.heartbeat_interval_ms = 100;
+    config.cluster.election_timeout_ms = 600;
+    config.cluster.rpc_timeout_ms = 2_000;
+    let inner: Arc<dyn Transport> = Arc::new(TonicTransport::new(None, Duration::from_secs(2), 64 << 20));
+    let transport = Arc::new(FaultyTransport::new(&cluster_addr.to_string(), inner, Arc::clone(faults)));
+    Node::start_with_transport(config, Arc::new(SystemClock), Some(transport)).await.expect("node starts")
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let faults = Faults::new();
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let first = start_node("f1", dirs[0].path(), None, &faults).await;
+        let seed = first.endpoints.cluster.to_string();
+        let mut nodes = vec![first];
+        for (i, dir) in dirs.iter().enumerate().skip(1) {
+            nodes.push(start_node(&format!("f{}", i + 1), dir.path(), Some(seed.clone()), &faults).await);
+        }
+        let cluster = Cluster { nodes, faults, _dirs: dirs };
+        cluster.wait_balanced().await;
+        cluster
+    }
+
+    async fn wait_balanced(&self) {
+        let started = Instant::now();
+        loop {
+            let settled = self.nodes.iter().all(|node| {
+                let state = node.cluster().state();
+                let counts = state.vnodes.counts(&state.nodes.keys().copied().collect());
+                state.nodes.len() == 3
+                    && state.vnodes.vnodes.iter().all(|v| v.owner().is_some())
+                    && counts.values().all(|c| (5..=6).contains(c))
+            });
+            if settled {
+                return;
+            }
+            assert!(started.elapsed() < WAIT, "the cluster did not settle");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn grpc(&self, index: usize) -> String {
+        format!("http://{}", self.nodes[index].endpoints.otlp_grpc[0])
+    }
+
+    async fn shutdown(self) {
+        for node in self.nodes {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// Sends export `k` to `endpoint` until it is acknowledged; returns the refusals, which must all
+/// be retryable.
+async fn send_until_acknowledged(endpoint: &str, service: &str, base: u64, k: u64) -> Vec<tonic::Status> {
+    let mut refusals = Vec::new();
+    let started = Instant::now();
+    loop {
+        let mut client = MetricsServiceClient::connect(endpoint.to_string()).await.expect("connect");
+        match client.export(fleet_export(service, base, k, PODS).0).await {
+            Ok(response) => {
+                assert!(response.into_inner().partial_success.is_none());
+                return refusals;
+            }
+            Err(status) => {
+                assert!(
+                    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted),
+                    "export {k}: not retryable: {status:?}"
+                );
+                refusals.push(status);
+                assert!(started.elapsed() < WAIT, "export {k} never acknowledged");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn total(node: &Node, metric: &str, service: &str, start: u64, end: u64) -> f64 {
+    let url = format!(
+        "http://{}/api/v1/metrics/{metric}?service={service}&start={start}&end={end}&step=minute",
+        node.endpoints.http
+    );
+    let response = reqwest::get(&url).await.expect("api");
+    assert!(response.headers().get("x-tollgate-missing-nodes").is_none(), "a member did not answer");
+    let body: Value = response.json().await.unwrap();
+    body["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p[1].as_f64())
+        .sum()
+}
+
+async fn assert_exact(node: &Node, service: &str, base: u64, exports: u64) {
+    let expected: u64 = (0..exports).map(|k| fleet_export(service, base, k, PODS).1).sum();
+    let (start, end) = (base - 120, base + exports + 120);
+    assert_eq!(total(node, "meter_envoy_ai_gw_request_cpm", service, start, end).await, expected as f64);
+    assert_eq!(
+        total(node, "meter_envoy_ai_gw_input_token_rate", service, start, end).await,
+        fleet_tokens(exports, PODS) as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_dropped_and_delayed_forwarding_is_retried_to_an_exact_total() {
+    const EXPORTS: u64 = 80;
+    let cluster = Cluster::start().await;
+    let base = now_seconds() - EXPORTS - 120;
+    cluster.faults.drop_every(7);
+    cluster.faults.delay(Duration::from_millis(3));
+    let mut refusals = 0;
+    for k in 0..EXPORTS {
+        refusals += send_until_acknowledged(&cluster.grpc((k % 3) as usize), "drops-gw", base, k).await.len();
+    }
+    cluster.faults.heal_all();
+    assert!(refusals > 0, "dropped calls must have failed some exports");
+    for node in &cluster.nodes {
+        assert_exact(node, "drops-gw", base, EXPORTS).await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_partitioned_owner_makes_exports_retryable_until_it_heals() {
+    const EXPORTS: u64 = 40;
+    let cluster = Cluster::start().await;
+    let base = now_seconds() - EXPORTS - 120;
+    for k in 0..EXPORTS / 2 {
+        assert!(send_until_acknowledged(&cluster.grpc(0), "partition-gw", base, k).await.is_empty());
+    }
+    // Node 3 is cut off: every export needs it (each carries all pods), so each fails, retryably.
+    let isolated = cluster.nodes[2].endpoints.cluster.to_string();
+    cluster.faults.isolate(&isolated);
+    let mut client = MetricsServiceClient::connect(cluster.grpc(0)).await.unwrap();
+    let status = client.export(fleet_export("partition-gw", base, EXPORTS / 2, PODS).0).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("retry"), "{status:?}");
+
+    // Healed well before failover: the client's retries go through, and nothing is doubled.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.faults.heal(&isolated);
+    for k in EXPORTS / 2..EXPORTS {
+        send_until_acknowledged(&cluster.grpc(1), "partition-gw", base, k).await;
+    }
+    for node in &cluster.nodes {
+        assert_exact(node, "partition-gw", base, EXPORTS).await;
+    }
+    cluster.shutdown().await;
+}

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tollgate_cluster::transport::{TonicTransport, Transport};
-use tollgate_cluster::{Cluster, ClusterSettings, NodeId, PeerNode};
+use tollgate_cluster::{Cluster, ClusterError, ClusterSettings, NodeId, PeerNode};
 use tracing::{error, info, warn};
 
 /// How often owners roll up and evict.
@@ -37,6 +37,9 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long a new node keeps asking to join before giving up.
 const JOIN_DEADLINE: Duration = Duration::from_secs(300);
+
+/// How long the node listed first in `--join` looks for a running cluster before it bootstraps.
+const FIRST_NODE_GRACE: Duration = Duration::from_secs(15);
 
 /// The addresses a started node listens on (ports resolved when 0 was asked for). Also written
 /// to `<data_dir>/endpoints.json` so that scripts and tests can find them.
@@ -327,11 +330,25 @@ impl Node {
 
         // Membership: bootstrap, join, or rejoin (the store already holds the cluster).
         if !cluster.is_initialized().await {
-            if config.join.is_empty() {
+            // The same --join list can be given to every node (a StatefulSet): a node skips its
+            // own address, and the node listed first bootstraps when no other answers.
+            let own = &cluster.me.cluster_addr;
+            let others: Vec<String> = config.join.iter().filter(|a| *a != own).cloned().collect();
+            if others.is_empty() {
                 cluster.bootstrap().await.map_err(cluster_error)?;
+            } else if config.join.first() == Some(own) {
+                info!(join = ?others, "listed first: joining a running cluster, or bootstrapping one");
+                match cluster.join(&others, FIRST_NODE_GRACE).await {
+                    Ok(()) => {}
+                    Err(ClusterError::NoQuorum(reason)) => {
+                        info!(%reason, "no running cluster answered: bootstrapping a new one");
+                        cluster.bootstrap().await.map_err(cluster_error)?;
+                    }
+                    Err(e) => return Err(cluster_error(e)),
+                }
             } else {
-                info!(join = ?config.join, "asking to join a cluster");
-                cluster.join(&config.join, JOIN_DEADLINE).await.map_err(cluster_error)?;
+                info!(join = ?others, "asking to join a cluster");
+                cluster.join(&others, JOIN_DEADLINE).await.map_err(cluster_error)?;
             }
         } else {
             // Restarted with other addresses (another port, another IP): tell the cluster.

@@ -392,3 +392,21 @@ async fn test_cluster_secret_and_api_token_are_enforced() {
     let (status, body) = first.delete("/api/v1/cluster/nodes/n2", Some("t0ken")).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_forms_from_one_join_list_given_to_every_node() {
+    // As in a StatefulSet: every node gets the same list; the first bootstraps, the others join.
+    let addresses: Vec<String> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let join = addresses.join(",");
+    let mut env: Vec<(&str, &str)> = common::CLUSTER_ENV.to_vec();
+    env.push(("TOLLGATE_JOIN", &join));
+    let (a, b, c) = tokio::join!(
+        TestNode::start_at(&addresses[0], &env, &["--node-id", "s0"]),
+        TestNode::start_at(&addresses[1], &env, &["--node-id", "s1"]),
+        TestNode::start_at(&addresses[2], &env, &["--node-id", "s2"]),
+    );
+    wait_balanced(&[&a, &b, &c]).await;
+    let status = c.cluster_status().await;
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "one cluster, not three: {status}");
+}

@@ -34,11 +34,16 @@ impl TestNode {
 
     /// Starts a node with extra environment variables and arguments.
     pub async fn start_with(env: &[(&str, &str)], args: &[&str]) -> TestNode {
+        TestNode::start_at("127.0.0.1:0", env, args).await
+    }
+
+    /// Starts a node whose cluster port listens on `cluster_addr`.
+    pub async fn start_at(cluster_addr: &str, env: &[(&str, &str)], args: &[&str]) -> TestNode {
         let temp = tempfile::tempdir().expect("temporary directory");
         let dir = temp.path().to_path_buf();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, endpoints) = spawn(&dir, &env, &args, "127.0.0.1:0").await;
+        let (child, endpoints) = spawn(&dir, &env, &args, cluster_addr).await;
         let cluster_addr = endpoints.cluster.to_string();
         TestNode {
             dir,

@@ -423,7 +423,10 @@ impl Client {
                 let url = format!("{}/api/v1/cluster/nodes/{node}", self.api);
                 let response = self.send(self.http.delete(url)).await?;
                 let value: Value = response.json().await?;
-                println!("removed {node} (id {}): its vnodes moved to the other members", value["removed"]);
+                println!(
+                    "removed {node} (id {}): its vnodes moved and another member holds its data; its process can be stopped",
+                    value["removed"]
+                );
                 Ok(())
             }
         }

@@ -73,7 +73,8 @@ pub const RAFT_APPLIED_INDEX: &str = "tollgate_raft_applied_index";
 pub const RAFT_IS_LEADER: &str = "tollgate_raft_is_leader";
 /// Vnodes this node owns.
 pub const VNODES_OWNED: &str = "tollgate_vnodes_owned";
-/// Vnode hand-overs this node completed, by `direction` (`in`, `out`) and `kind` (`state`, `full`).
+/// Hand-overs this node completed, by `direction` (`in`, `out`) and `kind` (`state`: a vnode's
+/// normalisation state; `drain`: all data of a leaving node).
 pub const VNODE_MOVES: &str = "tollgate_vnode_moves_total";
 /// Query requests, by `kind` (`metric`, `logs`) and `outcome`.
 pub const QUERIES: &str = "tollgate_queries_total";

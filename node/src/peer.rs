@@ -4,6 +4,7 @@
 
 use crate::error::Error;
 use crate::ingest::Ingest;
+use crate::metrics as m;
 use crate::owner::OwnerHandle;
 use crate::query::{LogQuery, QueryEngine};
 use crate::store::Storage;
@@ -144,6 +145,7 @@ impl Peer for PeerService {
                 sent += entries.len();
                 send(entries, 0)
             })?;
+            metrics::counter!(m::VNODE_MOVES, "direction" => "out", "kind" => "state").increment(1);
             info!(vnode, entries = sent, "handed a vnode over");
             Ok(())
         });
@@ -192,6 +194,7 @@ impl PeerService {
                 })?;
                 info!(holder, entries = sent, "drained data");
             }
+            metrics::counter!(m::VNODE_MOVES, "direction" => "out", "kind" => "drain").increment(1);
             Ok(())
         });
         Ok(Response::new(stream))

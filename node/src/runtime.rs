@@ -102,7 +102,7 @@ pub trait ConfigService: Send + Sync + std::fmt::Debug + 'static {
 pub fn cluster_error(error: ClusterError) -> Error {
     match error {
         ClusterError::NoQuorum(message) => Error::Unavailable(message),
-        ClusterError::Refused(message) => Error::InvalidArgument(message),
+        ClusterError::Refused(message) => Error::Conflict(message),
         ClusterError::Failed(message) => Error::Internal(message),
     }
 }

@@ -116,7 +116,8 @@ fn identity(store: &SledStorage, config: &NodeConfig, batch: &mut StoreBatch) ->
                 std::time::SystemTime::now(),
                 std::process::id()
             );
-            let id = xxhash_rust::xxh3::xxh3_64(seed.as_bytes()).max(1);
+            // Within 2^53, so that the id survives JSON tools that read numbers as doubles (jq).
+            let id = (xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) & ((1 << 53) - 1)).max(1);
             batch.push(Op::Meta { key: RAFT_ID_KEY.into(), value: id.to_be_bytes().to_vec() });
             id
         }

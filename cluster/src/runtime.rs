@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tollgate_proto::peer::{JoinRequest, JoinResponse, WriteRequest, WriteResponse};
+use tollgate_proto::peer::{
+    JoinRequest, JoinResponse, RaftKind, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+};
 use tracing::{debug, info, warn};
 
 /// The most voters a cluster keeps; further nodes are learners (SPEC §6).
@@ -152,6 +154,8 @@ pub struct Cluster {
     settings: ClusterSettings,
     /// The controller and the address directory's updater.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// When a leader's append-entries (or heartbeat) last reached this node.
+    leader_contact: Mutex<Option<Instant>>,
 }
 
 fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, ClusterError> {
@@ -198,7 +202,16 @@ impl Cluster {
         let raft = Raft::new(id, raft_config(&settings)?, network, log_store, state_machine)
             .await
             .map_err(|e| ClusterError::Failed(format!("starting raft: {e}")))?;
-        let cluster = Arc::new(Cluster { id, me, raft, applied, transport, settings, tasks: Mutex::new(Vec::new()) });
+        let cluster = Arc::new(Cluster {
+            id,
+            me,
+            raft,
+            applied,
+            transport,
+            settings,
+            tasks: Mutex::new(Vec::new()),
+            leader_contact: Mutex::new(None),
+        });
         let controller = tokio::spawn(controller(Arc::clone(&cluster)));
         let addresses = tokio::spawn({
             let mut applied = cluster.applied();
@@ -331,6 +344,33 @@ impl Cluster {
             Ok(m) => Ok(m.current_leader.expect("checked")),
             Err(_) => Err(ClusterError::NoQuorum(format!("no leader elected within {timeout:?}"))),
         }
+    }
+
+    /// Hands a Raft RPC from a peer to the local Raft node, noting contact with the leader.
+    pub async fn serve_raft(&self, request: RaftRequest) -> RaftResponse {
+        let append = request.kind == RaftKind::AppendEntries as i32;
+        let response = crate::network::serve_raft(&self.raft, request).await;
+        if append && response.error.is_empty() {
+            *self.leader_contact.lock().expect("contact lock") = Some(Instant::now());
+        }
+        response
+    }
+
+    /// True when this node is in touch with a leader: it leads and a quorum acknowledged it
+    /// recently, or it heard from the leader within two election timeouts. A node cut off from
+    /// the majority is not, even while it still remembers who led.
+    pub fn in_contact(&self) -> bool {
+        let window = self.settings.election_timeout * 2;
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        if metrics.state == ServerState::Leader {
+            let alone = metrics.membership_config.membership().voter_ids().all(|id| id == self.id);
+            return alone
+                || metrics
+                    .last_quorum_acked
+                    .is_some_and(|acked| openraft::Instant::elapsed(&acked.into_inner()) <= window);
+        }
+        metrics.current_leader.is_some()
+            && self.leader_contact.lock().expect("contact lock").is_some_and(|t| t.elapsed() <= window)
     }
 
     /// The replicated state as applied on this node, as it changes.

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tollgate_cluster::network::serve_raft;
 use tollgate_cluster::runtime::wait_applied;
 use tollgate_cluster::transport::{BoxFuture, ChunkStream, Faults, FaultyTransport, Transport, TransportError};
 use tollgate_cluster::{
@@ -54,7 +53,7 @@ fn not_served(addr: &str) -> TransportError {
 impl Transport for LocalTransport {
     fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>> {
         let node = self.node(addr);
-        Box::pin(async move { Ok(serve_raft(node?.raft(), request).await) })
+        Box::pin(async move { Ok(node?.serve_raft(request).await) })
     }
 
     fn forward(&self, addr: &str, _: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
@@ -354,10 +353,14 @@ async fn test_cluster_minority_refuses_writes_and_catches_up_after_healing() {
     let response = write_retrying(cluster.node(majority[0]), Command::SetPricing(pricing(2.0))).await;
     assert!(matches!(response, CommandResponse::Applied { .. }), "{response:?}");
     assert_ne!(new_leader, old_leader);
+    wait_until("the cut-off node knows it is out of touch", || (!cluster.node(old_leader).in_contact()).then_some(()))
+        .await;
+    assert!(cluster.node(majority[0]).in_contact() && cluster.node(majority[1]).in_contact());
     assert_eq!(price_of(&cluster.node(old_leader).state()), None, "the minority applied nothing new");
 
     cluster.faults.heal_all();
     cluster.wait_all("the majority's pricing", |s| price_of(s) == Some(2.0)).await;
+    wait_until("back in touch", || cluster.node(old_leader).in_contact().then_some(())).await;
     let states: Vec<ClusterState> = [1, 2, 3].iter().map(|id| cluster.node(*id).state()).collect();
     assert!(states.windows(2).all(|w| w[0] == w[1]), "the old leader converged");
 }

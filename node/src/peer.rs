@@ -68,7 +68,7 @@ type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HandOffChunk, 
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
-        Ok(Response::new(tollgate_cluster::network::serve_raft(self.cluster.raft(), request.into_inner()).await))
+        Ok(Response::new(self.cluster.serve_raft(request.into_inner()).await))
     }
 
     async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {

@@ -75,8 +75,8 @@ pub struct Freshness {
     pub applied_index: Option<u64>,
     /// The leader this node follows, if it knows one.
     pub leader: Option<String>,
-    /// False when this node knows no leader: it may have missed changes (it is partitioned,
-    /// or an election is running).
+    /// False when this node is not in touch with a leader: it may have missed changes (it is
+    /// cut off from the majority, or an election is running).
     pub up_to_date: bool,
 }
 
@@ -196,6 +196,6 @@ impl ConfigService for ClusterConfig {
     fn freshness(&self) -> Freshness {
         let status = self.cluster.status();
         let leader = self.cluster.leader().map(|(_, node)| node.name);
-        Freshness { applied_index: status.applied_index, up_to_date: leader.is_some(), leader }
+        Freshness { applied_index: status.applied_index, up_to_date: self.cluster.in_contact(), leader }
     }
 }

@@ -77,6 +77,9 @@ async fn test_pricing_and_rules_are_versioned_validated_protected_and_applied_at
     assert_eq!(status, 200);
     assert_eq!(body["version"], 0);
     assert_eq!(body["document"]["providers"].as_array().unwrap().len(), 12);
+    // A single node leads its own cluster and is up to date by definition.
+    assert_eq!(body["freshness"]["up_to_date"], true, "{}", body["freshness"]);
+    assert!(body["freshness"]["applied_index"].as_u64().is_some_and(|i| i > 0), "{}", body["freshness"]);
     let (_, rules) = node.get("/api/v1/config/rules").await;
     assert_eq!(rules["version"], 0);
     assert_eq!(rules["document"]["sampling"]["token_threshold"], 10000);

@@ -174,6 +174,22 @@ async fn test_partitioned_owner_makes_exports_retryable_until_it_heals() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("retry"), "{status:?}");
 
+    // The cut-off node refuses config writes (retryably) and says its reads may be stale.
+    let api = format!("http://{}", cluster.nodes[2].endpoints.http);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        let body: Value = http.get(format!("{api}/api/v1/config/pricing")).send().await.unwrap().json().await.unwrap();
+        if body["freshness"]["up_to_date"] == false {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the cut-off node still claims to be up to date: {}", body["freshness"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pricing = "providers:\n  - provider: openai\n    models:\n      - name: gpt-4o\n        input-estimated-cost-per-m: 2.5\n";
+    let response = http.put(format!("{api}/api/v1/config/pricing")).body(pricing).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 503, "{}", response.text().await.unwrap());
+
     // Healed well before failover: the client's retries go through, and nothing is doubled.
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.faults.heal(&isolated);

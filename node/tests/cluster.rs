@@ -46,8 +46,15 @@ async fn test_cluster_golden_cases_sent_to_all_nodes_read_back_through_any() {
     let nodes = three_nodes(&common::KEEP_OLD_DATA).await;
     let cases = testing::aggregation_cases();
 
-    // Pricing written through the last node is applied everywhere, with one version.
-    let (status, body) = nodes[2].put("/api/v1/config/pricing", &cases.pricing.to_string(), None).await;
+    // Pricing written through a follower is applied everywhere, with one version.
+    let mut follower = None;
+    for node in &nodes {
+        if node.cluster_status().await["state"] == "follower" {
+            follower = Some(node);
+        }
+    }
+    let follower = follower.expect("two of three nodes follow");
+    let (status, body) = follower.put("/api/v1/config/pricing", &cases.pricing.to_string(), None).await;
     assert_eq!(status, 200, "{body}");
     let version = body["version"].clone();
     for node in &nodes {
@@ -101,10 +108,22 @@ async fn test_cluster_golden_cases_sent_to_all_nodes_read_back_through_any() {
         );
     }
 
-    // Every node received forwarded points: the series are spread over the cluster.
+    // Every node forwarded points (the series are spread over the cluster) and shows its Raft
+    // and vnode figures; every vnode hand-over was counted on both sides.
     for node in &nodes {
         let text = node.self_metrics().await;
-        assert!(text.contains("tollgate_forwarded_points_total"), "no forwarding from {}", node.endpoints.node_id);
+        for metric in [
+            "tollgate_forwarded_points_total{peer=",
+            "tollgate_forward_seconds_count{peer=",
+            "tollgate_raft_term ",
+            "tollgate_raft_commit_index ",
+            "tollgate_raft_applied_index ",
+            "tollgate_raft_is_leader ",
+            "tollgate_vnodes_owned ",
+            "tollgate_vnode_moves_total{direction=",
+        ] {
+            assert!(text.contains(metric), "{}: no {metric} in\n{text}", node.endpoints.node_id);
+        }
     }
 }
 
@@ -228,6 +247,13 @@ async fn test_cluster_kill9_of_the_leader_then_writes_resume_and_it_catches_up()
     .await;
     let new_status = nodes[survivor].cluster_status().await;
     assert_ne!(leader_name(&new_status).as_deref(), Some(leader.as_str()));
+    wait_for("the leader change counted", || async {
+        let text = nodes[survivor].self_metrics().await;
+        let line = text.lines().find(|l| l.starts_with("tollgate_raft_leader_changes_total"))?.to_string();
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        (value >= 1.0).then_some(())
+    })
+    .await;
 
     // After failover_after, the dead node's vnodes belong to the survivors: all data is accepted.
     let base = now_seconds() - 200;

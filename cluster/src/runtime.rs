@@ -251,17 +251,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// Asks the nodes at `addresses` (cluster ports) to let this node in, retrying until one
-    /// does or `deadline` passes, then waits until this node is a member of the applied state.
-    pub async fn join(&self, addresses: &[String], deadline: Duration) -> Result<(), ClusterError> {
-        let started = Instant::now();
-        let request = JoinRequest {
+    /// What this node says of itself when it asks to be let in.
+    fn join_request(&self) -> JoinRequest {
+        JoinRequest {
             node_id: self.id,
             name: self.me.name.clone(),
             cluster_addr: self.me.cluster_addr.clone(),
             api_addr: self.me.api_addr.clone(),
             vnodes: u32::from(self.settings.vnodes),
-        };
+        }
+    }
+
+    /// Asks the nodes at `addresses` (cluster ports) to let this node in, retrying until one
+    /// does or `deadline` passes, then waits until this node is a member of the applied state.
+    pub async fn join(&self, addresses: &[String], deadline: Duration) -> Result<(), ClusterError> {
+        let started = Instant::now();
+        let request = self.join_request();
         let mut attempt: u32 = 0;
         loop {
             if self.applied.borrow().state.nodes.contains_key(&self.id) {
@@ -299,13 +304,7 @@ impl Cluster {
             }
             let peers: Vec<String> =
                 state.nodes.iter().filter(|(id, _)| **id != self.id).map(|(_, n)| n.cluster_addr.clone()).collect();
-            let request = JoinRequest {
-                node_id: self.id,
-                name: self.me.name.clone(),
-                cluster_addr: self.me.cluster_addr.clone(),
-                api_addr: self.me.api_addr.clone(),
-                vnodes: u32::from(self.settings.vnodes),
-            };
+            let request = self.join_request();
             for address in &peers {
                 match self.transport.join(address, request.clone()).await {
                     Ok(_) => {

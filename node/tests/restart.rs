@@ -3,89 +3,19 @@
 
 mod common;
 
-use common::TestNode;
+use common::{now_seconds, pod_export, TestNode};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
-};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate_rules::testing::{gateway_bounds, gateway_resource, string_attribute, Convention};
 
 const EXPORTS: u64 = 400;
 const PODS: u64 = 2;
 
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// Export `k` of pod `pod`: delta request durations for three providers, and a cumulative input
-/// token series. Returns the request, its request count and its cumulative token total.
+/// Export `k` of pod `pod` (see [`pod_export`]): the request and its request count.
 fn export(base: u64, pod: u64, k: u64) -> (ExportMetricsServiceRequest, u64) {
-    let time = base + k;
-    let bounds = gateway_bounds("gen_ai.server.request.duration").to_vec();
-    let mut durations = Vec::new();
-    let mut requests = 0;
-    for provider in ["openai", "anthropic", "deepseek"] {
-        let count = (k + pod) % 3 + 1;
-        requests += count;
-        let mut buckets = vec![0u64; bounds.len() + 1];
-        let slot = (k as usize) % buckets.len();
-        buckets[slot] = count;
-        durations.push(HistogramDataPoint {
-            attributes: vec![
-                string_attribute("gen_ai.provider.name", provider),
-                string_attribute("gen_ai.response.model", "m"),
-            ],
-            start_time_unix_nano: (time - 1) * 1_000_000_000,
-            time_unix_nano: time * 1_000_000_000,
-            count,
-            sum: Some(0.5 * count as f64),
-            bucket_counts: buckets,
-            explicit_bounds: bounds.clone(),
-            min: Some(0.5),
-            max: Some(0.5),
-            ..Default::default()
-        });
-    }
-    // Cumulative tokens: 100·(1 + 2 + … + (k+1)) since the series started at `base − 1`.
-    let total = 100 * (k + 1) * (k + 2) / 2;
-    let token_bounds = gateway_bounds("gen_ai.client.token.usage").to_vec();
-    let mut token_buckets = vec![0u64; token_bounds.len() + 1];
-    token_buckets[7] = k + 1;
-    let tokens = HistogramDataPoint {
-        attributes: vec![
-            string_attribute("gen_ai.token.type", "input"),
-            string_attribute("gen_ai.response.model", "m"),
-        ],
-        start_time_unix_nano: (base - 1) * 1_000_000_000,
-        time_unix_nano: time * 1_000_000_000,
-        count: k + 1,
-        sum: Some(total as f64),
-        bucket_counts: token_buckets,
-        explicit_bounds: token_bounds,
-        ..Default::default()
-    };
-    let histogram = |name: &str, points, temporality| Metric {
-        name: name.into(),
-        data: Some(metric::Data::Histogram(Histogram { data_points: points, aggregation_temporality: temporality })),
-        ..Default::default()
-    };
-    let request = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(gateway_resource(Convention::AigwService, "restart-gw", Some(&format!("pod-{pod}")))),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![
-                    histogram("gen_ai.server.request.duration", durations, 1),
-                    histogram("gen_ai.client.token.usage", vec![tokens], 2),
-                ],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
-    (request, requests)
+    let (resource, requests) = pod_export("restart-gw", base, k, pod);
+    (ExportMetricsServiceRequest { resource_metrics: vec![resource] }, requests)
 }
 
 async fn sum_of(node: &TestNode, metric: &str, start: u64, end: u64) -> f64 {

@@ -128,22 +128,20 @@ impl TestNode {
 
     /// DELETE an API path with an optional token.
     pub async fn delete(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.delete(format!("{}{path}", self.api()));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.expect("api reachable");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.send(self.http.delete(format!("{}{path}", self.api())), token).await
     }
 
     /// POST a JSON body to an API path with an optional token.
     pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.post(format!("{}{path}", self.api())).json(body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
+        self.send(self.http.post(format!("{}{path}", self.api())).json(body), token).await
+    }
+
+    /// Sends a request with an optional bearer token: its status and its body (JSON, or the text).
+    async fn send(&self, request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
         let response = request.send().await.expect("api reachable");
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
@@ -179,22 +177,12 @@ impl TestNode {
 
     /// GET an API path, expecting JSON and a status.
     pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
-        let response = self.http.get(format!("{}{path_and_query}", self.api())).send().await.expect("api reachable");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.send(self.http.get(format!("{}{path_and_query}", self.api())), None).await
     }
 
     /// PUT a body to an API path with an optional token.
     pub async fn put(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.put(format!("{}{path}", self.api())).body(body.to_string());
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.expect("api reachable");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.send(self.http.put(format!("{}{path}", self.api())).body(body.to_string()), token).await
     }
 
     /// One value of a metric query: `(labels, minute) -> value`.
@@ -340,16 +328,30 @@ pub fn now_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
-/// Export `k` of a fleet of `pods` gateway pods of `service`, all in one request: per pod, delta
-/// request durations for three providers and a cumulative input-token series started at
-/// `base − 1`. Returns the request and the number of requests it reports.
+/// Export `k` of a fleet of `pods` gateway pods of `service`, all in one request (see
+/// [`pod_export`]). Returns the request and the number of requests it reports.
 pub fn fleet_export(
     service: &str,
     base: u64,
     k: u64,
     pods: u64,
 ) -> (opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest, u64) {
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    let (resource_metrics, requests): (Vec<_>, Vec<u64>) =
+        (0..pods).map(|pod| pod_export(service, base, k, pod)).unzip();
+    let request = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest { resource_metrics };
+    (request, requests.iter().sum())
+}
+
+/// Export `k` of gateway pod `pod` of `service`: delta request durations for three providers
+/// (1 to 3 requests each) at `base + k`, and a cumulative input-token series started at
+/// `base − 1` whose total is 100·(1 + 2 + … + (k+1)). Returns the pod's resource and the number
+/// of requests it reports.
+pub fn pod_export(
+    service: &str,
+    base: u64,
+    k: u64,
+    pod: u64,
+) -> (opentelemetry_proto::tonic::metrics::v1::ResourceMetrics, u64) {
     use opentelemetry_proto::tonic::metrics::v1::{
         metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
     };
@@ -361,60 +363,56 @@ pub fn fleet_export(
         ..Default::default()
     };
     let mut requests = 0;
-    let mut resources = Vec::new();
-    for pod in 0..pods {
-        let bounds = gateway_bounds("gen_ai.server.request.duration").to_vec();
-        let mut durations = Vec::new();
-        for provider in ["openai", "anthropic", "deepseek"] {
-            let count = (k + pod) % 3 + 1;
-            requests += count;
-            let mut buckets = vec![0u64; bounds.len() + 1];
-            buckets[(k as usize + pod as usize) % (bounds.len() + 1)] = count;
-            durations.push(HistogramDataPoint {
-                attributes: vec![
-                    string_attribute("gen_ai.provider.name", provider),
-                    string_attribute("gen_ai.response.model", "m"),
-                ],
-                start_time_unix_nano: (time - 1) * 1_000_000_000,
-                time_unix_nano: time * 1_000_000_000,
-                count,
-                sum: Some(0.5 * count as f64),
-                bucket_counts: buckets,
-                explicit_bounds: bounds.clone(),
-                ..Default::default()
-            });
-        }
-        // Cumulative: 100·(1 + 2 + … + (k+1)) input tokens since base − 1.
-        let total = 100 * (k + 1) * (k + 2) / 2;
-        let token_bounds = gateway_bounds("gen_ai.client.token.usage").to_vec();
-        let mut token_buckets = vec![0u64; token_bounds.len() + 1];
-        token_buckets[7] = k + 1;
-        let tokens = HistogramDataPoint {
+    let bounds = gateway_bounds("gen_ai.server.request.duration").to_vec();
+    let mut durations = Vec::new();
+    for provider in ["openai", "anthropic", "deepseek"] {
+        let count = (k + pod) % 3 + 1;
+        requests += count;
+        let mut buckets = vec![0u64; bounds.len() + 1];
+        buckets[(k as usize + pod as usize) % (bounds.len() + 1)] = count;
+        durations.push(HistogramDataPoint {
             attributes: vec![
-                string_attribute("gen_ai.token.type", "input"),
+                string_attribute("gen_ai.provider.name", provider),
                 string_attribute("gen_ai.response.model", "m"),
             ],
-            start_time_unix_nano: (base - 1) * 1_000_000_000,
+            start_time_unix_nano: (time - 1) * 1_000_000_000,
             time_unix_nano: time * 1_000_000_000,
-            count: k + 1,
-            sum: Some(total as f64),
-            bucket_counts: token_buckets,
-            explicit_bounds: token_bounds,
-            ..Default::default()
-        };
-        resources.push(ResourceMetrics {
-            resource: Some(gateway_resource(Convention::AigwService, service, Some(&format!("pod-{pod}")))),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![
-                    histogram("gen_ai.server.request.duration", durations, 1),
-                    histogram("gen_ai.client.token.usage", vec![tokens], 2),
-                ],
-                ..Default::default()
-            }],
+            count,
+            sum: Some(0.5 * count as f64),
+            bucket_counts: buckets,
+            explicit_bounds: bounds.clone(),
             ..Default::default()
         });
     }
-    (ExportMetricsServiceRequest { resource_metrics: resources }, requests)
+    let total = 100 * (k + 1) * (k + 2) / 2;
+    let token_bounds = gateway_bounds("gen_ai.client.token.usage").to_vec();
+    let mut token_buckets = vec![0u64; token_bounds.len() + 1];
+    token_buckets[7] = k + 1;
+    let tokens = HistogramDataPoint {
+        attributes: vec![
+            string_attribute("gen_ai.token.type", "input"),
+            string_attribute("gen_ai.response.model", "m"),
+        ],
+        start_time_unix_nano: (base - 1) * 1_000_000_000,
+        time_unix_nano: time * 1_000_000_000,
+        count: k + 1,
+        sum: Some(total as f64),
+        bucket_counts: token_buckets,
+        explicit_bounds: token_bounds,
+        ..Default::default()
+    };
+    let resource = ResourceMetrics {
+        resource: Some(gateway_resource(Convention::AigwService, service, Some(&format!("pod-{pod}")))),
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![
+                histogram("gen_ai.server.request.duration", durations, 1),
+                histogram("gen_ai.client.token.usage", vec![tokens], 2),
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (resource, requests)
 }
 
 /// The input tokens `exports` exports of [`fleet_export`] report in all.

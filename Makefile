@@ -34,8 +34,16 @@ fix:
 	$(CARGO) fmt --all
 	$(CARGO) clippy --workspace --all-targets --fix --allow-dirty --allow-staged
 
+# Every figure of docs/benchmarks.md, each against a baseline measured in the same run: the
+# in-process pipeline (criterion), then the load generator's driver, which starts real `tollgate`
+# processes and the no-op sink and repeats all `bench` lines in a summary at the end.
+BENCH_TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+
 bench:
-	$(CARGO) bench -p tollgate-rules --bench pipeline
+	$(CARGO) build --release -p tollgate --bins
+	mkdir -p $(BENCH_TARGET_DIR)/bench
+	bash -o pipefail -c '$(CARGO) bench -p tollgate-rules --bench pipeline | tee $(BENCH_TARGET_DIR)/bench/pipeline.txt'
+	$(BENCH_TARGET_DIR)/release/tollgate-loadgen bench --pipeline-output $(BENCH_TARGET_DIR)/bench/pipeline.txt
 
 deny:
 	$(CARGO) deny check

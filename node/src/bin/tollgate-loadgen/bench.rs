@@ -1,0 +1,533 @@
+//! The benchmark driver behind `make bench`: real `tollgate serve` processes and the no-op sink
+//! on loopback, loaded by this process, each figure printed as
+//! `bench <name>: <value> <unit> (baseline <what> <value> <unit>, ratio <r>)` with its baseline
+//! measured in the same run. Lines starting with two spaces are details; the `bench` lines are
+//! repeated in a summary at the end (with the pipeline figures of the criterion bench when its
+//! output is given).
+//!
+//! The node, the sink and the load generator share the machine (2 cores here): nothing is pinned,
+//! and the load generator's CPU is kept small by encoding every export before a run starts.
+//! Method and interpretation: docs/benchmarks.md.
+
+use crate::fleet::{self, FleetSpec};
+use crate::grpc::{self, Signal};
+use crate::process::{self, NodeProcess, SinkProcess};
+use crate::run::{self, Export, RunOptions, RunReport};
+use crate::{accesslog, freshness, unix_now};
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of `tollgate-loadgen bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The `tollgate` binary (default: the one next to this executable).
+    #[arg(long)]
+    tollgate: Option<PathBuf>,
+    /// Where the data directories go (default: a new directory in the system's temporary
+    /// directory, removed at the end).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the data directories.
+    #[arg(long)]
+    keep: bool,
+    /// Small loads: checks that the driver works, the figures mean nothing.
+    #[arg(long)]
+    quick: bool,
+    /// Only these figures: metrics, logs, freshness, memory (memory and restart share one load),
+    /// cluster.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Output of `cargo bench -p tollgate-rules --bench pipeline`; its `bench` lines join the
+    /// summary.
+    #[arg(long)]
+    pipeline_output: Option<PathBuf>,
+    /// Exports in flight during the ingest figures.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// HTTP/2 connections the load generator opens per target.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Longest run of each side of an ingest figure, seconds: a side that has not sent the whole
+    /// workload by then stops, and its rate is what it acknowledged in that time.
+    #[arg(long, default_value_t = 40)]
+    max_seconds: u64,
+    /// Points per second of the background load during the freshness probes (default: half of
+    /// what the node acknowledged in figure 1, or 5 000 when figure 1 did not run).
+    #[arg(long)]
+    freshness_background_rate: Option<f64>,
+}
+
+struct Driver {
+    args: BenchArgs,
+    binary: PathBuf,
+    work: PathBuf,
+    http: reqwest::Client,
+    lines: Vec<String>,
+    /// Points/s the node acknowledged in figure 1.
+    node_metrics_rate: Option<f64>,
+}
+
+/// Runs the figures.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let binary = match &args.tollgate {
+        Some(path) => path.clone(),
+        None => crate::sibling_binary("tollgate")?,
+    };
+    if !binary.exists() {
+        bail!("{} does not exist: build it first (cargo build --release)", binary.display());
+    }
+    let work = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let mut driver =
+        Driver { args, binary, work, http: reqwest::Client::new(), lines: Vec::new(), node_metrics_rate: None };
+    driver.machine();
+    let result = driver.figures().await;
+    driver.summary();
+    if !driver.args.keep {
+        let _ = std::fs::remove_dir_all(&driver.work);
+    }
+    result
+}
+
+fn slowest(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
+}
+
+/// Sum of the samples of a self-metric (all label sets) in Prometheus text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / (1024.0 * 1024.0)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn body_bytes(pregenerated: &[Vec<Export>]) -> (u64, u64) {
+    let bytes = pregenerated.iter().flatten().map(|e| e.body.len() as u64).sum();
+    let items = pregenerated.iter().flatten().map(|e| e.items).sum();
+    (bytes, items)
+}
+
+impl Driver {
+    fn wants(&self, figure: &str) -> bool {
+        self.args.only.is_empty() || self.args.only.iter().any(|f| f == figure)
+    }
+
+    fn figure(&mut self, line: String) {
+        println!("{line}");
+        self.lines.push(line);
+    }
+
+    fn options(&self) -> RunOptions {
+        RunOptions { connections: self.args.connections, ..Default::default() }
+    }
+
+    fn machine(&self) {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map_or("unknown".to_string(), |m| m.trim().to_string());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "machine: {cores} cores ({model}), {:.1} GiB memory, load average {}; the node, the sink and this load generator share the cores, nothing is pinned",
+            memory_kib / 1024.0 / 1024.0,
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        );
+        if load.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()).is_some_and(|l| l > 0.5) {
+            println!("  note: the machine was busy before the run started; the figures may be low");
+        }
+        println!("  tollgate binary: {}, data directories under {}", self.binary.display(), self.work.display());
+    }
+
+    async fn figures(&mut self) -> anyhow::Result<()> {
+        if self.wants("metrics") {
+            self.metrics_ingest().await.context("figure metrics_ingest")?;
+        }
+        if self.wants("logs") {
+            self.log_ingest().await.context("figure log_ingest")?;
+        }
+        if self.wants("freshness") {
+            self.freshness().await.context("figure freshness")?;
+        }
+        if self.wants("memory") || self.wants("restart") {
+            self.memory_and_restart().await.context("figures memory_per_series and restart_to_ready")?;
+        }
+        if self.wants("cluster") {
+            // Figure 7 needs a three-node cluster (the cluster issue); its driver comes with it.
+            // PLACEHOLDER: three nodes on loopback, every series remote to the receiving node,
+            // CPU per point vs one node.
+            self.figure("bench cluster_cpu_per_point: skipped (needs the cluster)".to_string());
+        }
+        Ok(())
+    }
+
+    fn summary(&self) {
+        println!("summary:");
+        let mut pipeline = Vec::new();
+        if let Some(path) = &self.args.pipeline_output {
+            match std::fs::read_to_string(path) {
+                Ok(text) => pipeline.extend(text.lines().filter(|l| l.starts_with("bench ")).map(str::to_string)),
+                Err(e) => println!("  (cannot read {}: {e})", path.display()),
+            }
+        }
+        // In figure order: the pipeline (figure 3) after the two ingest figures.
+        let ingest = self.lines.iter().filter(|l| l.starts_with("bench metrics_") || l.starts_with("bench log_"));
+        let rest = self.lines.iter().filter(|l| !(l.starts_with("bench metrics_") || l.starts_with("bench log_")));
+        for line in ingest.chain(pipeline.iter()).chain(rest) {
+            println!("{line}");
+        }
+    }
+
+    /// Runs pre-encoded lanes against the sink and against a fresh node, the same bytes in the
+    /// same order with the same concurrency; returns (sink, node) reports.
+    async fn sink_vs_node(
+        &mut self,
+        signal: Signal,
+        pregenerated: &[Vec<Export>],
+        name: &str,
+        unit: &str,
+    ) -> anyhow::Result<(RunReport, RunReport)> {
+        let options = RunOptions { duration: Some(Duration::from_secs(self.args.max_seconds)), ..self.options() };
+        let own_pid = std::process::id();
+
+        let sink = SinkProcess::start()?;
+        let channels = grpc::connect(&sink.target, options.connections).await?;
+        let (sink_cpu, own_cpu) = (process::cpu_seconds(sink.pid())?, process::cpu_seconds(own_pid)?);
+        let on_sink = run::run(signal, fleet::lanes_of(pregenerated), &channels, &options).await;
+        let sink_cpu = process::cpu_seconds(sink.pid())? - sink_cpu;
+        let own_cpu_sink = process::cpu_seconds(own_pid)? - own_cpu;
+        drop(channels);
+        drop(sink);
+        println!("  sink:     {}", on_sink.summary(unit));
+
+        let (node, _) = NodeProcess::start(&self.binary, &self.work.join(name), &self.http).await?;
+        let channels = grpc::connect(&node.grpc(), options.connections).await?;
+        let (node_cpu, own_cpu) = (node.cpu_seconds()?, process::cpu_seconds(own_pid)?);
+        let on_node = run::run(signal, fleet::lanes_of(pregenerated), &channels, &options).await;
+        let node_cpu = node.cpu_seconds()? - node_cpu;
+        let own_cpu_node = process::cpu_seconds(own_pid)? - own_cpu;
+        println!("  tollgate: {}", on_node.summary(unit));
+        println!(
+            "  CPU: sink {sink_cpu:.1} s ({:.0} {unit} per CPU-second), tollgate {node_cpu:.1} s ({:.0} {unit} per CPU-second); load generator {own_cpu_sink:.1} s and {own_cpu_node:.1} s",
+            on_sink.acked as f64 / sink_cpu.max(1e-9),
+            on_node.acked as f64 / node_cpu.max(1e-9),
+        );
+        if let Ok(text) = self.http.get(format!("{}/metrics", node.api())).send().await?.text().await {
+            let flushes = metric_value(&text, "tollgate_commit_flush_seconds_count");
+            let flush_sum = metric_value(&text, "tollgate_commit_flush_seconds_sum");
+            let batches = metric_value(&text, "tollgate_commit_batches_per_flush_sum");
+            if let (Some(flushes), Some(flush_sum), Some(batches)) = (flushes, flush_sum, batches) {
+                println!(
+                    "  group commit: {flushes:.0} flushes, {:.1} write batches per flush, {:.2} ms per apply + flush",
+                    batches / flushes.max(1.0),
+                    1000.0 * flush_sum / flushes.max(1.0)
+                );
+            }
+        }
+        for (who, report) in [("sink", &on_sink), ("tollgate", &on_node)] {
+            if report.lost > 0 || report.rejected > 0 || report.failed_attempts > 0 {
+                println!(
+                    "  warning: {who} lost {}, rejected {}, failed attempts {} ({})",
+                    report.lost,
+                    report.rejected,
+                    report.failed_attempts,
+                    report.first_failure.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        Ok((on_sink, on_node))
+    }
+
+    /// Figure 1: metrics ingest with durable acknowledgements vs the no-op sink.
+    async fn metrics_ingest(&mut self) -> anyhow::Result<()> {
+        let rounds = if self.args.quick { 10 } else { 100 };
+        let spec = FleetSpec {
+            prefix: "ingest".into(),
+            services: 10,
+            pods: 200,
+            models: 6,
+            cumulative: true,
+            interval_seconds: 10,
+            rounds,
+            started: unix_now().saturating_sub(rounds * 10 + 60),
+        };
+        println!(
+            "figure 1, metrics ingest: {} gateway pods of {} services, {} series, cumulative, {} exports per pod at 10 s data-time intervals, {} points, {} exports in flight, at most {} s per side",
+            spec.pods,
+            spec.services,
+            spec.series(),
+            spec.rounds,
+            spec.points(),
+            self.args.concurrency,
+            self.args.max_seconds
+        );
+        let generated = Instant::now();
+        let pregenerated = fleet::pregenerate(&spec, self.args.concurrency);
+        let (bytes, points) = body_bytes(&pregenerated);
+        println!(
+            "  encoded {points} points in {:.1} s: {:.1} MiB, {:.0} bytes per point on the wire",
+            generated.elapsed().as_secs_f64(),
+            mib(bytes as f64),
+            bytes as f64 / points as f64
+        );
+        let (sink, node) = self.sink_vs_node(Signal::Metrics, &pregenerated, "metrics", "points").await?;
+        self.node_metrics_rate = Some(node.rate());
+        self.figure(format!(
+            "bench metrics_ingest: {:.0} points/s (baseline sink {:.0} points/s, ratio {:.2})",
+            node.rate(),
+            sink.rate(),
+            node.rate() / sink.rate()
+        ));
+        Ok(())
+    }
+
+    /// Figure 2: access-log ingest with sampling vs the no-op sink.
+    async fn log_ingest(&mut self) -> anyhow::Result<()> {
+        let rounds = if self.args.quick { 10 } else { 300 };
+        let records_per_export = 16;
+        let pods = 100;
+        let per_pod = rounds * records_per_export as u64;
+        let spec = accesslog::LogSpec {
+            prefix: "logs".into(),
+            services: 10,
+            pods,
+            records_per_export,
+            rounds,
+            error_rate: 0.02,
+            slow_rate: 0.01,
+            upstream_failure_rate: 0.005,
+            start_ns: unix_now().saturating_sub(660) * 1_000_000_000,
+            spacing_ns: 600 * 1_000_000_000 / per_pod,
+            seed: 1,
+        };
+        let (kept, high, errors, slow) = accesslog::expected_shares(&spec, 100_000);
+        println!(
+            "figure 2, access-log ingest: {} gateway pods of {} services, {} records in exports of {}, kept by the default rules: {:.1}% (≥ 10k tokens {:.1}%, errors {:.1}%, slow {:.1}%), {} exports in flight, at most {} s per side",
+            spec.pods,
+            spec.services,
+            spec.records(),
+            spec.records_per_export,
+            kept * 100.0,
+            high * 100.0,
+            errors * 100.0,
+            slow * 100.0,
+            self.args.concurrency,
+            self.args.max_seconds
+        );
+        let generated = Instant::now();
+        let pregenerated = accesslog::pregenerate(&spec, self.args.concurrency);
+        let (bytes, records) = body_bytes(&pregenerated);
+        println!(
+            "  encoded {records} records in {:.1} s: {:.1} MiB, {:.0} bytes per record, {:.1} KiB per export",
+            generated.elapsed().as_secs_f64(),
+            mib(bytes as f64),
+            bytes as f64 / records as f64,
+            bytes as f64 / 1024.0 / (records as f64 / records_per_export as f64)
+        );
+        let (sink, node) = self.sink_vs_node(Signal::Logs, &pregenerated, "logs", "records").await?;
+        self.figure(format!(
+            "bench log_ingest: {:.0} records/s (baseline sink {:.0} records/s, ratio {:.2})",
+            node.rate(),
+            sink.rate(),
+            node.rate() / sink.rate()
+        ));
+        Ok(())
+    }
+
+    /// Figure 4: acknowledged export → value visible in the query API, under a background load.
+    async fn freshness(&mut self) -> anyhow::Result<()> {
+        let samples = if self.args.quick { 20 } else { 300 };
+        let rate = self.args.freshness_background_rate.or(self.node_metrics_rate.map(|r| r / 2.0)).unwrap_or(5000.0);
+        let (node, _) = NodeProcess::start(&self.binary, &self.work.join("freshness"), &self.http).await?;
+        // Background: a fleet of 100 pods (5 400 series) paced at `rate` points/s, for longer
+        // than the probes take.
+        let rounds = ((rate * 60.0) / 5400.0).ceil().max(2.0) as u64;
+        let spec = FleetSpec {
+            prefix: "background".into(),
+            services: 5,
+            pods: 100,
+            models: 6,
+            cumulative: true,
+            interval_seconds: 10,
+            rounds,
+            started: unix_now().saturating_sub(rounds * 10 + 60),
+        };
+        println!(
+            "figure 4, freshness: {samples} probes (export, then query until the value shows), while a background fleet of {} series sends {rate:.0} points/s (half of figure 1's rate)",
+            spec.series()
+        );
+        let pregenerated = fleet::pregenerate(&spec, 8);
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = {
+            let channels = grpc::connect(&node.grpc(), 2).await?;
+            let options = RunOptions { rate, stop: Some(Arc::clone(&stop)), ..self.options() };
+            let lanes = fleet::lanes_of(&pregenerated);
+            tokio::spawn(async move { run::run(Signal::Metrics, lanes, &channels, &options).await })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let probes =
+            freshness::measure(&node.grpc(), &node.api(), "freshness-probe", samples, Duration::from_millis(20)).await;
+        stop.store(true, Ordering::Relaxed);
+        let background = background.await?;
+        let probes = probes?;
+        println!(
+            "  background: {}; probes: export ack p50 {:.2} ms, {} queries before the value showed, {} not visible within 10 s",
+            background.summary("points"),
+            run::percentile_ms(&probes.ack_us, 50.0),
+            probes.early_polls,
+            probes.not_visible
+        );
+        for percentile in [50.0, 99.0] {
+            let fresh = run::percentile_ms(&probes.freshness_us, percentile);
+            let query = run::percentile_ms(&probes.query_us, percentile);
+            self.figure(format!(
+                "bench freshness_p{percentile:.0}: {fresh:.2} ms (baseline query {query:.2} ms, ratio {:.2})",
+                fresh / query
+            ));
+        }
+        Ok(())
+    }
+
+    /// Figures 5 and 6: memory per active series after loading 100 000 series, then restart to
+    /// ready with the 1 000 000 minute states that load stored.
+    async fn memory_and_restart(&mut self) -> anyhow::Result<()> {
+        let dir = self.work.join("restart");
+        let (mut node, _) = NodeProcess::start(&self.binary, &dir, &self.http).await?;
+        // 1852 pods × 6 models × 9 = 100 008 series; 10 exports a minute apart put each point in
+        // a minute of its own: 1 000 080 minute states.
+        let pods = if self.args.quick { 100 } else { 1852 };
+        let spec = FleetSpec {
+            prefix: "memory".into(),
+            services: 20,
+            pods,
+            models: 6,
+            cumulative: true,
+            interval_seconds: 60,
+            rounds: 10,
+            started: unix_now().saturating_sub(10 * 60 + 120),
+        };
+        println!(
+            "figure 5, memory per series: {} pods of {} services, {} series, {} exports per pod a minute apart ({} minute states)",
+            spec.pods,
+            spec.services,
+            spec.series(),
+            spec.rounds,
+            spec.points()
+        );
+        let pregenerated = fleet::pregenerate(&spec, self.args.concurrency);
+        let (bytes, points) = body_bytes(&pregenerated);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = node.rss_bytes()? as f64;
+        let channels = grpc::connect(&node.grpc(), self.args.connections).await?;
+        let load = run::run(Signal::Metrics, fleet::lanes_of(&pregenerated), &channels, &self.options()).await;
+        drop(channels);
+        drop(pregenerated);
+        println!("  load: {}", load.summary("points"));
+        // Let one maintenance pass (every 10 s) move closed minutes out of the owners' caches.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let after = node.rss_bytes()? as f64;
+        let text = self.http.get(format!("{}/metrics", node.api())).send().await?.text().await?;
+        let series = metric_value(&text, "tollgate_series_active").unwrap_or(0.0);
+        let merged = metric_value(&text, "tollgate_points_merged_total").unwrap_or(0.0);
+        if series <= 0.0 {
+            bail!("the node reports no active series");
+        }
+        let per_series = (after - before) / series;
+        let wire = bytes as f64 / points as f64;
+        println!(
+            "  RSS {:.1} MiB before, {:.1} MiB after; {series:.0} active series; {merged:.0} points merged",
+            mib(before),
+            mib(after)
+        );
+        if self.wants("memory") {
+            self.figure(format!(
+                "bench memory_per_series: {per_series:.0} bytes/series (baseline wire {wire:.0} bytes/series, ratio {:.2})",
+                per_series / wire
+            ));
+        }
+        if !self.wants("restart") {
+            return Ok(());
+        }
+
+        node.kill9();
+        println!(
+            "figure 6, restart to ready: kill -9, then `tollgate serve` until /readyz answers 200, three times, on {:.0} MiB of data ({merged:.0} minute states), slowest of three; baseline: the same with empty data directories",
+            mib(dir_size(&dir) as f64)
+        );
+        let mut loaded = Vec::new();
+        for _ in 0..3 {
+            let (mut restarted, took) = NodeProcess::start(&self.binary, &dir, &self.http).await?;
+            restarted.kill9();
+            loaded.push(took.as_secs_f64());
+        }
+        let mut empty = Vec::new();
+        for attempt in 0..3 {
+            let empty_dir = self.work.join(format!("empty-{attempt}"));
+            let (mut fresh, took) = NodeProcess::start(&self.binary, &empty_dir, &self.http).await?;
+            fresh.kill9();
+            empty.push(took.as_secs_f64());
+        }
+        println!("  loaded: {loaded:.3?} s; empty: {empty:.3?} s");
+        // The first restart after the crash is the slowest (it recovers sled's log; the later
+        // ones start from the snapshot it left): report the slowest of each.
+        let (loaded, empty) = (slowest(&loaded), slowest(&empty));
+        self.figure(format!(
+            "bench restart_to_ready: {loaded:.3} s (baseline empty {empty:.3} s, ratio {:.2})",
+            loaded / empty
+        ));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_metric_value_sums_label_sets_and_ignores_longer_names() {
+        let text = "# TYPE x counter\ntollgate_points_merged_total 12\ntollgate_series_active 5\ntollgate_series_active_other 9\nt{a=\"1\"} 1\ntollgate_requests_total{outcome=\"ok\"} 3\ntollgate_requests_total{outcome=\"overloaded\"} 4\n";
+        assert_eq!(metric_value(text, "tollgate_points_merged_total"), Some(12.0));
+        assert_eq!(metric_value(text, "tollgate_series_active"), Some(5.0));
+        assert_eq!(metric_value(text, "tollgate_requests_total"), Some(7.0));
+        assert_eq!(metric_value(text, "tollgate_missing"), None);
+    }
+}

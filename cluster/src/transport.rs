@@ -68,7 +68,8 @@ pub type ChunkStream = Pin<Box<dyn futures_util::Stream<Item = Result<HandOffChu
 pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// A Raft RPC.
     fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>>;
-    /// Forwarded points or records; `bytes` is the payload size for the in-flight bound.
+    /// Forwarded points or records of one export for one owner; the payloads' size counts
+    /// against the in-flight bound of that peer.
     fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>>;
     /// A query for the peer's partial result.
     fn query(&self, addr: &str, request: QueryRequest) -> BoxFuture<'_, Result<QueryResponse, TransportError>>;
@@ -191,7 +192,8 @@ impl Transport for TonicTransport {
     fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move {
-            let bytes = (request.payload.len().max(1)).min(self.max_forward_bytes) as u32;
+            let payload: usize = request.batches.iter().map(|batch| batch.payload.len()).sum();
+            let bytes = payload.clamp(1, self.max_forward_bytes) as u32;
             let _permit = self
                 .semaphore(&addr)
                 .try_acquire_many_owned(bytes)
@@ -260,6 +262,8 @@ struct FaultState {
     /// Calls dropped (failing as unreachable) every `n`-th time, 0 for never.
     drop_every: u64,
     calls: u64,
+    /// Forward calls per (from, to), whatever became of them.
+    forwards: HashMap<(String, String), u64>,
     /// Added to every call.
     delay: Duration,
 }
@@ -296,6 +300,17 @@ impl Faults {
     /// Delays every call.
     pub fn delay(&self, delay: Duration) {
         self.state.lock().expect("faults lock").delay = delay;
+    }
+
+    /// Forward calls made from `from` to `to` so far.
+    pub fn forward_calls(&self, from: &str, to: &str) -> u64 {
+        let state = self.state.lock().expect("faults lock");
+        state.forwards.get(&(from.to_string(), to.to_string())).copied().unwrap_or(0)
+    }
+
+    fn count_forward(&self, from: &str, to: &str) {
+        let mut state = self.state.lock().expect("faults lock");
+        *state.forwards.entry((from.to_string(), to.to_string())).or_default() += 1;
     }
 
     fn check(&self, from: &str, to: &str) -> Result<Duration, TransportError> {
@@ -346,6 +361,7 @@ impl Transport for FaultyTransport {
     fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move {
+            self.faults.count_forward(&self.from, &addr);
             self.gate(&addr).await?;
             self.inner.forward(&addr, request).await
         })

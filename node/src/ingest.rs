@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tollgate_cluster::Cluster;
-use tollgate_proto::peer::{ForwardRequest, Signal};
+use tollgate_proto::peer::{ForwardRequest, Signal, VnodeBatch};
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{
     extract_logs, extract_metrics, DropReason, ExtractedLog, ExtractedPoint, IngestReport, RejectReason,
@@ -117,23 +117,23 @@ impl Ingest {
             groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
         }
         let mut pending: Vec<Pending> = Vec::with_capacity(groups.len());
+        let mut remote = RemoteBatches::default();
         for (vnode, points) in groups {
             match self.route(vnode)? {
                 Route::Local(owner) => pending.push(submit_metrics(&owner, points)?),
                 Route::Remote { addr, epoch } => {
                     metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(points.len() as u64);
                     let wire: Vec<WirePoint> = points.into_iter().map(WirePoint::from).collect();
-                    let request = ForwardRequest {
+                    let batch = VnodeBatch {
                         vnode: u32::from(vnode),
-                        map_epoch: epoch,
-                        signal: Signal::Metrics as i32,
                         payload: wire::encode(&wire),
                         batch_fingerprint: Vec::new(),
                     };
-                    pending.push(self.forward(addr, request));
+                    remote.add(addr, epoch, batch);
                 }
             }
         }
+        pending.extend(remote.into_requests(Signal::Metrics).map(|(addr, request)| self.forward(addr, request)));
         let report = self.gather(batch.report, pending).await?;
         count_report(&report, protocol, m::POINTS_REJECTED, m::POINTS_DROPPED);
         metrics::counter!(m::POINTS_MERGED).increment(report.merged);
@@ -153,43 +153,48 @@ impl Ingest {
             groups.entry(vnode_of(record.partition, self.vnodes)).or_default().push(record);
         }
         let mut pending: Vec<Pending> = Vec::with_capacity(groups.len());
+        let mut remote = RemoteBatches::default();
         for (vnode, records) in groups {
             let fingerprint = batch_fingerprint(vnode, &records);
             match self.route(vnode)? {
                 Route::Local(owner) => pending.push(submit_logs(&owner, records, fingerprint)?),
                 Route::Remote { addr, epoch } => {
                     let wire: Vec<WireLog> = records.into_iter().map(WireLog::from).collect();
-                    let request = ForwardRequest {
+                    let batch = VnodeBatch {
                         vnode: u32::from(vnode),
-                        map_epoch: epoch,
-                        signal: Signal::Logs as i32,
                         payload: wire::encode(&wire),
                         batch_fingerprint: fingerprint.to_be_bytes().to_vec(),
                     };
-                    pending.push(self.forward(addr, request));
+                    remote.add(addr, epoch, batch);
                 }
             }
         }
+        pending.extend(remote.into_requests(Signal::Logs).map(|(addr, request)| self.forward(addr, request)));
         let report = self.gather(batch.report, pending).await?;
         count_report(&report, protocol, m::LOGS_REJECTED, m::LOGS_DROPPED);
         Ok(report)
     }
 
-    /// Points forwarded to this node for `owner`'s vnode.
-    pub async fn owner_metrics(&self, owner: &OwnerHandle, points: Vec<ExtractedPoint>) -> Result<IngestReport, Error> {
-        let pending = submit_metrics(owner, points)?;
-        self.gather(IngestReport::default(), vec![pending]).await
+    /// Points forwarded to this node, per owner of the vnodes they belong to.
+    pub async fn owner_metrics(&self, batches: Vec<(OwnerHandle, Vec<ExtractedPoint>)>) -> Result<IngestReport, Error> {
+        let mut pending = Vec::with_capacity(batches.len());
+        for (owner, points) in batches {
+            pending.push(submit_metrics(&owner, points)?);
+        }
+        self.gather(IngestReport::default(), pending).await
     }
 
-    /// Log records forwarded to this node for `owner`'s vnode.
+    /// Log records forwarded to this node, per owner of the vnodes they belong to, each with the
+    /// fingerprint of its slice of the export.
     pub async fn owner_logs(
         &self,
-        owner: &OwnerHandle,
-        records: Vec<ExtractedLog>,
-        fingerprint: u128,
+        batches: Vec<(OwnerHandle, Vec<ExtractedLog>, u128)>,
     ) -> Result<IngestReport, Error> {
-        let pending = submit_logs(owner, records, fingerprint)?;
-        self.gather(IngestReport::default(), vec![pending]).await
+        let mut pending = Vec::with_capacity(batches.len());
+        for (owner, records, fingerprint) in batches {
+            pending.push(submit_logs(&owner, records, fingerprint)?);
+        }
+        self.gather(IngestReport::default(), pending).await
     }
 
     async fn gather(&self, mut report: IngestReport, pending: Vec<Pending>) -> Result<IngestReport, Error> {
@@ -206,6 +211,24 @@ impl Ingest {
                 self.request_timeout.as_millis()
             ))),
         }
+    }
+}
+
+/// The remote parts of one export, gathered per owner node: one forward call each.
+#[derive(Default)]
+struct RemoteBatches {
+    by_owner: FastMap<String, (u64, Vec<VnodeBatch>)>,
+}
+
+impl RemoteBatches {
+    fn add(&mut self, addr: String, epoch: u64, batch: VnodeBatch) {
+        self.by_owner.entry(addr).or_insert_with(|| (epoch, Vec::new())).1.push(batch);
+    }
+
+    fn into_requests(self, signal: Signal) -> impl Iterator<Item = (String, ForwardRequest)> {
+        self.by_owner.into_iter().map(move |(addr, (map_epoch, batches))| {
+            (addr, ForwardRequest { map_epoch, signal: signal as i32, batches })
+        })
     }
 }
 

@@ -49,6 +49,15 @@ impl PeerService {
     ) -> PeerService {
         PeerService { cluster, ingest, owners, query, store }
     }
+
+    /// The owner actor of a vnode named in a request.
+    fn owner(&self, vnode: u32) -> Result<OwnerHandle, Status> {
+        usize::try_from(vnode)
+            .ok()
+            .and_then(|index| self.owners.get(index))
+            .cloned()
+            .ok_or_else(|| invalid(format!("vnode {vnode} out of range")))
+    }
 }
 
 fn invalid(message: String) -> Status {
@@ -73,24 +82,34 @@ impl Peer for PeerService {
 
     async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
         let request = request.into_inner();
-        let vnode =
-            u16::try_from(request.vnode).map_err(|_| invalid(format!("vnode {} out of range", request.vnode)))?;
-        let owner = self.owners.get(vnode as usize).ok_or_else(|| invalid(format!("vnode {vnode} out of range")))?;
-        let report = match Signal::try_from(request.signal).unwrap_or(Signal::Unspecified) {
-            Signal::Metrics => {
-                let points: Vec<WirePoint> = wire::decode("points", &request.payload).map_err(invalid)?;
-                let points: Vec<ExtractedPoint> = points.into_iter().map(ExtractedPoint::from).collect();
-                self.ingest.owner_metrics(owner, points).await?
+        let signal = Signal::try_from(request.signal).unwrap_or(Signal::Unspecified);
+        if signal == Signal::Unspecified {
+            return Err(invalid(format!("unknown signal {}", request.signal)));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(request.batches.len());
+        let mut points = Vec::new();
+        let mut logs = Vec::new();
+        for batch in request.batches {
+            let owner = self.owner(batch.vnode)?;
+            if !seen.insert(batch.vnode) {
+                return Err(invalid(format!("vnode {} appears twice in one forward", batch.vnode)));
             }
-            Signal::Logs => {
-                let logs: Vec<WireLog> = wire::decode("log records", &request.payload).map_err(invalid)?;
+            if signal == Signal::Metrics {
+                let wire: Vec<WirePoint> = wire::decode("points", &batch.payload).map_err(invalid)?;
+                points.push((owner, wire.into_iter().map(ExtractedPoint::from).collect()));
+            } else {
+                let wire: Vec<WireLog> = wire::decode("log records", &batch.payload).map_err(invalid)?;
                 let records: Vec<ExtractedLog> =
-                    logs.into_iter().map(WireLog::into_extracted).collect::<Result<_, _>>().map_err(invalid)?;
+                    wire.into_iter().map(WireLog::into_extracted).collect::<Result<_, _>>().map_err(invalid)?;
                 let fingerprint: [u8; 16] =
-                    request.batch_fingerprint.as_slice().try_into().map_err(|_| invalid("batch fingerprint".into()))?;
-                self.ingest.owner_logs(owner, records, u128::from_be_bytes(fingerprint)).await?
+                    batch.batch_fingerprint.as_slice().try_into().map_err(|_| invalid("batch fingerprint".into()))?;
+                logs.push((owner, records, u128::from_be_bytes(fingerprint)));
             }
-            Signal::Unspecified => return Err(invalid(format!("unknown signal {}", request.signal))),
+        }
+        let report = if signal == Signal::Metrics {
+            self.ingest.owner_metrics(points).await?
+        } else {
+            self.ingest.owner_logs(logs).await?
         };
         Ok(Response::new(ForwardResponse { report: wire::encode(&report) }))
     }
@@ -126,10 +145,8 @@ impl Peer for PeerService {
         if request.drain {
             return self.drain().await;
         }
-        let vnode =
-            u16::try_from(request.vnode).map_err(|_| invalid(format!("vnode {} out of range", request.vnode)))?;
-        let owner =
-            self.owners.get(vnode as usize).ok_or_else(|| invalid(format!("vnode {vnode} out of range")))?.clone();
+        let owner = self.owner(request.vnode)?;
+        let vnode = owner.vnode;
         // Only once this node applied the move does its owner refuse new data for the vnode; then
         // everything it accepted is made durable, and the store holds the whole state.
         let me = self.cluster.id;

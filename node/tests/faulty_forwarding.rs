@@ -8,10 +8,13 @@ mod common;
 use common::{fleet_export, fleet_tokens, now_seconds};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tollgate::ingest::vnode_of;
 use tollgate::{Node, NodeConfig, SystemClock};
 use tollgate_cluster::transport::{Faults, FaultyTransport, TonicTransport, Transport};
+use tollgate_rules::entity::partition_hash;
 
 const PODS: u64 = 12;
 const WAIT: Duration = Duration::from_secs(60);
@@ -137,6 +140,46 @@ async fn assert_exact(node: &Node, service: &str, base: u64, exports: u64) {
         total(node, "meter_envoy_ai_gw_input_token_rate", service, start, end).await,
         fleet_tokens(exports, PODS) as f64
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_an_export_is_forwarded_in_one_call_per_owner_node() {
+    const SERVICE: &str = "batched-gw";
+    let cluster = Cluster::start().await;
+    let receiver = &cluster.nodes[0];
+    let from = receiver.endpoints.cluster.to_string();
+    // The remote vnodes the export's pods land on, per owner node.
+    let state = receiver.cluster().state();
+    let me = receiver.cluster().id;
+    let mut remote: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
+    for pod in 0..PODS {
+        let partition = partition_hash(SERVICE, Some(&format!("pod-{pod}")));
+        let vnode = vnode_of(partition, state.vnodes.vnodes.len() as u16);
+        let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
+        if owner != me {
+            remote.entry(state.nodes[&owner].cluster_addr.clone()).or_default().insert(vnode);
+        }
+    }
+    assert!(
+        remote.values().any(|vnodes| vnodes.len() > 1),
+        "the export must hold several vnodes of one owner for this test to mean anything: {remote:?}"
+    );
+
+    let base = now_seconds() - 120;
+    assert!(send_until_acknowledged(&cluster.grpc(0), SERVICE, base, 0).await.is_empty());
+    for node in &cluster.nodes[1..] {
+        let to = node.endpoints.cluster.to_string();
+        let expected = u64::from(remote.contains_key(&to));
+        assert_eq!(
+            cluster.faults.forward_calls(&from, &to),
+            expected,
+            "forward calls to {to}; remote vnodes {remote:?}"
+        );
+    }
+    for node in &cluster.nodes {
+        assert_exact(node, SERVICE, base, 1).await;
+    }
+    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

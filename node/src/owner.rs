@@ -793,7 +793,7 @@ impl OwnerState {
             "owner maintenance"
         );
         if self.owned {
-            self.roll_up(&config).await
+            self.roll_up(&config, now).await
         } else {
             // A vnode owned elsewhere gets no more points here: every minute is closed.
             self.roll_up_everything().await
@@ -811,16 +811,25 @@ impl OwnerState {
         Ok(())
     }
 
-    /// Merges closed minutes (no point can be merged into them any more) into hour and day
-    /// states, partition by partition, and advances each partition's frontier in the same batch.
-    async fn roll_up(&mut self, config: &RuntimeConfig) -> Result<(), Error> {
+    /// Merges closed minutes into hour and day states, partition by partition, and advances each
+    /// partition's frontier in the same batch. A minute is closed when it lies a lateness window
+    /// behind its partition's newest minute, or when the partition went quiet (its newest minute
+    /// is a lateness window behind `now`: a stopped pod, an idle service): then all its minutes
+    /// are closed, or they would stay unrolled until retention deletes them. A point that still
+    /// arrives for a closed minute also updates its hour and day ([`state_keys`]).
+    async fn roll_up(&mut self, config: &RuntimeConfig, now: u64) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         let store = Arc::clone(&self.context.store);
         for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
             // In-memory clocks are newer than stored ones only by batches not yet durable; the
             // owner settled before maintenance, so the stored clock is current.
-            let Some(oldest) = clock.newest_minute_ns.map(|_| clock.oldest_accepted_ns(normalize)) else { continue };
-            self.roll_up_partition(partition, oldest.div_ceil(NANOS_PER_MINUTE)).await?;
+            let Some(newest) = clock.newest_minute_ns else { continue };
+            let closed_ns = if newest < now.saturating_sub(normalize.lateness_ns()) {
+                newest + NANOS_PER_MINUTE
+            } else {
+                clock.oldest_accepted_ns(normalize)
+            };
+            self.roll_up_partition(partition, closed_ns.div_ceil(NANOS_PER_MINUTE)).await?;
         }
         Ok(())
     }

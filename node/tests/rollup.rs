@@ -138,3 +138,75 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     assert!((daily - (expected_requests + 5) as f64).abs() < 1e-2, "{daily}");
     node.shutdown().await;
 }
+
+/// Series of `service` at one step over `[start, end)`.
+async fn series_of(api: &str, service: &str, start: u64, end: u64, step: &str) -> Value {
+    let url = format!(
+        "{api}/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service={service}&start={start}&end={end}&step={step}"
+    );
+    let body: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    body["series"].clone()
+}
+
+fn values(series: &Value) -> Vec<f64> {
+    series
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p[1].as_f64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
+    const SERVICE: &str = "quiet-gw";
+    const MINUTE: u64 = 60;
+    let t0 = now_seconds() / 3600 * 3600 - 3600;
+    let clock = tollgate::ManualClock::new((t0 + 5 * MINUTE) * 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
+    let any = "127.0.0.1:0".parse().unwrap();
+    config.otlp_grpc_addrs = vec![any];
+    config.otlp_http_addr = any;
+    config.http_addr = any;
+    config.cluster_addr = any;
+    config.cluster.vnodes = 8;
+    config.retention.minute_seconds = 3600;
+    config.retention.sweep_interval_seconds = 1;
+    let node = Node::start(config, Arc::new(clock.clone())).await.unwrap();
+    let api = format!("http://{}", node.endpoints.http);
+    let mut client = MetricsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+
+    // Five minutes of a pod, then it stops. Its newest minute is not a lateness window old yet:
+    // nothing is closed.
+    let mut requests = 0;
+    for minute in 0..5 {
+        let mut request = export(t0 + minute * MINUTE + 1, minute + 1, 0.5);
+        let resource = request.resource_metrics[0].resource.as_mut().unwrap();
+        *resource = gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
+        client.export(request).await.unwrap();
+        requests += minute + 1;
+    }
+    let (start, end) = (t0 - 3600, t0 + 2 * 3600);
+    let minutes = series_of(&api, SERVICE, start, end, "minute").await;
+    assert_eq!(values(&minutes).iter().sum::<f64>(), requests as f64);
+    let hours = series_of(&api, SERVICE, start, end, "hour").await;
+    assert!((values(&hours).iter().sum::<f64>() * 60.0 - requests as f64).abs() < 1e-6, "{hours}");
+
+    // A lateness window later the partition is quiet: maintenance closes all its minutes.
+    clock.advance(11 * MINUTE * 1_000_000_000);
+    for owner in node.owners() {
+        owner.maintain().await.unwrap();
+    }
+    // Two hours later the minutes are past their retention (one hour) and the sweep deletes them;
+    // the hour step still answers exactly as before.
+    clock.advance(2 * 3600 * 1_000_000_000);
+    let started = std::time::Instant::now();
+    while !values(&series_of(&api, SERVICE, start, end, "minute").await).is_empty() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(series_of(&api, SERVICE, start, end, "hour").await, hours, "the hour step lost the quiet pod's minutes");
+    node.shutdown().await;
+}

@@ -77,7 +77,8 @@ impl NormalizeConfig {
         Ok(())
     }
 
-    fn lateness_ns(&self) -> u64 {
+    /// `max_lateness_seconds` in nanoseconds.
+    pub fn lateness_ns(&self) -> u64 {
         self.max_lateness_seconds * 1_000_000_000
     }
 }

@@ -20,6 +20,7 @@ use crate::metrics as m;
 use crate::runtime::RuntimeConfig;
 use crate::store::{durable, EntityRecord, Op, Resolution, Storage, StoreBatch, StoredLog};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -119,8 +120,11 @@ pub enum OwnerMsg {
     /// Roll up, evict, forget.
     Maintain {
         /// Signalled when done (tests and shutdown).
-        done: Option<oneshot::Sender<()>>,
+        done: oneshot::Sender<()>,
     },
+    /// The periodic maintenance: at most one is queued at a time, so a slow owner does not pile
+    /// them up. `queued` is cleared when it is taken.
+    Tick { queued: Arc<AtomicBool> },
     /// The vnode is being handed to another node: make everything written so far durable, so
     /// that the store holds all of its state.
     Release {
@@ -151,6 +155,8 @@ pub struct OwnerHandle {
     pub vnode: u16,
     actor: ActorRef<OwnerMsg>,
     intake: Arc<Semaphore>,
+    /// True while a periodic tick is queued.
+    tick_queued: Arc<AtomicBool>,
 }
 
 impl OwnerHandle {
@@ -159,7 +165,12 @@ impl OwnerHandle {
         let (actor, _) = Actor::spawn(None, Owner, OwnerArguments { vnode, context })
             .await
             .map_err(|e| Error::Internal(format!("starting owner of vnode {vnode}: {e}")))?;
-        Ok(OwnerHandle { vnode, actor, intake: Arc::new(Semaphore::new(queue_capacity)) })
+        Ok(OwnerHandle {
+            vnode,
+            actor,
+            intake: Arc::new(Semaphore::new(queue_capacity)),
+            tick_queued: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
@@ -203,7 +214,7 @@ impl OwnerHandle {
     /// Asks for maintenance and waits until it is done.
     pub async fn maintain(&self) -> Result<(), Error> {
         let (done, wait) = oneshot::channel();
-        self.send(OwnerMsg::Maintain { done: Some(done) })?;
+        self.send(OwnerMsg::Maintain { done })?;
         wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))
     }
 
@@ -232,9 +243,15 @@ impl OwnerHandle {
         wait.await.map_err(|_| Error::Unavailable(format!("the owner of vnode {} stopped", self.vnode)))?
     }
 
-    /// Asks for maintenance without waiting (the periodic tick; skipped when the queue is full).
+    /// Asks for maintenance without waiting (the periodic tick; skipped while the previous tick
+    /// is still queued).
     pub fn tick(&self) {
-        let _ = self.actor.cast(OwnerMsg::Maintain { done: None });
+        if self.tick_queued.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.send(OwnerMsg::Tick { queued: Arc::clone(&self.tick_queued) }).is_err() {
+            self.tick_queued.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Stops the actor after the messages already queued.
@@ -360,13 +377,17 @@ impl Actor for Owner {
                 };
                 let _ = done.send(result);
             }
+            OwnerMsg::Tick { queued } => {
+                queued.store(false, Ordering::SeqCst);
+                if let Err(error) = state.maintain().await {
+                    warn!(vnode = state.vnode, %error, "owner maintenance failed");
+                }
+            }
             OwnerMsg::Maintain { done } => {
                 if let Err(error) = state.maintain().await {
                     warn!(vnode = state.vnode, %error, "owner maintenance failed");
                 }
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
+                let _ = done.send(());
             }
         }
         Ok(())

@@ -310,6 +310,10 @@ async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_nod
     let mut client = node.metrics_client(1).await;
     client.export(big(1000)).await.expect("accepted after the flood");
     assert!(node.self_metrics().await.contains(r#"tollgate_overload_total{what="inflight_bytes"}"#));
+    // Every message the owners took was pushed into their intake first, maintenance ticks too.
+    let pushed = node.self_metric("tollgate_owner_intake_pushed_total").await;
+    let popped = node.self_metric("tollgate_owner_intake_popped_total").await;
+    assert!(popped > 0.0 && popped <= pushed, "pushed {pushed}, popped {popped}");
 }
 
 /// Runs futures concurrently and collects their outputs in order.

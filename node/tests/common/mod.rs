@@ -213,6 +213,15 @@ impl TestNode {
     pub async fn self_metrics(&self) -> String {
         self.http.get(format!("{}/metrics", self.api())).send().await.expect("api").text().await.expect("text")
     }
+
+    /// The value of an unlabelled self-metric.
+    pub async fn self_metric(&self, name: &str) -> f64 {
+        let text = self.self_metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
 }
 
 impl Drop for TestNode {

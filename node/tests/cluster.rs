@@ -136,9 +136,16 @@ async fn stream_with_retries(
     exports: u64,
     pods: u64,
     acknowledged: Arc<AtomicU64>,
+    allowed: Arc<AtomicU64>,
 ) -> u64 {
     let mut failures = 0;
     for k in 0..exports {
+        // The test holds the stream here until it lets export `k` go.
+        let held = Instant::now();
+        while k >= allowed.load(Ordering::SeqCst) {
+            assert!(held.elapsed() < WAIT, "export {k} was never allowed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let request = fleet_export(service, base, k, pods).0;
         let started = Instant::now();
         let mut attempt = 0usize;
@@ -209,6 +216,7 @@ async fn test_cluster_kill9_of_an_owner_during_a_stream_loses_and_doubles_nothin
         EXPORTS,
         PODS,
         Arc::clone(&acknowledged),
+        Arc::new(AtomicU64::new(u64::MAX)),
     ));
     wait_acknowledged(&acknowledged, 60).await;
     nodes[1].kill9();
@@ -293,6 +301,9 @@ async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
     let base = now_seconds() - EXPORTS - 120;
     let endpoints = Arc::new(std::sync::Mutex::new(vec![first.grpc()]));
     let acknowledged = Arc::new(AtomicU64::new(0));
+    // The stream may not finish before each membership change is complete: it is held at these
+    // exports until then, so both changes happen while exports are still coming.
+    let allowed = Arc::new(AtomicU64::new(160));
     let producer = tokio::spawn(stream_with_retries(
         Arc::clone(&endpoints),
         "moves-gw",
@@ -300,12 +311,14 @@ async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
         EXPORTS,
         PODS,
         Arc::clone(&acknowledged),
+        Arc::clone(&allowed),
     ));
 
     // A third node joins mid-stream: vnodes move to it with their state.
     wait_acknowledged(&acknowledged, 60).await;
     let third = TestNode::start_member("n3", Some(&seed), &[]).await;
     wait_balanced(&[&first, &second, &third]).await;
+    allowed.store(260, Ordering::SeqCst);
 
     // The second leaves mid-stream, through the command line: its vnodes and data move away.
     wait_acknowledged(&acknowledged, 160).await;
@@ -315,6 +328,7 @@ async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
         .expect("the cli runs");
     assert!(output.status.success(), "leave failed: {}", String::from_utf8_lossy(&output.stderr));
     wait_balanced(&[&first, &third]).await;
+    allowed.store(u64::MAX, Ordering::SeqCst);
     let failures = producer.await.unwrap();
     eprintln!("{failures} export attempts were refused (vnodes moving) and retried");
 

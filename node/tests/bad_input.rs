@@ -316,6 +316,58 @@ async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_nod
     assert!(popped > 0.0 && popped <= pushed, "pushed {pushed}, popped {popped}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arriving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start_with(
+        &[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"), ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000")],
+        &[],
+    )
+    .await;
+    // A slow OTLP/HTTP upload: 180 000 of its 199 000 bytes sent, the rest still to come.
+    let mut upload = tokio::net::TcpStream::connect(node.endpoints.otlp_http).await.unwrap();
+    let head = format!(
+        "POST /v1/metrics HTTP/1.1\r\nhost: tollgate\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+        199_000
+    );
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&vec![0u8; 180_000]).await.unwrap();
+    let started = std::time::Instant::now();
+    while node.self_metric("tollgate_inflight_bytes").await < 180_000.0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the arriving body was never charged");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Meanwhile a 21 KB export does not fit, over gRPC or HTTP: refused at once, retryably.
+    let time = now_seconds() - 120;
+    let export =
+        request(gateway("slow-gw"), vec![durations((0..400).map(|i| point(&format!("p{i}"), time)).collect())]);
+    assert!(export.encoded_len() > 21_000);
+    let mut client = node.metrics_client(0).await;
+    let status = client.export(export.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_inflight_bytes"), "{status:?}");
+    use tonic_types::StatusExt;
+    assert!(status.get_details_retry_info().is_some(), "{status:?}");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/metrics", node.otlp_http()))
+        .header("content-type", "application/x-protobuf")
+        .body(export.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+
+    // The upload ends (as garbage: 400); its bytes are returned and the export fits again.
+    upload.write_all(&vec![0u8; 19_000]).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    upload.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&answer));
+    client.export(export).await.expect("accepted once the upload is over");
+    assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
+}
+
 /// Runs futures concurrently and collects their outputs in order.
 async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where

@@ -2,7 +2,7 @@
 //! limit enforced by tonic and reported as `RESOURCE_EXHAUSTED` (SPEC §8).
 
 use super::{logs_response, metrics_response};
-use crate::budget::Budget;
+use crate::budget::{Budget, BudgetPermit};
 use crate::ingest::Ingest;
 use crate::metrics as m;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceReq
 use prost::Message;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
@@ -49,7 +50,9 @@ impl MetricsService for OtlpGrpc {
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let result = async {
-            let _permit = self.budget.try_acquire(request.get_ref().encoded_len())?;
+            // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
+            let _wire = request.extensions().get::<WirePermit>().cloned();
+            let _decoded = self.budget.try_acquire(request.get_ref().encoded_len())?;
             self.ingest.metrics(request.into_inner(), "grpc").await
         }
         .await;
@@ -66,7 +69,9 @@ impl LogsService for OtlpGrpc {
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let result = async {
-            let _permit = self.budget.try_acquire(request.get_ref().encoded_len())?;
+            // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
+            let _wire = request.extensions().get::<WirePermit>().cloned();
+            let _decoded = self.budget.try_acquire(request.get_ref().encoded_len())?;
             self.ingest.logs(request.into_inner(), "grpc").await
         }
         .await;
@@ -85,6 +90,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     info!(address = ?address, "otlp grpc listening");
+    let budget = services.budget.clone();
     let metrics = MetricsServiceServer::new(services.clone())
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip)
@@ -95,6 +101,7 @@ pub async fn serve(
         .max_decoding_message_size(max_request_bytes);
     tonic::transport::Server::builder()
         .layer(CodecStatusMapping)
+        .layer(ChargeWireBytes { budget })
         .add_service(metrics)
         .add_service(logs)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
@@ -190,6 +197,100 @@ impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for CodecStatusBod
                 Err(frame) => frame,
             }))),
             other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The wire bytes of a request, charged to the in-flight budget frame by frame while tonic reads
+/// the body ([`ChargeWireBytes`]); the handler keeps them charged until it answers.
+#[derive(Clone, Debug)]
+struct WirePermit(Arc<Mutex<BudgetPermit>>);
+
+/// Charges every request body frame to the in-flight budget as it arrives, before tonic buffers,
+/// decompresses and decodes the message: beyond the budget the request fails at once with a
+/// retryable `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded.
+#[derive(Clone, Debug)]
+struct ChargeWireBytes {
+    budget: Budget,
+}
+
+impl<S> Layer<S> for ChargeWireBytes {
+    type Service = ChargeWireBytesService<S>;
+    fn layer(&self, inner: S) -> ChargeWireBytesService<S> {
+        ChargeWireBytesService { inner, budget: self.budget.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ChargeWireBytesService<S> {
+    inner: S,
+    budget: Budget,
+}
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for ChargeWireBytesService<S>
+where
+    S: Service<http::Request<ChargedBody<ReqBody>>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let permit = WirePermit(Arc::new(Mutex::new(self.budget.empty())));
+        let (mut parts, inner) = request.into_parts();
+        parts.extensions.insert(permit.clone());
+        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body whose data frames are charged to the budget as they arrive.
+    #[derive(Debug)]
+    pub struct ChargedBody<B> {
+        #[pin]
+        inner: B,
+        permit: WirePermit,
+    }
+}
+
+impl<B> http_body::Body for ChargedBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let bytes = frame.data_ref().map_or(0, |data| data.len());
+                let charged = this.permit.0.lock().map_err(|_| "in-flight budget lock poisoned")?.grow(bytes);
+                match charged {
+                    Ok(()) => Poll::Ready(Some(Ok(frame))),
+                    // tonic finds the `Status` in the error and answers the client with it.
+                    Err(error) => Poll::Ready(Some(Err(Box::new(Status::from(error))))),
+                }
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -4,16 +4,17 @@
 //! `Retry-After`).
 
 use super::{logs_response, metrics_response};
-use crate::budget::Budget;
+use crate::budget::{Budget, BudgetPermit};
 use crate::error::Error;
 use crate::ingest::Ingest;
 use crate::metrics as m;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use http_body_util::BodyExt;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
@@ -91,23 +92,49 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, Error> {
     }
 }
 
-/// Reads the body within the size limit and undoes `Content-Encoding: gzip`.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Error> {
+/// Reads the body within the size limit and undoes `Content-Encoding: gzip`, charging `permit`
+/// for every frame as it arrives and for the decompressed bytes as they are produced.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, permit: &mut BudgetPermit) -> Result<Vec<u8>, Error> {
     let too_large = || Error::TooLarge(format!("request body exceeds limits.max_request_bytes ({limit} bytes)"));
-    let compressed: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity");
-    match encoding.trim().to_ascii_lowercase().as_str() {
-        "identity" | "" => Ok(compressed.to_vec()),
-        "gzip" => {
-            let mut decoded = Vec::with_capacity(compressed.len() * 4);
-            let mut reader = flate2::read::GzDecoder::new(compressed.as_ref()).take(limit as u64 + 1);
-            reader.read_to_end(&mut decoded).map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
-            if decoded.len() > limit {
-                return Err(too_large());
-            }
-            Ok(decoded)
+    let gzip = match encoding.trim().to_ascii_lowercase().as_str() {
+        "identity" | "" => false,
+        "gzip" => true,
+        other => {
+            return Err(Error::InvalidArgument(format!("unsupported Content-Encoding {other:?}: use gzip or none")))
         }
-        other => Err(Error::InvalidArgument(format!("unsupported Content-Encoding {other:?}: use gzip or none"))),
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let mut wire = Vec::with_capacity(declared.unwrap_or(0));
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::InvalidArgument(format!("reading the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if wire.len() + data.len() > limit {
+            return Err(too_large());
+        }
+        permit.grow(data.len())?;
+        wire.extend_from_slice(&data);
+    }
+    if !gzip {
+        return Ok(wire);
+    }
+    let mut decoded = Vec::new();
+    let mut reader = flate2::read::GzDecoder::new(wire.as_slice());
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let read = reader.read(&mut chunk).map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
+        if read == 0 {
+            return Ok(decoded);
+        }
+        if decoded.len() + read > limit {
+            return Err(too_large());
+        }
+        permit.grow(read)?;
+        decoded.extend_from_slice(&chunk[..read]);
     }
 }
 
@@ -155,8 +182,8 @@ async fn export_metrics(State(state): State<OtlpHttp>, headers: HeaderMap, body:
     let encoding = encoding_of(&headers).unwrap_or(Encoding::Protobuf);
     let result = async {
         let encoding = encoding_of(&headers)?;
-        let bytes = read_body(&headers, body, state.max_request_bytes).await?;
-        let _permit = state.budget.try_acquire(bytes.len())?;
+        let mut permit = state.budget.empty();
+        let bytes = read_body(&headers, body, state.max_request_bytes, &mut permit).await?;
         let request: ExportMetricsServiceRequest = decode(&bytes, encoding)?;
         drop(bytes);
         let report = state.ingest.metrics(request, "http").await?;
@@ -171,8 +198,8 @@ async fn export_logs(State(state): State<OtlpHttp>, headers: HeaderMap, body: Bo
     let encoding = encoding_of(&headers).unwrap_or(Encoding::Protobuf);
     let result = async {
         let encoding = encoding_of(&headers)?;
-        let bytes = read_body(&headers, body, state.max_request_bytes).await?;
-        let _permit = state.budget.try_acquire(bytes.len())?;
+        let mut permit = state.budget.empty();
+        let bytes = read_body(&headers, body, state.max_request_bytes, &mut permit).await?;
         let request: ExportLogsServiceRequest = decode(&bytes, encoding)?;
         drop(bytes);
         let report = state.ingest.logs(request, "http").await?;

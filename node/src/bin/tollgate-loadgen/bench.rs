@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tollgate::ingest::vnode_of;
+use tollgate_rules::entity::partition_hash;
 
 /// Options of `tollgate-loadgen bench`.
 #[derive(Debug, Args)]
@@ -137,6 +139,21 @@ fn body_bytes(pregenerated: &[Vec<Export>]) -> (u64, u64) {
     (bytes, items)
 }
 
+/// A warning line for each run that lost, had rejected or retried exports.
+fn warn_failures(runs: &[(&str, &RunReport)]) {
+    for (who, report) in runs {
+        if report.lost > 0 || report.rejected > 0 || report.failed_attempts > 0 {
+            println!(
+                "  warning: {who} lost {}, rejected {}, failed attempts {} ({})",
+                report.lost,
+                report.rejected,
+                report.failed_attempts,
+                report.first_failure.as_deref().unwrap_or("-")
+            );
+        }
+    }
+}
+
 impl Driver {
     fn wants(&self, figure: &str) -> bool {
         self.args.only.is_empty() || self.args.only.iter().any(|f| f == figure)
@@ -192,10 +209,7 @@ impl Driver {
             self.memory_and_restart().await.context("figures memory_per_series and restart_to_ready")?;
         }
         if self.wants("cluster") {
-            // Figure 7 needs a three-node cluster (the cluster issue); its driver comes with it.
-            // PLACEHOLDER: three nodes on loopback, every series remote to the receiving node,
-            // CPU per point vs one node.
-            self.figure("bench cluster_cpu_per_point: skipped (needs the cluster)".to_string());
+            self.cluster_cpu_per_point().await.context("figure cluster_cpu_per_point")?;
         }
         Ok(())
     }
@@ -263,17 +277,7 @@ impl Driver {
                 );
             }
         }
-        for (who, report) in [("sink", &on_sink), ("tollgate", &on_node)] {
-            if report.lost > 0 || report.rejected > 0 || report.failed_attempts > 0 {
-                println!(
-                    "  warning: {who} lost {}, rejected {}, failed attempts {} ({})",
-                    report.lost,
-                    report.rejected,
-                    report.failed_attempts,
-                    report.first_failure.as_deref().unwrap_or("-")
-                );
-            }
-        }
+        warn_failures(&[("sink", &on_sink), ("tollgate", &on_node)]);
         Ok((on_sink, on_node))
     }
 
@@ -513,6 +517,130 @@ impl Driver {
         self.figure(format!(
             "bench restart_to_ready: {loaded:.3} s (baseline empty {empty:.3} s, ratio {:.2})",
             loaded / empty
+        ));
+        Ok(())
+    }
+
+    /// Polls `GET /api/v1/cluster` of every node until they agree on a map epoch with no vnode
+    /// moving and every member owning its fair share; returns the first node's view.
+    async fn wait_balanced(&self, nodes: &[NodeProcess]) -> anyhow::Result<serde_json::Value> {
+        let started = Instant::now();
+        loop {
+            let mut views = Vec::new();
+            for node in nodes {
+                views.push(
+                    self.http
+                        .get(format!("{}/api/v1/cluster", node.api()))
+                        .send()
+                        .await?
+                        .json::<serde_json::Value>()
+                        .await?,
+                );
+            }
+            let fair = views[0]["vnodes"]["total"].as_u64().unwrap_or(0) / nodes.len() as u64;
+            let settled = views.iter().all(|view| {
+                view["vnodes"]["moving"] == 0
+                    && view["vnodes"]["epoch"] == views[0]["vnodes"]["epoch"]
+                    && view["nodes"].as_array().map(Vec::len) == Some(nodes.len())
+                    && view["nodes"].as_array().into_iter().flatten().all(|member| {
+                        let owned = member["vnodes"].as_u64().unwrap_or(0);
+                        owned == fair || owned == fair + 1
+                    })
+            });
+            if settled {
+                return Ok(views.swap_remove(0));
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the cluster did not settle within 60 s: {views:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Figure 7: the workload of figure 1, with pods chosen so that every series is owned by
+    /// another node than the one receiving it, sent to one node of a three-node cluster; CPU of
+    /// the three processes per acknowledged point against a single node's.
+    async fn cluster_cpu_per_point(&mut self) -> anyhow::Result<()> {
+        let dir = self.work.join("cluster");
+        let (first, _) =
+            NodeProcess::start_with(&self.binary, &dir.join("n1"), &self.http, &["--node-id", "n1"]).await?;
+        let seed = first.endpoints.cluster.to_string();
+        let mut nodes = vec![first];
+        for name in ["n2", "n3"] {
+            let args = ["--node-id", name, "--join", &seed];
+            nodes.push(NodeProcess::start_with(&self.binary, &dir.join(name), &self.http, &args).await?.0);
+        }
+        let status = self.wait_balanced(&nodes).await?;
+        // n1 receives. It bootstrapped the cluster owning every vnode, and a rebalance only ever
+        // takes a member's highest vnodes away (`VnodeMap::rebalance`), so n1 owns vnodes
+        // 0..owned: a series is remote when its vnode is at least `owned`. The forwarded-points
+        // check after the run confirms it.
+        let vnodes = status["vnodes"]["total"].as_u64().context("vnode count in /api/v1/cluster")? as u16;
+        let owned = status["vnodes"]["owners"]["n1"].as_u64().context("n1's vnodes in /api/v1/cluster")? as u16;
+        let rounds = if self.args.quick { 10 } else { 100 };
+        let spec = FleetSpec {
+            prefix: "cluster".into(),
+            services: 10,
+            pods: 200,
+            models: 6,
+            cumulative: true,
+            interval_seconds: 10,
+            rounds,
+            started: unix_now().saturating_sub(rounds * 10 + 60),
+        };
+        let pods =
+            spec.pods_where(|service, instance| vnode_of(partition_hash(service, Some(instance)), vnodes) >= owned);
+        println!(
+            "figure 7, cluster CPU per point: three nodes on loopback ({vnodes} vnodes, n1 owns {owned}), the load of figure 1 ({} series, {} points) with every pod on a vnode n1 does not own, sent to n1; baseline: the same exports to one node",
+            spec.series(),
+            spec.points()
+        );
+        let pregenerated = fleet::pregenerate_pods(&pods, spec.rounds, self.args.concurrency);
+        let options = RunOptions { duration: Some(Duration::from_secs(self.args.max_seconds)), ..self.options() };
+
+        let channels = grpc::connect(&nodes[0].grpc(), options.connections).await?;
+        let cpu_before = nodes.iter().map(NodeProcess::cpu_seconds).collect::<anyhow::Result<Vec<_>>>()?;
+        let on_cluster = run::run(Signal::Metrics, fleet::lanes_of(&pregenerated), &channels, &options).await;
+        let cpu_after = nodes.iter().map(NodeProcess::cpu_seconds).collect::<anyhow::Result<Vec<_>>>()?;
+        drop(channels);
+        let cluster_cpu: Vec<f64> = cpu_after.iter().zip(&cpu_before).map(|(after, before)| after - before).collect();
+        let text = self.http.get(format!("{}/metrics", nodes[0].api())).send().await?.text().await?;
+        let received = metric_value(&text, "tollgate_points_received_total").unwrap_or(0.0);
+        let forwarded = metric_value(&text, "tollgate_forwarded_points_total").unwrap_or(0.0);
+        let forwards = metric_value(&text, "tollgate_forward_seconds_count").unwrap_or(0.0);
+        let forward_seconds = metric_value(&text, "tollgate_forward_seconds_sum").unwrap_or(0.0);
+        drop(nodes);
+        println!("  cluster:  {}", on_cluster.summary("points"));
+        println!(
+            "  n1 received {received:.0} points and forwarded {forwarded:.0} in {forwards:.0} forwards ({:.0} points, {:.2} ms each on average)",
+            forwarded / forwards.max(1.0),
+            1000.0 * forward_seconds / forwards.max(1.0)
+        );
+        if forwarded < received {
+            bail!("n1 merged {:.0} of the points itself: not every series was remote", received - forwarded);
+        }
+
+        let (node, _) = NodeProcess::start(&self.binary, &self.work.join("cluster-baseline"), &self.http).await?;
+        let channels = grpc::connect(&node.grpc(), options.connections).await?;
+        let node_cpu = node.cpu_seconds()?;
+        let on_node = run::run(Signal::Metrics, fleet::lanes_of(&pregenerated), &channels, &options).await;
+        let node_cpu = node.cpu_seconds()? - node_cpu;
+        drop(channels);
+        drop(node);
+        println!("  one node: {}", on_node.summary("points"));
+        println!(
+            "  CPU: n1 {:.1} s, n2 {:.1} s, n3 {:.1} s (together {:.1} s); one node {node_cpu:.1} s",
+            cluster_cpu[0],
+            cluster_cpu[1],
+            cluster_cpu[2],
+            cluster_cpu.iter().sum::<f64>()
+        );
+        warn_failures(&[("cluster", &on_cluster), ("one node", &on_node)]);
+        let per_point = 1e6 * cluster_cpu.iter().sum::<f64>() / (on_cluster.acked as f64).max(1.0);
+        let baseline = 1e6 * node_cpu / (on_node.acked as f64).max(1.0);
+        self.figure(format!(
+            "bench cluster_cpu_per_point: {per_point:.2} µs/point (baseline one node {baseline:.2} µs/point, ratio {:.2})",
+            per_point / baseline
         ));
         Ok(())
     }

@@ -30,19 +30,27 @@ pub struct FleetSpec {
 impl FleetSpec {
     /// The pods, named `<prefix>-<service>` / `<prefix>-<service>-pod-<n>`.
     pub fn pods(&self) -> Vec<GatewayPod> {
+        self.pods_where(|_, _| true)
+    }
+
+    /// The pods, named as by [`FleetSpec::pods`] but skipping the `(service, instance)` names
+    /// `keep` refuses: a service's ordinals go on until it has its share of pods (so `keep` must
+    /// accept some names of every service).
+    pub fn pods_where(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<GatewayPod> {
         let services = self.services.max(1);
+        let mut next_ordinal = vec![0usize; services];
         (0..self.pods)
             .map(|pod| {
                 let service = pod % services;
-                let ordinal = pod / services;
-                GatewayPod::new(
-                    &format!("{}-{service:03}", self.prefix),
-                    &format!("{}-{service:03}-pod-{ordinal:04}", self.prefix),
-                    self.models,
-                    self.cumulative,
-                    self.interval_seconds,
-                    self.started,
-                )
+                let name = format!("{}-{service:03}", self.prefix);
+                let instance = loop {
+                    let instance = format!("{name}-pod-{:04}", next_ordinal[service]);
+                    next_ordinal[service] += 1;
+                    if keep(&name, &instance) {
+                        break instance;
+                    }
+                };
+                GatewayPod::new(&name, &instance, self.models, self.cumulative, self.interval_seconds, self.started)
             })
             .collect()
     }
@@ -66,8 +74,12 @@ fn encode(pod: &mut GatewayPod, round: u64) -> Export {
 /// Every export of the fleet, encoded up front (on all cores), split into `lanes` lanes: lane `l`
 /// holds pods `l, l + lanes, ...` and sends round by round.
 pub fn pregenerate(spec: &FleetSpec, lanes: usize) -> Vec<Vec<Export>> {
+    pregenerate_pods(&spec.pods(), spec.rounds, lanes)
+}
+
+/// [`pregenerate`] for the given pods, `rounds` exports each.
+pub fn pregenerate_pods(pods: &[GatewayPod], rounds: u64, lanes: usize) -> Vec<Vec<Export>> {
     let lanes = lanes.max(1);
-    let pods = spec.pods();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Per pod, its exports in round order.
     let mut per_pod: Vec<Vec<Export>> = vec![Vec::new(); pods.len()];
@@ -80,7 +92,7 @@ pub fn pregenerate(spec: &FleetSpec, lanes: usize) -> Vec<Vec<Export>> {
                 scope.spawn(move || {
                     chunk
                         .iter_mut()
-                        .map(|pod| (0..spec.rounds).map(|round| encode(pod, round)).collect::<Vec<_>>())
+                        .map(|pod| (0..rounds).map(|round| encode(pod, round)).collect::<Vec<_>>())
                         .collect::<Vec<_>>()
                 })
             })
@@ -95,7 +107,7 @@ pub fn pregenerate(spec: &FleetSpec, lanes: usize) -> Vec<Vec<Export>> {
     });
     let mut result: Vec<Vec<Export>> = vec![Vec::new(); lanes];
     let mut iterators: Vec<std::vec::IntoIter<Export>> = per_pod.into_iter().map(Vec::into_iter).collect();
-    for _ in 0..spec.rounds {
+    for _ in 0..rounds {
         for (pod, exports) in iterators.iter_mut().enumerate() {
             if let Some(export) = exports.next() {
                 result[pod % lanes].push(export);

@@ -20,6 +20,8 @@ pub struct Endpoints {
     pub otlp_grpc: Vec<SocketAddr>,
     /// API listener.
     pub http: SocketAddr,
+    /// Cluster listener.
+    pub cluster: SocketAddr,
 }
 
 /// A `tollgate serve` process.
@@ -34,6 +36,16 @@ impl NodeProcess {
     /// Starts `binary serve` on `dir` and waits until `GET /readyz` answers 200; also returns the
     /// time from spawning the process to that first 200.
     pub async fn start(binary: &Path, dir: &Path, http: &reqwest::Client) -> anyhow::Result<(NodeProcess, Duration)> {
+        NodeProcess::start_with(binary, dir, http, &[]).await
+    }
+
+    /// [`NodeProcess::start`] with more arguments of `serve` (`--node-id`, `--join`, ...).
+    pub async fn start_with(
+        binary: &Path,
+        dir: &Path,
+        http: &reqwest::Client,
+        args: &[&str],
+    ) -> anyhow::Result<(NodeProcess, Duration)> {
         let endpoints_file = dir.join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints_file);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -44,6 +56,7 @@ impl NodeProcess {
             .arg(dir)
             .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
             .args(["--http-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
+            .args(args)
             .env("TOLLGATE_LOG", std::env::var("TOLLGATE_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -51,7 +64,11 @@ impl NodeProcess {
         let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
         let mut node = NodeProcess {
             child: Some(child),
-            endpoints: Endpoints { otlp_grpc: Vec::new(), http: ([127, 0, 0, 1], 0).into() },
+            endpoints: Endpoints {
+                otlp_grpc: Vec::new(),
+                http: ([127, 0, 0, 1], 0).into(),
+                cluster: ([127, 0, 0, 1], 0).into(),
+            },
         };
         loop {
             if spawned.elapsed() > READY_DEADLINE {

@@ -141,6 +141,31 @@ pub struct RaftFigures {
     pub is_leader: bool,
 }
 
+/// Raft's leadership as it changes, for self-metrics: sees every change of the Raft figures,
+/// not samples of them.
+pub struct LeadershipWatch(
+    openraft::type_config::alias::WatchReceiverOf<
+        crate::raft::TypeConfig,
+        openraft::RaftMetrics<crate::raft::TypeConfig>,
+    >,
+);
+
+impl std::fmt::Debug for LeadershipWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeadershipWatch").finish_non_exhaustive()
+    }
+}
+
+impl LeadershipWatch {
+    /// The term and the leader after the next change of the Raft figures; `None` once the Raft
+    /// node stopped.
+    pub async fn next(&mut self) -> Option<(u64, Option<NodeId>)> {
+        self.0.changed().await.ok()?;
+        let metrics = self.0.borrow_watched();
+        Some((metrics.current_term, metrics.current_leader))
+    }
+}
+
 /// A node's handle on the cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -630,6 +655,11 @@ impl Cluster {
             held_by: applied.state.held_by.clone(),
             draining: applied.state.draining.iter().map(|(from, drain)| (*from, drain.to)).collect(),
         }
+    }
+
+    /// Watches the leadership (term and leader) as it changes.
+    pub fn leadership(&self) -> LeadershipWatch {
+        LeadershipWatch(self.raft.metrics())
     }
 
     /// Raft figures for self-metrics.

@@ -545,13 +545,33 @@ fn spawn_background(
             }
         });
     }
+    // Leader changes, from every change of the Raft figures: each new leadership (a term with a
+    // leader) after the first one this node saw.
+    {
+        let mut leadership = cluster.leadership();
+        let mut stop = stop_receiver.clone();
+        tasks.spawn(async move {
+            let mut last: Option<(u64, NodeId)> = None;
+            loop {
+                let changed = tokio::select! {
+                    changed = leadership.next() => changed,
+                    _ = stop.changed() => break,
+                };
+                let Some((term, leader)) = changed else { break };
+                let Some(leader) = leader else { continue };
+                if last.is_some_and(|seen| seen != (term, leader)) {
+                    metrics::counter!(m::RAFT_LEADER_CHANGES).increment(1);
+                }
+                last = Some((term, leader));
+            }
+        });
+    }
     // Raft and vnode self-metrics, sampled every second.
     {
         let cluster = Arc::clone(cluster);
         let mut stop = stop_receiver.clone();
         tasks.spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_secs(1));
-            let mut leader = None;
             loop {
                 tokio::select! {
                     _ = interval.tick() => {}
@@ -562,12 +582,6 @@ fn spawn_background(
                 metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.commit_index as f64);
                 metrics::gauge!(m::RAFT_APPLIED_INDEX).set(raft.applied_index as f64);
                 metrics::gauge!(m::RAFT_IS_LEADER).set(f64::from(u8::from(raft.is_leader)));
-                if raft.leader != leader {
-                    if leader.is_some() {
-                        metrics::counter!(m::RAFT_LEADER_CHANGES).increment(1);
-                    }
-                    leader = raft.leader;
-                }
                 let state = cluster.state();
                 let owned = (0..state.vnodes.len()).filter(|v| state.vnodes.owner(*v) == Some(cluster.id)).count();
                 metrics::gauge!(m::VNODES_OWNED).set(owned as f64);

@@ -41,6 +41,14 @@ pub struct ClusterSettings {
     pub failover_after: Duration,
     /// Vnodes moved at once.
     pub max_concurrent_moves: usize,
+    /// A snapshot is built every this many log entries, and as many entries are kept before
+    /// it; a node further behind than that catches up from a snapshot sent over the network.
+    pub snapshot_every_logs: u64,
+}
+
+impl ClusterSettings {
+    /// [`ClusterSettings::snapshot_every_logs`] of a node.
+    pub const SNAPSHOT_EVERY_LOGS: u64 = 1000;
 }
 
 /// Why a cluster operation failed.
@@ -139,6 +147,11 @@ pub struct RaftFigures {
     pub applied_index: u64,
     /// This node leads.
     pub is_leader: bool,
+    /// Last entry covered by this node's newest snapshot (built here or installed from the
+    /// leader).
+    pub snapshot_index: u64,
+    /// Last entry removed from this node's log (it is in the snapshot).
+    pub purged_index: u64,
 }
 
 /// Raft's leadership as it changes, for self-metrics: sees every change of the Raft figures,
@@ -190,8 +203,8 @@ fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, Clus
         heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
         election_timeout_min: election,
         election_timeout_max: election * 2,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every_logs),
+        max_in_snapshot_log_to_keep: settings.snapshot_every_logs,
         ..Default::default()
     };
     config.validate().map(Arc::new).map_err(|e| ClusterError::Failed(format!("raft configuration: {e}")))
@@ -671,6 +684,8 @@ impl Cluster {
             commit_index: metrics.cluster_committed.map_or(0, |l| l.index),
             applied_index: metrics.last_applied.map_or(0, |l| l.index),
             is_leader: metrics.state == ServerState::Leader,
+            snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
+            purged_index: metrics.purged.map_or(0, |l| l.index),
         }
     }
 

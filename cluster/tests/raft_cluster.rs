@@ -90,6 +90,7 @@ fn settings() -> ClusterSettings {
         rpc_timeout: Duration::from_millis(500),
         failover_after: Duration::from_secs(3),
         max_concurrent_moves: 4,
+        snapshot_every_logs: ClusterSettings::SNAPSHOT_EVERY_LOGS,
     }
 }
 
@@ -105,6 +106,7 @@ struct TestCluster {
     local: Arc<LocalTransport>,
     faults: Arc<Faults>,
     nodes: BTreeMap<NodeId, TestNode>,
+    settings: ClusterSettings,
 }
 
 fn addr(id: NodeId) -> String {
@@ -153,6 +155,7 @@ impl TestCluster {
             local: Arc::new(LocalTransport::default()),
             faults: Faults::new(),
             nodes: BTreeMap::new(),
+            settings: settings(),
         }
     }
 
@@ -167,7 +170,7 @@ impl TestCluster {
             Arc::clone(&self.local) as Arc<dyn Transport>,
             Arc::clone(&self.faults),
         ));
-        let cluster = Cluster::start(&self.dir(id), id, me, settings(), transport).await.expect("start");
+        let cluster = Cluster::start(&self.dir(id), id, me, self.settings.clone(), transport).await.expect("start");
         self.local.nodes.lock().unwrap().insert(addr(id), Arc::clone(&cluster));
         let mover = complete_moves(Arc::clone(&cluster));
         self.nodes.insert(id, TestNode { cluster: Arc::clone(&cluster), mover });
@@ -276,7 +279,12 @@ fn balanced(state: &ClusterState, members: &[NodeId]) -> bool {
 }
 
 async fn three_nodes() -> TestCluster {
+    three_nodes_with(settings()).await
+}
+
+async fn three_nodes_with(settings: ClusterSettings) -> TestCluster {
     let mut cluster = TestCluster::new();
+    cluster.settings = settings;
     cluster.bootstrap(1).await;
     cluster.join(2, 1).await;
     cluster.join(3, 1).await;
@@ -401,6 +409,36 @@ async fn test_cluster_restarted_node_keeps_its_identity_and_catches_up() {
     let state = node.state();
     assert_eq!(state.nodes.len(), 3, "no new member: the same node came back");
     assert_eq!(owned_by(&state, restarted), before, "its vnodes waited for it (no failover within 3s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_node_far_behind_catches_up_from_a_snapshot_sent_over_the_network() {
+    const EVERY: u64 = 20;
+    let mut cluster = three_nodes_with(ClusterSettings { snapshot_every_logs: EVERY, ..settings() }).await;
+    let leader = cluster.leader().expect("a leader");
+    let lagging = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let running: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != lagging).collect();
+    let behind_at = cluster.node(lagging).figures().applied_index;
+    cluster.stop(lagging).await;
+
+    // Enough writes for snapshots to be built and the log behind them purged.
+    let last = 6 * EVERY;
+    for round in 1..=last {
+        let response = write_retrying(cluster.node(leader), Command::SetPricing(pricing(round as f64))).await;
+        assert!(matches!(response, CommandResponse::Applied { .. }), "{response:?}");
+    }
+    wait_until("the running nodes purged what the stopped node misses", || {
+        running.iter().all(|id| cluster.node(*id).figures().purged_index > behind_at).then_some(())
+    })
+    .await;
+
+    // Only a snapshot can bring it back: the entries it misses are gone from every log.
+    let node = cluster.start(lagging).await;
+    cluster.wait_all("the newest pricing", |s| price_of(s) == Some(last as f64)).await;
+    let figures = node.figures();
+    assert!(figures.snapshot_index > behind_at, "a snapshot was installed: {figures:?}");
+    let states: Vec<ClusterState> = [1, 2, 3].iter().map(|id| cluster.node(*id).state()).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "the node caught up to the same state");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

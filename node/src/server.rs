@@ -226,6 +226,7 @@ impl Node {
             rpc_timeout: Duration::from_millis(config.cluster.rpc_timeout_ms),
             failover_after: Duration::from_secs(config.cluster.failover_after_seconds),
             max_concurrent_moves: 16,
+            snapshot_every_logs: ClusterSettings::SNAPSHOT_EVERY_LOGS,
         };
         let cluster = Cluster::start(&config.data_dir.join("raft"), raft_id, me, settings, Arc::clone(&transport))
             .await

@@ -1,13 +1,17 @@
-//! `kill -9` during a stream of exports, restart, resend everything: nothing acknowledged is lost
-//! and nothing is counted twice.
+//! `kill -9` during a stream of exports (metrics, then access logs), restart, resend everything:
+//! nothing acknowledged is lost and nothing is counted or kept twice.
 
 mod common;
 
 use common::{now_seconds, pod_export, TestNode};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
 
 const EXPORTS: u64 = 400;
 const PODS: u64 = 2;
@@ -92,4 +96,109 @@ async fn test_kill9_during_stream_then_resend_counts_everything_exactly_once() {
     assert_eq!(requests, expected_requests as f64);
     let tokens = sum_of(&node, "meter_envoy_ai_gw_input_token_rate", base - 60, base + EXPORTS + 60).await;
     assert_eq!(tokens, expected_tokens as f64);
+}
+
+const LOG_EXPORTS: u64 = 300;
+const RECORDS_PER_EXPORT: u64 = 4;
+
+/// Log export `k`: four failed LLM requests (all kept, reason `error`), each with its own id.
+fn log_export(base: u64, k: u64) -> ExportLogsServiceRequest {
+    let records = (0..RECORDS_PER_EXPORT)
+        .map(|i| LogRecord {
+            time_unix_nano: (base + k) * 1_000_000_000 + i,
+            attributes: vec![
+                string_attribute("gen_ai.request.model", "gpt-4o"),
+                string_attribute("response_code", "500"),
+                string_attribute("x-request-id", &format!("req-{k}-{i}")),
+            ],
+            ..Default::default()
+        })
+        .collect();
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(gateway_resource(Convention::AigwService, "restart-logs-gw", Some("pod-0"))),
+            scope_logs: vec![ScopeLogs { log_records: records, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// The request ids of every kept record, page by page.
+async fn kept_ids(node: &TestNode, base: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = format!(
+            "/api/v1/logs?service=restart-logs-gw&start={}&end={}&limit=500",
+            base - 60,
+            base + LOG_EXPORTS + 60
+        );
+        if let Some(cursor) = &cursor {
+            query.push_str(&format!("&cursor={cursor}"));
+        }
+        let (status, body) = node.get(&query).await;
+        assert_eq!(status, 200, "{body}");
+        for log in body["logs"].as_array().unwrap() {
+            ids.push(log["attributes"]["x-request-id"].as_str().unwrap().to_string());
+        }
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return ids,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_kill9_during_a_log_stream_keeps_every_acknowledged_record_once() {
+    let mut node = TestNode::start().await;
+    let base = now_seconds() - LOG_EXPORTS - 60;
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let producer = {
+        let mut client = node.logs_client().await;
+        let acknowledged = Arc::clone(&acknowledged);
+        tokio::spawn(async move {
+            let mut failures = 0;
+            for k in 0..LOG_EXPORTS {
+                match client.export(log_export(base, k)).await {
+                    Ok(response) => {
+                        assert!(response.into_inner().partial_success.is_none());
+                        acknowledged.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => failures += 1,
+                }
+            }
+            failures
+        })
+    };
+    while acknowledged.load(Ordering::SeqCst) < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.kill9();
+    let failures = producer.await.unwrap();
+    let acked = acknowledged.load(Ordering::SeqCst) as u64;
+    assert!(failures > 0 && acked >= 100, "the kill must interrupt the stream (acked {acked}, failed {failures})");
+
+    // Every record of every acknowledged export survived the kill, none twice.
+    node.restart().await;
+    let ids = kept_ids(&node, base).await;
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a record was kept twice");
+    for k in 0..acked {
+        for i in 0..RECORDS_PER_EXPORT {
+            assert!(unique.contains(&format!("req-{k}-{i}")), "acknowledged record req-{k}-{i} was lost");
+        }
+    }
+
+    // The client retries every export: each record is kept exactly once.
+    let mut client = node.logs_client().await;
+    for k in 0..LOG_EXPORTS {
+        let response = client.export(log_export(base, k)).await.expect("accepted after restart").into_inner();
+        assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+    }
+    let ids = kept_ids(&node, base).await;
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(
+        (ids.len() as u64, unique.len() as u64),
+        (LOG_EXPORTS * RECORDS_PER_EXPORT, LOG_EXPORTS * RECORDS_PER_EXPORT)
+    );
 }

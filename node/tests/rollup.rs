@@ -47,25 +47,35 @@ fn export(time: u64, count: u64, seconds: f64) -> ExportMetricsServiceRequest {
     }
 }
 
-async fn points(api: &str, metric: &str, start: u64, end: u64, step: &str) -> Value {
-    let url = format!("{api}/api/v1/metrics/{metric}?service=roll-gw&start={start}&end={end}&step={step}");
-    let body: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-    body["series"].clone()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
+/// A node on loopback ports with 8 vnodes and its store in `dir`, after `configure`; its API URL
+/// and a metrics client.
+async fn start_node(
+    dir: &std::path::Path,
+    clock: Arc<dyn tollgate::Clock>,
+    configure: impl FnOnce(&mut NodeConfig),
+) -> (Node, String, MetricsServiceClient<tonic::transport::Channel>) {
+    let mut config = NodeConfig { data_dir: dir.to_path_buf(), ..NodeConfig::default() };
     let any = "127.0.0.1:0".parse().unwrap();
     config.otlp_grpc_addrs = vec![any];
     config.otlp_http_addr = any;
     config.http_addr = any;
     config.cluster_addr = any;
     config.cluster.vnodes = 8;
-    let node = Node::start(config, Arc::new(SystemClock)).await.unwrap();
+    configure(&mut config);
+    let node = Node::start(config, clock).await.unwrap();
     let api = format!("http://{}", node.endpoints.http);
-    let mut client = MetricsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+    let client = MetricsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+    (node, api, client)
+}
+
+async fn points(api: &str, metric: &str, start: u64, end: u64, step: &str) -> Value {
+    series_of(api, metric, "roll-gw", start, end, step).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(SystemClock), |_| {}).await;
 
     // Three hours of data, one point every 7 minutes, ending two hours ago.
     let day = now_seconds() / 86_400 * 86_400;
@@ -139,11 +149,9 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     node.shutdown().await;
 }
 
-/// Series of `service` at one step over `[start, end)`.
-async fn series_of(api: &str, service: &str, start: u64, end: u64, step: &str) -> Value {
-    let url = format!(
-        "{api}/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service={service}&start={start}&end={end}&step={step}"
-    );
+/// The series of `metric` for `service` at one step over `[start, end)`.
+async fn series_of(api: &str, metric: &str, service: &str, start: u64, end: u64, step: &str) -> Value {
+    let url = format!("{api}/api/v1/metrics/{metric}?service={service}&start={start}&end={end}&step={step}");
     let body: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
     body["series"].clone()
 }
@@ -161,22 +169,16 @@ fn values(series: &Value) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     const SERVICE: &str = "quiet-gw";
+    const CPM: &str = "meter_envoy_ai_gw_request_cpm";
     const MINUTE: u64 = 60;
     let t0 = now_seconds() / 3600 * 3600 - 3600;
     let clock = tollgate::ManualClock::new((t0 + 5 * MINUTE) * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
-    let any = "127.0.0.1:0".parse().unwrap();
-    config.otlp_grpc_addrs = vec![any];
-    config.otlp_http_addr = any;
-    config.http_addr = any;
-    config.cluster_addr = any;
-    config.cluster.vnodes = 8;
-    config.retention.minute_seconds = 3600;
-    config.retention.sweep_interval_seconds = 1;
-    let node = Node::start(config, Arc::new(clock.clone())).await.unwrap();
-    let api = format!("http://{}", node.endpoints.http);
-    let mut client = MetricsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
+        config.retention.minute_seconds = 3600;
+        config.retention.sweep_interval_seconds = 1;
+    })
+    .await;
 
     // Five minutes of a pod, then it stops. Its newest minute is not a lateness window old yet:
     // nothing is closed.
@@ -189,9 +191,9 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
         requests += minute + 1;
     }
     let (start, end) = (t0 - 3600, t0 + 2 * 3600);
-    let minutes = series_of(&api, SERVICE, start, end, "minute").await;
+    let minutes = series_of(&api, CPM, SERVICE, start, end, "minute").await;
     assert_eq!(values(&minutes).iter().sum::<f64>(), requests as f64);
-    let hours = series_of(&api, SERVICE, start, end, "hour").await;
+    let hours = series_of(&api, CPM, SERVICE, start, end, "hour").await;
     assert!((values(&hours).iter().sum::<f64>() * 60.0 - requests as f64).abs() < 1e-6, "{hours}");
 
     // A lateness window later the partition is quiet: maintenance closes all its minutes.
@@ -203,10 +205,14 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     // the hour step still answers exactly as before.
     clock.advance(2 * 3600 * 1_000_000_000);
     let started = std::time::Instant::now();
-    while !values(&series_of(&api, SERVICE, start, end, "minute").await).is_empty() {
+    while !values(&series_of(&api, CPM, SERVICE, start, end, "minute").await).is_empty() {
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(series_of(&api, SERVICE, start, end, "hour").await, hours, "the hour step lost the quiet pod's minutes");
+    assert_eq!(
+        series_of(&api, CPM, SERVICE, start, end, "hour").await,
+        hours,
+        "the hour step lost the quiet pod's minutes"
+    );
     node.shutdown().await;
 }

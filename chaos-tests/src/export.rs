@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
 };
-use tollgate_rules::fleet::{gateway_bounds, gateway_resource, gateway_unit, string_attribute, Convention, Xorshift};
+use tollgate_rules::fleet::{gateway_bounds, gateway_resource, gateway_unit, point_attributes, Convention, Xorshift};
 
 const DURATION: &str = "gen_ai.server.request.duration";
 const TOKENS: &str = "gen_ai.client.token.usage";
@@ -89,19 +89,7 @@ pub fn export(service: &str, convention: Convention, pods: &mut [&mut Pod], time
         let mut durations = Vec::new();
         let mut tokens = Vec::new();
         for (index, (provider, model)) in PROVIDERS.iter().enumerate() {
-            let attributes = |extra: Option<(&str, &str)>| {
-                let mut out = vec![
-                    string_attribute("gen_ai.operation.name", "chat"),
-                    string_attribute("gen_ai.provider.name", provider),
-                    string_attribute("gen_ai.original.model", model),
-                    string_attribute("gen_ai.request.model", model),
-                    string_attribute("gen_ai.response.model", model),
-                ];
-                if let Some((key, value)) = extra {
-                    out.push(string_attribute(key, value));
-                }
-                out
-            };
+            let attributes = |extra| point_attributes(provider, model, extra);
             // Delta request durations of this second: 1-4 requests.
             let count = 1 + rng.below(4);
             requests += count;

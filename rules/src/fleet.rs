@@ -27,6 +27,22 @@ pub enum Convention {
     AigwService,
 }
 
+/// The point attributes the gateway sets on its GenAI metrics for a chat request to `model` of
+/// `provider`, with one `extra` attribute (`gen_ai.token.type`, `error.type`) where it has one.
+pub fn point_attributes(provider: &str, model: &str, extra: Option<(&str, &str)>) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        string_attribute("gen_ai.operation.name", "chat"),
+        string_attribute("gen_ai.provider.name", provider),
+        string_attribute("gen_ai.original.model", model),
+        string_attribute("gen_ai.request.model", model),
+        string_attribute("gen_ai.response.model", model),
+    ];
+    if let Some((key, value)) = extra {
+        attributes.push(string_attribute(key, value));
+    }
+    attributes
+}
+
 /// The resource attributes of a gateway pod, as the OpenTelemetry Go SDK of Envoy AI Gateway
 /// sends them.
 pub fn gateway_resource(convention: Convention, service: &str, instance: Option<&str>) -> Resource {
@@ -180,19 +196,7 @@ impl GatewayPod {
         let mut ttft_points = Vec::new();
         let mut tpot_points = Vec::new();
         for (model_index, (provider, model)) in FLEET_MODELS.iter().copied().enumerate().take(self.models) {
-            let attributes = |extra: Option<(&str, &str)>| {
-                let mut out = vec![
-                    string_attribute("gen_ai.operation.name", "chat"),
-                    string_attribute("gen_ai.provider.name", provider),
-                    string_attribute("gen_ai.original.model", model),
-                    string_attribute("gen_ai.request.model", model),
-                    string_attribute("gen_ai.response.model", model),
-                ];
-                if let Some((k, v)) = extra {
-                    out.push(string_attribute(k, v));
-                }
-                out
-            };
+            let attributes = |extra| point_attributes(provider, model, extra);
             let requests = 1 + self.rng.below(20);
             let errors = self.rng.below(3).min(requests);
             let token_types = ["input", "output", "cached_input", "cache_creation_input", "reasoning"];

@@ -782,12 +782,14 @@ impl OwnerState {
         let config = self.config();
         let normalize = &config.rules.config.normalize;
         let now = self.context.clock.now_ns();
-        // Aggregates: keep minutes still open for merges in their partition; the rest is durable
-        // (settled above) and can be read back if a late point needs it.
+        // Aggregates: keep the newest two minutes of each partition, where nearly every point
+        // lands; the rest is durable (settled above) and is read back if a late point needs it.
         let open_from: FastMap<u64, u64> = self
             .table
             .clocks()
-            .map(|(partition, clock)| (*partition, clock.oldest_accepted_ns(normalize) / NANOS_PER_MINUTE))
+            .map(|(partition, clock)| {
+                (*partition, clock.newest_minute_ns.map_or(0, |newest| newest / NANOS_PER_MINUTE).saturating_sub(1))
+            })
             .collect();
         let keep_minutes: FastMap<SeriesId, u64> = self
             .table

@@ -195,6 +195,19 @@ async fn test_dropped_and_delayed_forwarding_is_retried_to_an_exact_total() {
     }
     cluster.faults.heal_all();
     assert!(refusals > 0, "dropped calls must have failed some exports");
+    // The failed forwards are counted by peer and reason (one process: one registry for all).
+    let text = reqwest::get(format!("http://{}/metrics", cluster.nodes[0].endpoints.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unreachable: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tollgate_forward_failures_total{") && l.contains(r#"reason="unreachable""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(unreachable > 0.0, "dropped forwards counted as unreachable:\n{text}");
     for node in &cluster.nodes {
         assert_exact(node, "drops-gw", base, EXPORTS).await;
     }

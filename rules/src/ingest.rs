@@ -23,6 +23,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -431,7 +432,17 @@ pub fn log_fingerprint(entity: &Entity, record: &LogRecord) -> u128 {
     push(crate::attributes::value_text(record.body.as_ref()).as_bytes());
     push(&record.trace_id);
     push(&record.span_id);
-    for (key, value) in AttributeSet::from_key_values(&record.attributes).iter() {
+    // The canonical attribute set (first of repeated keys, sorted), borrowed rather than copied:
+    // the records of an access log carry some 25 attributes each.
+    let mut attributes: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(record.attributes.len());
+    for kv in &record.attributes {
+        if attributes.iter().any(|(key, _)| *key == kv.key) {
+            continue;
+        }
+        attributes.push((kv.key.as_str(), crate::attributes::value_text(kv.value.as_ref())));
+    }
+    attributes.sort_unstable();
+    for (key, value) in &attributes {
         push(key.as_bytes());
         push(value.as_bytes());
     }
@@ -856,6 +867,77 @@ impl MemoryPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fingerprint as first written: the attributes through an owned [`AttributeSet`].
+    fn fingerprint_model(entity: &Entity, record: &LogRecord) -> u128 {
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut push = |value: &[u8]| {
+            bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(value);
+        };
+        push(entity.service.as_bytes());
+        match &entity.instance {
+            Some(instance) => push(instance.as_bytes()),
+            None => push(&[0xff]),
+        }
+        push(&record.time_unix_nano.to_le_bytes());
+        push(&record.observed_time_unix_nano.to_le_bytes());
+        push(&record.severity_number.to_le_bytes());
+        push(record.severity_text.as_bytes());
+        push(crate::attributes::value_text(record.body.as_ref()).as_bytes());
+        push(&record.trace_id);
+        push(&record.span_id);
+        for (key, value) in AttributeSet::from_key_values(&record.attributes).iter() {
+            push(key.as_bytes());
+            push(value.as_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_128(&bytes)
+    }
+
+    #[test]
+    fn test_log_fingerprint_is_canonical_and_tells_records_apart() {
+        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+        let int = |key: &str, value: i64| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::IntValue(value)) }),
+            ..Default::default()
+        };
+        let entity = Entity { service: "gw".into(), instance: Some("pod-0".into()) };
+        let record = LogRecord {
+            time_unix_nano: 1_764_151_210_000_000_000,
+            attributes: vec![
+                crate::testing::string_attribute("gen_ai.request.model", "gpt-4o"),
+                int("response_code", 500),
+                crate::testing::string_attribute("x-request-id", "a"),
+                crate::testing::string_attribute("gen_ai.request.model", "ignored: repeated key"),
+            ],
+            ..Default::default()
+        };
+        let fingerprint = log_fingerprint(&entity, &record);
+        assert_eq!(fingerprint, fingerprint_model(&entity, &record));
+        // Attribute order does not matter; the first of a repeated key wins.
+        let mut reordered = record.clone();
+        reordered.attributes.swap(0, 2);
+        reordered.attributes.swap(1, 3);
+        reordered.attributes.swap(0, 3);
+        assert_eq!(log_fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
+        let mut first_wins = record.clone();
+        first_wins.attributes.pop();
+        assert_eq!(log_fingerprint(&entity, &first_wins), fingerprint);
+        // Any difference makes another record.
+        let mut other_value = record.clone();
+        other_value.attributes[1] = int("response_code", 502);
+        let mut other_time = record.clone();
+        other_time.time_unix_nano += 1;
+        let no_instance = Entity { service: "gw".into(), instance: None };
+        for (what, other) in [
+            ("a value", log_fingerprint(&entity, &other_value)),
+            ("the time", log_fingerprint(&entity, &other_time)),
+            ("the instance", log_fingerprint(&no_instance, &record)),
+        ] {
+            assert_ne!(other, fingerprint, "{what} differs");
+        }
+    }
     use crate::normalize::NormalizeConfig;
     use crate::testing::{gateway_resource, string_attribute, Convention};
     use crate::RulesConfig;

@@ -214,13 +214,18 @@ impl TestNode {
         self.http.get(format!("{}/metrics", self.api())).send().await.expect("api").text().await.expect("text")
     }
 
-    /// The value of an unlabelled self-metric.
-    pub async fn self_metric(&self, name: &str) -> f64 {
+    /// The value of an unlabelled self-metric, `None` while it was never recorded.
+    pub async fn self_metric_opt(&self, name: &str) -> Option<f64> {
         let text = self.self_metrics().await;
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
+    /// The value of an unlabelled self-metric.
+    pub async fn self_metric(&self, name: &str) -> f64 {
+        let value = self.self_metric_opt(name).await;
+        value.unwrap_or_else(|| panic!("no {name} in /metrics"))
     }
 }
 

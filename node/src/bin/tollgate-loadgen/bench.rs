@@ -23,6 +23,15 @@ use std::time::{Duration, Instant};
 use tollgate::ingest::vnode_of;
 use tollgate_rules::entity::partition_hash;
 
+/// A figure as `make bench` prints it (docs/benchmarks.md): `bench <name>: <value> <unit>
+/// (baseline <what> <value> <unit>, ratio <r>)`, values with `decimals` decimals.
+fn bench_line(name: &str, value: f64, baseline_what: &str, baseline: f64, unit: &str, decimals: usize) -> String {
+    format!(
+        "bench {name}: {value:.decimals$} {unit} (baseline {baseline_what} {baseline:.decimals$} {unit}, ratio {:.2})",
+        value / baseline
+    )
+}
+
 /// Options of `tollgate-loadgen bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -315,12 +324,7 @@ impl Driver {
         );
         let (sink, node) = self.sink_vs_node(Signal::Metrics, &pregenerated, "metrics", "points").await?;
         self.node_metrics_rate = Some(node.rate());
-        self.figure(format!(
-            "bench metrics_ingest: {:.0} points/s (baseline sink {:.0} points/s, ratio {:.2})",
-            node.rate(),
-            sink.rate(),
-            node.rate() / sink.rate()
-        ));
+        self.figure(bench_line("metrics_ingest", node.rate(), "sink", sink.rate(), "points/s", 0));
         Ok(())
     }
 
@@ -368,12 +372,7 @@ impl Driver {
             bytes as f64 / 1024.0 / (records as f64 / records_per_export as f64)
         );
         let (sink, node) = self.sink_vs_node(Signal::Logs, &pregenerated, "logs", "records").await?;
-        self.figure(format!(
-            "bench log_ingest: {:.0} records/s (baseline sink {:.0} records/s, ratio {:.2})",
-            node.rate(),
-            sink.rate(),
-            node.rate() / sink.rate()
-        ));
+        self.figure(bench_line("log_ingest", node.rate(), "sink", sink.rate(), "records/s", 0));
         Ok(())
     }
 
@@ -423,10 +422,7 @@ impl Driver {
         for percentile in [50.0, 99.0] {
             let fresh = run::percentile_ms(&probes.freshness_us, percentile);
             let query = run::percentile_ms(&probes.query_us, percentile);
-            self.figure(format!(
-                "bench freshness_p{percentile:.0}: {fresh:.2} ms (baseline query {query:.2} ms, ratio {:.2})",
-                fresh / query
-            ));
+            self.figure(bench_line(&format!("freshness_p{percentile:.0}"), fresh, "query", query, "ms", 2));
         }
         Ok(())
     }
@@ -483,10 +479,7 @@ impl Driver {
             mib(after)
         );
         if self.wants("memory") {
-            self.figure(format!(
-                "bench memory_per_series: {per_series:.0} bytes/series (baseline wire {wire:.0} bytes/series, ratio {:.2})",
-                per_series / wire
-            ));
+            self.figure(bench_line("memory_per_series", per_series, "wire", wire, "bytes/series", 0));
         }
         if !self.wants("restart") {
             return Ok(());
@@ -514,10 +507,7 @@ impl Driver {
         // The first restart after the crash is the slowest (it recovers sled's log; the later
         // ones start from the snapshot it left): report the slowest of each.
         let (loaded, empty) = (slowest(&loaded), slowest(&empty));
-        self.figure(format!(
-            "bench restart_to_ready: {loaded:.3} s (baseline empty {empty:.3} s, ratio {:.2})",
-            loaded / empty
-        ));
+        self.figure(bench_line("restart_to_ready", loaded, "empty", empty, "s", 3));
         Ok(())
     }
 
@@ -638,10 +628,7 @@ impl Driver {
         warn_failures(&[("cluster", &on_cluster), ("one node", &on_node)]);
         let per_point = 1e6 * cluster_cpu.iter().sum::<f64>() / (on_cluster.acked as f64).max(1.0);
         let baseline = 1e6 * node_cpu / (on_node.acked as f64).max(1.0);
-        self.figure(format!(
-            "bench cluster_cpu_per_point: {per_point:.2} µs/point (baseline one node {baseline:.2} µs/point, ratio {:.2})",
-            per_point / baseline
-        ));
+        self.figure(bench_line("cluster_cpu_per_point", per_point, "one node", baseline, "µs/point", 2));
         Ok(())
     }
 }
@@ -649,6 +636,18 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_bench_line_has_the_documented_form() {
+        assert_eq!(
+            bench_line("metrics_ingest", 19394.4, "sink", 168615.2, "points/s", 0),
+            "bench metrics_ingest: 19394 points/s (baseline sink 168615 points/s, ratio 0.12)"
+        );
+        assert_eq!(
+            bench_line("restart_to_ready", 2.1144, "empty", 0.053, "s", 3),
+            "bench restart_to_ready: 2.114 s (baseline empty 0.053 s, ratio 39.89)"
+        );
+    }
 
     #[test]
     fn test_metric_value_sums_label_sets_and_ignores_longer_names() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Stable identity of this node in the cluster. Default: the one stored in the data
-    /// directory, else `node-1` for a new single node.
+    /// directory, else the host name for a new data directory (`node-1` when there is none).
     pub node_id: Option<String>,
     /// Where sled keeps everything.
     pub data_dir: PathBuf,
@@ -24,7 +24,8 @@ pub struct NodeConfig {
     pub http_addr: SocketAddr,
     /// Node-to-node listener.
     pub cluster_addr: SocketAddr,
-    /// `HOST:PORT` other nodes use to reach this node's cluster port. Default: `cluster_addr`.
+    /// `HOST:PORT` other nodes use to reach this node's cluster port. Default: the bound
+    /// `cluster_addr`, with an unspecified IP (`0.0.0.0`) replaced by the host name.
     pub advertise_addr: Option<String>,
     /// Cluster port addresses of running nodes to join (empty: bootstrap or restart).
     pub join: Vec<String>,
@@ -358,11 +359,6 @@ impl NodeConfig {
             return fail("cluster.rpc_timeout_ms and cluster.failover_after_seconds: must be greater than 0".into());
         }
         Ok(())
-    }
-
-    /// The address other nodes reach this node's cluster port at.
-    pub fn advertised_cluster_addr(&self) -> String {
-        self.advertise_addr.clone().unwrap_or_else(|| self.cluster_addr.to_string())
     }
 }
 

@@ -316,7 +316,8 @@ fn unspecified(value: i32) -> Rejection {
     )
 }
 
-fn data_point_count(data: Option<&Data>) -> usize {
+/// The number of data points of a metric, whatever its type.
+pub fn data_point_count(data: Option<&Data>) -> usize {
     match data {
         Some(Data::Gauge(g)) => g.data_points.len(),
         Some(Data::Sum(s)) => s.data_points.len(),

@@ -290,11 +290,12 @@ impl Driver {
         Ok((on_sink, on_node))
     }
 
-    /// Figure 1: metrics ingest with durable acknowledgements vs the no-op sink.
-    async fn metrics_ingest(&mut self) -> anyhow::Result<()> {
+    /// The workload of figure 1 (also figure 7's): 200 pods of 10 services, 6 models,
+    /// cumulative, exports 10 s of data time apart, ending a minute ago.
+    fn figure1_fleet(&self, prefix: &str) -> FleetSpec {
         let rounds = if self.args.quick { 10 } else { 100 };
-        let spec = FleetSpec {
-            prefix: "ingest".into(),
+        FleetSpec {
+            prefix: prefix.into(),
             services: 10,
             pods: 200,
             models: 6,
@@ -302,7 +303,12 @@ impl Driver {
             interval_seconds: 10,
             rounds,
             started: unix_now().saturating_sub(rounds * 10 + 60),
-        };
+        }
+    }
+
+    /// Figure 1: metrics ingest with durable acknowledgements vs the no-op sink.
+    async fn metrics_ingest(&mut self) -> anyhow::Result<()> {
+        let spec = self.figure1_fleet("ingest");
         println!(
             "figure 1, metrics ingest: {} gateway pods of {} services, {} series, cumulative, {} exports per pod at 10 s data-time intervals, {} points, {} exports in flight, at most {} s per side",
             spec.pods,
@@ -567,17 +573,7 @@ impl Driver {
         // check after the run confirms it.
         let vnodes = status["vnodes"]["total"].as_u64().context("vnode count in /api/v1/cluster")? as u16;
         let owned = status["vnodes"]["owners"]["n1"].as_u64().context("n1's vnodes in /api/v1/cluster")? as u16;
-        let rounds = if self.args.quick { 10 } else { 100 };
-        let spec = FleetSpec {
-            prefix: "cluster".into(),
-            services: 10,
-            pods: 200,
-            models: 6,
-            cumulative: true,
-            interval_seconds: 10,
-            rounds,
-            started: unix_now().saturating_sub(rounds * 10 + 60),
-        };
+        let spec = self.figure1_fleet("cluster");
         let pods =
             spec.pods_where(|service, instance| vnode_of(partition_hash(service, Some(instance)), vnodes) >= owned);
         println!(

@@ -10,11 +10,11 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
     MetricsService, MetricsServiceServer,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
-use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tollgate_rules::ingest::data_point_count;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
@@ -40,22 +40,8 @@ struct Sink {
 }
 
 fn points_of(request: &ExportMetricsServiceRequest) -> u64 {
-    let mut points = 0;
-    for resource in &request.resource_metrics {
-        for scope in &resource.scope_metrics {
-            for metric in &scope.metrics {
-                points += match &metric.data {
-                    Some(Data::Gauge(g)) => g.data_points.len(),
-                    Some(Data::Sum(s)) => s.data_points.len(),
-                    Some(Data::Histogram(h)) => h.data_points.len(),
-                    Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-                    Some(Data::Summary(s)) => s.data_points.len(),
-                    None => 0,
-                } as u64;
-            }
-        }
-    }
-    points
+    let metrics = request.resource_metrics.iter().flat_map(|r| &r.scope_metrics).flat_map(|s| &s.metrics);
+    metrics.map(|metric| data_point_count(metric.data.as_ref()) as u64).sum()
 }
 
 #[tonic::async_trait]

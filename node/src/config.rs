@@ -85,6 +85,12 @@ pub struct StorageConfig {
     pub max_batches_per_flush: usize,
     /// Write batches waiting for the writer; beyond it owners wait (back-pressure).
     pub writer_queue_capacity: usize,
+    /// Write-ahead bytes after which the memtable is checkpointed into the data tree. The
+    /// memtable holds at most about twice this (the writer waits for a checkpoint beyond it),
+    /// and a restart reads back at most that much.
+    pub checkpoint_bytes: u64,
+    /// Age after which a non-empty write-ahead generation is checkpointed, milliseconds.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -93,6 +99,8 @@ impl Default for StorageConfig {
             cache_capacity_bytes: 256 * 1024 * 1024,
             max_batches_per_flush: 512,
             writer_queue_capacity: 1024,
+            checkpoint_bytes: 64 * 1024 * 1024,
+            checkpoint_interval_ms: 30_000,
         }
     }
 }
@@ -337,6 +345,12 @@ impl NodeConfig {
         }
         if self.storage.cache_capacity_bytes < 1024 * 1024 {
             return fail("storage.cache_capacity_bytes: at least 1 MiB".into());
+        }
+        if self.storage.checkpoint_bytes < 64 * 1024 {
+            return fail("storage.checkpoint_bytes: at least 64 KiB (65536)".into());
+        }
+        if self.storage.checkpoint_interval_ms < 100 {
+            return fail("storage.checkpoint_interval_ms: at least 100".into());
         }
         let r = &self.retention;
         if r.minute_seconds < 3_600 || r.hour_seconds < r.minute_seconds || r.day_seconds < r.hour_seconds {

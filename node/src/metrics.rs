@@ -45,6 +45,14 @@ pub const COMMIT_BATCHES_PER_FLUSH: &str = "tollgate_commit_batches_per_flush";
 pub const COMMIT_BYTES_PER_FLUSH: &str = "tollgate_commit_bytes_per_flush";
 /// Duration of apply + flush, seconds.
 pub const COMMIT_FLUSH_SECONDS: &str = "tollgate_commit_flush_seconds";
+/// Checkpoints of the memtable into the data tree.
+pub const STORE_CHECKPOINTS: &str = "tollgate_store_checkpoints_total";
+/// Duration of applying one checkpoint to the data tree, seconds.
+pub const STORE_CHECKPOINT_SECONDS: &str = "tollgate_store_checkpoint_seconds";
+/// Memory of the memtable (written, not yet checkpointed), bytes (approximate).
+pub const STORE_MEMTABLE_BYTES: &str = "tollgate_store_memtable_bytes";
+/// Bytes appended to the current write-ahead generation.
+pub const STORE_WAL_BYTES: &str = "tollgate_store_wal_bytes";
 /// Bytes the store occupies on disk.
 pub const STORE_SIZE_BYTES: &str = "tollgate_store_size_bytes";
 /// Series held in owner memory.

@@ -176,12 +176,7 @@ impl Node {
         // A previous run's endpoints must not be mistaken for this one's.
         let _ = std::fs::remove_file(config.data_dir.join("endpoints.json"));
         let prometheus = m::install();
-        let store = Arc::new(SledStorage::open(
-            &config.data_dir,
-            config.storage.cache_capacity_bytes,
-            config.storage.max_batches_per_flush,
-            config.storage.writer_queue_capacity,
-        )?);
+        let store = Arc::new(SledStorage::open(&config.data_dir, &config.storage)?);
         let mut batch = StoreBatch::default();
         let (name, raft_id) = identity(&store, &config, &mut batch)?;
         if !batch.is_empty() {

@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod handoff;
+pub mod memtable;
 pub mod sled_store;
 
 use crate::error::Error;

@@ -1,0 +1,362 @@
+//! The write-ahead log and the memtable in front of the data tree.
+//!
+//! Writing every merged point into sled's B-tree at acknowledgement time cost three tree inserts
+//! per point (its point key, the series' cursor, the rewritten minute state), and sled's inserts
+//! were three quarters of the node's CPU (docs/benchmarks.md). Now an acknowledged write is:
+//!
+//! 1. its entries (raw key and value, or a deletion) appended to the current write-ahead
+//!    generation, a sled tree `wal-<generation>` of [`RECORD_BYTES`]-sized records (a few tree
+//!    inserts for a whole group of batches instead of three per point), flushed with the group;
+//! 2. the same entries put into the memtable, a sorted map that readers consult before the
+//!    data tree, so the write is visible at once.
+//!
+//! A checkpoint, when a generation holds `checkpoint_bytes` or is `checkpoint_interval` old,
+//! freezes the memtable, starts the next generation, and a checkpointer thread applies the
+//! frozen map to the data tree: a key rewritten many times within a generation (a series'
+//! cursor, its open minute) reaches the B-tree once. After the next flush the generation's tree
+//! is dropped and the frozen map released. At open, every generation still on disk is read back
+//! into a frozen map, in order, and checkpointed the same way: replay is idempotent because the
+//! entries are whole values applied in the order they were written.
+//!
+//! Everything on disk stays in sled; the memtable holds nothing that is not also in a flushed
+//! write-ahead generation or in the data tree.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+/// One write of the data tree: a value, or a deletion (`None`).
+pub type Entry = (Vec<u8>, Option<Vec<u8>>);
+
+/// Target size of one write-ahead record. sled writes a tree node bigger than a quarter of its
+/// 512 KiB segments as a separate blob file, and a leaf holds up to 17 entries before it splits,
+/// so records stay small enough for a full leaf to be written inline.
+pub const RECORD_BYTES: usize = 4096;
+
+/// Name prefix of the write-ahead trees.
+pub const WAL_PREFIX: &str = "wal-";
+
+/// The tree name of a write-ahead generation.
+pub fn wal_tree_name(generation: u64) -> String {
+    // Zero-padded so that names sort like generations.
+    format!("{WAL_PREFIX}{generation:020}")
+}
+
+/// The generation of a write-ahead tree name.
+pub fn wal_generation(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name).ok()?.strip_prefix(WAL_PREFIX)?.parse().ok()
+}
+
+/// Encodes entries into records of about [`RECORD_BYTES`] (an entry bigger than that is a record
+/// of its own). Format, per entry: `u32` key length, key, then `u32::MAX` for a deletion or the
+/// `u32` value length and the value; all big-endian.
+pub fn encode_records<'a>(entries: impl Iterator<Item = &'a Entry>) -> Vec<Vec<u8>> {
+    let mut records = Vec::new();
+    let mut record = Vec::with_capacity(RECORD_BYTES);
+    for (key, value) in entries {
+        let size = 8 + key.len() + value.as_ref().map_or(0, Vec::len);
+        if !record.is_empty() && record.len() + size > RECORD_BYTES {
+            records.push(std::mem::replace(&mut record, Vec::with_capacity(RECORD_BYTES)));
+        }
+        record.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        record.extend_from_slice(key);
+        match value {
+            Some(value) => {
+                record.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                record.extend_from_slice(value);
+            }
+            None => record.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+    if !record.is_empty() {
+        records.push(record);
+    }
+    records
+}
+
+/// Decodes one record into `out`.
+pub fn decode_record(mut bytes: &[u8], out: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>)) -> Result<(), String> {
+    fn take<'a>(bytes: &mut &'a [u8], len: usize) -> Result<&'a [u8], String> {
+        if bytes.len() < len {
+            return Err(format!("write-ahead record truncated: {} bytes left, {len} needed", bytes.len()));
+        }
+        let (head, tail) = bytes.split_at(len);
+        *bytes = tail;
+        Ok(head)
+    }
+    fn length(bytes: &mut &[u8]) -> Result<u32, String> {
+        Ok(u32::from_be_bytes(take(bytes, 4)?.try_into().expect("four bytes")))
+    }
+    while !bytes.is_empty() {
+        let key_len = length(&mut bytes)? as usize;
+        let key = take(&mut bytes, key_len)?.to_vec();
+        let value = match length(&mut bytes)? {
+            u32::MAX => None,
+            len => Some(take(&mut bytes, len as usize)?.to_vec()),
+        };
+        out(key, value);
+    }
+    Ok(())
+}
+
+/// Approximate memory of one map entry: its bytes plus the map's per-entry overhead.
+fn entry_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len) + 64
+}
+
+/// A memtable frozen for a checkpoint.
+#[derive(Debug, Default)]
+pub struct Frozen {
+    /// Every entry, the newest value of each key.
+    pub entries: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Approximate memory.
+    pub bytes: usize,
+}
+
+impl Frozen {
+    /// Puts an entry (a later put of the same key replaces it).
+    pub fn put(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let added = entry_bytes(&key, &value);
+        let value_len = value.as_ref().map_or(0, Vec::len);
+        match self.entries.insert(key, value) {
+            // The key and the map's overhead were counted already; only the value changes.
+            Some(previous) => self.bytes = self.bytes + value_len - previous.map_or(0, |v| v.len()),
+            None => self.bytes += added,
+        }
+    }
+}
+
+/// What the memtable knows of a key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Its newest value.
+    Value(Vec<u8>),
+    /// Deleted since the data tree was last written.
+    Deleted,
+    /// Not in the memtable: the data tree has the answer.
+    Absent,
+}
+
+#[derive(Debug, Default)]
+struct Layers {
+    active: Frozen,
+    /// Frozen maps being checkpointed, oldest first.
+    frozen: Vec<Arc<Frozen>>,
+}
+
+/// The entries written since the data tree was last checkpointed, newest layer first.
+#[derive(Debug, Default)]
+pub struct Memtable {
+    layers: RwLock<Layers>,
+}
+
+impl Memtable {
+    /// Puts entries into the active layer.
+    pub fn apply(&self, entries: impl IntoIterator<Item = Entry>) {
+        let mut layers = self.layers.write().expect("memtable lock");
+        for (key, value) in entries {
+            layers.active.put(key, value);
+        }
+    }
+
+    /// Adds a frozen layer (a generation read back at open), newer than those present.
+    pub fn push_frozen(&self, frozen: Arc<Frozen>) {
+        self.layers.write().expect("memtable lock").frozen.push(frozen);
+    }
+
+    /// Freezes the active layer (it becomes the newest frozen layer) and returns it.
+    pub fn freeze(&self) -> Arc<Frozen> {
+        let mut layers = self.layers.write().expect("memtable lock");
+        let frozen = Arc::new(std::mem::take(&mut layers.active));
+        layers.frozen.push(Arc::clone(&frozen));
+        frozen
+    }
+
+    /// Drops a frozen layer once the data tree holds its entries.
+    pub fn release(&self, frozen: &Arc<Frozen>) {
+        self.layers.write().expect("memtable lock").frozen.retain(|layer| !Arc::ptr_eq(layer, frozen));
+    }
+
+    /// Approximate memory of the active and frozen layers.
+    pub fn bytes(&self) -> (usize, usize) {
+        let layers = self.layers.read().expect("memtable lock");
+        (layers.active.bytes, layers.frozen.iter().map(|layer| layer.bytes).sum())
+    }
+
+    /// The newest value of `key`.
+    pub fn get(&self, key: &[u8]) -> Lookup {
+        let layers = self.layers.read().expect("memtable lock");
+        let newest_first = std::iter::once(&layers.active).chain(layers.frozen.iter().rev().map(|l| l.as_ref()));
+        for layer in newest_first {
+            if let Some(value) = layer.entries.get(key) {
+                return match value {
+                    Some(value) => Lookup::Value(value.clone()),
+                    None => Lookup::Deleted,
+                };
+            }
+        }
+        Lookup::Absent
+    }
+
+    /// The newest entries with keys in the range, in key order, deletions included.
+    pub fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Vec<Entry> {
+        let layers = self.layers.read().expect("memtable lock");
+        if layers.active.entries.is_empty() && layers.frozen.iter().all(|layer| layer.entries.is_empty()) {
+            return Vec::new();
+        }
+        let mut merged: BTreeMap<&[u8], &Option<Vec<u8>>> = BTreeMap::new();
+        let newest_first = std::iter::once(&layers.active).chain(layers.frozen.iter().rev().map(|l| l.as_ref()));
+        for layer in newest_first {
+            for (key, value) in layer.entries.range::<[u8], _>((from, to)) {
+                merged.entry(key.as_slice()).or_insert(value);
+            }
+        }
+        merged.into_iter().map(|(key, value)| (key.to_vec(), value.clone())).collect()
+    }
+}
+
+/// Merges the data tree's entries of a range with the memtable's (which win), skipping deleted
+/// keys; both inputs sorted in the same direction (`reverse` for descending keys).
+pub(crate) struct Merged<I: Iterator> {
+    tree: std::iter::Peekable<I>,
+    overlay: std::iter::Peekable<std::vec::IntoIter<Entry>>,
+    reverse: bool,
+}
+
+impl<I> Merged<I>
+where
+    I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+{
+    /// `overlay` in ascending key order; it is reversed here when `reverse`.
+    pub(crate) fn new(tree: I, mut overlay: Vec<Entry>, reverse: bool) -> Merged<I> {
+        if reverse {
+            overlay.reverse();
+        }
+        Merged { tree: tree.peekable(), overlay: overlay.into_iter().peekable(), reverse }
+    }
+}
+
+impl<I> Iterator for Merged<I>
+where
+    I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+{
+    type Item = sled::Result<(Vec<u8>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering;
+        loop {
+            let order = match (self.tree.peek(), self.overlay.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) => Ordering::Less,
+                (Some(Ok(_)), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(Ok((tree_key, _))), Some((overlay_key, _))) => {
+                    let order = tree_key.as_ref().cmp(overlay_key.as_slice());
+                    if self.reverse {
+                        order.reverse()
+                    } else {
+                        order
+                    }
+                }
+            };
+            match order {
+                Ordering::Less => {
+                    let entry = self.tree.next().expect("peeked");
+                    return Some(entry.map(|(key, value)| (key.to_vec(), value.to_vec())));
+                }
+                Ordering::Equal | Ordering::Greater => {
+                    if order == Ordering::Equal {
+                        self.tree.next();
+                    }
+                    let (key, value) = self.overlay.next().expect("peeked");
+                    if let Some(value) = value {
+                        return Some(Ok((key, value)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (`None`: no such key).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_records_round_trip_and_stay_near_the_target_size() {
+        let entries: Vec<Entry> = (0..500u32)
+            .map(|i| (i.to_be_bytes().to_vec(), if i % 7 == 0 { None } else { Some(vec![i as u8; 40]) }))
+            .chain(std::iter::once((b"big".to_vec(), Some(vec![1; 3 * RECORD_BYTES]))))
+            .collect();
+        let records = encode_records(entries.iter());
+        assert!(records.len() > 1);
+        for record in &records[..records.len() - 1] {
+            assert!(record.len() <= RECORD_BYTES, "{}", record.len());
+        }
+        let mut decoded = Vec::new();
+        for record in &records {
+            decode_record(record, &mut |key, value| decoded.push((key, value))).unwrap();
+        }
+        assert_eq!(decoded, entries);
+        let error = decode_record(&records[0][..records[0].len() - 3], &mut |_, _| {}).unwrap_err();
+        assert!(error.contains("truncated"), "{error}");
+    }
+
+    #[test]
+    fn test_newest_layer_wins_and_deletions_hide_older_values() {
+        let memtable = Memtable::default();
+        memtable.apply([(b"a".to_vec(), Some(b"1".to_vec())), (b"b".to_vec(), Some(b"1".to_vec()))]);
+        let frozen = memtable.freeze();
+        memtable.apply([(b"a".to_vec(), Some(b"2".to_vec())), (b"b".to_vec(), None), (b"c".to_vec(), None)]);
+        assert_eq!(memtable.get(b"a"), Lookup::Value(b"2".to_vec()));
+        assert_eq!(memtable.get(b"b"), Lookup::Deleted);
+        assert_eq!(memtable.get(b"z"), Lookup::Absent);
+        let range = memtable.range(Bound::Included(b"a"), Bound::Excluded(b"c"));
+        assert_eq!(range, vec![(b"a".to_vec(), Some(b"2".to_vec())), (b"b".to_vec(), None)]);
+        memtable.release(&frozen);
+        assert_eq!(memtable.get(b"a"), Lookup::Value(b"2".to_vec()));
+        assert_eq!(memtable.bytes().1, 0);
+    }
+
+    #[test]
+    fn test_merge_with_the_tree_in_both_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).temporary(true).open().unwrap();
+        for key in [b"a", b"c", b"e"] {
+            db.insert(key, b"tree".to_vec()).unwrap();
+        }
+        let overlay = vec![
+            (b"b".to_vec(), Some(b"mem".to_vec())),
+            (b"c".to_vec(), None),
+            (b"e".to_vec(), Some(b"mem".to_vec())),
+            (b"f".to_vec(), None),
+        ];
+        let forward: Vec<(Vec<u8>, Vec<u8>)> =
+            Merged::new(db.iter(), overlay.clone(), false).collect::<Result<_, _>>().unwrap();
+        let expected =
+            vec![(b"a".to_vec(), b"tree".to_vec()), (b"b".to_vec(), b"mem".to_vec()), (b"e".to_vec(), b"mem".to_vec())];
+        assert_eq!(forward, expected);
+        let backward: Vec<(Vec<u8>, Vec<u8>)> =
+            Merged::new(db.iter().rev(), overlay, true).collect::<Result<_, _>>().unwrap();
+        assert_eq!(backward, expected.into_iter().rev().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn test_prefix_end() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 255]), Some(vec![2]));
+        assert_eq!(prefix_end(&[255, 255]), None);
+    }
+}

@@ -28,7 +28,6 @@ use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::NodeId;
 use tollgate_rules::ingest::{log_counter_keys, log_increment};
 use tollgate_rules::normalize::PointKey;
-use tollgate_rules::point::Temporality;
 use tollgate_rules::series::{minute_of, FastMap, FastSet, NANOS_PER_MINUTE};
 use tollgate_rules::{
     Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, RejectReason,
@@ -509,7 +508,7 @@ impl OwnerState {
         let now = self.context.clock.now_ns();
         let mut report = IngestReport::default();
         let mut batch = StoreBatch::default();
-        let mut touched: FastSet<StateKey> = FastSet::default();
+        let mut touched = Touched::default();
         let mut failure = None;
         for point in points {
             if let Err(error) = self.ingest_point(point, &config, now, &mut report, &mut batch, &mut touched) {
@@ -518,7 +517,8 @@ impl OwnerState {
             }
         }
         self.record_changes(&mut batch);
-        self.write_states(touched, &mut batch);
+        self.write_states(touched.states, &mut batch);
+        self.write_cursors(touched.cursors, &mut batch);
         (batch, failure.map_or(Ok(report), Err))
     }
 
@@ -531,7 +531,7 @@ impl OwnerState {
         now: u64,
         report: &mut IngestReport,
         batch: &mut StoreBatch,
-        touched: &mut FastSet<StateKey>,
+        touched: &mut Touched,
     ) -> Result<(), Error> {
         let id = point.series;
         let partition = point.partition;
@@ -550,7 +550,6 @@ impl OwnerState {
             }
         }
         let point_key = PointKey { time_ns: point.point.time_ns, start_ns: point.point.start_ns };
-        let cumulative = point.point.temporality == Temporality::Cumulative;
         let minute = minute_of(point_key.time_ns) as u64;
         let rolled_until = self.partitions[&partition].rolled_until;
         let keys = state_keys(id, minute, rolled_until);
@@ -562,18 +561,14 @@ impl OwnerState {
             for key in &keys {
                 if let Some(state) = cache.get_mut(key) {
                     state.merge_delta(delta);
-                    touched.insert(*key);
+                    touched.states.insert(*key);
                 }
             }
         });
         match applied {
             Applied::Merged(_) | Applied::Baseline => {
-                batch.push(Op::PointKey { vnode: self.vnode, partition, id, key: point_key });
-                if cumulative {
-                    if let Some(baseline) = self.table.get(&id).and_then(|e| e.cursor.baseline.clone()) {
-                        batch.push(Op::Baseline { vnode: self.vnode, id, baseline });
-                    }
-                }
+                // Written once per batch, whatever the number of points merged into the series.
+                touched.cursors.insert(id, partition);
                 self.note_entity(partition, point_key.time_ns, batch);
             }
             Applied::Rejected(RejectReason::TooLate) => metrics::counter!(m::POINTS_LATE).increment(1),
@@ -607,6 +602,15 @@ impl OwnerState {
             self.cache.insert(key, state);
         }
         Ok(())
+    }
+
+    /// Adds the cursors of the series that merged points to the batch.
+    fn write_cursors(&self, cursors: FastMap<SeriesId, u64>, batch: &mut StoreBatch) {
+        for (id, partition) in cursors {
+            if let Some(entry) = self.table.get(&id) {
+                batch.push(Op::Cursor { vnode: self.vnode, partition, id, cursor: entry.cursor.clone() });
+            }
+        }
     }
 
     /// Adds the touched aggregates to the batch.
@@ -905,7 +909,7 @@ impl OwnerState {
     }
 
     /// Merges a hand-over into the store (the vnode is not owned here yet, so nothing else
-    /// writes it): series keys, baselines, point keys and log batches are copied; clocks keep
+    /// writes it): series keys, cursors, bounds and log batches are copied; clocks keep
     /// the newer minute. The minutes this node merged before stay as they are.
     async fn import(
         &mut self,
@@ -934,6 +938,15 @@ impl OwnerState {
         info!(vnode = self.vnode, writes = count, "imported a vnode hand-over");
         Ok(())
     }
+}
+
+/// What a batch of points changed and must write.
+#[derive(Default)]
+struct Touched {
+    /// Aggregates merged into.
+    states: FastSet<StateKey>,
+    /// Series whose cursor moved, with their partition.
+    cursors: FastMap<SeriesId, u64>,
 }
 
 /// The aggregates a merge into `minute` updates: the minute, and also its hour and day when the

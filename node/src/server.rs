@@ -628,7 +628,6 @@ pub fn retention_cutoffs(
         day: minute_of(retention.day_seconds),
         logs_ns: now_ns.saturating_sub(retention.logs_seconds * 1_000_000_000),
         log_batches_ns: now_ns.saturating_sub(lateness_ns),
-        lateness_ns,
     }
 }
 

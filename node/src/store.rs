@@ -1,8 +1,8 @@
 //! Durable state behind a storage trait of our own (sled 0.34 is effectively unmaintained; the
 //! rest of the node does not know it exists).
 //!
-//! What is stored, per vnode so that a partition's data forms key ranges: series keys,
-//! cumulative baselines and recent point keys (the normalisation cursor), partition clocks and
+//! What is stored, per vnode so that a partition's data forms key ranges: series keys, series
+//! cursors (cumulative baseline and recent point keys), partition clocks and
 //! roll-up frontiers, per-(series, minute/hour/day) aggregates, kept access logs and recent
 //! log-batch fingerprints; plus an entity index (services and instances with their last-seen
 //! time), interned histogram bounds and metadata.
@@ -19,7 +19,7 @@ use crate::error::Error;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
-use tollgate_rules::normalize::{Baseline, PartitionClock, PointKey, SeriesCursor};
+use tollgate_rules::normalize::{PartitionClock, SeriesCursor};
 use tollgate_rules::{Aggregate, Fixed, LogKind, SeriesId, SeriesKey};
 
 pub use sled_store::SledStorage;
@@ -126,10 +126,9 @@ pub struct LogPosition {
 pub enum Op {
     /// Insert a series key (once, when the series is created).
     Series { vnode: u16, partition: u64, id: SeriesId, key: SeriesKey },
-    /// Insert or replace a series' cumulative baseline.
-    Baseline { vnode: u16, id: SeriesId, baseline: Baseline },
-    /// Remember a merged point of a series (de-duplication across restarts).
-    PointKey { vnode: u16, partition: u64, id: SeriesId, key: PointKey },
+    /// Insert or replace a series' normalisation cursor: its cumulative baseline and the keys of
+    /// the points it merged within the lateness window (de-duplication across restarts).
+    Cursor { vnode: u16, partition: u64, id: SeriesId, cursor: SeriesCursor },
     /// Set a partition's roll-up frontier: minutes before it are in the hour and day states.
     RolledUntil { vnode: u16, partition: u64, minute: u64 },
     /// Insert or replace a partition clock.
@@ -201,9 +200,6 @@ pub struct RetentionCutoffs {
     pub logs_ns: u64,
     /// First log-batch time kept, unix nanoseconds.
     pub log_batches_ns: u64,
-    /// Point keys are kept while within this of their partition's newest minute (the lateness
-    /// window: older points are rejected anyway, so their keys can never match).
-    pub lateness_ns: u64,
 }
 
 /// Receives a hand-over's entries (raw key, raw value), a chunk at a time.

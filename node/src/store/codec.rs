@@ -6,8 +6,7 @@
 //! | tag | key | value |
 //! |---|---|---|
 //! | `S` | vnode, partition, series id | `SeriesKey` |
-//! | `A` | vnode, series id | cumulative `Baseline` |
-//! | `K` | vnode, partition, series id, time, start | (empty): a merged point |
+//! | `U` | vnode, partition, series id | the series' normalisation cursor: cumulative baseline and the keys of the points merged within the lateness window |
 //! | `C` | vnode, partition | `PartitionClock` |
 //! | `R` | vnode, partition | roll-up frontier (minute) |
 //! | `M`/`H`/`D` | vnode, series id, period (first minute) | aggregate, bounds by reference |
@@ -16,12 +15,16 @@
 //! | `F` | vnode, batch fingerprint | time |
 //! | `E` | partition | [`EntityRecord`] |
 //!
-//! Values are postcard (varint integers). Aggregates refer to their bucket bounds by a 64-bit
-//! hash instead of repeating 14-22 floats in every minute of every series.
+//! Values are postcard (varint integers). Aggregates and baselines refer to their bucket bounds by
+//! a 64-bit hash instead of repeating 14-22 floats in every record. A cursor stores its point keys
+//! as differences from the previous key (a few bytes each for regular exports), and is rewritten
+//! whole with each batch that merges into the series: one record per series instead of one key
+//! per point, so that a checkpoint writes a series once however many points it merged.
 
 use super::{EntityRecord, Resolution, StoredLog};
 use serde::{Deserialize, Serialize};
-use tollgate_rules::normalize::PartitionClock;
+use std::collections::VecDeque;
+use tollgate_rules::normalize::{Baseline, PartitionClock, PointKey, SeriesCursor};
 use tollgate_rules::{Aggregate, Bounds, Fixed, SeriesId};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -29,10 +32,8 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const SERIES: u8 = b'S';
 /// Tag of partition clocks.
 pub const CLOCK: u8 = b'C';
-/// Tag of cumulative baselines.
-pub const BASELINE: u8 = b'A';
-/// Tag of merged point keys.
-pub const POINT_KEY: u8 = b'K';
+/// Tag of series cursors (baseline and recent point keys).
+pub const CURSOR: u8 = b'U';
 /// Tag of roll-up frontiers.
 pub const ROLLED_UNTIL: u8 = b'R';
 /// Tag of interned bounds.
@@ -66,52 +67,11 @@ pub fn partition_prefix(tag: u8, vnode: u16, partition: u64) -> Vec<u8> {
     key
 }
 
-/// Key of a series' baseline.
-pub fn baseline_key(vnode: u16, id: SeriesId) -> Vec<u8> {
-    let mut key = vnode_prefix(BASELINE, vnode);
+/// Key of a series' cursor.
+pub fn cursor_key(vnode: u16, partition: u64, id: SeriesId) -> Vec<u8> {
+    let mut key = partition_prefix(CURSOR, vnode, partition);
     key.extend_from_slice(&id.to_be_bytes());
     key
-}
-
-/// `K, vnode, partition, series`.
-pub fn point_key_prefix(vnode: u16, partition: u64, id: SeriesId) -> Vec<u8> {
-    let mut key = partition_prefix(POINT_KEY, vnode, partition);
-    key.extend_from_slice(&id.to_be_bytes());
-    key
-}
-
-/// Key of a merged point.
-pub fn point_key(vnode: u16, partition: u64, id: SeriesId, time_ns: u64, start_ns: u64) -> Vec<u8> {
-    let mut key = point_key_prefix(vnode, partition, id);
-    key.extend_from_slice(&time_ns.to_be_bytes());
-    key.extend_from_slice(&start_ns.to_be_bytes());
-    key
-}
-
-/// The parts of a point key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PointKeyParts {
-    /// Vnode.
-    pub vnode: u16,
-    /// Partition.
-    pub partition: u64,
-    /// Point time.
-    pub time_ns: u64,
-    /// Point start.
-    pub start_ns: u64,
-}
-
-/// The parts of a point key.
-pub fn point_key_parts(key: &[u8]) -> Option<PointKeyParts> {
-    if key.len() != 1 + 2 + 8 + 16 + 16 {
-        return None;
-    }
-    Some(PointKeyParts {
-        vnode: u16::from_be_bytes(key[1..3].try_into().ok()?),
-        partition: u64::from_be_bytes(key[3..11].try_into().ok()?),
-        time_ns: u64::from_be_bytes(key[27..35].try_into().ok()?),
-        start_ns: u64::from_be_bytes(key[35..43].try_into().ok()?),
-    })
 }
 
 /// Key of a roll-up frontier.
@@ -237,6 +197,101 @@ pub fn decode_state(bytes: &[u8], resolve: impl FnOnce(u64) -> Option<Bounds>) -
     })
 }
 
+/// A cumulative baseline as stored.
+#[derive(Serialize, Deserialize)]
+struct StoredBaseline {
+    start_ns: u64,
+    time_ns: u64,
+    count: u64,
+    sum: i128,
+    bounds: Option<u64>,
+    buckets: Vec<u64>,
+}
+
+/// A cursor as stored: the first point key, then each key's difference from the one before
+/// (time ascending, so its difference is unsigned; start wrapping).
+#[derive(Serialize, Deserialize)]
+struct StoredCursor {
+    baseline: Option<StoredBaseline>,
+    first: Option<(u64, u64)>,
+    steps: Vec<(u64, i64)>,
+}
+
+/// Encodes a cursor; also returns the hash of its baseline's bounds (`None` when it has none or
+/// they are empty), which must be stored with it.
+pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
+    let mut bounds_hash_out = None;
+    let baseline = cursor.baseline.as_ref().map(|b| {
+        let bounds = (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds));
+        bounds_hash_out = bounds;
+        StoredBaseline {
+            start_ns: b.start_ns,
+            time_ns: b.time_ns,
+            count: b.count,
+            sum: b.sum.nanos(),
+            bounds,
+            buckets: b.buckets.clone(),
+        }
+    });
+    let first = cursor.seen.front().map(|k| (k.time_ns, k.start_ns));
+    let steps = cursor
+        .seen
+        .iter()
+        .zip(cursor.seen.iter().skip(1))
+        .map(|(previous, key)| (key.time_ns - previous.time_ns, key.start_ns.wrapping_sub(previous.start_ns) as i64))
+        .collect();
+    let stored = StoredCursor { baseline, first, steps };
+    (postcard::to_stdvec(&stored).expect("cursors always encode"), bounds_hash_out)
+}
+
+/// Decodes a cursor, keeping the point keys with `time >= since_ns`, resolving the baseline's
+/// bounds hash with `resolve`.
+pub fn decode_cursor(
+    bytes: &[u8],
+    since_ns: u64,
+    resolve: impl FnOnce(u64) -> Option<Bounds>,
+) -> Result<SeriesCursor, String> {
+    let stored: StoredCursor = postcard::from_bytes(bytes).map_err(|e| format!("cursor: {e}"))?;
+    let baseline = match stored.baseline {
+        Some(b) => {
+            let bounds = match b.bounds {
+                Some(hash) => resolve(hash).ok_or_else(|| format!("baseline refers to unknown bounds {hash:016x}"))?,
+                None => tollgate_rules::aggregate::empty_bounds(),
+            };
+            if b.buckets.len() != bounds.len() + 1 {
+                return Err(format!("baseline has {} buckets for {} bounds", b.buckets.len(), bounds.len()));
+            }
+            Some(Baseline {
+                start_ns: b.start_ns,
+                time_ns: b.time_ns,
+                count: b.count,
+                sum: Fixed::from_nanos(b.sum),
+                bounds,
+                buckets: b.buckets,
+            })
+        }
+        None => None,
+    };
+    let mut seen = VecDeque::with_capacity(stored.steps.len() + 1);
+    if let Some((time_ns, start_ns)) = stored.first {
+        let mut key = PointKey { time_ns, start_ns };
+        let mut push = |key: PointKey| {
+            if key.time_ns >= since_ns {
+                seen.push_back(key);
+            }
+        };
+        push(key);
+        for (time_step, start_step) in stored.steps {
+            key = PointKey {
+                time_ns: key.time_ns.checked_add(time_step).ok_or("cursor: point time overflows")?,
+                start_ns: key.start_ns.wrapping_add(start_step as u64),
+            };
+            push(key);
+        }
+    }
+    Ok(SeriesCursor { baseline, seen })
+}
+
 /// Encodes any stored record.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("records always encode")
@@ -308,5 +363,32 @@ mod tests {
         let log = log_key(3, 9, 1234, 77);
         assert_eq!(log_key_time(&log), Some(1234));
         assert!(log_key(3, 9, 1234, 78) > log && log_key(3, 9, 1235, 0) > log);
+    }
+
+    #[test]
+    fn test_cursor_round_trips_with_key_steps_and_bounds_by_reference() {
+        let bounds: Bounds = Arc::from(vec![1.0, 5.0]);
+        let keys = [(100, 0), (110, 0), (120, 115), (120, 118), (130, 5), (u64::MAX - 1, u64::MAX)];
+        let cursor = SeriesCursor {
+            baseline: Some(Baseline {
+                start_ns: 7,
+                time_ns: 130,
+                count: 9,
+                sum: Fixed::from_int(-3),
+                bounds: Arc::clone(&bounds),
+                buckets: vec![1, 2, 6],
+            }),
+            seen: keys.iter().map(|&(time_ns, start_ns)| PointKey { time_ns, start_ns }).collect(),
+        };
+        let (bytes, hash) = encode_cursor(&cursor);
+        assert_eq!(hash, Some(bounds_hash(&bounds)));
+        let resolve = |h: u64| (Some(h) == hash).then(|| Arc::clone(&bounds));
+        assert_eq!(decode_cursor(&bytes, 0, resolve).unwrap(), cursor);
+        let recent = decode_cursor(&bytes, 120, resolve).unwrap();
+        assert_eq!(recent.seen.iter().map(|k| k.time_ns).collect::<Vec<_>>(), vec![120, 120, 130, u64::MAX - 1]);
+        let error = decode_cursor(&bytes, 0, |_| None).unwrap_err();
+        assert!(error.contains("unknown bounds"), "{error}");
+        let empty = SeriesCursor::default();
+        assert_eq!(decode_cursor(&encode_cursor(&empty).0, 0, |_| None).unwrap(), empty);
     }
 }

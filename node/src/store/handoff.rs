@@ -1,16 +1,17 @@
 //! What a vnode hand-over carries and how the receiving side reads it.
 //!
-//! A move hands over only the normalisation state — series keys, cumulative baselines, recent
-//! point keys, partition clocks, log-batch fingerprints — so that the new owner continues every
-//! series exactly; the old owner keeps the minutes it merged, and queries still reach them. (A
-//! leaving node's data moves whole, in a drain, into a tree of its own on another member.)
+//! A move hands over only the normalisation state — series keys, series cursors (cumulative
+//! baselines and recent point keys), partition clocks, log-batch fingerprints, and the interned
+//! bucket bounds the baselines refer to — so that the new owner continues every series exactly;
+//! the old owner keeps the minutes it merged, and queries still reach them. (A leaving node's
+//! data moves whole, in a drain, into a tree of its own on another member.)
 
-use super::codec::{self, BASELINE, CLOCK, LOG_BATCH, POINT_KEY, SERIES};
+use super::codec::{self, BOUNDS, CLOCK, CURSOR, LOG_BATCH, SERIES};
 use crate::error::Error;
 use tollgate_rules::normalize::PartitionClock;
 
 /// Per-vnode tags of a hand-over.
-pub const STATE_TAGS: [u8; 5] = [SERIES, BASELINE, POINT_KEY, CLOCK, LOG_BATCH];
+pub const STATE_TAGS: [u8; 4] = [SERIES, CURSOR, CLOCK, LOG_BATCH];
 
 /// A hand-over, sorted by how it is merged.
 #[derive(Debug, Default)]
@@ -31,7 +32,7 @@ impl Imported {
         let mut imported = Imported::default();
         for (key, value) in entries {
             match key.first().copied() {
-                Some(SERIES | BASELINE | POINT_KEY | LOG_BATCH) => imported.raw.push((key, value)),
+                Some(SERIES | CURSOR | LOG_BATCH | BOUNDS) => imported.raw.push((key, value)),
                 Some(CLOCK) => {
                     let partition = key
                         .get(3..11)

@@ -8,7 +8,7 @@
 //! request waits for one flush. The checkpointer only inserts into the data tree; the writer
 //! flushes after it and then drops the checkpointed write-ahead generation.
 
-use super::codec::{self, ENTITY, LOG, LOG_BATCH, POINT_KEY, SERIES};
+use super::codec::{self, ENTITY, LOG, LOG_BATCH, SERIES};
 use super::memtable::{self, Entry, Frozen, Lookup, Memtable, Merged};
 use super::{
     CommitTicket, EntityRecord, LogPosition, Op, Resolution, RetentionCutoffs, Storage, StoreBatch, StoredLog,
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tollgate_rules::normalize::{Baseline, PartitionClock, PointKey, SeriesCursor};
+use tollgate_rules::normalize::{PartitionClock, SeriesCursor};
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{Aggregate, Bounds, SeriesId, SeriesKey};
 use tracing::{error, info};
@@ -241,15 +241,13 @@ impl SledStorage {
                 Op::Series { vnode, partition, id, key } => {
                     put(&mut data, codec::series_key(vnode, partition, id), codec::encode(&key), &mut bytes)
                 }
-                Op::Baseline { vnode, id, baseline } => {
-                    put(&mut data, codec::baseline_key(vnode, id), codec::encode(&baseline), &mut bytes)
+                Op::Cursor { vnode, partition, id, cursor } => {
+                    let (value, hash) = codec::encode_cursor(&cursor);
+                    if let (Some(hash), Some(baseline)) = (hash, &cursor.baseline) {
+                        self.intern_bounds(hash, &baseline.bounds, &mut data, &mut bytes);
+                    }
+                    put(&mut data, codec::cursor_key(vnode, partition, id), value, &mut bytes)
                 }
-                Op::PointKey { vnode, partition, id, key } => put(
-                    &mut data,
-                    codec::point_key(vnode, partition, id, key.time_ns, key.start_ns),
-                    Vec::new(),
-                    &mut bytes,
-                ),
                 Op::RolledUntil { vnode, partition, minute } => {
                     put(&mut data, codec::rolled_until_key(vnode, partition), minute.to_be_bytes().to_vec(), &mut bytes)
                 }
@@ -259,12 +257,7 @@ impl SledStorage {
                 Op::State { vnode, id, resolution, period, state } => {
                     let (value, hash) = codec::encode_state(&state);
                     if let Some(hash) = hash {
-                        let known = self.bounds.read().expect("bounds lock").contains_key(&hash);
-                        if !known {
-                            // Written in the same atomic batch as its first user.
-                            put(&mut data, codec::bounds_key(hash), codec::encode(&state.bounds.to_vec()), &mut bytes);
-                            self.bounds.write().expect("bounds lock").insert(hash, Arc::clone(&state.bounds));
-                        }
+                        self.intern_bounds(hash, &state.bounds, &mut data, &mut bytes);
                     }
                     put(&mut data, codec::state_key(vnode, id, resolution, period), value, &mut bytes)
                 }
@@ -297,6 +290,18 @@ impl SledStorage {
             }
         }
         (data, meta, has_meta, bytes)
+    }
+
+    /// Stores `bounds` under `hash` in the same atomic batch as its first user.
+    fn intern_bounds(&self, hash: u64, bounds: &Bounds, data: &mut Vec<Entry>, bytes: &mut usize) {
+        if self.bounds.read().expect("bounds lock").contains_key(&hash) {
+            return;
+        }
+        let value = codec::encode(&bounds.to_vec());
+        let key = codec::bounds_key(hash);
+        *bytes += key.len() + value.len();
+        data.push((key, Some(value)));
+        self.bounds.write().expect("bounds lock").insert(hash, Arc::clone(bounds));
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
@@ -378,20 +383,10 @@ impl Storage for SledStorage {
     }
 
     fn cursor(&self, vnode: u16, partition: u64, id: SeriesId, since_ns: u64) -> Result<SeriesCursor, Error> {
-        let baseline = match self.get(&codec::baseline_key(vnode, id))? {
-            Some(bytes) => Some(codec::decode::<Baseline>("baseline", &bytes).map_err(corrupt)?),
-            None => None,
+        let Some(bytes) = self.get(&codec::cursor_key(vnode, partition, id))? else {
+            return Ok(SeriesCursor::default());
         };
-        let prefix = codec::point_key_prefix(vnode, partition, id);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&since_ns.to_be_bytes());
-        let mut seen = std::collections::VecDeque::new();
-        for entry in self.entries(start, memtable::prefix_end(&prefix), false) {
-            let (key, _) = entry?;
-            let parts = codec::point_key_parts(&key).ok_or_else(|| corrupt("point key"))?;
-            seen.push_back(PointKey { time_ns: parts.time_ns, start_ns: parts.start_ns });
-        }
-        Ok(SeriesCursor { baseline, seen })
+        codec::decode_cursor(&bytes, since_ns, |hash| self.resolve_bounds(hash)).map_err(corrupt)
     }
 
     fn clock(&self, vnode: u16, partition: u64) -> Result<Option<PartitionClock>, Error> {
@@ -505,23 +500,12 @@ impl Storage for SledStorage {
                 ticket.await.map_err(|_| Error::Unavailable("storage writer stopped".into()))?
             })
         };
-        // Point keys expire relative to their partition's clock, not to the wall clock.
-        let mut oldest_accepted: FastMap<(u16, u64), u64> = FastMap::default();
-        for entry in self.prefixed(&[codec::CLOCK]) {
-            let (key, value) = entry?;
-            let vnode = u16::from_be_bytes(key[1..3].try_into().map_err(|_| corrupt("clock key"))?);
-            let partition = u64::from_be_bytes(key[3..11].try_into().map_err(|_| corrupt("clock key"))?);
-            let clock = codec::decode_clock(&value).map_err(corrupt)?;
-            let oldest = clock.newest_minute_ns.map_or(0, |newest| newest.saturating_sub(cutoffs.lateness_ns));
-            oldest_accepted.insert((vnode, partition), oldest);
-        }
         for (tag, cutoff) in [
             (Resolution::Minute.tag(), cutoffs.minute),
             (Resolution::Hour.tag(), cutoffs.hour),
             (Resolution::Day.tag(), cutoffs.day),
             (LOG, cutoffs.logs_ns),
             (LOG_BATCH, cutoffs.log_batches_ns),
-            (POINT_KEY, 0),
         ] {
             for entry in self.prefixed(&[tag]) {
                 let (key, value) = entry?;
@@ -529,11 +513,6 @@ impl Storage for SledStorage {
                 let is_expired = match tag {
                     LOG => codec::log_key_time(&key).is_some_and(|t| t < cutoff),
                     LOG_BATCH => value.as_slice().try_into().ok().map(u64::from_be_bytes).is_some_and(|t| t < cutoff),
-                    POINT_KEY => codec::point_key_parts(&key).is_some_and(|parts| {
-                        oldest_accepted
-                            .get(&(parts.vnode, parts.partition))
-                            .is_some_and(|oldest| parts.time_ns < *oldest)
-                    }),
                     _ => codec::state_key_period(&key).is_some_and(|t| t < cutoff),
                 };
                 if is_expired {
@@ -558,7 +537,8 @@ impl Storage for SledStorage {
 
     fn export_vnode(&self, vnode: u16, sink: &mut super::ChunkSink<'_>) -> Result<(), Error> {
         let prefixes = super::handoff::STATE_TAGS.iter().map(|tag| codec::vnode_prefix(*tag, vnode));
-        self.export(prefixes, sink)
+        // Baselines refer to their bounds by hash: the (few) interned bound lists go along.
+        self.export(prefixes.chain(std::iter::once(vec![codec::BOUNDS])), sink)
     }
 
     fn export_all(&self, sink: &mut super::ChunkSink<'_>) -> Result<(), Error> {
@@ -904,6 +884,7 @@ fn replay(db: &sled::Db) -> Result<(Option<Checkpoint>, u64), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_rules::normalize::PointKey;
     use tollgate_rules::{Entity, Fixed, SeriesKey};
 
     fn storage(dir: &Path) -> SledStorage {
@@ -937,8 +918,8 @@ mod tests {
             let store = storage(dir.path());
             let mut batch = StoreBatch::default();
             batch.push(Op::Series { vnode: 3, partition: 9, id, key: key.clone() });
-            batch.push(Op::PointKey { vnode: 3, partition: 9, id, key: PointKey { time_ns: 50, start_ns: 40 } });
-            batch.push(Op::PointKey { vnode: 3, partition: 9, id, key: PointKey { time_ns: 70, start_ns: 60 } });
+            let seen = [PointKey { time_ns: 50, start_ns: 40 }, PointKey { time_ns: 70, start_ns: 60 }].into();
+            batch.push(Op::Cursor { vnode: 3, partition: 9, id, cursor: SeriesCursor { baseline: None, seen } });
             batch.push(Op::RolledUntil { vnode: 3, partition: 9, minute: 600 });
             for minute in 10..13 {
                 batch.push(Op::State {
@@ -1000,7 +981,7 @@ mod tests {
         let next = store.logs(0, 5, 0, Some(LogPosition { time_ns: 200, fingerprint: 3 }), 10).unwrap();
         assert_eq!(next.iter().map(|l| l.fingerprint).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(store.logs(0, 5, 150, None, 10).unwrap().len(), 3);
-        let cutoffs = RetentionCutoffs { minute: 0, hour: 0, day: 0, logs_ns: 201, log_batches_ns: 0, lateness_ns: 0 };
+        let cutoffs = RetentionCutoffs { minute: 0, hour: 0, day: 0, logs_ns: 201, log_batches_ns: 0 };
         let report =
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
         assert_eq!(report.0.deleted, 3);

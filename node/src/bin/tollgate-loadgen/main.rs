@@ -16,6 +16,10 @@
 // This is a command-line tool whose output is its report: printing to stdout is the point.
 #![allow(clippy::print_stdout)]
 
+/// The same allocator as `tollgate`, so that the no-op sink (the baseline) is built like the node.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod accesslog;
 mod bench;
 mod fleet;

@@ -85,9 +85,9 @@ pub struct StorageConfig {
     pub max_batches_per_flush: usize,
     /// Write batches waiting for the writer; beyond it owners wait (back-pressure).
     pub writer_queue_capacity: usize,
-    /// Write-ahead bytes after which the memtable is checkpointed into the data tree. The
-    /// memtable holds at most about twice this (the writer waits for a checkpoint beyond it),
-    /// and a restart reads back at most that much.
+    /// Write-ahead bytes after which the memtable is checkpointed into the data tree. While a
+    /// checkpoint is being written the log may grow to twice this before the writer waits, so the
+    /// writes held in memory (and read back by a restart) stay under about four times this.
     pub checkpoint_bytes: u64,
     /// Age after which a non-empty write-ahead generation is checkpointed, milliseconds.
     pub checkpoint_interval_ms: u64,

@@ -286,6 +286,6 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Departed nodes this node has data of.
     fn held_holders(&self) -> Result<Vec<u64>, Error>;
 
-    /// Deletes the data held for `holder`.
+    /// Deletes the data held for `holder` (durable with the next write's flush).
     fn drop_held(&self, holder: u64) -> Result<(), Error>;
 }

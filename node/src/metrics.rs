@@ -49,6 +49,8 @@ pub const COMMIT_FLUSH_SECONDS: &str = "tollgate_commit_flush_seconds";
 pub const STORE_CHECKPOINTS: &str = "tollgate_store_checkpoints_total";
 /// Duration of applying one checkpoint to the data tree, seconds.
 pub const STORE_CHECKPOINT_SECONDS: &str = "tollgate_store_checkpoint_seconds";
+/// Time the writer waited for a checkpoint to finish (back-pressure), seconds.
+pub const STORE_CHECKPOINT_WAIT_SECONDS: &str = "tollgate_store_checkpoint_wait_seconds";
 /// Memory of the memtable (written, not yet checkpointed), bytes (approximate).
 pub const STORE_MEMTABLE_BYTES: &str = "tollgate_store_memtable_bytes";
 /// Bytes appended to the current write-ahead generation.

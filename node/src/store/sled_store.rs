@@ -747,8 +747,10 @@ impl WriterState {
             if self.wal_bytes < 2 * self.checkpoint_bytes {
                 return Ok(());
             }
+            let waited = Instant::now();
             let outcome =
                 self.done.recv().map_err(|_| Error::Unavailable("storage: the checkpointer stopped".into()))?;
+            metrics::histogram!(m::STORE_CHECKPOINT_WAIT_SECONDS).record(waited.elapsed().as_secs_f64());
             self.finish(outcome)?;
         }
         self.rotate()

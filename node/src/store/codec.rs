@@ -220,19 +220,15 @@ struct StoredCursor {
 /// Encodes a cursor; also returns the hash of its baseline's bounds (`None` when it has none or
 /// they are empty), which must be stored with it.
 pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
-    let mut bounds_hash_out = None;
-    let baseline = cursor.baseline.as_ref().map(|b| {
-        let bounds = (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds));
-        bounds_hash_out = bounds;
-        StoredBaseline {
-            start_ns: b.start_ns,
-            time_ns: b.time_ns,
-            count: b.count,
-            sum: b.sum.nanos(),
-            bounds,
-            buckets: b.buckets.clone(),
-        }
+    let baseline = cursor.baseline.as_ref().map(|b| StoredBaseline {
+        start_ns: b.start_ns,
+        time_ns: b.time_ns,
+        count: b.count,
+        sum: b.sum.nanos(),
+        bounds: (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds)),
+        buckets: b.buckets.clone(),
     });
+    let bounds = baseline.as_ref().and_then(|b| b.bounds);
     let first = cursor.seen.front().map(|k| (k.time_ns, k.start_ns));
     let steps = cursor
         .seen
@@ -241,7 +237,7 @@ pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
         .map(|(previous, key)| (key.time_ns - previous.time_ns, key.start_ns.wrapping_sub(previous.start_ns) as i64))
         .collect();
     let stored = StoredCursor { baseline, first, steps };
-    (postcard::to_stdvec(&stored).expect("cursors always encode"), bounds_hash_out)
+    (postcard::to_stdvec(&stored).expect("cursors always encode"), bounds)
 }
 
 /// Decodes a cursor, keeping the point keys with `time >= since_ns`, resolving the baseline's

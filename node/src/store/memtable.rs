@@ -144,6 +144,13 @@ struct Layers {
     frozen: Vec<Arc<Frozen>>,
 }
 
+impl Layers {
+    /// The active layer, then the frozen ones from newest to oldest.
+    fn newest_first(&self) -> impl Iterator<Item = &Frozen> {
+        std::iter::once(&self.active).chain(self.frozen.iter().rev().map(|layer| layer.as_ref()))
+    }
+}
+
 /// The entries written since the data tree was last checkpointed, newest layer first.
 #[derive(Debug, Default)]
 pub struct Memtable {
@@ -186,8 +193,7 @@ impl Memtable {
     /// The newest value of `key`.
     pub fn get(&self, key: &[u8]) -> Lookup {
         let layers = self.layers.read().expect("memtable lock");
-        let newest_first = std::iter::once(&layers.active).chain(layers.frozen.iter().rev().map(|l| l.as_ref()));
-        for layer in newest_first {
+        for layer in layers.newest_first() {
             if let Some(value) = layer.entries.get(key) {
                 return match value {
                     Some(value) => Lookup::Value(value.clone()),
@@ -201,12 +207,11 @@ impl Memtable {
     /// The newest entries with keys in the range, in key order, deletions included.
     pub fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Vec<Entry> {
         let layers = self.layers.read().expect("memtable lock");
-        if layers.active.entries.is_empty() && layers.frozen.iter().all(|layer| layer.entries.is_empty()) {
+        if layers.newest_first().all(|layer| layer.entries.is_empty()) {
             return Vec::new();
         }
         let mut merged: BTreeMap<&[u8], &Option<Vec<u8>>> = BTreeMap::new();
-        let newest_first = std::iter::once(&layers.active).chain(layers.frozen.iter().rev().map(|l| l.as_ref()));
-        for layer in newest_first {
+        for layer in layers.newest_first() {
             for (key, value) in layer.entries.range::<[u8], _>((from, to)) {
                 merged.entry(key.as_slice()).or_insert(value);
             }

@@ -142,7 +142,7 @@ impl SledStorage {
             .open_tree(memtable::wal_tree_name(generation))
             .map_err(|e| storage_error("opening the write-ahead tree", e))?;
         let (writer, queue) = mpsc::channel(settings.writer_queue_capacity);
-        let (jobs, job_queue) = std::sync::mpsc::sync_channel::<Checkpoint>(1);
+        let (jobs, job_queue) = std::sync::mpsc::sync_channel::<Arc<Frozen>>(1);
         let (done, done_queue) = std::sync::mpsc::channel::<Result<(), Error>>();
         let failed = Arc::new(AtomicBool::new(false));
         let interval = Duration::from_millis(settings.checkpoint_interval_ms);
@@ -606,9 +606,10 @@ struct WriterState {
     wal_started: Instant,
     /// Key of the next record of the current generation.
     next_record: u64,
-    /// The checkpoint being applied: its frozen layer and generations.
-    in_flight: Option<(Arc<Frozen>, Vec<u64>)>,
-    jobs: std::sync::mpsc::SyncSender<Checkpoint>,
+    /// The checkpoint being applied.
+    in_flight: Option<Checkpoint>,
+    /// The checkpointer's queue of frozen layers.
+    jobs: std::sync::mpsc::SyncSender<Arc<Frozen>>,
     done: std::sync::mpsc::Receiver<Result<(), Error>>,
     checkpoint_bytes: usize,
     interval: Duration,
@@ -637,10 +638,7 @@ impl WriterState {
             if let Some(tree) = &request.tree {
                 let mut batch = sled::Batch::default();
                 for (key, value) in entries {
-                    match value {
-                        Some(value) => batch.insert(key, value),
-                        None => batch.remove(key),
-                    }
+                    put_entry(&mut batch, key, value);
                 }
                 if request.has_meta {
                     self.transaction(tree, batch, meta_batch)?;
@@ -684,10 +682,11 @@ impl WriterState {
 
     /// Hands a frozen layer to the checkpointer.
     fn start(&mut self, checkpoint: Checkpoint) {
-        self.in_flight = Some((Arc::clone(&checkpoint.frozen), checkpoint.generations.clone()));
+        let frozen = Arc::clone(&checkpoint.frozen);
+        self.in_flight = Some(checkpoint);
         // The channel holds one job and at most one is in flight: this never waits.
-        if self.jobs.send(checkpoint).is_err() {
-            self.fail(Error::Unavailable("storage: the checkpointer stopped".into()));
+        if self.jobs.send(frozen).is_err() {
+            self.fail(checkpointer_stopped());
         }
     }
 
@@ -712,7 +711,7 @@ impl WriterState {
 
     /// A checkpoint was applied: make it durable, then drop its generations.
     fn finish(&mut self, outcome: Result<(), Error>) -> Result<(), Error> {
-        let (frozen, generations) = self.in_flight.take().expect("a checkpoint in flight");
+        let Checkpoint { frozen, generations } = self.in_flight.take().expect("a checkpoint in flight");
         outcome?;
         self.db.flush().map_err(|e| storage_error("flush", e))?;
         for generation in generations {
@@ -733,9 +732,7 @@ impl WriterState {
             match self.done.try_recv() {
                 Ok(outcome) => self.finish(outcome)?,
                 Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    return Err(Error::Unavailable("storage: the checkpointer stopped".into()));
-                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(checkpointer_stopped()),
             }
         }
         let due = self.wal_bytes >= self.checkpoint_bytes
@@ -748,8 +745,7 @@ impl WriterState {
                 return Ok(());
             }
             let waited = Instant::now();
-            let outcome =
-                self.done.recv().map_err(|_| Error::Unavailable("storage: the checkpointer stopped".into()))?;
+            let outcome = self.done.recv().map_err(|_| checkpointer_stopped())?;
             metrics::histogram!(m::STORE_CHECKPOINT_WAIT_SECONDS).record(waited.elapsed().as_secs_f64());
             self.finish(outcome)?;
         }
@@ -818,7 +814,7 @@ fn writer_loop(mut state: WriterState, mut queue: mpsc::Receiver<WriterMsg>, max
 /// every `tick` so that it can start a checkpoint that is due by age.
 fn checkpointer_loop(
     data: sled::Tree,
-    jobs: std::sync::mpsc::Receiver<Checkpoint>,
+    jobs: std::sync::mpsc::Receiver<Arc<Frozen>>,
     done: std::sync::mpsc::Sender<Result<(), Error>>,
     wake: mpsc::WeakSender<WriterMsg>,
     tick: Duration,
@@ -831,9 +827,9 @@ fn checkpointer_loop(
     };
     loop {
         match jobs.recv_timeout(tick) {
-            Ok(job) => {
+            Ok(frozen) => {
                 let started = Instant::now();
-                let outcome = apply_frozen(&data, &job.frozen);
+                let outcome = apply_frozen(&data, &frozen);
                 metrics::histogram!(m::STORE_CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
                 if done.send(outcome).is_err() {
                     return;
@@ -846,14 +842,23 @@ fn checkpointer_loop(
     }
 }
 
+/// Adds an entry to a sled batch: its value, or its deletion.
+fn put_entry<K: Into<sled::IVec>, V: Into<sled::IVec>>(batch: &mut sled::Batch, key: K, value: Option<V>) {
+    match value {
+        Some(value) => batch.insert(key, value),
+        None => batch.remove(key),
+    }
+}
+
+fn checkpointer_stopped() -> Error {
+    Error::Unavailable("storage: the checkpointer stopped".into())
+}
+
 fn apply_frozen(data: &sled::Tree, frozen: &Frozen) -> Result<(), Error> {
     let mut batch = sled::Batch::default();
     let mut size = 0;
     for (key, value) in &frozen.entries {
-        match value {
-            Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-            None => batch.remove(key.as_slice()),
-        }
+        put_entry(&mut batch, key.as_slice(), value.as_deref());
         size += 1;
         if size == CHECKPOINT_CHUNK {
             data.apply_batch(std::mem::take(&mut batch)).map_err(|e| storage_error("checkpoint", e))?;

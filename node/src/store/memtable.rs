@@ -1,25 +1,25 @@
-//! The write-ahead log and the memtable in front of the data tree.
+//! The memtable in front of the data tree, and what a checkpoint applies.
 //!
 //! Writing every merged point into sled's B-tree at acknowledgement time cost three tree inserts
 //! per point (its point key, the series' cursor, the rewritten minute state), and sled's inserts
 //! were three quarters of the node's CPU (docs/benchmarks.md). Now an acknowledged write is:
 //!
 //! 1. its entries (raw key and value, or a deletion) appended to the current write-ahead
-//!    generation, a sled tree `wal-<generation>` of [`RECORD_BYTES`]-sized records (a few tree
-//!    inserts for a whole group of batches instead of three per point), flushed with the group;
+//!    generation, a file of checksummed frames (see [`super::wal`]), synced once per group of
+//!    requests;
 //! 2. the same entries put into the memtable, a sorted map that readers consult before the
 //!    data tree, so the write is visible at once.
 //!
 //! A checkpoint, when a generation holds `checkpoint_bytes` or is `checkpoint_interval` old,
 //! freezes the memtable, starts the next generation, and a checkpointer thread applies the
-//! frozen map to the data tree: a key rewritten many times within a generation (a series'
-//! cursor, its open minute) reaches the B-tree once. After the next flush the generation's tree
-//! is dropped and the frozen map released. At open, every generation still on disk is read back
+//! frozen map to the data tree and flushes sled: a key rewritten many times within a generation
+//! (a series' cursor, its open minute) reaches the B-tree once. Then the generation's file is
+//! removed and the frozen map released. At open, every generation still on disk is read back
 //! into a frozen map, in order, and checkpointed the same way: replay is idempotent because the
 //! entries are whole values applied in the order they were written.
 //!
-//! Everything on disk stays in sled; the memtable holds nothing that is not also in a flushed
-//! write-ahead generation or in the data tree.
+//! The memtable holds nothing that is not also in a synced write-ahead generation or in the
+//! flushed data tree.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -27,77 +27,6 @@ use std::sync::{Arc, RwLock};
 
 /// One write of the data tree: a value, or a deletion (`None`).
 pub type Entry = (Vec<u8>, Option<Vec<u8>>);
-
-/// Target size of one write-ahead record. sled writes a tree node bigger than a quarter of its
-/// 512 KiB segments as a separate blob file, and a leaf holds up to 17 entries before it splits,
-/// so records stay small enough for a full leaf to be written inline.
-pub const RECORD_BYTES: usize = 4096;
-
-/// Name prefix of the write-ahead trees.
-pub const WAL_PREFIX: &str = "wal-";
-
-/// The tree name of a write-ahead generation.
-pub fn wal_tree_name(generation: u64) -> String {
-    // Zero-padded so that names sort like generations.
-    format!("{WAL_PREFIX}{generation:020}")
-}
-
-/// The generation of a write-ahead tree name.
-pub fn wal_generation(name: &[u8]) -> Option<u64> {
-    std::str::from_utf8(name).ok()?.strip_prefix(WAL_PREFIX)?.parse().ok()
-}
-
-/// Encodes entries into records of about [`RECORD_BYTES`] (an entry bigger than that is a record
-/// of its own). Format, per entry: `u32` key length, key, then `u32::MAX` for a deletion or the
-/// `u32` value length and the value; all big-endian.
-pub fn encode_records<'a>(entries: impl Iterator<Item = &'a Entry>) -> Vec<Vec<u8>> {
-    let mut records = Vec::new();
-    let mut record = Vec::with_capacity(RECORD_BYTES);
-    for (key, value) in entries {
-        let size = 8 + key.len() + value.as_ref().map_or(0, Vec::len);
-        if !record.is_empty() && record.len() + size > RECORD_BYTES {
-            records.push(std::mem::replace(&mut record, Vec::with_capacity(RECORD_BYTES)));
-        }
-        record.extend_from_slice(&(key.len() as u32).to_be_bytes());
-        record.extend_from_slice(key);
-        match value {
-            Some(value) => {
-                record.extend_from_slice(&(value.len() as u32).to_be_bytes());
-                record.extend_from_slice(value);
-            }
-            None => record.extend_from_slice(&u32::MAX.to_be_bytes()),
-        }
-    }
-    if !record.is_empty() {
-        records.push(record);
-    }
-    records
-}
-
-/// Decodes one record into `out`.
-pub fn decode_record(mut bytes: &[u8], out: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>)) -> Result<(), String> {
-    fn take<'a>(bytes: &mut &'a [u8], len: usize) -> Result<&'a [u8], String> {
-        if bytes.len() < len {
-            return Err(format!("write-ahead record truncated: {} bytes left, {len} needed", bytes.len()));
-        }
-        let (head, tail) = bytes.split_at(len);
-        *bytes = tail;
-        Ok(head)
-    }
-    fn length(bytes: &mut &[u8]) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(take(bytes, 4)?.try_into().expect("four bytes")))
-    }
-    while !bytes.is_empty() {
-        let key_len = length(&mut bytes)? as usize;
-        let key = take(&mut bytes, key_len)?.to_vec();
-        let value = match length(&mut bytes)? {
-            u32::MAX => None,
-            len => Some(take(&mut bytes, len as usize)?.to_vec()),
-        };
-        out(key, value);
-    }
-    Ok(())
-}
 
 /// Approximate memory of one map entry: its bytes plus the map's per-entry overhead.
 fn entry_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
@@ -298,26 +227,6 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_records_round_trip_and_stay_near_the_target_size() {
-        let entries: Vec<Entry> = (0..500u32)
-            .map(|i| (i.to_be_bytes().to_vec(), if i % 7 == 0 { None } else { Some(vec![i as u8; 40]) }))
-            .chain(std::iter::once((b"big".to_vec(), Some(vec![1; 3 * RECORD_BYTES]))))
-            .collect();
-        let records = encode_records(entries.iter());
-        assert!(records.len() > 1);
-        for record in &records[..records.len() - 1] {
-            assert!(record.len() <= RECORD_BYTES, "{}", record.len());
-        }
-        let mut decoded = Vec::new();
-        for record in &records {
-            decode_record(record, &mut |key, value| decoded.push((key, value))).unwrap();
-        }
-        assert_eq!(decoded, entries);
-        let error = decode_record(&records[0][..records[0].len() - 3], &mut |_, _| {}).unwrap_err();
-        assert!(error.contains("truncated"), "{error}");
-    }
 
     #[test]
     fn test_newest_layer_wins_and_deletions_hide_older_values() {

@@ -1,15 +1,17 @@
 //! [`Storage`] on sled 0.34: a write-ahead log and a memtable in front of the data tree (see
 //! [`super::memtable`]), one group-commit writer thread and one checkpointer thread.
 //!
-//! sled is durable only after `flush()`, and concurrent `flush_async()` calls can deadlock on
-//! 0.34.7, so exactly one thread, the writer, flushes: it takes every batch waiting, appends them
-//! to the write-ahead log (each request atomically), puts them into the memtable, flushes once,
-//! and then completes all their tickets. Under load one flush covers many requests; alone, a
-//! request waits for one flush. The checkpointer only inserts into the data tree; the writer
-//! flushes after it and then drops the checkpointed write-ahead generation.
+//! The writer thread takes every batch waiting, appends them to the write-ahead log file (each
+//! request one frame, see [`super::wal`]), puts them into the memtable, syncs the file once, and
+//! then completes all their tickets. Under load one sync covers many requests; alone, a request
+//! waits for one sync. sled is durable only after `flush()`, and concurrent flushes can deadlock
+//! on 0.34.7, so they are serialised by a lock: the checkpointer flushes after applying a frozen
+//! layer to the data tree (then the writer removes the checkpointed generation's file), and the
+//! writer flushes only after writing a departed node's tree, which bypasses the log.
 
 use super::codec::{self, ENTITY, LOG, LOG_BATCH, SERIES};
 use super::memtable::{self, Entry, Frozen, Lookup, Memtable, Merged};
+use super::wal::{self, WalFile};
 use super::{
     CommitTicket, EntityRecord, LogPosition, Op, Resolution, RetentionCutoffs, Storage, StoreBatch, StoredLog,
     SweepReport,
@@ -20,16 +22,16 @@ use crate::metrics as m;
 use sled::Transactional;
 use std::future::Future;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_rules::normalize::{PartitionClock, SeriesCursor};
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{Aggregate, Bounds, SeriesId, SeriesKey};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Keys deleted per retention batch.
 const SWEEP_CHUNK: usize = 10_000;
@@ -42,8 +44,8 @@ struct WriteRequest {
     /// node: written directly, without the write-ahead log).
     tree: Option<sled::Tree>,
     entries: Vec<Entry>,
-    meta: sled::Batch,
-    has_meta: bool,
+    /// Entries of the metadata tree, written together with `entries`.
+    meta: Vec<Entry>,
     bytes: usize,
     done: oneshot::Sender<Result<(), Error>>,
 }
@@ -57,6 +59,18 @@ enum WriterMsg {
 
 /// Name prefix of the trees holding departed nodes' data.
 const HELD_PREFIX: &str = "held-";
+
+/// Name prefix of the sled trees an earlier version kept its write-ahead log in; read back once
+/// at open.
+const LEGACY_WAL_PREFIX: &str = "wal-";
+
+/// Serialises sled flushes (concurrent flushes can deadlock on sled 0.34.7).
+type FlushLock = Arc<Mutex<()>>;
+
+fn flush(db: &sled::Db, lock: &FlushLock) -> Result<(), Error> {
+    let _serialised = lock.lock().expect("flush lock");
+    db.flush().map(|_| ()).map_err(|e| storage_error("flush", e))
+}
 
 /// sled-backed storage: the node's own data, or (a view sharing the writer) the data it holds
 /// for a departed node.
@@ -126,9 +140,13 @@ impl SledStorage {
             .map_err(|e| storage_error(&format!("opening {}", dir.display()), e))?;
         let data = db.open_tree("data").map_err(|e| storage_error("opening tree data", e))?;
         let meta = db.open_tree("meta").map_err(|e| storage_error("opening tree meta", e))?;
+        let flush_lock = FlushLock::default();
+        read_legacy_wal(&db, &data, &flush_lock)?;
+        let wal_dir = dir.join("wal");
+        std::fs::create_dir_all(&wal_dir).map_err(|e| storage_error(&format!("creating {}", wal_dir.display()), e))?;
         let memtable = Arc::new(Memtable::default());
         let started = Instant::now();
-        let (replayed, generation) = replay(&db)?;
+        let (replayed, generation) = replay(&wal_dir, &meta)?;
         if let Some(checkpoint) = &replayed {
             memtable.push_frozen(Arc::clone(&checkpoint.frozen));
             info!(
@@ -138,32 +156,30 @@ impl SledStorage {
                 "write-ahead log read back"
             );
         }
-        let wal = db
-            .open_tree(memtable::wal_tree_name(generation))
-            .map_err(|e| storage_error("opening the write-ahead tree", e))?;
+        let wal =
+            WalFile::create(&wal_dir, generation).map_err(|e| storage_error("creating a write-ahead generation", e))?;
         let (writer, queue) = mpsc::channel(settings.writer_queue_capacity);
         let (jobs, job_queue) = std::sync::mpsc::sync_channel::<Arc<Frozen>>(1);
         let (done, done_queue) = std::sync::mpsc::channel::<Result<(), Error>>();
         let failed = Arc::new(AtomicBool::new(false));
         let interval = Duration::from_millis(settings.checkpoint_interval_ms);
         let checkpointer_thread = {
-            let data = data.clone();
+            let (db, data, flush_lock) = (db.clone(), data.clone(), Arc::clone(&flush_lock));
             let wake = writer.downgrade();
             let tick = (interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
             std::thread::Builder::new()
                 .name("tollgate-checkpoint".into())
-                .spawn(move || checkpointer_loop(data, job_queue, done, wake, tick))
+                .spawn(move || checkpointer_loop(&db, &data, &flush_lock, job_queue, done, wake, tick))
                 .map_err(|e| storage_error("starting the checkpointer thread", e))?
         };
         let mut state = WriterState {
             db: db.clone(),
             meta: meta.clone(),
+            flush_lock,
             memtable: Arc::clone(&memtable),
+            wal_dir,
             wal,
-            generation,
-            wal_bytes: 0,
             wal_started: Instant::now(),
-            next_record: 0,
             in_flight: None,
             jobs,
             done: done_queue,
@@ -227,10 +243,9 @@ impl SledStorage {
         Some(bounds)
     }
 
-    fn encode(&self, batch: StoreBatch) -> (Vec<Entry>, sled::Batch, bool, usize) {
+    fn encode(&self, batch: StoreBatch) -> (Vec<Entry>, Vec<Entry>, usize) {
         let mut data: Vec<Entry> = Vec::with_capacity(batch.ops.len());
-        let mut meta = sled::Batch::default();
-        let mut has_meta = false;
+        let mut meta: Vec<Entry> = Vec::new();
         let mut bytes = 0usize;
         let put = |entries: &mut Vec<Entry>, key: Vec<u8>, value: Vec<u8>, bytes: &mut usize| {
             *bytes += key.len() + value.len();
@@ -274,9 +289,8 @@ impl SledStorage {
                     put(&mut data, codec::log_batch_key(vnode, fingerprint), time_ns.to_be_bytes().to_vec(), &mut bytes)
                 }
                 Op::Meta { key, value } => {
-                    has_meta = true;
                     bytes += key.len() + value.len();
-                    meta.insert(key.into_bytes(), value);
+                    meta.push((key.into_bytes(), Some(value)));
                 }
                 Op::DeleteRaw { key } => {
                     bytes += key.len();
@@ -284,12 +298,12 @@ impl SledStorage {
                 }
                 Op::PutRaw { key, value } => put(&mut data, key, value, &mut bytes),
                 Op::DeleteMeta { key } => {
-                    has_meta = true;
-                    meta.remove(key.into_bytes());
+                    bytes += key.len();
+                    meta.push((key.into_bytes(), None));
                 }
             }
         }
-        (data, meta, has_meta, bytes)
+        (data, meta, bytes)
     }
 
     /// Stores `bounds` under `hash` in the same atomic batch as its first user.
@@ -362,11 +376,11 @@ impl Storage for SledStorage {
             if self.has_failed() {
                 return Err(Error::Unavailable("storage has failed; the node is stopping".into()));
             }
-            let (entries, meta, has_meta, bytes) = self.encode(batch);
+            let (entries, meta, bytes) = self.encode(batch);
             let writer = self.writer.as_ref().ok_or_else(|| Error::Unavailable("storage is closing".into()))?;
             let tree = self.holder.map(|_| self.data.clone());
             writer
-                .send(WriterMsg::Write(WriteRequest { tree, entries, meta, has_meta, bytes, done }))
+                .send(WriterMsg::Write(WriteRequest { tree, entries, meta, bytes, done }))
                 .await
                 .map_err(|_| Error::Unavailable("storage writer stopped".into()))?;
             Ok(ticket)
@@ -565,9 +579,8 @@ impl Storage for SledStorage {
 
     fn drop_held(&self, holder: u64) -> Result<(), Error> {
         let name = format!("{HELD_PREFIX}{holder}");
-        // Not flushed here: only the writer flushes (sled 0.34 can deadlock on concurrent
-        // flushes), and its next flush makes the drop durable. Until then a crash brings the
-        // tree back, and callers drop it again (both callers are idempotent).
+        // Not flushed here: the next flush (a checkpoint's) makes the drop durable. Until then a
+        // crash brings the tree back, and callers drop it again (both callers are idempotent).
         self.db.drop_tree(&name).map_err(|e| storage_error(&format!("dropping tree {name}"), e))?;
         Ok(())
     }
@@ -597,15 +610,12 @@ impl SledStorage {
 struct WriterState {
     db: sled::Db,
     meta: sled::Tree,
+    flush_lock: FlushLock,
     memtable: Arc<Memtable>,
-    /// The current write-ahead generation's tree.
-    wal: sled::Tree,
-    generation: u64,
-    /// Bytes appended to the current generation.
-    wal_bytes: usize,
+    wal_dir: PathBuf,
+    /// The current write-ahead generation.
+    wal: WalFile,
     wal_started: Instant,
-    /// Key of the next record of the current generation.
-    next_record: u64,
     /// The checkpoint being applied.
     in_flight: Option<Checkpoint>,
     /// The checkpointer's queue of frozen layers.
@@ -617,55 +627,39 @@ struct WriterState {
 }
 
 impl WriterState {
-    /// The write-ahead records of `entries`, as a batch of the current generation's tree.
-    fn wal_batch(&mut self, entries: &[Entry]) -> sled::Batch {
-        let mut batch = sled::Batch::default();
-        for record in memtable::encode_records(entries.iter()) {
-            self.wal_bytes += record.len();
-            batch.insert(&self.next_record.to_be_bytes(), record);
-            self.next_record += 1;
-        }
-        batch
-    }
-
-    /// Writes one group: own-tree entries to the write-ahead log and the memtable, a departed
-    /// node's straight to its tree; each request atomically.
+    /// Writes one group, each request atomically, and makes it durable: own-tree requests go to
+    /// the write-ahead log (one sync for the group), the memtable and (their metadata) the
+    /// metadata tree; a departed node's straight to its tree, then a sled flush.
     fn write(&mut self, group: &mut [WriteRequest]) -> Result<(), Error> {
-        let mut pending: Vec<Entry> = Vec::new();
+        let mut meta_batches: Vec<sled::Batch> = Vec::new();
+        let mut flush_sled = false;
         for request in group.iter_mut() {
             let entries = std::mem::take(&mut request.entries);
-            let meta_batch = std::mem::take(&mut request.meta);
+            let meta = std::mem::take(&mut request.meta);
             if let Some(tree) = &request.tree {
-                let mut batch = sled::Batch::default();
-                for (key, value) in entries {
-                    put_entry(&mut batch, key, value);
-                }
-                if request.has_meta {
-                    self.transaction(tree, batch, meta_batch)?;
+                if meta.is_empty() {
+                    tree.apply_batch(sled_batch(entries)).map_err(|e| storage_error("apply", e))?;
                 } else {
-                    tree.apply_batch(batch).map_err(|e| storage_error("apply", e))?;
+                    self.transaction(tree, sled_batch(entries), sled_batch(meta))?;
                 }
-            } else if request.has_meta {
-                // Keep the log's order: what came before goes first.
-                self.append(&mut pending)?;
-                let batch = self.wal_batch(&entries);
-                let wal = self.wal.clone();
-                self.transaction(&wal, batch, meta_batch)?;
+                flush_sled = true;
+            } else if meta.is_empty() {
+                self.wal.stage_data(&entries);
                 self.memtable.apply(entries);
             } else {
-                pending.extend(entries);
+                self.wal.stage_data_and_meta(&entries, &meta);
+                self.memtable.apply(entries);
+                meta_batches.push(sled_batch(meta));
             }
         }
-        self.append(&mut pending)
-    }
-
-    fn append(&mut self, pending: &mut Vec<Entry>) -> Result<(), Error> {
-        if pending.is_empty() {
-            return Ok(());
+        self.wal.sync().map_err(|e| storage_error("write-ahead log", e))?;
+        // The log has them: a crash from here on replays them into the metadata tree.
+        for batch in meta_batches {
+            self.meta.apply_batch(batch).map_err(|e| storage_error("apply meta", e))?;
         }
-        let batch = self.wal_batch(pending);
-        self.wal.apply_batch(batch).map_err(|e| storage_error("write-ahead append", e))?;
-        self.memtable.apply(pending.drain(..));
+        if flush_sled {
+            flush(&self.db, &self.flush_lock)?;
+        }
         Ok(())
     }
 
@@ -693,32 +687,24 @@ impl WriterState {
     /// Freezes the memtable, starts the next write-ahead generation and checkpoints the frozen
     /// one.
     fn rotate(&mut self) -> Result<(), Error> {
-        let next = self.generation + 1;
-        let wal = self
-            .db
-            .open_tree(memtable::wal_tree_name(next))
-            .map_err(|e| storage_error("opening the write-ahead tree", e))?;
+        let next = WalFile::create(&self.wal_dir, self.wal.generation() + 1)
+            .map_err(|e| storage_error("creating a write-ahead generation", e))?;
         let frozen = self.memtable.freeze();
-        let generations = vec![self.generation];
-        self.wal = wal;
-        self.generation = next;
-        self.wal_bytes = 0;
+        let generations = vec![std::mem::replace(&mut self.wal, next).generation()];
         self.wal_started = Instant::now();
-        self.next_record = 0;
         self.start(Checkpoint { frozen, generations });
         Ok(())
     }
 
-    /// A checkpoint was applied: make it durable, then drop its generations.
+    /// A checkpoint was applied and flushed: remove its generations and release its layer.
     fn finish(&mut self, outcome: Result<(), Error>) -> Result<(), Error> {
         let Checkpoint { frozen, generations } = self.in_flight.take().expect("a checkpoint in flight");
         outcome?;
-        self.db.flush().map_err(|e| storage_error("flush", e))?;
         for generation in generations {
-            self.db
-                .drop_tree(memtable::wal_tree_name(generation))
-                .map_err(|e| storage_error("dropping a write-ahead tree", e))?;
+            let file = wal::path(&self.wal_dir, generation);
+            std::fs::remove_file(&file).map_err(|e| storage_error(&format!("removing {}", file.display()), e))?;
         }
+        wal::sync_dir(&self.wal_dir).map_err(|e| storage_error("syncing the write-ahead directory", e))?;
         self.memtable.release(&frozen);
         metrics::counter!(m::STORE_CHECKPOINTS).increment(1);
         Ok(())
@@ -735,13 +721,13 @@ impl WriterState {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(checkpointer_stopped()),
             }
         }
-        let due = self.wal_bytes >= self.checkpoint_bytes
-            || (self.wal_bytes > 0 && self.wal_started.elapsed() >= self.interval);
+        let wal_bytes = self.wal.bytes();
+        let due = wal_bytes >= self.checkpoint_bytes || (wal_bytes > 0 && self.wal_started.elapsed() >= self.interval);
         if !due {
             return Ok(());
         }
         if self.in_flight.is_some() {
-            if self.wal_bytes < 2 * self.checkpoint_bytes {
+            if wal_bytes < 2 * self.checkpoint_bytes {
                 return Ok(());
             }
             let waited = Instant::now();
@@ -761,7 +747,7 @@ impl WriterState {
     fn record_gauges(&self) {
         let (active, frozen) = self.memtable.bytes();
         metrics::gauge!(m::STORE_MEMTABLE_BYTES).set((active + frozen) as f64);
-        metrics::gauge!(m::STORE_WAL_BYTES).set(self.wal_bytes as f64);
+        metrics::gauge!(m::STORE_WAL_BYTES).set(self.wal.bytes() as f64);
     }
 }
 
@@ -780,16 +766,11 @@ fn writer_loop(mut state: WriterState, mut queue: mpsc::Receiver<WriterMsg>, max
         }
         if !group.is_empty() {
             let started = Instant::now();
-            let mut outcome: Result<(), Error> = if state.failed.load(Ordering::SeqCst) {
+            let outcome: Result<(), Error> = if state.failed.load(Ordering::SeqCst) {
                 Err(Error::Unavailable("storage has failed; the node is stopping".into()))
             } else {
                 state.write(&mut group)
             };
-            if outcome.is_ok() {
-                if let Err(e) = state.db.flush() {
-                    outcome = Err(storage_error("flush", e));
-                }
-            }
             if let Err(e) = &outcome {
                 state.fail(e.clone());
             }
@@ -810,10 +791,12 @@ fn writer_loop(mut state: WriterState, mut queue: mpsc::Receiver<WriterMsg>, max
     }
 }
 
-/// Applies frozen layers to the data tree, one at a time; wakes the writer when one is done, and
-/// every `tick` so that it can start a checkpoint that is due by age.
+/// Applies frozen layers to the data tree and flushes, one at a time; wakes the writer when one
+/// is done, and every `tick` so that it can start a checkpoint that is due by age.
 fn checkpointer_loop(
-    data: sled::Tree,
+    db: &sled::Db,
+    data: &sled::Tree,
+    flush_lock: &FlushLock,
     jobs: std::sync::mpsc::Receiver<Arc<Frozen>>,
     done: std::sync::mpsc::Sender<Result<(), Error>>,
     wake: mpsc::WeakSender<WriterMsg>,
@@ -829,7 +812,7 @@ fn checkpointer_loop(
         match jobs.recv_timeout(tick) {
             Ok(frozen) => {
                 let started = Instant::now();
-                let outcome = apply_frozen(&data, &frozen);
+                let outcome = apply_frozen(data, &frozen).and_then(|()| flush(db, flush_lock));
                 metrics::histogram!(m::STORE_CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
                 if done.send(outcome).is_err() {
                     return;
@@ -840,6 +823,15 @@ fn checkpointer_loop(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// Entries as a sled batch: each a value, or a deletion.
+fn sled_batch(entries: impl IntoIterator<Item = Entry>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (key, value) in entries {
+        put_entry(&mut batch, key, value);
+    }
+    batch
 }
 
 /// Adds an entry to a sled batch: its value, or its deletion.
@@ -868,26 +860,69 @@ fn apply_frozen(data: &sled::Tree, frozen: &Frozen) -> Result<(), Error> {
     data.apply_batch(batch).map_err(|e| storage_error("checkpoint", e))
 }
 
-/// Reads back the write-ahead generations on disk, oldest first, into one frozen layer (later
-/// writes win); returns it (when any entry was found) and the generation to write next.
-fn replay(db: &sled::Db) -> Result<(Option<Checkpoint>, u64), Error> {
-    let mut generations: Vec<u64> = db.tree_names().iter().filter_map(|name| memtable::wal_generation(name)).collect();
-    generations.sort_unstable();
+/// Reads back the write-ahead generations in `dir`, oldest first: data entries into one frozen
+/// layer (later writes win), metadata entries straight into `meta` (they stay in the log until
+/// a checkpoint's flush has made them durable). Returns the layer (when any generation was
+/// found) and the generation to write next. A torn tail of the newest generation (a write that
+/// was never acknowledged) is cut off, so that it is not in the middle of the log next time.
+fn replay(dir: &Path, meta: &sled::Tree) -> Result<(Option<Checkpoint>, u64), Error> {
+    let generations = wal::generations(dir).map_err(|e| storage_error(&format!("listing {}", dir.display()), e))?;
     let next = generations.last().map_or(0, |newest| newest + 1);
     let mut frozen = Frozen::default();
-    for generation in &generations {
-        let tree = db
-            .open_tree(memtable::wal_tree_name(*generation))
-            .map_err(|e| storage_error("opening a write-ahead tree", e))?;
-        for record in tree.iter() {
-            let (_, record) = record.map_err(|e| storage_error("reading the write-ahead log", e))?;
-            memtable::decode_record(&record, &mut |key, value| frozen.put(key, value)).map_err(corrupt)?;
+    let mut meta_batch = sled::Batch::default();
+    for &generation in &generations {
+        let newest = next == generation + 1;
+        let report = wal::read(dir, generation, newest, &mut |key, value| frozen.put(key, value), &mut |key, value| {
+            put_entry(&mut meta_batch, key, value)
+        })
+        .map_err(corrupt)?;
+        if report.torn_bytes > 0 {
+            let path = wal::path(dir, generation);
+            warn!(
+                file = %path.display(),
+                torn_bytes = report.torn_bytes,
+                "the write-ahead log ends in a torn frame (a write cut short and never acknowledged): ignored"
+            );
+            let cut = (|| {
+                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                file.set_len(file.metadata()?.len() - report.torn_bytes as u64)?;
+                file.sync_all()
+            })();
+            cut.map_err(|e| storage_error(&format!("cutting the torn tail of {}", path.display()), e))?;
         }
     }
+    meta.apply_batch(meta_batch).map_err(|e| storage_error("replaying metadata", e))?;
     if generations.is_empty() {
         return Ok((None, next));
     }
     Ok((Some(Checkpoint { frozen: Arc::new(frozen), generations }), next))
+}
+
+/// Applies and drops the write-ahead trees an earlier version kept inside sled (`wal-<n>`, of
+/// records encoded like the log's entries), oldest first.
+fn read_legacy_wal(db: &sled::Db, data: &sled::Tree, flush_lock: &FlushLock) -> Result<(), Error> {
+    let mut names: Vec<sled::IVec> =
+        db.tree_names().into_iter().filter(|name| name.starts_with(LEGACY_WAL_PREFIX.as_bytes())).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let mut frozen = Frozen::default();
+    for name in &names {
+        let tree = db.open_tree(name).map_err(|e| storage_error("opening a legacy write-ahead tree", e))?;
+        for record in tree.iter() {
+            let (_, record) = record.map_err(|e| storage_error("reading a legacy write-ahead tree", e))?;
+            wal::decode_entries(&record, &mut |key, value| frozen.put(key, value)).map_err(corrupt)?;
+        }
+    }
+    apply_frozen(data, &frozen)?;
+    flush(db, flush_lock)?;
+    for name in names {
+        db.drop_tree(name).map_err(|e| storage_error("dropping a legacy write-ahead tree", e))?;
+    }
+    flush(db, flush_lock)?;
+    info!(entries = frozen.entries.len(), "legacy write-ahead trees applied");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1026,6 +1061,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut random = tollgate_rules::fleet::Xorshift::new(7);
         let mut model: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+        let mut meta_model: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        let meta_of = |store: &SledStorage| -> Vec<Option<Vec<u8>>> {
+            (0..4).map(|k| store.meta(&format!("marker-{k}")).unwrap()).collect()
+        };
+        let expected_meta = |model: &std::collections::BTreeMap<String, Vec<u8>>| -> Vec<Option<Vec<u8>>> {
+            (0..4).map(|k| model.get(&format!("marker-{k}")).cloned()).collect()
+        };
         let mut store = SledStorage::open(dir.path(), &raw_settings()).unwrap();
         let mut checkpointed = false;
         for round in 0..60 {
@@ -1042,8 +1084,20 @@ mod tests {
                     batch.push(Op::PutRaw { key, value });
                 }
             }
+            // Every third batch also changes the metadata tree, atomically with its data.
+            if round % 3 == 0 {
+                let key = format!("marker-{}", random.below(4));
+                if random.below(3) == 0 {
+                    meta_model.remove(&key);
+                    batch.push(Op::DeleteMeta { key });
+                } else {
+                    meta_model.insert(key.clone(), vec![round as u8]);
+                    batch.push(Op::Meta { key, value: vec![round as u8] });
+                }
+            }
             store.commit(batch).await.unwrap().await.unwrap().unwrap();
             assert_eq!(everything(&store), model.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>());
+            assert_eq!(meta_of(&store), expected_meta(&meta_model));
             checkpointed |= !store.data.is_empty();
             if round % 7 == 3 {
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -1056,14 +1110,14 @@ mod tests {
                     model.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>(),
                     "after reopening"
                 );
+                assert_eq!(meta_of(&store), expected_meta(&meta_model), "metadata after reopening");
             }
         }
         assert!(checkpointed, "some writes reached the data tree");
         // Idle: the age-based checkpoint empties the memtable and drops every old generation.
         let deadline = Instant::now() + Duration::from_secs(20);
         let memtable = Arc::clone(store.memtable.as_ref().unwrap());
-        while memtable.bytes() != (0, 0) || store.db.tree_names().iter().filter(|n| n.starts_with(b"wal-")).count() > 1
-        {
+        while memtable.bytes() != (0, 0) || wal::generations(&dir.path().join("wal")).unwrap().len() > 1 {
             assert!(Instant::now() < deadline, "the memtable was never checkpointed: {:?}", memtable.bytes());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1074,5 +1128,92 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(tree, model.into_iter().collect::<Vec<_>>());
+    }
+
+    fn put(key: &str, value: &str) -> Op {
+        Op::PutRaw { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() }
+    }
+
+    /// A crash in the middle of a write leaves a torn frame at the end of the newest generation:
+    /// the store opens with everything acknowledged before it, cuts the torn bytes off, and later
+    /// generations do not make it look like corruption in the middle of the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_reopens_after_a_torn_write_ahead_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StorageConfig { checkpoint_interval_ms: 600_000, ..raw_settings() };
+        let store = SledStorage::open(dir.path(), &settings).unwrap();
+        let mut batch = StoreBatch::default();
+        batch.push(put("Ekept", "1"));
+        batch.push(Op::Meta { key: "marker".into(), value: b"m".to_vec() });
+        store.commit(batch).await.unwrap().await.unwrap().unwrap();
+        drop(store);
+        let wal_dir = dir.path().join("wal");
+        let newest = *wal::generations(&wal_dir).unwrap().last().unwrap();
+        let file = wal::path(&wal_dir, newest);
+        let length = std::fs::metadata(&file).unwrap().len();
+        assert!(length > 0, "the acknowledged write is in the log, not yet checkpointed");
+        // The start of a frame whose payload never made it to disk.
+        let mut torn = std::fs::read(&file).unwrap();
+        torn.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 0, 9]);
+        std::fs::write(&file, &torn).unwrap();
+
+        // Replay alone (the store's open would start checkpointing the generation away).
+        let scratch = sled::Config::new().temporary(true).open().unwrap();
+        let (replayed, next) = replay(&wal_dir, &scratch.open_tree("meta").unwrap()).unwrap();
+        let replayed = replayed.unwrap();
+        assert_eq!((replayed.generations.clone(), next), (vec![newest], newest + 1));
+        assert_eq!(replayed.frozen.entries.get(b"Ekept".as_slice()), Some(&Some(b"1".to_vec())));
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), length, "the torn tail is cut off");
+        std::fs::write(&file, &torn).unwrap();
+
+        let store = SledStorage::open(dir.path(), &settings).unwrap();
+        assert_eq!(store.get(b"Ekept").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.meta("marker").unwrap(), Some(b"m".to_vec()));
+        let mut batch = StoreBatch::default();
+        batch.push(put("Elater", "2"));
+        store.commit(batch).await.unwrap().await.unwrap().unwrap();
+        drop(store);
+        let store = SledStorage::open(dir.path(), &settings).unwrap();
+        assert_eq!(store.get(b"Ekept").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.get(b"Elater").unwrap(), Some(b"2".to_vec()));
+        drop(store);
+
+        // Damage in a generation that is not the newest is corruption, reported as such.
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("wal");
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        let mut older = WalFile::create(&wal_dir, 5).unwrap();
+        older.stage_data(&[(b"Ea".to_vec(), Some(b"1".to_vec()))]);
+        older.sync().unwrap();
+        WalFile::create(&wal_dir, 6).unwrap();
+        let file = wal::path(&wal_dir, 5);
+        let mut bytes = std::fs::read(&file).unwrap();
+        *bytes.last_mut().unwrap() ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        let error = SledStorage::open(dir.path(), &settings).unwrap_err();
+        assert!(error.to_string().contains("corrupt store") && error.to_string().contains("checksum"), "{error}");
+    }
+
+    /// A data directory written by the version that kept its write-ahead log in sled trees.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_applies_a_legacy_write_ahead_tree_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path().join("sled")).open().unwrap();
+            let mut older = Vec::new();
+            wal::encode_entries(
+                &[(b"Ea".to_vec(), Some(b"old".to_vec())), (b"Eb".to_vec(), Some(b"1".to_vec()))],
+                &mut older,
+            );
+            let mut newer = Vec::new();
+            wal::encode_entries(&[(b"Ea".to_vec(), Some(b"new".to_vec())), (b"Eb".to_vec(), None)], &mut newer);
+            db.open_tree("wal-00000000000000000003").unwrap().insert(0u64.to_be_bytes(), older).unwrap();
+            db.open_tree("wal-00000000000000000004").unwrap().insert(0u64.to_be_bytes(), newer).unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStorage::open(dir.path(), &raw_settings()).unwrap();
+        assert_eq!(store.data.get(b"Ea").unwrap().map(|v| v.to_vec()), Some(b"new".to_vec()));
+        assert_eq!(store.get(b"Eb").unwrap(), None);
+        assert!(!store.db.tree_names().iter().any(|name| name.starts_with(b"wal-")), "legacy trees dropped");
     }
 }

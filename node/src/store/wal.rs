@@ -1,0 +1,309 @@
+//! The write-ahead log on disk: one append-only file per generation, `<generation:020>.wal` in
+//! the store's `wal/` directory, made of frames.
+//!
+//! A frame is `[payload length: u32][CRC-32 of the payload: u32][payload]` (little-endian), and a
+//! payload is one or more whole write requests, so that a request is in the log entirely or not
+//! at all:
+//!
+//! - `0x00` then entries of the data tree;
+//! - `0x01`, the `u32` length of the data part, the data tree's entries, then the metadata tree's
+//!   entries (a request that changes both, such as a hand-over with its marker).
+//!
+//! Entries are encoded as [`encode_entries`] writes them. The writer appends the frames of a
+//! whole group with one `write` and makes them durable with one `fdatasync`: that is the only
+//! disk wait of an acknowledgement, whatever the size of the group.
+//!
+//! A crash can leave the newest generation with a torn last frame (a length past the end, or a
+//! CRC that does not match): that frame was never acknowledged, and reading stops there. The same
+//! in an older generation, which was complete and synced before the next one was created, is
+//! corruption and an error.
+
+use super::memtable::Entry;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Payload kind: entries of the data tree only.
+const DATA: u8 = 0;
+/// Payload kind: entries of the data tree, then of the metadata tree.
+const DATA_AND_META: u8 = 1;
+/// Bytes of a frame header.
+const HEADER: usize = 8;
+/// File name suffix of a generation.
+const SUFFIX: &str = ".wal";
+
+/// Appends `entries`: per entry, the `u32` key length, the key, then `u32::MAX` for a deletion or
+/// the `u32` value length and the value; all big-endian.
+pub fn encode_entries<'a>(entries: impl IntoIterator<Item = &'a Entry>, out: &mut Vec<u8>) {
+    for (key, value) in entries {
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        match value {
+            Some(value) => {
+                out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                out.extend_from_slice(value);
+            }
+            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+}
+
+/// Decodes what [`encode_entries`] wrote.
+pub fn decode_entries(mut bytes: &[u8], out: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>)) -> Result<(), String> {
+    fn take<'a>(bytes: &mut &'a [u8], len: usize) -> Result<&'a [u8], String> {
+        if bytes.len() < len {
+            return Err(format!("write-ahead entry truncated: {} bytes left, {len} needed", bytes.len()));
+        }
+        let (head, tail) = bytes.split_at(len);
+        *bytes = tail;
+        Ok(head)
+    }
+    fn length(bytes: &mut &[u8]) -> Result<u32, String> {
+        Ok(u32::from_be_bytes(take(bytes, 4)?.try_into().expect("four bytes")))
+    }
+    while !bytes.is_empty() {
+        let key_len = length(&mut bytes)? as usize;
+        let key = take(&mut bytes, key_len)?.to_vec();
+        let value = match length(&mut bytes)? {
+            u32::MAX => None,
+            len => Some(take(&mut bytes, len as usize)?.to_vec()),
+        };
+        out(key, value);
+    }
+    Ok(())
+}
+
+/// The file of a generation.
+pub fn path(dir: &Path, generation: u64) -> PathBuf {
+    // Zero-padded so that names sort like generations.
+    dir.join(format!("{generation:020}{SUFFIX}"))
+}
+
+/// The generations in `dir`, oldest first.
+pub fn generations(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut generations = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(generation) = name.to_str().and_then(|n| n.strip_suffix(SUFFIX)).and_then(|n| n.parse().ok()) {
+            generations.push(generation);
+        }
+    }
+    generations.sort_unstable();
+    Ok(generations)
+}
+
+/// Makes the directory's entries (files created or removed) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The open generation: frames are staged in memory, then written and synced together.
+#[derive(Debug)]
+pub struct WalFile {
+    file: File,
+    generation: u64,
+    /// Frames staged since the last sync.
+    staged: Vec<u8>,
+    /// Bytes in the file, synced or not.
+    len: usize,
+}
+
+impl WalFile {
+    /// Creates the file of `generation` (it must not exist) and makes its name durable.
+    pub fn create(dir: &Path, generation: u64) -> io::Result<WalFile> {
+        let file = OpenOptions::new().append(true).create_new(true).open(path(dir, generation))?;
+        sync_dir(dir)?;
+        Ok(WalFile { file, generation, staged: Vec::new(), len: 0 })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Bytes in the generation, staged ones included.
+    pub fn bytes(&self) -> usize {
+        self.len + self.staged.len()
+    }
+
+    /// Stages a frame of data-tree entries.
+    pub fn stage_data<'a>(&mut self, entries: impl IntoIterator<Item = &'a Entry>) {
+        self.stage(|payload| {
+            payload.push(DATA);
+            encode_entries(entries, payload);
+        });
+    }
+
+    /// Stages a frame of data-tree and metadata-tree entries, applied together or not at all.
+    pub fn stage_data_and_meta(&mut self, data: &[Entry], meta: &[Entry]) {
+        self.stage(|payload| {
+            payload.push(DATA_AND_META);
+            let length_at = payload.len();
+            payload.extend_from_slice(&[0; 4]);
+            encode_entries(data, payload);
+            let data_len = (payload.len() - length_at - 4) as u32;
+            payload[length_at..length_at + 4].copy_from_slice(&data_len.to_le_bytes());
+            encode_entries(meta, payload);
+        });
+    }
+
+    fn stage(&mut self, write_payload: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.staged.len();
+        self.staged.extend_from_slice(&[0; HEADER]);
+        write_payload(&mut self.staged);
+        let payload = &self.staged[start + HEADER..];
+        let header = [(payload.len() as u32).to_le_bytes(), crc32fast::hash(payload).to_le_bytes()].concat();
+        self.staged[start..start + HEADER].copy_from_slice(&header);
+    }
+
+    /// Writes the staged frames and waits until they are on disk.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.staged)?;
+        self.file.sync_data()?;
+        self.len += self.staged.len();
+        self.staged.clear();
+        Ok(())
+    }
+}
+
+/// What reading a generation found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReadReport {
+    pub frames: usize,
+    /// Bytes of a torn last frame that were ignored (the newest generation only).
+    pub torn_bytes: usize,
+}
+
+/// Reads a generation's frames in order: `data` gets each data-tree entry, `meta` each
+/// metadata-tree entry. `newest`: a torn last frame is ignored (and reported) rather than an
+/// error.
+pub fn read(
+    dir: &Path,
+    generation: u64,
+    newest: bool,
+    data: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>),
+    meta: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>),
+) -> Result<ReadReport, String> {
+    let file_path = path(dir, generation);
+    let mut bytes = Vec::new();
+    File::open(&file_path)
+        .and_then(|mut file| file.read_to_end(&mut bytes))
+        .map_err(|e| format!("reading {}: {e}", file_path.display()))?;
+    let mut report = ReadReport::default();
+    let mut at = 0;
+    while at < bytes.len() {
+        let frame = frame_at(&bytes, at);
+        let Some(payload) = frame else {
+            if newest {
+                report.torn_bytes = bytes.len() - at;
+                break;
+            }
+            return Err(format!(
+                "{}: the frame at byte {at} is truncated or fails its checksum in a generation that was complete",
+                file_path.display()
+            ));
+        };
+        at += HEADER + payload.len();
+        report.frames += 1;
+        let context =
+            |e: String| format!("{}: frame at byte {}: {e}", file_path.display(), at - HEADER - payload.len());
+        match payload.split_first() {
+            Some((&DATA, entries)) => decode_entries(entries, data).map_err(context)?,
+            Some((&DATA_AND_META, rest)) if rest.len() >= 4 => {
+                let data_len = u32::from_le_bytes(rest[..4].try_into().expect("four bytes")) as usize;
+                let rest = &rest[4..];
+                if data_len > rest.len() {
+                    return Err(context(format!("data part of {data_len} bytes in {} bytes", rest.len())));
+                }
+                decode_entries(&rest[..data_len], data).map_err(context)?;
+                decode_entries(&rest[data_len..], meta).map_err(context)?;
+            }
+            _ => return Err(context("unknown payload kind".into())),
+        }
+    }
+    Ok(report)
+}
+
+/// The payload of the frame at `at`, if it is whole and its checksum matches.
+fn frame_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let header = bytes.get(at..at + HEADER)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("four bytes"));
+    let payload = bytes.get(at + HEADER..at + HEADER + len)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: Option<&str>) -> Entry {
+        (key.as_bytes().to_vec(), value.map(|v| v.as_bytes().to_vec()))
+    }
+
+    fn read_all(dir: &Path, generation: u64, newest: bool) -> Result<(Vec<Entry>, Vec<Entry>, ReadReport), String> {
+        let (mut data, mut meta) = (Vec::new(), Vec::new());
+        let report = read(dir, generation, newest, &mut |k, v| data.push((k, v)), &mut |k, v| meta.push((k, v)))?;
+        Ok((data, meta, report))
+    }
+
+    #[test]
+    fn test_entries_round_trip_and_truncation_is_an_error() {
+        let entries: Vec<Entry> = (0..500u32)
+            .map(|i| (i.to_be_bytes().to_vec(), if i % 7 == 0 { None } else { Some(vec![i as u8; i as usize % 50]) }))
+            .collect();
+        let mut bytes = Vec::new();
+        encode_entries(&entries, &mut bytes);
+        let mut decoded = Vec::new();
+        decode_entries(&bytes, &mut |key, value| decoded.push((key, value))).unwrap();
+        assert_eq!(decoded, entries);
+        let error = decode_entries(&bytes[..bytes.len() - 3], &mut |_, _| {}).unwrap_err();
+        assert!(error.contains("truncated"), "{error}");
+    }
+
+    #[test]
+    fn test_wal_frames_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = WalFile::create(dir.path(), 7).unwrap();
+        wal.stage_data(&[entry("a", Some("1")), entry("b", None)]);
+        wal.stage_data_and_meta(&[entry("c", Some("3"))], &[entry("marker", Some("m")), entry("old", None)]);
+        wal.sync().unwrap();
+        wal.stage_data(&[entry("a", Some("2"))]);
+        wal.sync().unwrap();
+        assert_eq!(wal.bytes(), std::fs::metadata(path(dir.path(), 7)).unwrap().len() as usize);
+        assert!(WalFile::create(dir.path(), 7).is_err(), "a generation is never reopened for writing");
+        assert_eq!(generations(dir.path()).unwrap(), vec![7]);
+        let (data, meta, report) = read_all(dir.path(), 7, false).unwrap();
+        assert_eq!(data, vec![entry("a", Some("1")), entry("b", None), entry("c", Some("3")), entry("a", Some("2"))]);
+        assert_eq!(meta, vec![entry("marker", Some("m")), entry("old", None)]);
+        assert_eq!(report, ReadReport { frames: 3, torn_bytes: 0 });
+    }
+
+    #[test]
+    fn test_wal_torn_tail_is_ignored_only_in_the_newest_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = WalFile::create(dir.path(), 1).unwrap();
+        wal.stage_data(&[entry("kept", Some("1"))]);
+        wal.stage_data(&[entry("torn", Some("2"))]);
+        wal.sync().unwrap();
+        let file = path(dir.path(), 1);
+        let full = std::fs::read(&file).unwrap();
+        let first_frame = HEADER + 1 + 4 + 4 + 4 + 1;
+        for cut in [first_frame + 3, full.len() - 1] {
+            std::fs::write(&file, &full[..cut]).unwrap();
+            let (data, _, report) = read_all(dir.path(), 1, true).unwrap();
+            assert_eq!(data, vec![entry("kept", Some("1"))], "cut at {cut}");
+            assert_eq!(report, ReadReport { frames: 1, torn_bytes: cut - first_frame });
+            let error = read_all(dir.path(), 1, false).unwrap_err();
+            assert!(error.contains(&format!("frame at byte {first_frame}")), "{error}");
+        }
+        // A flipped bit fails the checksum.
+        let mut flipped = full.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(&file, &flipped).unwrap();
+        assert_eq!(read_all(dir.path(), 1, true).unwrap().2.torn_bytes, full.len() - first_frame);
+        assert!(read_all(dir.path(), 1, false).is_err());
+    }
+}

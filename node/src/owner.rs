@@ -553,8 +553,16 @@ impl OwnerState {
         let minute = minute_of(point_key.time_ns) as u64;
         let rolled_until = self.partitions[&partition].rolled_until;
         let keys = state_keys(id, minute, rolled_until);
+        // The series' cursor remembers the newest point it accepted (and is stored with the
+        // states it merged): a later minute has no stored state, so the store is not read.
+        let newest_minute =
+            self.table.get(&id).and_then(|entry| entry.cursor.seen.back()).map(|k| minute_of(k.time_ns));
         for key in &keys {
-            self.load_state(*key)?;
+            if key.1 == Resolution::Minute && newest_minute.is_some_and(|newest| minute > newest as u64) {
+                self.cache.entry(*key).or_default();
+            } else {
+                self.load_state(*key)?;
+            }
         }
         let cache = &mut self.cache;
         let applied = self.table.apply(point, now, &config.rules, &config.pricing, report, |_, _, delta| {

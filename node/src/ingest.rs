@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::metrics as m;
 use crate::owner::OwnerHandle;
 use crate::runtime::RuntimeConfig;
-use crate::wire::{self, WireLog, WirePoint};
+use crate::wire::{self, WireLog};
 use futures_util::future::{BoxFuture, FutureExt};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -123,10 +123,9 @@ impl Ingest {
                 Route::Local(owner) => pending.push(submit_metrics(&owner, points)?),
                 Route::Remote { addr, epoch } => {
                     metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(points.len() as u64);
-                    let wire: Vec<WirePoint> = points.into_iter().map(WirePoint::from).collect();
                     let batch = VnodeBatch {
                         vnode: u32::from(vnode),
-                        payload: wire::encode(&wire),
+                        payload: wire::encode_points(&points),
                         batch_fingerprint: Vec::new(),
                     };
                     remote.add(addr, epoch, batch);

@@ -8,7 +8,7 @@ use crate::metrics as m;
 use crate::owner::OwnerHandle;
 use crate::query::{LogQuery, QueryEngine};
 use crate::store::Storage;
-use crate::wire::{self, WireLog, WirePoint};
+use crate::wire::{self, WireLog};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,7 +24,7 @@ use tollgate_proto::peer::{
     QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
 use tollgate_proto::CLUSTER_SECRET_HEADER;
-use tollgate_rules::{ExtractedLog, ExtractedPoint, MetricQuery};
+use tollgate_rules::{ExtractedLog, MetricQuery};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -95,8 +95,7 @@ impl Peer for PeerService {
                 return Err(invalid(format!("vnode {} appears twice in one forward", batch.vnode)));
             }
             if signal == Signal::Metrics {
-                let wire: Vec<WirePoint> = wire::decode("points", &batch.payload).map_err(invalid)?;
-                points.push((owner, wire.into_iter().map(ExtractedPoint::from).collect()));
+                points.push((owner, wire::decode_points(&batch.payload).map_err(invalid)?));
             } else {
                 let wire: Vec<WireLog> = wire::decode("log records", &batch.payload).map_err(invalid)?;
                 let records: Vec<ExtractedLog> =

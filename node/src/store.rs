@@ -14,6 +14,7 @@ pub mod codec;
 pub mod handoff;
 pub mod memtable;
 pub mod sled_store;
+pub mod wal;
 
 use crate::error::Error;
 use serde::{Deserialize, Serialize};

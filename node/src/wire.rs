@@ -21,24 +21,6 @@ pub struct WirePoint {
     point: ValidPoint,
 }
 
-impl From<ExtractedPoint> for WirePoint {
-    fn from(point: ExtractedPoint) -> WirePoint {
-        let attributes = point
-            .attributes
-            .iter()
-            .map(|kv| (kv.key.clone(), tollgate_rules::attributes::value_text(kv.value.as_ref()).into_owned()))
-            .collect();
-        WirePoint {
-            series: point.series.0,
-            entity: (*point.entity).clone(),
-            partition: point.partition,
-            metric: point.metric.to_string(),
-            attributes,
-            point: point.point,
-        }
-    }
-}
-
 /// Encodes points for their owner, read back as [`WirePoint`]s by [`decode_points`], straight
 /// from the extracted points: postcard lays out borrowed strings and references exactly like the
 /// owned values, so nothing is copied into a `WirePoint` first.
@@ -113,19 +95,6 @@ fn string_attribute(key: String, value: String) -> KeyValue {
     KeyValue { key, value: Some(AnyValue { value: Some(Value::StringValue(value)) }), ..Default::default() }
 }
 
-impl From<WirePoint> for ExtractedPoint {
-    fn from(point: WirePoint) -> ExtractedPoint {
-        ExtractedPoint {
-            series: SeriesId(point.series),
-            entity: Arc::new(point.entity),
-            partition: point.partition,
-            metric: Arc::from(point.metric.as_str()),
-            attributes: point.attributes.into_iter().map(|(k, v)| string_attribute(k, v)).collect(),
-            point: point.point,
-        }
-    }
-}
-
 /// A log record on its way to its owner (the record itself as OTLP protobuf).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WireLog {
@@ -189,6 +158,25 @@ mod tests {
     use tollgate_rules::testing::{gateway_resource, Convention, GatewayPod};
     use tollgate_rules::{extract_logs, extract_metrics, CompiledRules};
 
+    /// The owned form [`encode_points`] must encode exactly like.
+    impl From<ExtractedPoint> for WirePoint {
+        fn from(point: ExtractedPoint) -> WirePoint {
+            let attributes = point
+                .attributes
+                .iter()
+                .map(|kv| (kv.key.clone(), tollgate_rules::attributes::value_text(kv.value.as_ref()).into_owned()))
+                .collect();
+            WirePoint {
+                series: point.series.0,
+                entity: (*point.entity).clone(),
+                partition: point.partition,
+                metric: point.metric.to_string(),
+                attributes,
+                point: point.point,
+            }
+        }
+    }
+
     #[test]
     fn test_points_survive_the_wire_with_their_series_id() {
         let mut pod = GatewayPod::new("gw", "pod-0", 2, false, 10, 1_764_151_200);
@@ -197,7 +185,7 @@ mod tests {
         for point in &batch.points {
             let key = point.key();
             let wire: WirePoint = point.clone().into();
-            let back: ExtractedPoint = decode::<WirePoint>("point", &encode(&wire)).unwrap().into();
+            let back = decode_points(&encode(&vec![wire])).unwrap().remove(0);
             assert_eq!(back.series, key.id());
             assert_eq!(back.key(), key);
             assert_eq!(back.point, point.point);

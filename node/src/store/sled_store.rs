@@ -895,12 +895,8 @@ fn replay(dir: &Path, meta: &sled::Tree) -> Result<(Option<Checkpoint>, u64), Er
                 torn_bytes = report.torn_bytes,
                 "the write-ahead log ends in a torn frame (a write cut short and never acknowledged): ignored"
             );
-            let cut = (|| {
-                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-                file.set_len(file.metadata()?.len() - report.torn_bytes as u64)?;
-                file.sync_all()
-            })();
-            cut.map_err(|e| storage_error(&format!("cutting the torn tail of {}", path.display()), e))?;
+            wal::cut_torn_tail(dir, generation, report.torn_bytes)
+                .map_err(|e| storage_error(&format!("cutting the torn tail of {}", path.display()), e))?;
         }
     }
     meta.apply_batch(meta_batch).map_err(|e| storage_error("replaying metadata", e))?;

@@ -205,10 +205,10 @@ pub fn read(
                 file_path.display()
             ));
         };
+        let frame_start = at;
         at += HEADER + payload.len();
         report.frames += 1;
-        let context =
-            |e: String| format!("{}: frame at byte {}: {e}", file_path.display(), at - HEADER - payload.len());
+        let context = |e: String| format!("{}: frame at byte {frame_start}: {e}", file_path.display());
         match payload.split_first() {
             Some((&DATA, entries)) => decode_entries(entries, data).map_err(context)?,
             Some((&DATA_AND_META, rest)) if rest.len() >= 4 => {
@@ -224,6 +224,14 @@ pub fn read(
         }
     }
     Ok(report)
+}
+
+/// Cuts the torn tail [`read`] reported off the end of a generation, so that it is not in the
+/// middle of the log once later generations exist.
+pub fn cut_torn_tail(dir: &Path, generation: u64, torn_bytes: usize) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).open(path(dir, generation))?;
+    file.set_len(file.metadata()?.len() - torn_bytes as u64)?;
+    file.sync_all()
 }
 
 /// The payload of the frame at `at`, if it is whole and its checksum matches.

@@ -275,7 +275,7 @@ pub async fn serve(
     );
     tonic::transport::Server::builder()
         .add_service(server)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
         .await
 }
 

@@ -297,7 +297,9 @@ impl Node {
             let address = endpoints.otlp_http;
             tasks.spawn(async move {
                 info!(%address, "otlp http listening");
-                if let Err(e) = axum::serve(http_listener, router).with_graceful_shutdown(shutdown).await {
+                if let Err(e) =
+                    axum::serve(crate::net::http_listener(http_listener), router).with_graceful_shutdown(shutdown).await
+                {
                     error!(error = %e, "otlp http server failed");
                 }
             });
@@ -318,7 +320,9 @@ impl Node {
             let address = endpoints.http;
             tasks.spawn(async move {
                 info!(%address, "api listening");
-                if let Err(e) = axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await {
+                if let Err(e) =
+                    axum::serve(crate::net::http_listener(api_listener), router).with_graceful_shutdown(shutdown).await
+                {
                     error!(error = %e, "api server failed");
                 }
             });

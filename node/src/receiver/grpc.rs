@@ -104,7 +104,7 @@ pub async fn serve(
         .layer(ChargeWireBytes { budget })
         .add_service(metrics)
         .add_service(logs)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
         .await
 }
 

@@ -95,6 +95,6 @@ pub async fn bind(
     let server = tonic::transport::Server::builder()
         .add_service(metrics)
         .add_service(logs)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(tollgate::net::grpc_incoming(listener), shutdown);
     Ok((bound, server))
 }

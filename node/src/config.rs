@@ -99,7 +99,7 @@ impl Default for StorageConfig {
             cache_capacity_bytes: 256 * 1024 * 1024,
             max_batches_per_flush: 512,
             writer_queue_capacity: 1024,
-            checkpoint_bytes: 16 * 1024 * 1024,
+            checkpoint_bytes: 64 * 1024 * 1024,
             checkpoint_interval_ms: 30_000,
         }
     }

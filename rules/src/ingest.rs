@@ -416,37 +416,54 @@ pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) ->
 /// attributes. A retried export yields the same fingerprints; two records that differ in any of
 /// these do not.
 pub fn log_fingerprint(entity: &Entity, record: &LogRecord) -> u128 {
-    let mut bytes: Vec<u8> = Vec::with_capacity(256);
+    // The canonical attribute set (first of repeated keys, sorted), borrowed rather than copied:
+    // the records of an access log carry some 25 attributes each. Sorting by (key, position)
+    // and keeping the first of each key is the first occurrence, in O(n log n).
+    let mut attributes: Vec<(&str, usize, Cow<'_, str>)> = record
+        .attributes
+        .iter()
+        .enumerate()
+        .map(|(position, kv)| (kv.key.as_str(), position, crate::attributes::value_text(kv.value.as_ref())))
+        .collect();
+    attributes.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
+    attributes.dedup_by(|later, first| later.0 == first.0);
+    let body = crate::attributes::value_text(record.body.as_ref());
+    let instance: &[u8] = match &entity.instance {
+        Some(instance) => instance.as_bytes(),
+        None => &[0xff], // not valid UTF-8, so no instance name encodes like this
+    };
+    let fixed = [
+        entity.service.len(),
+        instance.len(),
+        8,
+        8,
+        4,
+        record.severity_text.len(),
+        body.len(),
+        record.trace_id.len(),
+        record.span_id.len(),
+    ];
+    let size =
+        fixed.into_iter().chain(attributes.iter().flat_map(|(key, _, value)| [key.len(), value.len()].into_iter()));
+    let mut bytes: Vec<u8> = Vec::with_capacity(size.map(|len| 4 + len).sum());
     let mut push = |value: &[u8]| {
         bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
         bytes.extend_from_slice(value);
     };
     push(entity.service.as_bytes());
-    match &entity.instance {
-        Some(instance) => push(instance.as_bytes()),
-        None => push(&[0xff]), // not valid UTF-8, so no instance name encodes like this
-    }
+    push(instance);
     push(&record.time_unix_nano.to_le_bytes());
     push(&record.observed_time_unix_nano.to_le_bytes());
     push(&record.severity_number.to_le_bytes());
     push(record.severity_text.as_bytes());
-    push(crate::attributes::value_text(record.body.as_ref()).as_bytes());
+    push(body.as_bytes());
     push(&record.trace_id);
     push(&record.span_id);
-    // The canonical attribute set (first of repeated keys, sorted), borrowed rather than copied:
-    // the records of an access log carry some 25 attributes each.
-    let mut attributes: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(record.attributes.len());
-    for kv in &record.attributes {
-        if attributes.iter().any(|(key, _)| *key == kv.key) {
-            continue;
-        }
-        attributes.push((kv.key.as_str(), crate::attributes::value_text(kv.value.as_ref())));
-    }
-    attributes.sort_unstable();
-    for (key, value) in &attributes {
+    for (key, _, value) in &attributes {
         push(key.as_bytes());
         push(value.as_bytes());
     }
+    debug_assert_eq!(bytes.len(), bytes.capacity());
     xxhash_rust::xxh3::xxh3_128(&bytes)
 }
 
@@ -897,6 +914,7 @@ mod tests {
 
     #[test]
     fn test_log_fingerprint_is_canonical_and_tells_records_apart() {
+        let no_instance = || Entity { service: "gw".into(), instance: None };
         use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
         let int = |key: &str, value: i64| KeyValue {
             key: key.into(),
@@ -930,11 +948,25 @@ mod tests {
         other_value.attributes[1] = int("response_code", 502);
         let mut other_time = record.clone();
         other_time.time_unix_nano += 1;
-        let no_instance = Entity { service: "gw".into(), instance: None };
+        // A record shaped like the gateway's access log (25 attributes, some keys repeated, in
+        // several orders) fingerprints as the model does.
+        let mut many = record.clone();
+        many.body = Some(AnyValue { value: Some(any_value::Value::StringValue("GET /v1/chat 200".into())) });
+        many.severity_text = "INFO".into();
+        many.trace_id = vec![7; 16];
+        many.span_id = vec![9; 8];
+        many.attributes = (0..25)
+            .map(|i| crate::testing::string_attribute(&format!("key.{}", (i * 7) % 19), &format!("value {i}")))
+            .collect();
+        for rotation in 0..5 {
+            many.attributes.rotate_left(rotation * 3);
+            assert_eq!(log_fingerprint(&entity, &many), fingerprint_model(&entity, &many));
+            assert_eq!(log_fingerprint(&no_instance(), &many), fingerprint_model(&no_instance(), &many));
+        }
         for (what, other) in [
             ("a value", log_fingerprint(&entity, &other_value)),
             ("the time", log_fingerprint(&entity, &other_time)),
-            ("the instance", log_fingerprint(&no_instance, &record)),
+            ("the instance", log_fingerprint(&no_instance(), &record)),
         ] {
             assert_ne!(other, fingerprint, "{what} differs");
         }

@@ -83,6 +83,10 @@ pub struct StorageConfig {
     pub cache_capacity_bytes: u64,
     /// Most write batches one flush may group.
     pub max_batches_per_flush: usize,
+    /// When the previous group held more than one batch (writes are arriving concurrently), the
+    /// writer waits this long, microseconds, for more batches before it syncs a group: fewer
+    /// syncs, each acknowledgement later by at most this. 0 disables the wait.
+    pub commit_delay_us: u64,
     /// Write batches waiting for the writer; beyond it owners wait (back-pressure).
     pub writer_queue_capacity: usize,
     /// Write-ahead bytes after which the memtable is checkpointed into the data tree. While a
@@ -98,6 +102,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_capacity_bytes: 256 * 1024 * 1024,
             max_batches_per_flush: 512,
+            commit_delay_us: 300,
             writer_queue_capacity: 1024,
             checkpoint_bytes: 64 * 1024 * 1024,
             checkpoint_interval_ms: 30_000,
@@ -349,6 +354,9 @@ impl NodeConfig {
         if self.storage.checkpoint_bytes < 64 * 1024 {
             return fail("storage.checkpoint_bytes: at least 64 KiB (65536)".into());
         }
+        if self.storage.commit_delay_us > 10_000 {
+            return fail("storage.commit_delay_us: at most 10000 (10 ms)".into());
+        }
         if self.storage.checkpoint_interval_ms < 100 {
             return fail("storage.checkpoint_interval_ms: at least 100".into());
         }
@@ -469,6 +477,11 @@ mod tests {
         assert!(bad.validate().unwrap_err().0.contains("limits.max_inflight_bytes"));
         let bad = NodeConfig { node_id: Some("a b".into()), ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("node_id"));
+        let bad = NodeConfig {
+            storage: StorageConfig { commit_delay_us: 10_001, ..Default::default() },
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().0.contains("storage.commit_delay_us"));
         let bad = NodeConfig { http_addr: addr("0.0.0.0:4317"), ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("used twice"));
     }

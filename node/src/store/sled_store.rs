@@ -195,9 +195,10 @@ impl SledStorage {
             state.start(checkpoint);
         }
         let max_batches_per_flush = settings.max_batches_per_flush;
+        let commit_delay = Duration::from_micros(settings.commit_delay_us);
         let writer_thread = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || writer_loop(state, queue, max_batches_per_flush))
+            .spawn(move || writer_loop(state, queue, max_batches_per_flush, commit_delay))
             .map_err(|e| storage_error("starting the writer thread", e))?;
         info!(dir = %dir.display(), "store opened");
         Ok(SledStorage {
@@ -755,12 +756,17 @@ impl WriterState {
     }
 }
 
-fn writer_loop(mut state: WriterState, mut queue: mpsc::Receiver<WriterMsg>, max_batches_per_flush: usize) {
+fn writer_loop(
+    mut state: WriterState,
+    mut queue: mpsc::Receiver<WriterMsg>,
+    max_batches_per_flush: usize,
+    commit_delay: Duration,
+) {
     let mut group: Vec<WriteRequest> = Vec::with_capacity(max_batches_per_flush);
-    while let Some(first) = queue.blocking_recv() {
-        if let WriterMsg::Write(request) = first {
-            group.push(request);
-        }
+    // Whether the previous group held more than one batch: only then is waiting for more
+    // worth it (a lone writer would only be made later).
+    let mut concurrent = false;
+    let take_waiting = |group: &mut Vec<WriteRequest>, queue: &mut mpsc::Receiver<WriterMsg>| {
         while group.len() < max_batches_per_flush {
             match queue.try_recv() {
                 Ok(WriterMsg::Write(request)) => group.push(request),
@@ -768,6 +774,17 @@ fn writer_loop(mut state: WriterState, mut queue: mpsc::Receiver<WriterMsg>, max
                 Err(_) => break,
             }
         }
+    };
+    while let Some(first) = queue.blocking_recv() {
+        if let WriterMsg::Write(request) = first {
+            group.push(request);
+        }
+        take_waiting(&mut group, &mut queue);
+        if concurrent && !commit_delay.is_zero() && !group.is_empty() && group.len() < max_batches_per_flush {
+            std::thread::sleep(commit_delay);
+            take_waiting(&mut group, &mut queue);
+        }
+        concurrent = group.len() > 1;
         if !group.is_empty() {
             let started = Instant::now();
             let outcome: Result<(), Error> = if state.failed.load(Ordering::SeqCst) {
@@ -960,6 +977,37 @@ mod tests {
         }
     }
 
+    /// With a commit delay, concurrent writers are grouped and every one of them is
+    /// acknowledged, durably: all their writes are there after a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_commit_delay_acknowledges_every_concurrent_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StorageConfig {
+            cache_capacity_bytes: 8 * 1024 * 1024,
+            max_batches_per_flush: 8,
+            commit_delay_us: 2_000,
+            ..StorageConfig::default()
+        };
+        {
+            let store = Arc::new(SledStorage::open(dir.path(), &settings).unwrap());
+            let writers = (0..40u64).map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let mut batch = StoreBatch::default();
+                    batch.push(Op::Meta { key: format!("writer-{i}"), value: i.to_be_bytes().to_vec() });
+                    store.commit(batch).await.unwrap().await.unwrap()
+                })
+            });
+            for writer in writers.collect::<Vec<_>>() {
+                writer.await.unwrap().unwrap();
+            }
+        }
+        let store = SledStorage::open(dir.path(), &settings).unwrap();
+        for i in 0..40u64 {
+            assert_eq!(store.meta(&format!("writer-{i}")).unwrap(), Some(i.to_be_bytes().to_vec()), "writer {i}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn test_store_committed_batches_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1045,6 +1093,7 @@ mod tests {
             cache_capacity_bytes: 8 * 1024 * 1024,
             max_batches_per_flush: 64,
             writer_queue_capacity: 16,
+            commit_delay_us: 300,
             checkpoint_bytes: 64 * 1024,
             checkpoint_interval_ms: 100,
         }

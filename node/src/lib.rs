@@ -12,7 +12,8 @@
 //! - [`peer`]: the node-to-node service (Raft, forwarded data, queries, hand-overs); [`wire`]:
 //!   what travels on it; [`mover`]: taking vnodes over.
 //! - [`server`]: starting and stopping all of it; [`config`]: options from file, environment and
-//!   flags; [`cli`]: the command line; [`net`]: listening sockets; [`metrics`]: self-metric names; [`clock`], [`error`].
+//!   flags; [`cli`]: the command line; [`net`]: listening sockets; [`metrics`]: self-metric
+//!   names; [`clock`], [`error`].
 
 pub mod api;
 pub mod budget;

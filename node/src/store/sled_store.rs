@@ -4,7 +4,9 @@
 //! The writer thread takes every batch waiting, appends them to the write-ahead log file (each
 //! request one frame, see [`super::wal`]), puts them into the memtable, syncs the file once, and
 //! then completes all their tickets. Under load one sync covers many requests; alone, a request
-//! waits for one sync. sled is durable only after `flush()`, and concurrent flushes can deadlock
+//! waits for one sync. When the previous group held more than one request, the writer first
+//! waits `storage.commit_delay_us` for more, so that concurrent requests share fewer syncs
+//! (each costs CPU as well as time on a virtual machine's disk). sled is durable only after `flush()`, and concurrent flushes can deadlock
 //! on 0.34.7, so they are serialised by a lock: the checkpointer flushes as it applies a frozen
 //! layer to the data tree, chunk by chunk, and at its end (then the writer removes the
 //! checkpointed generation's file); the writer flushes only after writing a departed node's tree,
@@ -977,8 +979,8 @@ mod tests {
         }
     }
 
-    /// With a commit delay, concurrent writers are grouped and every one of them is
-    /// acknowledged, durably: all their writes are there after a reopen.
+    /// With a commit delay configured, concurrent writers (grouped, and then waited for) are
+    /// all acknowledged, and durably: every write is there after a reopen.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn test_store_commit_delay_acknowledges_every_concurrent_batch() {
         let dir = tempfile::tempdir().unwrap();

@@ -877,9 +877,10 @@ fn checkpointer_stopped() -> Error {
 /// while it runs, so reads and iterator steps wait for it. Inserting entry by entry was tried:
 /// it was faster and lighter (figure 5 about 11 instead of 13-15 KB per series, figure 1 about
 /// 12 % faster), but the first chaos run with it counted cumulative series twice after vnode
-/// hand-overs. The suspected cause is sled 0.34's iterators running while node splits happen
-/// concurrently: with batches, the data tree is never modified during an iterator step. So the
-/// batches stay until that is understood (see docs/benchmarks.md, step 13).
+/// hand-overs. The cause is not known: a stress test of sled range scans against concurrent
+/// single inserts found no missed keys, so it may be an older race that the timing exposed. The
+/// batches stay until it is found (see "Tried on 2026-12-03 and reverted" in
+/// docs/benchmarks.md).
 fn apply_frozen(
     data: &sled::Tree,
     frozen: &Frozen,

@@ -6,11 +6,12 @@
 //! then completes all their tickets. Under load one sync covers many requests; alone, a request
 //! waits for one sync. When the previous group held more than one request, the writer first
 //! waits `storage.commit_delay_us` for more, so that concurrent requests share fewer syncs
-//! (each costs CPU as well as time on a virtual machine's disk). sled is durable only after `flush()`, and concurrent flushes can deadlock
-//! on 0.34.7, so they are serialised by a lock: the checkpointer flushes as it applies a frozen
-//! layer to the data tree, chunk by chunk, and at its end (then the writer removes the
-//! checkpointed generation's file); the writer flushes only after writing a departed node's tree,
-//! which bypasses the log.
+//! (each costs CPU as well as time on a virtual machine's disk).
+//!
+//! sled is durable only after `flush()`, and concurrent flushes can deadlock on 0.34.7, so they
+//! are serialised by a lock: the checkpointer flushes after each chunk it applies from a frozen
+//! layer to the data tree (then the writer removes the checkpointed generation's file); the
+//! writer flushes only after writing a departed node's tree, which bypasses the log.
 
 use super::codec::{self, ENTITY, LOG, LOG_BATCH, SERIES};
 use super::memtable::{self, Entry, Frozen, Lookup, Memtable, Merged};
@@ -835,8 +836,7 @@ fn checkpointer_loop(
         match jobs.recv_timeout(tick) {
             Ok(frozen) => {
                 let started = Instant::now();
-                let outcome =
-                    apply_frozen(data, &frozen, || flush(db, flush_lock)).and_then(|()| flush(db, flush_lock));
+                let outcome = apply_frozen(data, &frozen, || flush(db, flush_lock));
                 metrics::histogram!(m::STORE_CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
                 if done.send(outcome).is_err() {
                     return;
@@ -871,7 +871,7 @@ fn checkpointer_stopped() -> Error {
 }
 
 /// Writes a frozen layer into the data tree in chunks of [`CHECKPOINT_CHUNK`] entries, calling
-/// `after_chunk` after each full one.
+/// `after_chunk` after each, the last (partial or empty) one included.
 ///
 /// Each chunk is one `sled::Batch`, and `apply_batch` holds sled's process-wide exclusive lock
 /// while it runs, so reads and iterator steps wait for it. Inserting entry by entry was tried:
@@ -886,18 +886,18 @@ fn apply_frozen(
     frozen: &Frozen,
     mut after_chunk: impl FnMut() -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let mut batch = sled::Batch::default();
-    let mut size = 0;
-    for (key, value) in &frozen.entries {
-        put_entry(&mut batch, key.as_slice(), value.as_deref());
-        size += 1;
-        if size == CHECKPOINT_CHUNK {
-            data.apply_batch(std::mem::take(&mut batch)).map_err(|e| storage_error("checkpoint", e))?;
-            after_chunk()?;
-            size = 0;
+    let mut entries = frozen.entries.iter().peekable();
+    loop {
+        let mut batch = sled::Batch::default();
+        for (key, value) in entries.by_ref().take(CHECKPOINT_CHUNK) {
+            put_entry(&mut batch, key.as_slice(), value.as_deref());
+        }
+        data.apply_batch(batch).map_err(|e| storage_error("checkpoint", e))?;
+        after_chunk()?;
+        if entries.peek().is_none() {
+            return Ok(());
         }
     }
-    data.apply_batch(batch).map_err(|e| storage_error("checkpoint", e))
 }
 
 /// Reads back the write-ahead generations in `dir`, oldest first: data entries into one frozen
@@ -951,8 +951,7 @@ fn read_legacy_wal(db: &sled::Db, data: &sled::Tree, flush_lock: &FlushLock) -> 
             wal::decode_entries(&record, &mut |key, value| frozen.put(key, value)).map_err(corrupt)?;
         }
     }
-    apply_frozen(data, &frozen, || Ok(()))?;
-    flush(db, flush_lock)?;
+    apply_frozen(data, &frozen, || flush(db, flush_lock))?;
     for name in names {
         db.drop_tree(name).map_err(|e| storage_error("dropping a legacy write-ahead tree", e))?;
     }

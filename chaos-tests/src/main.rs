@@ -380,6 +380,7 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
         passed: unexpected.is_empty(),
         detail: if unexpected.is_empty() { "none".into() } else { unexpected.join("\n") },
     });
+    report.checks.push(failover_check(&cluster));
     report.checks.push(Check {
         name: "nodes started, stopped and changed membership as asked".into(),
         passed: report.faults.violations.is_empty(),
@@ -394,6 +395,29 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
         node.kill9();
     }
     Ok(())
+}
+
+/// No member was unreachable for `failover_after` (10 s): every fault is shorter, so a failover
+/// means a node took too long to stop, start or rejoin. A failover gives vnodes away without a
+/// hand-over, and the new owner cannot continue their cumulative series exactly (the failover
+/// section of docs/operations.md), so the totals would be off for reasons of their own.
+fn failover_check(cluster: &Cluster) -> Check {
+    let mut lines = Vec::new();
+    for node in &cluster.nodes {
+        let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+        lines.extend(failover_lines(&text).map(|line| format!("{}: {line}", node.name)));
+    }
+    Check {
+        name: "no failover (no member unreachable for failover_after)".into(),
+        passed: lines.is_empty(),
+        detail: if lines.is_empty() { "none".into() } else { lines.join("\n") },
+    }
+}
+
+/// The leader's log lines that reassign or abort a vnode move because a member is unreachable
+/// (plain or coloured: the level and the fields may be wrapped in ANSI escapes).
+fn failover_lines(log: &str) -> impl Iterator<Item = &str> {
+    log.lines().filter(|line| line.contains("WARN") && line.contains(" failover "))
 }
 
 /// Logs progress every 10 s.
@@ -473,5 +497,21 @@ fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8)
         println!("data: {} (deleted: the run passed; --keep keeps it)", root.display());
     } else {
         println!("data: {} (chaos.log, <node>.log, ledger.jsonl)", root.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failover_lines;
+
+    #[test]
+    fn test_failover_lines_finds_the_leaders_warnings_plain_or_coloured() {
+        let log = "2026-12-03T12:10:41.512Z  INFO moving a vnode vnode=3 from=1 to=4\n\
+                   2026-12-03T12:10:41.613Z  WARN failover vnode=5 command=reassign(5 -> 2)\n\
+                   2026-12-03T12:10:41.614Z \x1b[33m WARN\x1b[0m failover \x1b[3mvnode\x1b[0m\x1b[2m=\x1b[0m6\n\
+                   2026-12-03T12:10:42.000Z  INFO took a vnode over vnode=7 from=1\n";
+        let found: Vec<&str> = failover_lines(log).collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("vnode=5") && found[1].contains("6"));
     }
 }

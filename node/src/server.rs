@@ -20,6 +20,7 @@ use crate::receiver::{grpc, http as otlp_http};
 use crate::runtime::{cluster_error, ClusterConfig, ConfigService};
 use crate::store::{Op, RetentionCutoffs, SledStorage, Storage, StoreBatch};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +60,54 @@ pub struct Endpoints {
     pub raft_id: NodeId,
 }
 
+/// How long a stopping node lets requests in flight finish before it cuts them off (clients
+/// retry, and merges are idempotent).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The node's long-running tasks, by name, so that a stop that takes long says what it waits for.
+#[derive(Debug, Default)]
+struct Tasks {
+    set: JoinSet<&'static str>,
+    running: Vec<&'static str>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        self.running.push(name);
+        self.set.spawn(async move {
+            task.await;
+            name
+        });
+    }
+
+    /// Waits for every task to end (they watch the stop signal), for at most `grace`; those
+    /// still running then are named and aborted.
+    async fn stop(&mut self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            match tokio::time::timeout_at(deadline, self.set.join_next()).await {
+                Ok(None) => return,
+                Ok(Some(Ok(name))) => {
+                    if let Some(position) = self.running.iter().position(|n| *n == name) {
+                        self.running.swap_remove(position);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    if !e.is_cancelled() {
+                        warn!(error = %e, "node task ended abnormally");
+                    }
+                }
+                Err(_) => {
+                    warn!(tasks = ?self.running, grace_ms = grace.as_millis() as u64, "stopping: still busy; cut off");
+                    self.set.abort_all();
+                    while self.set.join_next().await.is_some() {}
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
@@ -66,7 +115,11 @@ pub struct Node {
     pub endpoints: Endpoints,
     stop: watch::Sender<bool>,
     fatal: watch::Receiver<Option<String>>,
-    tasks: JoinSet<()>,
+    tasks: Tasks,
+    /// Stops the cluster port, which serves Raft until the owners are drained.
+    peer_stop: watch::Sender<bool>,
+    /// The cluster port's server (a set, so that it stops when a failed start drops it).
+    peer_task: JoinSet<()>,
     owners: Arc<Vec<OwnerHandle>>,
     store: Arc<SledStorage>,
     cluster: Arc<Cluster>,
@@ -261,7 +314,9 @@ impl Node {
         let (fatal_sender, fatal) = watch::channel(None);
         let ready = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(AtomicBool::new(true));
-        let mut tasks = JoinSet::new();
+        let mut tasks = Tasks::default();
+        let peer_stop = watch::channel(false).0;
+        let mut peer_task = JoinSet::new();
 
         // The cluster port.
         {
@@ -273,8 +328,8 @@ impl Node {
                 Arc::clone(&storage),
             );
             let secret = config.cluster_secret.clone();
-            let shutdown = stopped(stop_receiver.clone());
-            tasks.spawn(async move {
+            let shutdown = stopped(peer_stop.subscribe());
+            peer_task.spawn(async move {
                 if let Err(e) = peer::serve(cluster_listener, service, secret, shutdown).await {
                     error!(error = %e, "cluster port failed");
                 }
@@ -285,7 +340,7 @@ impl Node {
             let services = grpc::OtlpGrpc::new(ingest.clone(), budget.clone());
             let shutdown = stopped(stop_receiver.clone());
             let limit = config.limits.max_request_bytes;
-            tasks.spawn(async move {
+            tasks.spawn("otlp grpc server", async move {
                 if let Err(e) = grpc::serve(listener, services, limit, shutdown).await {
                     error!(error = %e, "otlp grpc server failed");
                 }
@@ -295,7 +350,7 @@ impl Node {
             let router = otlp_http::router(ingest.clone(), budget.clone(), config.limits.max_request_bytes);
             let shutdown = stopped(stop_receiver.clone());
             let address = endpoints.otlp_http;
-            tasks.spawn(async move {
+            tasks.spawn("otlp http server", async move {
                 info!(%address, "otlp http listening");
                 if let Err(e) =
                     axum::serve(crate::net::http_listener(http_listener), router).with_graceful_shutdown(shutdown).await
@@ -318,7 +373,7 @@ impl Node {
             let router = api::router(api_state);
             let shutdown = stopped(stop_receiver.clone());
             let address = endpoints.http;
-            tasks.spawn(async move {
+            tasks.spawn("api server", async move {
                 info!(%address, "api listening");
                 if let Err(e) =
                     axum::serve(crate::net::http_listener(api_listener), router).with_graceful_shutdown(shutdown).await
@@ -354,9 +409,13 @@ impl Node {
         } else {
             // Restarted with other addresses (another port, another IP): tell the cluster.
             let cluster = Arc::clone(&cluster);
-            tasks.spawn(async move {
-                if let Err(e) = cluster.announce(JOIN_DEADLINE).await {
-                    warn!(error = %e, "the cluster still knows this node by its old addresses");
+            let stop = stopped(stop_receiver.clone());
+            tasks.spawn("address announcement", async move {
+                tokio::select! {
+                    announced = cluster.announce(JOIN_DEADLINE) => if let Err(e) = announced {
+                        warn!(error = %e, "the cluster still knows this node by its old addresses");
+                    },
+                    () = stop => {}
                 }
             });
         }
@@ -368,7 +427,7 @@ impl Node {
             )));
         }
 
-        tasks.spawn({
+        tasks.spawn("mover", {
             let handle = crate::mover::start(Arc::clone(&cluster), Arc::clone(&owners), Arc::clone(&storage));
             let mut stop = stop_receiver.clone();
             async move {
@@ -403,10 +462,17 @@ impl Node {
         if !member {
             let ready = Arc::clone(&ready);
             let applied = cluster.applied();
-            tasks.spawn(async move {
+            let stop = stopped(stop_receiver.clone());
+            tasks.spawn("readiness", async move {
                 let mut applied = applied;
-                let _ = applied.wait_for(|a| a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)).await;
-                ready.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    member = applied.wait_for(|a| a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)) => {
+                        if member.is_ok() {
+                            ready.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    () = stop => {}
+                }
             });
         }
         // A node that left stops being ready: the load balancer must stop sending it traffic.
@@ -414,7 +480,7 @@ impl Node {
             let ready = Arc::clone(&ready);
             let mut applied = cluster.applied();
             let mut stop = stop_receiver.clone();
-            tasks.spawn(async move {
+            tasks.spawn("departure watch", async move {
                 tokio::select! {
                     left = applied.wait_for(|a| a.state.departed.contains(&raft_id)) => {
                         if left.is_ok() {
@@ -427,7 +493,7 @@ impl Node {
             });
         }
         info!(node = %endpoints.node_id, raft_id, "tollgate node started");
-        Ok(Node { endpoints, stop, fatal, tasks, owners, store, cluster, ready })
+        Ok(Node { endpoints, stop, fatal, tasks, peer_stop, peer_task, owners, store, cluster, ready })
     }
 
     /// The owners (tests drive maintenance through them).
@@ -452,30 +518,46 @@ impl Node {
         }
     }
 
-    /// Stops accepting requests, lets the ones in flight finish, drains the owners, waits for
-    /// their writes to be durable and stops the Raft node.
+    /// Stops accepting requests and lets the ones in flight finish (for at most
+    /// [`STOP_GRACE`]), drains the owners and waits for their writes to be durable, then closes
+    /// the cluster port and stops the Raft node. The cluster port stays open until the owners
+    /// are drained: the node keeps answering the leader's heartbeats, so a slow stop never looks
+    /// like a dead node (which failover would take the vnodes of, without a hand-over).
     pub async fn shutdown(mut self) {
+        let started = std::time::Instant::now();
+        let elapsed_ms = || started.elapsed().as_millis() as u64;
         self.ready.store(false, Ordering::SeqCst);
         let _ = self.stop.send(true);
-        while let Some(result) = self.tasks.join_next().await {
-            if let Err(e) = result {
-                if !e.is_cancelled() {
-                    warn!(error = %e, "node task ended abnormally");
-                }
-            }
-        }
+        self.tasks.stop(STOP_GRACE).await;
+        info!(elapsed_ms = elapsed_ms(), "stopping: requests and background work stopped");
         for owner in self.owners.iter() {
+            let owner_started = std::time::Instant::now();
             let _ = owner.maintain().await;
             owner.stop().await;
+            if owner_started.elapsed() > Duration::from_secs(1) {
+                let took_ms = owner_started.elapsed().as_millis() as u64;
+                warn!(vnode = owner.vnode, took_ms, "stopping: this owner took long to drain");
+            }
+        }
+        info!(elapsed_ms = elapsed_ms(), "stopping: owners drained");
+        let _ = self.peer_stop.send(true);
+        if tokio::time::timeout(STOP_GRACE, self.peer_task.join_next()).await.is_err() {
+            // Calls in flight, or connections hyper's graceful shutdown waits on (an HTTP/2
+            // shutdown can hang on a peer's connection: hyperium/hyper#4170).
+            warn!(
+                grace_ms = STOP_GRACE.as_millis() as u64,
+                "stopping: the cluster port did not close in time; cut off"
+            );
+            self.peer_task.abort_all();
         }
         self.cluster.shutdown().await;
-        info!(failed = self.store.has_failed(), "tollgate node stopped");
+        info!(elapsed_ms = elapsed_ms(), failed = self.store.has_failed(), "tollgate node stopped");
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn spawn_background(
-    tasks: &mut JoinSet<()>,
+    tasks: &mut Tasks,
     config: &NodeConfig,
     owners: &Arc<Vec<OwnerHandle>>,
     storage: &Arc<dyn Storage>,
@@ -492,7 +574,7 @@ fn spawn_background(
     {
         let owners = Arc::clone(owners);
         let mut stop = stop_receiver.clone();
-        tasks.spawn(async move {
+        tasks.spawn("owner maintenance", async move {
             let mut interval = tokio::time::interval(MAINTENANCE_INTERVAL);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -510,7 +592,7 @@ fn spawn_background(
         let retention = config.retention.clone();
         let runtime = runtime.clone();
         let mut stop = stop_receiver.clone();
-        tasks.spawn(async move {
+        tasks.spawn("retention", async move {
             let period = Duration::from_secs(retention.sweep_interval_seconds);
             // The first sweep waits a minute: startup is busy enough.
             let start = tokio::time::Instant::now() + period.min(Duration::from_secs(60));
@@ -550,7 +632,7 @@ fn spawn_background(
     {
         let mut leadership = cluster.leadership();
         let mut stop = stop_receiver.clone();
-        tasks.spawn(async move {
+        tasks.spawn("leader changes", async move {
             let mut last: Option<(u64, NodeId)> = None;
             loop {
                 let changed = tokio::select! {
@@ -570,7 +652,7 @@ fn spawn_background(
     {
         let cluster = Arc::clone(cluster);
         let mut stop = stop_receiver.clone();
-        tasks.spawn(async move {
+        tasks.spawn("raft figures", async move {
             let mut interval = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
@@ -593,7 +675,7 @@ fn spawn_background(
         let store = Arc::clone(store);
         let healthy = Arc::clone(healthy);
         let mut stop = stop_receiver.clone();
-        tasks.spawn(async move {
+        tasks.spawn("store upkeep", async move {
             let mut interval = tokio::time::interval(Duration::from_secs(1));
             let mut ticks: u64 = 0;
             loop {
@@ -641,4 +723,68 @@ fn write_endpoints(data_dir: &std::path::Path, endpoints: &Endpoints) -> Result<
     let text = serde_json::to_string_pretty(endpoints).map_err(|e| Error::Internal(e.to_string()))?;
     std::fs::write(&temporary, text).map_err(|e| Error::Internal(format!("writing {}: {e}", temporary.display())))?;
     std::fs::rename(&temporary, &path).map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the tasks whose future was dropped (ended or aborted).
+    struct Dropped(Arc<AtomicUsize>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_tasks_stop_waits_for_tasks_that_watch_the_signal_and_cuts_off_the_others() {
+        let (stop, stop_receiver) = watch::channel(false);
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Tasks::default();
+        for name in ["watches the signal", "also watches it"] {
+            let (guard, finished, stop) =
+                (Dropped(Arc::clone(&dropped)), Arc::clone(&finished), stopped(stop_receiver.clone()));
+            tasks.spawn(name, async move {
+                let _guard = guard;
+                stop.await;
+                // Some clean-up after the signal, well within the grace.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let guard = Dropped(Arc::clone(&dropped));
+        tasks.spawn("ignores the signal", async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+
+        let started = tokio::time::Instant::now();
+        stop.send(true).unwrap();
+        tasks.stop(Duration::from_secs(5)).await;
+        // (Time is paused and advanced by the runtime: these figures are exact, not measured.)
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(finished.load(Ordering::SeqCst), 2, "tasks that watch the signal finish their clean-up");
+        assert_eq!(dropped.load(Ordering::SeqCst), 3, "the task that ignores the signal is aborted");
+        assert!(tasks.set.is_empty());
+        assert_eq!(tasks.running, vec!["ignores the signal"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_tasks_stop_returns_as_soon_as_every_task_ended() {
+        let (stop, stop_receiver) = watch::channel(false);
+        let mut tasks = Tasks::default();
+        for name in ["a", "b", "c"] {
+            let stop = stopped(stop_receiver.clone());
+            tasks.spawn(name, stop);
+        }
+        let started = tokio::time::Instant::now();
+        stop.send(true).unwrap();
+        tasks.stop(Duration::from_secs(5)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(tasks.running.is_empty());
+    }
 }

@@ -119,6 +119,40 @@ impl std::fmt::Debug for SledStorage {
     }
 }
 
+/// How long an open waits for the data directory's lock: a store dropped in this process
+/// releases it once sled's own background threads let go of their handles, which can take a
+/// moment on a busy machine.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens sled in `<dir>/sled`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_sled(dir: &Path, settings: &StorageConfig) -> Result<sled::Db, Error> {
+    let started = Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(dir.join("sled"))
+            .cache_capacity(settings.cache_capacity_bytes)
+            // Only the writer thread flushes (see the module comment).
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // sled 0.34 reports the lock as an I/O error of kind `Other` with this text.
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") =>
+            {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(Error::Unavailable(format!(
+                        "storage: the data directory {} is in use by another process (its lock is held): {e}",
+                        dir.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(storage_error(&format!("opening {}", dir.display()), e)),
+        }
+    }
+}
+
 fn corrupt(what: impl std::fmt::Display) -> Error {
     Error::Internal(format!("corrupt store: {what}"))
 }
@@ -138,13 +172,7 @@ impl SledStorage {
     /// run left (and starts checkpointing them), and starts the writer and checkpointer threads.
     pub fn open(dir: &Path, settings: &StorageConfig) -> Result<SledStorage, Error> {
         std::fs::create_dir_all(dir).map_err(|e| storage_error(&format!("creating {}", dir.display()), e))?;
-        let db = sled::Config::new()
-            .path(dir.join("sled"))
-            .cache_capacity(settings.cache_capacity_bytes)
-            // Only the writer thread flushes (see the module comment).
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| storage_error(&format!("opening {}", dir.display()), e))?;
+        let db = open_sled(dir, settings)?;
         let data = db.open_tree("data").map_err(|e| storage_error("opening tree data", e))?;
         let meta = db.open_tree("meta").map_err(|e| storage_error("opening tree meta", e))?;
         let flush_lock = FlushLock::default();
@@ -1259,6 +1287,23 @@ mod tests {
         std::fs::write(&file, &bytes).unwrap();
         let error = SledStorage::open(dir.path(), &settings).unwrap_err();
         assert!(error.to_string().contains("corrupt store") && error.to_string().contains("checksum"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_refuses_a_data_directory_in_use_and_opens_it_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStorage::open(dir.path(), &raw_settings()).unwrap();
+        let error = SledStorage::open(dir.path(), &raw_settings()).unwrap_err();
+        assert!(error.to_string().contains("is in use by another process"), "{error}");
+        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+        // Released by the first store's drop, possibly a moment later: the open waits for it.
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(store);
+        });
+        let reopened = SledStorage::open(dir.path(), &raw_settings());
+        holder.join().unwrap();
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
     }
 
     /// A data directory written by the version that kept its write-ahead log in sled trees.

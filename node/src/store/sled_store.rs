@@ -898,17 +898,17 @@ fn checkpointer_stopped() -> Error {
     Error::Unavailable("storage: the checkpointer stopped".into())
 }
 
-/// Writes a frozen layer into the data tree in chunks of [`CHECKPOINT_CHUNK`] entries, calling
-/// `after_chunk` after each, the last (partial or empty) one included.
+/// Writes a frozen layer into the data tree, calling `after_chunk` after every
+/// [`CHECKPOINT_CHUNK`] entries and after the last one.
 ///
-/// Each chunk is one `sled::Batch`, and `apply_batch` holds sled's process-wide exclusive lock
-/// while it runs, so reads and iterator steps wait for it. Inserting entry by entry was tried:
-/// it was faster and lighter (figure 5 about 11 instead of 13-15 KB per series, figure 1 about
-/// 12 % faster), but the first chaos run with it counted cumulative series twice after vnode
-/// hand-overs. The cause is not known: a stress test of sled range scans against concurrent
-/// single inserts found no missed keys, so it may be an older race that the timing exposed. The
-/// batches stay until it is found (see "Tried on 2026-12-03 and reverted" in
-/// docs/benchmarks.md).
+/// Each entry is its own sled insert, not part of a `Batch`: sled 0.34's `apply_batch` holds its
+/// process-wide exclusive lock for the whole batch, so every read (the owners', the queries')
+/// waited for it, and the node copies it made could not be freed until it ended. Back to back
+/// (docs/benchmarks.md, step 13): figure 5 12.7-13.0 KB per series with batches, 10.3-10.4 KB
+/// without; figure 1 17.0-16.5 CPU-s with batches, 12.9 without. Nothing needs a chunk to be
+/// atomic: readers see the frozen layer itself until the checkpoint is done, and a crash leaves
+/// its write-ahead generations to be applied again. (This was reverted once, after a chaos run
+/// over-counted; the cause was a failover after a slow stop, not this.)
 fn apply_frozen(
     data: &sled::Tree,
     frozen: &Frozen,
@@ -916,11 +916,13 @@ fn apply_frozen(
 ) -> Result<(), Error> {
     let mut entries = frozen.entries.iter().peekable();
     loop {
-        let mut batch = sled::Batch::default();
         for (key, value) in entries.by_ref().take(CHECKPOINT_CHUNK) {
-            put_entry(&mut batch, key.as_slice(), value.as_deref());
+            match value {
+                Some(value) => data.insert(key.as_slice(), value.as_slice()).map(drop),
+                None => data.remove(key.as_slice()).map(drop),
+            }
+            .map_err(|e| storage_error("checkpoint", e))?;
         }
-        data.apply_batch(batch).map_err(|e| storage_error("checkpoint", e))?;
         after_chunk()?;
         if entries.peek().is_none() {
             return Ok(());

@@ -36,6 +36,9 @@ pub struct PeerService {
     owners: Arc<Vec<OwnerHandle>>,
     query: QueryEngine,
     store: Arc<dyn Storage>,
+    /// True once the node is stopping: calls that wait for the applied state give up at once
+    /// (the state they wait for may never come: the node is about to close this port).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
@@ -46,8 +49,9 @@ impl PeerService {
         owners: Arc<Vec<OwnerHandle>>,
         query: QueryEngine,
         store: Arc<dyn Storage>,
+        stopping: tokio::sync::watch::Receiver<bool>,
     ) -> PeerService {
-        PeerService { cluster, ingest, owners, query, store }
+        PeerService { cluster, ingest, owners, query, store, stopping }
     }
 
     /// The owner actor of a vnode named in a request.
@@ -151,6 +155,7 @@ impl Peer for PeerService {
         let me = self.cluster.id;
         let moving = move |a: &Arc<AppliedState>| matches!(a.state.vnodes.vnodes.get(vnode as usize), Some(VnodeState::Moving { from, .. }) if *from == me);
         if !self.applied_within(moving).await {
+            self.refuse_if_stopping()?;
             return Err(Status::failed_precondition(format!("vnode {vnode} is not moving away from this node")));
         }
         owner.release().await?;
@@ -180,9 +185,23 @@ impl Peer for PeerService {
 }
 
 impl PeerService {
-    /// Waits (a while) until this node applied a state satisfying `ready`.
+    /// A retryable refusal when the node is stopping.
+    fn refuse_if_stopping(&self) -> Result<(), Status> {
+        if *self.stopping.borrow() {
+            return Err(Status::unavailable("this node is stopping; retry once it is back"));
+        }
+        Ok(())
+    }
+
+    /// Waits (a while) until this node applied a state satisfying `ready`; false on timeout, and
+    /// at once when the node is stopping.
     async fn applied_within(&self, ready: impl Fn(&Arc<AppliedState>) -> bool) -> bool {
-        tollgate_cluster::runtime::wait_applied(&self.cluster.applied(), Duration::from_secs(30), ready).await
+        let mut stopping = self.stopping.clone();
+        let applied = self.cluster.applied();
+        tokio::select! {
+            applied = tollgate_cluster::runtime::wait_applied(&applied, Duration::from_secs(30), ready) => applied,
+            _ = stopping.wait_for(|stopping| *stopping) => false,
+        }
     }
 
     /// Everything this leaving node holds, for the member draining it: every minute rolled up
@@ -191,6 +210,7 @@ impl PeerService {
     async fn drain(&self) -> Result<Response<ChunkStream>, Status> {
         let me = self.cluster.id;
         if !self.applied_within(move |a| a.state.draining.contains_key(&me)).await {
+            self.refuse_if_stopping()?;
             return Err(Status::failed_precondition("this node is not being drained"));
         }
         for owner in self.owners.iter() {

@@ -326,6 +326,7 @@ impl Node {
                 Arc::clone(&owners),
                 query.clone(),
                 Arc::clone(&storage),
+                stop_receiver.clone(),
             );
             let secret = config.cluster_secret.clone();
             let shutdown = stopped(peer_stop.subscribe());

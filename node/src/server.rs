@@ -543,8 +543,8 @@ impl Node {
         info!(elapsed_ms = elapsed_ms(), "stopping: owners drained");
         let _ = self.peer_stop.send(true);
         if tokio::time::timeout(STOP_GRACE, self.peer_task.join_next()).await.is_err() {
-            // Calls in flight, or connections hyper's graceful shutdown waits on (an HTTP/2
-            // shutdown can hang on a peer's connection: hyperium/hyper#4170).
+            // Calls still in flight (those that wait for the applied state give up when the
+            // node stops), or a connection hyper's graceful shutdown waits on.
             warn!(
                 grace_ms = STOP_GRACE.as_millis() as u64,
                 "stopping: the cluster port did not close in time; cut off"

@@ -386,6 +386,7 @@ pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) ->
             }
         };
         let partition = entity.partition_hash();
+        let mut fingerprinter = LogFingerprinter::default();
         for scope_logs in resource_logs.scope_logs {
             for record in scope_logs.log_records {
                 let time_ns =
@@ -398,7 +399,7 @@ pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) ->
                     batch.report.reject(&rejection, || format!("log record of {entity}"));
                     continue;
                 }
-                let fingerprint = log_fingerprint(&entity, &record);
+                let fingerprint = fingerprinter.fingerprint(&entity, &record);
                 batch.records.push(ExtractedLog {
                     entity: Arc::clone(&entity),
                     partition,
@@ -416,55 +417,86 @@ pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) ->
 /// attributes. A retried export yields the same fingerprints; two records that differ in any of
 /// these do not.
 pub fn log_fingerprint(entity: &Entity, record: &LogRecord) -> u128 {
-    // The canonical attribute set (first of repeated keys, sorted), borrowed rather than copied:
-    // the records of an access log carry some 25 attributes each. Sorting by (key, position)
-    // and keeping the first of each key is the first occurrence, in O(n log n).
-    let mut attributes: Vec<(&str, usize, Cow<'_, str>)> = record
-        .attributes
-        .iter()
-        .enumerate()
-        .map(|(position, kv)| (kv.key.as_str(), position, crate::attributes::value_text(kv.value.as_ref())))
-        .collect();
-    attributes.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
-    attributes.dedup_by(|later, first| later.0 == first.0);
-    let body = crate::attributes::value_text(record.body.as_ref());
-    let instance: &[u8] = match &entity.instance {
-        Some(instance) => instance.as_bytes(),
-        None => &[0xff], // not valid UTF-8, so no instance name encodes like this
-    };
-    let fixed = [
-        entity.service.len(),
-        instance.len(),
-        8,
-        8,
-        4,
-        record.severity_text.len(),
-        body.len(),
-        record.trace_id.len(),
-        record.span_id.len(),
-    ];
-    let size =
-        fixed.into_iter().chain(attributes.iter().flat_map(|(key, _, value)| [key.len(), value.len()].into_iter()));
-    let mut bytes: Vec<u8> = Vec::with_capacity(size.map(|len| 4 + len).sum());
-    let mut push = |value: &[u8]| {
-        bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(value);
-    };
-    push(entity.service.as_bytes());
-    push(instance);
-    push(&record.time_unix_nano.to_le_bytes());
-    push(&record.observed_time_unix_nano.to_le_bytes());
-    push(&record.severity_number.to_le_bytes());
-    push(record.severity_text.as_bytes());
-    push(body.as_bytes());
-    push(&record.trace_id);
-    push(&record.span_id);
-    for (key, _, value) in &attributes {
-        push(key.as_bytes());
-        push(value.as_bytes());
+    LogFingerprinter::default().fingerprint(entity, record)
+}
+
+/// Computes [`log_fingerprint`]s of a stream of records, reusing the canonical attribute order of
+/// the previous record while the keys come in the same order (the records of one gateway's
+/// export do: its access-log format is fixed), so that the keys are sorted once per export
+/// instead of once per record. Same fingerprints as [`log_fingerprint`].
+#[derive(Debug, Default)]
+pub struct LogFingerprinter {
+    /// The keys of the record the order was computed for, in its order.
+    keys: Vec<String>,
+    /// Positions of the canonical attribute set (first of repeated keys, sorted by key).
+    order: Vec<usize>,
+}
+
+impl LogFingerprinter {
+    /// The fingerprint of `record` of `entity`.
+    pub fn fingerprint(&mut self, entity: &Entity, record: &LogRecord) -> u128 {
+        let same_keys = self.keys.len() == record.attributes.len()
+            && self.keys.iter().zip(&record.attributes).all(|(key, kv)| *key == kv.key);
+        if !same_keys {
+            // Sorting by (key, position) and keeping the first of each key is the first
+            // occurrence, in O(n log n).
+            let attributes = &record.attributes;
+            self.order.clear();
+            self.order.extend(0..attributes.len());
+            self.order.sort_unstable_by(|a, b| attributes[*a].key.cmp(&attributes[*b].key).then(a.cmp(b)));
+            self.order.dedup_by(|later, first| attributes[*later].key == attributes[*first].key);
+            self.keys.clear();
+            self.keys.extend(attributes.iter().map(|kv| kv.key.clone()));
+        }
+        // The canonical attribute set, borrowed rather than copied: the records of an access log
+        // carry some 25 attributes each.
+        let attributes: Vec<(&str, Cow<'_, str>)> = self
+            .order
+            .iter()
+            .map(|position| {
+                let kv = &record.attributes[*position];
+                (kv.key.as_str(), crate::attributes::value_text(kv.value.as_ref()))
+            })
+            .collect();
+        let body = crate::attributes::value_text(record.body.as_ref());
+        let instance: &[u8] = match &entity.instance {
+            Some(instance) => instance.as_bytes(),
+            None => &[0xff], // not valid UTF-8, so no instance name encodes like this
+        };
+        let fixed = [
+            entity.service.len(),
+            instance.len(),
+            8,
+            8,
+            4,
+            record.severity_text.len(),
+            body.len(),
+            record.trace_id.len(),
+            record.span_id.len(),
+        ];
+        let size =
+            fixed.into_iter().chain(attributes.iter().flat_map(|(key, value)| [key.len(), value.len()].into_iter()));
+        let mut bytes: Vec<u8> = Vec::with_capacity(size.map(|len| 4 + len).sum());
+        let mut push = |value: &[u8]| {
+            bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(value);
+        };
+        push(entity.service.as_bytes());
+        push(instance);
+        push(&record.time_unix_nano.to_le_bytes());
+        push(&record.observed_time_unix_nano.to_le_bytes());
+        push(&record.severity_number.to_le_bytes());
+        push(record.severity_text.as_bytes());
+        push(body.as_bytes());
+        push(&record.trace_id);
+        push(&record.span_id);
+        for (key, value) in &attributes {
+            push(key.as_bytes());
+            push(value.as_bytes());
+        }
+        debug_assert_eq!(bytes.len(), bytes.capacity());
+        xxhash_rust::xxh3::xxh3_128(&bytes)
     }
-    debug_assert_eq!(bytes.len(), bytes.capacity());
-    xxhash_rust::xxh3::xxh3_128(&bytes)
 }
 
 /// Price of a token series at a pricing version.
@@ -958,11 +990,26 @@ mod tests {
         many.attributes = (0..25)
             .map(|i| crate::testing::string_attribute(&format!("key.{}", (i * 7) % 19), &format!("value {i}")))
             .collect();
+        // One fingerprinter over a stream whose key order changes, stays, and changes back
+        // (it reuses the order while the keys come the same way), and whose values change.
+        let mut fingerprinter = LogFingerprinter::default();
         for rotation in 0..5 {
             many.attributes.rotate_left(rotation * 3);
             assert_eq!(log_fingerprint(&entity, &many), fingerprint_model(&entity, &many));
             assert_eq!(log_fingerprint(&no_instance(), &many), fingerprint_model(&no_instance(), &many));
+            for value in 0..3 {
+                let mut next = many.clone();
+                next.attributes[value * 4] = crate::testing::string_attribute(&next.attributes[value * 4].key, "new");
+                assert_eq!(fingerprinter.fingerprint(&entity, &next), fingerprint_model(&entity, &next));
+                assert_eq!(fingerprinter.fingerprint(&entity, &record), fingerprint_model(&entity, &record));
+                assert_eq!(fingerprinter.fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
+            }
         }
+        // Same keys in the same order but one more: not the same key list.
+        let mut longer = many.clone();
+        longer.attributes.push(crate::testing::string_attribute("key.0", "a repeated key, last"));
+        assert_eq!(fingerprinter.fingerprint(&entity, &many), fingerprint_model(&entity, &many));
+        assert_eq!(fingerprinter.fingerprint(&entity, &longer), fingerprint_model(&entity, &longer));
         for (what, other) in [
             ("a value", log_fingerprint(&entity, &other_value)),
             ("the time", log_fingerprint(&entity, &other_time)),

@@ -80,7 +80,7 @@ impl Tasks {
         });
     }
 
-    /// Waits for every task to end (they watch the stop signal), for at most `grace`; those
+    /// Waits for every task to end (each watches a stop signal), for at most `grace`; those
     /// still running then are named and aborted.
     async fn stop(&mut self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
@@ -118,8 +118,8 @@ pub struct Node {
     tasks: Tasks,
     /// Stops the cluster port, which serves Raft until the owners are drained.
     peer_stop: watch::Sender<bool>,
-    /// The cluster port's server (a set, so that it stops when a failed start drops it).
-    peer_task: JoinSet<()>,
+    /// The cluster port's server, stopped last (dropped with a failed start, it stops too).
+    peer_task: Tasks,
     owners: Arc<Vec<OwnerHandle>>,
     store: Arc<SledStorage>,
     cluster: Arc<Cluster>,
@@ -316,7 +316,7 @@ impl Node {
         let healthy = Arc::new(AtomicBool::new(true));
         let mut tasks = Tasks::default();
         let peer_stop = watch::channel(false).0;
-        let mut peer_task = JoinSet::new();
+        let mut peer_task = Tasks::default();
 
         // The cluster port.
         {
@@ -330,7 +330,7 @@ impl Node {
             );
             let secret = config.cluster_secret.clone();
             let shutdown = stopped(peer_stop.subscribe());
-            peer_task.spawn(async move {
+            peer_task.spawn("cluster port", async move {
                 if let Err(e) = peer::serve(cluster_listener, service, secret, shutdown).await {
                     error!(error = %e, "cluster port failed");
                 }
@@ -541,16 +541,10 @@ impl Node {
             }
         }
         info!(elapsed_ms = elapsed_ms(), "stopping: owners drained");
+        // Calls still in flight (those that wait for the applied state give up when the node
+        // stops), or a connection hyper's graceful shutdown waits on, are cut off after the grace.
         let _ = self.peer_stop.send(true);
-        if tokio::time::timeout(STOP_GRACE, self.peer_task.join_next()).await.is_err() {
-            // Calls still in flight (those that wait for the applied state give up when the
-            // node stops), or a connection hyper's graceful shutdown waits on.
-            warn!(
-                grace_ms = STOP_GRACE.as_millis() as u64,
-                "stopping: the cluster port did not close in time; cut off"
-            );
-            self.peer_task.abort_all();
-        }
+        self.peer_task.stop(STOP_GRACE).await;
         self.cluster.shutdown().await;
         info!(elapsed_ms = elapsed_ms(), failed = self.store.has_failed(), "tollgate node stopped");
     }

@@ -997,13 +997,15 @@ mod tests {
             many.attributes.rotate_left(rotation * 3);
             assert_eq!(log_fingerprint(&entity, &many), fingerprint_model(&entity, &many));
             assert_eq!(log_fingerprint(&no_instance(), &many), fingerprint_model(&no_instance(), &many));
+            // Records with the keys of the previous one (the order is reused), other values.
             for value in 0..3 {
                 let mut next = many.clone();
                 next.attributes[value * 4] = crate::testing::string_attribute(&next.attributes[value * 4].key, "new");
                 assert_eq!(fingerprinter.fingerprint(&entity, &next), fingerprint_model(&entity, &next));
-                assert_eq!(fingerprinter.fingerprint(&entity, &record), fingerprint_model(&entity, &record));
-                assert_eq!(fingerprinter.fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
             }
+            assert_eq!(fingerprinter.fingerprint(&entity, &record), fingerprint_model(&entity, &record));
+            assert_eq!(fingerprinter.fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
+            assert_eq!(fingerprinter.fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
         }
         // Same keys in the same order but one more: not the same key list.
         let mut longer = many.clone();

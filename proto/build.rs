@@ -1,8 +1,28 @@
-//! Compiles Tollgate's node-to-node protocol with protox (no system `protoc` needed).
+//! Compiles Tollgate's node-to-node protocol and its routing view of the OTLP metrics service
+//! with protox (no system `protoc` needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/tollgate_peer.proto");
+    println!("cargo:rerun-if-changed=proto/otlp_routing.proto");
     let descriptors = protox::compile(["proto/tollgate_peer.proto"], ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".tollgate.peer.v1.ForwardExportRequest.resources")
+        .compile_fds(descriptors)?;
+    let descriptors = protox::compile(["proto/otlp_routing.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".")
+        .extern_path(
+            ".opentelemetry.proto.collector.metrics.v1.ExportMetricsServiceResponse",
+            "::opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse",
+        )
+        .extern_path(
+            ".opentelemetry.proto.collector.metrics.v1.ExportMetricsPartialSuccess",
+            "::opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess",
+        )
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -8,11 +8,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tollgate_proto::peer::peer_client::PeerClient;
 use tollgate_proto::peer::{
-    ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryRequest,
-    QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    ForwardExportRequest, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse,
+    QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tollgate_proto::CLUSTER_SECRET_HEADER;
 use tonic::transport::{Channel, Endpoint};
@@ -71,6 +71,14 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// Forwarded points or records of one export for one owner; the payloads' size counts
     /// against the in-flight bound of that peer.
     fn forward(&self, addr: &str, request: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>>;
+    /// Whole resources of one export for one owner, which extracts them itself; their size
+    /// counts against the same in-flight bound. A peer that predates the call refuses it with
+    /// the code `Unimplemented`.
+    fn forward_export(
+        &self,
+        addr: &str,
+        request: ForwardExportRequest,
+    ) -> BoxFuture<'_, Result<ForwardResponse, TransportError>>;
     /// A query for the peer's partial result.
     fn query(&self, addr: &str, request: QueryRequest) -> BoxFuture<'_, Result<QueryResponse, TransportError>>;
     /// A vnode's hand-off stream.
@@ -148,6 +156,14 @@ impl TonicTransport {
         let mut inflight = self.inflight.lock().expect("inflight lock");
         Arc::clone(inflight.entry(addr.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.max_forward_bytes))))
     }
+
+    /// Charges `bytes` of forwarded data against the peer's in-flight bound until the permit drops.
+    fn charge(&self, addr: &str, bytes: usize) -> Result<OwnedSemaphorePermit, TransportError> {
+        let bytes = bytes.clamp(1, self.max_forward_bytes) as u32;
+        self.semaphore(addr)
+            .try_acquire_many_owned(bytes)
+            .map_err(|_| TransportError::Backpressure { addr: addr.to_string() })
+    }
 }
 
 /// A call that fails as unreachable when `timeout` passes (the peer may be hung, not gone).
@@ -193,14 +209,25 @@ impl Transport for TonicTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             let payload: usize = request.batches.iter().map(|batch| batch.payload.len()).sum();
-            let bytes = payload.clamp(1, self.max_forward_bytes) as u32;
-            let _permit = self
-                .semaphore(&addr)
-                .try_acquire_many_owned(bytes)
-                .map_err(|_| TransportError::Backpressure { addr: addr.clone() })?;
+            let _permit = self.charge(&addr, payload)?;
             let mut client = self.client(&addr)?;
             let timeout = self.timeout;
             within(&addr, timeout, client.forward(self.request(request, timeout))).await
+        })
+    }
+
+    fn forward_export(
+        &self,
+        addr: &str,
+        request: ForwardExportRequest,
+    ) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let payload: usize = request.resources.iter().map(|resource| resource.len()).sum();
+            let _permit = self.charge(&addr, payload)?;
+            let mut client = self.client(&addr)?;
+            let timeout = self.timeout;
+            within(&addr, timeout, client.forward_export(self.request(request, timeout))).await
         })
     }
 
@@ -266,6 +293,8 @@ struct FaultState {
     forwards: HashMap<(String, String), u64>,
     /// Added to every call.
     delay: Duration,
+    /// Addresses answering `ForwardExport` as a node that predates it.
+    predating: BTreeSet<String>,
 }
 
 impl Faults {
@@ -302,7 +331,13 @@ impl Faults {
         self.state.lock().expect("faults lock").delay = delay;
     }
 
-    /// Forward calls made from `from` to `to` so far.
+    /// Makes the node at `addr` answer `ForwardExport` as a node that predates it does (a gRPC
+    /// `UNIMPLEMENTED`), as during a rolling upgrade.
+    pub fn predate_forward_export(&self, addr: &str) {
+        self.state.lock().expect("faults lock").predating.insert(addr.to_string());
+    }
+
+    /// Forward calls (`Forward` and `ForwardExport`) made from `from` to `to` so far.
     pub fn forward_calls(&self, from: &str, to: &str) -> u64 {
         let state = self.state.lock().expect("faults lock");
         state.forwards.get(&(from.to_string(), to.to_string())).copied().unwrap_or(0)
@@ -364,6 +399,22 @@ impl Transport for FaultyTransport {
             self.faults.count_forward(&self.from, &addr);
             self.gate(&addr).await?;
             self.inner.forward(&addr, request).await
+        })
+    }
+
+    fn forward_export(
+        &self,
+        addr: &str,
+        request: ForwardExportRequest,
+    ) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.faults.count_forward(&self.from, &addr);
+            self.gate(&addr).await?;
+            if self.faults.state.lock().expect("faults lock").predating.contains(&addr) {
+                return Err(status_error(&addr, tonic::Status::unimplemented("unknown method ForwardExport")));
+            }
+            self.inner.forward_export(&addr, request).await
         })
     }
 

@@ -14,8 +14,8 @@ use tollgate_cluster::{
     Cluster, ClusterError, ClusterSettings, ClusterState, Command, CommandResponse, NodeId, PeerNode, VnodeState,
 };
 use tollgate_proto::peer::{
-    ForwardRequest, ForwardResponse, HandOffRequest, JoinRequest, JoinResponse, QueryRequest, QueryResponse,
-    RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    ForwardExportRequest, ForwardRequest, ForwardResponse, HandOffRequest, JoinRequest, JoinResponse, QueryRequest,
+    QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tollgate_rules::pricing::{ModelPricing, ProviderPricing};
 use tollgate_rules::PricingDocument;
@@ -57,6 +57,15 @@ impl Transport for LocalTransport {
     }
 
     fn forward(&self, addr: &str, _: ForwardRequest) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
+        let error = not_served(addr);
+        Box::pin(async move { Err(error) })
+    }
+
+    fn forward_export(
+        &self,
+        addr: &str,
+        _: ForwardExportRequest,
+    ) -> BoxFuture<'_, Result<ForwardResponse, TransportError>> {
         let error = not_served(addr);
         Box::pin(async move { Err(error) })
     }

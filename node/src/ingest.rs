@@ -12,17 +12,23 @@ use crate::metrics as m;
 use crate::owner::OwnerHandle;
 use crate::runtime::RuntimeConfig;
 use crate::wire::{self, WireLog};
+use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tollgate_cluster::transport::TransportError;
 use tollgate_cluster::Cluster;
-use tollgate_proto::peer::{ForwardRequest, Signal, VnodeBatch};
+use tollgate_proto::otlp::tonic::metrics::v1::ResourceMetrics;
+use tollgate_proto::otlp::tonic::resource::v1::Resource;
+use tollgate_proto::peer::{ForwardExportRequest, ForwardRequest, ForwardResponse, Signal, VnodeBatch};
+use tollgate_rules::entity::Selection;
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{
-    extract_logs, extract_metrics, DropReason, ExtractedLog, ExtractedPoint, IngestReport, RejectReason,
+    extract_logs, extract_metrics, CompiledRules, DropReason, ExtractedLog, ExtractedPoint, IngestReport, RejectReason,
 };
 
 /// The vnode of a partition.
@@ -81,22 +87,7 @@ impl Ingest {
         async move {
             let started = Instant::now();
             let result = transport.forward(&addr, request).await;
-            metrics::histogram!(m::FORWARD_SECONDS, "peer" => addr.clone()).record(started.elapsed().as_secs_f64());
-            let response = result.map_err(|error| {
-                let reason = match &error {
-                    tollgate_cluster::transport::TransportError::Unreachable { .. } => "unreachable",
-                    tollgate_cluster::transport::TransportError::Refused { .. } => "refused",
-                    tollgate_cluster::transport::TransportError::Backpressure { .. } => "backpressure",
-                };
-                metrics::counter!(m::FORWARD_FAILURES, "peer" => addr.clone(), "reason" => reason).increment(1);
-                match error {
-                    tollgate_cluster::transport::TransportError::Backpressure { .. } => {
-                        Error::overloaded(format!("too much data in flight to {addr}; retry later"))
-                    }
-                    other => Error::Unavailable(format!("forwarding to the owner failed: {other}; retry")),
-                }
-            })?;
-            wire::decode("forwarded report", &response.report).map_err(Error::Internal)
+            forwarded(&addr, started, result)
         }
         .boxed()
     }
@@ -108,10 +99,61 @@ impl Ingest {
         protocol: &'static str,
     ) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
-        let batch = extract_metrics(request, &rules);
+        let routed = self.route_points(request, &rules)?;
+        metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(routed.received);
+        self.finish_metrics(routed.report, routed.pending, protocol).await
+    }
+
+    /// Merges an export whose resources are still encoded (the gRPC receiver's
+    /// [`otlp_routing`](tollgate_proto::otlp_routing) view): only the resource of each is read
+    /// here to find its owner; a resource another node owns is passed on as it came, decoded and
+    /// extracted once, by its owner. The rest takes the path of [`Ingest::metrics`].
+    pub async fn metrics_encoded(&self, resources: Vec<Bytes>, protocol: &'static str) -> Result<IngestReport, Error> {
+        let rules = Arc::clone(&self.config.borrow().rules);
+        let mut here = Vec::new();
+        let mut exports: FastMap<String, (u64, Vec<Bytes>)> = FastMap::default();
+        let mut received = 0;
+        for resource in resources {
+            match self.remote_owner(&resource, &rules) {
+                Some((addr, epoch, points)) => {
+                    received += points;
+                    metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(points);
+                    exports.entry(addr).or_insert_with(|| (epoch, Vec::new())).1.push(resource);
+                }
+                None => here.push(decode_resource(resource)?),
+            }
+        }
+        let routed = self.route_points(ExportMetricsServiceRequest { resource_metrics: here }, &rules)?;
+        received += routed.received;
+        metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(received);
+        let mut pending = routed.pending;
+        pending.extend(
+            exports.into_iter().map(|(addr, (epoch, resources))| self.forward_export(addr, epoch, resources, &rules)),
+        );
+        self.finish_metrics(routed.report, pending, protocol).await
+    }
+
+    /// The owner node of an encoded resource and its data points, when another node owns it and
+    /// the resource parses down to its points; `None` sends it down the decoding path, which
+    /// handles (and reports) everything else exactly.
+    fn remote_owner(&self, resource: &[u8], rules: &CompiledRules) -> Option<(String, u64, u64)> {
+        let head = ResourceHead::decode(resource).ok()?;
+        let Selection::Ours(entity) = rules.config.routing.select(head.resource.as_ref()) else {
+            return None;
+        };
+        let Ok(Route::Remote { addr, epoch }) = self.route(vnode_of(entity.partition_hash(), self.vnodes)) else {
+            return None;
+        };
+        let points = wire::count_data_points(resource).ok()?;
+        Some((addr, epoch, points))
+    }
+
+    /// Extracts an export's points and sends each vnode's to its owner: the replies to wait for,
+    /// and what extraction already rejected or dropped.
+    fn route_points(&self, request: ExportMetricsServiceRequest, rules: &CompiledRules) -> Result<Routed, Error> {
+        let batch = extract_metrics(request, rules);
         let received =
             batch.points.len() as u64 + batch.report.rejected_total() + batch.report.dropped.values().sum::<u64>();
-        metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(received);
         let mut groups: FastMap<u16, Vec<ExtractedPoint>> = FastMap::default();
         for point in batch.points {
             groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
@@ -133,13 +175,52 @@ impl Ingest {
             }
         }
         pending.extend(remote.into_requests(Signal::Metrics).map(|(addr, request)| self.forward(addr, request)));
-        let report = self.gather(batch.report, pending).await?;
+        Ok(Routed { report: batch.report, received, pending })
+    }
+
+    async fn finish_metrics(
+        &self,
+        report: IngestReport,
+        pending: Vec<Pending>,
+        protocol: &'static str,
+    ) -> Result<IngestReport, Error> {
+        let report = self.gather(report, pending).await?;
         count_report(&report, protocol, m::POINTS_REJECTED, m::POINTS_DROPPED);
         metrics::counter!(m::POINTS_MERGED).increment(report.merged);
         metrics::counter!(m::POINTS_DUPLICATE).increment(report.duplicates);
         Ok(report)
     }
 
+    /// Passes encoded resources on to the node owning them. A node that predates
+    /// `ForwardExport` refuses it as unimplemented: the resources are then extracted here and
+    /// forwarded as points, as that node expects.
+    fn forward_export(&self, addr: String, epoch: u64, resources: Vec<Bytes>, rules: &Arc<CompiledRules>) -> Pending {
+        let this = self.clone();
+        let rules = Arc::clone(rules);
+        async move {
+            let started = Instant::now();
+            let request =
+                ForwardExportRequest { map_epoch: epoch, signal: Signal::Metrics as i32, resources: resources.clone() };
+            let result = this.cluster.transport().forward_export(&addr, request).await;
+            match result {
+                Err(TransportError::Refused { code, .. }) if code == "Unimplemented" => {
+                    let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+                    let routed = this.route_points(ExportMetricsServiceRequest { resource_metrics }, &rules)?;
+                    let mut report = routed.report;
+                    for part in futures_util::future::join_all(routed.pending).await {
+                        report.merge(&part?);
+                    }
+                    Ok(report)
+                }
+                // The owner could not decode what the client sent: the client's error, not to retry.
+                Err(TransportError::Refused { code, message, .. }) if code == "InvalidArgument" => {
+                    Err(Error::InvalidArgument(format!("found by the owner node {addr}: {message}")))
+                }
+                result => forwarded(&addr, started, result),
+            }
+        }
+        .boxed()
+    }
     /// Classifies, counts and keeps the records of an export.
     pub async fn logs(&self, request: ExportLogsServiceRequest, protocol: &'static str) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
@@ -183,6 +264,23 @@ impl Ingest {
         self.gather(IngestReport::default(), pending).await
     }
 
+    /// Encoded resources forwarded to this node (`ForwardExport`): decoded, extracted and merged
+    /// by the owners of their vnodes, which refuse (retryably) a vnode this node does not own.
+    pub async fn owner_export(&self, resources: Vec<Bytes>) -> Result<IngestReport, Error> {
+        let rules = Arc::clone(&self.config.borrow().rules);
+        let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+        let batch = extract_metrics(ExportMetricsServiceRequest { resource_metrics }, &rules);
+        let mut groups: FastMap<u16, Vec<ExtractedPoint>> = FastMap::default();
+        for point in batch.points {
+            groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
+        }
+        let mut pending = Vec::with_capacity(groups.len());
+        for (vnode, points) in groups {
+            pending.push(submit_metrics(&self.owners[vnode as usize], points)?);
+        }
+        self.gather(batch.report, pending).await
+    }
+
     /// Log records forwarded to this node, per owner of the vnodes they belong to, each with the
     /// fingerprint of its slice of the export.
     pub async fn owner_logs(
@@ -211,6 +309,48 @@ impl Ingest {
             ))),
         }
     }
+}
+
+/// Replies to wait for, and what extraction rejected or dropped, of one export's points.
+struct Routed {
+    report: IngestReport,
+    received: u64,
+    pending: Vec<Pending>,
+}
+
+/// Only the resource of an encoded OTLP `ResourceMetrics` (its scope metrics are skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceHead {
+    #[prost(message, optional, tag = "1")]
+    resource: Option<Resource>,
+}
+
+fn decode_resource(bytes: Bytes) -> Result<ResourceMetrics, Error> {
+    ResourceMetrics::decode(bytes).map_err(|error| Error::InvalidArgument(error.to_string()))
+}
+
+/// A forward's outcome: the owner's report, or the error for the client.
+fn forwarded(
+    addr: &str,
+    started: Instant,
+    result: Result<ForwardResponse, TransportError>,
+) -> Result<IngestReport, Error> {
+    metrics::histogram!(m::FORWARD_SECONDS, "peer" => addr.to_string()).record(started.elapsed().as_secs_f64());
+    let response = result.map_err(|error| {
+        let reason = match &error {
+            TransportError::Unreachable { .. } => "unreachable",
+            TransportError::Refused { .. } => "refused",
+            TransportError::Backpressure { .. } => "backpressure",
+        };
+        metrics::counter!(m::FORWARD_FAILURES, "peer" => addr.to_string(), "reason" => reason).increment(1);
+        match error {
+            TransportError::Backpressure { .. } => {
+                Error::overloaded(format!("too much data in flight to {addr}; retry later"))
+            }
+            other => Error::Unavailable(format!("forwarding to the owner failed: {other}; retry")),
+        }
+    })?;
+    wire::decode("forwarded report", &response.report).map_err(Error::Internal)
 }
 
 /// The remote parts of one export, gathered per owner node: one forward call each.

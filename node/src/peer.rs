@@ -20,8 +20,8 @@ use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::{Cluster, ClusterError, VnodeState};
 use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
-    ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryKind, QueryRequest,
-    QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
+    ForwardExportRequest, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse,
+    QueryKind, QueryRequest, QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
 use tollgate_proto::CLUSTER_SECRET_HEADER;
 use tollgate_rules::{ExtractedLog, MetricQuery};
@@ -114,6 +114,18 @@ impl Peer for PeerService {
         } else {
             self.ingest.owner_logs(logs).await?
         };
+        Ok(Response::new(ForwardResponse { report: wire::encode(&report) }))
+    }
+
+    async fn forward_export(
+        &self,
+        request: Request<ForwardExportRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let request = request.into_inner();
+        if Signal::try_from(request.signal) != Ok(Signal::Metrics) {
+            return Err(invalid(format!("signal {} cannot be forwarded as an export", request.signal)));
+        }
+        let report = self.ingest.owner_export(request.resources).await?;
         Ok(Response::new(ForwardResponse { report: wire::encode(&report) }))
     }
 

@@ -131,6 +131,66 @@ impl WireLog {
     }
 }
 
+/// The data points of an encoded OTLP `ResourceMetrics`, counted without decoding them (the
+/// receiving node counts what it passes on undecoded); an error when its structure, down to the
+/// points, does not parse.
+pub fn count_data_points(resource_metrics: &[u8]) -> Result<u64, String> {
+    // Field numbers of `opentelemetry/proto/metrics/v1/metrics.proto`.
+    const SCOPE_METRICS: u64 = 2;
+    const METRICS: u64 = 2;
+    const DATA: [u64; 5] = [5, 7, 9, 10, 11]; // gauge, sum, histogram, exponential histogram, summary
+    const DATA_POINTS: u64 = 1;
+    let mut points = 0;
+    length_delimited(resource_metrics, SCOPE_METRICS, &mut |scope| {
+        length_delimited(scope, METRICS, &mut |metric| {
+            for data in DATA {
+                length_delimited(metric, data, &mut |points_of| {
+                    length_delimited(points_of, DATA_POINTS, &mut |_| {
+                        points += 1;
+                        Ok(())
+                    })
+                })?;
+            }
+            Ok(())
+        })
+    })
+    .map_err(|error| format!("resource metrics do not parse: {error}"))?;
+    Ok(points)
+}
+
+/// Calls `each` with the content of every length-delimited field `number` of a protobuf message,
+/// checking the framing of all its fields.
+fn length_delimited(
+    mut message: &[u8],
+    number: u64,
+    each: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    let decode_varint = |bytes: &mut &[u8]| prost::encoding::decode_varint(bytes).map_err(|e| e.to_string());
+    let truncated = || "truncated field".to_string();
+    while !message.is_empty() {
+        let key = decode_varint(&mut message)?;
+        let skip = match key & 7 {
+            0 => {
+                decode_varint(&mut message)?;
+                0
+            }
+            1 => 8,
+            2 => {
+                let len = usize::try_from(decode_varint(&mut message)?).map_err(|_| truncated())?;
+                let content = message.get(..len).ok_or_else(truncated)?;
+                if key >> 3 == number {
+                    each(content)?;
+                }
+                len
+            }
+            5 => 4,
+            wire_type => return Err(format!("unexpected wire type {wire_type}")),
+        };
+        message = message.get(skip..).ok_or_else(truncated)?;
+    }
+    Ok(())
+}
+
 /// Encodes a wire value.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("wire values always encode")
@@ -201,6 +261,40 @@ mod tests {
         }
         assert!(Arc::ptr_eq(&back[0].entity, &back[back.len() - 1].entity), "one entity, shared");
         assert!(decode_points(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn test_data_points_are_counted_without_decoding() {
+        use opentelemetry_proto::tonic::metrics::v1::{metric::Data, Gauge, Metric, NumberDataPoint, ScopeMetrics};
+        let mut pod = GatewayPod::new("gw", "pod-0", 3, true, 10, 1_764_151_200);
+        let mut export = pod.export(0);
+        // A gauge (not a gateway metric, still data points) and a metric without data.
+        export.resource_metrics[0].scope_metrics.push(ScopeMetrics {
+            metrics: vec![
+                Metric {
+                    name: "other".into(),
+                    data: Some(Data::Gauge(Gauge { data_points: vec![NumberDataPoint::default(); 4] })),
+                    ..Default::default()
+                },
+                Metric { name: "empty".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        });
+        let resource = &export.resource_metrics[0];
+        let expected: usize = resource
+            .scope_metrics
+            .iter()
+            .flat_map(|scope| &scope.metrics)
+            .map(|metric| tollgate_rules::ingest::data_point_count(metric.data.as_ref()))
+            .sum();
+        assert!(expected > 10, "the pod exports several histograms: {expected}");
+        let bytes = resource.encode_to_vec();
+        assert_eq!(count_data_points(&bytes), Ok(expected as u64));
+        // Truncated anywhere inside, the framing no longer holds.
+        for cut in [1, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
+            assert!(count_data_points(&bytes[..cut]).is_err(), "cut at {cut} of {}", bytes.len());
+        }
+        assert_eq!(count_data_points(&[]), Ok(0));
     }
 
     #[test]

@@ -5,15 +5,21 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{fleet_export, fleet_tokens, now_seconds};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use prost::Message;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate::ingest::vnode_of;
+use tollgate::wire::count_data_points;
 use tollgate::{Node, NodeConfig, SystemClock};
-use tollgate_cluster::transport::{Faults, FaultyTransport, TonicTransport, Transport};
+use tollgate_cluster::transport::{Faults, FaultyTransport, TonicTransport, Transport, TransportError};
+use tollgate_proto::otlp_routing::metrics_service_client::MetricsServiceClient as RoutingClient;
+use tollgate_proto::otlp_routing::ExportMetricsServiceRequest as RoutingRequest;
+use tollgate_proto::peer::{ForwardExportRequest, Signal};
 use tollgate_rules::entity::partition_hash;
 
 const PODS: u64 = 12;
@@ -142,24 +148,32 @@ async fn assert_exact(node: &Node, service: &str, base: u64, exports: u64) {
     );
 }
 
+/// The vnodes of `service`'s pods that `receiver` does not own, per owner node.
+fn remote_vnodes(receiver: &Node, service: &str) -> BTreeMap<String, BTreeSet<u16>> {
+    let state = receiver.cluster().state();
+    let me = receiver.cluster().id;
+    let mut remote: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
+    for pod in 0..PODS {
+        let vnode = vnode_of(pod_partition(service, pod), state.vnodes.vnodes.len() as u16);
+        let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
+        if owner != me {
+            remote.entry(state.nodes[&owner].cluster_addr.clone()).or_default().insert(vnode);
+        }
+    }
+    remote
+}
+
+fn pod_partition(service: &str, pod: u64) -> u64 {
+    partition_hash(service, Some(&format!("pod-{pod}")))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_an_export_is_forwarded_in_one_call_per_owner_node() {
     const SERVICE: &str = "batched-gw";
     let cluster = Cluster::start().await;
     let receiver = &cluster.nodes[0];
     let from = receiver.endpoints.cluster.to_string();
-    // The remote vnodes the export's pods land on, per owner node.
-    let state = receiver.cluster().state();
-    let me = receiver.cluster().id;
-    let mut remote: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
-    for pod in 0..PODS {
-        let partition = partition_hash(SERVICE, Some(&format!("pod-{pod}")));
-        let vnode = vnode_of(partition, state.vnodes.vnodes.len() as u16);
-        let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
-        if owner != me {
-            remote.entry(state.nodes[&owner].cluster_addr.clone()).or_default().insert(vnode);
-        }
-    }
+    let remote = remote_vnodes(receiver, SERVICE);
     assert!(
         remote.values().any(|vnodes| vnodes.len() > 1),
         "the export must hold several vnodes of one owner for this test to mean anything: {remote:?}"
@@ -254,6 +268,76 @@ async fn test_partitioned_owner_makes_exports_retryable_until_it_heals() {
     }
     for node in &cluster.nodes {
         assert_exact(node, "partition-gw", base, EXPORTS).await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
+    const SERVICE: &str = "upgrade-gw";
+    const EXPORTS: u64 = 6;
+    let cluster = Cluster::start().await;
+    let receiver = &cluster.nodes[0];
+    let from = receiver.endpoints.cluster.to_string();
+    let remote = remote_vnodes(receiver, SERVICE);
+    assert_eq!(remote.len(), 2, "both other nodes own some of the pods: {remote:?}");
+    // Mid rolling upgrade: the other two nodes still run a version without `ForwardExport`.
+    for node in &cluster.nodes[1..] {
+        cluster.faults.predate_forward_export(&node.endpoints.cluster.to_string());
+    }
+    let base = now_seconds() - EXPORTS - 120;
+    for k in 0..EXPORTS {
+        assert!(send_until_acknowledged(&cluster.grpc(0), SERVICE, base, k).await.is_empty());
+    }
+    // Per export and owner: the refused `ForwardExport`, then one `Forward` of extracted points.
+    for node in &cluster.nodes[1..] {
+        let to = node.endpoints.cluster.to_string();
+        assert_eq!(cluster.faults.forward_calls(&from, &to), 2 * EXPORTS, "forward calls to {to}");
+    }
+    for node in &cluster.nodes {
+        assert_exact(node, SERVICE, base, EXPORTS).await;
+    }
+
+    // What the fallback relies on: a real server without the method refuses it as
+    // `Unimplemented` (the OTLP port serves no peer service at all).
+    let transport = TonicTransport::new(None, Duration::from_secs(2), 1 << 20);
+    let otlp_port = receiver.endpoints.otlp_grpc[0].to_string();
+    let request = ForwardExportRequest { map_epoch: 1, signal: Signal::Metrics as i32, resources: Vec::new() };
+    match transport.forward_export(&otlp_port, request).await {
+        Err(TransportError::Refused { code, .. }) => assert_eq!(code, "Unimplemented"),
+        other => panic!("expected an Unimplemented refusal, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_resource_that_does_not_decode_fails_the_export_as_invalid() {
+    const SERVICE: &str = "corrupt-gw";
+    let cluster = Cluster::start().await;
+    let receiver = &cluster.nodes[0];
+    let state = receiver.cluster().state();
+    let vnodes = state.vnodes.vnodes.len() as u16;
+    let mine =
+        |pod: u64| state.vnodes.owner(vnode_of(pod_partition(SERVICE, pod), vnodes)) == Some(receiver.cluster().id);
+    let local = (0..PODS).find(|pod| mine(*pod)).expect("the receiver owns one of the pods");
+    let remote = (0..PODS).find(|pod| !mine(*pod)).expect("another node owns one of the pods");
+    let base = now_seconds() - 120;
+    // Its framing is sound (the receiver reads its resource and counts its points), but a metric
+    // name is not UTF-8: only a full decode, by the resource's owner, finds out.
+    for (pod, whose, by_owner) in [(remote, "another node's", true), (local, "the receiver's", false)] {
+        let (export, _) = fleet_export(SERVICE, base, 0, PODS);
+        let mut resources: Vec<Bytes> =
+            export.resource_metrics.iter().map(|r| Bytes::from(r.encode_to_vec())).collect();
+        let mut corrupt = resources[pod as usize].to_vec();
+        let at = corrupt.windows(6).position(|w| w == b"gen_ai").expect("a gen_ai metric name");
+        corrupt[at] = 0xff;
+        assert!(count_data_points(&corrupt).is_ok(), "the framing still holds");
+        resources[pod as usize] = Bytes::from(corrupt);
+        let mut client = RoutingClient::connect(cluster.grpc(0)).await.unwrap();
+        let status = client.export(RoutingRequest { resource_metrics: resources }).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{whose} resource: {status:?}");
+        assert!(status.message().contains("UTF-8"), "{whose} resource: {status:?}");
+        assert_eq!(status.message().contains("found by the owner node"), by_owner, "{whose} resource: {status:?}");
     }
     cluster.shutdown().await;
 }

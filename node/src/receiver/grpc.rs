@@ -1,5 +1,6 @@
 //! OTLP/gRPC: the standard services on every configured address, gzip accepted, the request size
-//! limit enforced by tonic and reported as `RESOURCE_EXHAUSTED` (SPEC §8).
+//! limit enforced by tonic and reported as `RESOURCE_EXHAUSTED` (SPEC §8). The metrics service
+//! leaves each resource encoded until its owner is known (`tollgate_proto::otlp_routing`).
 
 use super::{logs_response, metrics_response};
 use crate::budget::{Budget, BudgetPermit};
@@ -7,16 +8,15 @@ use crate::ingest::Ingest;
 use crate::metrics as m;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use prost::Message;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::TcpListener;
+use tollgate_proto::otlp_routing::metrics_service_server::{MetricsService, MetricsServiceServer};
+use tollgate_proto::otlp_routing::ExportMetricsServiceRequest;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 use tower::{Layer, Service};
@@ -53,7 +53,7 @@ impl MetricsService for OtlpGrpc {
             // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
             let _wire = request.extensions().get::<WirePermit>().cloned();
             let _decoded = self.budget.try_acquire(request.get_ref().encoded_len())?;
-            self.ingest.metrics(request.into_inner(), "grpc").await
+            self.ingest.metrics_encoded(request.into_inner().resource_metrics, "grpc").await
         }
         .await;
         metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => "metrics", "outcome" => outcome_label(&result))

@@ -313,10 +313,11 @@ impl Faults {
         self.state.lock().expect("faults lock").isolated.remove(addr);
     }
 
-    /// Reconnects everything and removes drops and delays.
+    /// Reconnects everything and removes drops, delays and predating nodes.
     pub fn heal_all(&self) {
         let mut state = self.state.lock().expect("faults lock");
         state.isolated.clear();
+        state.predating.clear();
         state.drop_every = 0;
         state.delay = Duration::ZERO;
     }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tollgate_cluster::transport::TransportError;
 use tollgate_cluster::Cluster;
-use tollgate_proto::otlp::tonic::metrics::v1::ResourceMetrics;
 use tollgate_proto::otlp::tonic::resource::v1::Resource;
 use tollgate_proto::peer::{ForwardExportRequest, ForwardRequest, ForwardResponse, Signal, VnodeBatch};
 use tollgate_rules::entity::Selection;
@@ -110,42 +109,72 @@ impl Ingest {
     /// extracted once, by its owner. The rest takes the path of [`Ingest::metrics`].
     pub async fn metrics_encoded(&self, resources: Vec<Bytes>, protocol: &'static str) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
-        let mut here = Vec::new();
-        let mut exports: FastMap<String, (u64, Vec<Bytes>)> = FastMap::default();
-        let mut received = 0;
-        for resource in resources {
-            match self.remote_owner(&resource, &rules) {
-                Some((addr, epoch, points)) => {
-                    received += points;
-                    metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(points);
-                    exports.entry(addr).or_insert_with(|| (epoch, Vec::new())).1.push(resource);
-                }
-                None => here.push(decode_resource(resource)?),
-            }
-        }
-        let routed = self.route_points(ExportMetricsServiceRequest { resource_metrics: here }, &rules)?;
-        received += routed.received;
-        metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(received);
+        let split = self.split_encoded(resources, &rules, Signal::Metrics);
+        let resource_metrics = split.here.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+        let routed = self.route_points(ExportMetricsServiceRequest { resource_metrics }, &rules)?;
+        metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(split.received + routed.received);
         let mut pending = routed.pending;
-        pending.extend(
-            exports.into_iter().map(|(addr, (epoch, resources))| self.forward_export(addr, epoch, resources, &rules)),
-        );
+        pending.extend(self.forward_exports(Signal::Metrics, split.remote, &rules));
         self.finish_metrics(routed.report, pending, protocol).await
     }
 
-    /// The owner node of an encoded resource and its data points, when another node owns it and
-    /// the resource parses down to its points; `None` sends it down the decoding path, which
-    /// handles (and reports) everything else exactly.
-    fn remote_owner(&self, resource: &[u8], rules: &CompiledRules) -> Option<(String, u64, u64)> {
+    /// [`Ingest::metrics_encoded`] for logs: what is not passed on takes the path of
+    /// [`Ingest::logs`].
+    pub async fn logs_encoded(&self, resources: Vec<Bytes>, protocol: &'static str) -> Result<IngestReport, Error> {
+        let rules = Arc::clone(&self.config.borrow().rules);
+        let split = self.split_encoded(resources, &rules, Signal::Logs);
+        let resource_logs = split.here.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+        let routed = self.route_logs(ExportLogsServiceRequest { resource_logs }, &rules)?;
+        metrics::counter!(m::LOGS_RECEIVED, "protocol" => protocol).increment(split.received + routed.received);
+        let mut pending = routed.pending;
+        pending.extend(self.forward_exports(Signal::Logs, split.remote, &rules));
+        self.finish_logs(routed.report, pending, protocol).await
+    }
+
+    /// Sorts encoded resources into those to decode here and those to pass on, per owner node.
+    /// Every resource of one vnode goes the same way (the first route found for the vnode is
+    /// kept for the whole export), so its owner computes the same log-batch fingerprint as this
+    /// node would, and a retry is recognised whichever node receives it.
+    fn split_encoded(&self, resources: Vec<Bytes>, rules: &CompiledRules, signal: Signal) -> Split {
+        let mut split = Split::default();
+        let mut routes: FastMap<u16, Option<(String, u64)>> = FastMap::default();
+        for resource in resources {
+            let remote = self.vnode_of_resource(&resource, rules).and_then(|vnode| {
+                let route = routes.entry(vnode).or_insert_with(|| match self.route(vnode) {
+                    Ok(Route::Remote { addr, epoch }) => Some((addr, epoch)),
+                    _ => None,
+                });
+                let (addr, epoch) = route.clone()?;
+                let items = match signal {
+                    Signal::Logs => wire::count_log_records(&resource),
+                    _ => wire::count_data_points(&resource),
+                };
+                // A resource whose framing does not parse is decoded here, which reports it.
+                Some((addr, epoch, items.ok()?))
+            });
+            match remote {
+                Some((addr, epoch, items)) => {
+                    split.received += items;
+                    if signal == Signal::Metrics {
+                        metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(items);
+                    }
+                    split.remote.entry(addr).or_insert_with(|| (epoch, Vec::new())).1.push(resource);
+                }
+                None => split.here.push(resource),
+            }
+        }
+        split
+    }
+
+    /// The vnode of an encoded resource (metrics or logs: the resource is field 1 of both), when
+    /// it is a gateway's with a service; `None` leaves it to the decoding path, which reports
+    /// everything else exactly.
+    fn vnode_of_resource(&self, resource: &[u8], rules: &CompiledRules) -> Option<u16> {
         let head = ResourceHead::decode(resource).ok()?;
-        let Selection::Ours(entity) = rules.config.routing.select(head.resource.as_ref()) else {
-            return None;
-        };
-        let Ok(Route::Remote { addr, epoch }) = self.route(vnode_of(entity.partition_hash(), self.vnodes)) else {
-            return None;
-        };
-        let points = wire::count_data_points(resource).ok()?;
-        Some((addr, epoch, points))
+        match rules.config.routing.select(head.resource.as_ref()) {
+            Selection::Ours(entity) => Some(vnode_of(entity.partition_hash(), self.vnodes)),
+            Selection::NotOurs | Selection::MissingService => None,
+        }
     }
 
     /// Extracts an export's points and sends each vnode's to its owner: the replies to wait for,
@@ -191,21 +220,49 @@ impl Ingest {
         Ok(report)
     }
 
+    fn forward_exports(
+        &self,
+        signal: Signal,
+        remote: FastMap<String, (u64, Vec<Bytes>)>,
+        rules: &Arc<CompiledRules>,
+    ) -> impl Iterator<Item = Pending> + '_ {
+        let rules = Arc::clone(rules);
+        remote
+            .into_iter()
+            .map(move |(addr, (epoch, resources))| self.forward_export(signal, addr, epoch, resources, &rules))
+    }
+
     /// Passes encoded resources on to the node owning them. A node that predates
     /// `ForwardExport` refuses it as unimplemented: the resources are then extracted here and
-    /// forwarded as points, as that node expects.
-    fn forward_export(&self, addr: String, epoch: u64, resources: Vec<Bytes>, rules: &Arc<CompiledRules>) -> Pending {
+    /// forwarded as points or records, as that node expects.
+    fn forward_export(
+        &self,
+        signal: Signal,
+        addr: String,
+        epoch: u64,
+        resources: Vec<Bytes>,
+        rules: &Arc<CompiledRules>,
+    ) -> Pending {
         let this = self.clone();
         let rules = Arc::clone(rules);
         async move {
             let started = Instant::now();
             let request =
-                ForwardExportRequest { map_epoch: epoch, signal: Signal::Metrics as i32, resources: resources.clone() };
+                ForwardExportRequest { map_epoch: epoch, signal: signal as i32, resources: resources.clone() };
             let result = this.cluster.transport().forward_export(&addr, request).await;
             match result {
                 Err(TransportError::Refused { code, .. }) if code == "Unimplemented" => {
-                    let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
-                    let routed = this.route_points(ExportMetricsServiceRequest { resource_metrics }, &rules)?;
+                    let routed = match signal {
+                        Signal::Logs => {
+                            let resource_logs = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+                            this.route_logs(ExportLogsServiceRequest { resource_logs }, &rules)?
+                        }
+                        _ => {
+                            let resource_metrics =
+                                resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+                            this.route_points(ExportMetricsServiceRequest { resource_metrics }, &rules)?
+                        }
+                    };
                     let mut report = routed.report;
                     for part in futures_util::future::join_all(routed.pending).await {
                         report.merge(&part?);
@@ -221,13 +278,21 @@ impl Ingest {
         }
         .boxed()
     }
+
     /// Classifies, counts and keeps the records of an export.
     pub async fn logs(&self, request: ExportLogsServiceRequest, protocol: &'static str) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
-        let batch = extract_logs(request, &rules);
+        let routed = self.route_logs(request, &rules)?;
+        metrics::counter!(m::LOGS_RECEIVED, "protocol" => protocol).increment(routed.received);
+        self.finish_logs(routed.report, routed.pending, protocol).await
+    }
+
+    /// Extracts an export's log records and sends each vnode's to its owner, with the fingerprint
+    /// of that slice of the export.
+    fn route_logs(&self, request: ExportLogsServiceRequest, rules: &CompiledRules) -> Result<Routed, Error> {
+        let batch = extract_logs(request, rules);
         let received =
             batch.records.len() as u64 + batch.report.rejected_total() + batch.report.dropped.values().sum::<u64>();
-        metrics::counter!(m::LOGS_RECEIVED, "protocol" => protocol).increment(received);
         let mut groups: FastMap<u16, Vec<ExtractedLog>> = FastMap::default();
         for record in batch.records {
             groups.entry(vnode_of(record.partition, self.vnodes)).or_default().push(record);
@@ -250,7 +315,16 @@ impl Ingest {
             }
         }
         pending.extend(remote.into_requests(Signal::Logs).map(|(addr, request)| self.forward(addr, request)));
-        let report = self.gather(batch.report, pending).await?;
+        Ok(Routed { report: batch.report, received, pending })
+    }
+
+    async fn finish_logs(
+        &self,
+        report: IngestReport,
+        pending: Vec<Pending>,
+        protocol: &'static str,
+    ) -> Result<IngestReport, Error> {
+        let report = self.gather(report, pending).await?;
         count_report(&report, protocol, m::LOGS_REJECTED, m::LOGS_DROPPED);
         Ok(report)
     }
@@ -266,19 +340,37 @@ impl Ingest {
 
     /// Encoded resources forwarded to this node (`ForwardExport`): decoded, extracted and merged
     /// by the owners of their vnodes, which refuse (retryably) a vnode this node does not own.
-    pub async fn owner_export(&self, resources: Vec<Bytes>) -> Result<IngestReport, Error> {
+    pub async fn owner_export(&self, signal: Signal, resources: Vec<Bytes>) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
-        let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
-        let batch = extract_metrics(ExportMetricsServiceRequest { resource_metrics }, &rules);
-        let mut groups: FastMap<u16, Vec<ExtractedPoint>> = FastMap::default();
-        for point in batch.points {
-            groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
-        }
-        let mut pending = Vec::with_capacity(groups.len());
-        for (vnode, points) in groups {
-            pending.push(submit_metrics(&self.owners[vnode as usize], points)?);
-        }
-        self.gather(batch.report, pending).await
+        let mut pending = Vec::new();
+        let report = match signal {
+            Signal::Logs => {
+                let resource_logs = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+                let batch = extract_logs(ExportLogsServiceRequest { resource_logs }, &rules);
+                let mut groups: FastMap<u16, Vec<ExtractedLog>> = FastMap::default();
+                for record in batch.records {
+                    groups.entry(vnode_of(record.partition, self.vnodes)).or_default().push(record);
+                }
+                for (vnode, records) in groups {
+                    let fingerprint = batch_fingerprint(vnode, &records);
+                    pending.push(submit_logs(&self.owners[vnode as usize], records, fingerprint)?);
+                }
+                batch.report
+            }
+            _ => {
+                let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+                let batch = extract_metrics(ExportMetricsServiceRequest { resource_metrics }, &rules);
+                let mut groups: FastMap<u16, Vec<ExtractedPoint>> = FastMap::default();
+                for point in batch.points {
+                    groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
+                }
+                for (vnode, points) in groups {
+                    pending.push(submit_metrics(&self.owners[vnode as usize], points)?);
+                }
+                batch.report
+            }
+        };
+        self.gather(report, pending).await
     }
 
     /// Log records forwarded to this node, per owner of the vnodes they belong to, each with the
@@ -318,15 +410,26 @@ struct Routed {
     pending: Vec<Pending>,
 }
 
-/// Only the resource of an encoded OTLP `ResourceMetrics` (its scope metrics are skipped).
+/// Only the resource (field 1) of an encoded OTLP `ResourceMetrics` or `ResourceLogs` (the rest
+/// is skipped).
 #[derive(Clone, PartialEq, prost::Message)]
 struct ResourceHead {
     #[prost(message, optional, tag = "1")]
     resource: Option<Resource>,
 }
 
-fn decode_resource(bytes: Bytes) -> Result<ResourceMetrics, Error> {
-    ResourceMetrics::decode(bytes).map_err(|error| Error::InvalidArgument(error.to_string()))
+/// An encoded resource (`ResourceMetrics`, `ResourceLogs`), decoded.
+fn decode_resource<R: Message + Default>(bytes: Bytes) -> Result<R, Error> {
+    R::decode(bytes).map_err(|error| Error::InvalidArgument(error.to_string()))
+}
+
+/// An export's encoded resources: those to decode here, and those to pass on per owner node
+/// (with the map epoch it was routed with), and the items of the latter.
+#[derive(Default)]
+struct Split {
+    here: Vec<Bytes>,
+    remote: FastMap<String, (u64, Vec<Bytes>)>,
+    received: u64,
 }
 
 /// A forward's outcome: the owner's report, or the error for the client.

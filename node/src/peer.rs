@@ -122,10 +122,11 @@ impl Peer for PeerService {
         request: Request<ForwardExportRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let request = request.into_inner();
-        if Signal::try_from(request.signal) != Ok(Signal::Metrics) {
-            return Err(invalid(format!("signal {} cannot be forwarded as an export", request.signal)));
-        }
-        let report = self.ingest.owner_export(request.resources).await?;
+        let signal = match Signal::try_from(request.signal) {
+            Ok(signal @ (Signal::Metrics | Signal::Logs)) => signal,
+            _ => return Err(invalid(format!("unknown signal {}", request.signal))),
+        };
+        let report = self.ingest.owner_export(signal, request.resources).await?;
         Ok(Response::new(ForwardResponse { report: wire::encode(&report) }))
     }
 

@@ -135,34 +135,36 @@ impl WireLog {
 /// receiving node counts what it passes on undecoded); an error when its structure, down to the
 /// points, does not parse.
 pub fn count_data_points(resource_metrics: &[u8]) -> Result<u64, String> {
-    // Field numbers of `opentelemetry/proto/metrics/v1/metrics.proto`.
-    const SCOPE_METRICS: u64 = 2;
-    const METRICS: u64 = 2;
-    const DATA: [u64; 5] = [5, 7, 9, 10, 11]; // gauge, sum, histogram, exponential histogram, summary
-    const DATA_POINTS: u64 = 1;
-    let mut points = 0;
-    length_delimited(resource_metrics, SCOPE_METRICS, &mut |scope| {
-        length_delimited(scope, METRICS, &mut |metric| {
-            for data in DATA {
-                length_delimited(metric, data, &mut |points_of| {
-                    length_delimited(points_of, DATA_POINTS, &mut |_| {
-                        points += 1;
-                        Ok(())
-                    })
-                })?;
-            }
-            Ok(())
-        })
-    })
-    .map_err(|error| format!("resource metrics do not parse: {error}"))?;
-    Ok(points)
+    // Field numbers of `opentelemetry/proto/metrics/v1/metrics.proto`: scope metrics, metrics,
+    // the data (gauge, sum, histogram, exponential histogram, summary), data points.
+    count_nested(resource_metrics, &[&[2], &[2], &[5, 7, 9, 10, 11], &[1]])
+        .map_err(|error| format!("resource metrics do not parse: {error}"))
 }
 
-/// Calls `each` with the content of every length-delimited field `number` of a protobuf message,
-/// checking the framing of all its fields.
+/// The log records of an encoded OTLP `ResourceLogs`, counted without decoding them.
+pub fn count_log_records(resource_logs: &[u8]) -> Result<u64, String> {
+    // `opentelemetry/proto/logs/v1/logs.proto`: scope logs, log records.
+    count_nested(resource_logs, &[&[2], &[2]]).map_err(|error| format!("resource logs do not parse: {error}"))
+}
+
+/// The messages at the end of `path` (field numbers, level by level) inside `message`.
+fn count_nested(message: &[u8], path: &[&[u64]]) -> Result<u64, String> {
+    let Some((numbers, rest)) = path.split_first() else {
+        return Ok(1);
+    };
+    let mut count = 0;
+    length_delimited(message, numbers, &mut |content| {
+        count += count_nested(content, rest)?;
+        Ok(())
+    })?;
+    Ok(count)
+}
+
+/// Calls `each` with the content of every length-delimited field of a protobuf message whose
+/// number is one of `numbers`, checking the framing of all its fields.
 fn length_delimited(
     mut message: &[u8],
-    number: u64,
+    numbers: &[u64],
     each: &mut dyn FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<(), String> {
     let decode_varint = |bytes: &mut &[u8]| prost::encoding::decode_varint(bytes).map_err(|e| e.to_string());
@@ -178,7 +180,7 @@ fn length_delimited(
             2 => {
                 let len = usize::try_from(decode_varint(&mut message)?).map_err(|_| truncated())?;
                 let content = message.get(..len).ok_or_else(truncated)?;
-                if key >> 3 == number {
+                if numbers.contains(&(key >> 3)) {
                     each(content)?;
                 }
                 len
@@ -295,6 +297,25 @@ mod tests {
             assert!(count_data_points(&bytes[..cut]).is_err(), "cut at {cut} of {}", bytes.len());
         }
         assert_eq!(count_data_points(&[]), Ok(0));
+        // The same walk over logs: records of two scopes, with attributes and bodies.
+        use opentelemetry_proto::tonic::logs::v1::{ResourceLogs, ScopeLogs};
+        let record = |code: &str| LogRecord {
+            time_unix_nano: 5,
+            body: Some(AnyValue { value: Some(Value::StringValue("GET /v1/chat/completions".into())) }),
+            attributes: vec![string_attribute("response_code".into(), code.into())],
+            ..Default::default()
+        };
+        let resource_logs = ResourceLogs {
+            resource: Some(gateway_resource(Convention::JobName, "gw", None)),
+            scope_logs: vec![
+                ScopeLogs { log_records: vec![record("200"), record("503"), record("200")], ..Default::default() },
+                ScopeLogs { log_records: vec![record("429"), record("200")], ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let bytes = resource_logs.encode_to_vec();
+        assert_eq!(count_log_records(&bytes), Ok(5));
+        assert!(count_log_records(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

@@ -7,7 +7,11 @@ mod common;
 
 use bytes::Bytes;
 use common::{fleet_export, fleet_tokens, now_seconds};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use prost::Message;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,10 +21,11 @@ use tollgate::ingest::vnode_of;
 use tollgate::wire::count_data_points;
 use tollgate::{Node, NodeConfig, SystemClock};
 use tollgate_cluster::transport::{Faults, FaultyTransport, TonicTransport, Transport, TransportError};
-use tollgate_proto::otlp_routing::metrics_service_client::MetricsServiceClient as RoutingClient;
-use tollgate_proto::otlp_routing::ExportMetricsServiceRequest as RoutingRequest;
+use tollgate_proto::otlp_routing::metrics::metrics_service_client::MetricsServiceClient as RoutingClient;
+use tollgate_proto::otlp_routing::metrics::ExportMetricsServiceRequest as RoutingRequest;
 use tollgate_proto::peer::{ForwardExportRequest, Signal};
 use tollgate_rules::entity::partition_hash;
+use tollgate_rules::testing::{gateway_resource, sampling_cases, Convention};
 
 const PODS: u64 = 12;
 const WAIT: Duration = Duration::from_secs(60);
@@ -163,6 +168,14 @@ fn remote_vnodes(receiver: &Node, service: &str) -> BTreeMap<String, BTreeSet<u1
     remote
 }
 
+/// A service name (`<prefix>-<n>-gw`) whose pods land on both nodes other than `receiver`.
+fn service_on_both_others(receiver: &Node, prefix: &str) -> String {
+    (0..100)
+        .map(|n| format!("{prefix}-{n}-gw"))
+        .find(|service| remote_vnodes(receiver, service).len() == 2)
+        .expect("some service name spreads its pods over both other nodes")
+}
+
 fn pod_partition(service: &str, pod: u64) -> u64 {
     partition_hash(service, Some(&format!("pod-{pod}")))
 }
@@ -274,20 +287,19 @@ async fn test_partitioned_owner_makes_exports_retryable_until_it_heals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
-    const SERVICE: &str = "upgrade-gw";
     const EXPORTS: u64 = 6;
     let cluster = Cluster::start().await;
     let receiver = &cluster.nodes[0];
     let from = receiver.endpoints.cluster.to_string();
-    let remote = remote_vnodes(receiver, SERVICE);
-    assert_eq!(remote.len(), 2, "both other nodes own some of the pods: {remote:?}");
+    let service = service_on_both_others(receiver, "upgrade");
+    let service = service.as_str();
     // Mid rolling upgrade: the other two nodes still run a version without `ForwardExport`.
     for node in &cluster.nodes[1..] {
         cluster.faults.predate_forward_export(&node.endpoints.cluster.to_string());
     }
     let base = now_seconds() - EXPORTS - 120;
     for k in 0..EXPORTS {
-        assert!(send_until_acknowledged(&cluster.grpc(0), SERVICE, base, k).await.is_empty());
+        assert!(send_until_acknowledged(&cluster.grpc(0), service, base, k).await.is_empty());
     }
     // Per export and owner: the refused `ForwardExport`, then one `Forward` of extracted points.
     for node in &cluster.nodes[1..] {
@@ -295,7 +307,7 @@ async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
         assert_eq!(cluster.faults.forward_calls(&from, &to), 2 * EXPORTS, "forward calls to {to}");
     }
     for node in &cluster.nodes {
-        assert_exact(node, SERVICE, base, EXPORTS).await;
+        assert_exact(node, service, base, EXPORTS).await;
     }
 
     // What the fallback relies on: a real server without the method refuses it as
@@ -339,5 +351,104 @@ async fn test_a_resource_that_does_not_decode_fails_the_export_as_invalid() {
         assert!(status.message().contains("UTF-8"), "{whose} resource: {status:?}");
         assert_eq!(status.message().contains("found by the owner node"), by_owner, "{whose} resource: {status:?}");
     }
+    cluster.shutdown().await;
+}
+
+/// One log export of `service`: a resource per pod, each with every sampling case as a record.
+fn log_export(service: &str, base: u64) -> (ExportLogsServiceRequest, usize) {
+    let cases = sampling_cases();
+    let resource_logs = (0..PODS)
+        .map(|pod| {
+            let records = cases
+                .cases
+                .iter()
+                .enumerate()
+                .map(|(i, case)| {
+                    let time_ns = (base + i as u64) * 1_000_000_000;
+                    LogRecord {
+                        time_unix_nano: time_ns,
+                        observed_time_unix_nano: time_ns + 5,
+                        attributes: case
+                            .attributes
+                            .iter()
+                            .map(|(key, value)| KeyValue {
+                                key: key.clone(),
+                                value: Some(value.any_value()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            ResourceLogs {
+                resource: Some(gateway_resource(Convention::AigwService, service, Some(&format!("pod-{pod}")))),
+                scope_logs: vec![ScopeLogs { log_records: records, ..Default::default() }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    let kept = PODS as usize * cases.cases.iter().filter(|case| case.keep).count();
+    (ExportLogsServiceRequest { resource_logs }, kept)
+}
+
+/// Classified records of an export of [`log_export`], each counted once in the log-derived
+/// request count.
+fn log_records() -> f64 {
+    (PODS as usize * sampling_cases().cases.iter().filter(|case| case.kind.is_some()).count()) as f64
+}
+
+async fn kept_logs(node: &Node, service: &str, base: u64) -> usize {
+    let url = format!(
+        "http://{}/api/v1/logs?service={service}&start={}&end={}&limit=1000",
+        node.endpoints.http,
+        base - 60,
+        base + 600
+    );
+    let response = reqwest::get(&url).await.expect("api");
+    assert!(response.headers().get("x-tollgate-missing-nodes").is_none(), "a member did not answer");
+    let body: Value = response.json().await.unwrap();
+    body["logs"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_log_exports_reach_their_owners_and_retries_are_recognised_across_versions() {
+    let cluster = Cluster::start().await;
+    let service = service_on_both_others(&cluster.nodes[0], "log-route");
+    let base = now_seconds() - 300;
+    let (export, kept) = log_export(&service, base);
+    let send = |index: usize| {
+        let endpoint = cluster.grpc(index);
+        let export = export.clone();
+        async move {
+            let mut client = LogsServiceClient::connect(endpoint).await.expect("connect");
+            let response = client.export(export).await.expect("acknowledged").into_inner();
+            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+        }
+    };
+    // The owners predate `ForwardExport`: the receiver extracts the records and uses `Forward`.
+    for node in &cluster.nodes[1..] {
+        cluster.faults.predate_forward_export(&node.endpoints.cluster.to_string());
+    }
+    send(0).await;
+    let requests = |node| total(node, "meter_envoy_ai_gw_log_request_cpm", &service, base - 60, base + 600);
+    for node in &cluster.nodes {
+        assert_eq!(kept_logs(node, &service, base).await, kept);
+        assert_eq!(requests(node).await, log_records());
+    }
+    // Upgraded: the same export again, passed on undecoded and fingerprinted by the owners, is
+    // recognised as a retry; so is the same export received by another node.
+    cluster.faults.heal_all();
+    send(0).await;
+    send(1).await;
+    for node in &cluster.nodes {
+        assert_eq!(kept_logs(node, &service, base).await, kept);
+        assert_eq!(requests(node).await, log_records(), "a retry was counted again");
+    }
+    // The same records of other pods are new records.
+    let (other, _) = log_export("log-route-other-gw", base);
+    let mut client = LogsServiceClient::connect(cluster.grpc(2)).await.unwrap();
+    client.export(other).await.expect("acknowledged");
+    assert_eq!(kept_logs(&cluster.nodes[0], "log-route-other-gw", base).await, kept);
     cluster.shutdown().await;
 }

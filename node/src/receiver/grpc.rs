@@ -1,13 +1,12 @@
 //! OTLP/gRPC: the standard services on every configured address, gzip accepted, the request size
-//! limit enforced by tonic and reported as `RESOURCE_EXHAUSTED` (SPEC §8). The metrics service
-//! leaves each resource encoded until its owner is known (`tollgate_proto::otlp_routing`).
+//! limit enforced by tonic and reported as `RESOURCE_EXHAUSTED` (SPEC §8). Both services leave
+//! each resource encoded until its owner is known (`tollgate_proto::otlp_routing`).
 
 use super::{logs_response, metrics_response};
 use crate::budget::{Budget, BudgetPermit};
 use crate::ingest::Ingest;
 use crate::metrics as m;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
-use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use prost::Message;
 use std::future::Future;
@@ -15,8 +14,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::TcpListener;
-use tollgate_proto::otlp_routing::metrics_service_server::{MetricsService, MetricsServiceServer};
-use tollgate_proto::otlp_routing::ExportMetricsServiceRequest;
+use tollgate_proto::otlp_routing::logs::logs_service_server::{LogsService, LogsServiceServer};
+use tollgate_proto::otlp_routing::logs::ExportLogsServiceRequest;
+use tollgate_proto::otlp_routing::metrics::metrics_service_server::{MetricsService, MetricsServiceServer};
+use tollgate_proto::otlp_routing::metrics::ExportMetricsServiceRequest;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 use tower::{Layer, Service};
@@ -72,7 +73,7 @@ impl LogsService for OtlpGrpc {
             // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
             let _wire = request.extensions().get::<WirePermit>().cloned();
             let _decoded = self.budget.try_acquire(request.get_ref().encoded_len())?;
-            self.ingest.logs(request.into_inner(), "grpc").await
+            self.ingest.logs_encoded(request.into_inner().resource_logs, "grpc").await
         }
         .await;
         metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => "logs", "outcome" => outcome_label(&result))

@@ -216,9 +216,9 @@ fn remember(cursor: &mut SeriesCursor, key: PointKey, oldest_ns: u64) {
         let position = cursor.seen.binary_search(&key).unwrap_or_else(|p| p);
         cursor.seen.insert(position, key);
     }
-    let expired = cursor.seen.partition_point(|k| k.time_ns < oldest_ns);
-    if expired > 0 {
-        cursor.seen.drain(..expired);
+    // Keys are sorted by time: the expired ones are the oldest, usually none or one.
+    while cursor.seen.front().is_some_and(|k| k.time_ns < oldest_ns) {
+        cursor.seen.pop_front();
     }
 }
 

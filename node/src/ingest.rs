@@ -155,10 +155,9 @@ impl Ingest {
             match remote {
                 Some((addr, epoch, items)) => {
                     split.received += items;
-                    if signal == Signal::Metrics {
-                        metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(items);
-                    }
-                    split.remote.entry(addr).or_insert_with(|| (epoch, Vec::new())).1.push(resource);
+                    let remote = split.remote.entry(addr).or_insert_with(|| Remote { epoch, ..Remote::default() });
+                    remote.resources.push(resource);
+                    remote.items += items;
                 }
                 None => split.here.push(resource),
             }
@@ -223,35 +222,32 @@ impl Ingest {
     fn forward_exports(
         &self,
         signal: Signal,
-        remote: FastMap<String, (u64, Vec<Bytes>)>,
+        remote: FastMap<String, Remote>,
         rules: &Arc<CompiledRules>,
     ) -> impl Iterator<Item = Pending> + '_ {
         let rules = Arc::clone(rules);
-        remote
-            .into_iter()
-            .map(move |(addr, (epoch, resources))| self.forward_export(signal, addr, epoch, resources, &rules))
+        remote.into_iter().map(move |(addr, remote)| self.forward_export(signal, addr, remote, &rules))
     }
 
     /// Passes encoded resources on to the node owning them. A node that predates
     /// `ForwardExport` refuses it as unimplemented: the resources are then extracted here and
     /// forwarded as points or records, as that node expects.
-    fn forward_export(
-        &self,
-        signal: Signal,
-        addr: String,
-        epoch: u64,
-        resources: Vec<Bytes>,
-        rules: &Arc<CompiledRules>,
-    ) -> Pending {
+    fn forward_export(&self, signal: Signal, addr: String, remote: Remote, rules: &Arc<CompiledRules>) -> Pending {
         let this = self.clone();
         let rules = Arc::clone(rules);
         async move {
             let started = Instant::now();
+            let Remote { epoch, resources, items } = remote;
             let request =
                 ForwardExportRequest { map_epoch: epoch, signal: signal as i32, resources: resources.clone() };
             let result = this.cluster.transport().forward_export(&addr, request).await;
+            let predates = matches!(&result, Err(TransportError::Refused { code, .. }) if code == "Unimplemented");
+            if signal == Signal::Metrics && !predates {
+                metrics::counter!(m::FORWARDED_POINTS, "peer" => addr.clone()).increment(items);
+            }
             match result {
-                Err(TransportError::Refused { code, .. }) if code == "Unimplemented" => {
+                // Extracted here, the points are counted as forwarded by `route_points`.
+                Err(_) if predates => {
                     let routed = match signal {
                         Signal::Logs => {
                             let resource_logs = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
@@ -423,13 +419,23 @@ fn decode_resource<R: Message + Default>(bytes: Bytes) -> Result<R, Error> {
     R::decode(bytes).map_err(|error| Error::InvalidArgument(error.to_string()))
 }
 
-/// An export's encoded resources: those to decode here, and those to pass on per owner node
-/// (with the map epoch it was routed with), and the items of the latter.
+/// An export's encoded resources: those to decode here, and those to pass on per owner node,
+/// and the items of the latter.
 #[derive(Default)]
 struct Split {
     here: Vec<Bytes>,
-    remote: FastMap<String, (u64, Vec<Bytes>)>,
+    remote: FastMap<String, Remote>,
     received: u64,
+}
+
+/// The encoded resources of an export for one owner node.
+#[derive(Default)]
+struct Remote {
+    /// The vnode map epoch they were routed with.
+    epoch: u64,
+    resources: Vec<Bytes>,
+    /// Their points or records.
+    items: u64,
 }
 
 /// A forward's outcome: the owner's report, or the error for the client.

@@ -6,7 +6,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{fleet_export, fleet_tokens, now_seconds};
+use common::{fleet_export, fleet_tokens, now_seconds, pod_export};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -176,6 +176,35 @@ fn service_on_both_others(receiver: &Node, prefix: &str) -> String {
         .expect("some service name spreads its pods over both other nodes")
 }
 
+/// The data points of exports `ks` of `service` that `receiver` does not own.
+fn remote_points(receiver: &Node, service: &str, base: u64, ks: std::ops::Range<u64>) -> u64 {
+    let state = receiver.cluster().state();
+    let vnodes = state.vnodes.vnodes.len() as u16;
+    let remote =
+        |pod: u64| state.vnodes.owner(vnode_of(pod_partition(service, pod), vnodes)) != Some(receiver.cluster().id);
+    ks.flat_map(|k| (0..PODS).filter(|pod| remote(*pod)).map(move |pod| (k, pod)))
+        .map(|(k, pod)| count_data_points(&pod_export(service, base, k, pod).0.encode_to_vec()).expect("parses"))
+        .sum()
+}
+
+/// `tollgate_forwarded_points_total` of the first node towards the other two (their addresses
+/// are this cluster's own: forwards of other tests in this process do not show).
+async fn forwarded_points(cluster: &Cluster) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", cluster.nodes[0].endpoints.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let peers: Vec<String> =
+        cluster.nodes[1..].iter().map(|node| format!(r#"peer="{}""#, node.endpoints.cluster)).collect();
+    text.lines()
+        .filter(|line| line.starts_with("tollgate_forwarded_points_total{"))
+        .filter(|line| peers.iter().any(|peer| line.contains(peer.as_str())))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn pod_partition(service: &str, pod: u64) -> u64 {
     partition_hash(service, Some(&format!("pod-{pod}")))
 }
@@ -308,6 +337,24 @@ async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
     }
     for node in &cluster.nodes {
         assert_exact(node, service, base, EXPORTS).await;
+    }
+    // Each forwarded point is counted once, although it was offered twice.
+    let expected = remote_points(receiver, service, base, 0..EXPORTS);
+    assert_eq!(forwarded_points(&cluster).await, expected as f64);
+
+    // Upgraded: the resources travel undecoded, in one call per owner, counted once as well.
+    cluster.faults.heal_all();
+    for k in EXPORTS..2 * EXPORTS {
+        assert!(send_until_acknowledged(&cluster.grpc(0), service, base, k).await.is_empty());
+    }
+    for node in &cluster.nodes[1..] {
+        let to = node.endpoints.cluster.to_string();
+        assert_eq!(cluster.faults.forward_calls(&from, &to), 3 * EXPORTS, "forward calls to {to}");
+    }
+    let expected = remote_points(receiver, service, base, 0..2 * EXPORTS);
+    assert_eq!(forwarded_points(&cluster).await, expected as f64);
+    for node in &cluster.nodes {
+        assert_exact(node, service, base, 2 * EXPORTS).await;
     }
 
     // What the fallback relies on: a real server without the method refuses it as

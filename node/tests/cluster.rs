@@ -436,8 +436,7 @@ async fn test_cluster_secret_and_api_token_are_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cluster_forms_from_one_join_list_given_to_every_node() {
     // As in a StatefulSet: every node gets the same list; the first bootstraps, the others join.
-    let addresses: Vec<String> =
-        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let addresses: Vec<String> = (0..3).map(|_| common::cluster_address()).collect();
     let join = addresses.join(",");
     let mut env: Vec<(&str, &str)> = common::CLUSTER_ENV.to_vec();
     env.push(("TOLLGATE_JOIN", &join));

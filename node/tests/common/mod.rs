@@ -10,6 +10,26 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tollgate::Endpoints;
 
+/// A free loopback address for a node's cluster port, outside the kernel's ephemeral port range
+/// (32768–60999 by default). Restarts keep a node's cluster port; a port from that range could be
+/// taken in the meantime by any listener bound to port 0, such as another test's node.
+pub fn cluster_address() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const PORTS: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Another test process (a parallel runner) starts elsewhere in the range.
+    let start = std::process::id().wrapping_mul(7_919) % PORTS;
+    for _ in 0..PORTS {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % PORTS;
+        let address = format!("127.0.0.1:{port}");
+        if std::net::TcpListener::bind(&address).is_ok() {
+            return address;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + PORTS);
+}
+
 /// How long a node may take to start.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -34,7 +54,7 @@ impl TestNode {
 
     /// Starts a node with extra environment variables and arguments.
     pub async fn start_with(env: &[(&str, &str)], args: &[&str]) -> TestNode {
-        TestNode::start_at("127.0.0.1:0", env, args).await
+        TestNode::start_at(&cluster_address(), env, args).await
     }
 
     /// Starts a node whose cluster port listens on `cluster_addr`.
@@ -120,7 +140,7 @@ impl TestNode {
     /// Starts the node again with a new cluster port too: it must tell the cluster.
     pub async fn restart_elsewhere(&mut self) {
         self.kill9();
-        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args, "127.0.0.1:0").await;
+        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args, &cluster_address()).await;
         self.child = Some(child);
         self.cluster_addr = endpoints.cluster.to_string();
         self.endpoints = endpoints;

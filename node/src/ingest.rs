@@ -176,16 +176,22 @@ impl Ingest {
         }
     }
 
+    /// Items grouped by the vnode of their partition, in their order within each group.
+    fn by_vnode<T>(&self, items: Vec<T>, partition: impl Fn(&T) -> u64) -> FastMap<u16, Vec<T>> {
+        let mut groups: FastMap<u16, Vec<T>> = FastMap::default();
+        for item in items {
+            groups.entry(vnode_of(partition(&item), self.vnodes)).or_default().push(item);
+        }
+        groups
+    }
+
     /// Extracts an export's points and sends each vnode's to its owner: the replies to wait for,
     /// and what extraction already rejected or dropped.
     fn route_points(&self, request: ExportMetricsServiceRequest, rules: &CompiledRules) -> Result<Routed, Error> {
         let batch = extract_metrics(request, rules);
         let received =
             batch.points.len() as u64 + batch.report.rejected_total() + batch.report.dropped.values().sum::<u64>();
-        let mut groups: FastMap<u16, Vec<ExtractedPoint>> = FastMap::default();
-        for point in batch.points {
-            groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
-        }
+        let groups = self.by_vnode(batch.points, |point| point.partition);
         let mut pending: Vec<Pending> = Vec::with_capacity(groups.len());
         let mut remote = RemoteBatches::default();
         for (vnode, points) in groups {
@@ -289,10 +295,7 @@ impl Ingest {
         let batch = extract_logs(request, rules);
         let received =
             batch.records.len() as u64 + batch.report.rejected_total() + batch.report.dropped.values().sum::<u64>();
-        let mut groups: FastMap<u16, Vec<ExtractedLog>> = FastMap::default();
-        for record in batch.records {
-            groups.entry(vnode_of(record.partition, self.vnodes)).or_default().push(record);
-        }
+        let groups = self.by_vnode(batch.records, |record| record.partition);
         let mut pending: Vec<Pending> = Vec::with_capacity(groups.len());
         let mut remote = RemoteBatches::default();
         for (vnode, records) in groups {
@@ -343,10 +346,7 @@ impl Ingest {
             Signal::Logs => {
                 let resource_logs = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
                 let batch = extract_logs(ExportLogsServiceRequest { resource_logs }, &rules);
-                let mut groups: FastMap<u16, Vec<ExtractedLog>> = FastMap::default();
-                for record in batch.records {
-                    groups.entry(vnode_of(record.partition, self.vnodes)).or_default().push(record);
-                }
+                let groups = self.by_vnode(batch.records, |record| record.partition);
                 for (vnode, records) in groups {
                     let fingerprint = batch_fingerprint(vnode, &records);
                     pending.push(submit_logs(&self.owners[vnode as usize], records, fingerprint)?);
@@ -356,10 +356,7 @@ impl Ingest {
             _ => {
                 let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
                 let batch = extract_metrics(ExportMetricsServiceRequest { resource_metrics }, &rules);
-                let mut groups: FastMap<u16, Vec<ExtractedPoint>> = FastMap::default();
-                for point in batch.points {
-                    groups.entry(vnode_of(point.partition, self.vnodes)).or_default().push(point);
-                }
+                let groups = self.by_vnode(batch.points, |point| point.partition);
                 for (vnode, points) in groups {
                     pending.push(submit_metrics(&self.owners[vnode as usize], points)?);
                 }

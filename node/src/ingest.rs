@@ -413,7 +413,7 @@ struct ResourceHead {
 
 /// An encoded resource (`ResourceMetrics`, `ResourceLogs`), decoded.
 fn decode_resource<R: Message + Default>(bytes: Bytes) -> Result<R, Error> {
-    R::decode(bytes).map_err(|error| Error::InvalidArgument(error.to_string()))
+    R::decode(bytes).map_err(|error| Error::InvalidArgument(format!("malformed protobuf request: {error}")))
 }
 
 /// An export's encoded resources: those to decode here, and those to pass on per owner node,

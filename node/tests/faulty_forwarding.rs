@@ -327,9 +327,19 @@ async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
         cluster.faults.predate_forward_export(&node.endpoints.cluster.to_string());
     }
     let base = now_seconds() - EXPORTS - 120;
-    for k in 0..EXPORTS {
+    for k in 0..EXPORTS - 1 {
         assert!(send_until_acknowledged(&cluster.grpc(0), service, base, k).await.is_empty());
     }
+    // OTLP/HTTP with protobuf takes the same route as gRPC.
+    let body = fleet_export(service, base, EXPORTS - 1, PODS).0.encode_to_vec();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/metrics", receiver.endpoints.otlp_http))
+        .header("content-type", "application/x-protobuf")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
     // Per export and owner: the refused `ForwardExport`, then one `Forward` of extracted points.
     for node in &cluster.nodes[1..] {
         let to = node.endpoints.cluster.to_string();

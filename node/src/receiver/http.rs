@@ -21,6 +21,8 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::Read;
+use tollgate_proto::otlp_routing::logs::ExportLogsServiceRequest as RoutingLogs;
+use tollgate_proto::otlp_routing::metrics::ExportMetricsServiceRequest as RoutingMetrics;
 
 /// Shared state of the OTLP/HTTP handlers.
 #[derive(Clone, Debug)]
@@ -138,15 +140,14 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, permit: &mut B
     }
 }
 
-fn decode<T: Message + Default + DeserializeOwned>(bytes: &[u8], encoding: Encoding) -> Result<T, Error> {
-    match encoding {
-        Encoding::Protobuf => {
-            T::decode(bytes).map_err(|e| Error::InvalidArgument(format!("malformed protobuf request: {e}")))
-        }
-        Encoding::Json => {
-            serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument(format!("malformed JSON request: {e}")))
-        }
-    }
+/// An OTLP/JSON request.
+fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument(format!("malformed JSON request: {e}")))
+}
+
+/// A protobuf request in its routing view: resources left encoded, sharing the body's buffer.
+fn decode_routing<T: Message + Default>(bytes: Vec<u8>) -> Result<T, Error> {
+    T::decode(bytes::Bytes::from(bytes)).map_err(|e| Error::InvalidArgument(format!("malformed protobuf request: {e}")))
 }
 
 fn encode<T: Message + Serialize>(message: &T, encoding: Encoding) -> Response {
@@ -184,9 +185,18 @@ async fn export_metrics(State(state): State<OtlpHttp>, headers: HeaderMap, body:
         let encoding = encoding_of(&headers)?;
         let mut permit = state.budget.empty();
         let bytes = read_body(&headers, body, state.max_request_bytes, &mut permit).await?;
-        let request: ExportMetricsServiceRequest = decode(&bytes, encoding)?;
-        drop(bytes);
-        let report = state.ingest.metrics(request, "http").await?;
+        let report = match encoding {
+            // Resources stay encoded until their owner is known, as over gRPC.
+            Encoding::Protobuf => {
+                let request: RoutingMetrics = decode_routing(bytes)?;
+                state.ingest.metrics_encoded(request.resource_metrics, "http").await?
+            }
+            Encoding::Json => {
+                let request: ExportMetricsServiceRequest = decode_json(&bytes)?;
+                drop(bytes);
+                state.ingest.metrics(request, "http").await?
+            }
+        };
         Ok(encode(&metrics_response(&report), encoding))
     }
     .await;
@@ -200,9 +210,17 @@ async fn export_logs(State(state): State<OtlpHttp>, headers: HeaderMap, body: Bo
         let encoding = encoding_of(&headers)?;
         let mut permit = state.budget.empty();
         let bytes = read_body(&headers, body, state.max_request_bytes, &mut permit).await?;
-        let request: ExportLogsServiceRequest = decode(&bytes, encoding)?;
-        drop(bytes);
-        let report = state.ingest.logs(request, "http").await?;
+        let report = match encoding {
+            Encoding::Protobuf => {
+                let request: RoutingLogs = decode_routing(bytes)?;
+                state.ingest.logs_encoded(request.resource_logs, "http").await?
+            }
+            Encoding::Json => {
+                let request: ExportLogsServiceRequest = decode_json(&bytes)?;
+                drop(bytes);
+                state.ingest.logs(request, "http").await?
+            }
+        };
         Ok(encode(&logs_response(&report), encoding))
     }
     .await;
@@ -227,7 +245,7 @@ mod tests {
                 "startTimeUnixNano":"1764151180000000000","timeUnixNano":"1764151210000000000",
                 "count":"3","sum":3.242,"bucketCounts":["0","1","2"],"explicitBounds":[0.5,1.0],
                 "min":0.304,"max":1.471}]}}]}]}]}"#;
-        let request: ExportMetricsServiceRequest = decode(json.as_bytes(), Encoding::Json).unwrap();
+        let request: ExportMetricsServiceRequest = decode_json(json.as_bytes()).unwrap();
         let metric = &request.resource_metrics[0].scope_metrics[0].metrics[0];
         let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(histogram)) = &metric.data else {
             panic!("histogram expected")

@@ -615,6 +615,19 @@ impl Driver {
         Ok(())
     }
 
+    /// Group commits of a node so far: syncs of its write-ahead log and the write batches they
+    /// carried (zeros when its metrics cannot be read).
+    async fn group_commits(&self, node: &NodeProcess) -> (f64, f64) {
+        let Ok(response) = self.http.get(format!("{}/metrics", node.api())).send().await else {
+            return (0.0, 0.0);
+        };
+        let text = response.text().await.unwrap_or_default();
+        (
+            metric_value(&text, "tollgate_commit_flush_seconds_count").unwrap_or(0.0),
+            metric_value(&text, "tollgate_commit_batches_per_flush_sum").unwrap_or(0.0),
+        )
+    }
+
     /// One round of figure 7: CPU µs per acknowledged point of the cluster and of one node.
     async fn cluster_round(&mut self, round: usize) -> anyhow::Result<(f64, f64)> {
         let dir = self.work.join(format!("cluster-{round}"));
@@ -657,6 +670,10 @@ impl Driver {
         let forwarded = metric_value(&text, "tollgate_forwarded_points_total").unwrap_or(0.0);
         let forwards = metric_value(&text, "tollgate_forward_seconds_count").unwrap_or(0.0);
         let forward_seconds = metric_value(&text, "tollgate_forward_seconds_sum").unwrap_or(0.0);
+        let mut cluster_commits = Vec::new();
+        for node in &nodes[1..] {
+            cluster_commits.push(self.group_commits(node).await);
+        }
         drop(nodes);
         println!("  cluster:  {}", on_cluster.summary("points"));
         println!(
@@ -674,8 +691,17 @@ impl Driver {
         let on_node = run::run(Signal::Metrics, fleet::lanes_of(&pregenerated), &channels, &options).await;
         let node_cpu = node.cpu_seconds()? - node_cpu;
         drop(channels);
+        let node_commits = self.group_commits(&node).await;
         drop(node);
         println!("  one node: {}", on_node.summary("points"));
+        let describe =
+            |(flushes, batches): (f64, f64)| format!("{flushes:.0} ({:.1} batches each)", batches / flushes.max(1.0));
+        println!(
+            "  syncs of the write-ahead log: n2 {}, n3 {}; one node {}",
+            describe(cluster_commits[0]),
+            describe(cluster_commits[1]),
+            describe(node_commits)
+        );
         println!(
             "  CPU: n1 {:.1} s, n2 {:.1} s, n3 {:.1} s (together {:.1} s); one node {node_cpu:.1} s",
             cluster_cpu[0],

@@ -100,7 +100,7 @@ impl Ingest {
         let rules = Arc::clone(&self.config.borrow().rules);
         let routed = self.route_points(request, &rules)?;
         metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(routed.received);
-        self.finish_metrics(routed.report, routed.pending, protocol).await
+        self.finish(Signal::Metrics, routed.report, routed.pending, protocol).await
     }
 
     /// Merges an export whose resources are still encoded (the gRPC receiver's
@@ -108,27 +108,42 @@ impl Ingest {
     /// here to find its owner; a resource another node owns is passed on as it came, decoded and
     /// extracted once, by its owner. The rest takes the path of [`Ingest::metrics`].
     pub async fn metrics_encoded(&self, resources: Vec<Bytes>, protocol: &'static str) -> Result<IngestReport, Error> {
-        let rules = Arc::clone(&self.config.borrow().rules);
-        let split = self.split_encoded(resources, &rules, Signal::Metrics);
-        let resource_metrics = split.here.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
-        let routed = self.route_points(ExportMetricsServiceRequest { resource_metrics }, &rules)?;
-        metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(split.received + routed.received);
-        let mut pending = routed.pending;
-        pending.extend(self.forward_exports(Signal::Metrics, split.remote, &rules));
-        self.finish_metrics(routed.report, pending, protocol).await
+        self.encoded(Signal::Metrics, resources, protocol).await
     }
 
     /// [`Ingest::metrics_encoded`] for logs: what is not passed on takes the path of
     /// [`Ingest::logs`].
     pub async fn logs_encoded(&self, resources: Vec<Bytes>, protocol: &'static str) -> Result<IngestReport, Error> {
+        self.encoded(Signal::Logs, resources, protocol).await
+    }
+
+    async fn encoded(
+        &self,
+        signal: Signal,
+        resources: Vec<Bytes>,
+        protocol: &'static str,
+    ) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
-        let split = self.split_encoded(resources, &rules, Signal::Logs);
-        let resource_logs = split.here.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
-        let routed = self.route_logs(ExportLogsServiceRequest { resource_logs }, &rules)?;
-        metrics::counter!(m::LOGS_RECEIVED, "protocol" => protocol).increment(split.received + routed.received);
+        let split = self.split_encoded(resources, &rules, signal);
+        let routed = self.route_encoded(signal, split.here, &rules)?;
+        let received = if signal == Signal::Logs { m::LOGS_RECEIVED } else { m::POINTS_RECEIVED };
+        metrics::counter!(received, "protocol" => protocol).increment(split.received + routed.received);
         let mut pending = routed.pending;
-        pending.extend(self.forward_exports(Signal::Logs, split.remote, &rules));
-        self.finish_logs(routed.report, pending, protocol).await
+        pending
+            .extend(split.remote.into_iter().map(|(addr, remote)| self.forward_export(signal, addr, remote, &rules)));
+        self.finish(signal, routed.report, pending, protocol).await
+    }
+
+    /// Decodes encoded resources and routes their points or records: the path of
+    /// [`Ingest::metrics`] and [`Ingest::logs`].
+    fn route_encoded(&self, signal: Signal, resources: Vec<Bytes>, rules: &CompiledRules) -> Result<Routed, Error> {
+        if signal == Signal::Logs {
+            let resource_logs = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+            self.route_logs(ExportLogsServiceRequest { resource_logs }, rules)
+        } else {
+            let resource_metrics = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
+            self.route_points(ExportMetricsServiceRequest { resource_metrics }, rules)
+        }
     }
 
     /// Sorts encoded resources into those to decode here and those to pass on, per owner node.
@@ -212,27 +227,23 @@ impl Ingest {
         Ok(Routed { report: batch.report, received, pending })
     }
 
-    async fn finish_metrics(
+    /// Waits for every owner's reply to an export and counts the outcome.
+    async fn finish(
         &self,
+        signal: Signal,
         report: IngestReport,
         pending: Vec<Pending>,
         protocol: &'static str,
     ) -> Result<IngestReport, Error> {
         let report = self.gather(report, pending).await?;
-        count_report(&report, protocol, m::POINTS_REJECTED, m::POINTS_DROPPED);
-        metrics::counter!(m::POINTS_MERGED).increment(report.merged);
-        metrics::counter!(m::POINTS_DUPLICATE).increment(report.duplicates);
+        if signal == Signal::Logs {
+            count_report(&report, protocol, m::LOGS_REJECTED, m::LOGS_DROPPED);
+        } else {
+            count_report(&report, protocol, m::POINTS_REJECTED, m::POINTS_DROPPED);
+            metrics::counter!(m::POINTS_MERGED).increment(report.merged);
+            metrics::counter!(m::POINTS_DUPLICATE).increment(report.duplicates);
+        }
         Ok(report)
-    }
-
-    fn forward_exports(
-        &self,
-        signal: Signal,
-        remote: FastMap<String, Remote>,
-        rules: &Arc<CompiledRules>,
-    ) -> impl Iterator<Item = Pending> + '_ {
-        let rules = Arc::clone(rules);
-        remote.into_iter().map(move |(addr, remote)| self.forward_export(signal, addr, remote, &rules))
     }
 
     /// Passes encoded resources on to the node owning them. A node that predates
@@ -254,17 +265,7 @@ impl Ingest {
             match result {
                 // Extracted here, the points are counted as forwarded by `route_points`.
                 Err(_) if predates => {
-                    let routed = match signal {
-                        Signal::Logs => {
-                            let resource_logs = resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
-                            this.route_logs(ExportLogsServiceRequest { resource_logs }, &rules)?
-                        }
-                        _ => {
-                            let resource_metrics =
-                                resources.into_iter().map(decode_resource).collect::<Result<_, _>>()?;
-                            this.route_points(ExportMetricsServiceRequest { resource_metrics }, &rules)?
-                        }
-                    };
+                    let routed = this.route_encoded(signal, resources, &rules)?;
                     let mut report = routed.report;
                     for part in futures_util::future::join_all(routed.pending).await {
                         report.merge(&part?);
@@ -286,7 +287,7 @@ impl Ingest {
         let rules = Arc::clone(&self.config.borrow().rules);
         let routed = self.route_logs(request, &rules)?;
         metrics::counter!(m::LOGS_RECEIVED, "protocol" => protocol).increment(routed.received);
-        self.finish_logs(routed.report, routed.pending, protocol).await
+        self.finish(Signal::Logs, routed.report, routed.pending, protocol).await
     }
 
     /// Extracts an export's log records and sends each vnode's to its owner, with the fingerprint
@@ -315,17 +316,6 @@ impl Ingest {
         }
         pending.extend(remote.into_requests(Signal::Logs).map(|(addr, request)| self.forward(addr, request)));
         Ok(Routed { report: batch.report, received, pending })
-    }
-
-    async fn finish_logs(
-        &self,
-        report: IngestReport,
-        pending: Vec<Pending>,
-        protocol: &'static str,
-    ) -> Result<IngestReport, Error> {
-        let report = self.gather(report, pending).await?;
-        count_report(&report, protocol, m::LOGS_REJECTED, m::LOGS_DROPPED);
-        Ok(report)
     }
 
     /// Points forwarded to this node, per owner of the vnodes they belong to.
@@ -396,7 +386,8 @@ impl Ingest {
     }
 }
 
-/// Replies to wait for, and what extraction rejected or dropped, of one export's points.
+/// Replies to wait for, what extraction rejected or dropped, and the items received, of one
+/// export's points or records.
 struct Routed {
     report: IngestReport,
     received: u64,

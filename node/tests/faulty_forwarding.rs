@@ -187,15 +187,15 @@ fn remote_points(receiver: &Node, service: &str, base: u64, ks: std::ops::Range<
         .sum()
 }
 
+/// A node's `/metrics` text.
+async fn self_metrics(node: &Node) -> String {
+    reqwest::get(format!("http://{}/metrics", node.endpoints.http)).await.unwrap().text().await.unwrap()
+}
+
 /// `tollgate_forwarded_points_total` of the first node towards the other two (their addresses
 /// are this cluster's own: forwards of other tests in this process do not show).
 async fn forwarded_points(cluster: &Cluster) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", cluster.nodes[0].endpoints.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = self_metrics(&cluster.nodes[0]).await;
     let peers: Vec<String> =
         cluster.nodes[1..].iter().map(|node| format!(r#"peer="{}""#, node.endpoints.cluster)).collect();
     text.lines()
@@ -252,12 +252,7 @@ async fn test_dropped_and_delayed_forwarding_is_retried_to_an_exact_total() {
     cluster.faults.heal_all();
     assert!(refusals > 0, "dropped calls must have failed some exports");
     // The failed forwards are counted by peer and reason (one process: one registry for all).
-    let text = reqwest::get(format!("http://{}/metrics", cluster.nodes[0].endpoints.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = self_metrics(&cluster.nodes[0]).await;
     let unreachable: f64 = text
         .lines()
         .filter(|l| l.starts_with("tollgate_forward_failures_total{") && l.contains(r#"reason="unreachable""#))

@@ -28,7 +28,7 @@ use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::NodeId;
 use tollgate_rules::ingest::{log_counter_keys, log_increment};
 use tollgate_rules::normalize::PointKey;
-use tollgate_rules::series::{minute_of, FastMap, FastSet, NANOS_PER_MINUTE};
+use tollgate_rules::series::{minute_of, shrink_if_sparse, FastMap, FastSet, NANOS_PER_MINUTE};
 use tollgate_rules::{
     Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, RejectReason,
     Rejection, SeriesId, SeriesTable,
@@ -812,6 +812,7 @@ impl OwnerState {
         self.cache.retain(|(id, resolution, period), _| {
             *resolution == Resolution::Minute && keep_minutes.get(id).is_some_and(|open| *period >= *open)
         });
+        shrink_if_sparse(&mut self.cache);
         // Series idle for two lateness windows leave memory; their cursor is in the store.
         let idle_before = now.saturating_sub(2 * normalize.max_lateness_seconds * 1_000_000_000);
         let evicted = self.table.evict_idle(idle_before);
@@ -821,6 +822,7 @@ impl OwnerState {
         metrics::gauge!(m::SERIES_ACTIVE).decrement(evicted.len() as f64);
         let forget_before = now.saturating_sub(normalize.max_lateness_seconds * 1_000_000_000);
         self.log_batches.retain(|_, time| *time >= forget_before);
+        shrink_if_sparse(&mut self.log_batches);
         debug!(
             vnode = self.vnode,
             evicted_states = before - self.cache.len(),

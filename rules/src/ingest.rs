@@ -16,7 +16,7 @@ use crate::normalize::{normalize, Normalized, PartitionClock, SeriesCursor};
 use crate::point::{check_histogram, check_number, Checked, RejectReason, Rejection, Temporality, ValidPoint};
 use crate::pricing::{PriceTable, TokenType};
 use crate::sampling::LogDecision;
-use crate::series::{minute_of, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
+use crate::series::{minute_of, shrink_if_sparse, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
@@ -664,6 +664,9 @@ impl SeriesTable {
                 evicted.push(entry.key);
             }
             self.dirty_series.remove(id);
+        }
+        if !evicted.is_empty() {
+            shrink_if_sparse(&mut self.series);
         }
         evicted
     }

@@ -6,6 +6,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::Hash;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// A hash map for keys that are (or contain) [`SeriesId`]s and other small integers:
@@ -14,6 +15,15 @@ pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The set counterpart of [`FastMap`].
 pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// Gives back the memory of a map that fills less than about two fifths of its table (hash maps
+/// never shrink on their own): after a burst or an eviction, a table sized for the peak would
+/// otherwise stay that size for the life of the process. Room for twice the entries is kept, so
+/// a map that refills grows again at most once. (`capacity()` is no measure of the table after
+/// removals, which leave tombstones; `shrink_to` compares table sizes itself.)
+pub fn shrink_if_sparse<K: Eq + Hash, V>(map: &mut FastMap<K, V>) {
+    map.shrink_to(map.len().saturating_mul(2).max(64));
+}
 
 /// A series' identity in full.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -157,6 +167,23 @@ mod tests {
 
     fn kv(key: &str, value: Value) -> KeyValue {
         KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    }
+
+    #[test]
+    fn test_shrink_if_sparse_gives_back_a_burst_table_and_keeps_a_full_one() {
+        let mut map: FastMap<u64, u64> = (0..10_000).map(|i| (i, i * 2)).collect();
+        map.retain(|k, _| *k < 7_500);
+        let capacity = map.capacity();
+        shrink_if_sparse(&mut map);
+        assert_eq!(map.capacity(), capacity, "a map about half full keeps its table");
+        map.retain(|k, _| *k < 100);
+        shrink_if_sparse(&mut map);
+        assert!(map.capacity() >= 200 && map.capacity() <= 256, "capacity {} after shrinking", map.capacity());
+        assert_eq!(map.len(), 100);
+        assert!((0..100).all(|k| map.get(&k) == Some(&(k * 2))), "entries survive the shrink");
+        map.clear();
+        shrink_if_sparse(&mut map);
+        assert!(map.capacity() >= 64 && map.capacity() < 128, "an empty map keeps a small table");
     }
 
     #[test]

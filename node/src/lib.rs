@@ -13,7 +13,7 @@
 //!   what travels on it; [`mover`]: taking vnodes over.
 //! - [`server`]: starting and stopping all of it; [`config`]: options from file, environment and
 //!   flags; [`cli`]: the command line; [`net`]: listening sockets; [`metrics`]: self-metric
-//!   names; [`clock`], [`error`].
+//!   names; [`os`]: process settings; [`clock`], [`error`].
 
 pub mod api;
 pub mod budget;
@@ -26,6 +26,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod mover;
 pub mod net;
+pub mod os;
 pub mod owner;
 pub mod peer;
 pub mod query;

@@ -8,5 +8,8 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    if let Err(error) = tollgate::os::disable_transparent_huge_pages() {
+        eprintln!("tollgate: cannot turn transparent huge pages off ({error}); going on with them");
+    }
     tollgate::cli::main()
 }

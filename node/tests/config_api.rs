@@ -1,5 +1,6 @@
 //! Configuration over the API and the command line: versions, validation, bearer tokens, changes
-//! applied at runtime; and the query API's parameter errors.
+//! applied at runtime; the query API's parameter errors; and what `tollgate serve` sets for its
+//! own process.
 
 mod common;
 
@@ -243,4 +244,38 @@ async fn test_every_api_error_is_json() {
     node.put("/api/v1/config/rules", "{}", None).await;
     assert!(node.self_metrics().await.contains(r#"tollgate_config_version{document="rules"} 1"#));
     assert!(node.self_metrics().await.contains(r#"tollgate_queries_total{kind="logs",outcome="invalid_argument"} 1"#));
+}
+
+/// `tollgate serve` turns transparent huge pages off for its own process first thing
+/// (`tollgate::os`, docs/deployment.md). Nothing in this test binary turns them off, so the node
+/// cannot inherit the setting from it.
+#[cfg(target_os = "linux")]
+#[test]
+fn test_serve_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
+        .env("TOLLGATE_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("tollgate serve starts");
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert!(ours.contains("THP_enabled:\t1"), "this test process must not have them off already:\n{ours}");
+    // Right after exec the flag is still the parent's: wait for `main` to set it.
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut last = String::new();
+    for _ in 0..200 {
+        let status = std::fs::read_to_string(&status_path).unwrap_or_default();
+        last = status.lines().find(|line| line.starts_with("THP_enabled:")).unwrap_or_default().to_string();
+        if last.ends_with('0') {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(last, "THP_enabled:\t0", "the node's /proc/PID/status line");
 }

@@ -188,6 +188,10 @@ pub fn unix_now() -> u64 {
 }
 
 fn main() -> ExitCode {
+    // As in `tollgate`, so that the sink (the baseline) runs like the node.
+    if let Err(error) = tollgate::os::disable_transparent_huge_pages() {
+        eprintln!("tollgate-loadgen: cannot turn transparent huge pages off ({error}); going on with them");
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::error::Error;
 use crate::metrics as m;
 use crate::runtime::RuntimeConfig;
-use crate::store::{durable, EntityRecord, Op, Resolution, Storage, StoreBatch, StoredLog};
+use crate::store::{durable, EncodedCursor, EntityRecord, Op, Resolution, Storage, StoreBatch, StoredLog};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -616,7 +616,7 @@ impl OwnerState {
     fn write_cursors(&self, cursors: FastMap<SeriesId, u64>, batch: &mut StoreBatch) {
         for (id, partition) in cursors {
             if let Some(entry) = self.table.get(&id) {
-                batch.push(Op::Cursor { vnode: self.vnode, partition, id, cursor: entry.cursor.clone() });
+                batch.push(Op::Cursor { vnode: self.vnode, partition, id, cursor: EncodedCursor::new(&entry.cursor) });
             }
         }
     }

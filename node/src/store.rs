@@ -20,8 +20,9 @@ use crate::error::Error;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use tollgate_rules::normalize::{PartitionClock, SeriesCursor};
-use tollgate_rules::{Aggregate, Fixed, LogKind, SeriesId, SeriesKey};
+use tollgate_rules::{Aggregate, Bounds, Fixed, LogKind, SeriesId, SeriesKey};
 
 pub use sled_store::SledStorage;
 
@@ -122,6 +123,24 @@ pub struct LogPosition {
     pub fingerprint: u128,
 }
 
+/// A series' cursor in its stored form, with the bounds its baseline refers to.
+#[derive(Clone, Debug)]
+pub struct EncodedCursor {
+    /// The stored value.
+    pub bytes: Vec<u8>,
+    /// The hash and bounds of the baseline, which must be stored with it.
+    pub bounds: Option<(u64, Bounds)>,
+}
+
+impl EncodedCursor {
+    /// Encodes `cursor`.
+    pub fn new(cursor: &SeriesCursor) -> EncodedCursor {
+        let (bytes, hash) = codec::encode_cursor(cursor);
+        let bounds = hash.zip(cursor.baseline.as_ref().map(|baseline| Arc::clone(&baseline.bounds)));
+        EncodedCursor { bytes, bounds }
+    }
+}
+
 /// One write.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -129,7 +148,8 @@ pub enum Op {
     Series { vnode: u16, partition: u64, id: SeriesId, key: SeriesKey },
     /// Insert or replace a series' normalisation cursor: its cumulative baseline and the keys of
     /// the points it merged within the lateness window (de-duplication across restarts).
-    Cursor { vnode: u16, partition: u64, id: SeriesId, cursor: SeriesCursor },
+    /// Encoded where the batch is made ([`EncodedCursor::new`]), so that the cursor is not copied.
+    Cursor { vnode: u16, partition: u64, id: SeriesId, cursor: EncodedCursor },
     /// Set a partition's roll-up frontier: minutes before it are in the hour and day states.
     RolledUntil { vnode: u16, partition: u64, minute: u64 },
     /// Insert or replace a partition clock.

@@ -293,11 +293,10 @@ impl SledStorage {
                     put(&mut data, codec::series_key(vnode, partition, id), codec::encode(&key), &mut bytes)
                 }
                 Op::Cursor { vnode, partition, id, cursor } => {
-                    let (value, hash) = codec::encode_cursor(&cursor);
-                    if let (Some(hash), Some(baseline)) = (hash, &cursor.baseline) {
-                        self.intern_bounds(hash, &baseline.bounds, &mut data, &mut bytes);
+                    if let Some((hash, bounds)) = &cursor.bounds {
+                        self.intern_bounds(*hash, bounds, &mut data, &mut bytes);
                     }
-                    put(&mut data, codec::cursor_key(vnode, partition, id), value, &mut bytes)
+                    put(&mut data, codec::cursor_key(vnode, partition, id), cursor.bytes, &mut bytes)
                 }
                 Op::RolledUntil { vnode, partition, minute } => {
                     put(&mut data, codec::rolled_until_key(vnode, partition), minute.to_be_bytes().to_vec(), &mut bytes)
@@ -993,6 +992,7 @@ fn read_legacy_wal(db: &sled::Db, data: &sled::Tree, flush_lock: &FlushLock) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::EncodedCursor;
     use tollgate_rules::normalize::PointKey;
     use tollgate_rules::{Entity, Fixed, SeriesKey};
 
@@ -1059,7 +1059,8 @@ mod tests {
             let mut batch = StoreBatch::default();
             batch.push(Op::Series { vnode: 3, partition: 9, id, key: key.clone() });
             let seen = [PointKey { time_ns: 50, start_ns: 40 }, PointKey { time_ns: 70, start_ns: 60 }].into();
-            batch.push(Op::Cursor { vnode: 3, partition: 9, id, cursor: SeriesCursor { baseline: None, seen } });
+            let cursor = EncodedCursor::new(&SeriesCursor { baseline: None, seen });
+            batch.push(Op::Cursor { vnode: 3, partition: 9, id, cursor });
             batch.push(Op::RolledUntil { vnode: 3, partition: 9, minute: 600 });
             for minute in 10..13 {
                 batch.push(Op::State {

@@ -9,6 +9,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValu
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::sync::Arc;
 
 /// The text of an attribute value: strings as they are, booleans `true`/`false`, integers in
 /// decimal, doubles in their shortest round-trip form, bytes in lowercase hex, arrays and
@@ -87,9 +88,13 @@ pub fn find_text<'a>(attributes: &'a [KeyValue], key: &str) -> Option<Cow<'a, st
 
 /// A set of attributes as sorted, de-duplicated `(key, text)` pairs: the canonical form used
 /// for series identity and label derivation.
+///
+/// Cloning is cheap (the pairs are shared), so that the series of one owner that have the same
+/// attributes (the same model, token type and so on, on every pod) can share one set
+/// ([`crate::ingest::SeriesTable`] interns them). Stored as a sequence of pairs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct AttributeSet(Vec<(String, String)>);
+pub struct AttributeSet(Arc<[(String, String)]>);
 
 impl AttributeSet {
     /// The canonical set of OTLP attributes (first occurrence of a repeated key wins).
@@ -102,7 +107,7 @@ impl AttributeSet {
             pairs.push((kv.key.clone(), value_text(kv.value.as_ref()).into_owned()));
         }
         pairs.sort();
-        AttributeSet(pairs)
+        AttributeSet(pairs.into())
     }
 
     /// A set from pairs (sorted here; the first of repeated keys wins).
@@ -116,7 +121,7 @@ impl AttributeSet {
             out.push((key, v.into()));
         }
         out.sort();
-        AttributeSet(out)
+        AttributeSet(out.into())
     }
 
     /// The value of `key`.
@@ -137,6 +142,11 @@ impl AttributeSet {
     /// True when there is no attribute.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// True when another clone of this set exists.
+    pub fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
     }
 }
 

@@ -582,6 +582,37 @@ pub struct SeriesTable {
     dirty_series: FastSet<SeriesId>,
     dirty_clocks: FastSet<u64>,
     new_series: Vec<SeriesId>,
+    /// One copy of each attribute set among the series: the series of different pods with the
+    /// same attributes share it.
+    attribute_sets: FastSet<AttributeSet>,
+    /// The bucket bounds the series use (a few lists: one per histogram metric), shared.
+    bounds: Vec<Bounds>,
+}
+
+/// The shared copy of `key`'s attribute set, remembered if it is the first.
+fn intern_attributes(sets: &mut FastSet<AttributeSet>, mut key: SeriesKey) -> Arc<SeriesKey> {
+    match sets.get(&key.attributes) {
+        Some(shared) => key.attributes = shared.clone(),
+        None => {
+            sets.insert(key.attributes.clone());
+        }
+    }
+    Arc::new(key)
+}
+
+/// At most this many bound lists are shared; series with other lists get their own copy.
+const SHARED_BOUNDS: usize = 64;
+
+/// The shared copy of `bounds`, remembered if there is room.
+fn intern_bounds(shared: &mut Vec<Bounds>, bounds: Vec<f64>) -> Bounds {
+    if let Some(existing) = shared.iter().find(|existing| ***existing == *bounds) {
+        return Arc::clone(existing);
+    }
+    let bounds: Bounds = Arc::from(bounds);
+    if shared.len() < SHARED_BOUNDS {
+        shared.push(Arc::clone(&bounds));
+    }
+    bounds
 }
 
 impl SeriesTable {
@@ -624,7 +655,8 @@ impl SeriesTable {
     pub fn restore_series(&mut self, key: SeriesKey, cursor: SeriesCursor) {
         let id = key.id();
         let service = key.entity.service.clone();
-        if self.series.insert(id, SeriesEntry::new(Arc::new(key), cursor)).is_none() {
+        let key = intern_attributes(&mut self.attribute_sets, key);
+        if self.series.insert(id, SeriesEntry::new(key, cursor)).is_none() {
             *self.per_service.entry(service).or_default() += 1;
         }
     }
@@ -650,6 +682,9 @@ impl SeriesTable {
     /// Forgets series with no accepted point since `before_ns` (their state is persisted by the
     /// owner and reloaded if they come back). Returns their keys.
     pub fn evict_idle(&mut self, before_ns: u64) -> Vec<Arc<SeriesKey>> {
+        // Sets no series uses any more (those of the series evicted last time, whose keys the
+        // caller has dropped since).
+        self.attribute_sets.retain(AttributeSet::is_shared);
         let idle: Vec<SeriesId> =
             self.series.iter().filter(|(_, e)| e.last_seen_ns < before_ns).map(|(id, _)| *id).collect();
         let mut evicted = Vec::with_capacity(idle.len());
@@ -700,13 +735,12 @@ impl SeriesTable {
                 }
                 *self.per_service.entry(extracted.entity.service.clone()).or_default() += 1;
                 self.new_series.push(extracted.series);
-                self.series
-                    .entry(extracted.series)
-                    .or_insert_with(|| SeriesEntry::new(Arc::new(extracted.key()), SeriesCursor::default()))
+                let key = intern_attributes(&mut self.attribute_sets, extracted.key());
+                self.series.entry(extracted.series).or_insert_with(|| SeriesEntry::new(key, SeriesCursor::default()))
             }
         };
         if *entry.bounds != *extracted.point.bounds {
-            entry.bounds = Arc::from(std::mem::take(&mut extracted.point.bounds));
+            entry.bounds = intern_bounds(&mut self.bounds, std::mem::take(&mut extracted.point.bounds));
         }
         let clock = self.clocks.entry(extracted.partition).or_default();
         let clock_before = *clock;
@@ -1226,6 +1260,34 @@ mod tests {
         let report =
             pipeline.ingest(request(resource(), vec![duration_metric(vec![point("c", T0 + 20_000_000_000)])]), NOW);
         assert_eq!(report.merged, 1, "an evicted series frees its slot");
+    }
+
+    #[test]
+    fn test_series_of_different_pods_share_attribute_sets_and_bounds() {
+        let mut pipeline = MemoryPipeline::new(CompiledRules::default(), PriceTable::default());
+        let point = |provider: &str, time: u64| {
+            histogram_point(vec![string_attribute("gen_ai.provider.name", provider)], time, vec![1, 0, 0], 0.5)
+        };
+        for pod in ["pod-a", "pod-b", "pod-c"] {
+            let pod_resource = gateway_resource(Convention::JobName, "gw", Some(pod));
+            let metric = duration_metric(vec![point("openai", T0 + 1), point("anthropic", T0 + 1)]);
+            assert_eq!(pipeline.ingest(request(pod_resource, vec![metric]), NOW).merged, 2);
+        }
+        assert_eq!(pipeline.table.len(), 6);
+        assert_eq!(pipeline.table.attribute_sets.len(), 2, "one set per provider, not per series");
+        assert_eq!(pipeline.table.bounds.len(), 1, "one bound list for the one histogram metric");
+        for (_, entry) in pipeline.table.iter() {
+            assert!(entry.key.attributes.is_shared());
+            assert!(Arc::ptr_eq(&entry.bounds, &pipeline.table.bounds[0]));
+        }
+        // The sets of evicted series are forgotten once nothing holds their keys.
+        let evicted = pipeline.table.evict_idle(T0 + 10_000_000_000);
+        assert_eq!(evicted.len(), 6);
+        assert_eq!(pipeline.table.attribute_sets.len(), 2, "the evicted keys still hold them");
+        drop(evicted);
+        pipeline.keys.clear();
+        assert!(pipeline.table.evict_idle(T0).is_empty());
+        assert!(pipeline.table.attribute_sets.is_empty());
     }
 
     #[test]

@@ -505,6 +505,27 @@ mod tests {
     }
 
     #[test]
+    fn test_series_keys_are_stored_as_before_attribute_sets_were_shared() {
+        // The stored form of a series key as written while `AttributeSet` held a `Vec` of pairs.
+        #[derive(Serialize)]
+        struct KeyAsWritten {
+            entity: tollgate_rules::Entity,
+            metric: String,
+            attributes: Vec<(String, String)>,
+        }
+        let pairs = vec![("gen_ai.provider.name".to_string(), "openai".to_string()), ("le".into(), "0.5".into())];
+        let key = tollgate_rules::SeriesKey {
+            entity: tollgate_rules::Entity::new("gw", Some("pod")),
+            metric: "gen_ai.server.request.duration".into(),
+            attributes: tollgate_rules::attributes::AttributeSet::from_pairs(pairs.clone()),
+        };
+        let as_written = KeyAsWritten { entity: key.entity.clone(), metric: key.metric.clone(), attributes: pairs };
+        let bytes = encode(&as_written);
+        assert_eq!(encode(&key), bytes);
+        assert_eq!(decode_series(&bytes).unwrap(), key);
+    }
+
+    #[test]
     fn test_state_round_trips_with_bounds_by_reference() {
         let bounds: Bounds = Arc::from(vec![0.01, 0.02, 0.04]);
         let state = Aggregate {

@@ -16,11 +16,12 @@ pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// The set counterpart of [`FastMap`].
 pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
-/// Gives back the memory of a map that fills less than about two fifths of its table (hash maps
-/// never shrink on their own): after a burst or an eviction, a table sized for the peak would
-/// otherwise stay that size for the life of the process. Room for twice the entries is kept, so
-/// a map that refills grows again at most once. (`capacity()` is no measure of the table after
-/// removals, which leave tombstones; `shrink_to` compares table sizes itself.)
+/// Gives back the memory of a map that holds at most about a quarter of what its table can hold
+/// (hash maps never shrink on their own): after a burst or an eviction, a table sized for the
+/// peak would otherwise stay that size for the life of the process. Room for twice the entries
+/// is kept, so a map that refills grows again at most once. (`capacity()` is no measure of the
+/// table after removals, which leave tombstones; `shrink_to` compares table sizes itself, and
+/// does nothing when a table for twice the entries would be no smaller.)
 pub fn shrink_if_sparse<K: Eq + Hash, V>(map: &mut FastMap<K, V>) {
     map.shrink_to(map.len().saturating_mul(2).max(64));
 }

@@ -146,8 +146,10 @@ pub fn bounds_hash(bounds: &[f64]) -> u64 {
     xxh3_64(&bytes)
 }
 
-/// An aggregate as stored.
-#[derive(Serialize, Deserialize)]
+/// An aggregate as stored. Written by [`encode_state`] directly; serde writes it only in the
+/// tests, which check that the two agree.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct StoredAggregate {
     count: u64,
     sum: i128,
@@ -198,7 +200,8 @@ pub fn decode_state(bytes: &[u8], resolve: impl FnOnce(u64) -> Option<Bounds>) -
 }
 
 /// A cumulative baseline as stored.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct StoredBaseline {
     start_ns: u64,
     time_ns: u64,
@@ -209,8 +212,10 @@ struct StoredBaseline {
 }
 
 /// A cursor as stored: the first point key, then each key's difference from the one before
-/// (time ascending, so its difference is unsigned; start wrapping).
-#[derive(Serialize, Deserialize)]
+/// (time ascending, so its difference is unsigned; start wrapping). Written by [`encode_cursor`]
+/// directly; serde writes it only in the tests, which check that the two agree.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct StoredCursor {
     baseline: Option<StoredBaseline>,
     first: Option<(u64, u64)>,

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::NodeId;
-use tollgate_rules::ingest::{log_counter_keys, log_increment};
+use tollgate_rules::ingest::{log_counters, log_increment, LogCounter};
 use tollgate_rules::normalize::PointKey;
 use tollgate_rules::series::{minute_of, shrink_if_sparse, FastMap, FastSet, NANOS_PER_MINUTE};
 use tollgate_rules::{
@@ -287,8 +287,8 @@ struct OwnerState {
     table: SeriesTable,
     partitions: FastMap<u64, PartitionState>,
     cache: FastMap<StateKey, Aggregate>,
-    /// Log counter series known to have their key stored.
-    counter_series: FastSet<SeriesId>,
+    /// Log counters of each partition known to have their key stored, with their series id.
+    log_counters: FastMap<(u64, LogCounter), SeriesId>,
     /// Fingerprints of log batches processed within the lateness window, with their time.
     log_batches: FastMap<u128, u64>,
     log_batches_loaded: bool,
@@ -311,7 +311,7 @@ impl Actor for Owner {
             table: SeriesTable::new(),
             partitions: FastMap::default(),
             cache: FastMap::default(),
-            counter_series: FastSet::default(),
+            log_counters: FastMap::default(),
             log_batches: FastMap::default(),
             log_batches_loaded: false,
             submitted: 0,
@@ -423,7 +423,7 @@ impl OwnerState {
         self.table = SeriesTable::new();
         self.partitions.clear();
         self.cache.clear();
-        self.counter_series.clear();
+        self.log_counters.clear();
         self.log_batches.clear();
         self.log_batches_loaded = false;
         self.owned = owned;
@@ -557,7 +557,7 @@ impl OwnerState {
         // states it merged): a later minute has no stored state, so the store is not read.
         let newest_minute =
             self.table.get(&id).and_then(|entry| entry.cursor.seen.back()).map(|k| minute_of(k.time_ns));
-        for key in &keys {
+        for key in keys.iter() {
             if key.1 == Resolution::Minute && newest_minute.is_some_and(|newest| minute > newest as u64) {
                 self.cache.entry(*key).or_default();
             } else {
@@ -566,7 +566,7 @@ impl OwnerState {
         }
         let cache = &mut self.cache;
         let applied = self.table.apply(point, now, &config.rules, &config.pricing, report, |_, _, delta| {
-            for key in &keys {
+            for key in keys.iter() {
                 if let Some(state) = cache.get_mut(key) {
                     state.merge_delta(delta);
                     touched.states.insert(*key);
@@ -721,16 +721,22 @@ impl OwnerState {
         };
         let minute = minute_of(record.time_ns) as u64;
         let rolled_until = self.partitions[&record.partition].rolled_until;
-        let counters = log_counter_keys(&record.entity, &decision);
+        let mut counters: Vec<(LogCounter, SeriesId)> = Vec::with_capacity(1 + decision.reasons.len());
         let mut new_series = Vec::new();
-        for key in &counters {
-            let id = key.id();
-            if !self.counter_series.contains(&id)
-                && self.context.store.series(self.vnode, record.partition, id)?.is_none()
-            {
-                new_series.push((id, key.clone()));
-            }
-            for state_key in state_keys(id, minute, rolled_until) {
+        for counter in log_counters(&decision) {
+            let id = match self.log_counters.get(&(record.partition, counter)) {
+                Some(id) => *id,
+                None => {
+                    let key = counter.key(&record.entity);
+                    let id = key.id();
+                    if self.context.store.series(self.vnode, record.partition, id)?.is_none() {
+                        new_series.push((id, key));
+                    }
+                    id
+                }
+            };
+            counters.push((counter, id));
+            for &state_key in state_keys(id, minute, rolled_until).iter() {
                 self.load_state(state_key)?;
             }
         }
@@ -749,10 +755,9 @@ impl OwnerState {
             cost: Fixed::ZERO,
             unpriced: Fixed::ZERO,
         };
-        for key in &counters {
-            let id = key.id();
-            self.counter_series.insert(id);
-            for state_key in state_keys(id, minute, rolled_until) {
+        for (counter, id) in counters {
+            self.log_counters.insert((record.partition, counter), id);
+            for &state_key in state_keys(id, minute, rolled_until).iter() {
                 if let Some(state) = self.cache.get_mut(&state_key) {
                     state.merge_delta(&delta);
                     touched.insert(state_key);
@@ -961,13 +966,29 @@ struct Touched {
 
 /// The aggregates a merge into `minute` updates: the minute, and also its hour and day when the
 /// minute is behind the partition's roll-up frontier (those were rolled up already).
-fn state_keys(id: SeriesId, minute: u64, rolled_until: u64) -> Vec<StateKey> {
-    let mut keys = vec![(id, Resolution::Minute, minute)];
+fn state_keys(id: SeriesId, minute: u64, rolled_until: u64) -> StateKeys {
+    let minute_key = (id, Resolution::Minute, minute);
     if minute < rolled_until {
-        keys.push((id, Resolution::Hour, Resolution::Hour.period_of(minute)));
-        keys.push((id, Resolution::Day, Resolution::Day.period_of(minute)));
+        let hour = (id, Resolution::Hour, Resolution::Hour.period_of(minute));
+        let day = (id, Resolution::Day, Resolution::Day.period_of(minute));
+        StateKeys { keys: [minute_key, hour, day], len: 3 }
+    } else {
+        StateKeys { keys: [minute_key; 3], len: 1 }
     }
-    keys
+}
+
+/// One to three [`StateKey`]s, on the stack: [`state_keys`] runs for every point and counter.
+struct StateKeys {
+    keys: [StateKey; 3],
+    len: usize,
+}
+
+impl std::ops::Deref for StateKeys {
+    type Target = [StateKey];
+
+    fn deref(&self) -> &[StateKey] {
+        &self.keys[..self.len]
+    }
 }
 
 /// The stored form of a kept record.

@@ -15,7 +15,7 @@ use crate::fixed::Fixed;
 use crate::normalize::{normalize, Normalized, PartitionClock, SeriesCursor};
 use crate::point::{check_histogram, check_number, Checked, RejectReason, Rejection, Temporality, ValidPoint};
 use crate::pricing::{PriceTable, TokenType};
-use crate::sampling::LogDecision;
+use crate::sampling::{KeepReason, LogDecision, LogKind};
 use crate::series::{minute_of, shrink_if_sparse, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -798,24 +798,57 @@ pub struct TableChanges {
     pub created: Vec<SeriesId>,
 }
 
-/// The log-derived counter series a classified record increments by one each (SPEC §5):
-/// requests by kind and status class, and one per keep reason.
-pub fn log_counter_keys(entity: &Entity, decision: &LogDecision) -> Vec<SeriesKey> {
-    let Some(kind) = decision.kind else { return Vec::new() };
-    let mut keys = Vec::with_capacity(1 + decision.reasons.len());
-    keys.push(SeriesKey {
-        entity: entity.clone(),
-        metric: LOG_REQUESTS_METRIC.into(),
-        attributes: AttributeSet::from_pairs([("kind", kind.as_str()), ("status_class", decision.status_class())]),
-    });
-    for reason in &decision.reasons {
-        keys.push(SeriesKey {
-            entity: entity.clone(),
-            metric: LOG_SAMPLED_METRIC.into(),
-            attributes: AttributeSet::from_pairs([("kind", kind.as_str()), ("reason", reason.as_str())]),
-        });
+/// One log-derived counter series of a partition, named without its entity (SPEC §5): what
+/// [`log_counters`] yields, and [`LogCounter::key`] turns into the series key. Small and
+/// `Copy`, so that an owner can remember the id of each of its partitions' counters instead of
+/// building and hashing their keys for every record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogCounter {
+    /// `tollgate.log.requests{kind, status_class}`.
+    Requests {
+        /// LLM or MCP.
+        kind: LogKind,
+        /// [`LogDecision::status_class`].
+        status_class: &'static str,
+    },
+    /// `tollgate.log.sampled{kind, reason}`.
+    Sampled {
+        /// LLM or MCP.
+        kind: LogKind,
+        /// The keep reason.
+        reason: KeepReason,
+    },
+}
+
+impl LogCounter {
+    /// The series key of this counter of `entity`.
+    pub fn key(self, entity: &Entity) -> SeriesKey {
+        let (metric, attributes) = match self {
+            LogCounter::Requests { kind, status_class } => (
+                LOG_REQUESTS_METRIC,
+                AttributeSet::from_pairs([("kind", kind.as_str()), ("status_class", status_class)]),
+            ),
+            LogCounter::Sampled { kind, reason } => {
+                (LOG_SAMPLED_METRIC, AttributeSet::from_pairs([("kind", kind.as_str()), ("reason", reason.as_str())]))
+            }
+        };
+        SeriesKey { entity: entity.clone(), metric: metric.into(), attributes }
     }
-    keys
+}
+
+/// The log-derived counters a classified record increments by one each: requests by kind and
+/// status class, and one per keep reason. None for a record that is not classified.
+pub fn log_counters(decision: &LogDecision) -> impl Iterator<Item = LogCounter> + '_ {
+    let status_class = decision.status_class();
+    decision.kind.into_iter().flat_map(move |kind| {
+        std::iter::once(LogCounter::Requests { kind, status_class })
+            .chain(decision.reasons.iter().map(move |&reason| LogCounter::Sampled { kind, reason }))
+    })
+}
+
+/// The series keys of [`log_counters`] for `entity`.
+pub fn log_counter_keys(entity: &Entity, decision: &LogDecision) -> Vec<SeriesKey> {
+    log_counters(decision).map(|counter| counter.key(entity)).collect()
 }
 
 /// The delta of one log-derived increment.
@@ -954,6 +987,34 @@ impl MemoryPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_log_counters_are_requests_then_one_per_keep_reason() {
+        let entity = Entity { service: "gw".into(), instance: Some("gw-0".into()) };
+        let mut decision = LogDecision { kind: Some(LogKind::Llm), response_code: Some(503), ..Default::default() };
+        decision.reasons = vec![KeepReason::Error, KeepReason::Slow];
+        let counters: Vec<LogCounter> = log_counters(&decision).collect();
+        assert_eq!(
+            counters,
+            [
+                LogCounter::Requests { kind: LogKind::Llm, status_class: "5xx" },
+                LogCounter::Sampled { kind: LogKind::Llm, reason: KeepReason::Error },
+                LogCounter::Sampled { kind: LogKind::Llm, reason: KeepReason::Slow },
+            ]
+        );
+        let keys = log_counter_keys(&entity, &decision);
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[0].metric, LOG_REQUESTS_METRIC);
+        assert_eq!(keys[0].attributes, AttributeSet::from_pairs([("kind", "llm"), ("status_class", "5xx")]));
+        assert_eq!(keys[2].metric, LOG_SAMPLED_METRIC);
+        assert_eq!(keys[2].attributes, AttributeSet::from_pairs([("kind", "llm"), ("reason", "slow")]));
+        assert!(keys.iter().all(|key| key.entity == entity));
+        let ids: FastSet<SeriesId> = keys.iter().map(SeriesKey::id).collect();
+        assert_eq!(ids.len(), 3, "each counter is its own series");
+
+        decision.kind = None;
+        assert_eq!(log_counters(&decision).count(), 0, "an unclassified record counts nowhere");
+    }
 
     /// The fingerprint as first written: the attributes through an owned [`AttributeSet`].
     fn fingerprint_model(entity: &Entity, record: &LogRecord) -> u128 {

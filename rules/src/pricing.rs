@@ -2,8 +2,8 @@
 //! cache-creation input prices, with longest-prefix model lookup and exact cost arithmetic.
 
 use crate::fixed::Fixed;
+use crate::series::FastMap;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fmt;
 
 /// The pricing Tollgate starts with: SkyWalking's shipped `gen-ai-config.yml`, verbatim
@@ -214,18 +214,20 @@ pub struct RequestTokens {
 pub struct PriceTable {
     version: u64,
     document: PricingDocument,
-    models: HashMap<String, ModelPrice>,
-    longest_model_key: usize,
-    providers: HashMap<String, String>,
-    longest_provider_prefix: usize,
+    models: FastMap<String, ModelPrice>,
+    /// The distinct lengths of the model names and aliases, longest first.
+    model_key_lengths: Vec<usize>,
+    providers: FastMap<String, String>,
+    /// The distinct lengths of the provider prefixes, longest first.
+    provider_prefix_lengths: Vec<usize>,
 }
 
 impl PriceTable {
     /// Compiles a document (validating it first).
     pub fn new(document: PricingDocument) -> Result<PriceTable, PricingError> {
         document.validate()?;
-        let mut models = HashMap::new();
-        let mut providers = HashMap::new();
+        let mut models = FastMap::default();
+        let mut providers = FastMap::default();
         for provider in &document.providers {
             for prefix in provider.prefix_match.iter().flatten() {
                 providers.insert(prefix.clone(), provider.provider.clone());
@@ -247,9 +249,9 @@ impl PriceTable {
                 }
             }
         }
-        let longest_model_key = models.keys().map(String::len).max().unwrap_or(0);
-        let longest_provider_prefix = providers.keys().map(String::len).max().unwrap_or(0);
-        Ok(PriceTable { version: 0, document, models, longest_model_key, providers, longest_provider_prefix })
+        let model_key_lengths = key_lengths(models.keys());
+        let provider_prefix_lengths = key_lengths(providers.keys());
+        Ok(PriceTable { version: 0, document, models, model_key_lengths, providers, provider_prefix_lengths })
     }
 
     /// Parses, validates and compiles YAML or JSON.
@@ -277,26 +279,31 @@ impl PriceTable {
     /// The price of `model`: the longest model name or alias that is a prefix of it,
     /// case-sensitive (SkyWalking semantics). `None` means unpriced.
     pub fn lookup(&self, model: &str) -> Option<&ModelPrice> {
-        longest_prefix(&self.models, self.longest_model_key, model)
+        longest_prefix(&self.models, &self.model_key_lengths, model)
     }
 
     /// The provider whose longest `prefix-match` entry is a prefix of `model`.
     pub fn provider_of(&self, model: &str) -> Option<&str> {
-        longest_prefix(&self.providers, self.longest_provider_prefix, model).map(String::as_str)
+        longest_prefix(&self.providers, &self.provider_prefix_lengths, model).map(String::as_str)
     }
 }
 
-fn longest_prefix<'a, V>(map: &'a HashMap<String, V>, longest: usize, name: &str) -> Option<&'a V> {
-    let mut end = name.len().min(longest);
-    while end > 0 {
-        if name.is_char_boundary(end) {
-            if let Some(value) = map.get(&name[..end]) {
-                return Some(value);
-            }
-        }
-        end -= 1;
-    }
-    None
+/// The distinct lengths of `keys`, longest first.
+fn key_lengths<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<usize> {
+    let mut lengths: Vec<usize> = keys.map(String::len).collect();
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    lengths.dedup();
+    lengths
+}
+
+/// The value of the longest key of `map` that is a prefix of `name`; `lengths` are the distinct
+/// lengths of the keys, longest first, so only prefixes of those lengths are looked up (a
+/// request's model is looked up for every access-log record).
+fn longest_prefix<'a, V>(map: &'a FastMap<String, V>, lengths: &[usize], name: &str) -> Option<&'a V> {
+    lengths
+        .iter()
+        .filter(|&&end| end > 0 && end <= name.len() && name.is_char_boundary(end))
+        .find_map(|&end| map.get(&name[..end]))
 }
 
 impl fmt::Display for ModelPrice {
@@ -446,5 +453,35 @@ providers:
         let doc = "providers:\n  - provider: a\n    models:\n      - name: m\n        input-estimated-cost-per-m: 1\n  - provider: b\n    models:\n      - name: m\n        input-estimated-cost-per-m: 2\n";
         let table = PriceTable::parse(doc).unwrap();
         assert_eq!(table.lookup("m").unwrap().provider, "b");
+    }
+
+    /// The lookup only tries the lengths of the table's keys: it finds what trying every prefix
+    /// of the name, longest first, finds.
+    #[test]
+    fn test_lookup_matches_trying_every_prefix() {
+        let table = PriceTable::parse(DOC).unwrap();
+        let every_prefix = |name: &str| {
+            (1..=name.len())
+                .rev()
+                .filter(|end| name.is_char_boundary(*end))
+                .find_map(|end| table.models.get(&name[..end]))
+                .map(|price| price.key.clone())
+        };
+        let mut names: Vec<String> = vec![String::new(), "é".into(), "gpt-4oé".into(), "claude-é".into()];
+        for key in table.models.keys() {
+            for suffix in ["", "-", "-2025-01-01", "é", "ü-x"] {
+                names.push(format!("{key}{suffix}"));
+                let mut chars = key.chars();
+                chars.next_back();
+                names.push(format!("{}{suffix}", chars.as_str()));
+            }
+        }
+        let mut priced = 0;
+        for name in &names {
+            let found = table.lookup(name).map(|price| price.key.clone());
+            assert_eq!(found, every_prefix(name), "lookup of {name:?}");
+            priced += usize::from(found.is_some());
+        }
+        assert!(priced > table.models.len(), "the names exercise matches: {priced} of {}", names.len());
     }
 }

@@ -19,11 +19,10 @@ use crate::sampling::{KeepReason, LogDecision, LogKind};
 use crate::series::{minute_of, shrink_if_sparse, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use serde::{Deserialize, Serialize};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -430,6 +429,8 @@ pub struct LogFingerprinter {
     keys: Vec<String>,
     /// Positions of the canonical attribute set (first of repeated keys, sorted by key).
     order: Vec<usize>,
+    /// The bytes hashed, reused from record to record.
+    bytes: Vec<u8>,
 }
 
 impl LogFingerprinter {
@@ -448,54 +449,44 @@ impl LogFingerprinter {
             self.keys.clear();
             self.keys.extend(attributes.iter().map(|kv| kv.key.clone()));
         }
-        // The canonical attribute set, borrowed rather than copied: the records of an access log
-        // carry some 25 attributes each.
-        let attributes: Vec<(&str, Cow<'_, str>)> = self
-            .order
-            .iter()
-            .map(|position| {
-                let kv = &record.attributes[*position];
-                (kv.key.as_str(), crate::attributes::value_text(kv.value.as_ref()))
-            })
-            .collect();
-        let body = crate::attributes::value_text(record.body.as_ref());
-        let instance: &[u8] = match &entity.instance {
-            Some(instance) => instance.as_bytes(),
-            None => &[0xff], // not valid UTF-8, so no instance name encodes like this
-        };
-        let fixed = [
-            entity.service.len(),
-            instance.len(),
-            8,
-            8,
-            4,
-            record.severity_text.len(),
-            body.len(),
-            record.trace_id.len(),
-            record.span_id.len(),
-        ];
-        let size =
-            fixed.into_iter().chain(attributes.iter().flat_map(|(key, value)| [key.len(), value.len()].into_iter()));
-        let mut bytes: Vec<u8> = Vec::with_capacity(size.map(|len| 4 + len).sum());
-        let mut push = |value: &[u8]| {
-            bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(value);
-        };
-        push(entity.service.as_bytes());
-        push(instance);
-        push(&record.time_unix_nano.to_le_bytes());
-        push(&record.observed_time_unix_nano.to_le_bytes());
-        push(&record.severity_number.to_le_bytes());
-        push(record.severity_text.as_bytes());
-        push(body.as_bytes());
-        push(&record.trace_id);
-        push(&record.span_id);
-        for (key, value) in &attributes {
-            push(key.as_bytes());
-            push(value.as_bytes());
+        // Written straight into one buffer, which the next record reuses: the records of an
+        // access log carry some 25 attributes each.
+        let bytes = &mut self.bytes;
+        bytes.clear();
+        push_field(bytes, entity.service.as_bytes());
+        match &entity.instance {
+            Some(instance) => push_field(bytes, instance.as_bytes()),
+            None => push_field(bytes, &[0xff]), // not valid UTF-8, so no instance name encodes like this
         }
-        debug_assert_eq!(bytes.len(), bytes.capacity());
-        xxhash_rust::xxh3::xxh3_128(&bytes)
+        push_field(bytes, &record.time_unix_nano.to_le_bytes());
+        push_field(bytes, &record.observed_time_unix_nano.to_le_bytes());
+        push_field(bytes, &record.severity_number.to_le_bytes());
+        push_field(bytes, record.severity_text.as_bytes());
+        push_value(bytes, record.body.as_ref());
+        push_field(bytes, &record.trace_id);
+        push_field(bytes, &record.span_id);
+        for position in &self.order {
+            let kv = &record.attributes[*position];
+            push_field(bytes, kv.key.as_bytes());
+            push_value(bytes, kv.value.as_ref());
+        }
+        xxhash_rust::xxh3::xxh3_128(bytes)
+    }
+}
+
+/// Appends a field of a fingerprint: its `u32` length, then its bytes.
+fn push_field(bytes: &mut Vec<u8>, value: &[u8]) {
+    bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(value);
+}
+
+/// Appends [`crate::attributes::value_text`] of `value` as a field, without a `String` for the
+/// usual strings and integers.
+fn push_value(bytes: &mut Vec<u8>, value: Option<&AnyValue>) {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(text)) => push_field(bytes, text.as_bytes()),
+        Some(any_value::Value::IntValue(int)) => push_field(bytes, itoa::Buffer::new().format(*int).as_bytes()),
+        _ => push_field(bytes, crate::attributes::value_text(value).as_bytes()),
     }
 }
 
@@ -1117,6 +1108,26 @@ mod tests {
         ] {
             assert_ne!(other, fingerprint, "{what} differs");
         }
+        // Every kind of value, written as its text, as the model does.
+        let value = |value: any_value::Value| Some(AnyValue { value: Some(value) });
+        let mut kinds = record.clone();
+        kinds.attributes = [
+            ("int.min", value(any_value::Value::IntValue(i64::MIN))),
+            ("int.negative", value(any_value::Value::IntValue(-42))),
+            ("int.zero", value(any_value::Value::IntValue(0))),
+            ("double", value(any_value::Value::DoubleValue(0.25))),
+            ("bool", value(any_value::Value::BoolValue(true))),
+            ("bytes", value(any_value::Value::BytesValue(vec![0, 255]))),
+            ("empty", Some(AnyValue { value: None })),
+            ("absent", None),
+        ]
+        .into_iter()
+        .map(|(key, value)| KeyValue { key: key.into(), value, ..Default::default() })
+        .collect();
+        kinds.body = value(any_value::Value::IntValue(7));
+        assert_eq!(fingerprinter.fingerprint(&entity, &kinds), fingerprint_model(&entity, &kinds));
+        kinds.body = value(any_value::Value::DoubleValue(f64::NAN));
+        assert_eq!(log_fingerprint(&entity, &kinds), fingerprint_model(&entity, &kinds));
     }
     use crate::normalize::NormalizeConfig;
     use crate::testing::{gateway_resource, string_attribute, Convention};

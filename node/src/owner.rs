@@ -507,7 +507,9 @@ impl OwnerState {
         let config = self.config();
         let now = self.context.clock.now_ns();
         let mut report = IngestReport::default();
-        let mut batch = StoreBatch::default();
+        // About a state and a cursor per point (one point per series in an export): sized up
+        // front, since an `Op` is large and growing the vector copies it again and again.
+        let mut batch = StoreBatch { ops: Vec::with_capacity(2 * points.len() + 4) };
         let mut touched = Touched::default();
         let mut failure = None;
         for point in points {
@@ -614,6 +616,7 @@ impl OwnerState {
 
     /// Adds the cursors of the series that merged points to the batch.
     fn write_cursors(&self, cursors: FastMap<SeriesId, u64>, batch: &mut StoreBatch) {
+        batch.ops.reserve(cursors.len());
         for (id, partition) in cursors {
             if let Some(entry) = self.table.get(&id) {
                 batch.push(Op::Cursor { vnode: self.vnode, partition, id, cursor: EncodedCursor::new(&entry.cursor) });
@@ -623,6 +626,7 @@ impl OwnerState {
 
     /// Adds the touched aggregates to the batch.
     fn write_states(&self, touched: FastSet<StateKey>, batch: &mut StoreBatch) {
+        batch.ops.reserve(touched.len());
         for key in touched {
             if let Some(state) = self.cache.get(&key) {
                 let (id, resolution, period) = key;

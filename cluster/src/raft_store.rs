@@ -61,16 +61,46 @@ const SNAPSHOT_DATA_KEY: &str = "snapshot_data";
 /// machine, which share it.
 ///
 /// `dir` must not be the node's data store: the Raft database is a sled database of its own.
+///
+/// A database locked by another handle (a Raft instance still shutting down, a process still
+/// exiting) is an error of kind [`io::ErrorKind::WouldBlock`]; [`open_waiting`] waits for it.
 pub fn open(dir: impl AsRef<Path>) -> io::Result<(LogStore, StateMachine)> {
     let dir = dir.as_ref();
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(CACHE_CAPACITY_BYTES)
-        .flush_every_ms(None)
-        .open()
-        .map_err(|e| other(format!("opening the raft database in {}", dir.display()), e))?;
+    let db = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY_BYTES).flush_every_ms(None).open().map_err(
+        |e| match e {
+            // sled 0.34 reports the lock as an I/O error of kind `Other` with this text.
+            sled::Error::Io(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") =>
+            {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("raft store: the raft database in {} is in use (its lock is held): {e}", dir.display()),
+                )
+            }
+            e => other(format!("opening the raft database in {}", dir.display()), e),
+        },
+    )?;
     Ok((LogStore::open(&db)?, StateMachine::open(&db)?))
 }
+
+/// [`open`], waiting up to [`LOCK_WAIT`] for a lock held by a Raft instance whose tasks are
+/// still dropping their handles after `shutdown` (an in-process restart) or by a process that is
+/// exiting, as the node's data store waits for its own. It yields while it waits, so that those
+/// tasks can finish even on a single-threaded runtime.
+pub async fn open_waiting(dir: impl AsRef<Path>) -> io::Result<(LogStore, StateMachine)> {
+    let started = std::time::Instant::now();
+    loop {
+        match open(dir.as_ref()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// How long [`open_waiting`] waits for the database's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The Raft log: entries, vote, committed and last purged log id.
 ///
@@ -748,11 +778,33 @@ mod tests {
     }
 
     async fn start_single_node(dir: &Path) -> (crate::raft::Raft, watch::Receiver<Arc<AppliedState>>) {
-        let (log_store, state_machine) = open(dir).unwrap();
+        let (log_store, state_machine) = open_waiting(dir).await.unwrap();
         let applied = state_machine.subscribe();
         let config = Arc::new(openraft::Config::default().validate().unwrap());
         let raft = crate::raft::Raft::new(1, config, NoNetwork, log_store, state_machine).await.unwrap();
         (raft, applied)
+    }
+
+    #[tokio::test]
+    async fn test_raft_store_waits_for_a_held_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open(dir.path()).unwrap();
+        let error = open(dir.path()).expect_err("the database is in use");
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock, "{error}");
+        assert!(error.to_string().contains("in use"), "{error}");
+        // Released by a task of the same single-threaded runtime while the opener waits.
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let release = tokio::spawn({
+            let released = Arc::clone(&released);
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                drop(held);
+                released.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        open_waiting(dir.path()).await.unwrap();
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst), "it waited for the release");
+        release.await.unwrap();
     }
 
     #[tokio::test]

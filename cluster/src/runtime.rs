@@ -231,8 +231,9 @@ impl Cluster {
         settings: ClusterSettings,
         transport: Arc<dyn Transport>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let (log_store, state_machine) =
-            raft_store::open(dir).map_err(|e| ClusterError::Failed(format!("opening the raft store: {e}")))?;
+        let (log_store, state_machine) = raft_store::open_waiting(dir)
+            .await
+            .map_err(|e| ClusterError::Failed(format!("opening the raft store: {e}")))?;
         let applied = state_machine.subscribe();
         let directory = Directory::default();
         directory.update(&applied.borrow().state.nodes);

@@ -67,23 +67,32 @@ const SNAPSHOT_DATA_KEY: &str = "snapshot_data";
 pub fn open(dir: impl AsRef<Path>) -> io::Result<(LogStore, StateMachine)> {
     let dir = dir.as_ref();
     let db = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY_BYTES).flush_every_ms(None).open().map_err(
-        |e| match e {
-            // sled 0.34 reports the lock as an I/O error of kind `Other` with this text.
-            sled::Error::Io(e)
-                if e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") =>
-            {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("raft store: the raft database in {} is in use (its lock is held): {e}", dir.display()),
-                )
+        |e| {
+            if sled_lock_held(&e) {
+                let what =
+                    format!("raft store: the raft database in {} is in use (its lock is held): {e}", dir.display());
+                io::Error::new(io::ErrorKind::WouldBlock, what)
+            } else {
+                other(format!("opening the raft database in {}", dir.display()), e)
             }
-            e => other(format!("opening the raft database in {}", dir.display()), e),
         },
     )?;
     Ok((LogStore::open(&db)?, StateMachine::open(&db)?))
 }
 
-/// [`open`], waiting up to [`LOCK_WAIT`] for a lock held by a Raft instance whose tasks are
+/// Whether sled failed to open because another handle holds the database's lock (sled 0.34
+/// reports it as an I/O error of kind `Other` with this text). The node's data store and the
+/// raft store both wait for it, up to [`SLED_LOCK_WAIT`].
+pub fn sled_lock_held(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock"))
+}
+
+/// How long an open waits for a sled database's lock: a database dropped in this process
+/// releases it once sled's background threads (and, for the raft store, Raft's tasks) let go of
+/// their handles, which can take a moment on a busy machine.
+pub const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`open`], waiting up to [`SLED_LOCK_WAIT`] for a lock held by a Raft instance whose tasks are
 /// still dropping their handles after `shutdown` (an in-process restart) or by a process that is
 /// exiting, as the node's data store waits for its own. It yields while it waits, so that those
 /// tasks can finish even on a single-threaded runtime.
@@ -91,16 +100,13 @@ pub async fn open_waiting(dir: impl AsRef<Path>) -> io::Result<(LogStore, StateM
     let started = std::time::Instant::now();
     loop {
         match open(dir.as_ref()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT => {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < SLED_LOCK_WAIT => {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             opened => return opened,
         }
     }
 }
-
-/// How long [`open_waiting`] waits for the database's lock.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The Raft log: entries, vote, committed and last purged log id.
 ///

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tollgate_cluster::raft_store::{sled_lock_held, SLED_LOCK_WAIT};
 use tollgate_rules::normalize::{PartitionClock, SeriesCursor};
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{Aggregate, Bounds, SeriesId, SeriesKey};
@@ -119,12 +120,7 @@ impl std::fmt::Debug for SledStorage {
     }
 }
 
-/// How long an open waits for the data directory's lock: a store dropped in this process
-/// releases it once sled's own background threads let go of their handles, which can take a
-/// moment on a busy machine.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
-
-/// Opens sled in `<dir>/sled`, waiting up to [`LOCK_WAIT`] for its lock.
+/// Opens sled in `<dir>/sled`, waiting up to [`SLED_LOCK_WAIT`] for its lock.
 fn open_sled(dir: &Path, settings: &StorageConfig) -> Result<sled::Db, Error> {
     let started = Instant::now();
     loop {
@@ -136,11 +132,8 @@ fn open_sled(dir: &Path, settings: &StorageConfig) -> Result<sled::Db, Error> {
             .open();
         match opened {
             Ok(db) => return Ok(db),
-            // sled 0.34 reports the lock as an I/O error of kind `Other` with this text.
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") =>
-            {
-                if started.elapsed() >= LOCK_WAIT {
+            Err(e) if sled_lock_held(&e) => {
+                if started.elapsed() >= SLED_LOCK_WAIT {
                     return Err(Error::Unavailable(format!(
                         "storage: the data directory {} is in use by another process (its lock is held): {e}",
                         dir.display()

@@ -31,6 +31,7 @@ pub mod normalize;
 pub mod point;
 pub mod pricing;
 pub mod sampling;
+pub mod seen;
 pub mod series;
 
 pub use aggregate::{Aggregate, Bounds, Delta};

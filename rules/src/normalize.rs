@@ -9,9 +9,9 @@
 use crate::aggregate::Bounds;
 use crate::fixed::Fixed;
 use crate::point::{PointKind, RejectReason, Rejection, Temporality, ValidPoint};
+use crate::seen::SeenKeys;
 use crate::series::NANOS_PER_MINUTE;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Time windows of normalisation. Part of the replicated rules: every owner must agree.
@@ -116,7 +116,7 @@ pub struct SeriesCursor {
     pub baseline: Option<Baseline>,
     /// Keys of the points accepted within the lateness window, sorted. Older keys are
     /// forgotten: a point that old is rejected as too late anyway.
-    pub seen: VecDeque<PointKey>,
+    pub seen: SeenKeys,
 }
 
 /// The newest minute seen in a partition `(service, instance)`.
@@ -193,8 +193,8 @@ pub fn normalize(
     // forgotten: a point that is too late is rejected whether or not it was merged before.
     let key = PointKey { time_ns: point.time_ns, start_ns: point.start_ns };
     // Points usually arrive newest last: only an older key needs the search.
-    let newest_seen = cursor.seen.back().is_some_and(|newest| key <= *newest);
-    if newest_seen && cursor.seen.binary_search(&key).is_ok() {
+    let newest_seen = cursor.seen.back().is_some_and(|newest| key <= newest);
+    if newest_seen && cursor.seen.contains(&key) {
         return Normalized::Duplicate;
     }
     let outcome = match point.temporality {
@@ -210,16 +210,9 @@ pub fn normalize(
 }
 
 fn remember(cursor: &mut SeriesCursor, key: PointKey, oldest_ns: u64) {
-    if cursor.seen.back().is_none_or(|newest| key > *newest) {
-        cursor.seen.push_back(key);
-    } else {
-        let position = cursor.seen.binary_search(&key).unwrap_or_else(|p| p);
-        cursor.seen.insert(position, key);
-    }
+    cursor.seen.insert(key);
     // Keys are sorted by time: the expired ones are the oldest, usually none or one.
-    while cursor.seen.front().is_some_and(|k| k.time_ns < oldest_ns) {
-        cursor.seen.pop_front();
-    }
+    cursor.seen.forget_before(oldest_ns);
 }
 
 fn cumulative_to_delta(

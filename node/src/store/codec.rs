@@ -23,8 +23,8 @@
 
 use super::{EntityRecord, Resolution, StoredLog};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use tollgate_rules::normalize::{Baseline, PartitionClock, PointKey, SeriesCursor};
+use tollgate_rules::seen::SeenKeys;
 use tollgate_rules::{Aggregate, Bounds, Fixed, SeriesId};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -238,7 +238,8 @@ struct StoredCursor {
 pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
     let bounds = cursor.baseline.as_ref().and_then(|b| (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds)));
     let buckets = cursor.baseline.as_ref().map_or(0, |b| b.buckets.len());
-    let mut out = Postcard::with_capacity(64 + 2 * buckets + 8 * cursor.seen.len());
+    let steps = cursor.seen.steps();
+    let mut out = Postcard::with_capacity(64 + 2 * buckets + steps.len());
     out.option(cursor.baseline.as_ref(), |out, b| {
         out.u64(b.start_ns);
         out.u64(b.time_ns);
@@ -252,10 +253,8 @@ pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
         out.u64(key.start_ns);
     });
     out.len(cursor.seen.len().saturating_sub(1));
-    for (previous, key) in cursor.seen.iter().zip(cursor.seen.iter().skip(1)) {
-        out.u64(key.time_ns - previous.time_ns);
-        out.i64(key.start_ns.wrapping_sub(previous.start_ns) as i64);
-    }
+    // The keys' steps are held in the cursor as they are stored (`SeenKeys`): copied, not encoded.
+    out.0.extend_from_slice(steps);
     (out.0, bounds)
 }
 
@@ -289,10 +288,6 @@ impl Postcard {
     }
 
     /// Signed integers are zigzag-encoded first.
-    fn i64(&mut self, value: i64) {
-        self.u64(((value << 1) ^ (value >> 63)) as u64);
-    }
-
     fn i128(&mut self, value: i128) {
         self.u128(((value << 1) ^ (value >> 127)) as u128);
     }
@@ -356,12 +351,12 @@ pub fn decode_cursor(
         }
         None => None,
     };
-    let mut seen = VecDeque::with_capacity(stored.steps.len() + 1);
+    let mut seen = SeenKeys::new();
     if let Some((time_ns, start_ns)) = stored.first {
         let mut key = PointKey { time_ns, start_ns };
         let mut push = |key: PointKey| {
             if key.time_ns >= since_ns {
-                seen.push_back(key);
+                seen.insert(key);
             }
         };
         push(key);
@@ -505,7 +500,7 @@ mod tests {
                 buckets,
             });
             let mut time_ns = random.next_u64() >> 2;
-            let seen: VecDeque<PointKey> = (0..random.below(70))
+            let seen: SeenKeys = (0..random.below(70))
                 .map(|_| {
                     time_ns += random.next_u64() >> (random.below(64 - 24) + 24);
                     PointKey { time_ns, start_ns: any_u64(&mut random) }

@@ -1051,7 +1051,8 @@ mod tests {
             let store = storage(dir.path());
             let mut batch = StoreBatch::default();
             batch.push(Op::Series { vnode: 3, partition: 9, id, key: key.clone() });
-            let seen = [PointKey { time_ns: 50, start_ns: 40 }, PointKey { time_ns: 70, start_ns: 60 }].into();
+            let seen =
+                [PointKey { time_ns: 50, start_ns: 40 }, PointKey { time_ns: 70, start_ns: 60 }].into_iter().collect();
             let cursor = EncodedCursor::new(&SeriesCursor { baseline: None, seen });
             batch.push(Op::Cursor { vnode: 3, partition: 9, id, cursor });
             batch.push(Op::RolledUntil { vnode: 3, partition: 9, minute: 600 });
@@ -1071,7 +1072,7 @@ mod tests {
         assert_eq!(store.series(3, 9, id).unwrap(), Some(key));
         assert_eq!(store.series_of_partition(3, 9).unwrap().len(), 1);
         let cursor = store.cursor(3, 9, id, 60).unwrap();
-        assert_eq!(cursor.seen.iter().copied().collect::<Vec<_>>(), vec![PointKey { time_ns: 70, start_ns: 60 }]);
+        assert_eq!(cursor.seen.iter().collect::<Vec<_>>(), vec![PointKey { time_ns: 70, start_ns: 60 }]);
         assert!(cursor.baseline.is_none());
         assert_eq!(store.rolled_until(3, 9).unwrap(), 600);
         assert_eq!(store.rolled_until(3, 10).unwrap(), 0);

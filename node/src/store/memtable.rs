@@ -33,30 +33,42 @@ fn entry_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
     key.len() + value.as_ref().map_or(0, Vec::len) + 64
 }
 
-/// A key of the memtable: its bytes, ordered as bytes are, compared eight at a time first.
+/// A key of the memtable: its bytes, ordered as bytes are, its first eight bytes kept beside them.
 ///
-/// Keys begin with their kind, vnode and series id, so two keys nearly always differ in their
-/// first eight bytes: comparing those as one big-endian integer settles the comparison without a
-/// call to `memcmp`, which each of an insert's two dozen comparisons made (a tenth of the
-/// node's instructions under figure 1's load, docs/benchmarks.md). The order is exactly the
-/// bytes' lexicographic order, so the map is looked up and ranged with plain `&[u8]`.
+/// Keys begin with their kind, vnode and series id (or partition), so two keys nearly always
+/// differ in their first eight bytes: comparing those as one big-endian integer settles the
+/// comparison without a call to `memcmp`, which each of an insert's two dozen comparisons made (a
+/// tenth of the node's instructions under figure 1's load, docs/benchmarks.md). Holding that
+/// integer in the key itself, in the map's node, also spares each comparison a visit to the
+/// key's bytes elsewhere on the heap (a cache miss, in a memtable of a few hundred thousand keys).
+/// The order is exactly the bytes' lexicographic order, so the map is looked up and ranged with
+/// plain `&[u8]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Key(pub Vec<u8>);
+pub struct Key {
+    /// The first eight bytes as a big-endian integer, zero-padded when the key is shorter.
+    head: u64,
+    bytes: Vec<u8>,
+}
 
 impl Key {
+    pub fn new(bytes: Vec<u8>) -> Key {
+        let mut head = [0u8; 8];
+        let n = bytes.len().min(8);
+        head[..n].copy_from_slice(&bytes[..n]);
+        Key { head: u64::from_be_bytes(head), bytes }
+    }
+
     pub fn as_slice(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
 impl Ord for Key {
     fn cmp(&self, other: &Key) -> std::cmp::Ordering {
-        match (self.0.first_chunk::<8>(), other.0.first_chunk::<8>()) {
-            (Some(a), Some(b)) => {
-                u64::from_be_bytes(*a).cmp(&u64::from_be_bytes(*b)).then_with(|| self.0[8..].cmp(&other.0[8..]))
-            }
-            _ => self.0.cmp(&other.0),
-        }
+        // Different heads differ at a byte both keys have, or where the shorter one was padded
+        // with a zero the longer one does not have there: the bytes' order either way. Equal
+        // heads (a shared prefix, or a zero against padding) leave it to the bytes.
+        self.head.cmp(&other.head).then_with(|| self.bytes.cmp(&other.bytes))
     }
 }
 
@@ -68,7 +80,7 @@ impl PartialOrd for Key {
 
 impl std::borrow::Borrow<[u8]> for Key {
     fn borrow(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
@@ -86,7 +98,7 @@ impl Frozen {
     pub fn put(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         let added = entry_bytes(&key, &value);
         let value_len = value.as_ref().map_or(0, Vec::len);
-        match self.entries.insert(Key(key), value) {
+        match self.entries.insert(Key::new(key), value) {
             // The key and the map's overhead were counted already; only the value changes.
             Some(previous) => self.bytes = self.bytes + value_len - previous.map_or(0, |v| v.len()),
             None => self.bytes += added,
@@ -281,7 +293,7 @@ mod tests {
             .collect();
         for a in &keys {
             for b in &keys {
-                assert_eq!(Key(a.clone()).cmp(&Key(b.clone())), a.cmp(b), "{a:?} against {b:?}");
+                assert_eq!(Key::new(a.clone()).cmp(&Key::new(b.clone())), a.cmp(b), "{a:?} against {b:?}");
             }
         }
         let mut frozen = Frozen::default();
@@ -291,7 +303,7 @@ mod tests {
         let mut sorted = keys.clone();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(frozen.entries.keys().map(|key| key.0.clone()).collect::<Vec<_>>(), sorted);
+        assert_eq!(frozen.entries.keys().map(|key| key.as_slice().to_vec()).collect::<Vec<_>>(), sorted);
         for key in &keys {
             assert_eq!(frozen.entries.get(key.as_slice()), Some(&Some(key.clone())));
         }

@@ -23,6 +23,8 @@
 
 use super::{EntityRecord, Resolution, StoredLog};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::sync::Arc;
 use tollgate_rules::normalize::{Baseline, PartitionClock, PointKey, SeriesCursor};
 use tollgate_rules::seen::SeenKeys;
 use tollgate_rules::{Aggregate, Bounds, Fixed, SeriesId};
@@ -137,6 +139,28 @@ pub fn bounds_key(hash: u64) -> Vec<u8> {
     key
 }
 
+thread_local! {
+    /// The bound lists hashed last on this thread, by identity. Every series of a histogram shares
+    /// one list (`SeriesTable` interns them, the store resolves stored hashes to its own copy), so
+    /// a node writes a handful of lists, each with every state and cursor; holding the `Arc`
+    /// keeps its address from being reused by another list.
+    static RECENT_BOUNDS: RefCell<[Option<(Bounds, u64)>; 4]> = const { RefCell::new([None, None, None, None]) };
+}
+
+/// [`bounds_hash`] of a shared bound list, remembered for the lists this thread hashed last.
+fn shared_bounds_hash(bounds: &Bounds) -> u64 {
+    RECENT_BOUNDS.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if let Some((_, hash)) = recent.iter().flatten().find(|(known, _)| Arc::ptr_eq(known, bounds)) {
+            return *hash;
+        }
+        let hash = bounds_hash(bounds);
+        recent.rotate_right(1);
+        recent[0] = Some((Arc::clone(bounds), hash));
+        hash
+    })
+}
+
 /// The hash bounds are interned under.
 pub fn bounds_hash(bounds: &[f64]) -> u64 {
     // Every state and cursor written hashes its bounds: on the stack for the usual lengths
@@ -175,7 +199,7 @@ struct StoredAggregate {
 /// Encodes an aggregate; `bounds` is `None` for an empty bound list. The bytes are postcard's
 /// encoding of `StoredAggregate`, written by hand ([`Postcard`]).
 pub fn encode_state(state: &Aggregate) -> (Vec<u8>, Option<u64>) {
-    let bounds = (!state.bounds.is_empty()).then(|| bounds_hash(&state.bounds));
+    let bounds = (!state.bounds.is_empty()).then(|| shared_bounds_hash(&state.bounds));
     let mut out = Postcard::with_capacity(64 + 2 * state.buckets.len());
     out.u64(state.count);
     out.i128(state.sum.nanos());
@@ -236,7 +260,7 @@ struct StoredCursor {
 /// they are empty), which must be stored with it. The bytes are postcard's encoding of
 /// `StoredCursor`, written by hand ([`Postcard`]).
 pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
-    let bounds = cursor.baseline.as_ref().and_then(|b| (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds)));
+    let bounds = cursor.baseline.as_ref().and_then(|b| (!b.bounds.is_empty()).then(|| shared_bounds_hash(&b.bounds)));
     let buckets = cursor.baseline.as_ref().map_or(0, |b| b.buckets.len());
     let steps = cursor.seen.steps();
     let mut out = Postcard::with_capacity(64 + 2 * buckets + steps.len());
@@ -542,6 +566,21 @@ mod tests {
             let bounds: Vec<f64> = (0..len).map(|i| 0.5 * i as f64 - 3.0).collect();
             let bytes: Vec<u8> = bounds.iter().flat_map(|b| b.to_bits().to_le_bytes()).collect();
             assert_eq!(bounds_hash(&bounds), xxh3_64(&bytes), "{len} bounds");
+        }
+    }
+
+    #[test]
+    fn test_shared_bounds_hash_is_the_hash_of_each_list() {
+        // More lists than the thread remembers, in a pattern that reuses and evicts them, and lists
+        // made and dropped in between (their addresses free for the next ones).
+        let lists: Vec<Bounds> =
+            (0..7).map(|n| Arc::from((0..n + 2).map(|i| i as f64 * 1.5).collect::<Vec<_>>())).collect();
+        let mut random = Xorshift::new(5);
+        for _ in 0..500 {
+            let bounds = &lists[random.below(lists.len() as u64) as usize];
+            assert_eq!(shared_bounds_hash(bounds), bounds_hash(bounds));
+            let fresh: Bounds = Arc::from(vec![random.below(1000) as f64, 2000.0]);
+            assert_eq!(shared_bounds_hash(&fresh), bounds_hash(&fresh));
         }
     }
 

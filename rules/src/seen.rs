@@ -20,8 +20,9 @@ const COMPACT_AFTER: usize = 256;
 /// cursor's (the node's `codec::encode_cursor` copies [`SeenKeys::steps`]).
 ///
 /// Adding a key at least as new as the newest, and forgetting the oldest, take constant time;
-/// looking a key up, or adding one older than the newest, decodes the keys (a retried export or a
-/// point out of order).
+/// looking a key up, or adding one older than the newest, decodes the keys before its place (a
+/// retried export or a point out of order), and adding one moves the bytes after it, as a
+/// `VecDeque` moved its keys.
 #[derive(Clone)]
 pub struct SeenKeys {
     /// The oldest key; `None` when empty.
@@ -101,11 +102,30 @@ impl SeenKeys {
                 self.last = key;
                 self.len += 1;
             }
-            Some(_) => {
-                let mut keys: Vec<PointKey> = self.iter().collect();
-                let position = keys.partition_point(|k| *k <= key);
-                keys.insert(position, key);
-                self.rebuild(&keys);
+            Some(first) if key < first => {
+                let mut step = Vec::with_capacity(20);
+                push_step(&mut step, key, first);
+                self.steps.splice(self.head..self.head, step);
+                self.first = Some(key);
+                self.len += 1;
+            }
+            Some(first) => {
+                // Between the last key not after it and the next one (which exists: `key` is
+                // older than the newest): that one step becomes two.
+                let (mut previous, mut at) = (first, self.head);
+                loop {
+                    let (next, used) = step(previous, &self.steps[at..]);
+                    if next > key {
+                        let mut steps = Vec::with_capacity(40);
+                        push_step(&mut steps, previous, key);
+                        push_step(&mut steps, key, next);
+                        self.steps.splice(at..at + used, steps);
+                        break;
+                    }
+                    previous = next;
+                    at += used;
+                }
+                self.len += 1;
             }
         }
     }
@@ -135,16 +155,6 @@ impl SeenKeys {
     pub fn forget_before(&mut self, oldest_ns: u64) {
         while self.first.is_some_and(|k| k.time_ns < oldest_ns) {
             self.pop_front();
-        }
-    }
-
-    fn rebuild(&mut self, keys: &[PointKey]) {
-        self.first = None;
-        self.len = 0;
-        self.steps.clear();
-        self.head = 0;
-        for key in keys {
-            self.insert(*key);
         }
     }
 }

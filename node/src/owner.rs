@@ -725,21 +725,22 @@ impl OwnerState {
         };
         let minute = minute_of(record.time_ns) as u64;
         let rolled_until = self.partitions[&record.partition].rolled_until;
-        let mut counters: Vec<(LogCounter, SeriesId)> = Vec::with_capacity(1 + decision.reasons.len());
+        // Each counter with its series id, and whether this owner knew it already.
+        let mut counters: Vec<(LogCounter, SeriesId, bool)> = Vec::with_capacity(1 + decision.reasons.len());
         let mut new_series = Vec::new();
         for counter in log_counters(&decision) {
-            let id = match self.log_counters.get(&(record.partition, counter)) {
-                Some(id) => *id,
+            let (id, known) = match self.log_counters.get(&(record.partition, counter)) {
+                Some(id) => (*id, true),
                 None => {
                     let key = counter.key(&record.entity);
                     let id = key.id();
                     if self.context.store.series(self.vnode, record.partition, id)?.is_none() {
                         new_series.push((id, key));
                     }
-                    id
+                    (id, false)
                 }
             };
-            counters.push((counter, id));
+            counters.push((counter, id, known));
             for &state_key in state_keys(id, minute, rolled_until).iter() {
                 self.load_state(state_key)?;
             }
@@ -759,8 +760,10 @@ impl OwnerState {
             cost: Fixed::ZERO,
             unpriced: Fixed::ZERO,
         };
-        for (counter, id) in counters {
-            self.log_counters.insert((record.partition, counter), id);
+        for (counter, id, known) in counters {
+            if !known {
+                self.log_counters.insert((record.partition, counter), id);
+            }
             for &state_key in state_keys(id, minute, rolled_until).iter() {
                 if let Some(state) = self.cache.get_mut(&state_key) {
                     state.merge_delta(&delta);

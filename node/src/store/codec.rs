@@ -139,12 +139,18 @@ pub fn bounds_key(hash: u64) -> Vec<u8> {
     key
 }
 
+/// Bound lists whose hash a thread remembers. A miss replaces the oldest, so lists used in turn
+/// only hit while there are no more of them than this: the gateway has four histograms, other
+/// sources a few more.
+const RECENT_BOUNDS_LEN: usize = 16;
+
 thread_local! {
     /// The bound lists hashed last on this thread, by identity. Every series of a histogram shares
     /// one list (`SeriesTable` interns them, the store resolves stored hashes to its own copy), so
     /// a node writes a handful of lists, each with every state and cursor; holding the `Arc`
     /// keeps its address from being reused by another list.
-    static RECENT_BOUNDS: RefCell<[Option<(Bounds, u64)>; 4]> = const { RefCell::new([None, None, None, None]) };
+    static RECENT_BOUNDS: RefCell<[Option<(Bounds, u64)>; RECENT_BOUNDS_LEN]> =
+        const { RefCell::new([const { None }; RECENT_BOUNDS_LEN]) };
 }
 
 /// [`bounds_hash`] of a shared bound list, remembered for the lists this thread hashed last.
@@ -573,8 +579,9 @@ mod tests {
     fn test_shared_bounds_hash_is_the_hash_of_each_list() {
         // More lists than the thread remembers, in a pattern that reuses and evicts them, and lists
         // made and dropped in between (their addresses free for the next ones).
-        let lists: Vec<Bounds> =
-            (0..7).map(|n| Arc::from((0..n + 2).map(|i| i as f64 * 1.5).collect::<Vec<_>>())).collect();
+        let lists: Vec<Bounds> = (0..RECENT_BOUNDS_LEN + 3)
+            .map(|n| Arc::from((0..n + 2).map(|i| i as f64 * 1.5).collect::<Vec<_>>()))
+            .collect();
         let mut random = Xorshift::new(5);
         for _ in 0..500 {
             let bounds = &lists[random.below(lists.len() as u64) as usize];

@@ -1,0 +1,816 @@
+//! Decoding of one encoded `ResourceMetrics` or `ResourceLogs`, the messages a node decodes for
+//! every export it owns, into `opentelemetry-proto`'s types: the same values as prost's
+//! `Message::decode`, for less work.
+//!
+//! prost grows every repeated field one element at a time (a histogram point's attributes,
+//! bucket counts and bounds each went through three or four reallocations, a log record's 25
+//! attributes through four) and walks each field through generic merge code. Under a figure 1
+//! load (docs/benchmarks.md) decoding was a third of the node's instructions, a sixth of them
+//! growing vectors. This decoder counts the elements of a repeated field before it fills the
+//! field, and reads each field directly.
+//!
+//! It takes the inputs that prost's encoder (and every OTLP exporter) produces. Anything else it
+//! does not decode itself but hands to prost, which then decodes the whole message and reports
+//! any error: a singular message field that occurs twice (prost merges the occurrences), a
+//! malformed field, a group. Field types that exporters of gateway data do not send (gauges,
+//! exponential histograms, summaries, exemplars, entity references, arrays and key-value lists
+//! as values) are decoded by prost in place. So the result is always prost's, except that a value
+//! nested more than about 95 levels deep inside an attribute is accepted here, where prost's
+//! recursion limit of 100 counts the levels above it too.
+
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, EntityRef, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric::Data, number_data_point, Exemplar, ExponentialHistogram, Gauge, Histogram, HistogramDataPoint, Metric,
+    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::{DecodeError, Message};
+
+/// Decodes an encoded `ResourceMetrics`, as `ResourceMetrics::decode` does.
+pub fn resource_metrics(bytes: &[u8]) -> Result<ResourceMetrics, DecodeError> {
+    match fast_resource_metrics(bytes) {
+        Ok(resource) => Ok(resource),
+        Err(Unusual) => ResourceMetrics::decode(bytes),
+    }
+}
+
+/// Decodes an encoded `ResourceLogs`, as `ResourceLogs::decode` does.
+pub fn resource_logs(bytes: &[u8]) -> Result<ResourceLogs, DecodeError> {
+    match fast_resource_logs(bytes) {
+        Ok(resource) => Ok(resource),
+        Err(Unusual) => ResourceLogs::decode(bytes),
+    }
+}
+
+/// Input this decoder leaves to prost: malformed, or encoded in a way no exporter encodes.
+#[derive(Debug)]
+struct Unusual;
+
+impl From<DecodeError> for Unusual {
+    fn from(_: DecodeError) -> Unusual {
+        Unusual
+    }
+}
+
+type Fast<T> = Result<T, Unusual>;
+
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// The fields of one message.
+struct Fields<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    fn new(buf: &'a [u8]) -> Fields<'a> {
+        Fields { buf }
+    }
+
+    /// The next field's tag and wire type, `None` at the end.
+    fn next(&mut self) -> Fast<Option<(u32, u8)>> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let tag = key >> 3;
+        if tag == 0 || tag > u64::from(u32::MAX >> 3) {
+            return Err(Unusual);
+        }
+        Ok(Some((tag as u32, (key & 7) as u8)))
+    }
+
+    /// Unsigned LEB128, at most 10 bytes, as protobuf's varints.
+    fn varint(&mut self) -> Fast<u64> {
+        // Keys, lengths and small values: one byte.
+        if let Some(&byte) = self.buf.first() {
+            if byte < 0x80 {
+                self.buf = &self.buf[1..];
+                return Ok(u64::from(byte));
+            }
+        }
+        let mut value = 0u64;
+        for (index, &byte) in self.buf.iter().enumerate().take(10) {
+            if index == 9 && byte > 1 {
+                return Err(Unusual);
+            }
+            value |= u64::from(byte & 0x7f) << (7 * index);
+            if byte < 0x80 {
+                self.buf = &self.buf[index + 1..];
+                return Ok(value);
+            }
+        }
+        Err(Unusual)
+    }
+
+    fn take(&mut self, len: usize) -> Fast<&'a [u8]> {
+        if len > self.buf.len() {
+            return Err(Unusual);
+        }
+        let (head, tail) = self.buf.split_at(len);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    /// A length-delimited field's bytes.
+    fn bytes(&mut self, wire: u8) -> Fast<&'a [u8]> {
+        expect(wire, LEN)?;
+        let len = self.varint()?;
+        self.take(usize::try_from(len).map_err(|_| Unusual)?)
+    }
+
+    fn string(&mut self, wire: u8) -> Fast<String> {
+        let bytes = self.bytes(wire)?;
+        Ok(std::str::from_utf8(bytes).map_err(|_| Unusual)?.to_owned())
+    }
+
+    fn fixed64(&mut self, wire: u8) -> Fast<u64> {
+        expect(wire, FIXED64)?;
+        let bytes = self.take(8)?;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("eight bytes")))
+    }
+
+    fn fixed32(&mut self, wire: u8) -> Fast<u32> {
+        expect(wire, FIXED32)?;
+        let bytes = self.take(4)?;
+        Ok(u32::from_le_bytes(bytes.try_into().expect("four bytes")))
+    }
+
+    fn double(&mut self, wire: u8) -> Fast<f64> {
+        self.fixed64(wire).map(f64::from_bits)
+    }
+
+    /// A varint field (`uint32`, `int32`, enumerations and `int64` truncate it, as prost does).
+    fn uint(&mut self, wire: u8) -> Fast<u64> {
+        expect(wire, VARINT)?;
+        self.varint()
+    }
+
+    /// A repeated `fixed64` or `double` field, packed or not, appended to `values`.
+    fn repeated_fixed64<T>(&mut self, wire: u8, values: &mut Vec<T>, from: fn(u64) -> T) -> Fast<()> {
+        if wire == LEN {
+            let bytes = self.bytes(wire)?;
+            if bytes.len() % 8 != 0 {
+                return Err(Unusual);
+            }
+            values.reserve_exact(bytes.len() / 8);
+            values.extend(bytes.chunks_exact(8).map(|b| from(u64::from_le_bytes(b.try_into().expect("eight bytes")))));
+        } else {
+            values.push(from(self.fixed64(wire)?));
+        }
+        Ok(())
+    }
+
+    /// Skips a field no rule of this decoder reads, as prost skips unknown fields.
+    fn skip(&mut self, wire: u8) -> Fast<()> {
+        match wire {
+            VARINT => self.varint().map(drop),
+            FIXED64 => self.take(8).map(drop),
+            LEN => self.bytes(wire).map(drop),
+            FIXED32 => self.take(4).map(drop),
+            // Groups (deprecated) and invalid wire types: prost's to judge.
+            _ => Err(Unusual),
+        }
+    }
+
+    /// How many fields `tag` has in the rest of the message (0 when it is malformed: the decoding
+    /// that follows finds out).
+    fn count(&self, tag: u32) -> usize {
+        let mut fields = Fields::new(self.buf);
+        let mut count = 0;
+        while let Ok(Some((t, wire))) = fields.next() {
+            if fields.skip(wire).is_err() {
+                return 0;
+            }
+            count += usize::from(t == tag);
+        }
+        count
+    }
+}
+
+fn expect(wire: u8, expected: u8) -> Fast<()> {
+    if wire == expected {
+        Ok(())
+    } else {
+        Err(Unusual)
+    }
+}
+
+/// A singular message field: decoded when it occurs first; a second occurrence is merged by prost.
+fn once<T>(slot: &mut Option<T>, bytes: &[u8], decode: impl FnOnce(&[u8]) -> Fast<T>) -> Fast<()> {
+    if slot.is_some() {
+        return Err(Unusual);
+    }
+    *slot = Some(decode(bytes)?);
+    Ok(())
+}
+
+/// A message type left to prost.
+fn by_prost<M: Message + Default>(bytes: &[u8]) -> Fast<M> {
+    Ok(M::decode(bytes)?)
+}
+
+fn fast_resource_metrics(bytes: &[u8]) -> Fast<ResourceMetrics> {
+    let mut fields = Fields::new(bytes);
+    let mut out = ResourceMetrics::default();
+    out.scope_metrics.reserve_exact(fields.count(2));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => once(&mut out.resource, fields.bytes(wire)?, resource)?,
+            2 => out.scope_metrics.push(scope_metrics(fields.bytes(wire)?)?),
+            3 => out.schema_url = fields.string(wire)?,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn fast_resource_logs(bytes: &[u8]) -> Fast<ResourceLogs> {
+    let mut fields = Fields::new(bytes);
+    let mut out = ResourceLogs::default();
+    out.scope_logs.reserve_exact(fields.count(2));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => once(&mut out.resource, fields.bytes(wire)?, resource)?,
+            2 => out.scope_logs.push(scope_logs(fields.bytes(wire)?)?),
+            3 => out.schema_url = fields.string(wire)?,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn resource(bytes: &[u8]) -> Fast<Resource> {
+    let mut fields = Fields::new(bytes);
+    let mut out = Resource::default();
+    out.attributes.reserve_exact(fields.count(1));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            2 => out.dropped_attributes_count = fields.uint(wire)? as u32,
+            3 => out.entity_refs.push(by_prost::<EntityRef>(fields.bytes(wire)?)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn scope(bytes: &[u8]) -> Fast<InstrumentationScope> {
+    let mut fields = Fields::new(bytes);
+    let mut out = InstrumentationScope::default();
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.name = fields.string(wire)?,
+            2 => out.version = fields.string(wire)?,
+            3 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            4 => out.dropped_attributes_count = fields.uint(wire)? as u32,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn key_value(bytes: &[u8]) -> Fast<KeyValue> {
+    let mut fields = Fields::new(bytes);
+    let mut out = KeyValue::default();
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.key = fields.string(wire)?,
+            2 => once(&mut out.value, fields.bytes(wire)?, any_value)?,
+            3 => out.key_strindex = fields.uint(wire)? as i32,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+/// An attribute value: the scalar kinds here, the others (arrays, lists, bytes, string indices)
+/// by prost.
+fn any_value(bytes: &[u8]) -> Fast<AnyValue> {
+    let mut fields = Fields::new(bytes);
+    let mut value = None;
+    while let Some((tag, wire)) = fields.next()? {
+        value = Some(match tag {
+            1 => any_value::Value::StringValue(fields.string(wire)?),
+            2 => any_value::Value::BoolValue(fields.uint(wire)? != 0),
+            3 => any_value::Value::IntValue(fields.uint(wire)? as i64),
+            4 => any_value::Value::DoubleValue(fields.double(wire)?),
+            5..=8 => return by_prost(bytes),
+            _ => {
+                fields.skip(wire)?;
+                continue;
+            }
+        });
+    }
+    Ok(AnyValue { value })
+}
+
+fn scope_metrics(bytes: &[u8]) -> Fast<ScopeMetrics> {
+    let mut fields = Fields::new(bytes);
+    let mut out = ScopeMetrics::default();
+    out.metrics.reserve_exact(fields.count(2));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => once(&mut out.scope, fields.bytes(wire)?, scope)?,
+            2 => out.metrics.push(metric(fields.bytes(wire)?)?),
+            3 => out.schema_url = fields.string(wire)?,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn metric(bytes: &[u8]) -> Fast<Metric> {
+    let mut fields = Fields::new(bytes);
+    let mut out = Metric::default();
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.name = fields.string(wire)?,
+            2 => out.description = fields.string(wire)?,
+            3 => out.unit = fields.string(wire)?,
+            5 => once(&mut out.data, fields.bytes(wire)?, |b| by_prost::<Gauge>(b).map(Data::Gauge))?,
+            7 => once(&mut out.data, fields.bytes(wire)?, |b| sum(b).map(Data::Sum))?,
+            9 => once(&mut out.data, fields.bytes(wire)?, |b| histogram(b).map(Data::Histogram))?,
+            10 => once(&mut out.data, fields.bytes(wire)?, |b| {
+                by_prost::<ExponentialHistogram>(b).map(Data::ExponentialHistogram)
+            })?,
+            11 => once(&mut out.data, fields.bytes(wire)?, |b| by_prost::<Summary>(b).map(Data::Summary))?,
+            12 => out.metadata.push(key_value(fields.bytes(wire)?)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn histogram(bytes: &[u8]) -> Fast<Histogram> {
+    let mut fields = Fields::new(bytes);
+    let mut out = Histogram::default();
+    out.data_points.reserve_exact(fields.count(1));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.data_points.push(histogram_point(fields.bytes(wire)?)?),
+            2 => out.aggregation_temporality = fields.uint(wire)? as i32,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn histogram_point(bytes: &[u8]) -> Fast<HistogramDataPoint> {
+    let mut fields = Fields::new(bytes);
+    let mut out = HistogramDataPoint::default();
+    out.attributes.reserve_exact(fields.count(9));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            2 => out.start_time_unix_nano = fields.fixed64(wire)?,
+            3 => out.time_unix_nano = fields.fixed64(wire)?,
+            4 => out.count = fields.fixed64(wire)?,
+            5 => out.sum = Some(fields.double(wire)?),
+            6 => fields.repeated_fixed64(wire, &mut out.bucket_counts, |v| v)?,
+            7 => fields.repeated_fixed64(wire, &mut out.explicit_bounds, f64::from_bits)?,
+            8 => out.exemplars.push(by_prost::<Exemplar>(fields.bytes(wire)?)?),
+            9 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            10 => out.flags = fields.uint(wire)? as u32,
+            11 => out.min = Some(fields.double(wire)?),
+            12 => out.max = Some(fields.double(wire)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn sum(bytes: &[u8]) -> Fast<Sum> {
+    let mut fields = Fields::new(bytes);
+    let mut out = Sum::default();
+    out.data_points.reserve_exact(fields.count(1));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.data_points.push(number_point(fields.bytes(wire)?)?),
+            2 => out.aggregation_temporality = fields.uint(wire)? as i32,
+            3 => out.is_monotonic = fields.uint(wire)? != 0,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn number_point(bytes: &[u8]) -> Fast<NumberDataPoint> {
+    let mut fields = Fields::new(bytes);
+    let mut out = NumberDataPoint::default();
+    out.attributes.reserve_exact(fields.count(7));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            2 => out.start_time_unix_nano = fields.fixed64(wire)?,
+            3 => out.time_unix_nano = fields.fixed64(wire)?,
+            4 => out.value = Some(number_data_point::Value::AsDouble(fields.double(wire)?)),
+            5 => out.exemplars.push(by_prost::<Exemplar>(fields.bytes(wire)?)?),
+            6 => out.value = Some(number_data_point::Value::AsInt(fields.fixed64(wire)? as i64)),
+            7 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            8 => out.flags = fields.uint(wire)? as u32,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn scope_logs(bytes: &[u8]) -> Fast<ScopeLogs> {
+    let mut fields = Fields::new(bytes);
+    let mut out = ScopeLogs::default();
+    out.log_records.reserve_exact(fields.count(2));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => once(&mut out.scope, fields.bytes(wire)?, scope)?,
+            2 => out.log_records.push(log_record(fields.bytes(wire)?)?),
+            3 => out.schema_url = fields.string(wire)?,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+fn log_record(bytes: &[u8]) -> Fast<LogRecord> {
+    let mut fields = Fields::new(bytes);
+    let mut out = LogRecord::default();
+    out.attributes.reserve_exact(fields.count(6));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => out.time_unix_nano = fields.fixed64(wire)?,
+            2 => out.severity_number = fields.uint(wire)? as i32,
+            3 => out.severity_text = fields.string(wire)?,
+            5 => once(&mut out.body, fields.bytes(wire)?, any_value)?,
+            6 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            7 => out.dropped_attributes_count = fields.uint(wire)? as u32,
+            8 => out.flags = fields.fixed32(wire)?,
+            9 => out.trace_id = fields.bytes(wire)?.to_vec(),
+            10 => out.span_id = fields.bytes(wire)?.to_vec(),
+            11 => out.observed_time_unix_nano = fields.fixed64(wire)?,
+            12 => out.event_name = fields.string(wire)?,
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
+    use opentelemetry_proto::tonic::metrics::v1::exemplar;
+    use proptest::collection::vec;
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    fn scalar() -> impl Strategy<Value = any_value::Value> {
+        prop_oneof![
+            "[a-zA-Z0-9._/ -]{0,24}".prop_map(any_value::Value::StringValue),
+            any::<bool>().prop_map(any_value::Value::BoolValue),
+            any::<i64>().prop_map(any_value::Value::IntValue),
+            any::<f64>().prop_map(any_value::Value::DoubleValue),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = AnyValue> {
+        let leaf = of(scalar()).prop_map(|value| AnyValue { value });
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                4 => of(scalar()).prop_map(|value| AnyValue { value }),
+                1 => vec(inner.clone(), 0..3)
+                    .prop_map(|values| AnyValue { value: Some(any_value::Value::ArrayValue(ArrayValue { values })) }),
+                1 => vec(("[a-z]{1,6}", of(inner)), 0..3).prop_map(|pairs| AnyValue {
+                    value: Some(any_value::Value::KvlistValue(KeyValueList {
+                        values: pairs.into_iter().map(|(key, value)| KeyValue { key, value, key_strindex: 0 }).collect(),
+                    })),
+                }),
+                1 => vec(any::<u8>(), 0..8).prop_map(|b| AnyValue { value: Some(any_value::Value::BytesValue(b)) }),
+                1 => any::<i32>().prop_map(|i| AnyValue { value: Some(any_value::Value::StringValueStrindex(i)) }),
+            ]
+        })
+    }
+
+    fn attributes(max: usize) -> impl Strategy<Value = Vec<KeyValue>> {
+        vec(("[a-z_.]{0,16}", of(value()), prop_oneof![9 => Just(0), 1 => any::<i32>()]), 0..max).prop_map(|pairs| {
+            pairs.into_iter().map(|(key, value, key_strindex)| KeyValue { key, value, key_strindex }).collect()
+        })
+    }
+
+    fn exemplars() -> impl Strategy<Value = Vec<Exemplar>> {
+        vec(
+            (
+                attributes(2),
+                any::<u64>(),
+                of(prop_oneof![
+                    any::<f64>().prop_map(exemplar::Value::AsDouble),
+                    any::<i64>().prop_map(exemplar::Value::AsInt),
+                ]),
+                vec(any::<u8>(), 0..8),
+            ),
+            0..2,
+        )
+        .prop_map(|list| {
+            list.into_iter()
+                .map(|(filtered_attributes, time_unix_nano, value, span_id)| Exemplar {
+                    filtered_attributes,
+                    time_unix_nano,
+                    span_id,
+                    trace_id: vec![],
+                    value,
+                })
+                .collect()
+        })
+    }
+
+    fn histogram_point() -> impl Strategy<Value = HistogramDataPoint> {
+        (
+            attributes(8),
+            (any::<u64>(), any::<u64>(), any::<u64>(), of(any::<f64>())),
+            (vec(any::<u64>(), 0..20), vec(any::<f64>(), 0..20)),
+            exemplars(),
+            (any::<u32>(), of(any::<f64>()), of(any::<f64>())),
+        )
+            .prop_map(
+                |(
+                    attributes,
+                    (start, time, count, sum),
+                    (bucket_counts, explicit_bounds),
+                    exemplars,
+                    (flags, min, max),
+                )| {
+                    HistogramDataPoint {
+                        attributes,
+                        start_time_unix_nano: start,
+                        time_unix_nano: time,
+                        count,
+                        sum,
+                        bucket_counts,
+                        explicit_bounds,
+                        exemplars,
+                        flags,
+                        min,
+                        max,
+                    }
+                },
+            )
+    }
+
+    fn number_point() -> impl Strategy<Value = NumberDataPoint> {
+        (
+            attributes(6),
+            any::<u64>(),
+            any::<u64>(),
+            of(prop_oneof![
+                any::<f64>().prop_map(number_data_point::Value::AsDouble),
+                any::<i64>().prop_map(number_data_point::Value::AsInt),
+            ]),
+            exemplars(),
+            any::<u32>(),
+        )
+            .prop_map(|(attributes, start, time, value, exemplars, flags)| NumberDataPoint {
+                attributes,
+                start_time_unix_nano: start,
+                time_unix_nano: time,
+                value,
+                exemplars,
+                flags,
+            })
+    }
+
+    fn data() -> impl Strategy<Value = Option<Data>> {
+        of(prop_oneof![
+            3 => (vec(histogram_point(), 0..4), 0..4i32)
+                .prop_map(|(data_points, t)| Data::Histogram(Histogram { data_points, aggregation_temporality: t })),
+            2 => (vec(number_point(), 0..4), 0..4i32, any::<bool>()).prop_map(|(data_points, t, is_monotonic)| {
+                Data::Sum(Sum { data_points, aggregation_temporality: t, is_monotonic })
+            }),
+            1 => vec(number_point(), 0..3).prop_map(|data_points| Data::Gauge(Gauge { data_points })),
+            1 => (0..4i32).prop_map(|t| Data::ExponentialHistogram(ExponentialHistogram {
+                data_points: vec![Default::default()],
+                aggregation_temporality: t,
+            })),
+            1 => Just(Data::Summary(Summary { data_points: vec![Default::default()] })),
+        ])
+    }
+
+    fn metric() -> impl Strategy<Value = Metric> {
+        ("[a-z_.]{0,24}", "[a-z ]{0,12}", "[a-z{}]{0,4}", data(), attributes(2))
+            .prop_map(|(name, description, unit, data, metadata)| Metric { name, description, unit, data, metadata })
+    }
+
+    fn scope() -> impl Strategy<Value = Option<InstrumentationScope>> {
+        of(("[a-z/]{0,16}", "[0-9.]{0,6}", attributes(3), any::<u32>()).prop_map(
+            |(name, version, attributes, dropped_attributes_count)| InstrumentationScope {
+                name,
+                version,
+                attributes,
+                dropped_attributes_count,
+            },
+        ))
+    }
+
+    fn resource() -> impl Strategy<Value = Option<Resource>> {
+        of((attributes(10), any::<u32>(), vec("[a-z]{0,6}", 0..2)).prop_map(
+            |(attributes, dropped_attributes_count, types)| Resource {
+                attributes,
+                dropped_attributes_count,
+                entity_refs: types
+                    .into_iter()
+                    .map(|r#type| EntityRef { r#type, id_keys: vec!["k".into()], ..Default::default() })
+                    .collect(),
+            },
+        ))
+    }
+
+    fn resource_metrics_message() -> impl Strategy<Value = ResourceMetrics> {
+        (resource(), vec((scope(), vec(metric(), 0..4), "[a-z:/]{0,8}"), 0..3), "[a-z:/]{0,8}").prop_map(
+            |(resource, scopes, schema_url)| ResourceMetrics {
+                resource,
+                scope_metrics: scopes
+                    .into_iter()
+                    .map(|(scope, metrics, schema_url)| ScopeMetrics { scope, metrics, schema_url })
+                    .collect(),
+                schema_url,
+            },
+        )
+    }
+
+    fn log_record() -> impl Strategy<Value = LogRecord> {
+        (
+            (any::<u64>(), any::<u64>(), 0..25i32, "[A-Z]{0,5}"),
+            (of(value()), attributes(30), any::<u32>(), any::<u32>()),
+            (vec(any::<u8>(), 0..16), vec(any::<u8>(), 0..8), "[a-z.]{0,8}"),
+        )
+            .prop_map(
+                |(
+                    (time, observed, severity_number, severity_text),
+                    (body, attributes, dropped_attributes_count, flags),
+                    (trace_id, span_id, event_name),
+                )| LogRecord {
+                    time_unix_nano: time,
+                    observed_time_unix_nano: observed,
+                    severity_number,
+                    severity_text,
+                    body,
+                    attributes,
+                    dropped_attributes_count,
+                    flags,
+                    trace_id,
+                    span_id,
+                    event_name,
+                },
+            )
+    }
+
+    fn resource_logs_message() -> impl Strategy<Value = ResourceLogs> {
+        (resource(), vec((scope(), vec(log_record(), 0..5), "[a-z:/]{0,8}"), 0..3), "[a-z:/]{0,8}").prop_map(
+            |(resource, scopes, schema_url)| ResourceLogs {
+                resource,
+                scope_logs: scopes
+                    .into_iter()
+                    .map(|(scope, log_records, schema_url)| ScopeLogs { scope, log_records, schema_url })
+                    .collect(),
+                schema_url,
+            },
+        )
+    }
+
+    /// Damage done to an encoding: a byte changed, the end cut off, bytes inserted, or the
+    /// message repeated (prost merges the two).
+    #[derive(Debug, Clone)]
+    enum Damage {
+        Flip(usize, u8),
+        Cut(usize),
+        Insert(usize, Vec<u8>),
+        Twice,
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        prop_oneof![
+            any::<(usize, u8)>().prop_map(|(at, byte)| Damage::Flip(at, byte)),
+            any::<usize>().prop_map(Damage::Cut),
+            (any::<usize>(), vec(any::<u8>(), 1..6)).prop_map(|(at, bytes)| Damage::Insert(at, bytes)),
+            Just(Damage::Twice),
+        ]
+    }
+
+    fn apply(mut bytes: Vec<u8>, damage: &Damage) -> Vec<u8> {
+        let len = bytes.len();
+        match damage {
+            Damage::Flip(at, byte) if len > 0 => bytes[at % len] = *byte,
+            Damage::Cut(at) if len > 0 => bytes.truncate(at % len),
+            Damage::Insert(at, more) => {
+                let at = at % (len + 1);
+                bytes.splice(at..at, more.iter().copied());
+            }
+            Damage::Twice => bytes.extend_from_slice(&bytes.clone()),
+            _ => {}
+        }
+        bytes
+    }
+
+    /// The fast path's answer, when it has one, is prost's; the public function's answer always is.
+    fn same_as_prost<M: Message + Default>(bytes: &[u8], fast: Fast<M>, public: Result<M, DecodeError>) {
+        let prost = M::decode(bytes);
+        if let Ok(fast) = fast {
+            let prost = prost.as_ref().expect("the fast path decoded what prost refuses");
+            assert_eq!(fast.encode_to_vec(), prost.encode_to_vec());
+        }
+        match (public, prost) {
+            (Ok(public), Ok(prost)) => assert_eq!(public.encode_to_vec(), prost.encode_to_vec()),
+            (Err(public), Err(prost)) => assert_eq!(public.to_string(), prost.to_string()),
+            (public, prost) => panic!("decoded {:?}, prost {:?}", public.is_ok(), prost.is_ok()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// What an exporter encodes is decoded by the fast path, to prost's values.
+        #[test]
+        fn metrics_decode_as_prost_does(message in resource_metrics_message()) {
+            let bytes = message.encode_to_vec();
+            let fast = fast_resource_metrics(&bytes).expect("an encoder's output takes the fast path");
+            prop_assert_eq!(fast.encode_to_vec(), bytes.clone());
+            prop_assert_eq!(resource_metrics(&bytes).unwrap().encode_to_vec(), bytes);
+        }
+
+        #[test]
+        fn logs_decode_as_prost_does(message in resource_logs_message()) {
+            let bytes = message.encode_to_vec();
+            let fast = fast_resource_logs(&bytes).expect("an encoder's output takes the fast path");
+            prop_assert_eq!(fast.encode_to_vec(), bytes.clone());
+            prop_assert_eq!(resource_logs(&bytes).unwrap().encode_to_vec(), bytes);
+        }
+
+        /// Damaged or merged encodings get prost's answer, values or error.
+        #[test]
+        fn damaged_metrics_get_prost_answer(message in resource_metrics_message(), damage in damage()) {
+            let bytes = apply(message.encode_to_vec(), &damage);
+            same_as_prost(&bytes, fast_resource_metrics(&bytes), resource_metrics(&bytes));
+        }
+
+        #[test]
+        fn damaged_logs_get_prost_answer(message in resource_logs_message(), damage in damage()) {
+            let bytes = apply(message.encode_to_vec(), &damage);
+            same_as_prost(&bytes, fast_resource_logs(&bytes), resource_logs(&bytes));
+        }
+    }
+
+    #[test]
+    fn unpacked_repeated_fields_and_unknown_fields_decode_as_prost_does() {
+        // bucket_counts (6) unpacked, twice; explicit_bounds (7) packed then unpacked; an unknown
+        // varint field (99) and an unknown length-delimited one (100).
+        let mut point = vec![0x31];
+        point.extend_from_slice(&3u64.to_le_bytes());
+        point.push(0x31);
+        point.extend_from_slice(&4u64.to_le_bytes());
+        point.extend_from_slice(&[0x3a, 8]);
+        point.extend_from_slice(&1.5f64.to_le_bytes());
+        point.push(0x39);
+        point.extend_from_slice(&2.5f64.to_le_bytes());
+        point.extend_from_slice(&[0x98, 0x06, 0x05, 0xa2, 0x06, 0x02, 0xff, 0xff]);
+        let decoded = super::histogram_point(&point).unwrap();
+        assert_eq!(decoded.bucket_counts, vec![3, 4]);
+        assert_eq!(decoded.explicit_bounds, vec![1.5, 2.5]);
+        assert_eq!(decoded, HistogramDataPoint::decode(&point[..]).unwrap());
+    }
+
+    #[test]
+    fn a_second_resource_is_merged_by_prost() {
+        let first = ResourceMetrics {
+            resource: Some(Resource { attributes: vec![string_attribute("a", "1")], ..Default::default() }),
+            ..Default::default()
+        };
+        let second = ResourceMetrics {
+            resource: Some(Resource { attributes: vec![string_attribute("b", "2")], ..Default::default() }),
+            ..Default::default()
+        };
+        let mut bytes = first.encode_to_vec();
+        bytes.extend_from_slice(&second.encode_to_vec());
+        assert!(fast_resource_metrics(&bytes).is_err(), "left to prost");
+        let merged = resource_metrics(&bytes).unwrap();
+        assert_eq!(merged.resource.unwrap().attributes, vec![string_attribute("a", "1"), string_attribute("b", "2")]);
+    }
+
+    #[test]
+    fn malformed_input_gets_prost_error() {
+        let bytes = [0x0a, 0x05, 0x0a, 0x03];
+        let error = resource_metrics(&bytes).unwrap_err();
+        assert_eq!(error.to_string(), ResourceMetrics::decode(&bytes[..]).unwrap_err().to_string());
+        // An unknown varint field (99) whose value runs past 64 bits.
+        let overlong = [0x98, 0x06, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert!(fast_resource_metrics(&overlong).is_err());
+        assert!(resource_metrics(&overlong).unwrap_err().to_string().contains("varint"));
+        let not_utf8 = [0x1a, 0x02, 0xc3, 0x28];
+        assert!(resource_logs(&not_utf8).unwrap_err().to_string().contains("UTF-8"));
+    }
+
+    fn string_attribute(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+            key_strindex: 0,
+        }
+    }
+}

@@ -22,15 +22,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tollgate_cluster::transport::TransportError;
 use tollgate_cluster::Cluster;
-use tollgate_proto::decode;
 use tollgate_proto::otlp::tonic::logs::v1::ResourceLogs;
-use tollgate_proto::otlp::tonic::metrics::v1::ResourceMetrics;
 use tollgate_proto::otlp::tonic::resource::v1::Resource;
 use tollgate_proto::peer::{ForwardExportRequest, ForwardRequest, ForwardResponse, Signal, VnodeBatch};
+use tollgate_rules::decode::{self, DecodedMetrics};
 use tollgate_rules::entity::Selection;
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{
-    extract_logs, extract_metrics, CompiledRules, DropReason, ExtractedLog, ExtractedPoint, IngestReport, RejectReason,
+    extract_decoded_metrics, extract_logs, extract_metrics, CompiledRules, DropReason, ExtractedLog, ExtractedPoint,
+    IngestReport, MetricsBatch, RejectReason,
 };
 
 /// The vnode of a partition.
@@ -101,7 +101,7 @@ impl Ingest {
         protocol: &'static str,
     ) -> Result<IngestReport, Error> {
         let rules = Arc::clone(&self.config.borrow().rules);
-        let routed = self.route_points(request, &rules)?;
+        let routed = self.route_points(extract_metrics(request, &rules))?;
         metrics::counter!(m::POINTS_RECEIVED, "protocol" => protocol).increment(routed.received);
         self.finish(Signal::Metrics, routed.report, routed.pending, protocol).await
     }
@@ -144,8 +144,8 @@ impl Ingest {
             let resource_logs = resources.into_iter().map(decode_resource_logs).collect::<Result<_, _>>()?;
             self.route_logs(ExportLogsServiceRequest { resource_logs }, rules)
         } else {
-            let resource_metrics = resources.into_iter().map(decode_resource_metrics).collect::<Result<_, _>>()?;
-            self.route_points(ExportMetricsServiceRequest { resource_metrics }, rules)
+            let resources = resources.into_iter().map(decode_resource_metrics).collect::<Result<_, _>>()?;
+            self.route_points(extract_decoded_metrics(resources, rules))
         }
     }
 
@@ -205,8 +205,7 @@ impl Ingest {
 
     /// Extracts an export's points and sends each vnode's to its owner: the replies to wait for,
     /// and what extraction already rejected or dropped.
-    fn route_points(&self, request: ExportMetricsServiceRequest, rules: &CompiledRules) -> Result<Routed, Error> {
-        let batch = extract_metrics(request, rules);
+    fn route_points(&self, batch: MetricsBatch) -> Result<Routed, Error> {
         let received =
             batch.points.len() as u64 + batch.report.rejected_total() + batch.report.dropped.values().sum::<u64>();
         let groups = self.by_vnode(batch.points, |point| point.partition);
@@ -347,8 +346,8 @@ impl Ingest {
                 batch.report
             }
             _ => {
-                let resource_metrics = resources.into_iter().map(decode_resource_metrics).collect::<Result<_, _>>()?;
-                let batch = extract_metrics(ExportMetricsServiceRequest { resource_metrics }, &rules);
+                let resources = resources.into_iter().map(decode_resource_metrics).collect::<Result<_, _>>()?;
+                let batch = extract_decoded_metrics(resources, &rules);
                 let groups = self.by_vnode(batch.points, |point| point.partition);
                 for (vnode, points) in groups {
                     pending.push(submit_metrics(&self.owners[vnode as usize], points)?);
@@ -406,8 +405,9 @@ struct ResourceHead {
 }
 
 /// An encoded resource (`ResourceMetrics`, `ResourceLogs`), decoded.
-/// Decodes one encoded `ResourceMetrics` (`tollgate_proto::decode`: prost's values, for less work).
-fn decode_resource_metrics(bytes: Bytes) -> Result<ResourceMetrics, Error> {
+/// Decodes one encoded `ResourceMetrics` (`tollgate_rules::decode`: prost's values, for less work,
+/// the points' attributes as text).
+fn decode_resource_metrics(bytes: Bytes) -> Result<DecodedMetrics, Error> {
     decode::resource_metrics(&bytes).map_err(malformed)
 }
 

@@ -1,11 +1,13 @@
 //! What forwarded data and fan-out queries look like between nodes (postcard inside the `Peer`
 //! protocol's payload fields).
 
+#[cfg(test)]
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message;
 use serde::{Deserialize, Serialize, Serializer};
 use std::sync::Arc;
+use tollgate_rules::attributes::PointAttributes;
 use tollgate_rules::point::ValidPoint;
 use tollgate_rules::{Entity, ExtractedLog, ExtractedPoint, SeriesId};
 
@@ -35,12 +37,10 @@ pub fn encode_points(points: &[ExtractedPoint]) -> Vec<u8> {
         attributes: Attributes<'a>,
         point: &'a ValidPoint,
     }
-    struct Attributes<'a>(&'a [KeyValue]);
+    struct Attributes<'a>(&'a PointAttributes);
     impl Serialize for Attributes<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            serializer.collect_seq(
-                self.0.iter().map(|kv| (kv.key.as_str(), tollgate_rules::attributes::value_text(kv.value.as_ref()))),
-            )
+            serializer.collect_seq(self.0.iter())
         }
     }
     struct Points<'a>(&'a [ExtractedPoint]);
@@ -83,7 +83,7 @@ pub fn decode_points(bytes: &[u8]) -> Result<Vec<ExtractedPoint>, String> {
                 entity: shared_entity,
                 partition: point.partition,
                 metric: shared_metric,
-                attributes: point.attributes.into_iter().map(|(k, v)| string_attribute(k, v)).collect(),
+                attributes: point_attributes(&point.attributes),
                 point: point.point,
             }
         })
@@ -91,6 +91,16 @@ pub fn decode_points(bytes: &[u8]) -> Result<Vec<ExtractedPoint>, String> {
     Ok(points)
 }
 
+fn point_attributes(pairs: &[(String, String)]) -> PointAttributes {
+    let text = pairs.iter().map(|(key, value)| key.len() + value.len()).sum();
+    let mut out = PointAttributes::with_capacity(pairs.len(), text);
+    for (key, value) in pairs {
+        out.push(key, value);
+    }
+    out
+}
+
+#[cfg(test)]
 fn string_attribute(key: String, value: String) -> KeyValue {
     KeyValue { key, value: Some(AnyValue { value: Some(Value::StringValue(value)) }), ..Default::default() }
 }
@@ -223,11 +233,7 @@ mod tests {
     /// The owned form [`encode_points`] must encode exactly like.
     impl From<ExtractedPoint> for WirePoint {
         fn from(point: ExtractedPoint) -> WirePoint {
-            let attributes = point
-                .attributes
-                .iter()
-                .map(|kv| (kv.key.clone(), tollgate_rules::attributes::value_text(kv.value.as_ref()).into_owned()))
-                .collect();
+            let attributes = point.attributes.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
             WirePoint {
                 series: point.series.0,
                 entity: (*point.entity).clone(),

@@ -3,8 +3,6 @@
 
 pub use opentelemetry_proto as otlp;
 
-pub mod decode;
-
 /// Tollgate's node-to-node protocol.
 #[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod peer {

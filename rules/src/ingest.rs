@@ -6,9 +6,10 @@
 //! together in memory: the reference the node is tested against, and the benchmark's subject.
 
 use crate::aggregate::{empty_bounds, Aggregate, Bounds, Delta};
-use crate::attributes::AttributeSet;
+use crate::attributes::{AttributeSet, PointAttributes};
 use crate::catalogue::{LOG_REQUESTS_METRIC, LOG_SAMPLED_METRIC};
 use crate::config::CompiledRules;
+use crate::decode::DecodedMetrics;
 use crate::entity::{Entity, Selection};
 use crate::evaluate::{MetricQuery, MetricResult, Partial, Step};
 use crate::fixed::Fixed;
@@ -19,7 +20,7 @@ use crate::sampling::{KeepReason, LogDecision, LogKind};
 use crate::series::{minute_of, shrink_if_sparse, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use serde::{Deserialize, Serialize};
@@ -170,8 +171,8 @@ pub struct ExtractedPoint {
     pub partition: u64,
     /// Metric name (shared by all points of a metric).
     pub metric: Arc<str>,
-    /// The point's attributes, moved out of the request.
-    pub attributes: Vec<KeyValue>,
+    /// The point's attributes.
+    pub attributes: PointAttributes,
     /// The validated point.
     pub point: ValidPoint,
 }
@@ -182,7 +183,7 @@ impl ExtractedPoint {
         SeriesKey {
             entity: (*self.entity).clone(),
             metric: self.metric.to_string(),
-            attributes: AttributeSet::from_key_values(&self.attributes),
+            attributes: self.attributes.to_set(),
         }
     }
 
@@ -205,19 +206,24 @@ pub struct MetricsBatch {
 }
 
 /// Selects gateway resources, maps entities, keeps catalogue metrics and validates points.
-/// Consumes the request so that attribute and bucket vectors move instead of being copied.
+/// Consumes the request so that bucket vectors move instead of being copied.
 pub fn extract_metrics(request: ExportMetricsServiceRequest, rules: &CompiledRules) -> MetricsBatch {
+    extract_decoded_metrics(request.resource_metrics.into_iter().map(DecodedMetrics::from_prost).collect(), rules)
+}
+
+/// [`extract_metrics`] of resources decoded with [`crate::decode::resource_metrics`].
+pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledRules) -> MetricsBatch {
     let mut batch = MetricsBatch::default();
-    let total: usize = request
-        .resource_metrics
+    let total: usize = resources
         .iter()
-        .flat_map(|r| r.scope_metrics.iter())
+        .flat_map(|r| r.resource.scope_metrics.iter())
         .flat_map(|s| s.metrics.iter())
         .map(|m| data_point_count(m.data.as_ref()))
         .sum();
     batch.points.reserve_exact(total);
     let mut ids = IdEncoder::default();
-    for resource_metrics in request.resource_metrics {
+    for mut decoded in resources {
+        let resource_metrics = std::mem::take(&mut decoded.resource);
         let point_total: u64 = resource_metrics
             .scope_metrics
             .iter()
@@ -240,19 +246,17 @@ pub fn extract_metrics(request: ExportMetricsServiceRequest, rules: &CompiledRul
             }
         };
         let partition = entity.partition_hash();
-        for scope_metrics in resource_metrics.scope_metrics {
-            for metric in scope_metrics.metrics {
-                if !rules.is_source(&metric.name) {
-                    batch.report.drop_items(DropReason::UnknownMetric, data_point_count(metric.data.as_ref()) as u64);
-                    continue;
-                }
-                let name: Arc<str> = Arc::from(metric.name.as_str());
-                let points = &mut batch.points;
-                let ids = &mut ids;
-                let mut emit = |attributes: Vec<KeyValue>,
-                                checked: Checked,
-                                time_ns: u64,
-                                report: &mut IngestReport| match checked {
+        let metrics = resource_metrics.scope_metrics.into_iter().flat_map(|scope| scope.metrics);
+        for (ordinal, metric) in metrics.enumerate() {
+            if !rules.is_source(&metric.name) {
+                batch.report.drop_items(DropReason::UnknownMetric, data_point_count(metric.data.as_ref()) as u64);
+                continue;
+            }
+            let name: Arc<str> = Arc::from(metric.name.as_str());
+            let points = &mut batch.points;
+            let ids = &mut ids;
+            let mut emit = |attributes: PointAttributes, checked: Checked, time_ns: u64, report: &mut IngestReport| {
+                match checked {
                     Checked::Valid(point) => points.push(ExtractedPoint {
                         series: ids.series(&entity, &name, &attributes),
                         entity: Arc::clone(&entity),
@@ -265,42 +269,42 @@ pub fn extract_metrics(request: ExportMetricsServiceRequest, rules: &CompiledRul
                     Checked::Rejected(rejection) => {
                         report.reject(&rejection, || describe_point(&name, &entity, time_ns))
                     }
-                };
-                let report = &mut batch.report;
-                match metric.data {
-                    Some(Data::Histogram(histogram)) => {
-                        let temporality = Temporality::from_otlp(histogram.aggregation_temporality);
-                        for mut point in histogram.data_points {
-                            let time_ns = point.time_unix_nano;
-                            let checked = match temporality {
-                                Some(t) => check_histogram(&mut point, t),
-                                None => Checked::Rejected(unspecified(histogram.aggregation_temporality)),
-                            };
-                            emit(std::mem::take(&mut point.attributes), checked, time_ns, report);
-                        }
+                }
+            };
+            let report = &mut batch.report;
+            match metric.data {
+                Some(Data::Histogram(histogram)) => {
+                    let temporality = Temporality::from_otlp(histogram.aggregation_temporality);
+                    for (index, mut point) in histogram.data_points.into_iter().enumerate() {
+                        let time_ns = point.time_unix_nano;
+                        let checked = match temporality {
+                            Some(t) => check_histogram(&mut point, t),
+                            None => Checked::Rejected(unspecified(histogram.aggregation_temporality)),
+                        };
+                        emit(decoded.take_attributes(ordinal, index), checked, time_ns, report);
                     }
-                    Some(Data::Sum(sum)) => {
-                        let temporality = Temporality::from_otlp(sum.aggregation_temporality);
-                        for mut point in sum.data_points {
-                            let time_ns = point.time_unix_nano;
-                            let checked = match temporality {
-                                Some(t) => check_number(&point, t, sum.is_monotonic),
-                                None => Checked::Rejected(unspecified(sum.aggregation_temporality)),
-                            };
-                            emit(std::mem::take(&mut point.attributes), checked, time_ns, report);
-                        }
+                }
+                Some(Data::Sum(sum)) => {
+                    let temporality = Temporality::from_otlp(sum.aggregation_temporality);
+                    for (index, point) in sum.data_points.into_iter().enumerate() {
+                        let time_ns = point.time_unix_nano;
+                        let checked = match temporality {
+                            Some(t) => check_number(&point, t, sum.is_monotonic),
+                            None => Checked::Rejected(unspecified(sum.aggregation_temporality)),
+                        };
+                        emit(decoded.take_attributes(ordinal, index), checked, time_ns, report);
                     }
-                    other => {
-                        let rejection = Rejection::new(
-                            RejectReason::UnsupportedType,
-                            format!(
-                                "{} points cannot be merged: send a histogram or a sum",
-                                data_type_name(other.as_ref())
-                            ),
-                        );
-                        let count = data_point_count(other.as_ref()) as u64;
-                        report.reject_many(&rejection, count, || format!("{name} of {entity}"));
-                    }
+                }
+                other => {
+                    let rejection = Rejection::new(
+                        RejectReason::UnsupportedType,
+                        format!(
+                            "{} points cannot be merged: send a histogram or a sum",
+                            data_type_name(other.as_ref())
+                        ),
+                    );
+                    let count = data_point_count(other.as_ref()) as u64;
+                    report.reject_many(&rejection, count, || format!("{name} of {entity}"));
                 }
             }
         }
@@ -978,6 +982,7 @@ impl MemoryPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
 
     #[test]
     fn test_log_counters_are_requests_then_one_per_keep_reason() {
@@ -1036,7 +1041,7 @@ mod tests {
     #[test]
     fn test_log_fingerprint_is_canonical_and_tells_records_apart() {
         let no_instance = || Entity { service: "gw".into(), instance: None };
-        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+        use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
         let int = |key: &str, value: i64| KeyValue {
             key: key.into(),
             value: Some(AnyValue { value: Some(any_value::Value::IntValue(value)) }),

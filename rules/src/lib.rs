@@ -22,6 +22,7 @@ pub mod aggregate;
 pub mod attributes;
 pub mod catalogue;
 pub mod config;
+pub mod decode;
 pub mod entity;
 pub mod evaluate;
 pub mod fixed;
@@ -41,8 +42,8 @@ pub use entity::{Entity, RoutingRules, Selection};
 pub use evaluate::{MetricQuery, MetricResult, OutputSeries, Partial, Step};
 pub use fixed::Fixed;
 pub use ingest::{
-    extract_logs, extract_metrics, log_fingerprint, Applied, DropReason, ExtractedLog, ExtractedPoint, IngestReport,
-    LogsBatch, MemoryPipeline, MetricsBatch, SeriesTable,
+    extract_decoded_metrics, extract_logs, extract_metrics, log_fingerprint, Applied, DropReason, ExtractedLog,
+    ExtractedPoint, IngestReport, LogsBatch, MemoryPipeline, MetricsBatch, SeriesTable,
 };
 pub use normalize::{NormalizeConfig, PartitionClock, SeriesCursor};
 pub use point::{RejectReason, Rejection, Temporality};

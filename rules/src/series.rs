@@ -1,6 +1,6 @@
 //! Series identity (SPEC §1.5): (service, instance, metric name, full sorted point attribute set).
 
-use crate::attributes::{self, AttributeSet};
+use crate::attributes::{AttributeSet, PointAttributes};
 use crate::entity::Entity;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde::{Deserialize, Serialize};
@@ -82,9 +82,9 @@ impl SeriesId {
     }
 
     /// The id of a series given its OTLP attributes, without building the owned key. Equal to
-    /// `SeriesKey::id` of the same series; allocates only for attributes that are not strings.
+    /// `SeriesKey::id` of the same series.
     pub fn of(entity: &Entity, metric: &str, point_attributes: &[KeyValue]) -> SeriesId {
-        IdEncoder::default().series(entity, metric, point_attributes)
+        IdEncoder::default().series(entity, metric, &PointAttributes::from_key_values(point_attributes))
     }
 }
 
@@ -96,33 +96,32 @@ pub struct IdEncoder {
 }
 
 impl IdEncoder {
-    /// The id of a series given its OTLP attributes (see [`SeriesId::of`]).
-    pub fn series(&mut self, entity: &Entity, metric: &str, point_attributes: &[KeyValue]) -> SeriesId {
+    /// The id of a series given its point's attributes (see [`SeriesId::of`]).
+    pub fn series(&mut self, entity: &Entity, metric: &str, point_attributes: &PointAttributes) -> SeriesId {
         self.start(entity, metric);
-        // Gateway points carry 5 to 8 attributes: sorting indexes on the stack is cheaper than
-        // building the sorted owned set.
-        let mut heap: Vec<usize> = Vec::new();
-        let mut stack = [0usize; 16];
-        let indexes: &mut [usize] = if point_attributes.len() <= stack.len() {
-            for (slot, index) in stack.iter_mut().zip(0..point_attributes.len()) {
-                *slot = index;
+        // Gateway points carry 5 to 8 attributes: sorting their (key, value) slices on the stack
+        // is cheaper than building the sorted owned set.
+        let mut heap: Vec<(&str, &str)> = Vec::new();
+        let mut stack = [("", ""); 16];
+        let pairs: &mut [(&str, &str)] = if point_attributes.len() <= stack.len() {
+            for (slot, pair) in stack.iter_mut().zip(point_attributes.iter()) {
+                *slot = pair;
             }
             &mut stack[..point_attributes.len()]
         } else {
-            heap.extend(0..point_attributes.len());
+            heap.extend(point_attributes.iter());
             &mut heap
         };
         // A stable sort keeps the first of repeated keys first, as `AttributeSet` does.
-        indexes.sort_by(|a, b| point_attributes[*a].key.cmp(&point_attributes[*b].key));
+        pairs.sort_by(|a, b| a.0.cmp(b.0));
         let mut previous: Option<&str> = None;
-        for index in indexes.iter() {
-            let kv = &point_attributes[*index];
-            if previous == Some(kv.key.as_str()) {
+        for (key, value) in pairs.iter() {
+            if previous == Some(*key) {
                 continue;
             }
-            previous = Some(kv.key.as_str());
-            self.push_str(&kv.key);
-            self.push_str(&attributes::value_text(kv.value.as_ref()));
+            previous = Some(key);
+            self.push_str(key);
+            self.push_str(value);
         }
         self.finish()
     }

@@ -7,17 +7,21 @@
 //! attributes through four) and walks each field through generic merge code. Under a figure 1
 //! load (docs/benchmarks.md) decoding was a third of the node's instructions, a sixth of them
 //! growing vectors. This decoder counts the elements of a repeated field before it fills the
-//! field, and reads each field directly.
+//! field, and reads each field directly. The attributes of histogram and sum points, two
+//! `String`s per attribute that lived only until the point's series id was hashed, are kept as
+//! text in one buffer per point instead ([`DecodedMetrics`], [`PointAttributes`]).
 //!
 //! It takes the inputs that prost's encoder (and every OTLP exporter) produces. Anything else it
 //! does not decode itself but hands to prost, which then decodes the whole message and reports
 //! any error: a singular message field that occurs twice (prost merges the occurrences), a
 //! malformed field, a group. Field types that exporters of gateway data do not send (gauges,
 //! exponential histograms, summaries, exemplars, entity references, arrays and key-value lists
-//! as values) are decoded by prost in place. So the result is always prost's, except that a value
+//! as values) are decoded by prost in place. So the result is always prost's (with the points'
+//! attributes as [`DecodedMetrics::from_prost`] makes them text), except that a value
 //! nested more than about 95 levels deep inside an attribute is accepted here, where prost's
 //! recursion limit of 100 counts the levels above it too.
 
+use crate::attributes::{value_text, PointAttributes, PointAttributesBuilder};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, EntityRef, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -27,11 +31,55 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::{DecodeError, Message};
 
-/// Decodes an encoded `ResourceMetrics`, as `ResourceMetrics::decode` does.
-pub fn resource_metrics(bytes: &[u8]) -> Result<ResourceMetrics, DecodeError> {
+/// A decoded `ResourceMetrics` whose histogram and sum points hold their attributes apart, as
+/// text ([`PointAttributes`]): what extraction reads of them. A point's attributes are otherwise
+/// decoded into two `String`s per attribute that live only until the point's series id is hashed.
+#[derive(Clone, Debug, Default)]
+pub struct DecodedMetrics {
+    /// The resource; its histogram and sum points have no `attributes` here.
+    pub resource: ResourceMetrics,
+    /// The attributes of every histogram and sum point, metric after metric.
+    attributes: Vec<PointAttributes>,
+    /// For each metric of every scope, in order, the index of its first point's attributes.
+    starts: Vec<usize>,
+}
+
+impl DecodedMetrics {
+    /// Moves the attributes of a decoded resource's histogram and sum points into text.
+    pub fn from_prost(mut resource: ResourceMetrics) -> DecodedMetrics {
+        let mut attributes = Vec::new();
+        let mut starts = Vec::new();
+        for metric in resource.scope_metrics.iter_mut().flat_map(|scope| scope.metrics.iter_mut()) {
+            starts.push(attributes.len());
+            match &mut metric.data {
+                Some(Data::Histogram(histogram)) => attributes
+                    .extend(histogram.data_points.iter_mut().map(|p| text_of(std::mem::take(&mut p.attributes)))),
+                Some(Data::Sum(sum)) => {
+                    attributes.extend(sum.data_points.iter_mut().map(|p| text_of(std::mem::take(&mut p.attributes))))
+                }
+                _ => {}
+            }
+        }
+        DecodedMetrics { resource, attributes, starts }
+    }
+
+    /// Takes the attributes of histogram or sum point `point` of metric `metric` (counted over
+    /// all scopes of the resource, in order).
+    pub fn take_attributes(&mut self, metric: usize, point: usize) -> PointAttributes {
+        std::mem::take(&mut self.attributes[self.starts[metric] + point])
+    }
+}
+
+fn text_of(attributes: Vec<KeyValue>) -> PointAttributes {
+    PointAttributes::from_key_values(&attributes)
+}
+
+/// Decodes an encoded `ResourceMetrics`: the values of `ResourceMetrics::decode`, and its errors,
+/// with the histogram and sum points' attributes held apart ([`DecodedMetrics::from_prost`]).
+pub fn resource_metrics(bytes: &[u8]) -> Result<DecodedMetrics, DecodeError> {
     match fast_resource_metrics(bytes) {
-        Ok(resource) => Ok(resource),
-        Err(Unusual) => ResourceMetrics::decode(bytes),
+        Ok(decoded) => Ok(decoded),
+        Err(Unusual) => ResourceMetrics::decode(bytes).map(DecodedMetrics::from_prost),
     }
 }
 
@@ -213,15 +261,18 @@ fn by_prost<M: Message + Default>(bytes: &[u8]) -> Fast<M> {
     Ok(M::decode(bytes)?)
 }
 
-fn fast_resource_metrics(bytes: &[u8]) -> Fast<ResourceMetrics> {
+fn fast_resource_metrics(bytes: &[u8]) -> Fast<DecodedMetrics> {
     let mut fields = Fields::new(bytes);
-    let mut out = ResourceMetrics::default();
-    out.scope_metrics.reserve_exact(fields.count(2));
+    let mut out = DecodedMetrics::default();
+    out.resource.scope_metrics.reserve_exact(fields.count(2));
     while let Some((tag, wire)) = fields.next()? {
         match tag {
-            1 => once(&mut out.resource, fields.bytes(wire)?, resource)?,
-            2 => out.scope_metrics.push(scope_metrics(fields.bytes(wire)?)?),
-            3 => out.schema_url = fields.string(wire)?,
+            1 => once(&mut out.resource.resource, fields.bytes(wire)?, resource)?,
+            2 => {
+                let scope = scope_metrics(fields.bytes(wire)?, &mut out)?;
+                out.resource.scope_metrics.push(scope);
+            }
+            3 => out.resource.schema_url = fields.string(wire)?,
             _ => fields.skip(wire)?,
         }
     }
@@ -308,14 +359,17 @@ fn any_value(bytes: &[u8]) -> Fast<AnyValue> {
     Ok(AnyValue { value })
 }
 
-fn scope_metrics(bytes: &[u8]) -> Fast<ScopeMetrics> {
+fn scope_metrics(bytes: &[u8], decoded: &mut DecodedMetrics) -> Fast<ScopeMetrics> {
     let mut fields = Fields::new(bytes);
     let mut out = ScopeMetrics::default();
     out.metrics.reserve_exact(fields.count(2));
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             1 => once(&mut out.scope, fields.bytes(wire)?, scope)?,
-            2 => out.metrics.push(metric(fields.bytes(wire)?)?),
+            2 => {
+                decoded.starts.push(decoded.attributes.len());
+                out.metrics.push(metric(fields.bytes(wire)?, &mut decoded.attributes)?);
+            }
             3 => out.schema_url = fields.string(wire)?,
             _ => fields.skip(wire)?,
         }
@@ -323,7 +377,8 @@ fn scope_metrics(bytes: &[u8]) -> Fast<ScopeMetrics> {
     Ok(out)
 }
 
-fn metric(bytes: &[u8]) -> Fast<Metric> {
+/// A metric; the attributes of its histogram or sum points go to `attributes`.
+fn metric(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Metric> {
     let mut fields = Fields::new(bytes);
     let mut out = Metric::default();
     while let Some((tag, wire)) = fields.next()? {
@@ -332,8 +387,8 @@ fn metric(bytes: &[u8]) -> Fast<Metric> {
             2 => out.description = fields.string(wire)?,
             3 => out.unit = fields.string(wire)?,
             5 => once(&mut out.data, fields.bytes(wire)?, |b| by_prost::<Gauge>(b).map(Data::Gauge))?,
-            7 => once(&mut out.data, fields.bytes(wire)?, |b| sum(b).map(Data::Sum))?,
-            9 => once(&mut out.data, fields.bytes(wire)?, |b| histogram(b).map(Data::Histogram))?,
+            7 => once(&mut out.data, fields.bytes(wire)?, |b| sum(b, attributes).map(Data::Sum))?,
+            9 => once(&mut out.data, fields.bytes(wire)?, |b| histogram(b, attributes).map(Data::Histogram))?,
             10 => once(&mut out.data, fields.bytes(wire)?, |b| {
                 by_prost::<ExponentialHistogram>(b).map(Data::ExponentialHistogram)
             })?,
@@ -345,13 +400,19 @@ fn metric(bytes: &[u8]) -> Fast<Metric> {
     Ok(out)
 }
 
-fn histogram(bytes: &[u8]) -> Fast<Histogram> {
+fn histogram(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Histogram> {
     let mut fields = Fields::new(bytes);
     let mut out = Histogram::default();
-    out.data_points.reserve_exact(fields.count(1));
+    let points = fields.count(1);
+    out.data_points.reserve_exact(points);
+    attributes.reserve(points);
     while let Some((tag, wire)) = fields.next()? {
         match tag {
-            1 => out.data_points.push(histogram_point(fields.bytes(wire)?)?),
+            1 => {
+                let (point, text) = histogram_point(fields.bytes(wire)?)?;
+                out.data_points.push(point);
+                attributes.push(text);
+            }
             2 => out.aggregation_temporality = fields.uint(wire)? as i32,
             _ => fields.skip(wire)?,
         }
@@ -359,10 +420,11 @@ fn histogram(bytes: &[u8]) -> Fast<Histogram> {
     Ok(out)
 }
 
-fn histogram_point(bytes: &[u8]) -> Fast<HistogramDataPoint> {
+/// A histogram point, and its attributes as text.
+fn histogram_point(bytes: &[u8]) -> Fast<(HistogramDataPoint, PointAttributes)> {
     let mut fields = Fields::new(bytes);
     let mut out = HistogramDataPoint::default();
-    out.attributes.reserve_exact(fields.count(9));
+    let mut text = PointAttributesBuilder::with_capacity(fields.count(9), bytes.len());
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             2 => out.start_time_unix_nano = fields.fixed64(wire)?,
@@ -372,23 +434,29 @@ fn histogram_point(bytes: &[u8]) -> Fast<HistogramDataPoint> {
             6 => fields.repeated_fixed64(wire, &mut out.bucket_counts, |v| v)?,
             7 => fields.repeated_fixed64(wire, &mut out.explicit_bounds, f64::from_bits)?,
             8 => out.exemplars.push(by_prost::<Exemplar>(fields.bytes(wire)?)?),
-            9 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            9 => attribute_text(fields.bytes(wire)?, &mut text)?,
             10 => out.flags = fields.uint(wire)? as u32,
             11 => out.min = Some(fields.double(wire)?),
             12 => out.max = Some(fields.double(wire)?),
             _ => fields.skip(wire)?,
         }
     }
-    Ok(out)
+    Ok((out, text.finish().ok_or(Unusual)?))
 }
 
-fn sum(bytes: &[u8]) -> Fast<Sum> {
+fn sum(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Sum> {
     let mut fields = Fields::new(bytes);
     let mut out = Sum::default();
-    out.data_points.reserve_exact(fields.count(1));
+    let points = fields.count(1);
+    out.data_points.reserve_exact(points);
+    attributes.reserve(points);
     while let Some((tag, wire)) = fields.next()? {
         match tag {
-            1 => out.data_points.push(number_point(fields.bytes(wire)?)?),
+            1 => {
+                let (point, text) = number_point(fields.bytes(wire)?)?;
+                out.data_points.push(point);
+                attributes.push(text);
+            }
             2 => out.aggregation_temporality = fields.uint(wire)? as i32,
             3 => out.is_monotonic = fields.uint(wire)? != 0,
             _ => fields.skip(wire)?,
@@ -397,10 +465,11 @@ fn sum(bytes: &[u8]) -> Fast<Sum> {
     Ok(out)
 }
 
-fn number_point(bytes: &[u8]) -> Fast<NumberDataPoint> {
+/// A number point, and its attributes as text.
+fn number_point(bytes: &[u8]) -> Fast<(NumberDataPoint, PointAttributes)> {
     let mut fields = Fields::new(bytes);
     let mut out = NumberDataPoint::default();
-    out.attributes.reserve_exact(fields.count(7));
+    let mut text = PointAttributesBuilder::with_capacity(fields.count(7), bytes.len());
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             2 => out.start_time_unix_nano = fields.fixed64(wire)?,
@@ -408,12 +477,55 @@ fn number_point(bytes: &[u8]) -> Fast<NumberDataPoint> {
             4 => out.value = Some(number_data_point::Value::AsDouble(fields.double(wire)?)),
             5 => out.exemplars.push(by_prost::<Exemplar>(fields.bytes(wire)?)?),
             6 => out.value = Some(number_data_point::Value::AsInt(fields.fixed64(wire)? as i64)),
-            7 => out.attributes.push(key_value(fields.bytes(wire)?)?),
+            7 => attribute_text(fields.bytes(wire)?, &mut text)?,
             8 => out.flags = fields.uint(wire)? as u32,
             _ => fields.skip(wire)?,
         }
     }
-    Ok(out)
+    Ok((out, text.finish().ok_or(Unusual)?))
+}
+
+/// Appends an encoded `KeyValue` to `text`: its key and [`value_text`], as
+/// [`PointAttributes::from_key_values`] would after prost decoded it. A string value (what
+/// gateways send) is copied as it is (checked as UTF-8 with the rest of the point's, by
+/// [`PointAttributesBuilder::finish`]); other kinds are decoded first.
+fn attribute_text(bytes: &[u8], text: &mut PointAttributesBuilder) -> Fast<()> {
+    let mut fields = Fields::new(bytes);
+    let mut key: &[u8] = b"";
+    let mut value = None;
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => key = fields.bytes(wire)?,
+            2 if value.is_some() => return Err(Unusual),
+            2 => value = Some(fields.bytes(wire)?),
+            3 => drop(fields.uint(wire)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    match value.map(string_value).transpose()? {
+        Some(Some(string)) => text.push(key, string),
+        None => text.push(key, b""),
+        Some(None) => {
+            let decoded = any_value(value.expect("a value"))?;
+            text.push(key, value_text(Some(&decoded)).as_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// The value of an encoded `AnyValue` when it is a string (its last value field is
+/// `string_value`), `None` when it is another kind.
+fn string_value(bytes: &[u8]) -> Fast<Option<&[u8]>> {
+    let mut fields = Fields::new(bytes);
+    let mut string = None;
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => string = Some(fields.bytes(wire)?),
+            2..=8 => return Ok(None),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(string)
 }
 
 fn scope_logs(bytes: &[u8]) -> Fast<ScopeLogs> {
@@ -723,16 +835,36 @@ mod tests {
         }
     }
 
+    /// Two decodings of metrics hold the same values and the same attribute text.
+    fn assert_same(decoded: &DecodedMetrics, expected: &DecodedMetrics) {
+        assert_eq!(decoded.resource.encode_to_vec(), expected.resource.encode_to_vec());
+        assert_eq!(decoded.starts, expected.starts);
+        assert_eq!(decoded.attributes, expected.attributes);
+    }
+
+    /// [`same_as_prost`] for metrics: prost's decoding with its points' attributes made text.
+    fn metrics_same_as_prost(bytes: &[u8]) {
+        let prost = ResourceMetrics::decode(bytes).map(DecodedMetrics::from_prost);
+        if let Ok(fast) = fast_resource_metrics(bytes) {
+            assert_same(&fast, prost.as_ref().expect("the fast path decoded what prost refuses"));
+        }
+        match (resource_metrics(bytes), prost) {
+            (Ok(public), Ok(prost)) => assert_same(&public, &prost),
+            (Err(public), Err(prost)) => assert_eq!(public.to_string(), prost.to_string()),
+            (public, prost) => panic!("decoded {:?}, prost {:?}", public.is_ok(), prost.is_ok()),
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
-        /// What an exporter encodes is decoded by the fast path, to prost's values.
+        /// What an exporter encodes is decoded by the fast path, to prost's values; every kind of
+        /// attribute value gets `value_text`'s text.
         #[test]
         fn metrics_decode_as_prost_does(message in resource_metrics_message()) {
             let bytes = message.encode_to_vec();
             let fast = fast_resource_metrics(&bytes).expect("an encoder's output takes the fast path");
-            prop_assert_eq!(fast.encode_to_vec(), bytes.clone());
-            prop_assert_eq!(resource_metrics(&bytes).unwrap().encode_to_vec(), bytes);
+            assert_same(&fast, &DecodedMetrics::from_prost(message));
         }
 
         #[test]
@@ -746,8 +878,7 @@ mod tests {
         /// Damaged or merged encodings get prost's answer, values or error.
         #[test]
         fn damaged_metrics_get_prost_answer(message in resource_metrics_message(), damage in damage()) {
-            let bytes = apply(message.encode_to_vec(), &damage);
-            same_as_prost(&bytes, fast_resource_metrics(&bytes), resource_metrics(&bytes));
+            metrics_same_as_prost(&apply(message.encode_to_vec(), &damage));
         }
 
         #[test]
@@ -770,10 +901,40 @@ mod tests {
         point.push(0x39);
         point.extend_from_slice(&2.5f64.to_le_bytes());
         point.extend_from_slice(&[0x98, 0x06, 0x05, 0xa2, 0x06, 0x02, 0xff, 0xff]);
-        let decoded = super::histogram_point(&point).unwrap();
+        let (decoded, _) = super::histogram_point(&point).unwrap();
         assert_eq!(decoded.bucket_counts, vec![3, 4]);
         assert_eq!(decoded.explicit_bounds, vec![1.5, 2.5]);
         assert_eq!(decoded, HistogramDataPoint::decode(&point[..]).unwrap());
+    }
+
+    #[test]
+    fn the_last_of_several_value_fields_is_the_attribute_value() {
+        // AnyValue { string_value: "a", bool_value: true } and the reverse: the last one wins.
+        for value in [vec![0x0a, 0x01, b'a', 0x10, 0x01], vec![0x10, 0x01, 0x0a, 0x01, b'a']] {
+            let mut key_value = vec![0x0a, 0x01, b'k', 0x12, value.len() as u8];
+            key_value.extend_from_slice(&value);
+            let mut point = vec![0x4a, key_value.len() as u8];
+            point.extend_from_slice(&key_value);
+            let (_, text) = super::histogram_point(&point).unwrap();
+            let prost = HistogramDataPoint::decode(&point[..]).unwrap();
+            assert_eq!(text, PointAttributes::from_key_values(&prost.attributes));
+            assert_eq!(text.value(0), if value[0] == 0x10 { "a" } else { "true" });
+        }
+    }
+
+    #[test]
+    fn a_character_split_between_key_and_value_is_not_utf8() {
+        // Key "a" + 0xc3 and value 0xa9 + "b": together "aéb", each on its own not UTF-8.
+        let key_value = [0x0a, 0x02, b'a', 0xc3, 0x12, 0x04, 0x0a, 0x02, 0xa9, b'b'];
+        let mut point = vec![0x4a, key_value.len() as u8];
+        point.extend_from_slice(&key_value);
+        assert!(super::histogram_point(&point).is_err());
+        let metric = [&[0x4a, point.len() as u8 + 2, 0x0a, point.len() as u8][..], &point].concat();
+        let scope = [&[0x12, metric.len() as u8][..], &metric].concat();
+        let resource = [&[0x12, scope.len() as u8][..], &scope].concat();
+        let error = resource_metrics(&resource).unwrap_err();
+        assert_eq!(error.to_string(), ResourceMetrics::decode(&resource[..]).unwrap_err().to_string());
+        assert!(error.to_string().contains("UTF-8"), "{error}");
     }
 
     #[test]
@@ -790,7 +951,10 @@ mod tests {
         bytes.extend_from_slice(&second.encode_to_vec());
         assert!(fast_resource_metrics(&bytes).is_err(), "left to prost");
         let merged = resource_metrics(&bytes).unwrap();
-        assert_eq!(merged.resource.unwrap().attributes, vec![string_attribute("a", "1"), string_attribute("b", "2")]);
+        assert_eq!(
+            merged.resource.resource.unwrap().attributes,
+            vec![string_attribute("a", "1"), string_attribute("b", "2")]
+        );
     }
 
     #[test]

@@ -404,7 +404,6 @@ struct ResourceHead {
     resource: Option<Resource>,
 }
 
-/// An encoded resource (`ResourceMetrics`, `ResourceLogs`), decoded.
 /// Decodes one encoded `ResourceMetrics` (`tollgate_rules::decode`: prost's values, for less work,
 /// the points' attributes as text).
 fn decode_resource_metrics(bytes: Bytes) -> Result<DecodedMetrics, Error> {

@@ -227,15 +227,25 @@ impl<'a> Fields<'a> {
     /// How many fields `tag` has in the rest of the message (0 when it is malformed: the decoding
     /// that follows finds out).
     fn count(&self, tag: u32) -> usize {
+        self.tally(tag).0
+    }
+
+    /// How many fields `tag` has in the rest of the message, and their bytes in all (keys and
+    /// lengths included; zeros when it is malformed).
+    fn tally(&self, tag: u32) -> (usize, usize) {
         let mut fields = Fields::new(self.buf);
-        let mut count = 0;
+        let (mut count, mut bytes) = (0, 0);
         while let Ok(Some((t, wire))) = fields.next() {
+            let before = fields.buf.len();
             if fields.skip(wire).is_err() {
-                return 0;
+                return (0, 0);
             }
-            count += usize::from(t == tag);
+            if t == tag {
+                count += 1;
+                bytes += before - fields.buf.len();
+            }
         }
-        count
+        (count, bytes)
     }
 }
 
@@ -424,7 +434,10 @@ fn histogram(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Histog
 fn histogram_point(bytes: &[u8]) -> Fast<(HistogramDataPoint, PointAttributes)> {
     let mut fields = Fields::new(bytes);
     let mut out = HistogramDataPoint::default();
-    let mut text = PointAttributesBuilder::with_capacity(fields.count(9), bytes.len());
+    let (attributes, attribute_bytes) = fields.tally(9);
+    // The text is at most the attributes' bytes (string values are copied as they are; other
+    // kinds may render longer and grow it).
+    let mut text = PointAttributesBuilder::with_capacity(attributes, attribute_bytes);
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             2 => out.start_time_unix_nano = fields.fixed64(wire)?,
@@ -469,7 +482,10 @@ fn sum(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Sum> {
 fn number_point(bytes: &[u8]) -> Fast<(NumberDataPoint, PointAttributes)> {
     let mut fields = Fields::new(bytes);
     let mut out = NumberDataPoint::default();
-    let mut text = PointAttributesBuilder::with_capacity(fields.count(7), bytes.len());
+    let (attributes, attribute_bytes) = fields.tally(7);
+    // The text is at most the attributes' bytes (string values are copied as they are; other
+    // kinds may render longer and grow it).
+    let mut text = PointAttributesBuilder::with_capacity(attributes, attribute_bytes);
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             2 => out.start_time_unix_nano = fields.fixed64(wire)?,

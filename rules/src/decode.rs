@@ -227,25 +227,15 @@ impl<'a> Fields<'a> {
     /// How many fields `tag` has in the rest of the message (0 when it is malformed: the decoding
     /// that follows finds out).
     fn count(&self, tag: u32) -> usize {
-        self.tally(tag).0
-    }
-
-    /// How many fields `tag` has in the rest of the message, and their bytes in all (keys and
-    /// lengths included; zeros when it is malformed).
-    fn tally(&self, tag: u32) -> (usize, usize) {
         let mut fields = Fields::new(self.buf);
-        let (mut count, mut bytes) = (0, 0);
+        let mut count = 0;
         while let Ok(Some((t, wire))) = fields.next() {
-            let before = fields.buf.len();
             if fields.skip(wire).is_err() {
-                return (0, 0);
+                return 0;
             }
-            if t == tag {
-                count += 1;
-                bytes += before - fields.buf.len();
-            }
+            count += usize::from(t == tag);
         }
-        (count, bytes)
+        count
     }
 }
 
@@ -434,10 +424,7 @@ fn histogram(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Histog
 fn histogram_point(bytes: &[u8]) -> Fast<(HistogramDataPoint, PointAttributes)> {
     let mut fields = Fields::new(bytes);
     let mut out = HistogramDataPoint::default();
-    let (attributes, attribute_bytes) = fields.tally(9);
-    // The text is at most the attributes' bytes (string values are copied as they are; other
-    // kinds may render longer and grow it).
-    let mut text = PointAttributesBuilder::with_capacity(attributes, attribute_bytes);
+    let mut attributes = AttributeFields::default();
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             2 => out.start_time_unix_nano = fields.fixed64(wire)?,
@@ -447,14 +434,14 @@ fn histogram_point(bytes: &[u8]) -> Fast<(HistogramDataPoint, PointAttributes)> 
             6 => fields.repeated_fixed64(wire, &mut out.bucket_counts, |v| v)?,
             7 => fields.repeated_fixed64(wire, &mut out.explicit_bounds, f64::from_bits)?,
             8 => out.exemplars.push(by_prost::<Exemplar>(fields.bytes(wire)?)?),
-            9 => attribute_text(fields.bytes(wire)?, &mut text)?,
+            9 => attributes.push(fields.bytes(wire)?),
             10 => out.flags = fields.uint(wire)? as u32,
             11 => out.min = Some(fields.double(wire)?),
             12 => out.max = Some(fields.double(wire)?),
             _ => fields.skip(wire)?,
         }
     }
-    Ok((out, text.finish().ok_or(Unusual)?))
+    Ok((out, attributes.text()?))
 }
 
 fn sum(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Sum> {
@@ -482,10 +469,7 @@ fn sum(bytes: &[u8], attributes: &mut Vec<PointAttributes>) -> Fast<Sum> {
 fn number_point(bytes: &[u8]) -> Fast<(NumberDataPoint, PointAttributes)> {
     let mut fields = Fields::new(bytes);
     let mut out = NumberDataPoint::default();
-    let (attributes, attribute_bytes) = fields.tally(7);
-    // The text is at most the attributes' bytes (string values are copied as they are; other
-    // kinds may render longer and grow it).
-    let mut text = PointAttributesBuilder::with_capacity(attributes, attribute_bytes);
+    let mut attributes = AttributeFields::default();
     while let Some((tag, wire)) = fields.next()? {
         match tag {
             2 => out.start_time_unix_nano = fields.fixed64(wire)?,
@@ -493,12 +477,43 @@ fn number_point(bytes: &[u8]) -> Fast<(NumberDataPoint, PointAttributes)> {
             4 => out.value = Some(number_data_point::Value::AsDouble(fields.double(wire)?)),
             5 => out.exemplars.push(by_prost::<Exemplar>(fields.bytes(wire)?)?),
             6 => out.value = Some(number_data_point::Value::AsInt(fields.fixed64(wire)? as i64)),
-            7 => attribute_text(fields.bytes(wire)?, &mut text)?,
+            7 => attributes.push(fields.bytes(wire)?),
             8 => out.flags = fields.uint(wire)? as u32,
             _ => fields.skip(wire)?,
         }
     }
-    Ok((out, text.finish().ok_or(Unusual)?))
+    Ok((out, attributes.text()?))
+}
+
+/// The encoded attribute fields of one point, gathered while the point is read so that their
+/// text is allocated once, at its size.
+#[derive(Default)]
+struct AttributeFields<'a> {
+    first: [&'a [u8]; 16],
+    len: usize,
+    more: Vec<&'a [u8]>,
+}
+
+impl<'a> AttributeFields<'a> {
+    fn push(&mut self, field: &'a [u8]) {
+        match self.first.get_mut(self.len) {
+            Some(slot) => *slot = field,
+            None => self.more.push(field),
+        }
+        self.len += 1;
+    }
+
+    /// The attributes as text. Their text is at most their encoded size (string values are
+    /// copied as they are; other kinds may render longer and grow it).
+    fn text(&self) -> Fast<PointAttributes> {
+        let fields = || self.first[..self.len.min(self.first.len())].iter().chain(&self.more);
+        let bytes = fields().map(|field| field.len()).sum();
+        let mut text = PointAttributesBuilder::with_capacity(self.len, bytes);
+        for field in fields() {
+            attribute_text(field, &mut text)?;
+        }
+        text.finish().ok_or(Unusual)
+    }
 }
 
 /// Appends an encoded `KeyValue` to `text`: its key and [`value_text`], as
@@ -951,6 +966,16 @@ mod tests {
         let error = resource_metrics(&resource).unwrap_err();
         assert_eq!(error.to_string(), ResourceMetrics::decode(&resource[..]).unwrap_err().to_string());
         assert!(error.to_string().contains("UTF-8"), "{error}");
+    }
+
+    #[test]
+    fn a_point_with_many_attributes_keeps_them_all_in_order() {
+        let attributes: Vec<KeyValue> =
+            (0..40).map(|i| string_attribute(&format!("key.{}", 39 - i), &i.to_string())).collect();
+        let point = HistogramDataPoint { attributes: attributes.clone(), ..Default::default() }.encode_to_vec();
+        let (_, text) = super::histogram_point(&point).unwrap();
+        assert_eq!(text, PointAttributes::from_key_values(&attributes));
+        assert_eq!(text.len(), 40);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use prost::{DecodeError, Message};
 #[derive(Clone, Debug, Default)]
 pub struct DecodedMetrics {
     /// The resource; its histogram and sum points have no `attributes` here.
-    pub resource: ResourceMetrics,
+    pub(crate) resource: ResourceMetrics,
     /// The attributes of every histogram and sum point, metric after metric.
     attributes: Vec<PointAttributes>,
     /// For each metric of every scope, in order, the index of its first point's attributes.
@@ -61,6 +61,11 @@ impl DecodedMetrics {
             }
         }
         DecodedMetrics { resource, attributes, starts }
+    }
+
+    /// The resource; its histogram and sum points have no `attributes` here.
+    pub fn resource(&self) -> &ResourceMetrics {
+        &self.resource
     }
 
     /// Takes the attributes of histogram or sum point `point` of metric `metric` (counted over

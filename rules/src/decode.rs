@@ -527,17 +527,21 @@ impl<'a> AttributeFields<'a> {
 /// [`PointAttributesBuilder::finish`]); other kinds are decoded first.
 fn attribute_text(bytes: &[u8], text: &mut PointAttributesBuilder) -> Fast<()> {
     let mut fields = Fields::new(bytes);
-    let mut key: &[u8] = b"";
+    let mut key: Option<&[u8]> = None;
     let mut value = None;
     while let Some((tag, wire)) = fields.next()? {
         match tag {
-            1 => key = fields.bytes(wire)?,
+            // Only the last key counts, but prost checks every one as UTF-8: a repeated key is
+            // left to it.
+            1 if key.is_some() => return Err(Unusual),
+            1 => key = Some(fields.bytes(wire)?),
             2 if value.is_some() => return Err(Unusual),
             2 => value = Some(fields.bytes(wire)?),
             3 => drop(fields.uint(wire)?),
             _ => fields.skip(wire)?,
         }
     }
+    let key = key.unwrap_or_default();
     match value.map(string_value).transpose()? {
         Some(Some(string)) => text.push(key, string),
         None => text.push(key, b""),
@@ -556,6 +560,8 @@ fn string_value(bytes: &[u8]) -> Fast<Option<&[u8]>> {
     let mut string = None;
     while let Some((tag, wire)) = fields.next()? {
         match tag {
+            // As for keys: prost checks every string value as UTF-8, not only the last.
+            1 if string.is_some() => return Err(Unusual),
             1 => string = Some(fields.bytes(wire)?),
             2..=8 => return Ok(None),
             _ => fields.skip(wire)?,
@@ -981,6 +987,19 @@ mod tests {
         let (_, text) = super::histogram_point(&point).unwrap();
         assert_eq!(text, PointAttributes::from_key_values(&attributes));
         assert_eq!(text.len(), 40);
+    }
+
+    #[test]
+    fn an_overwritten_key_or_value_that_is_not_utf8_fails_as_in_prost() {
+        // KeyValue { key: 0xff, key: "k", value: "v" } and KeyValue { key: "k", value: { 0xff, "v" } }.
+        let keys = vec![0x0a, 0x01, 0xff, 0x0a, 0x01, b'k', 0x12, 0x03, 0x0a, 0x01, b'v'];
+        let values = vec![0x0a, 0x01, b'k', 0x12, 0x06, 0x0a, 0x01, 0xff, 0x0a, 0x01, b'v'];
+        for key_value in [keys, values] {
+            let mut point = vec![0x4a, key_value.len() as u8];
+            point.extend_from_slice(&key_value);
+            assert!(super::histogram_point(&point).is_err(), "left to prost");
+            assert!(HistogramDataPoint::decode(&point[..]).is_err(), "prost refuses it");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! recursion limit of 100 counts the levels above it too.
 
 use crate::attributes::{value_text, PointAttributes, PointAttributesBuilder};
+use crate::varint;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, EntityRef, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -138,25 +139,9 @@ impl<'a> Fields<'a> {
 
     /// Unsigned LEB128, at most 10 bytes, as protobuf's varints.
     fn varint(&mut self) -> Fast<u64> {
-        // Keys, lengths and small values: one byte.
-        if let Some(&byte) = self.buf.first() {
-            if byte < 0x80 {
-                self.buf = &self.buf[1..];
-                return Ok(u64::from(byte));
-            }
-        }
-        let mut value = 0u64;
-        for (index, &byte) in self.buf.iter().enumerate().take(10) {
-            if index == 9 && byte > 1 {
-                return Err(Unusual);
-            }
-            value |= u64::from(byte & 0x7f) << (7 * index);
-            if byte < 0x80 {
-                self.buf = &self.buf[index + 1..];
-                return Ok(value);
-            }
-        }
-        Err(Unusual)
+        let (value, len) = varint::read(self.buf).ok_or(Unusual)?;
+        self.buf = &self.buf[len..];
+        Ok(value)
     }
 
     fn take(&mut self, len: usize) -> Fast<&'a [u8]> {
@@ -960,7 +945,7 @@ mod tests {
             let (_, text) = super::histogram_point(&point).unwrap();
             let prost = HistogramDataPoint::decode(&point[..]).unwrap();
             assert_eq!(text, PointAttributes::from_key_values(&prost.attributes));
-            assert_eq!(text.value(0), if value[0] == 0x10 { "a" } else { "true" });
+            assert_eq!(text.iter().next().unwrap().1, if value[0] == 0x10 { "a" } else { "true" });
         }
     }
 

@@ -34,6 +34,7 @@ pub mod pricing;
 pub mod sampling;
 pub mod seen;
 pub mod series;
+pub mod varint;
 
 pub use aggregate::{Aggregate, Bounds, Delta};
 pub use catalogue::{Catalogue, CatalogueEntry, Scope, ValueKind};

@@ -7,6 +7,7 @@
 //! write copies one contiguous slice, and the keys take about 6 bytes each instead of 16.
 
 use crate::normalize::PointKey;
+use crate::varint;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
@@ -229,37 +230,18 @@ impl ExactSizeIterator for Iter<'_> {}
 
 fn push_step(steps: &mut Vec<u8>, from: PointKey, to: PointKey) {
     let start_step = to.start_ns.wrapping_sub(from.start_ns) as i64;
-    push_varint(steps, to.time_ns - from.time_ns);
-    push_varint(steps, ((start_step << 1) ^ (start_step >> 63)) as u64);
+    varint::push(steps, to.time_ns - from.time_ns);
+    varint::push(steps, ((start_step << 1) ^ (start_step >> 63)) as u64);
 }
 
 /// The key after `from`, from the steps at the start of `bytes`, and the bytes they took.
 fn step(from: PointKey, bytes: &[u8]) -> (PointKey, usize) {
-    let (time_step, a) = read_varint(bytes);
-    let (zigzag, b) = read_varint(&bytes[a..]);
+    // The steps were written whole by `push_step`.
+    let (time_step, a) = varint::read(bytes).expect("a step's time");
+    let (zigzag, b) = varint::read(&bytes[a..]).expect("a step's start");
     let start_step = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
     let key = PointKey { time_ns: from.time_ns + time_step, start_ns: from.start_ns.wrapping_add(start_step as u64) };
     (key, a + b)
-}
-
-fn push_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-/// Reads a varint this module wrote (so well formed).
-fn read_varint(bytes: &[u8]) -> (u64, usize) {
-    let mut value = 0u64;
-    for (i, byte) in bytes.iter().enumerate() {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return (value, i + 1);
-        }
-    }
-    unreachable!("steps are written whole by push_step")
 }
 
 #[cfg(test)]

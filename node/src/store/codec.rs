@@ -301,12 +301,8 @@ impl Postcard {
     }
 
     /// Unsigned LEB128, as postcard writes every integer wider than a byte.
-    fn u64(&mut self, mut value: u64) {
-        while value >= 0x80 {
-            self.0.push(value as u8 | 0x80);
-            value >>= 7;
-        }
-        self.0.push(value as u8);
+    fn u64(&mut self, value: u64) {
+        tollgate_rules::varint::push(&mut self.0, value);
     }
 
     fn u128(&mut self, mut value: u128) {

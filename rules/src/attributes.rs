@@ -55,18 +55,6 @@ impl PointAttributes {
         self.ends.is_empty()
     }
 
-    /// The key of attribute `index`.
-    pub fn key(&self, index: usize) -> &str {
-        let start = if index == 0 { 0 } else { self.ends[index - 1].1 as usize };
-        &self.text[start..self.ends[index].0 as usize]
-    }
-
-    /// The value text of attribute `index`.
-    pub fn value(&self, index: usize) -> &str {
-        let (key_end, value_end) = self.ends[index];
-        &self.text[key_end as usize..value_end as usize]
-    }
-
     /// The attributes as (key, value text), in their order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         let mut start = 0;
@@ -283,7 +271,7 @@ mod tests {
             pairs,
             [("model", "gpt-4o"), ("", ""), ("code", "503"), ("model", "ignored: the first wins"), ("none", "")]
         );
-        assert_eq!((text.len(), text.key(2), text.value(2)), (5, "code", "503"));
+        assert_eq!((text.len(), text.iter().nth(2)), (5, Some(("code", "503"))));
         assert_eq!(text.to_set(), AttributeSet::from_key_values(&attributes));
         let mut built = PointAttributesBuilder::with_capacity(0, 0);
         for (key, value) in &pairs {

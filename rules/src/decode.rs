@@ -64,11 +64,6 @@ impl DecodedMetrics {
         DecodedMetrics { resource, attributes, starts }
     }
 
-    /// The resource; its histogram and sum points have no `attributes` here.
-    pub fn resource(&self) -> &ResourceMetrics {
-        &self.resource
-    }
-
     /// Takes the attributes of histogram or sum point `point` of metric `metric` (counted over
     /// all scopes of the resource, in order).
     pub fn take_attributes(&mut self, metric: usize, point: usize) -> PointAttributes {

@@ -154,6 +154,9 @@ pub struct ClusterConfig {
     pub election_timeout_ms: u64,
     /// Bytes of forwarded data in flight per peer.
     pub max_forward_inflight_bytes: usize,
+    /// Export-forwarding calls in flight per peer; the exports that come while they all are go
+    /// together in the next call.
+    pub forward_calls_per_peer: usize,
 }
 
 impl Default for ClusterConfig {
@@ -165,6 +168,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: 250,
             election_timeout_ms: 1_000,
             max_forward_inflight_bytes: 64 * 1024 * 1024,
+            forward_calls_per_peer: tollgate_cluster::transport::DEFAULT_FORWARD_CALLS,
         }
     }
 }
@@ -334,6 +338,7 @@ impl NodeConfig {
             ("storage.max_batches_per_flush", self.storage.max_batches_per_flush),
             ("storage.writer_queue_capacity", self.storage.writer_queue_capacity),
             ("cluster.max_forward_inflight_bytes", self.cluster.max_forward_inflight_bytes),
+            ("cluster.forward_calls_per_peer", self.cluster.forward_calls_per_peer),
         ] {
             if value == 0 {
                 return fail(format!("{name}: must be greater than 0"));

@@ -20,11 +20,12 @@ use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::{Cluster, ClusterError, VnodeState};
 use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
-    ForwardExportRequest, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse,
-    QueryKind, QueryRequest, QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
+    ExportOutcome, ForwardExportRequest, ForwardExportsRequest, ForwardExportsResponse, ForwardRequest,
+    ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryKind, QueryRequest, QueryResponse,
+    RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
 use tollgate_proto::CLUSTER_SECRET_HEADER;
-use tollgate_rules::{ExtractedLog, MetricQuery};
+use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -52,6 +53,15 @@ impl PeerService {
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> PeerService {
         PeerService { cluster, ingest, owners, query, store, stopping }
+    }
+
+    /// Merges the resources of one forwarded export (`ForwardExport`, or one of `ForwardExports`).
+    async fn owner_export(&self, request: ForwardExportRequest) -> Result<IngestReport, Status> {
+        let signal = match Signal::try_from(request.signal) {
+            Ok(signal @ (Signal::Metrics | Signal::Logs)) => signal,
+            _ => return Err(invalid(format!("unknown signal {}", request.signal))),
+        };
+        Ok(self.ingest.owner_export(signal, request.resources).await?)
     }
 
     /// The owner actor of a vnode named in a request.
@@ -121,13 +131,28 @@ impl Peer for PeerService {
         &self,
         request: Request<ForwardExportRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let request = request.into_inner();
-        let signal = match Signal::try_from(request.signal) {
-            Ok(signal @ (Signal::Metrics | Signal::Logs)) => signal,
-            _ => return Err(invalid(format!("unknown signal {}", request.signal))),
-        };
-        let report = self.ingest.owner_export(signal, request.resources).await?;
+        let report = self.owner_export(request.into_inner()).await?;
         Ok(Response::new(ForwardResponse { report: wire::encode(&report) }))
+    }
+
+    async fn forward_exports(
+        &self,
+        request: Request<ForwardExportsRequest>,
+    ) -> Result<Response<ForwardExportsResponse>, Status> {
+        let exports = request.into_inner().exports.into_iter().map(|export| self.owner_export(export));
+        let outcomes = futures_util::future::join_all(exports)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Ok(report) => ExportOutcome { code: 0, message: String::new(), report: wire::encode(&report) },
+                Err(status) => ExportOutcome {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                    report: Vec::new(),
+                },
+            })
+            .collect();
+        Ok(Response::new(ForwardExportsResponse { outcomes }))
     }
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {

@@ -261,11 +261,14 @@ impl Node {
         };
 
         let transport: Arc<dyn Transport> = transport.unwrap_or_else(|| {
-            Arc::new(TonicTransport::new(
-                config.cluster_secret.clone(),
-                Duration::from_millis(config.cluster.rpc_timeout_ms),
-                config.cluster.max_forward_inflight_bytes,
-            ))
+            Arc::new(
+                TonicTransport::new(
+                    config.cluster_secret.clone(),
+                    Duration::from_millis(config.cluster.rpc_timeout_ms),
+                    config.cluster.max_forward_inflight_bytes,
+                )
+                .with_forward_calls(config.cluster.forward_calls_per_peer),
+            )
         });
         let settings = ClusterSettings {
             vnodes: config.cluster.vnodes,

@@ -670,6 +670,7 @@ impl Driver {
         let forwarded = metric_value(&text, "tollgate_forwarded_points_total").unwrap_or(0.0);
         let forwards = metric_value(&text, "tollgate_forward_seconds_count").unwrap_or(0.0);
         let forward_seconds = metric_value(&text, "tollgate_forward_seconds_sum").unwrap_or(0.0);
+        let forward_calls = metric_value(&text, "tollgate_forward_calls_total").unwrap_or(0.0);
         let mut cluster_commits = Vec::new();
         for node in &nodes[1..] {
             cluster_commits.push(self.group_commits(node).await);
@@ -677,9 +678,10 @@ impl Driver {
         drop(nodes);
         println!("  cluster:  {}", on_cluster.summary("points"));
         println!(
-            "  n1 received {received:.0} points and forwarded {forwarded:.0} in {forwards:.0} forwards ({:.0} points, {:.2} ms each on average)",
+            "  n1 received {received:.0} points and forwarded {forwarded:.0} in {forwards:.0} forwards ({:.0} points, {:.2} ms each on average), carried by {forward_calls:.0} calls ({:.1} forwards each)",
             forwarded / forwards.max(1.0),
-            1000.0 * forward_seconds / forwards.max(1.0)
+            1000.0 * forward_seconds / forwards.max(1.0),
+            forwards / forward_calls.max(1.0)
         );
         if forwarded < received {
             bail!("n1 merged {:.0} of the points itself: not every series was remote", received - forwarded);

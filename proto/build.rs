@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".tollgate.peer.v1.ForwardExportRequest.resources")
+        .codec_path("crate::codec::ReservingCodec")
         .compile_fds(descriptors)?;
     let descriptors = protox::compile(["proto/otlp_routing.proto", "proto/otlp_routing_logs.proto"], ["proto"])?;
     tonic_prost_build::configure()

@@ -3,6 +3,8 @@
 
 pub use opentelemetry_proto as otlp;
 
+pub mod codec;
+
 /// Tollgate's node-to-node protocol.
 #[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod peer {

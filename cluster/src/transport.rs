@@ -262,11 +262,10 @@ impl ExportCaller {
         match result {
             Ok(response) if response.outcomes.len() == batch.len() => {
                 for (export, outcome) in batch.into_iter().zip(response.outcomes) {
-                    let result = if outcome.code == 0 {
-                        Ok(ForwardResponse { report: outcome.report })
-                    } else {
-                        Err(status_error(&self.addr, tonic::Status::new(outcome.code.into(), outcome.message)))
-                    };
+                    let result = outcome
+                        .into_result()
+                        .map(|report| ForwardResponse { report })
+                        .map_err(|status| status_error(&self.addr, status));
                     let _ = export.reply.send(result);
                 }
             }

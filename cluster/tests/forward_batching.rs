@@ -75,17 +75,7 @@ impl Peer for TestPeer {
         }
         let exports = request.into_inner().exports;
         self.calls.lock().unwrap().batches.push(exports.iter().map(name).collect());
-        let outcomes = exports
-            .iter()
-            .map(|export| match answer(export) {
-                Ok(report) => ExportOutcome { code: 0, message: String::new(), report },
-                Err(status) => ExportOutcome {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                    report: Vec::new(),
-                },
-            })
-            .collect();
+        let outcomes = exports.iter().map(|export| ExportOutcome::new(answer(export))).collect();
         Ok(Response::new(ForwardExportsResponse { outcomes }))
     }
     async fn query(&self, _: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {

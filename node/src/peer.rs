@@ -143,14 +143,7 @@ impl Peer for PeerService {
         let outcomes = futures_util::future::join_all(exports)
             .await
             .into_iter()
-            .map(|result| match result {
-                Ok(report) => ExportOutcome { code: 0, message: String::new(), report: wire::encode(&report) },
-                Err(status) => ExportOutcome {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                    report: Vec::new(),
-                },
-            })
+            .map(|result| ExportOutcome::new(result.map(|report| wire::encode(&report))))
             .collect();
         Ok(Response::new(ForwardExportsResponse { outcomes }))
     }

@@ -27,5 +27,28 @@ pub mod otlp_routing {
     }
 }
 
+impl peer::ExportOutcome {
+    /// The outcome of one export of a `ForwardExports` call: the owner's encoded report, or the
+    /// status `ForwardExport` would have answered.
+    pub fn new(result: Result<Vec<u8>, tonic::Status>) -> peer::ExportOutcome {
+        match result {
+            Ok(report) => peer::ExportOutcome { code: 0, message: String::new(), report },
+            Err(status) => peer::ExportOutcome {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                report: Vec::new(),
+            },
+        }
+    }
+
+    /// The report, or the error's status.
+    pub fn into_result(self) -> Result<Vec<u8>, tonic::Status> {
+        match self.code {
+            0 => Ok(self.report),
+            code => Err(tonic::Status::new(code.into(), self.message)),
+        }
+    }
+}
+
 /// The metadata key carrying the cluster secret.
 pub const CLUSTER_SECRET_HEADER: &str = "x-tollgate-cluster-secret";

@@ -415,7 +415,9 @@ impl Transport for TonicTransport {
                 };
                 tokio::spawn(caller.run());
             }
-            // The export may wait for a call in flight (at most one deadline), then has its own.
+            // The export may first wait for the call in flight (up to one deadline), then has its
+            // own. Should it wait longer (more exports waited than one call carries), its client is
+            // told to retry, and the export is dropped from the queue unsent (`take_batch`).
             let deadline = self.timeout * 2;
             match tokio::time::timeout(deadline, outcome).await {
                 Ok(Ok(result)) => result,

@@ -139,12 +139,22 @@ impl Peer for PeerService {
         &self,
         request: Request<ForwardExportsRequest>,
     ) -> Result<Response<ForwardExportsResponse>, Status> {
-        let exports = request.into_inner().exports.into_iter().map(|export| self.owner_export(export));
-        let outcomes = futures_util::future::join_all(exports)
-            .await
+        // One task per export: their decoding spreads over the runtime's threads instead of
+        // running one after the other in this call's poll.
+        let tasks: Vec<_> = request
+            .into_inner()
+            .exports
             .into_iter()
-            .map(|result| ExportOutcome::new(result.map(|report| wire::encode(&report))))
+            .map(|export| {
+                let this = self.clone();
+                tokio::spawn(async move { this.owner_export(export).await })
+            })
             .collect();
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let result = task.await.unwrap_or_else(|error| Err(Status::internal(format!("an export failed: {error}"))));
+            outcomes.push(ExportOutcome::new(result.map(|report| wire::encode(&report))));
+        }
         Ok(Response::new(ForwardExportsResponse { outcomes }))
     }
 

@@ -83,21 +83,12 @@ pub fn decode_points(bytes: &[u8]) -> Result<Vec<ExtractedPoint>, String> {
                 entity: shared_entity,
                 partition: point.partition,
                 metric: shared_metric,
-                attributes: point_attributes(&point.attributes),
+                attributes: PointAttributes::from_pairs(&point.attributes),
                 point: point.point,
             }
         })
         .collect();
     Ok(points)
-}
-
-fn point_attributes(pairs: &[(String, String)]) -> PointAttributes {
-    let text = pairs.iter().map(|(key, value)| key.len() + value.len()).sum();
-    let mut out = PointAttributes::with_capacity(pairs.len(), text);
-    for (key, value) in pairs {
-        out.push(key, value);
-    }
-    out
 }
 
 #[cfg(test)]

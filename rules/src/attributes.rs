@@ -37,6 +37,16 @@ impl PointAttributes {
         out
     }
 
+    /// Attributes given as (key, value text) pairs, in their order.
+    pub fn from_pairs(pairs: &[(String, String)]) -> PointAttributes {
+        let text = pairs.iter().map(|(key, value)| key.len() + value.len()).sum();
+        let mut out = PointAttributes::with_capacity(pairs.len(), text);
+        for (key, value) in pairs {
+            out.push(key, value);
+        }
+        out
+    }
+
     /// Adds an attribute after the others.
     pub fn push(&mut self, key: &str, value: &str) {
         self.text.push_str(key);

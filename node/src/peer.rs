@@ -308,6 +308,14 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + S
         .map_err(Status::from)
 }
 
+/// The HTTP/2 frame size this server accepts, and so the size of the frames peers send it. With
+/// h2's default (16 KiB), a sender writes each frame of a call with its own system call, because
+/// its connection holds one pending data frame at a time: a forwarding call of a few hundred KiB
+/// took about a dozen writes. With 1 MiB, such a call is one frame, and the largest call a peer
+/// sends (8 MiB, `tollgate_cluster::transport`) eight. A receiver buffers at most one frame per
+/// connection.
+const PEER_MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// Serves the peer service on `listener` until `shutdown` resolves; calls without the secret
 /// (when one is configured) are refused as unauthenticated.
 pub async fn serve(
@@ -335,6 +343,7 @@ pub async fn serve(
         check,
     );
     tonic::transport::Server::builder()
+        .max_frame_size(PEER_MAX_FRAME_BYTES)
         .add_service(server)
         .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
         .await

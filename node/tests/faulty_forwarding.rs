@@ -239,6 +239,59 @@ async fn test_an_export_is_forwarded_in_one_call_per_owner_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_forwarding_call_larger_than_a_frame_arrives_whole() {
+    // The peer port takes HTTP/2 frames of up to 1 MiB (`node/src/peer.rs`): the part of this
+    // export for each owner is larger, so its call is sent in several frames.
+    const SERVICE: &str = "large-gw";
+    const LARGE_PODS: u64 = 2_500;
+    let cluster = Cluster::start().await;
+    let receiver = &cluster.nodes[0];
+    let from = receiver.endpoints.cluster.to_string();
+    let base = now_seconds() - 120;
+    let (request, requests) = fleet_export(SERVICE, base, 0, LARGE_PODS);
+    let state = receiver.cluster().state();
+    let me = receiver.cluster().id;
+    let mut bytes_per_owner: BTreeMap<String, usize> = BTreeMap::new();
+    for (pod, resource) in (0..LARGE_PODS).zip(&request.resource_metrics) {
+        let vnode = vnode_of(pod_partition(SERVICE, pod), state.vnodes.vnodes.len() as u16);
+        let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
+        if owner != me {
+            *bytes_per_owner.entry(state.nodes[&owner].cluster_addr.clone()).or_default() += resource.encoded_len();
+        }
+    }
+    assert_eq!(bytes_per_owner.len(), 2, "both other nodes own some of the pods: {bytes_per_owner:?}");
+    assert!(
+        bytes_per_owner.values().all(|bytes| *bytes > 1 << 20),
+        "each owner's part must be larger than one frame for this test to mean anything: {bytes_per_owner:?}"
+    );
+
+    let started = Instant::now();
+    loop {
+        let mut client = MetricsServiceClient::connect(cluster.grpc(0)).await.expect("connect");
+        match client.export(request.clone()).await {
+            Ok(response) => {
+                assert!(response.into_inner().partial_success.is_none());
+                break;
+            }
+            // A slow owner (a debug build merging 10 000 new series) may time the call out:
+            // retryable, and the retry is recognised.
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "not retryable: {status:?}");
+                assert!(started.elapsed() < WAIT, "never acknowledged");
+            }
+        }
+    }
+    for node in &cluster.nodes[1..] {
+        assert!(cluster.faults.forward_calls(&from, &node.endpoints.cluster.to_string()) >= 1);
+    }
+    let (start, end) = (base - 120, base + 120);
+    for node in &cluster.nodes {
+        assert_eq!(total(node, "meter_envoy_ai_gw_request_cpm", SERVICE, start, end).await, requests as f64);
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_dropped_and_delayed_forwarding_is_retried_to_an_exact_total() {
     const EXPORTS: u64 = 80;
     let cluster = Cluster::start().await;

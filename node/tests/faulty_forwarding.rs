@@ -238,10 +238,32 @@ async fn test_an_export_is_forwarded_in_one_call_per_owner_node() {
     cluster.shutdown().await;
 }
 
+/// The `SETTINGS_MAX_FRAME_SIZE` an HTTP/2 server at `addr` announces in its first SETTINGS
+/// frame (16 384, the protocol's default, when it announces none).
+async fn advertised_max_frame_size(addr: &str) -> u32 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The client preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.expect("the server's first frame");
+    assert_eq!(head[3], 4, "the server's preface starts with a SETTINGS frame: {head:?}");
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks_exact(6)
+        .find(|setting| u16::from_be_bytes([setting[0], setting[1]]) == 5)
+        .map(|setting| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
+        .unwrap_or(16_384)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_a_forwarding_call_larger_than_a_frame_arrives_whole() {
-    // The peer port takes HTTP/2 frames of up to 1 MiB (`node/src/peer.rs`): the part of this
-    // export for each owner is larger, so its call is sent in several frames.
+    // The peer port takes HTTP/2 frames of up to 1 MiB (`node/src/peer.rs`), so that a
+    // forwarding call is written in few frames; the part of this export for each owner is
+    // larger, so its call is sent in several.
     const SERVICE: &str = "large-gw";
     const LARGE_PODS: u64 = 2_500;
     let cluster = Cluster::start().await;
@@ -260,6 +282,9 @@ async fn test_a_forwarding_call_larger_than_a_frame_arrives_whole() {
         }
     }
     assert_eq!(bytes_per_owner.len(), 2, "both other nodes own some of the pods: {bytes_per_owner:?}");
+    for node in &cluster.nodes {
+        assert_eq!(advertised_max_frame_size(&node.endpoints.cluster.to_string()).await, 1 << 20);
+    }
     assert!(
         bytes_per_owner.values().all(|bytes| *bytes > 1 << 20),
         "each owner's part must be larger than one frame for this test to mean anything: {bytes_per_owner:?}"

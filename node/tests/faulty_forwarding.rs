@@ -303,6 +303,7 @@ async fn test_a_forwarding_call_larger_than_a_frame_arrives_whole() {
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::Unavailable, "not retryable: {status:?}");
                 assert!(started.elapsed() < WAIT, "never acknowledged");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

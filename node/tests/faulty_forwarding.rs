@@ -10,6 +10,7 @@ use common::{fleet_export, fleet_tokens, now_seconds, pod_export};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use prost::Message;
@@ -104,11 +105,21 @@ impl Cluster {
 /// Sends export `k` to `endpoint` until it is acknowledged; returns the refusals, which must all
 /// be retryable.
 async fn send_until_acknowledged(endpoint: &str, service: &str, base: u64, k: u64) -> Vec<tonic::Status> {
+    export_until_acknowledged(endpoint, &fleet_export(service, base, k, PODS).0, &format!("export {k}")).await
+}
+
+/// Sends `request` to `endpoint` until it is acknowledged; returns the refusals, which must all
+/// be retryable. `what` names the request in failures.
+async fn export_until_acknowledged(
+    endpoint: &str,
+    request: &ExportMetricsServiceRequest,
+    what: &str,
+) -> Vec<tonic::Status> {
     let mut refusals = Vec::new();
     let started = Instant::now();
     loop {
         let mut client = MetricsServiceClient::connect(endpoint.to_string()).await.expect("connect");
-        match client.export(fleet_export(service, base, k, PODS).0).await {
+        match client.export(request.clone()).await {
             Ok(response) => {
                 assert!(response.into_inner().partial_success.is_none());
                 return refusals;
@@ -116,10 +127,10 @@ async fn send_until_acknowledged(endpoint: &str, service: &str, base: u64, k: u6
             Err(status) => {
                 assert!(
                     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted),
-                    "export {k}: not retryable: {status:?}"
+                    "{what}: not retryable: {status:?}"
                 );
                 refusals.push(status);
-                assert!(started.elapsed() < WAIT, "export {k} never acknowledged");
+                assert!(started.elapsed() < WAIT, "{what} never acknowledged");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -153,17 +164,25 @@ async fn assert_exact(node: &Node, service: &str, base: u64, exports: u64) {
     );
 }
 
-/// The vnodes of `service`'s pods that `receiver` does not own, per owner node.
-fn remote_vnodes(receiver: &Node, service: &str) -> BTreeMap<String, BTreeSet<u16>> {
+/// The owner node (its cluster address) and vnode of each of `service`'s pods `0..pods` that
+/// `receiver` does not own.
+fn remote_pods(receiver: &Node, service: &str, pods: u64) -> Vec<(u64, String, u16)> {
     let state = receiver.cluster().state();
     let me = receiver.cluster().id;
+    (0..pods)
+        .filter_map(|pod| {
+            let vnode = vnode_of(pod_partition(service, pod), state.vnodes.vnodes.len() as u16);
+            let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
+            (owner != me).then(|| (pod, state.nodes[&owner].cluster_addr.clone(), vnode))
+        })
+        .collect()
+}
+
+/// The vnodes of `service`'s pods that `receiver` does not own, per owner node.
+fn remote_vnodes(receiver: &Node, service: &str) -> BTreeMap<String, BTreeSet<u16>> {
     let mut remote: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
-    for pod in 0..PODS {
-        let vnode = vnode_of(pod_partition(service, pod), state.vnodes.vnodes.len() as u16);
-        let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
-        if owner != me {
-            remote.entry(state.nodes[&owner].cluster_addr.clone()).or_default().insert(vnode);
-        }
+    for (_, owner, vnode) in remote_pods(receiver, service, PODS) {
+        remote.entry(owner).or_default().insert(vnode);
     }
     remote
 }
@@ -271,15 +290,9 @@ async fn test_a_forwarding_call_larger_than_a_frame_arrives_whole() {
     let from = receiver.endpoints.cluster.to_string();
     let base = now_seconds() - 120;
     let (request, requests) = fleet_export(SERVICE, base, 0, LARGE_PODS);
-    let state = receiver.cluster().state();
-    let me = receiver.cluster().id;
     let mut bytes_per_owner: BTreeMap<String, usize> = BTreeMap::new();
-    for (pod, resource) in (0..LARGE_PODS).zip(&request.resource_metrics) {
-        let vnode = vnode_of(pod_partition(SERVICE, pod), state.vnodes.vnodes.len() as u16);
-        let owner = state.vnodes.owner(vnode).expect("balanced: every vnode has an owner");
-        if owner != me {
-            *bytes_per_owner.entry(state.nodes[&owner].cluster_addr.clone()).or_default() += resource.encoded_len();
-        }
+    for (pod, owner, _) in remote_pods(receiver, SERVICE, LARGE_PODS) {
+        *bytes_per_owner.entry(owner).or_default() += request.resource_metrics[pod as usize].encoded_len();
     }
     assert_eq!(bytes_per_owner.len(), 2, "both other nodes own some of the pods: {bytes_per_owner:?}");
     for node in &cluster.nodes {
@@ -290,23 +303,10 @@ async fn test_a_forwarding_call_larger_than_a_frame_arrives_whole() {
         "each owner's part must be larger than one frame for this test to mean anything: {bytes_per_owner:?}"
     );
 
-    let started = Instant::now();
-    loop {
-        let mut client = MetricsServiceClient::connect(cluster.grpc(0)).await.expect("connect");
-        match client.export(request.clone()).await {
-            Ok(response) => {
-                assert!(response.into_inner().partial_success.is_none());
-                break;
-            }
-            // A slow owner (a debug build merging 10 000 new series) may time the call out:
-            // retryable, and the retry is recognised.
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "not retryable: {status:?}");
-                assert!(started.elapsed() < WAIT, "never acknowledged");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    // A slow owner (a debug build merging 10 000 new series) may time the call out: retryable
+    // (and only that way: nothing here fills a queue), and the retry is recognised.
+    let refusals = export_until_acknowledged(&cluster.grpc(0), &request, "the large export").await;
+    assert!(refusals.iter().all(|status| status.code() == tonic::Code::Unavailable), "{refusals:?}");
     for node in &cluster.nodes[1..] {
         assert!(cluster.faults.forward_calls(&from, &node.endpoints.cluster.to_string()) >= 1);
     }

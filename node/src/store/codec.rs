@@ -288,6 +288,60 @@ pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
     (out.0, bounds)
 }
 
+/// Longest bytes written after a cursor's kept keys that [`cursor_patch`] looks past: the steps
+/// of a few new keys (a step takes at most 20 bytes, usually 6).
+const PATCH_MAX_TAIL: usize = 64;
+/// Fewest bytes of the value before that a patch must keep to be worth it.
+const PATCH_MIN_KEPT: usize = 32;
+
+/// How a series' cursor, `new`, can be written to the write-ahead log as a patch of the value
+/// written before it, `previous`: `new` is `new[..head]`, then `previous[from..from + len]`,
+/// then `new[head + len..]`.
+///
+/// A cursor is rewritten with each batch that merges into its series: its baseline changes, it
+/// forgets its oldest keys and adds the newest ones at its end, but the steps of the keys it kept
+/// are the same bytes as before, and the bulk of it (about 60 keys of 6 bytes for a series
+/// exported every 10 s). So they are the end of `previous`, found in `new` just before the
+/// steps of the new keys: the longest common suffix of `previous` and `new` without its last
+/// `t` bytes, for the smallest `t` up to [`PATCH_MAX_TAIL`] where the two share at least
+/// [`PATCH_MIN_KEPT`] bytes. Whatever is found, the patch rebuilds `new` byte for byte (the
+/// bytes are compared, not assumed); `None` when nothing long enough is shared (a short cursor,
+/// or many keys added at once), and the cursor is logged whole.
+pub fn cursor_patch(previous: &[u8], new: &[u8]) -> Option<(usize, usize, usize)> {
+    const PROBE: usize = 8;
+    if previous.len() < PATCH_MIN_KEPT || new.len() < PATCH_MIN_KEPT {
+        return None;
+    }
+    let last = |bytes: &[u8]| u64::from_ne_bytes(bytes[bytes.len() - PROBE..].try_into().expect("eight bytes"));
+    let probe = last(previous);
+    for tail in 0..=PATCH_MAX_TAIL.min(new.len() - PATCH_MIN_KEPT) {
+        let shared = &new[..new.len() - tail];
+        if last(shared) != probe {
+            continue;
+        }
+        let kept = common_suffix(previous, shared);
+        if kept >= PATCH_MIN_KEPT {
+            return Some((shared.len() - kept, previous.len() - kept, kept));
+        }
+    }
+    None
+}
+
+/// The length of the longest common suffix of `a` and `b`.
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    let (mut a, mut b) = (a, b);
+    let mut kept = 0;
+    while a.len() >= 8 && b.len() >= 8 {
+        let (a_head, a_last) = a.split_at(a.len() - 8);
+        let (b_head, b_last) = b.split_at(b.len() - 8);
+        if a_last != b_last {
+            break;
+        }
+        (a, b, kept) = (a_head, b_head, kept + 8);
+    }
+    kept + a.iter().rev().zip(b.iter().rev()).take_while(|(x, y)| x == y).count()
+}
+
 /// Postcard's encoding, written directly into one buffer, for the two records every batch writes
 /// for every series it touches (its cursor and its aggregates): through serde, postcard copies
 /// each varint with a call to `memmove`, and with the cursor's clone that was a tenth of the
@@ -538,6 +592,90 @@ mod tests {
             let back = decode_cursor(&bytes, 0, |h| (Some(h) == hash).then(|| bounds.clone())).unwrap();
             assert_eq!(back, cursor);
         }
+    }
+
+    /// `new` rebuilt from `previous` as a write-ahead patch would be.
+    fn patched(previous: &[u8], new: &[u8], (head, from, len): (usize, usize, usize)) -> Vec<u8> {
+        [&new[..head], &previous[from..from + len], &new[head + len..]].concat()
+    }
+
+    #[test]
+    fn test_cursor_patches_rebuild_each_rewrite_of_a_series_cursor() {
+        let mut random = Xorshift::new(20261206);
+        let bounds: Bounds = Arc::from((0..20).map(f64::from).collect::<Vec<_>>());
+        let mut cursor = SeriesCursor::default();
+        let mut time_ns = 1_700_000_000_000_000_000u64;
+        let mut previous = encode_cursor(&cursor).0;
+        let (mut rewrites, mut patches, mut in_order_unpatched) = (0, 0, 0);
+        for round in 0..3_000u64 {
+            // A point every 10 s (give or take the exporter's jitter), sometimes a late one, and
+            // the keys older than the 10-minute window forgotten.
+            let late = random.below(20) == 0;
+            let key = if late && !cursor.seen.is_empty() {
+                PointKey { time_ns: time_ns - 1 - random.below(300_000_000_000), start_ns: 5 }
+            } else {
+                time_ns += 10_000_000_000 + random.below(50_000_000);
+                PointKey { time_ns, start_ns: if random.below(100) == 0 { time_ns } else { 5 } }
+            };
+            cursor.seen.insert(key);
+            cursor.seen.forget_before(time_ns.saturating_sub(600_000_000_000));
+            cursor.baseline = Some(Baseline {
+                start_ns: 5,
+                time_ns,
+                count: round * 7,
+                sum: Fixed::from_int(round as i64 * 3),
+                bounds: Arc::clone(&bounds),
+                buckets: (0..=20).map(|i| round * i).collect(),
+            });
+            let new = encode_cursor(&cursor).0;
+            rewrites += 1;
+            match cursor_patch(&previous, &new) {
+                Some(patch) => {
+                    patches += 1;
+                    assert_eq!(patched(&previous, &new, patch), new, "round {round}");
+                    assert!(patch.2 >= 32, "round {round}: a patch keeps at least 32 bytes");
+                }
+                None if !late && cursor.seen.len() > 10 => in_order_unpatched += 1,
+                None => {}
+            }
+            previous = new;
+        }
+        // Every rewrite after a point in order, once the cursor holds more than a few keys, is a
+        // patch; late points (one in 20) and the first rounds are written whole.
+        assert_eq!(in_order_unpatched, 0);
+        assert!(patches * 100 >= rewrites * 85, "{patches} patches of {rewrites} rewrites");
+    }
+
+    #[test]
+    fn test_cursor_patch_keeps_the_steps_of_the_kept_keys() {
+        // Steps that differ from key to key, as an exporter's jitter makes them.
+        let keys = |times: std::ops::Range<u64>| -> SeenKeys {
+            times.map(|t| PointKey { time_ns: t * 10_000_000_000 + t * t * 1_000, start_ns: 0 }).collect()
+        };
+        let cursor = |seen: SeenKeys| encode_cursor(&SeriesCursor { baseline: None, seen }).0;
+        let previous = cursor(keys(0..60));
+        // Any number of keys forgotten, one to eight added: a patch that keeps every step of the
+        // keys kept (all but the first key's, which is written whole at the head).
+        for forgotten in 0..30 {
+            for added in 1..=8 {
+                let new = cursor(keys(forgotten..60 + added));
+                let patch = cursor_patch(&previous, &new).unwrap_or_else(|| panic!("{forgotten} forgotten"));
+                assert_eq!(patched(&previous, &new, patch), new);
+                let kept_steps = cursor(keys(forgotten..60)).len() - cursor(keys(forgotten..forgotten + 1)).len();
+                assert!(patch.2 >= kept_steps, "{forgotten} forgotten, {added} added: {patch:?}");
+            }
+        }
+        // A key added among the kept ones: the steps after it are still kept.
+        let mut seen = keys(0..60);
+        seen.insert(PointKey { time_ns: 400_000_000_123, start_ns: 0 });
+        let new = cursor(seen);
+        let patch = cursor_patch(&previous, &new).expect("the steps after the late key");
+        assert_eq!(patched(&previous, &new, patch), new);
+        // Too short to be worth it, or too much added at once: written whole.
+        assert_eq!(cursor_patch(&cursor(keys(0..4)), &cursor(keys(0..5))), None);
+        assert_eq!(cursor_patch(&previous, &cursor(keys(0..80))), None);
+        assert_eq!(cursor_patch(&previous, &[1; 8]), None);
+        assert_eq!(cursor_patch(&[], &previous), None);
     }
 
     #[test]

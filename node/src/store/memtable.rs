@@ -16,12 +16,14 @@
 //! (a series' cursor, its open minute) reaches the B-tree once. Then the generation's file is
 //! removed and the frozen map released. At open, every generation still on disk is read back
 //! into a frozen map, in order, and checkpointed the same way: replay is idempotent because the
-//! entries are whole values applied in the order they were written.
+//! entries are whole values applied in the order they were written (a cursor logged as a patch
+//! is rebuilt whole from its value earlier in the same generation, see [`super::wal`]).
 //!
 //! The memtable holds nothing that is not also in a synced write-ahead generation or in the
 //! flushed data tree.
 
-use std::collections::BTreeMap;
+use super::wal::Logged;
+use std::collections::{btree_map, BTreeMap};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
@@ -104,6 +106,18 @@ impl Frozen {
             None => self.bytes += added,
         }
     }
+
+    /// Puts an entry read back from the write-ahead log, resolving a patch against the key's
+    /// value in this layer (a patch refers to a value of its own generation, read before it).
+    pub fn replay(&mut self, key: Vec<u8>, logged: Logged<'_>) -> Result<(), String> {
+        let previous = match &logged {
+            Logged::Patch { .. } => self.entries.get(key.as_slice()).and_then(|value| value.as_deref()),
+            _ => None,
+        };
+        let value = logged.resolve(previous)?;
+        self.put(key, value);
+        Ok(())
+    }
 }
 
 /// What the memtable knows of a key.
@@ -139,10 +153,37 @@ pub struct Memtable {
 
 impl Memtable {
     /// Puts entries into the active layer.
+    #[cfg(test)]
     pub fn apply(&self, entries: impl IntoIterator<Item = Entry>) {
+        self.apply_with(entries, |_, _, _| {});
+    }
+
+    /// Puts entries into the active layer, first calling `each` with each entry's key, the
+    /// key's value in the active layer before it (`None` when absent or deleted), and its value.
+    /// The active layer holds exactly the writes of the current write-ahead generation, so that
+    /// the writer can log a value as a patch of the one before it ([`super::wal::encode_patch`]).
+    pub fn apply_with(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+        mut each: impl FnMut(&[u8], Option<&[u8]>, Option<&[u8]>),
+    ) {
         let mut layers = self.layers.write().expect("memtable lock");
+        let active = &mut layers.active;
         for (key, value) in entries {
-            layers.active.put(key, value);
+            let added = entry_bytes(&key, &value);
+            let value_len = value.as_ref().map_or(0, Vec::len);
+            match active.entries.entry(Key::new(key)) {
+                btree_map::Entry::Occupied(mut occupied) => {
+                    each(occupied.key().as_slice(), occupied.get().as_deref(), value.as_deref());
+                    let previous = occupied.insert(value);
+                    active.bytes = active.bytes + value_len - previous.map_or(0, |v| v.len());
+                }
+                btree_map::Entry::Vacant(vacant) => {
+                    each(vacant.key().as_slice(), None, value.as_deref());
+                    vacant.insert(value);
+                    active.bytes += added;
+                }
+            }
         }
     }
 

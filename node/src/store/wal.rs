@@ -9,7 +9,12 @@
 //! - `0x01`, the `u32` length of the data part, the data tree's entries, then the metadata tree's
 //!   entries (a request that changes both, such as a hand-over with its marker).
 //!
-//! Entries are encoded as [`encode_entries`] writes them. The writer appends the frames of a
+//! Entries are encoded as [`encode_entry`] and [`encode_patch`] write them: a value, a deletion,
+//! or a patch of the value the same key was given earlier in the same generation (a series'
+//! cursor, rewritten with every batch that merges into its series, is logged as the bytes that
+//! changed: see [`super::codec::cursor_patch`]). A patch never refers to another generation:
+//! the writer patches only a value of its active memtable layer, which holds exactly the current
+//! generation's writes. The writer appends the frames of a
 //! whole group with one `write` and makes them durable with one `fdatasync`: that is the only
 //! disk wait of an acknowledgement, whatever the size of the group.
 //!
@@ -32,24 +37,87 @@ const HEADER: usize = 8;
 /// File name suffix of a generation.
 const SUFFIX: &str = ".wal";
 
-/// Appends `entries`: per entry, the `u32` key length, the key, then `u32::MAX` for a deletion or
-/// the `u32` value length and the value; all big-endian.
+/// The value-length word of a deletion.
+const DELETED: u32 = u32::MAX;
+/// The value-length word of a patch.
+const PATCHED: u32 = u32::MAX - 1;
+
+/// Appends one entry: the `u32` key length, the key, then [`DELETED`] for a deletion or the `u32`
+/// value length and the value; all big-endian.
+pub fn encode_entry(key: &[u8], value: Option<&[u8]>, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    match value {
+        Some(value) => {
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        None => out.extend_from_slice(&DELETED.to_be_bytes()),
+    }
+}
+
+/// Appends `value` of `key` as a patch of the key's previous value `old`, where `value` is
+/// `value[..head]`, then `old[from..from + len]`, then `value[head + len..]`: the `u32` key
+/// length, the key, [`PATCHED`], then the `u32`s head length, `from`, `len` and tail length, with
+/// the head after the first and the tail after the last; all big-endian.
+pub fn encode_patch(key: &[u8], value: &[u8], (head, from, len): (usize, usize, usize), out: &mut Vec<u8>) {
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&PATCHED.to_be_bytes());
+    out.extend_from_slice(&(head as u32).to_be_bytes());
+    out.extend_from_slice(&value[..head]);
+    out.extend_from_slice(&(from as u32).to_be_bytes());
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    let tail = &value[head + len..];
+    out.extend_from_slice(&(tail.len() as u32).to_be_bytes());
+    out.extend_from_slice(tail);
+}
+
+/// Appends `entries`, each as [`encode_entry`] writes it.
 pub fn encode_entries<'a>(entries: impl IntoIterator<Item = &'a Entry>, out: &mut Vec<u8>) {
     for (key, value) in entries {
-        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
-        out.extend_from_slice(key);
-        match value {
-            Some(value) => {
-                out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-                out.extend_from_slice(value);
+        encode_entry(key, value.as_deref(), out);
+    }
+}
+
+/// An entry's value as read back from the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Logged<'a> {
+    /// A value.
+    Put(Vec<u8>),
+    /// A deletion.
+    Delete,
+    /// The new value is `head`, then `old[from..from + len]` of the key's previous value `old`,
+    /// then `tail` (see [`encode_patch`]).
+    Patch { head: &'a [u8], from: usize, len: usize, tail: &'a [u8] },
+}
+
+impl Logged<'_> {
+    /// The value (`None` for a deletion), a patch applied to `previous`, the key's value before.
+    pub fn resolve(self, previous: Option<&[u8]>) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            Logged::Put(value) => Ok(Some(value)),
+            Logged::Delete => Ok(None),
+            Logged::Patch { head, from, len, tail } => {
+                let previous = previous.ok_or("a patch of a key without a value before it")?;
+                let kept = from.checked_add(len).and_then(|end| previous.get(from..end)).ok_or_else(|| {
+                    format!("a patch of bytes {from}..{from}+{len} of a {}-byte value", previous.len())
+                })?;
+                let mut value = Vec::with_capacity(head.len() + len + tail.len());
+                value.extend_from_slice(head);
+                value.extend_from_slice(kept);
+                value.extend_from_slice(tail);
+                Ok(Some(value))
             }
-            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
         }
     }
 }
 
-/// Decodes what [`encode_entries`] wrote.
-pub fn decode_entries(mut bytes: &[u8], out: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>)) -> Result<(), String> {
+/// Decodes what [`encode_entry`] and [`encode_patch`] wrote, in order.
+pub fn decode_entries(
+    mut bytes: &[u8],
+    out: &mut impl FnMut(Vec<u8>, Logged<'_>) -> Result<(), String>,
+) -> Result<(), String> {
     fn take<'a>(bytes: &mut &'a [u8], len: usize) -> Result<&'a [u8], String> {
         if bytes.len() < len {
             return Err(format!("write-ahead entry truncated: {} bytes left, {len} needed", bytes.len()));
@@ -65,10 +133,19 @@ pub fn decode_entries(mut bytes: &[u8], out: &mut impl FnMut(Vec<u8>, Option<Vec
         let key_len = length(&mut bytes)? as usize;
         let key = take(&mut bytes, key_len)?.to_vec();
         let value = match length(&mut bytes)? {
-            u32::MAX => None,
-            len => Some(take(&mut bytes, len as usize)?.to_vec()),
+            DELETED => Logged::Delete,
+            PATCHED => {
+                let head_len = length(&mut bytes)? as usize;
+                let head = take(&mut bytes, head_len)?;
+                let from = length(&mut bytes)? as usize;
+                let len = length(&mut bytes)? as usize;
+                let tail_len = length(&mut bytes)? as usize;
+                let tail = take(&mut bytes, tail_len)?;
+                Logged::Patch { head, from, len, tail }
+            }
+            len => Logged::Put(take(&mut bytes, len as usize)?.to_vec()),
         };
-        out(key, value);
+        out(key, value)?;
     }
     Ok(())
 }
@@ -126,33 +203,48 @@ impl WalFile {
     }
 
     /// Stages a frame of data-tree entries.
+    #[cfg(test)]
     pub fn stage_data<'a>(&mut self, entries: impl IntoIterator<Item = &'a Entry>) {
+        self.stage_data_with(|payload| encode_entries(entries, payload));
+    }
+
+    /// Stages a frame of data-tree entries, which `write_data` appends to the payload
+    /// ([`encode_entry`], [`encode_patch`]).
+    pub fn stage_data_with<R>(&mut self, write_data: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         self.stage(|payload| {
             payload.push(DATA);
-            encode_entries(entries, payload);
-        });
+            write_data(payload)
+        })
     }
 
     /// Stages a frame of data-tree and metadata-tree entries, applied together or not at all.
+    #[cfg(test)]
     pub fn stage_data_and_meta(&mut self, data: &[Entry], meta: &[Entry]) {
+        self.stage_data_and_meta_with(|payload| encode_entries(data, payload), meta);
+    }
+
+    /// [`WalFile::stage_data_with`], with metadata-tree entries.
+    pub fn stage_data_and_meta_with<R>(&mut self, write_data: impl FnOnce(&mut Vec<u8>) -> R, meta: &[Entry]) -> R {
         self.stage(|payload| {
             payload.push(DATA_AND_META);
             let length_at = payload.len();
             payload.extend_from_slice(&[0; 4]);
-            encode_entries(data, payload);
+            let written = write_data(payload);
             let data_len = (payload.len() - length_at - 4) as u32;
             payload[length_at..length_at + 4].copy_from_slice(&data_len.to_le_bytes());
             encode_entries(meta, payload);
-        });
+            written
+        })
     }
 
-    fn stage(&mut self, write_payload: impl FnOnce(&mut Vec<u8>)) {
+    fn stage<R>(&mut self, write_payload: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         let start = self.staged.len();
         self.staged.extend_from_slice(&[0; HEADER]);
-        write_payload(&mut self.staged);
+        let written = write_payload(&mut self.staged);
         let payload = &self.staged[start + HEADER..];
         let header = [(payload.len() as u32).to_le_bytes(), crc32fast::hash(payload).to_le_bytes()].concat();
         self.staged[start..start + HEADER].copy_from_slice(&header);
+        written
     }
 
     /// Writes the staged frames and waits until they are on disk.
@@ -183,8 +275,8 @@ pub fn read(
     dir: &Path,
     generation: u64,
     newest: bool,
-    data: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>),
-    meta: &mut impl FnMut(Vec<u8>, Option<Vec<u8>>),
+    data: &mut impl FnMut(Vec<u8>, Logged<'_>) -> Result<(), String>,
+    meta: &mut impl FnMut(Vec<u8>, Logged<'_>) -> Result<(), String>,
 ) -> Result<ReadReport, String> {
     let file_path = path(dir, generation);
     let mut bytes = Vec::new();
@@ -251,9 +343,17 @@ mod tests {
         (key.as_bytes().to_vec(), value.map(|v| v.as_bytes().to_vec()))
     }
 
+    /// Collects whole entries (a patch is an error: none was written).
+    fn whole_into(entries: &mut Vec<Entry>) -> impl FnMut(Vec<u8>, Logged<'_>) -> Result<(), String> + '_ {
+        |key, value| {
+            entries.push((key, value.resolve(None)?));
+            Ok(())
+        }
+    }
+
     fn read_all(dir: &Path, generation: u64, newest: bool) -> Result<(Vec<Entry>, Vec<Entry>, ReadReport), String> {
         let (mut data, mut meta) = (Vec::new(), Vec::new());
-        let report = read(dir, generation, newest, &mut |k, v| data.push((k, v)), &mut |k, v| meta.push((k, v)))?;
+        let report = read(dir, generation, newest, &mut whole_into(&mut data), &mut whole_into(&mut meta))?;
         Ok((data, meta, report))
     }
 
@@ -265,9 +365,9 @@ mod tests {
         let mut bytes = Vec::new();
         encode_entries(&entries, &mut bytes);
         let mut decoded = Vec::new();
-        decode_entries(&bytes, &mut |key, value| decoded.push((key, value))).unwrap();
+        decode_entries(&bytes, &mut whole_into(&mut decoded)).unwrap();
         assert_eq!(decoded, entries);
-        let error = decode_entries(&bytes[..bytes.len() - 3], &mut |_, _| {}).unwrap_err();
+        let error = decode_entries(&bytes[..bytes.len() - 3], &mut |_, _| Ok(())).unwrap_err();
         assert!(error.contains("truncated"), "{error}");
     }
 
@@ -313,5 +413,46 @@ mod tests {
         std::fs::write(&file, &flipped).unwrap();
         assert_eq!(read_all(dir.path(), 1, true).unwrap().2.torn_bytes, full.len() - first_frame);
         assert!(read_all(dir.path(), 1, false).is_err());
+    }
+
+    #[test]
+    fn test_patches_round_trip_and_need_the_value_before_them() {
+        let old = b"0123456789abcdefghij".to_vec();
+        // The new value: a new head, bytes 4..14 of the old one, a new tail.
+        let new = [b"HEAD".as_slice(), &old[4..14], b"tail!"].concat();
+        let mut bytes = Vec::new();
+        encode_entry(b"k", Some(&old), &mut bytes);
+        encode_patch(b"k", &new, (4, 4, 10), &mut bytes);
+        encode_entry(b"gone", None, &mut bytes);
+        let mut logged = Vec::new();
+        decode_entries(&bytes, &mut |key, value| {
+            logged.push((key, format!("{value:?}")));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(logged.len(), 3);
+        let mut values: Vec<Option<Vec<u8>>> = Vec::new();
+        decode_entries(&bytes, &mut |_, value| {
+            let previous = values.last().cloned().flatten();
+            values.push(value.resolve(previous.as_deref())?);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(values, vec![Some(old.clone()), Some(new.clone()), None]);
+        // Encoded: key length, key, the patch marker, then head, from, len and tail.
+        let patch_at = 4 + 1 + 4 + old.len();
+        assert_eq!(&bytes[patch_at + 5..patch_at + 9], &PATCHED.to_be_bytes());
+
+        let patch = Logged::Patch { head: b"h", from: 4, len: 10, tail: b"t" };
+        let error = patch.resolve(None).unwrap_err();
+        assert!(error.contains("without a value before it"), "{error}");
+        let patch = Logged::Patch { head: b"h", from: 15, len: 10, tail: b"t" };
+        let error = patch.resolve(Some(&old)).unwrap_err();
+        assert!(error.contains("bytes 15..15+10 of a 20-byte value"), "{error}");
+        let patch = Logged::Patch { head: b"h", from: usize::MAX, len: 2, tail: b"t" };
+        assert!(patch.resolve(Some(&old)).is_err());
+        // A patch cut short is a truncated entry.
+        let error = decode_entries(&bytes[..patch_at + 20], &mut |_, _| Ok(())).unwrap_err();
+        assert!(error.contains("truncated"), "{error}");
     }
 }

@@ -98,12 +98,31 @@ pub struct Frozen {
 impl Frozen {
     /// Puts an entry (a later put of the same key replaces it).
     pub fn put(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.put_with(key, value, |_, _, _| {});
+    }
+
+    /// [`Frozen::put`], first calling `each` with the key, its value in this layer before it
+    /// (`None` when absent or deleted), and the new value.
+    fn put_with(
+        &mut self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        each: impl FnOnce(&[u8], Option<&[u8]>, Option<&[u8]>),
+    ) {
         let added = entry_bytes(&key, &value);
         let value_len = value.as_ref().map_or(0, Vec::len);
-        match self.entries.insert(Key::new(key), value) {
-            // The key and the map's overhead were counted already; only the value changes.
-            Some(previous) => self.bytes = self.bytes + value_len - previous.map_or(0, |v| v.len()),
-            None => self.bytes += added,
+        match self.entries.entry(Key::new(key)) {
+            btree_map::Entry::Occupied(mut occupied) => {
+                each(occupied.key().as_slice(), occupied.get().as_deref(), value.as_deref());
+                let previous = occupied.insert(value);
+                // The key and the map's overhead were counted already; only the value changes.
+                self.bytes = self.bytes + value_len - previous.map_or(0, |v| v.len());
+            }
+            btree_map::Entry::Vacant(vacant) => {
+                each(vacant.key().as_slice(), None, value.as_deref());
+                vacant.insert(value);
+                self.bytes += added;
+            }
         }
     }
 
@@ -168,22 +187,8 @@ impl Memtable {
         mut each: impl FnMut(&[u8], Option<&[u8]>, Option<&[u8]>),
     ) {
         let mut layers = self.layers.write().expect("memtable lock");
-        let active = &mut layers.active;
         for (key, value) in entries {
-            let added = entry_bytes(&key, &value);
-            let value_len = value.as_ref().map_or(0, Vec::len);
-            match active.entries.entry(Key::new(key)) {
-                btree_map::Entry::Occupied(mut occupied) => {
-                    each(occupied.key().as_slice(), occupied.get().as_deref(), value.as_deref());
-                    let previous = occupied.insert(value);
-                    active.bytes = active.bytes + value_len - previous.map_or(0, |v| v.len());
-                }
-                btree_map::Entry::Vacant(vacant) => {
-                    each(vacant.key().as_slice(), None, value.as_deref());
-                    vacant.insert(value);
-                    active.bytes += added;
-                }
-            }
+            layers.active.put_with(key, value, &mut each);
         }
     }
 

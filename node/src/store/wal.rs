@@ -210,11 +210,11 @@ impl WalFile {
 
     /// Stages a frame of data-tree entries, which `write_data` appends to the payload
     /// ([`encode_entry`], [`encode_patch`]).
-    pub fn stage_data_with<R>(&mut self, write_data: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    pub fn stage_data_with(&mut self, write_data: impl FnOnce(&mut Vec<u8>)) {
         self.stage(|payload| {
             payload.push(DATA);
-            write_data(payload)
-        })
+            write_data(payload);
+        });
     }
 
     /// Stages a frame of data-tree and metadata-tree entries, applied together or not at all.
@@ -224,27 +224,25 @@ impl WalFile {
     }
 
     /// [`WalFile::stage_data_with`], with metadata-tree entries.
-    pub fn stage_data_and_meta_with<R>(&mut self, write_data: impl FnOnce(&mut Vec<u8>) -> R, meta: &[Entry]) -> R {
+    pub fn stage_data_and_meta_with(&mut self, write_data: impl FnOnce(&mut Vec<u8>), meta: &[Entry]) {
         self.stage(|payload| {
             payload.push(DATA_AND_META);
             let length_at = payload.len();
             payload.extend_from_slice(&[0; 4]);
-            let written = write_data(payload);
+            write_data(payload);
             let data_len = (payload.len() - length_at - 4) as u32;
             payload[length_at..length_at + 4].copy_from_slice(&data_len.to_le_bytes());
             encode_entries(meta, payload);
-            written
-        })
+        });
     }
 
-    fn stage<R>(&mut self, write_payload: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    fn stage(&mut self, write_payload: impl FnOnce(&mut Vec<u8>)) {
         let start = self.staged.len();
         self.staged.extend_from_slice(&[0; HEADER]);
-        let written = write_payload(&mut self.staged);
+        write_payload(&mut self.staged);
         let payload = &self.staged[start + HEADER..];
         let header = [(payload.len() as u32).to_le_bytes(), crc32fast::hash(payload).to_le_bytes()].concat();
         self.staged[start..start + HEADER].copy_from_slice(&header);
-        written
     }
 
     /// Writes the staged frames and waits until they are on disk.

@@ -22,15 +22,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tollgate_cluster::transport::TransportError;
 use tollgate_cluster::Cluster;
-use tollgate_proto::otlp::tonic::logs::v1::ResourceLogs;
 use tollgate_proto::otlp::tonic::resource::v1::Resource;
 use tollgate_proto::peer::{ForwardExportRequest, ForwardRequest, ForwardResponse, Signal, VnodeBatch};
 use tollgate_rules::decode::{self, DecodedMetrics};
 use tollgate_rules::entity::Selection;
 use tollgate_rules::series::FastMap;
 use tollgate_rules::{
-    extract_decoded_metrics, extract_logs, extract_metrics, CompiledRules, DropReason, ExtractedLog, ExtractedPoint,
-    IngestReport, MetricsBatch, RejectReason,
+    extract_decoded_metrics, extract_encoded_logs, extract_logs, extract_metrics, CompiledRules, DropReason,
+    ExtractedLog, ExtractedPoint, IngestReport, LogsBatch, MetricsBatch, RejectReason,
 };
 
 /// The vnode of a partition.
@@ -141,8 +140,8 @@ impl Ingest {
     /// [`Ingest::metrics`] and [`Ingest::logs`].
     fn route_encoded(&self, signal: Signal, resources: Vec<Bytes>, rules: &CompiledRules) -> Result<Routed, Error> {
         if signal == Signal::Logs {
-            let resource_logs = resources.into_iter().map(decode_resource_logs).collect::<Result<_, _>>()?;
-            self.route_logs(ExportLogsServiceRequest { resource_logs }, rules)
+            let batch = extract_encoded_logs(&resources, rules).map_err(malformed)?;
+            self.route_log_batch(batch)
         } else {
             let resources = resources.into_iter().map(decode_resource_metrics).collect::<Result<_, _>>()?;
             self.route_points(extract_decoded_metrics(resources, rules))
@@ -295,7 +294,11 @@ impl Ingest {
     /// Extracts an export's log records and sends each vnode's to its owner, with the fingerprint
     /// of that slice of the export.
     fn route_logs(&self, request: ExportLogsServiceRequest, rules: &CompiledRules) -> Result<Routed, Error> {
-        let batch = extract_logs(request, rules);
+        self.route_log_batch(extract_logs(request, rules))
+    }
+
+    /// [`Ingest::route_logs`] of extracted records.
+    fn route_log_batch(&self, batch: LogsBatch) -> Result<Routed, Error> {
         let received =
             batch.records.len() as u64 + batch.report.rejected_total() + batch.report.dropped.values().sum::<u64>();
         let groups = self.by_vnode(batch.records, |record| record.partition);
@@ -336,8 +339,7 @@ impl Ingest {
         let mut pending = Vec::new();
         let report = match signal {
             Signal::Logs => {
-                let resource_logs = resources.into_iter().map(decode_resource_logs).collect::<Result<_, _>>()?;
-                let batch = extract_logs(ExportLogsServiceRequest { resource_logs }, &rules);
+                let batch = extract_encoded_logs(&resources, &rules).map_err(malformed)?;
                 let groups = self.by_vnode(batch.records, |record| record.partition);
                 for (vnode, records) in groups {
                     let fingerprint = batch_fingerprint(vnode, &records);
@@ -411,10 +413,6 @@ fn decode_resource_metrics(bytes: Bytes) -> Result<DecodedMetrics, Error> {
 }
 
 /// Decodes one encoded `ResourceLogs`.
-fn decode_resource_logs(bytes: Bytes) -> Result<ResourceLogs, Error> {
-    decode::resource_logs(&bytes).map_err(malformed)
-}
-
 fn malformed(error: prost::DecodeError) -> Error {
     Error::InvalidArgument(format!("malformed protobuf request: {error}"))
 }
@@ -493,14 +491,22 @@ fn submit_logs(owner: &OwnerHandle, records: Vec<ExtractedLog>, fingerprint: u12
 }
 
 /// The fingerprint of the records of one export that belong to one vnode: a retry of the same
-/// export produces the same one.
+/// export produces the same one, whichever node receives it (each hashes the records' entities
+/// and their bytes as the client encoded them: forwarded exports keep them).
 fn batch_fingerprint(vnode: u16, records: &[ExtractedLog]) -> u128 {
-    let mut bytes = Vec::with_capacity(2 + records.len() * 16);
-    bytes.extend_from_slice(&vnode.to_be_bytes());
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&vnode.to_be_bytes());
+    let mut field = |bytes: &[u8]| {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
     for record in records {
-        bytes.extend_from_slice(&record.fingerprint.to_be_bytes());
+        field(record.entity.service.as_bytes());
+        // Not valid UTF-8, so no instance name is hashed like this.
+        field(record.entity.instance.as_deref().map_or(&[0xff][..], str::as_bytes));
+        field(record.record.bytes());
     }
-    xxhash_rust::xxh3::xxh3_128(&bytes)
+    hasher.digest128()
 }
 
 fn count_report(report: &IngestReport, protocol: &'static str, rejected: &'static str, dropped: &'static str) {

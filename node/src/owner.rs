@@ -20,18 +20,19 @@ use crate::metrics as m;
 use crate::runtime::RuntimeConfig;
 use crate::store::{durable, EncodedCursor, EntityRecord, Op, Resolution, Storage, StoreBatch, StoredLog};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::NodeId;
-use tollgate_rules::ingest::{log_counters, log_increment, LogCounter};
+use tollgate_rules::ingest::{log_counters, log_increment, LogCounter, LogFingerprinter};
 use tollgate_rules::normalize::PointKey;
 use tollgate_rules::series::{minute_of, shrink_if_sparse, FastMap, FastSet, NANOS_PER_MINUTE};
 use tollgate_rules::{
-    Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, RejectReason,
-    Rejection, SeriesId, SeriesTable,
+    Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, LogView,
+    RejectReason, Rejection, SeriesId, SeriesTable,
 };
 use tracing::{debug, info, warn};
 
@@ -678,8 +679,10 @@ impl OwnerState {
         let now = self.context.clock.now_ns();
         let mut touched: FastSet<StateKey> = FastSet::default();
         let mut failure = None;
+        let mut fingerprinter = LogFingerprinter::default();
         for record in records {
-            if let Err(error) = self.ingest_log(record, &config, now, &mut report, &mut batch, &mut touched) {
+            let written = (&mut report, &mut batch, &mut touched);
+            if let Err(error) = self.ingest_log(record, &config, now, &mut fingerprinter, written) {
                 failure = Some(error);
                 break;
             }
@@ -700,9 +703,8 @@ impl OwnerState {
         record: ExtractedLog,
         config: &RuntimeConfig,
         now: u64,
-        report: &mut IngestReport,
-        batch: &mut StoreBatch,
-        touched: &mut FastSet<StateKey>,
+        fingerprinter: &mut LogFingerprinter,
+        (report, batch, touched): (&mut IngestReport, &mut StoreBatch, &mut FastSet<StateKey>),
     ) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         self.ensure_partition(record.partition, &record.entity)?;
@@ -714,8 +716,8 @@ impl OwnerState {
             report.reject(&rejection, || format!("log record of {}", record.entity));
             return Ok(());
         }
-        let decision =
-            tollgate_rules::decide(&record.record.attributes, &config.rules.config.sampling, &config.pricing);
+        let view = record.record.view();
+        let decision = tollgate_rules::decide_on(&view, &config.rules.config.sampling, &config.pricing);
         for field in &decision.malformed {
             metrics::counter!(m::LOGS_MALFORMED, "field" => *field).increment(1);
         }
@@ -783,7 +785,7 @@ impl OwnerState {
         batch.push(Op::Log {
             vnode: self.vnode,
             partition: record.partition,
-            log: stored_log(&record, kind, &decision),
+            log: stored_log(&record, &view, fingerprinter.fingerprint(&record.entity, &view), kind, &decision),
         });
         Ok(())
     }
@@ -1001,19 +1003,25 @@ impl std::ops::Deref for StateKeys {
 /// The stored form of a kept record.
 fn stored_log(
     record: &ExtractedLog,
+    view: &LogView<'_>,
+    fingerprint: u128,
     kind: tollgate_rules::LogKind,
     decision: &tollgate_rules::LogDecision,
 ) -> StoredLog {
-    let attributes = record
-        .record
+    let attributes = view
         .attributes
         .iter()
-        .map(|kv| (kv.key.clone(), tollgate_rules::attributes::value_text(kv.value.as_ref()).into_owned()))
+        .map(|(key, value)| {
+            (
+                String::from_utf8_lossy(key).into_owned(),
+                tollgate_rules::logrecord::value(*value).into_text().into_owned(),
+            )
+        })
         .collect();
-    let body = record.record.body.as_ref().map(|b| tollgate_rules::attributes::value_text(Some(b)).into_owned());
+    let body = view.body_text().map(Cow::into_owned);
     StoredLog {
         time_ns: record.time_ns,
-        fingerprint: record.fingerprint,
+        fingerprint,
         service: record.entity.service.clone(),
         instance: record.entity.instance.clone(),
         kind,

@@ -1,15 +1,15 @@
 //! What forwarded data and fan-out queries look like between nodes (postcard inside the `Peer`
 //! protocol's payload fields).
 
+use bytes::Bytes;
 #[cfg(test)]
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::logs::v1::LogRecord;
-use prost::Message;
 use serde::{Deserialize, Serialize, Serializer};
 use std::sync::Arc;
 use tollgate_rules::attributes::PointAttributes;
+use tollgate_rules::ingest::LogFingerprinter;
 use tollgate_rules::point::ValidPoint;
-use tollgate_rules::{Entity, ExtractedLog, ExtractedPoint, SeriesId};
+use tollgate_rules::{EncodedLog, Entity, ExtractedLog, ExtractedPoint, SeriesId};
 
 /// An extracted point on its way to its owner. Attributes travel as text (their values are
 /// compared as text anyway), so the owner computes the same series key.
@@ -112,8 +112,10 @@ impl From<ExtractedLog> for WireLog {
             entity: (*log.entity).clone(),
             partition: log.partition,
             time_ns: log.time_ns,
-            fingerprint: log.fingerprint,
-            record: log.record.encode_to_vec(),
+            // Owners now fingerprint the records they keep themselves; a member of an earlier
+            // version still reads this one.
+            fingerprint: LogFingerprinter::default().fingerprint(&log.entity, &log.record.view()),
+            record: log.record.bytes().to_vec(),
         }
     }
 }
@@ -121,14 +123,8 @@ impl From<ExtractedLog> for WireLog {
 impl WireLog {
     /// Back to an extracted record.
     pub fn into_extracted(self) -> Result<ExtractedLog, String> {
-        let record = LogRecord::decode(self.record.as_slice()).map_err(|e| format!("forwarded log record: {e}"))?;
-        Ok(ExtractedLog {
-            entity: Arc::new(self.entity),
-            partition: self.partition,
-            time_ns: self.time_ns,
-            fingerprint: self.fingerprint,
-            record,
-        })
+        let record = EncodedLog::new(Bytes::from(self.record)).map_err(|e| format!("forwarded log record: {e}"))?;
+        Ok(ExtractedLog { entity: Arc::new(self.entity), partition: self.partition, time_ns: self.time_ns, record })
     }
 }
 
@@ -218,6 +214,8 @@ pub fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::logs::v1::LogRecord;
+    use prost::Message;
     use tollgate_rules::testing::{gateway_resource, Convention, GatewayPod};
     use tollgate_rules::{extract_logs, extract_metrics, CompiledRules};
 
@@ -331,8 +329,13 @@ mod tests {
                 ..Default::default()
             }],
         };
-        let log = extract_logs(request, &CompiledRules::default()).records.remove(0);
-        let back = decode::<WireLog>("log", &encode(&WireLog::from(log.clone()))).unwrap().into_extracted().unwrap();
-        assert_eq!((back.fingerprint, back.time_ns, &back.record), (log.fingerprint, log.time_ns, &log.record));
+        let log = extract_logs(request.clone(), &CompiledRules::default()).records.remove(0);
+        let wire = WireLog::from(log.clone());
+        // A member of an earlier version reads the record's fingerprint from the wire.
+        let record = &request.resource_logs[0].scope_logs[0].log_records[0];
+        assert_eq!(wire.fingerprint, tollgate_rules::log_fingerprint(&log.entity, record));
+        let back = decode::<WireLog>("log", &encode(&wire)).unwrap().into_extracted().unwrap();
+        assert_eq!((&back.entity, back.time_ns, &back.record), (&log.entity, log.time_ns, &log.record));
+        assert_eq!(&back.record.decode(), record);
     }
 }

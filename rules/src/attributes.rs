@@ -188,6 +188,43 @@ pub fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a KeyValue> {
     attributes.iter().find(|kv| kv.key == key)
 }
 
+/// Attributes looked up by key: decoded ones (`[KeyValue]`), or an encoded log record's
+/// ([`crate::logrecord::LogView`]).
+pub trait Attributes {
+    /// The value of the first attribute named `key` (see [`find`]), `None` when there is none.
+    fn get(&self, key: &str) -> Option<AttributeValue<'_>>;
+}
+
+/// A looked-up attribute value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttributeValue<'a> {
+    /// A string value.
+    Str(&'a str),
+    /// Any other kind, or no value (an `AnyValue` without one).
+    Other(Cow<'a, AnyValue>),
+}
+
+impl<'a> AttributeValue<'a> {
+    /// The value as text, as [`value_text`] renders it.
+    pub fn into_text(self) -> Cow<'a, str> {
+        match self {
+            AttributeValue::Str(text) => Cow::Borrowed(text),
+            AttributeValue::Other(Cow::Borrowed(value)) => value_text(Some(value)),
+            AttributeValue::Other(Cow::Owned(value)) => Cow::Owned(value_text(Some(&value)).into_owned()),
+        }
+    }
+}
+
+impl Attributes for [KeyValue] {
+    fn get(&self, key: &str) -> Option<AttributeValue<'_>> {
+        find(self, key).map(|kv| match kv.value.as_ref() {
+            Some(AnyValue { value: Some(Value::StringValue(text)) }) => AttributeValue::Str(text),
+            Some(value) => AttributeValue::Other(Cow::Borrowed(value)),
+            None => AttributeValue::Other(Cow::Owned(AnyValue::default())),
+        })
+    }
+}
+
 /// The text of attribute `key`, or `None` when it is missing.
 pub fn find_text<'a>(attributes: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
     find(attributes, key).map(|kv| value_text(kv.value.as_ref()))

@@ -22,7 +22,9 @@
 //! recursion limit of 100 counts the levels above it too.
 
 use crate::attributes::{value_text, PointAttributes, PointAttributesBuilder};
+use crate::logrecord::{EncodedLog, LogView};
 use crate::varint;
+use bytes::Bytes;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, EntityRef, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -588,14 +590,172 @@ fn log_record(bytes: &[u8]) -> Fast<LogRecord> {
     Ok(out)
 }
 
+/// Reads an encoded `LogRecord`'s fields for a [`LogView`]. `check`: also check what prost would
+/// (every string is UTF-8, every value decodes), without collecting the attributes.
+fn walk_log(bytes: &[u8], check: bool) -> Fast<LogView<'_>> {
+    let mut fields = Fields::new(bytes);
+    let mut view = LogView::default();
+    if !check {
+        view.attributes.reserve(32);
+    }
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => view.time_unix_nano = fields.fixed64(wire)?,
+            2 => view.severity_number = fields.uint(wire)? as i32,
+            3 => view.severity_text = text(fields.bytes(wire)?)?,
+            5 if view.body.is_some() => return Err(Unusual),
+            5 => view.body = Some(checked_value(fields.bytes(wire)?, check)?),
+            6 => {
+                let attribute = key_and_value(fields.bytes(wire)?, check)?;
+                if !check {
+                    view.attributes.push(attribute);
+                }
+            }
+            7 => drop(fields.uint(wire)?),
+            8 => drop(fields.fixed32(wire)?),
+            9 => view.trace_id = fields.bytes(wire)?,
+            10 => view.span_id = fields.bytes(wire)?,
+            11 => view.observed_time_unix_nano = fields.fixed64(wire)?,
+            12 => drop(text(fields.bytes(wire)?)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(view)
+}
+
+/// The `(time_unix_nano, observed_time_unix_nano)` of an encoded `LogRecord` this module reads
+/// itself ([`log_view`]), having checked it as prost would; `None` when it is not one.
+pub(crate) fn check_log(bytes: &[u8]) -> Option<(u64, u64)> {
+    walk_log(bytes, true).ok().map(|view| (view.time_unix_nano, view.observed_time_unix_nano))
+}
+
+/// The fields of an encoded `LogRecord` that [`check_log`] accepted or prost encoded.
+pub(crate) fn log_view(bytes: &[u8]) -> Option<LogView<'_>> {
+    walk_log(bytes, false).ok()
+}
+
+/// An encoded `KeyValue`'s key and encoded value.
+fn key_and_value(bytes: &[u8], check: bool) -> Fast<(&[u8], Option<&[u8]>)> {
+    let mut fields = Fields::new(bytes);
+    let mut key: Option<&[u8]> = None;
+    let mut value = None;
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 if key.is_some() => return Err(Unusual),
+            1 => key = Some(fields.bytes(wire)?),
+            2 if value.is_some() => return Err(Unusual),
+            2 => value = Some(checked_value(fields.bytes(wire)?, check)?),
+            3 => drop(fields.uint(wire)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    let key = key.unwrap_or_default();
+    if check {
+        text(key)?;
+    }
+    Ok((key, value))
+}
+
+/// An encoded `AnyValue`, checked when `check`: one value at most (prost keeps the last of
+/// several), a string UTF-8; arrays, lists and bytes decoded by prost.
+fn checked_value(bytes: &[u8], check: bool) -> Fast<&[u8]> {
+    if !check {
+        return Ok(bytes);
+    }
+    let mut fields = Fields::new(bytes);
+    let mut seen = false;
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1..=8 if seen => return Err(Unusual),
+            1 => drop(text(fields.bytes(wire)?)?),
+            2 | 3 => drop(fields.uint(wire)?),
+            4 => drop(fields.double(wire)?),
+            5..=8 => {
+                AnyValue::decode(bytes)?;
+                return Ok(bytes);
+            }
+            _ => {
+                fields.skip(wire)?;
+                continue;
+            }
+        }
+        seen = true;
+    }
+    Ok(bytes)
+}
+
+fn text(bytes: &[u8]) -> Fast<&str> {
+    std::str::from_utf8(bytes).map_err(|_| Unusual)
+}
+
+/// The string of an encoded `AnyValue` whose value is a string, `None` for any other kind (or
+/// none).
+pub(crate) fn string_of_value(bytes: &[u8]) -> Option<&str> {
+    match string_value(bytes) {
+        Ok(Some(string)) => std::str::from_utf8(string).ok(),
+        _ => None,
+    }
+}
+
+/// The resource of an encoded `ResourceLogs` and its records, each a slice of `bytes` (see
+/// [`crate::logrecord`]), checked as `ResourceLogs::decode` checks them.
+pub fn encoded_resource_logs(bytes: &Bytes) -> Result<(Option<Resource>, Vec<EncodedLog>), DecodeError> {
+    match fast_encoded_resource_logs(bytes) {
+        Ok(decoded) => Ok(decoded),
+        Err(Unusual) => {
+            let decoded = ResourceLogs::decode(&**bytes)?;
+            let records = decoded.scope_logs.iter().flat_map(|scope| &scope.log_records);
+            Ok((decoded.resource, records.map(EncodedLog::from_record).collect()))
+        }
+    }
+}
+
+fn fast_encoded_resource_logs(bytes: &Bytes) -> Fast<(Option<Resource>, Vec<EncodedLog>)> {
+    let mut fields = Fields::new(bytes);
+    let mut out = None;
+    let mut records = Vec::new();
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => once(&mut out, fields.bytes(wire)?, resource)?,
+            2 => scope_log_records(bytes, fields.bytes(wire)?, &mut records)?,
+            3 => drop(text(fields.bytes(wire)?)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok((out, records))
+}
+
+/// The records of an encoded `ScopeLogs` inside `buffer` (its scope checked, then dropped).
+fn scope_log_records(buffer: &Bytes, bytes: &[u8], records: &mut Vec<EncodedLog>) -> Fast<()> {
+    let mut fields = Fields::new(bytes);
+    let mut scope_of = None;
+    records.reserve(fields.count(2));
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => once(&mut scope_of, fields.bytes(wire)?, scope)?,
+            2 => {
+                let record = fields.bytes(wire)?;
+                let (time, observed) = check_log(record).ok_or(Unusual)?;
+                records.push(EncodedLog::checked(buffer.slice_ref(record), time, observed));
+            }
+            3 => drop(text(fields.bytes(wire)?)?),
+            _ => fields.skip(wire)?,
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attributes::Attributes;
+    use crate::logrecord;
     use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
     use opentelemetry_proto::tonic::metrics::v1::exemplar;
     use proptest::collection::vec;
     use proptest::option::of;
     use proptest::prelude::*;
+    use std::borrow::Cow;
 
     fn scalar() -> impl Strategy<Value = any_value::Value> {
         prop_oneof![
@@ -877,6 +1037,53 @@ mod tests {
         }
     }
 
+    /// Records kept encoded ([`encoded_resource_logs`]) read back as prost decodes them, or the
+    /// encoding is refused as prost refuses it.
+    fn encoded_logs_same_as_prost(bytes: &[u8]) {
+        match (encoded_resource_logs(&Bytes::copy_from_slice(bytes)), ResourceLogs::decode(bytes)) {
+            (Ok((resource, records)), Ok(expected)) => {
+                assert_eq!(resource, expected.resource);
+                let expected: Vec<&LogRecord> =
+                    expected.scope_logs.iter().flat_map(|scope| &scope.log_records).collect();
+                assert_eq!(records.len(), expected.len());
+                for (record, expected) in records.iter().zip(expected) {
+                    assert_same_record(record, expected);
+                }
+            }
+            (Err(encoded), Err(prost)) => assert_eq!(encoded.to_string(), prost.to_string()),
+            (encoded, prost) => panic!("kept encoded {:?}, prost {:?}", encoded.is_ok(), prost.is_ok()),
+        }
+    }
+
+    /// An encoded record and its view hold the fields of `expected`; its attributes are looked
+    /// up as in the decoded ones.
+    fn assert_same_record(record: &EncodedLog, expected: &LogRecord) {
+        assert_eq!(&record.decode(), expected);
+        let time =
+            if expected.time_unix_nano != 0 { expected.time_unix_nano } else { expected.observed_time_unix_nano };
+        assert_eq!(record.time_ns(), time);
+        let view = record.view();
+        assert_eq!(
+            (view.time_unix_nano, view.observed_time_unix_nano, view.severity_number, view.severity_text),
+            (
+                expected.time_unix_nano,
+                expected.observed_time_unix_nano,
+                expected.severity_number,
+                &expected.severity_text[..]
+            )
+        );
+        assert_eq!((view.trace_id, view.span_id), (&expected.trace_id[..], &expected.span_id[..]));
+        assert_eq!(view.body_text(), expected.body.as_ref().map(|body| value_text(Some(body))));
+        let texts: Vec<(&[u8], Cow<'_, str>)> =
+            view.attributes.iter().map(|(key, value)| (*key, logrecord::value(*value).into_text())).collect();
+        let expected_texts: Vec<(&[u8], Cow<'_, str>)> =
+            expected.attributes.iter().map(|kv| (kv.key.as_bytes(), value_text(kv.value.as_ref()))).collect();
+        assert_eq!(texts, expected_texts);
+        for kv in &expected.attributes {
+            assert_eq!(Attributes::get(&view, &kv.key), Attributes::get(expected.attributes.as_slice(), &kv.key));
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
@@ -907,6 +1114,33 @@ mod tests {
         fn damaged_logs_get_prost_answer(message in resource_logs_message(), damage in damage()) {
             let bytes = apply(message.encode_to_vec(), &damage);
             same_as_prost(&bytes, fast_resource_logs(&bytes), resource_logs(&bytes));
+        }
+
+        /// An exporter's records are kept encoded as they came, and read as prost decodes them.
+        #[test]
+        fn logs_kept_encoded_read_as_prost_decodes(message in resource_logs_message()) {
+            let bytes = Bytes::from(message.encode_to_vec());
+            let (_, records) = fast_encoded_resource_logs(&bytes).expect("an encoder's output is kept as it is");
+            for record in &records {
+                prop_assert!(bytes.as_ptr_range().contains(&record.bytes().as_ptr()), "a slice of the request");
+            }
+            encoded_logs_same_as_prost(&bytes);
+        }
+
+        #[test]
+        fn damaged_logs_kept_encoded_get_prost_answer(message in resource_logs_message(), damage in damage()) {
+            encoded_logs_same_as_prost(&apply(message.encode_to_vec(), &damage));
+        }
+
+        /// One record checked alone (as a forwarded one is) gets prost's answer too.
+        #[test]
+        fn damaged_records_kept_encoded_get_prost_answer(record in log_record(), damage in damage()) {
+            let bytes = apply(record.encode_to_vec(), &damage);
+            match (EncodedLog::new(Bytes::from(bytes.clone())), LogRecord::decode(&bytes[..])) {
+                (Ok(encoded), Ok(expected)) => assert_same_record(&encoded, &expected),
+                (Err(encoded), Err(prost)) => prop_assert_eq!(encoded.to_string(), prost.to_string()),
+                (encoded, prost) => panic!("kept encoded {:?}, prost {:?}", encoded.is_ok(), prost.is_ok()),
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! together in memory: the reference the node is tested against, and the benchmark's subject.
 
 use crate::aggregate::{empty_bounds, Aggregate, Bounds, Delta};
+use crate::attributes::AttributeValue;
 use crate::attributes::{AttributeSet, PointAttributes};
 use crate::catalogue::{LOG_REQUESTS_METRIC, LOG_SAMPLED_METRIC};
 use crate::config::CompiledRules;
@@ -13,16 +14,20 @@ use crate::decode::DecodedMetrics;
 use crate::entity::{Entity, Selection};
 use crate::evaluate::{MetricQuery, MetricResult, Partial, Step};
 use crate::fixed::Fixed;
+use crate::logrecord::{self, EncodedLog, LogView};
 use crate::normalize::{normalize, Normalized, PartitionClock, SeriesCursor};
 use crate::point::{check_histogram, check_number, Checked, RejectReason, Rejection, Temporality, ValidPoint};
 use crate::pricing::{PriceTable, TokenType};
 use crate::sampling::{KeepReason, LogDecision, LogKind};
 use crate::series::{minute_of, shrink_if_sparse, FastMap, FastSet, IdEncoder, Minute, SeriesId, SeriesKey};
+use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
+use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::DecodeError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -351,10 +356,8 @@ pub struct ExtractedLog {
     pub partition: u64,
     /// The record's time: `time_unix_nano`, or `observed_time_unix_nano` when that is 0.
     pub time_ns: u64,
-    /// A hash of the record's entity and content: the same record always has the same one.
-    pub fingerprint: u128,
-    /// The record, moved out of the request.
-    pub record: LogRecord,
+    /// The record, still encoded (see [`crate::logrecord`]).
+    pub record: EncodedLog,
 }
 
 /// The log records of gateway resources in one request, and the report of everything else.
@@ -370,10 +373,28 @@ pub struct LogsBatch {
 /// are rejected (`invalid_time`); classification and sampling happen at the owner, under the
 /// rules in force there.
 pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) -> LogsBatch {
+    let resources = request.resource_logs.into_iter().map(|resource_logs| {
+        let records = resource_logs.scope_logs.iter().flat_map(|scope| &scope.log_records);
+        (resource_logs.resource, records.map(EncodedLog::from_record).collect())
+    });
+    extract_log_resources(resources, rules)
+}
+
+/// [`extract_logs`] of encoded `ResourceLogs`, whose records stay encoded (slices of their
+/// buffers, checked as prost's decoding checks them).
+pub fn extract_encoded_logs(resources: &[Bytes], rules: &CompiledRules) -> Result<LogsBatch, DecodeError> {
+    let decoded = resources.iter().map(crate::decode::encoded_resource_logs).collect::<Result<Vec<_>, _>>()?;
+    Ok(extract_log_resources(decoded.into_iter(), rules))
+}
+
+fn extract_log_resources(
+    resources: impl Iterator<Item = (Option<Resource>, Vec<EncodedLog>)>,
+    rules: &CompiledRules,
+) -> LogsBatch {
     let mut batch = LogsBatch::default();
-    for resource_logs in request.resource_logs {
-        let total: u64 = resource_logs.scope_logs.iter().map(|s| s.log_records.len() as u64).sum();
-        let entity = match rules.config.routing.select(resource_logs.resource.as_ref()) {
+    for (resource, records) in resources {
+        let total = records.len() as u64;
+        let entity = match rules.config.routing.select(resource.as_ref()) {
             Selection::Ours(entity) => Arc::new(entity),
             Selection::NotOurs => {
                 batch.report.drop_items(DropReason::NotGateway, total);
@@ -389,28 +410,17 @@ pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) ->
             }
         };
         let partition = entity.partition_hash();
-        let mut fingerprinter = LogFingerprinter::default();
-        for scope_logs in resource_logs.scope_logs {
-            for record in scope_logs.log_records {
-                let time_ns =
-                    if record.time_unix_nano != 0 { record.time_unix_nano } else { record.observed_time_unix_nano };
-                if time_ns == 0 {
-                    let rejection = Rejection::new(
-                        RejectReason::InvalidTime,
-                        "log record has neither time_unix_nano nor observed_time_unix_nano",
-                    );
-                    batch.report.reject(&rejection, || format!("log record of {entity}"));
-                    continue;
-                }
-                let fingerprint = fingerprinter.fingerprint(&entity, &record);
-                batch.records.push(ExtractedLog {
-                    entity: Arc::clone(&entity),
-                    partition,
-                    time_ns,
-                    fingerprint,
-                    record,
-                });
+        for record in records {
+            let time_ns = record.time_ns();
+            if time_ns == 0 {
+                let rejection = Rejection::new(
+                    RejectReason::InvalidTime,
+                    "log record has neither time_unix_nano nor observed_time_unix_nano",
+                );
+                batch.report.reject(&rejection, || format!("log record of {entity}"));
+                continue;
             }
+            batch.records.push(ExtractedLog { entity: Arc::clone(&entity), partition, time_ns, record });
         }
     }
     batch
@@ -420,7 +430,7 @@ pub fn extract_logs(request: ExportLogsServiceRequest, rules: &CompiledRules) ->
 /// attributes. A retried export yields the same fingerprints; two records that differ in any of
 /// these do not.
 pub fn log_fingerprint(entity: &Entity, record: &LogRecord) -> u128 {
-    LogFingerprinter::default().fingerprint(entity, record)
+    LogFingerprinter::default().fingerprint(entity, &EncodedLog::from_record(record).view())
 }
 
 /// Computes [`log_fingerprint`]s of a stream of records, reusing the canonical attribute order of
@@ -430,7 +440,7 @@ pub fn log_fingerprint(entity: &Entity, record: &LogRecord) -> u128 {
 #[derive(Debug, Default)]
 pub struct LogFingerprinter {
     /// The keys of the record the order was computed for, in its order.
-    keys: Vec<String>,
+    keys: Vec<Vec<u8>>,
     /// Positions of the canonical attribute set (first of repeated keys, sorted by key).
     order: Vec<usize>,
     /// The bytes hashed, reused from record to record.
@@ -439,19 +449,19 @@ pub struct LogFingerprinter {
 
 impl LogFingerprinter {
     /// The fingerprint of `record` of `entity`.
-    pub fn fingerprint(&mut self, entity: &Entity, record: &LogRecord) -> u128 {
-        let same_keys = self.keys.len() == record.attributes.len()
-            && self.keys.iter().zip(&record.attributes).all(|(key, kv)| *key == kv.key);
+    pub fn fingerprint(&mut self, entity: &Entity, record: &LogView<'_>) -> u128 {
+        let attributes = &record.attributes;
+        let same_keys = self.keys.len() == attributes.len()
+            && self.keys.iter().zip(attributes).all(|(key, (other, _))| key.as_slice() == *other);
         if !same_keys {
             // Sorting by (key, position) and keeping the first of each key is the first
             // occurrence, in O(n log n).
-            let attributes = &record.attributes;
             self.order.clear();
             self.order.extend(0..attributes.len());
-            self.order.sort_unstable_by(|a, b| attributes[*a].key.cmp(&attributes[*b].key).then(a.cmp(b)));
-            self.order.dedup_by(|later, first| attributes[*later].key == attributes[*first].key);
+            self.order.sort_unstable_by(|a, b| attributes[*a].0.cmp(attributes[*b].0).then(a.cmp(b)));
+            self.order.dedup_by(|later, first| attributes[*later].0 == attributes[*first].0);
             self.keys.clear();
-            self.keys.extend(attributes.iter().map(|kv| kv.key.clone()));
+            self.keys.extend(attributes.iter().map(|(key, _)| key.to_vec()));
         }
         // Written straight into one buffer, which the next record reuses: the records of an
         // access log carry some 25 attributes each.
@@ -466,13 +476,13 @@ impl LogFingerprinter {
         push_field(bytes, &record.observed_time_unix_nano.to_le_bytes());
         push_field(bytes, &record.severity_number.to_le_bytes());
         push_field(bytes, record.severity_text.as_bytes());
-        push_value(bytes, record.body.as_ref());
-        push_field(bytes, &record.trace_id);
-        push_field(bytes, &record.span_id);
+        push_value(bytes, record.body);
+        push_field(bytes, record.trace_id);
+        push_field(bytes, record.span_id);
         for position in &self.order {
-            let kv = &record.attributes[*position];
-            push_field(bytes, kv.key.as_bytes());
-            push_value(bytes, kv.value.as_ref());
+            let (key, value) = attributes[*position];
+            push_field(bytes, key);
+            push_value(bytes, value);
         }
         xxhash_rust::xxh3::xxh3_128(bytes)
     }
@@ -484,13 +494,15 @@ fn push_field(bytes: &mut Vec<u8>, value: &[u8]) {
     bytes.extend_from_slice(value);
 }
 
-/// Appends [`crate::attributes::value_text`] of `value` as a field, without a `String` for the
-/// usual strings and integers.
-fn push_value(bytes: &mut Vec<u8>, value: Option<&AnyValue>) {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(text)) => push_field(bytes, text.as_bytes()),
-        Some(any_value::Value::IntValue(int)) => push_field(bytes, itoa::Buffer::new().format(*int).as_bytes()),
-        _ => push_field(bytes, crate::attributes::value_text(value).as_bytes()),
+/// Appends [`crate::attributes::value_text`] of an encoded value as a field, without a `String`
+/// for the usual strings and integers.
+fn push_value(bytes: &mut Vec<u8>, encoded: Option<&[u8]>) {
+    match logrecord::value(encoded) {
+        AttributeValue::Str(text) => push_field(bytes, text.as_bytes()),
+        AttributeValue::Other(value) => match &value.value {
+            Some(any_value::Value::IntValue(int)) => push_field(bytes, itoa::Buffer::new().format(*int).as_bytes()),
+            _ => push_field(bytes, crate::attributes::value_text(Some(&value)).as_bytes()),
+        },
     }
 }
 
@@ -1095,17 +1107,35 @@ mod tests {
             for value in 0..3 {
                 let mut next = many.clone();
                 next.attributes[value * 4] = crate::testing::string_attribute(&next.attributes[value * 4].key, "new");
-                assert_eq!(fingerprinter.fingerprint(&entity, &next), fingerprint_model(&entity, &next));
+                assert_eq!(
+                    fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&next).view()),
+                    fingerprint_model(&entity, &next)
+                );
             }
-            assert_eq!(fingerprinter.fingerprint(&entity, &record), fingerprint_model(&entity, &record));
-            assert_eq!(fingerprinter.fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
-            assert_eq!(fingerprinter.fingerprint(&entity, &reordered), fingerprint_model(&entity, &reordered));
+            assert_eq!(
+                fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&record).view()),
+                fingerprint_model(&entity, &record)
+            );
+            assert_eq!(
+                fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&reordered).view()),
+                fingerprint_model(&entity, &reordered)
+            );
+            assert_eq!(
+                fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&reordered).view()),
+                fingerprint_model(&entity, &reordered)
+            );
         }
         // Same keys in the same order but one more: not the same key list.
         let mut longer = many.clone();
         longer.attributes.push(crate::testing::string_attribute("key.0", "a repeated key, last"));
-        assert_eq!(fingerprinter.fingerprint(&entity, &many), fingerprint_model(&entity, &many));
-        assert_eq!(fingerprinter.fingerprint(&entity, &longer), fingerprint_model(&entity, &longer));
+        assert_eq!(
+            fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&many).view()),
+            fingerprint_model(&entity, &many)
+        );
+        assert_eq!(
+            fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&longer).view()),
+            fingerprint_model(&entity, &longer)
+        );
         for (what, other) in [
             ("a value", log_fingerprint(&entity, &other_value)),
             ("the time", log_fingerprint(&entity, &other_time)),
@@ -1130,7 +1160,10 @@ mod tests {
         .map(|(key, value)| KeyValue { key: key.into(), value, ..Default::default() })
         .collect();
         kinds.body = value(any_value::Value::IntValue(7));
-        assert_eq!(fingerprinter.fingerprint(&entity, &kinds), fingerprint_model(&entity, &kinds));
+        assert_eq!(
+            fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&kinds).view()),
+            fingerprint_model(&entity, &kinds)
+        );
         kinds.body = value(any_value::Value::DoubleValue(f64::NAN));
         assert_eq!(log_fingerprint(&entity, &kinds), fingerprint_model(&entity, &kinds));
     }

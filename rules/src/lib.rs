@@ -28,6 +28,7 @@ pub mod evaluate;
 pub mod fixed;
 pub mod fleet;
 pub mod ingest;
+pub mod logrecord;
 pub mod normalize;
 pub mod point;
 pub mod pricing;
@@ -43,13 +44,14 @@ pub use entity::{Entity, RoutingRules, Selection};
 pub use evaluate::{MetricQuery, MetricResult, OutputSeries, Partial, Step};
 pub use fixed::Fixed;
 pub use ingest::{
-    extract_decoded_metrics, extract_logs, extract_metrics, log_fingerprint, Applied, DropReason, ExtractedLog,
-    ExtractedPoint, IngestReport, LogsBatch, MemoryPipeline, MetricsBatch, SeriesTable,
+    extract_decoded_metrics, extract_encoded_logs, extract_logs, extract_metrics, log_fingerprint, Applied, DropReason,
+    ExtractedLog, ExtractedPoint, IngestReport, LogsBatch, MemoryPipeline, MetricsBatch, SeriesTable,
 };
+pub use logrecord::{EncodedLog, LogView};
 pub use normalize::{NormalizeConfig, PartitionClock, SeriesCursor};
 pub use point::{RejectReason, Rejection, Temporality};
 pub use pricing::{PriceTable, PricingDocument, PricingError};
-pub use sampling::{decide, KeepReason, LogDecision, LogKind, SamplingRules};
+pub use sampling::{decide, decide_on, KeepReason, LogDecision, LogKind, SamplingRules};
 pub use series::{Minute, SeriesId, SeriesKey};
 
 #[cfg(any(test, feature = "testing"))]

@@ -5,7 +5,7 @@
 //! It never fails: a value that does not parse is treated as absent and reported in
 //! [`LogDecision::malformed`].
 
-use crate::attributes;
+use crate::attributes::{AttributeValue, Attributes};
 use crate::fixed::Fixed;
 use crate::pricing::{PriceTable, RequestTokens};
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
@@ -276,25 +276,31 @@ impl LogDecision {
 }
 
 /// The text of an attribute, or `None` when it is absent: missing, empty, or `-`.
-fn present<'a>(attributes: &'a [KeyValue], key: &str) -> Option<Cow<'a, str>> {
-    attributes::find_text(attributes, key).filter(|v| !v.is_empty() && v.as_ref() != "-")
+fn present<'a, A: Attributes + ?Sized>(attributes: &'a A, key: &str) -> Option<Cow<'a, str>> {
+    attributes.get(key).map(AttributeValue::into_text).filter(|v| !v.is_empty() && v.as_ref() != "-")
 }
 
 /// A number from a string or an int (or an integral double). `Err` when present but unusable.
-fn number(attributes: &[KeyValue], key: &str) -> Result<Option<i64>, ()> {
-    let Some(kv) = attributes::find(attributes, key) else { return Ok(None) };
-    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(Value::IntValue(i)) => Ok(Some(*i)),
-        Some(Value::DoubleValue(d)) if d.fract() == 0.0 && d.abs() < 9.0e15 => Ok(Some(*d as i64)),
-        Some(Value::StringValue(s)) if s.is_empty() || s == "-" => Ok(None),
-        Some(Value::StringValue(s)) => s.trim().parse::<i64>().map(Some).map_err(|_| ()),
-        None => Ok(None),
-        Some(_) => Err(()),
+fn number<A: Attributes + ?Sized>(attributes: &A, key: &str) -> Result<Option<i64>, ()> {
+    let Some(value) = attributes.get(key) else { return Ok(None) };
+    let text = |s: &str| match s {
+        "" | "-" => Ok(None),
+        s => s.trim().parse::<i64>().map(Some).map_err(|_| ()),
+    };
+    match value {
+        AttributeValue::Str(s) => text(s),
+        AttributeValue::Other(value) => match value.value.as_ref() {
+            Some(Value::IntValue(i)) => Ok(Some(*i)),
+            Some(Value::DoubleValue(d)) if d.fract() == 0.0 && d.abs() < 9.0e15 => Ok(Some(*d as i64)),
+            Some(Value::StringValue(s)) => text(s),
+            None => Ok(None),
+            Some(_) => Err(()),
+        },
     }
 }
 
-fn non_negative(
-    attributes: &[KeyValue],
+fn non_negative<A: Attributes + ?Sized>(
+    attributes: &A,
     key: &str,
     malformed: &mut Vec<&'static str>,
     label: &'static str,
@@ -311,6 +317,12 @@ fn non_negative(
 
 /// Classifies one record and decides whether to keep it.
 pub fn decide(attributes: &[KeyValue], rules: &SamplingRules, pricing: &PriceTable) -> LogDecision {
+    decide_on(attributes, rules, pricing)
+}
+
+/// [`decide`], on attributes looked up in any form (an encoded record's, see
+/// [`crate::logrecord::LogView`]).
+pub fn decide_on<A: Attributes + ?Sized>(attributes: &A, rules: &SamplingRules, pricing: &PriceTable) -> LogDecision {
     let names = &rules.attributes;
     let mut decision = LogDecision::default();
     let kind = if present(attributes, &names.request_model).is_some() {
@@ -404,7 +416,7 @@ pub fn decide(attributes: &[KeyValue], rules: &SamplingRules, pricing: &PriceTab
 
 /// The model of an LLM record: the response model unless absent or `unknown`, else the
 /// request model (as for the `model` metric label).
-fn llm_model(attributes: &[KeyValue], names: &LogAttributeNames) -> Option<String> {
+fn llm_model<A: Attributes + ?Sized>(attributes: &A, names: &LogAttributeNames) -> Option<String> {
     present(attributes, &names.response_model)
         .filter(|m| m.as_ref() != "unknown")
         .or_else(|| present(attributes, &names.request_model))

@@ -157,8 +157,19 @@ async fn test_access_logs_sampling_counters_retries_paging_and_runtime_threshold
         assert_eq!(value, *count, "reason {reason}");
     }
 
-    // A retried export changes nothing.
+    // A retried export changes nothing; nor does the same export sent again as OTLP/JSON (its
+    // records are hashed as prost encodes them, which is how this client encoded them).
     client.export(request("log-gw", records.clone())).await.expect("accepted");
+    let json = serde_json::to_vec(&request("log-gw", records.clone())).unwrap();
+    let response = node
+        .http
+        .post(format!("{}/v1/logs", node.otlp_http()))
+        .header("content-type", "application/json")
+        .body(json)
+        .send()
+        .await
+        .expect("otlp http reachable");
+    assert_eq!(response.status(), 200);
     assert_eq!(logs(&node, &format!("{window}&limit=100")).await["logs"], body["logs"]);
     for (class, count) in &by_class {
         let value =

@@ -412,7 +412,6 @@ fn decode_resource_metrics(bytes: Bytes) -> Result<DecodedMetrics, Error> {
     decode::resource_metrics(&bytes).map_err(malformed)
 }
 
-/// Decodes one encoded `ResourceLogs`.
 fn malformed(error: prost::DecodeError) -> Error {
     Error::InvalidArgument(format!("malformed protobuf request: {error}"))
 }

@@ -1,6 +1,7 @@
-//! Decoding of one encoded `ResourceMetrics` or `ResourceLogs`, the messages a node decodes for
-//! every export it owns, into `opentelemetry-proto`'s types: the same values as prost's
-//! `Message::decode`, for less work.
+//! Decoding of one encoded `ResourceMetrics`, the message a node decodes for every metrics
+//! export it owns, into `opentelemetry-proto`'s types: the same values as prost's
+//! `Message::decode`, for less work. An encoded `ResourceLogs` is checked as prost would decode
+//! it, but its records stay encoded ([`encoded_resource_logs`], [`crate::logrecord`]).
 //!
 //! prost grows every repeated field one element at a time (a histogram point's attributes,
 //! bucket counts and bounds each went through three or four reallocations, a log record's 25
@@ -26,7 +27,7 @@ use crate::logrecord::{EncodedLog, LogView};
 use crate::varint;
 use bytes::Bytes;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, EntityRef, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::logs::v1::ResourceLogs;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric::Data, number_data_point, Exemplar, ExponentialHistogram, Gauge, Histogram, HistogramDataPoint, Metric,
     NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary,
@@ -83,14 +84,6 @@ pub fn resource_metrics(bytes: &[u8]) -> Result<DecodedMetrics, DecodeError> {
     match fast_resource_metrics(bytes) {
         Ok(decoded) => Ok(decoded),
         Err(Unusual) => ResourceMetrics::decode(bytes).map(DecodedMetrics::from_prost),
-    }
-}
-
-/// Decodes an encoded `ResourceLogs`, as `ResourceLogs::decode` does.
-pub fn resource_logs(bytes: &[u8]) -> Result<ResourceLogs, DecodeError> {
-    match fast_resource_logs(bytes) {
-        Ok(resource) => Ok(resource),
-        Err(Unusual) => ResourceLogs::decode(bytes),
     }
 }
 
@@ -260,21 +253,6 @@ fn fast_resource_metrics(bytes: &[u8]) -> Fast<DecodedMetrics> {
                 out.resource.scope_metrics.push(scope);
             }
             3 => out.resource.schema_url = fields.string(wire)?,
-            _ => fields.skip(wire)?,
-        }
-    }
-    Ok(out)
-}
-
-fn fast_resource_logs(bytes: &[u8]) -> Fast<ResourceLogs> {
-    let mut fields = Fields::new(bytes);
-    let mut out = ResourceLogs::default();
-    out.scope_logs.reserve_exact(fields.count(2));
-    while let Some((tag, wire)) = fields.next()? {
-        match tag {
-            1 => once(&mut out.resource, fields.bytes(wire)?, resource)?,
-            2 => out.scope_logs.push(scope_logs(fields.bytes(wire)?)?),
-            3 => out.schema_url = fields.string(wire)?,
             _ => fields.skip(wire)?,
         }
     }
@@ -552,44 +530,6 @@ fn string_value(bytes: &[u8]) -> Fast<Option<&[u8]>> {
     Ok(string)
 }
 
-fn scope_logs(bytes: &[u8]) -> Fast<ScopeLogs> {
-    let mut fields = Fields::new(bytes);
-    let mut out = ScopeLogs::default();
-    out.log_records.reserve_exact(fields.count(2));
-    while let Some((tag, wire)) = fields.next()? {
-        match tag {
-            1 => once(&mut out.scope, fields.bytes(wire)?, scope)?,
-            2 => out.log_records.push(log_record(fields.bytes(wire)?)?),
-            3 => out.schema_url = fields.string(wire)?,
-            _ => fields.skip(wire)?,
-        }
-    }
-    Ok(out)
-}
-
-fn log_record(bytes: &[u8]) -> Fast<LogRecord> {
-    let mut fields = Fields::new(bytes);
-    let mut out = LogRecord::default();
-    out.attributes.reserve_exact(fields.count(6));
-    while let Some((tag, wire)) = fields.next()? {
-        match tag {
-            1 => out.time_unix_nano = fields.fixed64(wire)?,
-            2 => out.severity_number = fields.uint(wire)? as i32,
-            3 => out.severity_text = fields.string(wire)?,
-            5 => once(&mut out.body, fields.bytes(wire)?, any_value)?,
-            6 => out.attributes.push(key_value(fields.bytes(wire)?)?),
-            7 => out.dropped_attributes_count = fields.uint(wire)? as u32,
-            8 => out.flags = fields.fixed32(wire)?,
-            9 => out.trace_id = fields.bytes(wire)?.to_vec(),
-            10 => out.span_id = fields.bytes(wire)?.to_vec(),
-            11 => out.observed_time_unix_nano = fields.fixed64(wire)?,
-            12 => out.event_name = fields.string(wire)?,
-            _ => fields.skip(wire)?,
-        }
-    }
-    Ok(out)
-}
-
 /// Reads an encoded `LogRecord`'s fields for a [`LogView`]. `check`: also check what prost would
 /// (every string is UTF-8, every value decodes), without collecting the attributes.
 fn walk_log(bytes: &[u8], check: bool) -> Fast<LogView<'_>> {
@@ -761,6 +701,7 @@ mod tests {
     use crate::attributes::Attributes;
     use crate::logrecord;
     use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ScopeLogs};
     use opentelemetry_proto::tonic::metrics::v1::exemplar;
     use proptest::collection::vec;
     use proptest::option::of;
@@ -1014,20 +955,6 @@ mod tests {
         bytes
     }
 
-    /// The fast path's answer, when it has one, is prost's; the public function's answer always is.
-    fn same_as_prost<M: Message + Default>(bytes: &[u8], fast: Fast<M>, public: Result<M, DecodeError>) {
-        let prost = M::decode(bytes);
-        if let Ok(fast) = fast {
-            let prost = prost.as_ref().expect("the fast path decoded what prost refuses");
-            assert_eq!(fast.encode_to_vec(), prost.encode_to_vec());
-        }
-        match (public, prost) {
-            (Ok(public), Ok(prost)) => assert_eq!(public.encode_to_vec(), prost.encode_to_vec()),
-            (Err(public), Err(prost)) => assert_eq!(public.to_string(), prost.to_string()),
-            (public, prost) => panic!("decoded {:?}, prost {:?}", public.is_ok(), prost.is_ok()),
-        }
-    }
-
     /// Two decodings of metrics hold the same values and the same attribute text.
     fn assert_same(decoded: &DecodedMetrics, expected: &DecodedMetrics) {
         assert_eq!(decoded.resource.encode_to_vec(), expected.resource.encode_to_vec());
@@ -1035,7 +962,8 @@ mod tests {
         assert_eq!(decoded.attributes, expected.attributes);
     }
 
-    /// [`same_as_prost`] for metrics: prost's decoding with its points' attributes made text.
+    /// The fast path's answer, when it has one, is prost's decoding (with its points' attributes
+    /// made text); the public function's answer always is.
     fn metrics_same_as_prost(bytes: &[u8]) {
         let prost = ResourceMetrics::decode(bytes).map(DecodedMetrics::from_prost);
         if let Ok(fast) = fast_resource_metrics(bytes) {
@@ -1107,25 +1035,12 @@ mod tests {
             assert_same(&fast, &DecodedMetrics::from_prost(message));
         }
 
-        #[test]
-        fn logs_decode_as_prost_does(message in resource_logs_message()) {
-            let bytes = message.encode_to_vec();
-            let fast = fast_resource_logs(&bytes).expect("an encoder's output takes the fast path");
-            prop_assert_eq!(fast.encode_to_vec(), bytes.clone());
-            prop_assert_eq!(resource_logs(&bytes).unwrap().encode_to_vec(), bytes);
-        }
-
         /// Damaged or merged encodings get prost's answer, values or error.
         #[test]
         fn damaged_metrics_get_prost_answer(message in resource_metrics_message(), damage in damage()) {
             metrics_same_as_prost(&apply(message.encode_to_vec(), &damage));
         }
 
-        #[test]
-        fn damaged_logs_get_prost_answer(message in resource_logs_message(), damage in damage()) {
-            let bytes = apply(message.encode_to_vec(), &damage);
-            same_as_prost(&bytes, fast_resource_logs(&bytes), resource_logs(&bytes));
-        }
 
         /// An exporter's records are kept encoded as they came, and read as prost decodes them.
         #[test]
@@ -1257,7 +1172,7 @@ mod tests {
         assert!(fast_resource_metrics(&overlong).is_err());
         assert!(resource_metrics(&overlong).unwrap_err().to_string().contains("varint"));
         let not_utf8 = [0x1a, 0x02, 0xc3, 0x28];
-        assert!(resource_logs(&not_utf8).unwrap_err().to_string().contains("UTF-8"));
+        assert!(encoded_resource_logs(&Bytes::copy_from_slice(&not_utf8)).unwrap_err().to_string().contains("UTF-8"));
     }
 
     fn string_attribute(key: &str, value: &str) -> KeyValue {

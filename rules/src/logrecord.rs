@@ -5,8 +5,8 @@
 //! 50 allocations for the gateway's 25 attributes), then fingerprinting it, was about a third of
 //! the node's CPU under that load, mostly for records that were counted and dropped. A record
 //! now travels as its encoded bytes (a slice of the request's buffer), checked once when the
-//! request is read ([`EncodedLog::new`]: well-formed, every string valid UTF-8, as prost checks
-//! them). Its owner reads a [`LogView`] of it: the fields as slices of those bytes, values
+//! request is read ([`crate::decode::encoded_resource_logs`], or [`EncodedLog::new`] for a
+//! forwarded record: well-formed, every string valid UTF-8, as prost checks them). Its owner reads a [`LogView`] of it: the fields as slices of those bytes, values
 //! decoded only when looked up. Only a kept record is fingerprinted and copied into its stored
 //! form.
 
@@ -66,7 +66,7 @@ impl EncodedLog {
         &self.bytes
     }
 
-    /// The record, decoded by prost.
+    /// The record, decoded by prost (for tests and comparisons: the bytes were checked).
     pub fn decode(&self) -> LogRecord {
         LogRecord::decode(&*self.bytes).unwrap_or_default()
     }
@@ -96,7 +96,7 @@ pub struct LogView<'a> {
 }
 
 impl LogView<'_> {
-    /// The body's text ([`value_text`]), if the record has a body.
+    /// The body's text ([`crate::attributes::value_text`]), if the record has a body.
     pub fn body_text(&self) -> Option<Cow<'_, str>> {
         self.body.map(|body| value(Some(body)).into_text())
     }

@@ -1024,6 +1024,11 @@ mod tests {
         assert_eq!(log_counters(&decision).count(), 0, "an unclassified record counts nowhere");
     }
 
+    /// A fingerprint from a fingerprinter that has seen the records before, of `record` encoded.
+    fn streamed(fingerprinter: &mut LogFingerprinter, entity: &Entity, record: &LogRecord) -> u128 {
+        fingerprinter.fingerprint(entity, &EncodedLog::from_record(record).view())
+    }
+
     /// The fingerprint as first written: the attributes through an owned [`AttributeSet`].
     fn fingerprint_model(entity: &Entity, record: &LogRecord) -> u128 {
         let mut bytes: Vec<u8> = Vec::new();
@@ -1107,35 +1112,17 @@ mod tests {
             for value in 0..3 {
                 let mut next = many.clone();
                 next.attributes[value * 4] = crate::testing::string_attribute(&next.attributes[value * 4].key, "new");
-                assert_eq!(
-                    fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&next).view()),
-                    fingerprint_model(&entity, &next)
-                );
+                assert_eq!(streamed(&mut fingerprinter, &entity, &next), fingerprint_model(&entity, &next));
             }
-            assert_eq!(
-                fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&record).view()),
-                fingerprint_model(&entity, &record)
-            );
-            assert_eq!(
-                fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&reordered).view()),
-                fingerprint_model(&entity, &reordered)
-            );
-            assert_eq!(
-                fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&reordered).view()),
-                fingerprint_model(&entity, &reordered)
-            );
+            assert_eq!(streamed(&mut fingerprinter, &entity, &record), fingerprint_model(&entity, &record));
+            assert_eq!(streamed(&mut fingerprinter, &entity, &reordered), fingerprint_model(&entity, &reordered));
+            assert_eq!(streamed(&mut fingerprinter, &entity, &reordered), fingerprint_model(&entity, &reordered));
         }
         // Same keys in the same order but one more: not the same key list.
         let mut longer = many.clone();
         longer.attributes.push(crate::testing::string_attribute("key.0", "a repeated key, last"));
-        assert_eq!(
-            fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&many).view()),
-            fingerprint_model(&entity, &many)
-        );
-        assert_eq!(
-            fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&longer).view()),
-            fingerprint_model(&entity, &longer)
-        );
+        assert_eq!(streamed(&mut fingerprinter, &entity, &many), fingerprint_model(&entity, &many));
+        assert_eq!(streamed(&mut fingerprinter, &entity, &longer), fingerprint_model(&entity, &longer));
         for (what, other) in [
             ("a value", log_fingerprint(&entity, &other_value)),
             ("the time", log_fingerprint(&entity, &other_time)),
@@ -1160,10 +1147,7 @@ mod tests {
         .map(|(key, value)| KeyValue { key: key.into(), value, ..Default::default() })
         .collect();
         kinds.body = value(any_value::Value::IntValue(7));
-        assert_eq!(
-            fingerprinter.fingerprint(&entity, &EncodedLog::from_record(&kinds).view()),
-            fingerprint_model(&entity, &kinds)
-        );
+        assert_eq!(streamed(&mut fingerprinter, &entity, &kinds), fingerprint_model(&entity, &kinds));
         kinds.body = value(any_value::Value::DoubleValue(f64::NAN));
         assert_eq!(log_fingerprint(&entity, &kinds), fingerprint_model(&entity, &kinds));
     }

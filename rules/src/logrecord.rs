@@ -73,9 +73,11 @@ impl EncodedLog {
 
     /// The record's fields, read from its bytes.
     pub fn view(&self) -> LogView<'_> {
-        // Never empty for a record that has fields: the bytes were read the same way at
-        // construction, or are prost's encoding, which [`decode::log_view`] reads.
-        decode::log_view(&self.bytes).unwrap_or_default()
+        // The bytes were read the same way at construction, or are prost's encoding, which
+        // [`decode::log_view`] reads: it does not fail.
+        let view = decode::log_view(&self.bytes);
+        debug_assert!(view.is_some(), "a checked record that does not read back");
+        view.unwrap_or_default()
     }
 }
 

@@ -293,6 +293,9 @@ struct OwnerState {
     /// Fingerprints of log batches processed within the lateness window, with their time.
     log_batches: FastMap<u128, u64>,
     log_batches_loaded: bool,
+    /// Fingerprints the records kept, reusing the attribute order of the one before (a
+    /// gateway's access-log format is fixed).
+    log_fingerprinter: LogFingerprinter,
     /// Batches handed to the writer.
     submitted: u64,
     /// Highest batch known durable (batches become durable in order).
@@ -315,6 +318,7 @@ impl Actor for Owner {
             log_counters: FastMap::default(),
             log_batches: FastMap::default(),
             log_batches_loaded: false,
+            log_fingerprinter: LogFingerprinter::default(),
             submitted: 0,
             durable: watch::channel(0).0,
         })
@@ -679,10 +683,8 @@ impl OwnerState {
         let now = self.context.clock.now_ns();
         let mut touched: FastSet<StateKey> = FastSet::default();
         let mut failure = None;
-        let mut fingerprinter = LogFingerprinter::default();
         for record in records {
-            let written = (&mut report, &mut batch, &mut touched);
-            if let Err(error) = self.ingest_log(record, &config, now, &mut fingerprinter, written) {
+            if let Err(error) = self.ingest_log(record, &config, now, &mut report, &mut batch, &mut touched) {
                 failure = Some(error);
                 break;
             }
@@ -703,8 +705,9 @@ impl OwnerState {
         record: ExtractedLog,
         config: &RuntimeConfig,
         now: u64,
-        fingerprinter: &mut LogFingerprinter,
-        (report, batch, touched): (&mut IngestReport, &mut StoreBatch, &mut FastSet<StateKey>),
+        report: &mut IngestReport,
+        batch: &mut StoreBatch,
+        touched: &mut FastSet<StateKey>,
     ) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         self.ensure_partition(record.partition, &record.entity)?;
@@ -785,7 +788,7 @@ impl OwnerState {
         batch.push(Op::Log {
             vnode: self.vnode,
             partition: record.partition,
-            log: stored_log(&record, &view, fingerprinter.fingerprint(&record.entity, &view), kind, &decision),
+            log: stored_log(&record, &view, self.log_fingerprinter.fingerprint(&record.entity, &view), kind, &decision),
         });
         Ok(())
     }

@@ -668,7 +668,7 @@ fn fast_encoded_resource_logs(bytes: &Bytes) -> Fast<(Option<Resource>, Vec<Enco
         match tag {
             1 => once(&mut out, fields.bytes(wire)?, resource)?,
             2 => scope_log_records(bytes, fields.bytes(wire)?, &mut records)?,
-            3 => drop(text(fields.bytes(wire)?)?),
+            3 => check_text(fields.bytes(wire)?)?,
             _ => fields.skip(wire)?,
         }
     }
@@ -688,7 +688,7 @@ fn scope_log_records(buffer: &Bytes, bytes: &[u8], records: &mut Vec<EncodedLog>
                 let (time, observed) = check_log(record).ok_or(Unusual)?;
                 records.push(EncodedLog::checked(buffer.slice_ref(record), time, observed));
             }
-            3 => drop(text(fields.bytes(wire)?)?),
+            3 => check_text(fields.bytes(wire)?)?,
             _ => fields.skip(wire)?,
         }
     }

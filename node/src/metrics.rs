@@ -59,6 +59,8 @@ pub const STORE_WAL_BYTES: &str = "tollgate_store_wal_bytes";
 pub const STORE_SIZE_BYTES: &str = "tollgate_store_size_bytes";
 /// Series held in owner memory.
 pub const SERIES_ACTIVE: &str = "tollgate_series_active";
+/// Aggregates (minute, hour and day states) held in the owners' caches.
+pub const STATES_CACHED: &str = "tollgate_states_cached";
 /// Minute states rolled into hour and day states.
 pub const ROLLED_UP_MINUTES: &str = "tollgate_rolled_up_minutes_total";
 /// Keys removed by retention.

@@ -11,6 +11,8 @@
 //! owner's semaphore (`limits.owner_queue_capacity`); without one the sender gets a retryable
 //! overload error instead of queueing.
 //!
+//! The cache holds the newest two minutes of each series: when a series moves on to a new minute,
+//! its older cached minutes leave at the next message after everything written is durable.
 //! Periodically (`Maintain`) an owner rolls closed minutes into hour and day states, evicts idle
 //! state from memory once everything it wrote is durable, and forgets old log-batch fingerprints.
 
@@ -288,6 +290,12 @@ struct OwnerState {
     table: SeriesTable,
     partitions: FastMap<u64, PartitionState>,
     cache: FastMap<StateKey, Aggregate>,
+    /// Minute aggregates a newer minute of their series pushed out of the newest two, removed
+    /// from the cache once every batch written so far is durable (until then a read of the store
+    /// could miss their last write).
+    retiring: Vec<StateKey>,
+    /// The cache's size as last added to the `tollgate_states_cached` gauge.
+    cached_reported: usize,
     /// Log counters of each partition known to have their key stored, with their series id.
     log_counters: FastMap<(u64, LogCounter), SeriesId>,
     /// Fingerprints of log batches processed within the lateness window, with their time.
@@ -315,6 +323,8 @@ impl Actor for Owner {
             table: SeriesTable::new(),
             partitions: FastMap::default(),
             cache: FastMap::default(),
+            retiring: Vec::new(),
+            cached_reported: 0,
             log_counters: FastMap::default(),
             log_batches: FastMap::default(),
             log_batches_loaded: false,
@@ -326,6 +336,7 @@ impl Actor for Owner {
 
     async fn post_stop(&self, _: ActorRef<OwnerMsg>, state: &mut OwnerState) -> Result<(), ActorProcessingErr> {
         metrics::gauge!(m::SERIES_ACTIVE).decrement(state.table.len() as f64);
+        metrics::gauge!(m::STATES_CACHED).decrement(state.cached_reported as f64);
         for (_, entry) in state.table.iter() {
             state.context.cardinality.remove(&entry.key.entity.service);
         }
@@ -394,6 +405,7 @@ impl Actor for Owner {
                 let _ = done.send(());
             }
         }
+        state.report_cached();
         Ok(())
     }
 }
@@ -428,6 +440,7 @@ impl OwnerState {
         self.table = SeriesTable::new();
         self.partitions.clear();
         self.cache.clear();
+        self.retiring.clear();
         self.log_counters.clear();
         self.log_batches.clear();
         self.log_batches_loaded = false;
@@ -509,6 +522,7 @@ impl OwnerState {
     }
 
     fn ingest_metrics(&mut self, points: Vec<ExtractedPoint>) -> Outcome {
+        self.drop_retired();
         let config = self.config();
         let now = self.context.clock.now_ns();
         let mut report = IngestReport::default();
@@ -582,6 +596,16 @@ impl OwnerState {
         });
         match applied {
             Applied::Merged(_) | Applied::Baseline => {
+                // The cache keeps the newest two minutes of a series: moving on from minute `n`
+                // to `minute` pushes `n - 1` out, and `n` too unless `minute` is `n + 1`.
+                if let Some(newest) = newest_minute.map(|newest| newest as u64).filter(|newest| minute > *newest) {
+                    if newest > 0 {
+                        self.retiring.push((id, Resolution::Minute, newest - 1));
+                    }
+                    if minute > newest + 1 {
+                        self.retiring.push((id, Resolution::Minute, newest));
+                    }
+                }
                 // Written once per batch, whatever the number of points merged into the series.
                 touched.cursors.insert(id, partition);
                 self.note_entity(partition, point_key.time_ns, batch);
@@ -606,6 +630,26 @@ impl OwnerState {
             if let Some(clock) = self.table.clock(partition) {
                 batch.push(Op::Clock { vnode: self.vnode, partition, clock: *clock });
             }
+        }
+    }
+
+    /// Removes the retiring aggregates from the cache if every batch written so far is durable
+    /// (otherwise they wait for a later message, or for maintenance, which settles first).
+    fn drop_retired(&mut self) {
+        if self.retiring.is_empty() || *self.durable.borrow() < self.submitted {
+            return;
+        }
+        for key in self.retiring.drain(..) {
+            self.cache.remove(&key);
+        }
+    }
+
+    /// Adds the change of the cache's size since the last report to `tollgate_states_cached`.
+    fn report_cached(&mut self) {
+        let cached = self.cache.len();
+        if cached != self.cached_reported {
+            metrics::gauge!(m::STATES_CACHED).increment(cached as f64 - self.cached_reported as f64);
+            self.cached_reported = cached;
         }
     }
 
@@ -830,6 +874,8 @@ impl OwnerState {
             *resolution == Resolution::Minute && keep_minutes.get(id).is_some_and(|open| *period >= *open)
         });
         shrink_if_sparse(&mut self.cache);
+        // Everything is durable (settled above), and the retain removed what was retiring.
+        self.retiring.clear();
         // Series idle for two lateness windows leave memory; their cursor is in the store.
         let idle_before = now.saturating_sub(2 * normalize.max_lateness_seconds * 1_000_000_000);
         let evicted = self.table.evict_idle(idle_before);

@@ -510,8 +510,9 @@ impl Driver {
         let per_series = (after - before) / series;
         let wire = bytes as f64 / points as f64;
         let memtable = metric_value(&text, "tollgate_store_memtable_bytes").unwrap_or(0.0);
+        let cached = metric_value(&text, "tollgate_states_cached").unwrap_or(0.0);
         println!(
-            "  RSS {:.1} MiB before, {:.1} MiB after; {series:.0} active series; {merged:.0} points merged; memtable {:.1} MiB (not yet checkpointed)",
+            "  RSS {:.1} MiB before, {:.1} MiB after; {series:.0} active series; {merged:.0} points merged; {cached:.0} aggregates cached; memtable {:.1} MiB (not yet checkpointed)",
             mib(before),
             mib(after),
             mib(memtable)

@@ -1,0 +1,81 @@
+//! The owners' cache of aggregates holds about the newest two minutes of each series while
+//! points arrive (not only after maintenance), and a late point into a minute that left the cache
+//! merges with what the store holds for it.
+
+mod common;
+
+use common::{now_seconds, TestNode};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
+};
+use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
+
+const SERVICE: &str = "cache-gw";
+const PODS: u64 = 4;
+
+/// One delta request-duration point of `count` requests at `time` (seconds) for each pod.
+fn export(time: u64, count: u64) -> ExportMetricsServiceRequest {
+    let resource_metrics = (0..PODS)
+        .map(|pod| ResourceMetrics {
+            resource: Some(gateway_resource(Convention::AigwService, SERVICE, Some(&format!("pod-{pod}")))),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "gen_ai.server.request.duration".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        aggregation_temporality: 1,
+                        data_points: vec![HistogramDataPoint {
+                            attributes: vec![string_attribute("gen_ai.provider.name", "openai")],
+                            start_time_unix_nano: (time - 1) * 1_000_000_000,
+                            time_unix_nano: time * 1_000_000_000,
+                            count,
+                            sum: Some(0.5 * count as f64),
+                            bucket_counts: vec![0, count, 0],
+                            explicit_bounds: vec![0.25, 1.0],
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    ExportMetricsServiceRequest { resource_metrics }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cache_keeps_the_newest_minutes_while_points_arrive_and_late_points_read_back() {
+    let node = TestNode::start().await;
+    let mut client = node.metrics_client(0).await;
+    // Nine minutes of one series per pod, a minute apart, each export acknowledged (durable)
+    // before the next, all within the default lateness window (600 s).
+    let first = (now_seconds() / 60 - 9) * 60 + 10;
+    for minute in 0..9 {
+        client.export(export(first + minute * 60, 1)).await.expect("export accepted");
+    }
+    let series = node.self_metric("tollgate_series_active").await;
+    assert_eq!(series, PODS as f64);
+    // The newest two minutes of each series, and the one before them until the next message
+    // drops it (it is dropped only once everything written before is durable). Without eviction
+    // as minutes move on, the cache would hold all nine until maintenance (every 10 s) ran.
+    let cached = node.self_metric("tollgate_states_cached").await;
+    assert!(
+        (2.0 * series..=3.0 * series).contains(&cached),
+        "{cached} aggregates cached for {series} series after nine minutes of each"
+    );
+
+    // A late point into the second minute, which left the cache: the minute then holds both
+    // points' requests (a point that started from an empty aggregate would show only the late
+    // one's).
+    let second = first + 60;
+    client.export(export(second + 20, 5)).await.expect("late export accepted");
+    let minute = (second / 60 * 60) as i64;
+    let cpm = node.value("meter_envoy_ai_gw_request_cpm", SERVICE, None, &serde_json::json!({}), minute).await;
+    assert_eq!(cpm, Some((PODS * (1 + 5)) as f64), "requests in the late point's minute");
+    // The newest minute is untouched by the late point.
+    let newest = ((first + 8 * 60) / 60 * 60) as i64;
+    let cpm = node.value("meter_envoy_ai_gw_request_cpm", SERVICE, None, &serde_json::json!({}), newest).await;
+    assert_eq!(cpm, Some(PODS as f64), "requests in the newest minute");
+}

@@ -6,10 +6,8 @@ mod common;
 
 use common::{now_seconds, TestNode};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
-};
-use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
+use opentelemetry_proto::tonic::metrics::v1::{ResourceMetrics, ScopeMetrics};
+use tollgate_rules::testing::{delta_duration, gateway_resource, Convention};
 
 const SERVICE: &str = "cache-gw";
 const PODS: u64 = 4;
@@ -19,26 +17,7 @@ fn export(time: u64, count: u64) -> ExportMetricsServiceRequest {
     let resource_metrics = (0..PODS)
         .map(|pod| ResourceMetrics {
             resource: Some(gateway_resource(Convention::AigwService, SERVICE, Some(&format!("pod-{pod}")))),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "gen_ai.server.request.duration".into(),
-                    data: Some(metric::Data::Histogram(Histogram {
-                        aggregation_temporality: 1,
-                        data_points: vec![HistogramDataPoint {
-                            attributes: vec![string_attribute("gen_ai.provider.name", "openai")],
-                            start_time_unix_nano: (time - 1) * 1_000_000_000,
-                            time_unix_nano: time * 1_000_000_000,
-                            count,
-                            sum: Some(0.5 * count as f64),
-                            bucket_counts: vec![0, count, 0],
-                            explicit_bounds: vec![0.25, 1.0],
-                            ..Default::default()
-                        }],
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
+            scope_metrics: vec![ScopeMetrics { metrics: vec![delta_duration(time, count, 0.5)], ..Default::default() }],
             ..Default::default()
         })
         .collect();

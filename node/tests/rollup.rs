@@ -4,13 +4,11 @@
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
-};
+use opentelemetry_proto::tonic::metrics::v1::{ResourceMetrics, ScopeMetrics};
 use serde_json::Value;
 use std::sync::Arc;
 use tollgate::{Node, NodeConfig, SystemClock};
-use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
+use tollgate_rules::testing::{delta_duration, gateway_resource, Convention};
 
 fn now_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
@@ -21,25 +19,7 @@ fn export(time: u64, count: u64, seconds: f64) -> ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(gateway_resource(Convention::JobName, "roll-gw", Some("pod-0"))),
             scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "gen_ai.server.request.duration".into(),
-                    data: Some(metric::Data::Histogram(Histogram {
-                        aggregation_temporality: 1,
-                        data_points: vec![HistogramDataPoint {
-                            attributes: vec![string_attribute("gen_ai.provider.name", "openai")],
-                            start_time_unix_nano: (time - 1) * 1_000_000_000,
-                            time_unix_nano: time * 1_000_000_000,
-                            count,
-                            sum: Some(seconds * count as f64),
-                            bucket_counts: vec![0, count, 0],
-                            explicit_bounds: vec![0.5, 5.0],
-                            min: Some(seconds),
-                            max: Some(seconds),
-                            ..Default::default()
-                        }],
-                    })),
-                    ..Default::default()
-                }],
+                metrics: vec![delta_duration(time, count, seconds)],
                 ..Default::default()
             }],
             ..Default::default()

@@ -268,3 +268,30 @@ impl CaseExpect {
 pub use crate::fleet::{
     gateway_bounds, gateway_resource, gateway_unit, string_attribute, Convention, GatewayPod, Xorshift, FLEET_MODELS,
 };
+
+/// A delta `gen_ai.server.request.duration` histogram of one point for provider `openai`:
+/// `count` requests of `seconds` each (bounds 0.5 s and 5 s), from `time - 1` to `time` (unix
+/// seconds).
+pub fn delta_duration(time: u64, count: u64, seconds: f64) -> Metric {
+    let mut bucket_counts = vec![0; 3];
+    bucket_counts[[0.5, 5.0].iter().filter(|bound| seconds > **bound).count()] = count;
+    Metric {
+        name: "gen_ai.server.request.duration".into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            aggregation_temporality: 1,
+            data_points: vec![HistogramDataPoint {
+                attributes: vec![string_attribute("gen_ai.provider.name", "openai")],
+                start_time_unix_nano: (time - 1) * 1_000_000_000,
+                time_unix_nano: time * 1_000_000_000,
+                count,
+                sum: Some(seconds * count as f64),
+                bucket_counts,
+                explicit_bounds: vec![0.5, 5.0],
+                min: Some(seconds),
+                max: Some(seconds),
+                ..Default::default()
+            }],
+        })),
+        ..Default::default()
+    }
+}

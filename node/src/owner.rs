@@ -11,8 +11,9 @@
 //! owner's semaphore (`limits.owner_queue_capacity`); without one the sender gets a retryable
 //! overload error instead of queueing.
 //!
-//! The cache holds the newest two minutes of each series: when a series moves on to a new minute,
-//! its older cached minutes leave at the next message after everything written is durable.
+//! The cache holds the newest minute of each series (its points arrive in time order; a retried or
+//! late point of an older minute reads that minute back from the store): when a series moves on
+//! to a new minute, the one before leaves at the next message after everything written is durable.
 //! Periodically (`Maintain`) an owner rolls closed minutes into hour and day states, evicts idle
 //! state from memory once everything it wrote is durable, and forgets old log-batch fingerprints.
 
@@ -290,9 +291,9 @@ struct OwnerState {
     table: SeriesTable,
     partitions: FastMap<u64, PartitionState>,
     cache: FastMap<StateKey, Aggregate>,
-    /// Minute aggregates a newer minute of their series pushed out of the newest two, removed
-    /// from the cache once every batch written so far is durable (until then a read of the store
-    /// could miss their last write).
+    /// Minute aggregates a newer minute of their series pushed out, removed from the cache once
+    /// every batch written so far is durable (until then a read of the store could miss their
+    /// last write).
     retiring: Vec<StateKey>,
     /// The cache's size as last added to the `tollgate_states_cached` gauge.
     cached_reported: usize,
@@ -596,15 +597,10 @@ impl OwnerState {
         });
         match applied {
             Applied::Merged(_) | Applied::Baseline => {
-                // The cache keeps the newest two minutes of a series: moving on from minute `n`
-                // to `minute` pushes `n - 1` out, and `n` too unless `minute` is `n + 1`.
+                // The cache keeps the newest minute of a series: moving on pushes the one before
+                // out (the minute before it left when the series moved on to it).
                 if let Some(newest) = newest_minute.map(|newest| newest as u64).filter(|newest| minute > *newest) {
-                    if newest > 0 {
-                        self.retiring.push((id, Resolution::Minute, newest - 1));
-                    }
-                    if minute > newest + 1 {
-                        self.retiring.push((id, Resolution::Minute, newest));
-                    }
+                    self.retiring.push((id, Resolution::Minute, newest));
                 }
                 // Written once per batch, whatever the number of points merged into the series.
                 touched.cursors.insert(id, partition);
@@ -852,11 +848,13 @@ impl OwnerState {
 
     async fn maintain(&mut self) -> Result<(), Error> {
         self.settle().await?;
+        // Everything is durable (settled above): the minutes series moved on from leave.
+        self.drop_retired();
         let config = self.config();
         let normalize = &config.rules.config.normalize;
         let now = self.context.clock.now_ns();
-        // Aggregates: keep the newest two minutes of each partition, where nearly every point
-        // lands; the rest is durable (settled above) and is read back if a late point needs it.
+        // Aggregates: at most the newest two minutes of each partition, where nearly every point
+        // lands; the rest is durable and is read back if a late point needs it.
         let open_from: FastMap<u64, u64> = self
             .table
             .clocks()
@@ -874,8 +872,6 @@ impl OwnerState {
             *resolution == Resolution::Minute && keep_minutes.get(id).is_some_and(|open| *period >= *open)
         });
         shrink_if_sparse(&mut self.cache);
-        // Everything is durable (settled above), and the retain removed what was retiring.
-        self.retiring.clear();
         // Series idle for two lateness windows leave memory; their cursor is in the store.
         let idle_before = now.saturating_sub(2 * normalize.max_lateness_seconds * 1_000_000_000);
         let evicted = self.table.evict_idle(idle_before);

@@ -577,10 +577,14 @@ impl OwnerState {
         let keys = state_keys(id, minute, rolled_until);
         // The series' cursor remembers the newest point it accepted (and is stored with the
         // states it merged): a later minute has no stored state, so the store is not read.
-        let newest_minute =
-            self.table.get(&id).and_then(|entry| entry.cursor.seen.back()).map(|k| minute_of(k.time_ns));
+        let moved_on_from = self
+            .table
+            .get(&id)
+            .and_then(|entry| entry.cursor.seen.back())
+            .map(|k| minute_of(k.time_ns) as u64)
+            .filter(|newest| minute > *newest);
         for key in keys.iter() {
-            if key.1 == Resolution::Minute && newest_minute.is_some_and(|newest| minute > newest as u64) {
+            if key.1 == Resolution::Minute && moved_on_from.is_some() {
                 self.cache.entry(*key).or_default();
             } else {
                 self.load_state(*key)?;
@@ -599,8 +603,8 @@ impl OwnerState {
             Applied::Merged(_) | Applied::Baseline => {
                 // The cache keeps the newest minute of a series: moving on pushes the one before
                 // out (the minute before it left when the series moved on to it).
-                if let Some(newest) = newest_minute.map(|newest| newest as u64).filter(|newest| minute > *newest) {
-                    self.retiring.push((id, Resolution::Minute, newest));
+                if let Some(previous) = moved_on_from {
+                    self.retiring.push((id, Resolution::Minute, previous));
                 }
                 // Written once per batch, whatever the number of points merged into the series.
                 touched.cursors.insert(id, partition);

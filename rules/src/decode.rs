@@ -151,8 +151,7 @@ impl<'a> Fields<'a> {
     }
 
     fn string(&mut self, wire: u8) -> Fast<String> {
-        let bytes = self.bytes(wire)?;
-        Ok(std::str::from_utf8(bytes).map_err(|_| Unusual)?.to_owned())
+        Ok(text(self.bytes(wire)?)?.to_owned())
     }
 
     fn fixed64(&mut self, wire: u8) -> Fast<u64> {

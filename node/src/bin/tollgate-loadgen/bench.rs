@@ -57,7 +57,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pipeline_output: Option<PathBuf>,
     /// Exports in flight during the ingest figures.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = crate::DEFAULT_IN_FLIGHT)]
     concurrency: usize,
     /// HTTP/2 connections the load generator opens per target.
     #[arg(long, default_value_t = 4)]

@@ -36,6 +36,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Exports in flight by default: one per pod of the access-log figure's fleet of 100 pods (a
+/// gateway's exporter sends one batch at a time). Fewer leave a node with durable
+/// acknowledgements waiting on its syncs rather than working, so a throughput figure would
+/// measure the sync's latency; more (200) changed neither the node's nor the sink's rate in
+/// figures 2 and 7 (docs/benchmarks.md, step 32).
+const DEFAULT_IN_FLIGHT: usize = 100;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tollgate-loadgen",
@@ -83,7 +90,7 @@ struct SendArgs {
     #[arg(long, default_value = "http://127.0.0.1:4317")]
     target: String,
     /// Exports in flight at once (one lane each; a pod's exports stay in order in its lane).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = DEFAULT_IN_FLIGHT)]
     concurrency: usize,
     /// HTTP/2 connections the lanes share.
     #[arg(long, default_value_t = 4)]

@@ -230,19 +230,22 @@ impl Memtable {
         Lookup::Absent
     }
 
-    /// The newest entries with keys in the range, in key order, deletions included.
-    pub fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Vec<Entry> {
+    /// The newest entries with keys in the range, in key order, deletions included: the first
+    /// `limit` keys of the range (`usize::MAX`: all of them). A copy: a caller walking a large
+    /// range takes it a bounded piece at a time.
+    pub fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>, limit: usize) -> Vec<Entry> {
         let layers = self.layers.read().expect("memtable lock");
-        if layers.newest_first().all(|layer| layer.entries.is_empty()) {
+        if limit == 0 || layers.newest_first().all(|layer| layer.entries.is_empty()) {
             return Vec::new();
         }
+        // The first `limit` keys of the union are among the first `limit` keys of each layer.
         let mut merged: BTreeMap<&[u8], &Option<Vec<u8>>> = BTreeMap::new();
         for layer in layers.newest_first() {
-            for (key, value) in layer.entries.range::<[u8], _>((from, to)) {
+            for (key, value) in layer.entries.range::<[u8], _>((from, to)).take(limit) {
                 merged.entry(key.as_slice()).or_insert(value);
             }
         }
-        merged.into_iter().map(|(key, value)| (key.to_vec(), value.clone())).collect()
+        merged.into_iter().take(limit).map(|(key, value)| (key.to_vec(), value.clone())).collect()
     }
 }
 
@@ -364,8 +367,20 @@ mod tests {
         assert_eq!(memtable.get(b"a"), Lookup::Value(b"2".to_vec()));
         assert_eq!(memtable.get(b"b"), Lookup::Deleted);
         assert_eq!(memtable.get(b"z"), Lookup::Absent);
-        let range = memtable.range(Bound::Included(b"a"), Bound::Excluded(b"c"));
+        let range = memtable.range(Bound::Included(b"a"), Bound::Excluded(b"c"), usize::MAX);
         assert_eq!(range, vec![(b"a".to_vec(), Some(b"2".to_vec())), (b"b".to_vec(), None)]);
+        // The first keys of a range across both layers, the newest value of each.
+        let first = |limit| memtable.range(Bound::Included(b"a"), Bound::Unbounded, limit);
+        assert_eq!(first(0), vec![]);
+        assert_eq!(first(1), vec![(b"a".to_vec(), Some(b"2".to_vec()))]);
+        assert_eq!(first(2), range);
+        assert_eq!(first(3), [range.clone(), vec![(b"c".to_vec(), None)]].concat());
+        assert_eq!(first(4), first(3));
+        assert_eq!(
+            memtable.range(Bound::Excluded(b"a"), Bound::Unbounded, 1),
+            vec![(b"b".to_vec(), None)],
+            "a key only the older layer has a value for, deleted in the newer one"
+        );
         memtable.release(&frozen);
         assert_eq!(memtable.get(b"a"), Lookup::Value(b"2".to_vec()));
         assert_eq!(memtable.bytes().1, 0);

@@ -41,6 +41,11 @@ use tracing::{error, info, warn};
 /// Keys deleted per retention batch.
 const SWEEP_CHUNK: usize = 10_000;
 
+/// Memtable entries copied at a time by a walk over a prefix ([`SledStorage::prefixed`]). The
+/// retention sweep walks every minute state: copied whole, the memtable's share of them was a
+/// transient of about 100 MB in a heap profile of figure 5's load (docs/benchmarks.md).
+const SCAN_CHUNK: usize = 4_096;
+
 /// Entries per sled batch when a checkpoint writes the data tree. The checkpointer flushes sled
 /// after each: with one flush per checkpoint instead, the node's memory after figure 5's load of
 /// docs/benchmarks.md was 3.2–3.8 GB instead of 1.4–2.3 GB (alternating runs), at the same
@@ -366,9 +371,11 @@ impl SledStorage {
         reverse: bool,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> + '_ {
         let overlay = match &self.memtable {
-            Some(memtable) => {
-                memtable.range(Bound::Included(&from), to.as_deref().map_or(Bound::Unbounded, Bound::Excluded))
-            }
+            Some(memtable) => memtable.range(
+                Bound::Included(&from),
+                to.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+                usize::MAX,
+            ),
             None => Vec::new(),
         };
         let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
@@ -380,7 +387,44 @@ impl SledStorage {
 
     /// Entries whose key starts with `prefix`, ascending.
     fn prefixed(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> + '_ {
-        self.entries(prefix.to_vec(), memtable::prefix_end(prefix), false)
+        self.walk(prefix.to_vec(), memtable::prefix_end(prefix), SCAN_CHUNK)
+    }
+
+    /// Entries with `from <= key < to` (`to = None`: to the end), ascending, as
+    /// [`SledStorage::entries`] gives them, but with the memtable copied at most `chunk` keys
+    /// at a time: each piece of the walk merges the memtable's next `chunk` keys with the data
+    /// tree's keys up to the last of them (or to `to`, when fewer are left).
+    fn walk(
+        &self,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+        chunk: usize,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> + '_ {
+        let chunk = chunk.max(1);
+        let mut next = Some(from);
+        std::iter::from_fn(move || {
+            let start = next.take()?;
+            let end = to.clone().map_or(Bound::Unbounded, Bound::Excluded);
+            let overlay = match &self.memtable {
+                Some(memtable) => memtable.range(
+                    Bound::Included(&start),
+                    to.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+                    chunk,
+                ),
+                None => Vec::new(),
+            };
+            let upper = match overlay.last() {
+                Some((last, _)) if overlay.len() == chunk => {
+                    // The smallest key after `last`.
+                    next = Some([last.as_slice(), &[0]].concat());
+                    Bound::Included(last.clone())
+                }
+                _ => end,
+            };
+            Some(Merged::new(self.data.range::<Vec<u8>, _>((Bound::Included(start), upper)), overlay, false))
+        })
+        .flatten()
+        .map(|entry| entry.map_err(|e| storage_error("range", e)))
     }
 
     fn scan<T>(
@@ -1208,6 +1252,19 @@ mod tests {
             store.commit(batch).await.unwrap().await.unwrap().unwrap();
             assert_eq!(everything(&store), model.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>());
             assert_eq!(meta_of(&store), expected_meta(&meta_model));
+            // Walks taking the memtable a few keys at a time see the same, over everything and
+            // over a range that starts and ends between keys.
+            for chunk in [1, 3, 64] {
+                let walked: Vec<(Vec<u8>, Vec<u8>)> =
+                    store.walk(Vec::new(), None, chunk).collect::<Result<_, _>>().unwrap();
+                assert_eq!(walked, model.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>(), "{chunk}");
+                let (from, to) = (b"E0100x".to_vec(), b"E0199x".to_vec());
+                let walked: Vec<(Vec<u8>, Vec<u8>)> =
+                    store.walk(from.clone(), Some(to.clone()), chunk).collect::<Result<_, _>>().unwrap();
+                let expected: Vec<(Vec<u8>, Vec<u8>)> =
+                    model.range(from..to).map(|(k, v)| (k.clone(), v.clone())).collect();
+                assert_eq!(walked, expected, "{chunk}, a range");
+            }
             checkpointed |= !store.data.is_empty();
             if round % 7 == 3 {
                 tokio::time::sleep(Duration::from_millis(150)).await;

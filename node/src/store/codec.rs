@@ -100,9 +100,12 @@ pub fn state_key(vnode: u16, id: SeriesId, resolution: Resolution, period: u64) 
     key
 }
 
+/// Length of an aggregate key's group: tag, vnode, series id (its period follows).
+pub const STATE_GROUP_LEN: usize = 1 + 2 + 16;
+
 /// The period of an aggregate key.
 pub fn state_key_period(key: &[u8]) -> Option<u64> {
-    (key.len() == 1 + 2 + 16 + 8).then(|| u64::from_be_bytes(key[19..27].try_into().expect("8 bytes")))
+    (key.len() == STATE_GROUP_LEN + 8).then(|| u64::from_be_bytes(key[19..27].try_into().expect("8 bytes")))
 }
 
 /// Key of a kept log.
@@ -113,9 +116,12 @@ pub fn log_key(vnode: u16, partition: u64, time_ns: u64, fingerprint: u128) -> V
     key
 }
 
+/// Length of a log key's group: tag, vnode, partition (its time and fingerprint follow).
+pub const LOG_GROUP_LEN: usize = 1 + 2 + 8;
+
 /// The time of a log key.
 pub fn log_key_time(key: &[u8]) -> Option<u64> {
-    (key.len() == 1 + 2 + 8 + 8 + 16).then(|| u64::from_be_bytes(key[11..19].try_into().expect("8 bytes")))
+    (key.len() == LOG_GROUP_LEN + 8 + 16).then(|| u64::from_be_bytes(key[11..19].try_into().expect("8 bytes")))
 }
 
 /// Key of a log-batch fingerprint.

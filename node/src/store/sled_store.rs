@@ -427,6 +427,53 @@ impl SledStorage {
         .map(|entry| entry.map_err(|e| storage_error("range", e)))
     }
 
+    /// Deletes the keys of `tag` older than `cutoff` (their time read by `time_of`), for keys
+    /// made of a group (their first `group_len` bytes: a series, a partition) and a big-endian
+    /// time: per group, one read of its oldest key, and the expired keys after it if it is one.
+    fn sweep_groups(
+        &self,
+        tag: u8,
+        group_len: usize,
+        cutoff: u64,
+        time_of: fn(&[u8]) -> Option<u64>,
+        deleter: &mut Deleter<'_>,
+    ) -> Result<(), Error> {
+        let end = memtable::prefix_end(&[tag]);
+        let mut from = vec![tag];
+        loop {
+            let Some(oldest) = self.walk(from, end.clone(), 1).next() else { return Ok(()) };
+            let (oldest, _) = oldest?;
+            let next = match time_of(&oldest) {
+                // A key of another shape (none is written): skipped alone.
+                None => {
+                    deleter.report.examined += 1;
+                    Some([oldest.as_slice(), &[0]].concat())
+                }
+                // Nothing of this group has expired.
+                Some(time) if time >= cutoff => {
+                    deleter.report.examined += 1;
+                    memtable::prefix_end(&oldest[..group_len])
+                }
+                Some(_) => {
+                    let group = oldest[..group_len].to_vec();
+                    let upto = [group.as_slice(), &cutoff.to_be_bytes()].concat();
+                    for entry in self.walk(oldest, Some(upto), SCAN_CHUNK) {
+                        let (key, _) = entry?;
+                        deleter.report.examined += 1;
+                        if time_of(&key).is_some_and(|time| time < cutoff) {
+                            deleter.delete(key)?;
+                        }
+                    }
+                    memtable::prefix_end(&group)
+                }
+            };
+            match next {
+                Some(next) => from = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
     fn scan<T>(
         &self,
         prefix: Vec<u8>,
@@ -572,45 +619,31 @@ impl Storage for SledStorage {
     }
 
     fn sweep(&self, cutoffs: RetentionCutoffs) -> Result<SweepReport, Error> {
-        let mut report = SweepReport::default();
-        let runtime = tokio::runtime::Handle::current();
-        let mut expired: Vec<Vec<u8>> = Vec::new();
-        let flush = |expired: &mut Vec<Vec<u8>>, report: &mut SweepReport| -> Result<(), Error> {
-            if expired.is_empty() {
-                return Ok(());
-            }
-            report.deleted += expired.len() as u64;
-            let batch = StoreBatch { ops: expired.drain(..).map(|key| Op::DeleteRaw { key }).collect() };
-            runtime.block_on(async {
-                let ticket = self.commit(batch).await?;
-                ticket.await.map_err(|_| Error::Unavailable("storage writer stopped".into()))?
-            })
-        };
-        for (tag, cutoff) in [
-            (Resolution::Minute.tag(), cutoffs.minute),
-            (Resolution::Hour.tag(), cutoffs.hour),
-            (Resolution::Day.tag(), cutoffs.day),
-            (LOG, cutoffs.logs_ns),
-            (LOG_BATCH, cutoffs.log_batches_ns),
+        let mut deleter = Deleter { store: self, expired: Vec::new(), report: SweepReport::default() };
+        // Aggregates are keyed series first, then period; kept logs partition first, then time.
+        // So each group's expired keys come first, and the sweep reads those and jumps to the
+        // next group instead of reading every key it keeps (three days of minute states are
+        // 4 320 keys per series).
+        let time_of_state: fn(&[u8]) -> Option<u64> = codec::state_key_period;
+        for (tag, group_len, cutoff, time_of) in [
+            (Resolution::Minute.tag(), codec::STATE_GROUP_LEN, cutoffs.minute, time_of_state),
+            (Resolution::Hour.tag(), codec::STATE_GROUP_LEN, cutoffs.hour, time_of_state),
+            (Resolution::Day.tag(), codec::STATE_GROUP_LEN, cutoffs.day, time_of_state),
+            (LOG, codec::LOG_GROUP_LEN, cutoffs.logs_ns, codec::log_key_time),
         ] {
-            for entry in self.prefixed(&[tag]) {
-                let (key, value) = entry?;
-                report.examined += 1;
-                let is_expired = match tag {
-                    LOG => codec::log_key_time(&key).is_some_and(|t| t < cutoff),
-                    LOG_BATCH => value.as_slice().try_into().ok().map(u64::from_be_bytes).is_some_and(|t| t < cutoff),
-                    _ => codec::state_key_period(&key).is_some_and(|t| t < cutoff),
-                };
-                if is_expired {
-                    expired.push(key);
-                    if expired.len() >= SWEEP_CHUNK {
-                        flush(&mut expired, &mut report)?;
-                    }
-                }
+            self.sweep_groups(tag, group_len, cutoff, time_of, &mut deleter)?;
+        }
+        // Log-batch fingerprints are keyed by fingerprint, with their time in the value: all are
+        // read (a lateness window's worth).
+        for entry in self.prefixed(&[LOG_BATCH]) {
+            let (key, value) = entry?;
+            deleter.report.examined += 1;
+            if value.as_slice().try_into().ok().map(u64::from_be_bytes).is_some_and(|t| t < cutoffs.log_batches_ns) {
+                deleter.delete(key)?;
             }
         }
-        flush(&mut expired, &mut report)?;
-        Ok(report)
+        deleter.flush()?;
+        Ok(deleter.report)
     }
 
     fn size_on_disk(&self) -> u64 {
@@ -675,6 +708,35 @@ impl SledStorage {
             sink(chunk)?;
         }
         Ok(())
+    }
+}
+
+/// The retention sweep's deletions, committed [`SWEEP_CHUNK`] keys at a time.
+struct Deleter<'a> {
+    store: &'a SledStorage,
+    expired: Vec<Vec<u8>>,
+    report: SweepReport,
+}
+
+impl Deleter<'_> {
+    fn delete(&mut self, key: Vec<u8>) -> Result<(), Error> {
+        self.expired.push(key);
+        if self.expired.len() >= SWEEP_CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.expired.is_empty() {
+            return Ok(());
+        }
+        self.report.deleted += self.expired.len() as u64;
+        let batch = StoreBatch { ops: self.expired.drain(..).map(|key| Op::DeleteRaw { key }).collect() };
+        tokio::runtime::Handle::current().block_on(async {
+            let ticket = self.store.commit(batch).await?;
+            ticket.await.map_err(|_| Error::Unavailable("storage writer stopped".into()))?
+        })
     }
 }
 
@@ -1183,6 +1245,69 @@ mod tests {
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
         assert_eq!(report.0.deleted, 3);
         assert_eq!(report.1.logs(0, 5, 0, None, 10).unwrap().len(), 1);
+    }
+
+    /// The sweep deletes exactly the aggregates older than their resolution's cut-off, wherever
+    /// they are (data tree, memtable, a deletion in the memtable), and reads per series its oldest
+    /// state and its expired ones, not every state it keeps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_sweep_reads_each_series_expired_states_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStorage::open(dir.path(), &raw_settings()).unwrap();
+        let put = |batch: &mut StoreBatch, series: u128, resolution: Resolution, periods: std::ops::Range<u64>| {
+            for period in periods {
+                batch.push(Op::State { vnode: 3, id: SeriesId(series), resolution, period, state: state(period) });
+            }
+        };
+        // In the data tree: minutes 0..40 of series 1..=20, hours 0..5 of series 1.
+        let mut batch = StoreBatch::default();
+        for series in 1..=20 {
+            put(&mut batch, series, Resolution::Minute, 0..40);
+        }
+        put(&mut batch, 1, Resolution::Hour, 0..5);
+        store.commit(batch).await.unwrap().await.unwrap().unwrap();
+        let memtable = Arc::clone(store.memtable.as_ref().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while memtable.bytes() != (0, 0) {
+            assert!(Instant::now() < deadline, "the memtable was never checkpointed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // In the memtable: minutes 40..45 of the same series, minutes 5..45 of series 21..=25
+        // and 20..45 of series 26 (new), and series 2's minute 3 deleted.
+        let mut batch = StoreBatch::default();
+        for series in 1..=20 {
+            put(&mut batch, series, Resolution::Minute, 40..45);
+        }
+        for series in 21..=25 {
+            put(&mut batch, series, Resolution::Minute, 5..45);
+        }
+        put(&mut batch, 26, Resolution::Minute, 20..45);
+        batch.push(Op::DeleteRaw { key: codec::state_key(3, SeriesId(2), Resolution::Minute, 3) });
+        store.commit(batch).await.unwrap().await.unwrap().unwrap();
+
+        let cutoffs = RetentionCutoffs { minute: 10, hour: 2, day: 0, logs_ns: 0, log_batches_ns: 0 };
+        let (report, store) =
+            tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
+        // Minutes 0..10 of series 1..=20 (series 2 had 9 left), 5..10 of series 21..=25; hours 0..2.
+        let deleted = 20 * 10 - 1 + 5 * 5 + 2;
+        assert_eq!(report.deleted, deleted);
+        // What was deleted, and series 26's oldest minute: 227 of the 1 129 keys.
+        assert_eq!(report.examined, deleted + 1);
+        for series in 1..=26u128 {
+            for period in 0..45 {
+                let kept = store.state(3, SeriesId(series), Resolution::Minute, period).unwrap().is_some();
+                let written = match series {
+                    1..=20 => !(series == 2 && period == 3),
+                    21..=25 => period >= 5,
+                    _ => period >= 20,
+                };
+                assert_eq!(kept, written && period >= 10, "series {series} minute {period}");
+            }
+        }
+        for period in 0..5 {
+            let kept = store.state(3, SeriesId(1), Resolution::Hour, period).unwrap().is_some();
+            assert_eq!(kept, period >= 2, "hour {period}");
+        }
     }
 
     fn raw_settings() -> StorageConfig {

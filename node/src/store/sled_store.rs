@@ -370,19 +370,22 @@ impl SledStorage {
         to: Option<Vec<u8>>,
         reverse: bool,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> + '_ {
-        let overlay = match &self.memtable {
-            Some(memtable) => memtable.range(
-                Bound::Included(&from),
-                to.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
-                usize::MAX,
-            ),
-            None => Vec::new(),
-        };
+        let overlay = self.overlay(&from, to.as_deref(), usize::MAX);
         let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
         let tree = self.data.range::<Vec<u8>, _>((Bound::Included(from), upper));
         let tree: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             if reverse { Box::new(tree.rev()) } else { Box::new(tree) };
         Merged::new(tree, overlay, reverse).map(|entry| entry.map_err(|e| storage_error("range", e)))
+    }
+
+    /// The memtable's first `limit` entries with `from <= key < to` (`to = None`: to the end).
+    fn overlay(&self, from: &[u8], to: Option<&[u8]>, limit: usize) -> Vec<memtable::Entry> {
+        match &self.memtable {
+            Some(memtable) => {
+                memtable.range(Bound::Included(from), to.map_or(Bound::Unbounded, Bound::Excluded), limit)
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Entries whose key starts with `prefix`, ascending.
@@ -404,22 +407,14 @@ impl SledStorage {
         let mut next = Some(from);
         std::iter::from_fn(move || {
             let start = next.take()?;
-            let end = to.clone().map_or(Bound::Unbounded, Bound::Excluded);
-            let overlay = match &self.memtable {
-                Some(memtable) => memtable.range(
-                    Bound::Included(&start),
-                    to.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
-                    chunk,
-                ),
-                None => Vec::new(),
-            };
+            let overlay = self.overlay(&start, to.as_deref(), chunk);
             let upper = match overlay.last() {
                 Some((last, _)) if overlay.len() == chunk => {
                     // The smallest key after `last`.
                     next = Some([last.as_slice(), &[0]].concat());
                     Bound::Included(last.clone())
                 }
-                _ => end,
+                _ => to.clone().map_or(Bound::Unbounded, Bound::Excluded),
             };
             Some(Merged::new(self.data.range::<Vec<u8>, _>((Bound::Included(start), upper)), overlay, false))
         })

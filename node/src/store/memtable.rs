@@ -312,6 +312,11 @@ where
     }
 }
 
+/// The smallest key after `key`.
+pub fn key_after(key: &[u8]) -> Vec<u8> {
+    [key, &[0]].concat()
+}
+
 /// The smallest key greater than every key starting with `prefix` (`None`: no such key).
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
@@ -414,5 +419,6 @@ mod tests {
         assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
         assert_eq!(prefix_end(&[1, 255]), Some(vec![2]));
         assert_eq!(prefix_end(&[255, 255]), None);
+        assert_eq!(key_after(b"ab"), b"ab\0".to_vec());
     }
 }

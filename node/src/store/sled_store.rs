@@ -410,8 +410,7 @@ impl SledStorage {
             let overlay = self.overlay(&start, to.as_deref(), chunk);
             let upper = match overlay.last() {
                 Some((last, _)) if overlay.len() == chunk => {
-                    // The smallest key after `last`.
-                    next = Some([last.as_slice(), &[0]].concat());
+                    next = Some(memtable::key_after(last));
                     Bound::Included(last.clone())
                 }
                 _ => to.clone().map_or(Bound::Unbounded, Bound::Excluded),
@@ -442,7 +441,7 @@ impl SledStorage {
                 // A key of another shape (none is written): skipped alone.
                 None => {
                     deleter.report.examined += 1;
-                    Some([oldest.as_slice(), &[0]].concat())
+                    Some(memtable::key_after(&oldest))
                 }
                 // Nothing of this group has expired.
                 Some(time) if time >= cutoff => {

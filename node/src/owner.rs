@@ -962,8 +962,7 @@ impl OwnerState {
         let store = &self.context.store;
         let mut rollups: FastMap<StateKey, Aggregate> = FastMap::default();
         let mut minutes = 0u64;
-        for key in store.series_of_partition(self.vnode, partition)? {
-            let id = key.id();
+        for id in store.series_ids_of_partition(self.vnode, partition)? {
             for (minute, state) in store.states(self.vnode, id, Resolution::Minute, from, to)? {
                 minutes += 1;
                 for resolution in [Resolution::Hour, Resolution::Day] {

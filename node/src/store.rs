@@ -238,6 +238,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// The keys of all series of a partition.
     fn series_of_partition(&self, vnode: u16, partition: u64) -> Result<Vec<SeriesKey>, Error>;
 
+    /// The ids of all series of a partition, read from the records' keys (none is decoded).
+    fn series_ids_of_partition(&self, vnode: u16, partition: u64) -> Result<Vec<SeriesId>, Error>;
+
     /// A series' normalisation cursor: its baseline and its point keys since `since_ns`.
     fn cursor(&self, vnode: u16, partition: u64, id: SeriesId, since_ns: u64) -> Result<SeriesCursor, Error>;
 

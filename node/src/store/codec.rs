@@ -62,6 +62,15 @@ pub fn series_key(vnode: u16, partition: u64, id: SeriesId) -> Vec<u8> {
     key
 }
 
+/// The series id of a series record's key ([`series_key`]).
+pub fn series_key_id(key: &[u8]) -> Result<SeriesId, String> {
+    let id: [u8; 16] = key
+        .get(1 + 2 + 8..)
+        .and_then(|id| id.try_into().ok())
+        .ok_or_else(|| format!("series key of {} bytes, expected 27", key.len()))?;
+    Ok(SeriesId::from_be_bytes(id))
+}
+
 /// `tag, vnode, partition`.
 pub fn partition_prefix(tag: u8, vnode: u16, partition: u64) -> Vec<u8> {
     let mut key = vnode_prefix(tag, vnode);
@@ -764,6 +773,9 @@ mod tests {
         let c = state_key(2, SeriesId(0), Resolution::Minute, 0);
         assert!(a < b && b < c);
         assert_eq!(state_key_period(&b), Some(11));
+        let id = SeriesId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        assert_eq!(series_key_id(&series_key(3, 9, id)), Ok(id));
+        assert!(series_key_id(&series_key(3, 9, id)[..26]).is_err());
         let log = log_key(3, 9, 1234, 77);
         assert_eq!(log_key_time(&log), Some(1234));
         assert!(log_key(3, 9, 1234, 78) > log && log_key(3, 9, 1235, 0) > log);

@@ -509,6 +509,10 @@ impl Storage for SledStorage {
         self.scan(codec::partition_prefix(SERIES, vnode, partition), |_, value| codec::decode_series(value))
     }
 
+    fn series_ids_of_partition(&self, vnode: u16, partition: u64) -> Result<Vec<SeriesId>, Error> {
+        self.scan(codec::partition_prefix(SERIES, vnode, partition), |key, _| codec::series_key_id(key))
+    }
+
     fn cursor(&self, vnode: u16, partition: u64, id: SeriesId, since_ns: u64) -> Result<SeriesCursor, Error> {
         let Some(bytes) = self.get(&codec::cursor_key(vnode, partition, id))? else {
             return Ok(SeriesCursor::default());

@@ -906,7 +906,7 @@ impl OwnerState {
         let store = Arc::clone(&self.context.store);
         for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
             let Some(newest) = clock.newest_minute_ns else { continue };
-            self.roll_up_partition(partition, newest / NANOS_PER_MINUTE + 1).await?;
+            self.roll_up_partition(partition, newest / NANOS_PER_MINUTE + 1, 1).await?;
         }
         Ok(())
     }
@@ -916,7 +916,8 @@ impl OwnerState {
     /// behind its partition's newest minute, or when the partition went quiet (its newest minute
     /// is a lateness window behind `now`: a stopped pod, an idle service): then all its minutes
     /// are closed, or they would stay unrolled until retention deletes them. A point that still
-    /// arrives for a closed minute also updates its hour and day ([`state_keys`]).
+    /// arrives for a closed minute also updates its hour and day ([`state_keys`]). A partition
+    /// that is not quiet is rolled up once it has [`ROLLUP_MINUTES`] closed minutes.
     async fn roll_up(&mut self, config: &RuntimeConfig, now: u64) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         let store = Arc::clone(&self.context.store);
@@ -924,22 +925,21 @@ impl OwnerState {
             // In-memory clocks are newer than stored ones only by batches not yet durable; the
             // owner settled before maintenance, so the stored clock is current.
             let Some(newest) = clock.newest_minute_ns else { continue };
-            let closed_ns = if newest < now.saturating_sub(normalize.lateness_ns()) {
-                newest + NANOS_PER_MINUTE
-            } else {
-                clock.oldest_accepted_ns(normalize)
-            };
-            self.roll_up_partition(partition, closed_ns.div_ceil(NANOS_PER_MINUTE)).await?;
+            let quiet = newest < now.saturating_sub(normalize.lateness_ns());
+            let closed_ns = if quiet { newest + NANOS_PER_MINUTE } else { clock.oldest_accepted_ns(normalize) };
+            let at_least = if quiet { 1 } else { ROLLUP_MINUTES };
+            self.roll_up_partition(partition, closed_ns.div_ceil(NANOS_PER_MINUTE), at_least).await?;
         }
         Ok(())
     }
 
     /// Merges the partition's minutes before `closed` that are not rolled up yet into hour and
-    /// day states, and moves its frontier to `closed`, in one batch.
-    async fn roll_up_partition(&mut self, partition: u64, closed: u64) -> Result<(), Error> {
+    /// day states, and moves its frontier to `closed`, in one batch; only if that is at least
+    /// `at_least` minutes (at least 1).
+    async fn roll_up_partition(&mut self, partition: u64, closed: u64, at_least: u64) -> Result<(), Error> {
         let store = Arc::clone(&self.context.store);
         let rolled_until = store.rolled_until(self.vnode, partition)?;
-        if rolled_until >= closed {
+        if closed.saturating_sub(rolled_until) < at_least {
             return Ok(());
         }
         let (rollups, minutes) = self.rollup_states(partition, rolled_until, closed)?;
@@ -1011,6 +1011,14 @@ impl OwnerState {
         Ok(())
     }
 }
+
+/// Closed minutes a partition that is still sending gathers before they are rolled up. A roll-up
+/// lists the partition's series and reads and rewrites each one's hour and day states: rolling
+/// up ten minutes at once does that once instead of ten times (with one export a minute, roll-ups
+/// a minute at a time cost the node more CPU than the ingest itself, docs/benchmarks.md step
+/// 35). Queries read the minutes after the frontier as minutes, so answers do not change; the
+/// frontier lags a partition's newest minute by at most `max_lateness` and this many minutes.
+const ROLLUP_MINUTES: u64 = 10;
 
 /// What a batch of points changed and must write.
 #[derive(Default)]

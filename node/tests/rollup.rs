@@ -196,3 +196,97 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     );
     node.shutdown().await;
 }
+
+/// A pod that keeps sending is rolled up ten closed minutes at a time (each roll-up rewrites
+/// every series' hour and day states), a quiet one at once; the hour and day steps answer the
+/// same whether a minute is rolled up yet or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet() {
+    use tollgate::store::{SledStorage, Storage};
+    const SERVICE: &str = "steady-gw";
+    const CPM: &str = "meter_envoy_ai_gw_request_cpm";
+    const MINUTE: u64 = 60;
+    let t0 = now_seconds() / 3600 * 3600 - 3 * 3600;
+    let m0 = t0 / MINUTE;
+    let clock = tollgate::ManualClock::new(t0 * 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (start, end) = (t0 - 3600, t0 + 3 * 3600);
+    let partition = tollgate_rules::entity::partition_hash(SERVICE, Some("pod-0"));
+    let vnode = tollgate::ingest::vnode_of(partition, 8);
+    // The frontier, read from the stopped node's store.
+    let frontier = |dir: &std::path::Path| {
+        let store = SledStorage::open(dir, &Default::default()).unwrap();
+        store.rolled_until(vnode, partition).unwrap()
+    };
+    let mut requests = 0;
+    // Exports minute `minute`, then maintains with the clock five seconds into the next minute.
+    let send = |client: &mut MetricsServiceClient<tonic::transport::Channel>, minute: u64| {
+        let mut request = export(t0 + minute * MINUTE + 1, minute % 5 + 1, 0.5);
+        *request.resource_metrics[0].resource.as_mut().unwrap() =
+            gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
+        clock.set((t0 + minute * MINUTE + 5) * 1_000_000_000);
+        let mut client = client.clone();
+        async move { client.export(request).await.unwrap() }
+    };
+    let check_steps = |api: String, requests: u64| async move {
+        let minutes = values(&series_of(&api, CPM, SERVICE, start, end, "minute").await);
+        assert_eq!(minutes.iter().sum::<f64>(), requests as f64);
+        for (step, minutes_per_step) in [("hour", 60.0), ("day", 1440.0)] {
+            let total = values(&series_of(&api, CPM, SERVICE, start, end, step).await).iter().sum::<f64>();
+            assert!((total * minutes_per_step - requests as f64).abs() < 1e-3, "{step}: {total} vs {requests}");
+        }
+    };
+
+    // Minutes 0 to 19: at minute 10, minute 0 is a lateness window (10 minutes) behind and the
+    // first ten minutes before it are rolled up; minutes 0 to 8 are closed since, but only nine.
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
+    for minute in 0..20 {
+        send(&mut client, minute).await;
+        requests += minute % 5 + 1;
+        for owner in node.owners() {
+            owner.maintain().await.unwrap();
+        }
+    }
+    check_steps(api, requests).await;
+    node.shutdown().await;
+    assert_eq!(frontier(dir.path()), m0, "nine closed minutes wait");
+
+    // Minute 20 closes a tenth: minutes 0 to 9 are rolled up together.
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
+    send(&mut client, 20).await;
+    requests += 20 % 5 + 1;
+    for owner in node.owners() {
+        owner.maintain().await.unwrap();
+    }
+    check_steps(api, requests).await;
+    node.shutdown().await;
+    assert_eq!(frontier(dir.path()), m0 + 10, "ten closed minutes are rolled up");
+
+    // With a lateness window of two minutes, minutes 21 to 24 close minutes 19 to 22: the ten
+    // up to minute 19 are rolled up at minute 22, then two wait. The pod stops: two minutes later
+    // its partition is quiet and every minute is rolled up, however few.
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
+    let status = reqwest::Client::new()
+        .put(format!("{api}/api/v1/config/rules"))
+        .body("normalize:\n  max_lateness_seconds: 120\n")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    for minute in 21..25 {
+        send(&mut client, minute).await;
+        requests += minute % 5 + 1;
+        for owner in node.owners() {
+            owner.maintain().await.unwrap();
+        }
+    }
+    check_steps(api.clone(), requests).await;
+    clock.advance(3 * MINUTE * 1_000_000_000);
+    for owner in node.owners() {
+        owner.maintain().await.unwrap();
+    }
+    check_steps(api, requests).await;
+    node.shutdown().await;
+    assert_eq!(frontier(dir.path()), m0 + 25, "a quiet partition is rolled up to its newest minute");
+}

@@ -41,7 +41,25 @@ fn free_address() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
+/// Starts a node whose cluster port is known before it starts (the faulty transport is named by
+/// it): a free port is picked, released and bound again, so another test may take it in between;
+/// then a new one is picked.
 async fn start_node(name: &str, dir: &std::path::Path, join: Option<String>, faults: &Arc<Faults>) -> Node {
+    for _ in 0..5 {
+        match try_start_node(name, dir, join.clone(), faults).await {
+            Err(tollgate::Error::Unavailable(reason)) if reason.contains("Address already in use") => continue,
+            started => return started.expect("node starts"),
+        }
+    }
+    panic!("no free cluster port for {name} in five tries");
+}
+
+async fn try_start_node(
+    name: &str,
+    dir: &std::path::Path,
+    join: Option<String>,
+    faults: &Arc<Faults>,
+) -> Result<Node, tollgate::Error> {
     let cluster_addr = free_address();
     let mut config = NodeConfig { node_id: Some(name.into()), data_dir: dir.to_path_buf(), ..NodeConfig::default() };
     config.otlp_grpc_addrs = vec!["127.0.0.1:0".parse().unwrap()];
@@ -55,7 +73,7 @@ async fn start_node(name: &str, dir: &std::path::Path, join: Option<String>, fau
     config.cluster.rpc_timeout_ms = 2_000;
     let inner: Arc<dyn Transport> = Arc::new(TonicTransport::new(None, Duration::from_secs(2), 64 << 20));
     let transport = Arc::new(FaultyTransport::new(&cluster_addr.to_string(), inner, Arc::clone(faults)));
-    Node::start_with_transport(config, Arc::new(SystemClock), Some(transport)).await.expect("node starts")
+    Node::start_with_transport(config, Arc::new(SystemClock), Some(transport)).await
 }
 
 impl Cluster {

@@ -219,9 +219,11 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
         store.rolled_until(vnode, partition).unwrap()
     };
     let mut requests = 0;
-    // Exports minute `minute`, then maintains with the clock five seconds into the next minute.
+    // Requests in minute `minute`.
+    let count = |minute: u64| minute % 5 + 1;
+    // Moves the clock five seconds into minute `minute` and exports that minute's requests.
     let send = |client: &mut MetricsServiceClient<tonic::transport::Channel>, minute: u64| {
-        let mut request = export(t0 + minute * MINUTE + 1, minute % 5 + 1, 0.5);
+        let mut request = export(t0 + minute * MINUTE + 1, count(minute), 0.5);
         *request.resource_metrics[0].resource.as_mut().unwrap() =
             gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
         clock.set((t0 + minute * MINUTE + 5) * 1_000_000_000);
@@ -242,7 +244,7 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
     for minute in 0..20 {
         send(&mut client, minute).await;
-        requests += minute % 5 + 1;
+        requests += count(minute);
         for owner in node.owners() {
             owner.maintain().await.unwrap();
         }
@@ -254,7 +256,7 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     // Minute 20 closes a tenth: minutes 0 to 9 are rolled up together.
     let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
     send(&mut client, 20).await;
-    requests += 20 % 5 + 1;
+    requests += count(20);
     for owner in node.owners() {
         owner.maintain().await.unwrap();
     }
@@ -276,7 +278,7 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     assert_eq!(status, 200);
     for minute in 21..25 {
         send(&mut client, minute).await;
-        requests += minute % 5 + 1;
+        requests += count(minute);
         for owner in node.owners() {
             owner.maintain().await.unwrap();
         }

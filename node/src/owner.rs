@@ -54,6 +54,9 @@ pub struct OwnerContext {
     pub config: watch::Receiver<Arc<RuntimeConfig>>,
     /// Series per service in memory across all owners of this node.
     pub cardinality: Cardinality,
+    /// How long minute states are kept (`retention.minute_seconds`), nanoseconds: minutes are
+    /// rolled up well before the sweep deletes them.
+    pub minute_retention_ns: u64,
 }
 
 /// Live series per service across the owners of a node (SPEC §8: new series beyond the limit are
@@ -917,7 +920,10 @@ impl OwnerState {
     /// is a lateness window behind `now`: a stopped pod, an idle service): then all its minutes
     /// are closed, or they would stay unrolled until retention deletes them. A point that still
     /// arrives for a closed minute also updates its hour and day ([`state_keys`]). A partition
-    /// that is not quiet is rolled up once it has [`ROLLUP_MINUTES`] closed minutes.
+    /// that is not quiet is rolled up once it has [`ROLLUP_MINUTES`] closed minutes. Minutes half
+    /// their retention old are closed whatever the lateness window (it may be longer than the
+    /// retention: up to a day, against at least an hour), or the sweep would delete them before
+    /// they are rolled up; a point that arrives for one later still reaches its hour and day.
     async fn roll_up(&mut self, config: &RuntimeConfig, now: u64) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         let store = Arc::clone(&self.context.store);
@@ -926,7 +932,9 @@ impl OwnerState {
             // owner settled before maintenance, so the stored clock is current.
             let Some(newest) = clock.newest_minute_ns else { continue };
             let quiet = newest < now.saturating_sub(normalize.lateness_ns());
-            let closed_ns = if quiet { newest + NANOS_PER_MINUTE } else { clock.oldest_accepted_ns(normalize) };
+            let expiring_ns = now.saturating_sub(self.context.minute_retention_ns / 2).min(newest + NANOS_PER_MINUTE);
+            let closed_ns =
+                if quiet { newest + NANOS_PER_MINUTE } else { clock.oldest_accepted_ns(normalize).max(expiring_ns) };
             let at_least = if quiet { 1 } else { ROLLUP_MINUTES };
             self.roll_up_partition(partition, closed_ns.div_ceil(NANOS_PER_MINUTE), at_least).await?;
         }
@@ -1016,8 +1024,9 @@ impl OwnerState {
 /// lists the partition's series and reads and rewrites each one's hour and day states: rolling
 /// up ten minutes at once does that once instead of ten times (with one export a minute, roll-ups
 /// a minute at a time cost the node more CPU than the ingest itself, docs/benchmarks.md step
-/// 35). Queries read the minutes after the frontier as minutes, so answers do not change; the
-/// frontier lags a partition's newest minute by at most `max_lateness` and this many minutes.
+/// 36). Queries read the minutes after the frontier as minutes, so answers do not change; the
+/// frontier lags a partition's newest minute by at most `max_lateness` and this many minutes,
+/// and no minute stays unrolled past half the minutes' retention and this many minutes.
 const ROLLUP_MINUTES: u64 = 10;
 
 /// What a batch of points changed and must write.

@@ -292,6 +292,7 @@ impl Node {
             clock: Arc::clone(&clock),
             config: runtime.clone(),
             cardinality: Default::default(),
+            minute_retention_ns: config.retention.minute_seconds.saturating_mul(1_000_000_000),
         });
         let mut owners = Vec::with_capacity(config.cluster.vnodes as usize);
         for vnode in 0..config.cluster.vnodes {

@@ -292,3 +292,55 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     node.shutdown().await;
     assert_eq!(frontier(dir.path()), m0 + 25, "a quiet partition is rolled up to its newest minute");
 }
+
+/// A lateness window longer than the minutes' retention (both are allowed: up to a day, at least
+/// an hour) must not let the sweep delete minutes before they are rolled up: a partition that
+/// keeps sending is never quiet, and its minutes would close only a day later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window() {
+    const SERVICE: &str = "late-gw";
+    const CPM: &str = "meter_envoy_ai_gw_request_cpm";
+    const MINUTE: u64 = 60;
+    let t0 = now_seconds() / 3600 * 3600 - 4 * 3600;
+    let clock = tollgate::ManualClock::new(t0 * 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
+        config.retention.minute_seconds = 3600;
+        config.retention.sweep_interval_seconds = 1;
+    })
+    .await;
+    let status = reqwest::Client::new()
+        .put(format!("{api}/api/v1/config/rules"))
+        .body("normalize:\n  max_lateness_seconds: 86400\n")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    // The pod sends a minute every ten for two hours; each time the owners are maintained.
+    let mut requests = 0;
+    for minute in (0..120).step_by(10) {
+        clock.set((t0 + minute * MINUTE + 5) * 1_000_000_000);
+        let mut request = export(t0 + minute * MINUTE + 1, minute / 10 + 1, 0.5);
+        *request.resource_metrics[0].resource.as_mut().unwrap() =
+            gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
+        client.export(request).await.unwrap();
+        requests += minute / 10 + 1;
+        for owner in node.owners() {
+            owner.maintain().await.unwrap();
+        }
+    }
+    // The clock is at minute 110: the sweep deletes minutes 0 to 40, an hour old.
+    let (start, end) = (t0 - 3600, t0 + 3 * 3600);
+    let started = std::time::Instant::now();
+    while !values(&series_of(&api, CPM, SERVICE, start, t0 + 45 * MINUTE, "minute").await).is_empty() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let hours = values(&series_of(&api, CPM, SERVICE, start, end, "hour").await);
+    assert!(
+        (hours.iter().sum::<f64>() * 60.0 - requests as f64).abs() < 1e-6,
+        "the hour step lost minutes the sweep deleted before they were rolled up: {hours:?}, {requests} requests"
+    );
+    node.shutdown().await;
+}

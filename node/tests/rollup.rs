@@ -48,6 +48,25 @@ async fn start_node(
     (node, api, client)
 }
 
+/// Sets the rules' lateness window through the cluster API.
+async fn set_lateness(api: &str, seconds: u64) {
+    let status = reqwest::Client::new()
+        .put(format!("{api}/api/v1/config/rules"))
+        .body(format!("normalize:\n  max_lateness_seconds: {seconds}\n"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
+
+/// Runs every owner's maintenance (roll-ups) now.
+async fn maintain(node: &Node) {
+    for owner in node.owners() {
+        owner.maintain().await.unwrap();
+    }
+}
+
 async fn points(api: &str, metric: &str, start: u64, end: u64, step: &str) -> Value {
     series_of(api, metric, "roll-gw", start, end, step).await
 }
@@ -83,9 +102,7 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     assert!((hourly - expected_requests as f64).abs() < 1e-3, "{hourly} vs {expected_requests}");
 
     // Roll up everything closed (all but the last lateness window of the partition).
-    for owner in node.owners() {
-        owner.maintain().await.unwrap();
-    }
+    maintain(&node).await;
     let mut after = Vec::new();
     for metric in metrics {
         after.push(points(&api, metric, range.0, range.1, "hour").await);
@@ -102,23 +119,14 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
 
     // Widen the lateness window, then merge a point into a minute that was rolled up already: the
     // hour and day values include it, and the minute value too.
-    let status = reqwest::Client::new()
-        .put(format!("{api}/api/v1/config/rules"))
-        .body("normalize:\n  max_lateness_seconds: 86400\n")
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    set_lateness(&api, 86400).await;
     let late = first + 61;
     client.export(export(late, 5, 0.25)).await.unwrap();
     let hour = points(&api, "meter_envoy_ai_gw_request_cpm", range.0, range.1, "hour").await;
     let hourly: f64 =
         hour[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 60.0).sum();
     assert!((hourly - (expected_requests + 5) as f64).abs() < 1e-3, "{hourly}");
-    for owner in node.owners() {
-        owner.maintain().await.unwrap();
-    }
+    maintain(&node).await;
     let minute = points(&api, "meter_envoy_ai_gw_request_cpm", range.0, range.1, "minute").await;
     let total: f64 = minute[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).sum();
     assert_eq!(total, (expected_requests + 5) as f64);
@@ -178,9 +186,7 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
 
     // A lateness window later the partition is quiet: maintenance closes all its minutes.
     clock.advance(11 * MINUTE * 1_000_000_000);
-    for owner in node.owners() {
-        owner.maintain().await.unwrap();
-    }
+    maintain(&node).await;
     // Two hours later the minutes are past their retention (one hour) and the sweep deletes them;
     // the hour step still answers exactly as before.
     clock.advance(2 * 3600 * 1_000_000_000);
@@ -245,9 +251,7 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     for minute in 0..20 {
         send(&mut client, minute).await;
         requests += count(minute);
-        for owner in node.owners() {
-            owner.maintain().await.unwrap();
-        }
+        maintain(&node).await;
     }
     check_steps(api, requests).await;
     node.shutdown().await;
@@ -257,9 +261,7 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
     send(&mut client, 20).await;
     requests += count(20);
-    for owner in node.owners() {
-        owner.maintain().await.unwrap();
-    }
+    maintain(&node).await;
     check_steps(api, requests).await;
     node.shutdown().await;
     assert_eq!(frontier(dir.path()), m0 + 10, "ten closed minutes are rolled up");
@@ -268,26 +270,15 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     // up to minute 19 are rolled up at minute 22, then two wait. The pod stops: two minutes later
     // its partition is quiet and every minute is rolled up, however few.
     let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |_| {}).await;
-    let status = reqwest::Client::new()
-        .put(format!("{api}/api/v1/config/rules"))
-        .body("normalize:\n  max_lateness_seconds: 120\n")
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    set_lateness(&api, 120).await;
     for minute in 21..25 {
         send(&mut client, minute).await;
         requests += count(minute);
-        for owner in node.owners() {
-            owner.maintain().await.unwrap();
-        }
+        maintain(&node).await;
     }
     check_steps(api.clone(), requests).await;
     clock.advance(3 * MINUTE * 1_000_000_000);
-    for owner in node.owners() {
-        owner.maintain().await.unwrap();
-    }
+    maintain(&node).await;
     check_steps(api, requests).await;
     node.shutdown().await;
     assert_eq!(frontier(dir.path()), m0 + 25, "a quiet partition is rolled up to its newest minute");
@@ -309,14 +300,7 @@ async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window
         config.retention.sweep_interval_seconds = 1;
     })
     .await;
-    let status = reqwest::Client::new()
-        .put(format!("{api}/api/v1/config/rules"))
-        .body("normalize:\n  max_lateness_seconds: 86400\n")
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    set_lateness(&api, 86400).await;
     // The pod sends a minute every ten for two hours; each time the owners are maintained.
     let mut requests = 0;
     for minute in (0..120).step_by(10) {
@@ -326,9 +310,7 @@ async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window
             gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
         client.export(request).await.unwrap();
         requests += minute / 10 + 1;
-        for owner in node.owners() {
-            owner.maintain().await.unwrap();
-        }
+        maintain(&node).await;
     }
     // The clock is at minute 110: the sweep deletes minutes 0 to 40, an hour old.
     let (start, end) = (t0 - 3600, t0 + 3 * 3600);

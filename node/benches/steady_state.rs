@@ -1,0 +1,121 @@
+//! The node's CPU in a steady state: gateway pods exporting once a minute in real time, each
+//! minute closing as the next one starts, the owners' maintenance (hour and day roll-ups) run
+//! every minute. The figures of `make bench` send bursts, which close minutes many at a time;
+//! this is what a fleet sending in real time costs (docs/benchmarks.md, steps 35 and 36).
+//!
+//! `cargo bench -p tollgate --bench steady_state` (`PODS`, `MINUTES` in the environment). An
+//! in-process node on loopback ports with its clock driven here ([`ManualClock`]); exports through
+//! a real gRPC client in the same process, so the CPU counted (the whole process's, until every
+//! write reached the data tree) includes the client's encoding.
+
+// A benchmark reports on standard output.
+#![allow(clippy::print_stdout)]
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use std::sync::Arc;
+use tollgate::{ManualClock, Node, NodeConfig};
+use tollgate_rules::fleet::GatewayPod;
+
+// The allocator the node runs with (`node/src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// CPU seconds of this process so far (user and system).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).expect("utime and stime");
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn metric(api: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{api}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn maintain(node: &Node) {
+    for owner in node.owners() {
+        owner.maintain().await.expect("maintenance");
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // As the node's binary does (docs/benchmarks.md step 20).
+    if let Err(error) = tollgate::os::disable_transparent_huge_pages() {
+        eprintln!("transparent huge pages stay on: {error}");
+    }
+    let pods_n = env_or("PODS", 200) as usize;
+    let minutes = env_or("MINUTES", 40);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let t0 = now / 3600 * 3600 - 3 * 3600;
+    let clock = ManualClock::new(t0 * 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
+    let any = "127.0.0.1:0".parse().unwrap();
+    config.otlp_grpc_addrs = vec![any];
+    config.otlp_http_addr = any;
+    config.http_addr = any;
+    config.cluster_addr = any;
+    let node = Node::start(config, Arc::new(clock.clone())).await.expect("node starts");
+    let api = format!("http://{}", node.endpoints.http);
+    let client = MetricsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+    let mut pods: Vec<GatewayPod> =
+        (0..pods_n).map(|i| GatewayPod::new(&format!("gw-{}", i % 10), &format!("pod-{i}"), 6, true, 60, t0)).collect();
+    let series = pods_n * pods.first().map_or(0, GatewayPod::points_per_export);
+    println!(
+        "steady state: {pods_n} gateway pods of 10 services, {series} series, cumulative, one export a minute for {minutes} minutes, every owner maintained each minute, then the pods stop and a lateness window later every minute is rolled up"
+    );
+    let (mut exports_cpu, mut maintenance_cpu) = (0.0, 0.0);
+    let started_cpu = cpu_seconds();
+    for minute in 0..minutes {
+        clock.set((t0 + (minute + 1) * 60 + 5) * 1_000_000_000);
+        let requests: Vec<_> = pods.iter_mut().map(|pod| pod.export(minute)).collect();
+        let before = cpu_seconds();
+        let mut lanes = Vec::new();
+        for lane in requests.chunks(requests.len().div_ceil(20).max(1)) {
+            let (mut client, lane) = (client.clone(), lane.to_vec());
+            lanes.push(tokio::spawn(async move {
+                for request in lane {
+                    client.export(request).await.expect("export acknowledged");
+                }
+            }));
+        }
+        for lane in lanes {
+            lane.await.unwrap();
+        }
+        let exported = cpu_seconds();
+        maintain(&node).await;
+        exports_cpu += exported - before;
+        maintenance_cpu += cpu_seconds() - exported;
+    }
+    clock.set((t0 + (minutes + 12) * 60) * 1_000_000_000);
+    let before = cpu_seconds();
+    maintain(&node).await;
+    maintenance_cpu += cpu_seconds() - before;
+    while metric(&api, "tollgate_store_memtable_bytes").await > 0.0 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let total = cpu_seconds() - started_cpu;
+    let rolled = metric(&api, "tollgate_rolled_up_minutes_total").await;
+    let per = |cpu: f64| cpu * 1e6 / (series as f64 * minutes as f64);
+    // Exports and maintenance are the windows in which each ran; the writer and the checkpointer
+    // work in the background throughout, so each window holds its share of them.
+    println!(
+        "  CPU: {total:.2} s in all ({:.1} µs per series and minute): exports {exports_cpu:.2} s ({:.1} µs), maintenance {maintenance_cpu:.2} s ({:.1} µs), the rest (checkpoints after the last minute) {:.2} s; {rolled} minutes rolled up",
+        per(total),
+        per(exports_cpu),
+        per(maintenance_cpu),
+        total - exports_cpu - maintenance_cpu,
+    );
+    node.shutdown().await;
+}

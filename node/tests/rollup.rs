@@ -1,6 +1,7 @@
 //! Hour and day roll-ups (in-process node, maintenance driven by the test): a step's value is the
 //! same before and after its minutes are rolled up, and merges behind the roll-up frontier reach
-//! the roll-ups too.
+//! the roll-ups too; when minutes are rolled up (ten at a time, a quiet partition at once, none
+//! left for the retention sweep to delete first).
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;

@@ -65,11 +65,14 @@ pub fn series_key(vnode: u16, partition: u64, id: SeriesId) -> Vec<u8> {
 /// The series id of a series record's key ([`series_key`]).
 pub fn series_key_id(key: &[u8]) -> Result<SeriesId, String> {
     let id: [u8; 16] = key
-        .get(1 + 2 + 8..)
+        .get(PARTITION_PREFIX_LEN..)
         .and_then(|id| id.try_into().ok())
-        .ok_or_else(|| format!("series key of {} bytes, expected 27", key.len()))?;
+        .ok_or_else(|| format!("series key of {} bytes, expected {}", key.len(), PARTITION_PREFIX_LEN + 16))?;
     Ok(SeriesId::from_be_bytes(id))
 }
+
+/// Length of [`partition_prefix`]: tag, vnode, partition.
+const PARTITION_PREFIX_LEN: usize = 1 + 2 + 8;
 
 /// `tag, vnode, partition`.
 pub fn partition_prefix(tag: u8, vnode: u16, partition: u64) -> Vec<u8> {
@@ -114,7 +117,7 @@ pub const STATE_GROUP_LEN: usize = 1 + 2 + 16;
 
 /// The period of an aggregate key.
 pub fn state_key_period(key: &[u8]) -> Option<u64> {
-    (key.len() == STATE_GROUP_LEN + 8).then(|| u64::from_be_bytes(key[19..27].try_into().expect("8 bytes")))
+    (key.len() == STATE_GROUP_LEN + 8).then(|| u64::from_be_bytes(key[STATE_GROUP_LEN..].try_into().expect("8 bytes")))
 }
 
 /// Key of a kept log.
@@ -126,11 +129,12 @@ pub fn log_key(vnode: u16, partition: u64, time_ns: u64, fingerprint: u128) -> V
 }
 
 /// Length of a log key's group: tag, vnode, partition (its time and fingerprint follow).
-pub const LOG_GROUP_LEN: usize = 1 + 2 + 8;
+pub const LOG_GROUP_LEN: usize = PARTITION_PREFIX_LEN;
 
 /// The time of a log key.
 pub fn log_key_time(key: &[u8]) -> Option<u64> {
-    (key.len() == LOG_GROUP_LEN + 8 + 16).then(|| u64::from_be_bytes(key[11..19].try_into().expect("8 bytes")))
+    (key.len() == LOG_GROUP_LEN + 8 + 16)
+        .then(|| u64::from_be_bytes(key[LOG_GROUP_LEN..LOG_GROUP_LEN + 8].try_into().expect("8 bytes")))
 }
 
 /// Key of a log-batch fingerprint.

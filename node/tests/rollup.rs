@@ -15,10 +15,19 @@ fn now_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
+/// The rate metric the tests read back.
+const CPM: &str = "meter_envoy_ai_gw_request_cpm";
+const MINUTE: u64 = 60;
+
 fn export(time: u64, count: u64, seconds: f64) -> ExportMetricsServiceRequest {
+    export_of("roll-gw", time, count, seconds)
+}
+
+/// `count` requests of `seconds` each at `time`, from pod `pod-0` of `service`.
+fn export_of(service: &str, time: u64, count: u64, seconds: f64) -> ExportMetricsServiceRequest {
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
-            resource: Some(gateway_resource(Convention::JobName, "roll-gw", Some("pod-0"))),
+            resource: Some(gateway_resource(Convention::JobName, service, Some("pod-0"))),
             scope_metrics: vec![ScopeMetrics {
                 metrics: vec![delta_duration(time, count, seconds)],
                 ..Default::default()
@@ -88,11 +97,7 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     }
     let range = (first - 3600, first + 4 * 3600);
     let day_range = (day - 86_400, day + 86_400);
-    let metrics = [
-        "meter_envoy_ai_gw_request_cpm",
-        "meter_envoy_ai_gw_request_latency_avg",
-        "meter_envoy_ai_gw_request_latency_percentile",
-    ];
+    let metrics = [CPM, "meter_envoy_ai_gw_request_latency_avg", "meter_envoy_ai_gw_request_latency_percentile"];
     let mut before = Vec::new();
     for metric in metrics {
         before.push(points(&api, metric, range.0, range.1, "hour").await);
@@ -123,15 +128,15 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     set_lateness(&api, 86400).await;
     let late = first + 61;
     client.export(export(late, 5, 0.25)).await.unwrap();
-    let hour = points(&api, "meter_envoy_ai_gw_request_cpm", range.0, range.1, "hour").await;
+    let hour = points(&api, CPM, range.0, range.1, "hour").await;
     let hourly: f64 =
         hour[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 60.0).sum();
     assert!((hourly - (expected_requests + 5) as f64).abs() < 1e-3, "{hourly}");
     maintain(&node).await;
-    let minute = points(&api, "meter_envoy_ai_gw_request_cpm", range.0, range.1, "minute").await;
+    let minute = points(&api, CPM, range.0, range.1, "minute").await;
     let total: f64 = minute[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).sum();
     assert_eq!(total, (expected_requests + 5) as f64);
-    let day_after = points(&api, "meter_envoy_ai_gw_request_cpm", day_range.0, day_range.1, "day").await;
+    let day_after = points(&api, CPM, day_range.0, day_range.1, "day").await;
     let daily: f64 =
         day_after[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 1440.0).sum();
     assert!((daily - (expected_requests + 5) as f64).abs() < 1e-2, "{daily}");
@@ -158,8 +163,6 @@ fn values(series: &Value) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     const SERVICE: &str = "quiet-gw";
-    const CPM: &str = "meter_envoy_ai_gw_request_cpm";
-    const MINUTE: u64 = 60;
     let t0 = now_seconds() / 3600 * 3600 - 3600;
     let clock = tollgate::ManualClock::new((t0 + 5 * MINUTE) * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
@@ -173,10 +176,7 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     // nothing is closed.
     let mut requests = 0;
     for minute in 0..5 {
-        let mut request = export(t0 + minute * MINUTE + 1, minute + 1, 0.5);
-        let resource = request.resource_metrics[0].resource.as_mut().unwrap();
-        *resource = gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
-        client.export(request).await.unwrap();
+        client.export(export_of(SERVICE, t0 + minute * MINUTE + 1, minute + 1, 0.5)).await.unwrap();
         requests += minute + 1;
     }
     let (start, end) = (t0 - 3600, t0 + 2 * 3600);
@@ -211,8 +211,6 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
 async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet() {
     use tollgate::store::{SledStorage, Storage};
     const SERVICE: &str = "steady-gw";
-    const CPM: &str = "meter_envoy_ai_gw_request_cpm";
-    const MINUTE: u64 = 60;
     let t0 = now_seconds() / 3600 * 3600 - 3 * 3600;
     let m0 = t0 / MINUTE;
     let clock = tollgate::ManualClock::new(t0 * 1_000_000_000);
@@ -230,9 +228,7 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
     let count = |minute: u64| minute % 5 + 1;
     // Moves the clock five seconds into minute `minute` and exports that minute's requests.
     let send = |client: &mut MetricsServiceClient<tonic::transport::Channel>, minute: u64| {
-        let mut request = export(t0 + minute * MINUTE + 1, count(minute), 0.5);
-        *request.resource_metrics[0].resource.as_mut().unwrap() =
-            gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
+        let request = export_of(SERVICE, t0 + minute * MINUTE + 1, count(minute), 0.5);
         clock.set((t0 + minute * MINUTE + 5) * 1_000_000_000);
         let mut client = client.clone();
         async move { client.export(request).await.unwrap() }
@@ -291,8 +287,6 @@ async fn test_rollups_wait_for_ten_closed_minutes_unless_the_partition_is_quiet(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window() {
     const SERVICE: &str = "late-gw";
-    const CPM: &str = "meter_envoy_ai_gw_request_cpm";
-    const MINUTE: u64 = 60;
     let t0 = now_seconds() / 3600 * 3600 - 4 * 3600;
     let clock = tollgate::ManualClock::new(t0 * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
@@ -306,10 +300,7 @@ async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window
     let mut requests = 0;
     for minute in (0..120).step_by(10) {
         clock.set((t0 + minute * MINUTE + 5) * 1_000_000_000);
-        let mut request = export(t0 + minute * MINUTE + 1, minute / 10 + 1, 0.5);
-        *request.resource_metrics[0].resource.as_mut().unwrap() =
-            gateway_resource(Convention::JobName, SERVICE, Some("pod-0"));
-        client.export(request).await.unwrap();
+        client.export(export_of(SERVICE, t0 + minute * MINUTE + 1, minute / 10 + 1, 0.5)).await.unwrap();
         requests += minute / 10 + 1;
         maintain(&node).await;
     }

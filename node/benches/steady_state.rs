@@ -3,10 +3,12 @@
 //! every minute. The figures of `make bench` send bursts, which close minutes many at a time;
 //! this is what a fleet sending in real time costs (docs/benchmarks.md, steps 35 and 36).
 //!
-//! `cargo bench -p tollgate --bench steady_state` (`PODS`, `MINUTES` in the environment). An
-//! in-process node on loopback ports with its clock driven here ([`ManualClock`]); exports through
-//! a real gRPC client in the same process, so the CPU counted (the whole process's, until every
-//! write reached the data tree) includes the client's encoding.
+//! `cargo bench -p tollgate --bench steady_state` (`PODS`, `MINUTES` in the environment, and any
+//! `TOLLGATE_*` setting as for `tollgate serve`). An in-process node on loopback ports with its
+//! clock driven here ([`ManualClock`]); exports through a real gRPC client in the same process, so
+//! the CPU counted (the whole process's, until every write reached the data tree) includes the
+//! client's encoding. Then queries of every service over the whole run, timed, and the process's
+//! memory.
 
 // A benchmark reports on standard output.
 #![allow(clippy::print_stdout)]
@@ -60,7 +62,12 @@ async fn main() {
     let t0 = now / 3600 * 3600 - 3 * 3600;
     let clock = ManualClock::new(t0 * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
+    // `TOLLGATE_*` variables apply as they do to `tollgate serve` (e.g.
+    // `TOLLGATE_STORAGE_CACHE_CAPACITY_BYTES`), so settings can be compared.
+    let environment = std::env::vars().collect();
+    let mut config = NodeConfig { data_dir: dir.path().to_path_buf(), ..NodeConfig::default() }
+        .with_environment(&environment)
+        .expect("TOLLGATE_* variables are valid");
     let any = "127.0.0.1:0".parse().unwrap();
     config.otlp_grpc_addrs = vec![any];
     config.otlp_http_addr = any;
@@ -117,5 +124,37 @@ async fn main() {
         per(maintenance_cpu),
         total - exports_cpu - maintenance_cpu,
     );
+    // Queries once every write reached the data tree: per service, the latency percentiles and
+    // the per-model request rate over the whole run, minute by minute (what a dashboard asks).
+    let (start, end) = (t0, t0 + (minutes + 1) * 60);
+    let mut took = Vec::new();
+    for service in 0..10 {
+        for metric in ["meter_envoy_ai_gw_request_latency_percentile", "meter_envoy_ai_gw_model_request_cpm"] {
+            let url = format!("{api}/api/v1/metrics/{metric}?service=gw-{service}&start={start}&end={end}");
+            let asked = std::time::Instant::now();
+            let response = reqwest::get(&url).await.unwrap();
+            assert!(response.status().is_success(), "{url}: {}", response.status());
+            response.bytes().await.unwrap();
+            took.push(asked.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "  queries from the data tree ({}, each over one service's {minutes} minutes): mean {:.1} ms, slowest {:.1} ms; RSS {:.0} MiB (peak {:.0} MiB)",
+        took.len(),
+        took.iter().sum::<f64>() / took.len() as f64,
+        took.iter().copied().fold(0.0, f64::max),
+        status_mib("VmRSS"),
+        status_mib("VmHWM"),
+    );
     node.shutdown().await;
+}
+
+/// A `/proc/self/status` memory field, in MiB.
+fn status_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
 }

@@ -47,6 +47,9 @@ pub const COMMIT_BYTES_PER_FLUSH: &str = "tollgate_commit_bytes_per_flush";
 pub const COMMIT_FLUSH_SECONDS: &str = "tollgate_commit_flush_seconds";
 /// Checkpoints of the memtable into the data tree.
 pub const STORE_CHECKPOINTS: &str = "tollgate_store_checkpoints_total";
+/// Keys written into the data tree by checkpoints (inserted or removed), by record kind (label
+/// `record`, [`crate::store::codec::record_kind`]).
+pub const STORE_CHECKPOINT_KEYS: &str = "tollgate_store_checkpoint_keys_total";
 /// Duration of applying one checkpoint to the data tree, seconds.
 pub const STORE_CHECKPOINT_SECONDS: &str = "tollgate_store_checkpoint_seconds";
 /// Time the writer waited for a checkpoint to finish (back-pressure), seconds.

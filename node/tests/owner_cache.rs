@@ -1,6 +1,7 @@
 //! The owners' cache of aggregates holds about the newest minute of each series while
 //! points arrive (not only after maintenance), and a late point into a minute that left the cache
-//! merges with what the store holds for it.
+//! merges with what the store holds for it. Checkpoints count the keys they write into the data
+//! tree by record kind.
 
 mod common;
 
@@ -57,4 +58,36 @@ async fn test_cache_keeps_the_newest_minutes_while_points_arrive_and_late_points
     let newest = ((first + 8 * 60) / 60 * 60) as i64;
     let cpm = node.value("meter_envoy_ai_gw_request_cpm", SERVICE, None, &serde_json::json!({}), newest).await;
     assert_eq!(cpm, Some(PODS as f64), "requests in the newest minute");
+}
+
+/// `tollgate_store_checkpoint_keys_total` for one record kind (0 while none was written).
+async fn checkpoint_keys(node: &TestNode, record: &str) -> f64 {
+    let text = node.self_metrics().await;
+    let prefix = format!("tollgate_store_checkpoint_keys_total{{record=\"{record}\"}} ");
+    text.lines().find_map(|line| line.strip_prefix(&prefix)).map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_checkpoints_count_the_keys_they_write_by_record_kind() {
+    let node = TestNode::start_with(&[("TOLLGATE_STORAGE_CHECKPOINT_INTERVAL_MS", "100")], &[]).await;
+    let mut client = node.metrics_client(0).await;
+    // Three minutes of one series per pod, each export acknowledged before the next.
+    let first = (now_seconds() / 60 - 5) * 60 + 10;
+    for minute in 0..3 {
+        client.export(export(first + minute * 60, 1)).await.expect("export accepted");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while node.self_metric("tollgate_store_memtable_bytes").await > 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the memtable was not checkpointed within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A key is written once per checkpoint however often it changed since the last one: each
+    // series record and each minute state once, each series' cursor once or more (the exports may
+    // straddle checkpoints), nothing rolled up yet (the minutes are within the lateness window).
+    assert_eq!(checkpoint_keys(&node, "series").await, PODS as f64, "series records");
+    assert_eq!(checkpoint_keys(&node, "minute").await, (3 * PODS) as f64, "minute states");
+    let cursors = checkpoint_keys(&node, "cursor").await;
+    assert!((PODS as f64..=(3 * PODS) as f64).contains(&cursors), "{cursors} cursors written for {PODS} series");
+    assert_eq!(checkpoint_keys(&node, "hour").await, 0.0, "hour states");
+    assert_eq!(checkpoint_keys(&node, "other").await, 0.0, "keys of no known kind");
 }

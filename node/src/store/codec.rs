@@ -47,6 +47,25 @@ pub const LOG_BATCH: u8 = b'F';
 /// Tag of entity records.
 pub const ENTITY: u8 = b'E';
 
+/// The name of the record kind a data-tree key's tag stands for (the `record` label of
+/// `tollgate_store_checkpoint_keys_total`).
+pub fn record_kind(tag: u8) -> &'static str {
+    match tag {
+        SERIES => "series",
+        CURSOR => "cursor",
+        CLOCK => "clock",
+        ROLLED_UNTIL => "rolled_until",
+        BOUNDS => "bounds",
+        LOG => "log",
+        LOG_BATCH => "log_batch",
+        ENTITY => "entity",
+        _ if tag == Resolution::Minute.tag() => "minute",
+        _ if tag == Resolution::Hour.tag() => "hour",
+        _ if tag == Resolution::Day.tag() => "day",
+        _ => "other",
+    }
+}
+
 /// `tag, vnode`.
 pub fn vnode_prefix(tag: u8, vnode: u16) -> Vec<u8> {
     let mut key = Vec::with_capacity(48);

@@ -1027,6 +1027,8 @@ fn apply_frozen(
     mut after_chunk: impl FnMut() -> Result<(), Error>,
 ) -> Result<(), Error> {
     let mut entries = frozen.entries.iter().peekable();
+    // Keys written, by tag (reported per record kind once the checkpoint is in).
+    let mut written = [0u64; 256];
     loop {
         for (key, value) in entries.by_ref().take(CHECKPOINT_CHUNK) {
             match value {
@@ -1034,12 +1036,20 @@ fn apply_frozen(
                 None => data.remove(key.as_slice()).map(drop),
             }
             .map_err(|e| storage_error("checkpoint", e))?;
+            if let Some(tag) = key.as_slice().first() {
+                written[usize::from(*tag)] += 1;
+            }
         }
         after_chunk()?;
         if entries.peek().is_none() {
-            return Ok(());
+            break;
         }
     }
+    for (tag, count) in written.iter().enumerate().filter(|(_, count)| **count > 0) {
+        let kind = codec::record_kind(tag as u8);
+        metrics::counter!(m::STORE_CHECKPOINT_KEYS, "record" => kind).increment(*count);
+    }
+    Ok(())
 }
 
 /// Reads back the write-ahead generations in `dir`, oldest first: data entries into one frozen

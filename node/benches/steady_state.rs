@@ -124,6 +124,27 @@ async fn main() {
         per(maintenance_cpu),
         total - exports_cpu - maintenance_cpu,
     );
+    // What the checkpoints wrote into sled, per series and minute, by record kind.
+    let text = reqwest::get(format!("{api}/metrics")).await.unwrap().text().await.unwrap();
+    let kinds: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("tollgate_store_checkpoint_keys_total{record=\""))
+        .filter_map(|rest| {
+            let (kind, value) = rest.split_once("\"} ")?;
+            Some((kind.to_string(), value.trim().parse().ok()?))
+        })
+        .collect();
+    let keys: f64 = kinds.iter().map(|(_, count)| count).sum();
+    let per_series_minute = |count: f64| count / (series as f64 * minutes as f64);
+    println!(
+        "  keys written into the data tree: {:.2} per series and minute ({})",
+        per_series_minute(keys),
+        kinds
+            .iter()
+            .map(|(kind, count)| format!("{kind} {:.3}", per_series_minute(*count)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     // Queries once every write reached the data tree: per service, the latency percentiles and
     // the per-model request rate over the whole run, minute by minute (what a dashboard asks).
     let (start, end) = (t0, t0 + (minutes + 1) * 60);

@@ -62,9 +62,8 @@ async fn test_cache_keeps_the_newest_minutes_while_points_arrive_and_late_points
 
 /// `tollgate_store_checkpoint_keys_total` for one record kind (0 while none was written).
 async fn checkpoint_keys(node: &TestNode, record: &str) -> f64 {
-    let text = node.self_metrics().await;
-    let prefix = format!("tollgate_store_checkpoint_keys_total{{record=\"{record}\"}} ");
-    text.lines().find_map(|line| line.strip_prefix(&prefix)).map_or(0.0, |value| value.trim().parse().unwrap())
+    let name = format!("tollgate_store_checkpoint_keys_total{{record=\"{record}\"}}");
+    node.self_metric_opt(&name).await.unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,7 +234,8 @@ impl TestNode {
         self.http.get(format!("{}/metrics", self.api())).send().await.expect("api").text().await.expect("text")
     }
 
-    /// The value of an unlabelled self-metric, `None` while it was never recorded.
+    /// The value of a self-metric, `None` while it was never recorded. `name` carries the labels
+    /// of a labelled one as the exporter writes them (`name{label="value"}`).
     pub async fn self_metric_opt(&self, name: &str) -> Option<f64> {
         let text = self.self_metrics().await;
         text.lines()

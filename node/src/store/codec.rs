@@ -90,8 +90,19 @@ pub fn series_key_id(key: &[u8]) -> Result<SeriesId, String> {
     Ok(SeriesId::from_be_bytes(id))
 }
 
+/// Length of [`vnode_prefix`]: tag, vnode.
+const VNODE_PREFIX_LEN: usize = 1 + 2;
+
 /// Length of [`partition_prefix`]: tag, vnode, partition.
-const PARTITION_PREFIX_LEN: usize = 1 + 2 + 8;
+const PARTITION_PREFIX_LEN: usize = VNODE_PREFIX_LEN + 8;
+
+/// The partition of a key that starts with [`partition_prefix`] (a clock's, a series record's).
+pub fn key_partition(key: &[u8]) -> Result<u64, String> {
+    key.get(VNODE_PREFIX_LEN..PARTITION_PREFIX_LEN)
+        .and_then(|partition| partition.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| format!("key of {} bytes has no partition", key.len()))
+}
 
 /// `tag, vnode, partition`.
 pub fn partition_prefix(tag: u8, vnode: u16, partition: u64) -> Vec<u8> {
@@ -799,6 +810,8 @@ mod tests {
         let id = SeriesId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
         assert_eq!(series_key_id(&series_key(3, 9, id)), Ok(id));
         assert!(series_key_id(&series_key(3, 9, id)[..26]).is_err());
+        assert_eq!(key_partition(&clock_key(3, 0x0a0b_0c0d_0e0f_1011)), Ok(0x0a0b_0c0d_0e0f_1011));
+        assert!(key_partition(&clock_key(3, 9)[..10]).is_err());
         let log = log_key(3, 9, 1234, 77);
         assert_eq!(log_key_time(&log), Some(1234));
         assert!(log_key(3, 9, 1234, 78) > log && log_key(3, 9, 1235, 0) > log);

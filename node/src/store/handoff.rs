@@ -34,11 +34,7 @@ impl Imported {
             match key.first().copied() {
                 Some(SERIES | CURSOR | LOG_BATCH | BOUNDS) => imported.raw.push((key, value)),
                 Some(CLOCK) => {
-                    let partition = key
-                        .get(3..11)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                        .ok_or_else(|| corrupt("partition key"))?;
+                    let partition = codec::key_partition(&key).map_err(|_| corrupt("partition key"))?;
                     imported.clocks.push((partition, codec::decode_clock(&value).map_err(|e| corrupt(&e))?));
                 }
                 Some(tag) => return Err(corrupt(&format!("tag {:?} is not normalisation state", tag as char))),

@@ -533,8 +533,7 @@ impl Storage for SledStorage {
 
     fn clocks_of_vnode(&self, vnode: u16) -> Result<Vec<(u64, PartitionClock)>, Error> {
         self.scan(codec::vnode_prefix(codec::CLOCK, vnode), |key, value| {
-            let partition = u64::from_be_bytes(key[3..11].try_into().map_err(|_| "short clock key".to_string())?);
-            Ok((partition, codec::decode_clock(value)?))
+            Ok((codec::key_partition(key).map_err(|e| format!("clock {e}"))?, codec::decode_clock(value)?))
         })
     }
 

@@ -569,10 +569,7 @@ impl Storage for SledStorage {
     }
 
     fn entities(&self) -> Result<Vec<(u64, EntityRecord)>, Error> {
-        self.scan(vec![ENTITY], |key, value| {
-            let partition = u64::from_be_bytes(key[1..9].try_into().map_err(|_| "short entity key".to_string())?);
-            Ok((partition, codec::decode_entity(value)?))
-        })
+        self.scan(vec![ENTITY], |key, value| Ok((codec::entity_key_partition(key)?, codec::decode_entity(value)?)))
     }
 
     fn logs(
@@ -604,8 +601,7 @@ impl Storage for SledStorage {
 
     fn log_batches(&self, vnode: u16) -> Result<Vec<(u128, u64)>, Error> {
         self.scan(codec::vnode_prefix(LOG_BATCH, vnode), |key, value| {
-            let fingerprint =
-                u128::from_be_bytes(key[3..19].try_into().map_err(|_| "short log batch key".to_string())?);
+            let fingerprint = codec::log_batch_key_fingerprint(key)?;
             let time = u64::from_be_bytes(value.try_into().map_err(|_| "bad log batch value".to_string())?);
             Ok((fingerprint, time))
         })
@@ -1503,6 +1499,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A key cut short in the data tree (a corrupt store) makes the read that meets it fail with
+    /// a corrupt-store error naming the key, instead of a panic in the node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_reports_keys_cut_short_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStorage::open(dir.path(), &raw_settings()).unwrap();
+        store.data.insert([codec::ENTITY, 0, 1], b"x".as_slice()).unwrap();
+        store.data.insert([codec::LOG_BATCH, 0, 4, 9], 7u64.to_be_bytes().as_slice()).unwrap();
+        let error = store.entities().unwrap_err().to_string();
+        assert!(error.contains("corrupt store: entity key of 3 bytes"), "{error}");
+        let error = store.log_batches(4).unwrap_err().to_string();
+        assert!(error.contains("corrupt store: log batch key of 4 bytes"), "{error}");
     }
 
     fn put(key: &str, value: &str) -> Op {

@@ -189,12 +189,15 @@ pub fn entity_key(partition: u64) -> Vec<u8> {
     key
 }
 
+/// Length of [`entity_key`]: tag, partition.
+const ENTITY_KEY_LEN: usize = 1 + 8;
+
 /// The partition of an entity key ([`entity_key`]).
 pub fn entity_key_partition(key: &[u8]) -> Result<u64, String> {
     key.get(1..)
         .and_then(|partition| partition.try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| format!("entity key of {} bytes, expected 9", key.len()))
+        .ok_or_else(|| format!("entity key of {} bytes, expected {ENTITY_KEY_LEN}", key.len()))
 }
 
 /// Key of interned bounds.
@@ -828,6 +831,18 @@ mod tests {
         assert!(series_key_id(&series_key(3, 9, id)[..26]).is_err());
         assert_eq!(key_partition(&clock_key(3, 0x0a0b_0c0d_0e0f_1011)), Ok(0x0a0b_0c0d_0e0f_1011));
         assert!(key_partition(&clock_key(3, 9)[..10]).is_err());
+        // Keys too short for their parts (a corrupt store) are errors that say which key.
+        assert_eq!(entity_key_partition(&entity_key(u64::MAX - 3)), Ok(u64::MAX - 3));
+        for cut in 0..ENTITY_KEY_LEN {
+            let error = entity_key_partition(&entity_key(5)[..cut]).unwrap_err();
+            assert!(error.starts_with("entity key of"), "{error}");
+        }
+        assert!(entity_key_partition(&[&entity_key(5)[..], &[0]].concat()).is_err(), "a longer key is no entity key");
+        assert_eq!(log_batch_key_fingerprint(&log_batch_key(9, u128::MAX - 5)), Ok(u128::MAX - 5));
+        for cut in 0..VNODE_PREFIX_LEN + 16 {
+            let error = log_batch_key_fingerprint(&log_batch_key(9, 1)[..cut]).unwrap_err();
+            assert!(error.starts_with("log batch key of"), "{error}");
+        }
         let log = log_key(3, 9, 1234, 77);
         assert_eq!(log_key_time(&log), Some(1234));
         assert!(log_key(3, 9, 1234, 78) > log && log_key(3, 9, 1235, 0) > log);
@@ -858,30 +873,5 @@ mod tests {
         assert!(error.contains("unknown bounds"), "{error}");
         let empty = SeriesCursor::default();
         assert_eq!(decode_cursor(&encode_cursor(&empty).0, 0, |_| None).unwrap(), empty);
-    }
-
-    /// Keys read back give the parts they were made of; keys too short for them (a corrupt
-    /// store) are errors that say which key, never a slice panic.
-    #[test]
-    fn test_key_parsers_round_trip_and_refuse_short_keys() {
-        let id = SeriesId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
-        assert_eq!(series_key_id(&series_key(9, 77, id)), Ok(id));
-        assert_eq!(key_partition(&clock_key(9, 77)), Ok(77));
-        assert_eq!(entity_key_partition(&entity_key(u64::MAX - 3)), Ok(u64::MAX - 3));
-        assert_eq!(log_batch_key_fingerprint(&log_batch_key(9, u128::MAX - 5)), Ok(u128::MAX - 5));
-        for cut in 0..8 {
-            let error = entity_key_partition(&entity_key(5)[..cut]).unwrap_err();
-            assert!(error.starts_with("entity key of"), "{error}");
-        }
-        for cut in 0..19 {
-            let error = log_batch_key_fingerprint(&log_batch_key(9, 1)[..cut]).unwrap_err();
-            assert!(error.starts_with("log batch key of"), "{error}");
-        }
-        assert!(
-            entity_key_partition(&[&entity_key(5)[..], &[0]].concat()).is_err(),
-            "a longer key is not an entity key"
-        );
-        assert!(key_partition(&clock_key(9, 77)[..10]).is_err());
-        assert!(series_key_id(&series_key(9, 77, id)[..26]).is_err());
     }
 }

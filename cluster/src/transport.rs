@@ -100,8 +100,8 @@ pub const FORWARD_CALLS: &str = "tollgate_forward_calls_total";
 
 /// Default of [`TonicTransport::with_forward_calls`]: export-forwarding calls in flight to one peer.
 /// One call at a time gathers the most exports per call; on the cluster benchmark (figure 7 of
-/// `docs/benchmarks.md`, about 7 exports per call) it took the least CPU of 1, 2, 4 and unbounded
-/// (one call per export), for about 1 ms more per forward.
+/// `docs/benchmarks.md`, about 7 exports per call; docs/benchmarks-history.md, step 26) it took
+/// the least CPU of 1, 2, 4 and unbounded (one call per export), for about 1 ms more per forward.
 pub const DEFAULT_FORWARD_CALLS: usize = 1;
 
 /// Most exports in one `ForwardExports` call.

@@ -1,5 +1,5 @@
-//! The memtable's map under figure 1's write pattern (docs/benchmarks.md, step 38): the single
-//! writer puts every acknowledged entry into it, and owners and queries look keys up in it.
+//! The memtable's map under figure 1's write pattern (docs/benchmarks-history.md, step 38): the
+//! single writer puts every acknowledged entry into it, and owners and queries look keys up in it.
 //!
 //! `cargo bench -p tollgate --bench memtable` (`SERIES`, `ROUNDS` in the environment). 10 800
 //! series (200 gateway pods of 54) export 100 times, 10 s of data time apart, as in figure 1:

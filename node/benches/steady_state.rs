@@ -1,7 +1,7 @@
 //! The node's CPU in a steady state: gateway pods exporting once a minute in real time, each
 //! minute closing as the next one starts, the owners' maintenance (hour and day roll-ups) run
 //! every minute. The figures of `make bench` send bursts, which close minutes many at a time;
-//! this is what a fleet sending in real time costs (docs/benchmarks.md, steps 35 and 36).
+//! this is what a fleet sending in real time costs (docs/benchmarks-history.md, steps 35 and 36).
 //!
 //! `cargo bench -p tollgate --bench steady_state` (`PODS`, `MINUTES` in the environment, and any
 //! `TOLLGATE_*` setting as for `tollgate serve`). An in-process node on loopback ports with its
@@ -52,7 +52,7 @@ async fn maintain(node: &Node) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // As the node's binary does (docs/benchmarks.md step 20).
+    // As the node's binary does (docs/benchmarks-history.md step 20).
     if let Err(error) = tollgate::os::disable_transparent_huge_pages() {
         eprintln!("transparent huge pages stay on: {error}");
     }

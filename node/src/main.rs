@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 /// mimalloc instead of glibc's malloc: allocation was a quarter of the node's CPU under ingest
-/// load (docs/benchmarks.md).
+/// load (docs/benchmarks-history.md, step 3).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -5,8 +5,9 @@
 /// The allocator (mimalloc) asks for huge pages on its arenas, and gives memory back to the
 /// system a second after it is freed. With huge pages, each fault on memory it takes back
 /// zeroes a whole 2 MiB page: under ingest load that zeroing (`clear_page_erms`) was 6.5 % of
-/// the node's CPU, and 0.2 % without huge pages (docs/benchmarks.md). The setting holds for the
-/// whole process and its children; it is made first thing in `main`, before the runtime starts.
+/// the node's CPU, and 0.2 % without huge pages (docs/benchmarks-history.md, step 20). The
+/// setting holds for the whole process and its children; it is made first thing in `main`,
+/// before the runtime starts.
 pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(true)?;

@@ -1021,12 +1021,12 @@ impl OwnerState {
 }
 
 /// Closed minutes a partition that is still sending gathers before they are rolled up. A roll-up
-/// lists the partition's series and reads and rewrites each one's hour and day states: rolling
-/// up ten minutes at once does that once instead of ten times (with one export a minute, roll-ups
-/// a minute at a time cost the node more CPU than the ingest itself, docs/benchmarks.md step
+/// lists the partition's series and reads and rewrites each one's hour and day states: rolling up
+/// ten minutes at once does that once instead of ten times (with one export a minute, roll-ups a
+/// minute at a time cost the node more CPU than the ingest itself, docs/benchmarks-history.md step
 /// 36). Queries read the minutes after the frontier as minutes, so answers do not change; the
-/// frontier lags a partition's newest minute by at most `max_lateness` and this many minutes,
-/// and no minute stays unrolled past half the minutes' retention and this many minutes.
+/// frontier lags a partition's newest minute by at most `max_lateness` and this many minutes, and
+/// no minute stays unrolled past half the minutes' retention and this many minutes.
 const ROLLUP_MINUTES: u64 = 10;
 
 /// What a batch of points changed and must write.

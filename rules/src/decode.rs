@@ -3,12 +3,12 @@
 //! `Message::decode`, for less work. An encoded `ResourceLogs` is checked as prost would decode
 //! it, but its records stay encoded ([`encoded_resource_logs`], [`crate::logrecord`]).
 //!
-//! prost grows every repeated field one element at a time (a histogram point's attributes,
-//! bucket counts and bounds each went through three or four reallocations, a log record's 25
-//! attributes through four) and walks each field through generic merge code. Under a figure 1
-//! load (docs/benchmarks.md) decoding was a third of the node's instructions, a sixth of them
-//! growing vectors. This decoder counts the elements of a repeated field before it fills the
-//! field, and reads each field directly. The attributes of histogram and sum points, two
+//! prost grows every repeated field one element at a time (a histogram point's attributes, bucket
+//! counts and bounds each went through three or four reallocations, a log record's 25 attributes
+//! through four) and walks each field through generic merge code. Under a figure 1 load
+//! (docs/benchmarks-history.md, step 25) decoding was a third of the node's instructions, a sixth
+//! of them growing vectors. This decoder counts the elements of a repeated field before it fills
+//! the field, and reads each field directly. The attributes of histogram and sum points, two
 //! `String`s per attribute that lived only until the point's series id was hashed, are kept as
 //! text in one buffer per point instead ([`DecodedMetrics`], [`PointAttributes`]).
 //!

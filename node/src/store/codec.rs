@@ -411,9 +411,9 @@ fn common_suffix(a: &[u8], b: &[u8]) -> usize {
 }
 
 /// Postcard's encoding, written directly into one buffer, for the two records every batch writes
-/// for every series it touches (its cursor and its aggregates): through serde, postcard copies
-/// each varint with a call to `memmove`, and with the cursor's clone that was a tenth of the
-/// node's CPU under ingest load (docs/benchmarks.md). Decoding stays with postcard and serde;
+/// for every series it touches (its cursor and its aggregates): through serde, postcard copies each
+/// varint with a call to `memmove`, and with the cursor's clone that was a tenth of the node's CPU
+/// under ingest load (docs/benchmarks-history.md, step 21). Decoding stays with postcard and serde;
 /// a test checks the bytes against postcard's.
 struct Postcard(Vec<u8>);
 

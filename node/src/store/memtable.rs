@@ -2,7 +2,8 @@
 //!
 //! Writing every merged point into sled's B-tree at acknowledgement time cost three tree inserts
 //! per point (its point key, the series' cursor, the rewritten minute state), and sled's inserts
-//! were three quarters of the node's CPU (docs/benchmarks.md). Now an acknowledged write is:
+//! were three quarters of the node's CPU (docs/benchmarks-history.md). Now an acknowledged
+//! write is:
 //!
 //! 1. its entries (raw key and value, or a deletion) appended to the current write-ahead
 //!    generation, a file of checksummed frames (see [`super::wal`]), synced once per group of
@@ -37,14 +38,14 @@ fn entry_bytes(key: &[u8], value: &Option<Vec<u8>>) -> usize {
 
 /// A key of the memtable: its bytes, ordered as bytes are, its first eight bytes kept beside them.
 ///
-/// Keys begin with their kind, vnode and series id (or partition), so two keys nearly always
-/// differ in their first eight bytes: comparing those as one big-endian integer settles the
-/// comparison without a call to `memcmp`, which each of an insert's two dozen comparisons made (a
-/// tenth of the node's instructions under figure 1's load, docs/benchmarks.md). Holding that
-/// integer in the key itself, in the map's node, also spares each comparison a visit to the
-/// key's bytes elsewhere on the heap (a cache miss, in a memtable of a few hundred thousand keys).
-/// The order is exactly the bytes' lexicographic order, so the map is looked up and ranged with
-/// plain `&[u8]`.
+/// Keys begin with their kind, vnode and series id (or partition), so two keys nearly always differ
+/// in their first eight bytes: comparing those as one big-endian integer settles the comparison
+/// without a call to `memcmp`, which each of an insert's two dozen comparisons made (a tenth of the
+/// node's instructions under figure 1's load, docs/benchmarks-history.md, step 23). Holding that
+/// integer in the key itself, in the map's node, also spares each comparison a visit to the key's
+/// bytes elsewhere on the heap (a cache miss, in a memtable of a few hundred thousand keys). The
+/// order is exactly the bytes' lexicographic order, so the map is looked up and ranged with plain
+/// `&[u8]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Key {
     /// The first eight bytes as a big-endian integer, zero-padded when the key is shorter.

@@ -43,13 +43,14 @@ const SWEEP_CHUNK: usize = 10_000;
 
 /// Memtable entries copied at a time by a walk over a prefix ([`SledStorage::prefixed`]). The
 /// retention sweep walks every minute state: copied whole, the memtable's share of them was a
-/// transient of about 100 MB in a heap profile of figure 5's load (docs/benchmarks.md).
+/// transient of about 100 MB in a heap profile of figure 5's load
+/// (docs/benchmarks-history.md, step 33).
 const SCAN_CHUNK: usize = 4_096;
 
 /// Entries per sled batch when a checkpoint writes the data tree. The checkpointer flushes sled
 /// after each: with one flush per checkpoint instead, the node's memory after figure 5's load of
-/// docs/benchmarks.md was 3.2–3.8 GB instead of 1.4–2.3 GB (alternating runs), at the same
-/// throughput.
+/// docs/benchmarks-history.md (step 8) was 3.2–3.8 GB instead of 1.4–2.3 GB (alternating runs), at
+/// the same throughput.
 const CHECKPOINT_CHUNK: usize = 4_096;
 
 struct WriteRequest {
@@ -1011,10 +1012,10 @@ fn checkpointer_stopped() -> Error {
 /// Each entry is its own sled insert, not part of a `Batch`: sled 0.34's `apply_batch` holds its
 /// process-wide exclusive lock for the whole batch, so every read (the owners', the queries')
 /// waited for it, and the node copies it made could not be freed until it ended. Back to back
-/// (docs/benchmarks.md, step 13): figure 5 12.7-13.0 KB per series with batches, 10.3-10.4 KB
-/// without; figure 1 17.0-16.5 CPU-s with batches, 12.9 without. Nothing needs a chunk to be
-/// atomic: readers see the frozen layer itself until the checkpoint is done, and a crash leaves
-/// its write-ahead generations to be applied again. (This was reverted once, after a chaos run
+/// (docs/benchmarks-history.md, step 13): figure 5 12.7-13.0 KB per series with batches,
+/// 10.3-10.4 KB without; figure 1 17.0-16.5 CPU-s with batches, 12.9 without. Nothing needs a
+/// chunk to be atomic: readers see the frozen layer itself until the checkpoint is done, and a
+/// crash leaves its write-ahead generations to be applied again. (This was reverted once, after a chaos run
 /// over-counted; the cause was a failover after a slow stop, not this.)
 fn apply_frozen(
     data: &sled::Tree,

@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// gateway's exporter sends one batch at a time). Fewer leave a node with durable
 /// acknowledgements waiting on its syncs rather than working, so a throughput figure would
 /// measure the sync's latency; more (200) changed neither the node's nor the sink's rate in
-/// figure 2 (docs/benchmarks.md, step 32).
+/// figure 2 (docs/benchmarks-history.md, step 32).
 const DEFAULT_IN_FLIGHT: usize = 100;
 
 #[derive(Debug, Parser)]

@@ -249,11 +249,11 @@ impl Driver {
         }
     }
 
-    /// [`Self::sink_vs_node`] [`Self::ingest_rounds`] times, each round on a new
-    /// data directory. The sink's side lasts about two seconds, and a single pair moves with
-    /// whatever the shared machine does in those seconds (one binary's figure 1 gave ratios of
-    /// 0.37, 0.47 and 0.45 within an hour); the figure is the round with the median ratio, and
-    /// every round is printed. Returns that round's (sink, node) reports.
+    /// [`Self::sink_vs_node`] [`Self::ingest_rounds`] times, each round on a new data directory.
+    /// The sink's side lasts about two seconds, and a single pair moves with whatever the shared
+    /// machine does in those seconds (one binary's figure 1 gave ratios of 0.37, 0.47 and 0.45
+    /// within an hour); the figure is the round with the median ratio, and every round is
+    /// printed. Returns that round's (sink, node) reports.
     async fn sink_vs_node_rounds(
         &mut self,
         signal: Signal,

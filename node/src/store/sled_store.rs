@@ -1015,8 +1015,8 @@ fn checkpointer_stopped() -> Error {
 /// (docs/benchmarks-history.md, step 13): figure 5 12.7-13.0 KB per series with batches,
 /// 10.3-10.4 KB without; figure 1 17.0-16.5 CPU-s with batches, 12.9 without. Nothing needs a
 /// chunk to be atomic: readers see the frozen layer itself until the checkpoint is done, and a
-/// crash leaves its write-ahead generations to be applied again. (This was reverted once, after a chaos run
-/// over-counted; the cause was a failover after a slow stop, not this.)
+/// crash leaves its write-ahead generations to be applied again. (This was reverted once, after
+/// a chaos run over-counted; the cause was a failover after a slow stop, not this.)
 fn apply_frozen(
     data: &sled::Tree,
     frozen: &Frozen,

@@ -261,19 +261,20 @@ impl Driver {
         name: &str,
         unit: &str,
     ) -> anyhow::Result<(RunReport, RunReport)> {
+        let ratio = |(sink, node): &(RunReport, RunReport)| node.rate() / sink.rate().max(1e-9);
         let count = self.ingest_rounds();
         let mut rounds = Vec::with_capacity(count);
         for round in 1..=count {
             if count > 1 {
                 println!("  round {round}:");
             }
-            let (sink, node) = self.sink_vs_node(signal, pregenerated, &format!("{name}-{round}"), unit).await?;
+            let pair = self.sink_vs_node(signal, pregenerated, &format!("{name}-{round}"), unit).await?;
             if count > 1 {
-                println!("  round {round}: ratio {:.2}", node.rate() / sink.rate().max(1e-9));
+                println!("  round {round}: ratio {:.2}", ratio(&pair));
             }
-            rounds.push((sink, node));
+            rounds.push(pair);
         }
-        Ok(median_round(rounds, |(sink, node)| node.rate() / sink.rate().max(1e-9)))
+        Ok(median_round(rounds, ratio))
     }
 
     /// Runs pre-encoded lanes against the sink and against a fresh node, the same bytes in the

@@ -7,6 +7,7 @@ use crate::server::Node;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,8 +189,10 @@ pub struct LogsArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false).init();
+    if let Err(e) = init_logging() {
+        eprintln!("tollgate: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -210,6 +213,20 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to standard output: `TOLLGATE_LOG` (or `RUST_LOG`) filters them, `TOLLGATE_LOG_FORMAT`
+/// chooses `text` (the default; coloured only on a terminal, so that files and log collectors get
+/// plain lines) or `json` (one object per line).
+fn init_logging() -> Result<(), String> {
+    let filter = std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false);
+    match std::env::var("TOLLGATE_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("text") => logs.with_ansi(std::io::stdout().is_terminal()).init(),
+        Ok("json") => logs.json().flatten_event(true).init(),
+        Ok(other) => return Err(format!("TOLLGATE_LOG_FORMAT: {other:?} is not a log format (text or json)")),
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

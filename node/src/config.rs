@@ -255,10 +255,12 @@ impl NodeConfig {
 
     /// Applies `TOLLGATE_*` variables: every option, nested ones with their path joined by `_`.
     /// Lists are comma-separated. Unknown `TOLLGATE_*` variables are errors (typos must not
-    /// silently do nothing); `TOLLGATE_CONFIG` names the file and `TOLLGATE_LOG` the log filter.
+    /// silently do nothing); `TOLLGATE_CONFIG` names the file, `TOLLGATE_LOG` and
+    /// `TOLLGATE_LOG_FORMAT` the logs' filter and format.
     pub fn with_environment(self, environment: &BTreeMap<String, String>) -> Result<NodeConfig, ConfigError> {
         let mut tree = serde_json::to_value(&self).map_err(|e| ConfigError(e.to_string()))?;
-        let mut known = vec!["TOLLGATE_CONFIG".to_string(), "TOLLGATE_LOG".to_string(), "TOLLGATE_API".to_string()];
+        let mut known =
+            ["TOLLGATE_CONFIG", "TOLLGATE_LOG", "TOLLGATE_LOG_FORMAT", "TOLLGATE_API"].map(String::from).to_vec();
         overlay(&mut tree, "TOLLGATE", environment, &mut known)?;
         if let Some(unknown) = environment.keys().find(|k| k.starts_with("TOLLGATE_") && !known.contains(k)) {
             return Err(ConfigError(format!("unknown environment variable {unknown}")));

@@ -279,3 +279,69 @@ fn test_serve_runs_without_transparent_huge_pages() {
     let _ = child.wait();
     assert_eq!(last, "THP_enabled:\t0", "the node's /proc/PID/status line");
 }
+
+/// Starts `tollgate serve` with `format` as `TOLLGATE_LOG_FORMAT` (unset when `None`) and
+/// standard output to a pipe, as a container runtime or a log collector has it; returns the
+/// lines it logged up to the API's `listening` event.
+fn serve_logs(format: Option<&str>) -> Vec<String> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
+        .env("TOLLGATE_LOG", "tollgate=info")
+        .env_remove("TOLLGATE_LOG_FORMAT")
+        .stdout(std::process::Stdio::piped());
+    if let Some(format) = format {
+        command.env("TOLLGATE_LOG_FORMAT", format);
+    }
+    let mut child = command.spawn().expect("tollgate serve starts");
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.expect("standard output is text");
+        let done = line.contains("api listening") || line.contains(r#""message":"api listening""#);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines.iter().any(|line| line.contains("api listening")), "the node's logs:\n{}", lines.join("\n"));
+    lines
+}
+
+/// Logs written to a pipe are plain lines (no terminal colour codes for a log collector to
+/// store); `TOLLGATE_LOG_FORMAT=json` makes each line one JSON object; an unknown format stops the
+/// node with an error that names the variable.
+#[test]
+fn test_serve_logs_plain_text_or_json() {
+    for format in [None, Some("text")] {
+        let lines = serve_logs(format);
+        assert!(lines.iter().all(|line| !line.contains('\x1b')), "{format:?}: colour codes in\n{}", lines.join("\n"));
+        assert!(lines.iter().any(|line| line.contains(" INFO ") && line.contains("store opened")), "{lines:#?}");
+    }
+    let lines = serve_logs(Some("json"));
+    for line in &lines {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event["timestamp"].is_string() && event["level"].is_string(), "{event}");
+    }
+    let listening: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(listening["message"], "api listening", "{listening}");
+    assert_eq!(listening["level"], "INFO", "{listening}");
+    assert!(listening["address"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{listening}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("TOLLGATE_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(r#"TOLLGATE_LOG_FORMAT: "xml" is not a log format (text or json)"#), "{stderr}");
+}

@@ -449,7 +449,7 @@ impl OwnerState {
         self.log_batches.clear();
         self.log_batches_loaded = false;
         self.owned = owned;
-        info!(vnode = self.vnode, owned, "vnode ownership changed");
+        debug!(vnode = self.vnode, owned, "vnode ownership changed");
     }
 
     /// Queues the batch with the writer (in this owner's order) and replies once it is durable;

@@ -653,6 +653,8 @@ fn spawn_background(
         let mut stop = stop_receiver.clone();
         tasks.spawn("raft figures", async move {
             let mut interval = tokio::time::interval(Duration::from_secs(1));
+            // Each owner logs its own transitions at debug level; the node logs the count.
+            let mut owned_before = None;
             loop {
                 tokio::select! {
                     _ = interval.tick() => {}
@@ -666,6 +668,9 @@ fn spawn_background(
                 let state = cluster.state();
                 let owned = (0..state.vnodes.len()).filter(|v| state.vnodes.owner(*v) == Some(cluster.id)).count();
                 metrics::gauge!(m::VNODES_OWNED).set(owned as f64);
+                if owned_before.replace(owned) != Some(owned) {
+                    info!(owned, of = state.vnodes.len(), "vnodes owned by this node");
+                }
             }
         });
     }

@@ -14,6 +14,44 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tracing::{error, info};
 
+/// Client commands write their output with these instead of `println!`/`print!`: when standard
+/// output is closed early (`tollgate query --list | head`), the write error ends the command
+/// quietly ([`StdoutClosed`]) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?;
+    }};
+}
+
+/// [`out!`] without the newline.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?;
+    }};
+}
+
+/// Standard output was closed by its reader: not a failure of the command.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+fn stdout_error(error: std::io::Error) -> anyhow::Error {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(error).context("writing to standard output")
+    }
+}
+
 /// Exact observability for AI gateway traffic.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about)]
@@ -208,6 +246,7 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tollgate: {e:#}");
             ExitCode::FAILURE
@@ -315,7 +354,6 @@ impl Client {
     }
 
     /// Runs a client command.
-    #[allow(clippy::print_stdout)]
     pub async fn run(&self, command: Command) -> anyhow::Result<()> {
         match command {
             Command::Serve(_) => unreachable!("serve is not a client command"),
@@ -324,14 +362,14 @@ impl Client {
             Command::Cluster { action } => self.cluster(action).await,
             Command::Services => {
                 let value = self.get_json("/api/v1/services", &[]).await?;
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                out!("{}", serde_json::to_string_pretty(&value)?);
                 Ok(())
             }
             Command::Query(args) => {
                 if args.list || args.metric.is_none() {
                     let value = self.get_json("/api/v1/metrics", &[]).await?;
                     for entry in value.as_array().into_iter().flatten() {
-                        println!(
+                        out!(
                             "{:<60} {:<16} {:<9} {}",
                             entry["name"].as_str().unwrap_or(""),
                             entry["unit"].as_str().unwrap_or(""),
@@ -358,22 +396,22 @@ impl Client {
                     )
                     .await?;
                 if args.json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    out!("{}", serde_json::to_string_pretty(&value)?);
                     return Ok(());
                 }
-                println!(
+                out!(
                     "{} ({}), step {}",
                     value["name"].as_str().unwrap_or(""),
                     value["unit"].as_str().unwrap_or(""),
                     value["step"].as_str().unwrap_or("")
                 );
                 for series in value["series"].as_array().into_iter().flatten() {
-                    println!("{}", series["labels"]);
+                    out!("{}", series["labels"]);
                     for point in series["points"].as_array().into_iter().flatten() {
                         let time = point[0].as_i64().unwrap_or(0);
                         let stamp =
                             chrono::DateTime::from_timestamp(time, 0).map(|t| t.to_rfc3339()).unwrap_or_default();
-                        println!("  {stamp}  {}", point[1]);
+                        out!("  {stamp}  {}", point[1]);
                     }
                 }
                 Ok(())
@@ -395,23 +433,22 @@ impl Client {
                         ],
                     )
                     .await?;
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                out!("{}", serde_json::to_string_pretty(&value)?);
                 Ok(())
             }
         }
     }
 
-    #[allow(clippy::print_stdout)]
     async fn cluster(&self, action: ClusterAction) -> anyhow::Result<()> {
         match action {
             ClusterAction::Status { json } => {
                 let value = self.get_json("/api/v1/cluster", &[]).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    out!("{}", serde_json::to_string_pretty(&value)?);
                     return Ok(());
                 }
                 let status: tollgate_cluster::ClusterStatus = serde_json::from_value(value)?;
-                print!("{}", render_status(&status));
+                out_raw!("{}", render_status(&status));
                 Ok(())
             }
             ClusterAction::Join { node_api } => {
@@ -433,14 +470,14 @@ impl Client {
                 let response =
                     self.send(self.http.post(format!("{}/api/v1/cluster/nodes", self.api)).json(&body)).await?;
                 let value: Value = response.json().await?;
-                println!("admitted {} (id {}) by leader {}", node.name, node.node_id, value["leader"]);
+                out!("admitted {} (id {}) by leader {}", node.name, node.node_id, value["leader"]);
                 Ok(())
             }
             ClusterAction::Leave { node } => {
                 let url = format!("{}/api/v1/cluster/nodes/{node}", self.api);
                 let response = self.send(self.http.delete(url)).await?;
                 let value: Value = response.json().await?;
-                println!(
+                out!(
                     "removed {node} (id {}): its vnodes moved and another member holds its data; its process can be stopped",
                     value["removed"]
                 );
@@ -449,7 +486,6 @@ impl Client {
         }
     }
 
-    #[allow(clippy::print_stdout)]
     async fn document(&self, name: &str, action: DocumentAction) -> anyhow::Result<()> {
         let url = format!("{}/api/v1/config/{name}", self.api);
         match action {
@@ -461,8 +497,8 @@ impl Client {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("?")
                     .to_string();
-                println!("# {name} version {version}");
-                print!("{}", response.text().await?);
+                out!("# {name} version {version}");
+                out_raw!("{}", response.text().await?);
                 Ok(())
             }
             DocumentAction::Set { file } => {
@@ -471,7 +507,7 @@ impl Client {
                 let response =
                     self.send(self.http.put(&url).header("content-type", "application/yaml").body(body)).await?;
                 let value: Value = response.json().await?;
-                println!("{name} version {}", value["version"]);
+                out!("{name} version {}", value["version"]);
                 Ok(())
             }
         }

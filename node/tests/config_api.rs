@@ -345,3 +345,25 @@ fn test_serve_logs_plain_text_or_json() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains(r#"TOLLGATE_LOG_FORMAT: "xml" is not a log format (text or json)"#), "{stderr}");
 }
+
+/// A client command whose reader went away (`tollgate query --list | head -1`) ends quietly and
+/// successfully, as other command-line tools do, instead of panicking on the closed pipe; a
+/// command that fails still says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_client_output_into_a_closed_pipe_ends_quietly() {
+    let node = TestNode::start_with(&[], &[]).await;
+    for args in [&["query", "--list"][..], &["services"], &["cluster", "status"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--api", &node.api()])
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("the CLI runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success() && stderr.is_empty(), "{args:?}: {:?}, stderr: {stderr}", output.status);
+    }
+    let (ok, _, stderr) = cli(&node, &["query", "meter_envoy_ai_gw_no_such_metric", "--service", "x"]);
+    assert!(!ok && stderr.starts_with("tollgate: ") && !stderr.contains("panicked"), "{stderr}");
+}

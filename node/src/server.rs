@@ -668,7 +668,7 @@ fn spawn_background(
                 let state = cluster.state();
                 let owned = (0..state.vnodes.len()).filter(|v| state.vnodes.owner(*v) == Some(cluster.id)).count();
                 metrics::gauge!(m::VNODES_OWNED).set(owned as f64);
-                if owned_before.replace(owned) != Some(owned) {
+                if !state.vnodes.is_empty() && owned_before.replace(owned) != Some(owned) {
                     info!(owned, of = state.vnodes.len(), "vnodes owned by this node");
                 }
             }

@@ -635,10 +635,16 @@ impl Cluster {
                 } else {
                     "member".into()
                 },
-                last_contact_ms: heartbeat
-                    .get(id)
-                    .and_then(|t| *t)
-                    .map(|t| openraft::Instant::elapsed(&t.into_inner()).as_millis() as u64),
+                // The leader's own entry is the time of its own last log write, which grows while
+                // nothing is written (a single node): it is in contact with itself.
+                last_contact_ms: if *id == self.id && heartbeat.contains_key(id) {
+                    Some(0)
+                } else {
+                    heartbeat
+                        .get(id)
+                        .and_then(|t| *t)
+                        .map(|t| openraft::Instant::elapsed(&t.into_inner()).as_millis() as u64)
+                },
                 vnodes: owned.get(id).copied().unwrap_or(0),
                 leaving: applied.state.leaving.contains(id),
             })

@@ -449,3 +449,17 @@ async fn test_cluster_forms_from_one_join_list_given_to_every_node() {
     let status = c.cluster_status().await;
     assert_eq!(status["nodes"].as_array().unwrap().len(), 3, "one cluster, not three: {status}");
 }
+
+/// A leader's status lists every member with the time since it last answered; the leader itself
+/// is 0, also on an idle single node, where Raft writes nothing and its own entry would otherwise
+/// grow for as long as the node runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_an_idle_single_node_is_in_contact_with_itself() {
+    let node = TestNode::start_with(&[], &[]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = node.cluster_status().await;
+    assert_eq!(status["leader"], status["node_id"], "{status}");
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{status}");
+    assert_eq!(nodes[0]["last_contact_ms"], 0, "{status}");
+}

@@ -302,7 +302,8 @@ fn serve_logs(format: Option<&str>) -> Vec<String> {
     let mut lines = Vec::new();
     for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.expect("standard output is text");
-        let done = line.contains("api listening") || line.contains(r#""message":"api listening""#);
+        // The API's `listening` event, in either format (JSON's `"message":"api listening"`).
+        let done = line.contains("api listening");
         lines.push(line);
         if done {
             break;

@@ -274,6 +274,63 @@ async fn test_bad_points_are_rejected_with_reasons_and_good_points_kept() {
     }
 }
 
+/// OTLP/JSON as protobuf's JSON mapping also writes it: an enum by its name, a non-finite double
+/// as a string. The bad points are rejected with their reasons and the good ones kept; before,
+/// the whole histogram was dropped and the export answered `{}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_json_bad_points_are_rejected_with_reasons_and_good_points_kept() {
+    let node = TestNode::start().await;
+    let time = now_seconds() - 120;
+    let minute = time / 60 * 60;
+    let point = |provider: &str, sum: &str, bounds: &str| {
+        format!(
+            r#"{{"attributes":[{{"key":"gen_ai.provider.name","value":{{"stringValue":"{provider}"}}}}],
+              "startTimeUnixNano":"{start}","timeUnixNano":"{time}","count":"2","sum":{sum},
+              "bucketCounts":["1","1","0"],"explicitBounds":{bounds},"min":0.4,"max":1.0}}"#,
+            start = (time - 10) * 1_000_000_000,
+            time = time * 1_000_000_000,
+        )
+    };
+    let export = |temporality: &str, points: &[String]| {
+        format!(
+            r#"{{"resourceMetrics":[{{"resource":{{"attributes":[
+                {{"key":"job_name","value":{{"stringValue":"envoy-ai-gateway"}}}},
+                {{"key":"service.name","value":{{"stringValue":"json-gw"}}}},
+                {{"key":"service.instance.id","value":{{"stringValue":"pod-0"}}}}]}},
+              "scopeMetrics":[{{"metrics":[{{"name":"gen_ai.server.request.duration","unit":"s",
+                "histogram":{{"aggregationTemporality":{temporality},"dataPoints":[{}]}}}}]}}]}}]}}"#,
+            points.join(",")
+        )
+    };
+    let body = export(
+        r#""AGGREGATION_TEMPORALITY_DELTA""#,
+        &[
+            point("good-1", "1.5", "[0.5,1.0]"),
+            point("nan", r#""NaN""#, "[0.5,1.0]"),
+            point("infinite-bound", "1.5", r#"[0.5,"Infinity"]"#),
+            point("good-2", r#""1.5""#, r#"["0.5",1]"#),
+        ],
+    );
+    let (code, body) = post(&node, "/v1/metrics", "application/json", None, body.into_bytes()).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let response: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(response["partialSuccess"]["rejectedDataPoints"], 2, "{response}");
+    let message = response["partialSuccess"]["errorMessage"].as_str().unwrap();
+    assert!(message.contains("non_finite_value: 1") && message.contains("sum is NaN"), "{message}");
+    assert!(message.contains("invalid_bounds: 1") && message.contains("explicit_bounds[1] is inf"), "{message}");
+    assert_eq!(request_cpm(&node, "json-gw", minute).await, Some(4.0), "the two good points are merged");
+
+    // A field that does not parse is a 400 that says which and where; nothing is merged.
+    let body = export(r#""DELTA""#, &[point("good-3", "1.5", "[0.5,1.0]")]);
+    let (code, body) = post(&node, "/v1/metrics", "application/json", None, body.into_bytes()).await;
+    assert_eq!(code, 400);
+    let status: Value = serde_json::from_slice(&body).unwrap();
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains(r#""DELTA" is not an aggregation temporality"#), "{message}");
+    assert!(message.contains(" at line "), "{message}");
+    assert_eq!(request_cpm(&node, "json-gw", minute).await, Some(4.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_node_keeps_serving() {
     let node = TestNode::start_with(

@@ -166,10 +166,13 @@ struct MetricParams {
 /// The default query range: the last hour.
 const DEFAULT_RANGE_SECONDS: i64 = 3600;
 
+/// `start` and `end` of a query, in unix seconds. The default `end` is the end of the current
+/// second: `end` is exclusive, and a record stamped within the current second (logs keep their
+/// nanoseconds) has been received already.
 fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(i64, i64), Error> {
     let end = match end {
         Some(value) => parse_time("end", value)?,
-        None => now,
+        None => now + 1,
     };
     let start = match start {
         Some(value) => parse_time("start", value)?,

@@ -231,3 +231,28 @@ async fn test_access_logs_sampling_counters_retries_paging_and_runtime_threshold
     assert_eq!(kept[0]["cost"], json!(22500.0));
     assert_eq!(kept[0]["total_tokens"], json!(6000));
 }
+
+/// A record acknowledged a moment ago is in the default range (`end` = now): the range ended at
+/// the start of the current second, so a record stamped within it was missing until the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_record_just_acknowledged_is_in_the_default_range() {
+    let node = TestNode::start().await;
+    let mut client = node.logs_client().await;
+    let attributes: BTreeMap<String, CaseValue> = [
+        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
+        ("response_code".to_string(), CaseValue::Text("503".into())),
+    ]
+    .into_iter()
+    .collect();
+    for attempt in 0..3 {
+        let mut record = record(0, &attributes);
+        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        record.time_unix_nano = now_ns;
+        record.observed_time_unix_nano = now_ns;
+        client.export(request("fresh-gw", vec![record])).await.expect("accepted");
+        let body = logs(&node, "service=fresh-gw").await;
+        let times: Vec<u64> =
+            body["logs"].as_array().unwrap().iter().map(|log| log["time"].as_u64().unwrap()).collect();
+        assert!(times.contains(&now_ns), "attempt {attempt}: {now_ns} missing from {times:?}");
+    }
+}

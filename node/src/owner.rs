@@ -310,8 +310,18 @@ struct OwnerState {
     log_fingerprinter: LogFingerprinter,
     /// Batches handed to the writer.
     submitted: u64,
+    /// How far the batches handed to the writer are durable.
+    durable: watch::Sender<Durable>,
+}
+
+/// How far an owner's batches are durable.
+#[derive(Clone, Copy, Debug, Default)]
+struct Durable {
     /// Highest batch known durable (batches become durable in order).
-    durable: watch::Sender<u64>,
+    highest: u64,
+    /// A batch failed to become durable: the store failed, and no later batch will be durable
+    /// either (the node stops).
+    failed: bool,
 }
 
 impl Actor for Owner {
@@ -334,7 +344,7 @@ impl Actor for Owner {
             log_batches_loaded: false,
             log_fingerprinter: LogFingerprinter::default(),
             submitted: 0,
-            durable: watch::channel(0).0,
+            durable: watch::channel(Durable::default()).0,
         })
     }
 
@@ -478,13 +488,14 @@ impl OwnerState {
             let written = durable(ticket).await;
             // Batches become durable in the order they were queued, so the highest durable
             // sequence implies all lower ones.
-            if written.is_ok() {
-                durable_sender.send_if_modified(|highest| {
-                    let advanced = sequence > *highest;
-                    *highest = (*highest).max(sequence);
+            durable_sender.send_if_modified(|durable| match &written {
+                Ok(()) => {
+                    let advanced = sequence > durable.highest;
+                    durable.highest = durable.highest.max(sequence);
                     advanced
-                });
-            }
+                }
+                Err(_) => !std::mem::replace(&mut durable.failed, true),
+            });
             drop(permit);
             let _ = reply.send(written.and(result));
         });
@@ -639,7 +650,7 @@ impl OwnerState {
     /// Removes the retiring aggregates from the cache if every batch written so far is durable
     /// (otherwise they wait for a later message, or for maintenance, which settles first).
     fn drop_retired(&mut self) {
-        if self.retiring.is_empty() || *self.durable.borrow() < self.submitted {
+        if self.retiring.is_empty() || self.durable.borrow().highest < self.submitted {
             return;
         }
         for key in self.retiring.drain(..) {
@@ -840,16 +851,20 @@ impl OwnerState {
         Ok(())
     }
 
-    /// Waits until every batch handed to the writer so far is durable.
+    /// Waits until every batch handed to the writer so far is durable; fails at once when one of
+    /// them failed (a failed store never makes the rest durable: waiting out the timeout made
+    /// every owner with a failed write hold the node's stop for 30 s).
     async fn settle(&mut self) -> Result<(), Error> {
         let target = self.submitted;
         let mut durable = self.durable.subscribe();
-        let settled =
-            tokio::time::timeout(Duration::from_secs(30), async { durable.wait_for(|d| *d >= target).await.is_ok() })
-                .await;
+        let settled = tokio::time::timeout(Duration::from_secs(30), async {
+            durable.wait_for(|d| d.highest >= target || d.failed).await.map(|d| d.highest >= target).unwrap_or(false)
+        })
+        .await;
         match settled {
             Ok(true) => Ok(()),
-            _ => Err(Error::Unavailable("writes did not become durable".into())),
+            Ok(false) => Err(Error::Unavailable("a write failed: the store has failed".into())),
+            Err(_) => Err(Error::Unavailable("writes did not become durable".into())),
         }
     }
 

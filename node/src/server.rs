@@ -537,7 +537,10 @@ impl Node {
         info!(elapsed_ms = elapsed_ms(), "stopping: requests and background work stopped");
         for owner in self.owners.iter() {
             let owner_started = std::time::Instant::now();
-            let _ = owner.maintain().await;
+            // A failed store takes no more writes: maintenance would only fail, once per owner.
+            if !self.store.has_failed() {
+                let _ = owner.maintain().await;
+            }
             owner.stop().await;
             if owner_started.elapsed() > Duration::from_secs(1) {
                 let took_ms = owner_started.elapsed().as_millis() as u64;

@@ -98,6 +98,82 @@ async fn test_kill9_during_stream_then_resend_counts_everything_exactly_once() {
     assert_eq!(tokens, expected_tokens as f64);
 }
 
+/// Pods streaming at once into the node whose disk fills: their partitions spread over many
+/// owners, so that several have a write in flight when the store fails.
+const FULL_PODS: u64 = 16;
+
+/// A full disk: the export whose write fails, and every one after it, gets a retryable error
+/// (never an acknowledgement), the node stops by itself promptly (an owner with a failed write
+/// waited 30 s for it to become durable, each in turn), and started again with room it holds
+/// every acknowledged export; the client's retries then count everything exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_full_disk_refuses_exports_stops_the_node_and_loses_nothing_acknowledged() {
+    // No file may grow beyond 1 MiB: the write-ahead log reaches it first (a checkpoint is due
+    // at 64 MiB of log) and its write fails as on a full disk.
+    let mut node = TestNode::start_with_file_size_limit(1 << 20).await;
+    let base = now_seconds() - 400;
+    let export = |pod: u64, k: u64| pod_export("full-gw", base, k, pod);
+    let streams: Vec<_> = (0..FULL_PODS)
+        .map(|pod| {
+            let endpoint = node.grpc();
+            tokio::spawn(async move {
+                let mut client = opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient::connect(endpoint)
+                    .await
+                    .unwrap();
+                // Exports 0..acked were acknowledged; export `acked` was refused with `error`.
+                for k in 0..350 {
+                    let request = ExportMetricsServiceRequest { resource_metrics: vec![pod_export("full-gw", base, k, pod).0] };
+                    if let Err(status) = client.export(request).await {
+                        return (k, status);
+                    }
+                }
+                panic!("pod {pod}: 350 exports acknowledged and the disk never filled");
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for stream in streams {
+        refused.push(stream.await.unwrap());
+    }
+    for (pod, (k, status)) in refused.iter().enumerate() {
+        // Refused while the node still answered: retryable. (A stream may also find the node
+        // already gone.)
+        if !status.message().contains("transport error") {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "pod {pod}, export {k}: {status:?}");
+        }
+    }
+    let status = node.wait_exit(Duration::from_secs(25)).await;
+    assert!(!status.success(), "a node whose store failed exits with an error: {status}");
+
+    node.file_size_limit = None;
+    node.restart().await;
+    let (start, end) = (base - 60, base + 420);
+    let requests = |last: &dyn Fn(u64) -> u64| -> u64 {
+        (0..FULL_PODS).map(|pod| (0..last(pod)).map(|k| export(pod, k).1).sum::<u64>()).sum()
+    };
+    let acked = requests(&|pod| refused[pod as usize].0);
+    let attempted = requests(&|pod| refused[pod as usize].0 + 1);
+    let (merged, _) = common::sum_of(&node, "meter_envoy_ai_gw_request_cpm", "full-gw", start, end).await;
+    assert!(merged as u64 >= acked, "lost acknowledged exports: {merged} requests < {acked}");
+    assert!(merged as u64 <= attempted, "{merged} requests > {attempted} sent");
+
+    // The client retries the refused export of each pod, then goes on with one more.
+    let mut client = node.metrics_client(0).await;
+    for (pod, (k, _)) in refused.iter().enumerate() {
+        for k in [*k, k + 1] {
+            let request = ExportMetricsServiceRequest { resource_metrics: vec![export(pod as u64, k).0] };
+            let response = client.export(request).await.expect("accepted with room").into_inner();
+            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+        }
+    }
+    let expected = requests(&|pod| refused[pod as usize].0 + 2);
+    let (merged, _) = common::sum_of(&node, "meter_envoy_ai_gw_request_cpm", "full-gw", start, end).await;
+    assert_eq!(merged, expected as f64, "every request counted exactly once");
+    let expected_tokens: u64 = refused.iter().map(|(k, _)| 100 * (k + 2) * (k + 3) / 2).sum();
+    let (tokens, _) = common::sum_of(&node, "meter_envoy_ai_gw_input_token_rate", "full-gw", start, end).await;
+    assert_eq!(tokens, expected_tokens as f64, "cumulative series: the whole increase, once");
+}
+
 const LOG_EXPORTS: u64 = 300;
 const RECORDS_PER_EXPORT: u64 = 4;
 

@@ -43,6 +43,9 @@ pub struct TestNode {
     args: Vec<String>,
     /// The cluster listen address; pinned to the first run's port so restarts keep it.
     cluster_addr: String,
+    /// The most bytes the process may write into any file (`RLIMIT_FSIZE`), applied at each
+    /// start; a restart without it gives the node room again.
+    pub file_size_limit: Option<u64>,
     pub http: reqwest::Client,
 }
 
@@ -59,11 +62,22 @@ impl TestNode {
 
     /// Starts a node whose cluster port listens on `cluster_addr`.
     pub async fn start_at(cluster_addr: &str, env: &[(&str, &str)], args: &[&str]) -> TestNode {
+        TestNode::launch(cluster_addr, env, args, None).await
+    }
+
+    /// Starts a node that may not write any file beyond `bytes`: past it a write fails with
+    /// `EFBIG` (the process ignores `SIGXFSZ`), as writes fail with `ENOSPC` on a full disk.
+    /// Uses `sh` and util-linux's `prlimit`.
+    pub async fn start_with_file_size_limit(bytes: u64) -> TestNode {
+        TestNode::launch(&cluster_address(), &[], &[], Some(bytes)).await
+    }
+
+    async fn launch(cluster_addr: &str, env: &[(&str, &str)], args: &[&str], limit: Option<u64>) -> TestNode {
         let temp = tempfile::tempdir().expect("temporary directory");
         let dir = temp.path().to_path_buf();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, endpoints) = spawn(&dir, &env, &args, cluster_addr).await;
+        let (child, endpoints) = spawn(&dir, &env, &args, cluster_addr, limit).await;
         let cluster_addr = endpoints.cluster.to_string();
         TestNode {
             dir,
@@ -73,6 +87,7 @@ impl TestNode {
             env,
             args,
             cluster_addr,
+            file_size_limit: limit,
             http: reqwest::Client::new(),
         }
     }
@@ -120,6 +135,20 @@ impl TestNode {
         }
     }
 
+    /// Waits for the process to exit by itself, for at most `deadline`; returns its status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("exit status") {
+                self.child = None;
+                return status;
+            }
+            assert!(started.elapsed() < deadline, "tollgate still running {deadline:?} later");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let child = self.child.as_mut().expect("running");
@@ -132,7 +161,8 @@ impl TestNode {
     /// Starts the node again on the same data directory (new ports, but the same cluster port).
     pub async fn restart(&mut self) {
         self.kill9();
-        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args, &self.cluster_addr).await;
+        let (child, endpoints) =
+            spawn(&self.dir, &self.env, &self.args, &self.cluster_addr, self.file_size_limit).await;
         self.child = Some(child);
         self.endpoints = endpoints;
     }
@@ -140,7 +170,8 @@ impl TestNode {
     /// Starts the node again with a new cluster port too: it must tell the cluster.
     pub async fn restart_elsewhere(&mut self) {
         self.kill9();
-        let (child, endpoints) = spawn(&self.dir, &self.env, &self.args, &cluster_address()).await;
+        let (child, endpoints) =
+            spawn(&self.dir, &self.env, &self.args, &cluster_address(), self.file_size_limit).await;
         self.child = Some(child);
         self.cluster_addr = endpoints.cluster.to_string();
         self.endpoints = endpoints;
@@ -312,11 +343,30 @@ pub async fn wait_balanced(nodes: &[&TestNode]) {
     }
 }
 
-async fn spawn(dir: &Path, env: &[(String, String)], args: &[String], cluster_addr: &str) -> (Child, Endpoints) {
+async fn spawn(
+    dir: &Path,
+    env: &[(String, String)],
+    args: &[String],
+    cluster_addr: &str,
+    file_size_limit: Option<u64>,
+) -> (Child, Endpoints) {
     let file = dir.join("endpoints.json");
     // The previous process's endpoints must not be mistaken for the new one's.
     let _ = std::fs::remove_file(&file);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    let binary = env!("CARGO_BIN_EXE_tollgate");
+    let mut command = match file_size_limit {
+        None => Command::new(binary),
+        Some(bytes) => {
+            // An ignored signal stays ignored across exec: the node gets EFBIG, not SIGXFSZ.
+            let mut command = Command::new("sh");
+            command
+                .arg("-c")
+                .arg(r#"trap '' XFSZ; exec prlimit --fsize="$0" -- "$@""#)
+                .arg(bytes.to_string())
+                .arg(binary);
+            command
+        }
+    };
     command
         .arg("serve")
         .arg("--data-dir")

@@ -445,6 +445,21 @@ impl Cluster {
         Some((leader, node))
     }
 
+    /// Why this node's Raft stopped by itself, if it did: its log or state machine could not be
+    /// written (a full disk), or it panicked. Such a node no longer follows the cluster's
+    /// configuration (pricing, rules, the vnode map) and never will again: it must stop.
+    pub fn failure(&self) -> Option<String> {
+        self.raft.metrics().borrow_watched().running_state.as_ref().err().map(ToString::to_string)
+    }
+
+    /// Resolves when this node's Raft stops (by itself: [`Cluster::failure`]; or at shutdown),
+    /// with why.
+    pub async fn stopped(&self) -> String {
+        let wait = self.raft.wait(None);
+        let _ = wait.metrics(|m| m.running_state.is_err(), "raft stopped").await;
+        self.failure().unwrap_or_else(|| "raft stopped".into())
+    }
+
     /// True when this node is the leader.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
@@ -456,8 +471,17 @@ impl Cluster {
     pub async fn write(&self, command: Command) -> Result<CommandResponse, ClusterError> {
         let timeout = self.settings.rpc_timeout * 2;
         for _ in 0..3 {
+            if let Some(error) = self.failure() {
+                return Err(ClusterError::Failed(format!("raft stopped: {error}")));
+            }
             if self.is_leader() {
-                return match tokio::time::timeout(timeout, self.raft.client_write(command.clone())).await {
+                // Raft stopping by itself (its store failed while applying, say) leaves the
+                // write unanswered: it is answered with the failure instead.
+                let written = tokio::select! {
+                    written = tokio::time::timeout(timeout, self.raft.client_write(command.clone())) => written,
+                    error = self.stopped() => return Err(ClusterError::Failed(format!("raft stopped: {error}"))),
+                };
+                return match written {
                     Ok(Ok(response)) => Ok(response.data),
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => continue,
                     Ok(Err(e)) => Err(ClusterError::Failed(e.to_string())),

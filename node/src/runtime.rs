@@ -139,7 +139,13 @@ impl ClusterConfig {
         };
         // Answer once this node applies it too, so a read after the write sees it here.
         let mut receiver = self.sender.subscribe();
-        let waited = tokio::time::timeout(Duration::from_secs(30), receiver.wait_for(|r| applied(r) >= version)).await;
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(Duration::from_secs(30), receiver.wait_for(|r| applied(r) >= version)) => waited,
+            // Its store failed while applying, say: this node will never apply the version.
+            error = self.cluster.stopped() => {
+                return Err(Error::Internal(format!("version {version} was committed, but raft stopped on this node: {error}")));
+            }
+        };
         match waited {
             Ok(Ok(_)) => Ok(version),
             _ => {

@@ -677,9 +677,10 @@ fn spawn_background(
             }
         });
     }
-    // Store size, self-metric upkeep, storage failure.
+    // Store size, self-metric upkeep, storage failure (of the data store or of Raft's).
     {
         let store = Arc::clone(store);
+        let cluster = Arc::clone(cluster);
         let healthy = Arc::clone(healthy);
         let mut stop = stop_receiver.clone();
         tasks.spawn("store upkeep", async move {
@@ -693,6 +694,12 @@ fn spawn_background(
                 ticks += 1;
                 if store.has_failed() && healthy.swap(false, Ordering::SeqCst) {
                     let _ = fatal_sender.send(Some("storage failed".into()));
+                }
+                if let Some(error) = cluster.failure() {
+                    if healthy.swap(false, Ordering::SeqCst) {
+                        error!(%error, "raft stopped: this node no longer follows the cluster's configuration");
+                        let _ = fatal_sender.send(Some(format!("raft failed: {error}")));
+                    }
                 }
                 if ticks.is_multiple_of(5) {
                     prometheus.run_upkeep();

@@ -368,3 +368,45 @@ async fn test_client_output_into_a_closed_pipe_ends_quietly() {
     let (ok, _, stderr) = cli(&node, &["query", "meter_envoy_ai_gw_no_such_metric", "--service", "x"]);
     assert!(!ok && stderr.starts_with("tollgate: ") && !stderr.contains("panicked"), "{stderr}");
 }
+
+/// Raft's store cannot be written (the disk is full): the configuration write fails with an
+/// error, and the node, whose Raft stopped and would never follow the cluster's configuration
+/// again, stops by itself; it served on as healthy and ready before, its configuration frozen.
+/// Started again with room, it holds every committed version and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_configuration_write_on_a_full_disk_stops_the_node() {
+    // No file may grow beyond 1 MiB: Raft's log reaches it first (nothing else is written).
+    let mut node = TestNode::start_with_file_size_limit(1 << 20).await;
+    let pricing = |price: u64| {
+        let models: String = (0..1_000)
+            .map(|i| format!("      - name: model-{i:04}\n        input-estimated-cost-per-m: {price}\n"))
+            .collect();
+        format!("providers:\n  - provider: p\n    models:\n{models}")
+    };
+    let mut committed: u64 = 0;
+    let failure = loop {
+        let (status, body) = node.put("/api/v1/config/pricing", &pricing(committed + 1), None).await;
+        if status != 200 {
+            break (status, body);
+        }
+        committed += 1;
+        assert_eq!(body["version"], committed, "{body}");
+        assert!(committed < 100, "100 versions of 60 KB committed and the disk never filled");
+    };
+    assert!(failure.0 >= 500, "a write that cannot be stored is the server's error: {failure:?}");
+    let message = failure.1["error"].as_str().unwrap_or_default();
+    assert!(message.contains("File too large"), "the answer says what failed: {message}");
+    let status = node.wait_exit(std::time::Duration::from_secs(25)).await;
+    assert!(!status.success(), "a node whose Raft stopped exits with an error: {status}");
+
+    node.file_size_limit = None;
+    node.restart().await;
+    let (status, body) = node.get("/api/v1/config/pricing").await;
+    assert_eq!(status, 200, "{body}");
+    let version = body["version"].as_u64().unwrap();
+    // The failed write may have reached the log before the failure (it was never answered 200).
+    assert!(version == committed || version == committed + 1, "version {version} after {committed} commits");
+    let (status, body) = node.put("/api/v1/config/pricing", &pricing(7), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"].as_u64(), Some(version + 1));
+}

@@ -278,3 +278,61 @@ async fn test_kill9_during_a_log_stream_keeps_every_acknowledged_record_once() {
         (LOG_EXPORTS * RECORDS_PER_EXPORT, LOG_EXPORTS * RECORDS_PER_EXPORT)
     );
 }
+
+/// A write-ahead log damaged in the middle (a flipped bit), not at its end: the node refuses to
+/// start and says where and how to go on, leaving the file as it is. It used to take the damage
+/// for a torn tail, start without every write after it, and cut them off the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_log_damaged_in_the_middle_stops_the_start_and_is_left_as_it_is() {
+    let mut node = TestNode::start().await;
+    let base = now_seconds() - 300;
+    let mut client = node.metrics_client(0).await;
+    for k in 0..50 {
+        client.export(export(base, 0, k).0).await.expect("accepted");
+    }
+    node.kill9();
+    let wal = node.dir.join("wal");
+    let newest = std::fs::read_dir(&wal).unwrap().map(|e| e.unwrap().path()).max().expect("a generation");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&newest, &bytes).unwrap();
+
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--cluster-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            serve.kill().unwrap();
+            panic!("the node started on a damaged log");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("a valid frame follows at byte"), "{stderr}");
+    assert!(stderr.contains("truncate -s "), "{stderr}");
+    assert_eq!(std::fs::read(&newest).unwrap(), bytes, "the damaged log is left as it is");
+
+    // Going on as the message says, without the writes from the damaged frame on.
+    let cut: u64 =
+        stderr.split("truncate -s ").nth(1).and_then(|rest| rest.split(' ').next()).unwrap().parse().unwrap();
+    assert!(cut as usize <= middle && cut > 0, "cut at {cut}, damage at {middle}");
+    std::fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(cut).unwrap();
+    node.restart().await;
+    let requests = sum_of(&node, "meter_envoy_ai_gw_request_cpm", base - 60, base + 120).await as u64;
+    let all: u64 = (0..50).map(|k| export(base, 0, k).1).sum();
+    assert!(requests > 0 && requests < all, "{requests} of {all} requests kept");
+}

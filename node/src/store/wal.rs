@@ -18,10 +18,12 @@
 //! whole group with one `write` and makes them durable with one `fdatasync`: that is the only
 //! disk wait of an acknowledgement, whatever the size of the group.
 //!
-//! A crash can leave the newest generation with a torn last frame (a length past the end, or a
-//! CRC that does not match): that frame was never acknowledged, and reading stops there. The same
-//! in an older generation, which was complete and synced before the next one was created, is
-//! corruption and an error.
+//! A crash can leave the newest generation with a torn tail: a last frame whose length runs past
+//! the end or whose CRC does not match, or bytes the file system never wrote (zeros). Those
+//! bytes were never acknowledged, and reading stops there. A bad frame that a whole, valid frame
+//! follows is not a torn tail: the log went on after it, so it was synced and acknowledged, and
+//! that is corruption and an error (as is any bad frame in an older generation, which was
+//! complete and synced before the next one was created). An error leaves the file as it is.
 
 use super::memtable::Entry;
 use std::fs::{File, OpenOptions};
@@ -286,14 +288,24 @@ pub fn read(
     while at < bytes.len() {
         let frame = frame_at(&bytes, at);
         let Some(payload) = frame else {
-            if newest {
+            let after = next_frame(&bytes, at);
+            if newest && after.is_none() {
                 report.torn_bytes = bytes.len() - at;
                 break;
             }
-            return Err(format!(
-                "{}: the frame at byte {at} is truncated or fails its checksum in a generation that was complete",
-                file_path.display()
-            ));
+            let path = file_path.display();
+            return Err(match after {
+                Some(next) => format!(
+                    "{path}: the frame at byte {at} is truncated or fails its checksum, and a valid frame follows \
+                     at byte {next}: the log is damaged, not torn, and its {} bytes from byte {at} on hold \
+                     acknowledged writes. Restore the data directory from a backup; or, to start without those \
+                     writes, cut the log there (`truncate -s {at} {path}`)",
+                    bytes.len() - at
+                ),
+                None => format!(
+                    "{path}: the frame at byte {at} is truncated or fails its checksum in a generation that was complete"
+                ),
+            });
         };
         let frame_start = at;
         at += HEADER + payload.len();
@@ -324,13 +336,22 @@ pub fn cut_torn_tail(dir: &Path, generation: u64, torn_bytes: usize) -> io::Resu
     file.sync_all()
 }
 
-/// The payload of the frame at `at`, if it is whole and its checksum matches.
+/// The payload of the frame at `at`, if it is whole and its checksum matches. A payload holds at
+/// least its kind, so an empty one (a header of zeros, which its CRC matches) is no frame.
 fn frame_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
     let header = bytes.get(at..at + HEADER)?;
     let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes")) as usize;
     let crc = u32::from_le_bytes(header[4..].try_into().expect("four bytes"));
-    let payload = bytes.get(at + HEADER..at + HEADER + len)?;
-    (crc32fast::hash(payload) == crc).then_some(payload)
+    let payload = bytes.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
+    (len > 0 && crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// Where the first whole, valid frame after the bad one at `bad` starts, if one does: evidence
+/// that the log went on after it. Every byte offset is tried, since the bad frame's own length
+/// cannot be trusted; a payload of a kind no frame has does not count.
+fn next_frame(bytes: &[u8], bad: usize) -> Option<usize> {
+    (bad + 1..bytes.len().saturating_sub(HEADER))
+        .find(|&at| frame_at(bytes, at).is_some_and(|payload| matches!(payload[0], DATA | DATA_AND_META)))
 }
 
 #[cfg(test)]
@@ -411,6 +432,44 @@ mod tests {
         std::fs::write(&file, &flipped).unwrap();
         assert_eq!(read_all(dir.path(), 1, true).unwrap().2.torn_bytes, full.len() - first_frame);
         assert!(read_all(dir.path(), 1, false).is_err());
+        // Blocks the file system allocated but never wrote: zeros.
+        let mut zeros = full[..first_frame].to_vec();
+        zeros.extend_from_slice(&[0; 4096]);
+        std::fs::write(&file, &zeros).unwrap();
+        let (data, _, report) = read_all(dir.path(), 1, true).unwrap();
+        assert_eq!(data, vec![entry("kept", Some("1"))]);
+        assert_eq!(report, ReadReport { frames: 1, torn_bytes: 4096 });
+    }
+
+    #[test]
+    fn test_wal_damage_followed_by_valid_frames_is_an_error_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = WalFile::create(dir.path(), 1).unwrap();
+        for i in 0..5 {
+            wal.stage_data(&[entry(&format!("key-{i}"), Some("a value of some length"))]);
+            wal.sync().unwrap();
+        }
+        let file = path(dir.path(), 1);
+        let full = std::fs::read(&file).unwrap();
+        let frame = full.len() / 5;
+        // A flipped bit in the second frame's payload, and one in its length.
+        for damaged_at in [frame + HEADER + 3, frame] {
+            let mut damaged = full.clone();
+            damaged[damaged_at] ^= 0x40;
+            std::fs::write(&file, &damaged).unwrap();
+            let error = read_all(dir.path(), 1, true).unwrap_err();
+            assert!(error.contains(&format!("the frame at byte {frame} ")), "{error}");
+            assert!(error.contains(&format!("a valid frame follows at byte {}", 2 * frame)), "{error}");
+            assert!(error.contains(&format!("truncate -s {frame} ")), "{error}");
+            assert_eq!(std::fs::read(&file).unwrap(), damaged, "the file is left as it is");
+        }
+        // Damage in the last frame is a torn tail.
+        let mut damaged = full.clone();
+        damaged[4 * frame + HEADER + 3] ^= 0x40;
+        std::fs::write(&file, &damaged).unwrap();
+        let (data, _, report) = read_all(dir.path(), 1, true).unwrap();
+        assert_eq!(data.len(), 4);
+        assert_eq!(report, ReadReport { frames: 4, torn_bytes: frame });
     }
 
     #[test]

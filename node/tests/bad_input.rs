@@ -107,6 +107,31 @@ async fn raw_grpc(node: &TestNode, bytes: Vec<u8>) -> Result<Vec<u8>, tonic::Sta
     grpc.unary(tonic::Request::new(bytes), path, RawCodec).await.map(|r| r.into_inner())
 }
 
+/// One gRPC message frame sent as it is, with `grpc-encoding: gzip` (`compressed` sets the
+/// frame's flag): the answer's `grpc-status` and `grpc-message`.
+async fn grpc_frame(node: &TestNode, compressed: bool, payload: &[u8]) -> (Option<String>, String) {
+    use http_body_util::BodyExt;
+    use tower::Service;
+    let mut channel = tonic::transport::Endpoint::from_shared(node.grpc()).unwrap().connect().await.unwrap();
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", node.grpc()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "gzip")
+        .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame))))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let response = channel.call(request).await.unwrap();
+    let headers = response.headers().clone();
+    let trailers = response.into_body().collect().await.unwrap().trailers().cloned().unwrap_or_default();
+    let get = |name: &str| headers.get(name).or(trailers.get(name)).map(|v| v.to_str().unwrap().to_string());
+    (get("grpc-status"), get("grpc-message").unwrap_or_default())
+}
+
 async fn post(
     node: &TestNode,
     path: &str,
@@ -168,6 +193,13 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     gzip.write_all(&vec![0u8; 1_000_000]).unwrap();
     let bomb = gzip.finish().unwrap();
     assert!(bomb.len() < 65_536);
+    // The same over gRPC: inflating past the limit is RESOURCE_EXHAUSTED, a body that is not
+    // gzip is malformed (tonic says INTERNAL).
+    let (status, message) = grpc_frame(&node, true, &bomb).await;
+    assert_eq!(status.as_deref(), Some("8"), "{message}");
+    let (status, message) = grpc_frame(&node, true, &[1, 2, 3]).await;
+    assert_eq!(status.as_deref(), Some("3"), "{message}");
+    assert!(message.starts_with("Error%20decompressing"), "{message}");
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), bomb).await.0, 413);
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), vec![1, 2, 3]).await.0, 400);
 

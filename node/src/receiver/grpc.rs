@@ -109,11 +109,11 @@ pub async fn serve(
         .await
 }
 
-/// tonic's codec answers an oversized message with `OUT_OF_RANGE` and a protobuf that does not
-/// decode with `INTERNAL`; SPEC §8 (and OTLP clients, which must not retry them) expect
-/// `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never return `OUT_OF_RANGE`, and
-/// their `INTERNAL` errors never start with prost's decode-error text, so the mapping cannot hide
-/// anything else.
+/// tonic's codec answers an oversized message with `OUT_OF_RANGE`, and a protobuf that does not
+/// decode or a gzip body that does not inflate with `INTERNAL`; SPEC §8 (and OTLP clients, which
+/// must not retry them) expect `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never
+/// return `OUT_OF_RANGE`, and their `INTERNAL` errors never start with prost's decode-error or
+/// tonic's decompression-error text, so the mapping cannot hide anything else.
 #[derive(Clone, Copy, Debug)]
 struct CodecStatusMapping;
 
@@ -139,10 +139,12 @@ fn rewrite(headers: &mut http::HeaderMap) {
     if status == OUT_OF_RANGE {
         headers.insert("grpc-status", http::HeaderValue::from_static(RESOURCE_EXHAUSTED));
     } else if status == INTERNAL {
+        // `grpc-message` is percent-encoded: its spaces are `%20`.
         let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
-        let decode_error = message.starts_with(b"failed to decode Protobuf message")
-            || message.starts_with(b"failed%20to%20decode%20Protobuf%20message");
-        if decode_error {
+        let malformed = ["failed to decode Protobuf message", "Error decompressing: "].iter().any(|text| {
+            message.starts_with(text.as_bytes()) || message.starts_with(text.replace(' ', "%20").as_bytes())
+        });
+        if malformed {
             headers.insert("grpc-status", http::HeaderValue::from_static(INVALID_ARGUMENT));
         }
     }

@@ -205,7 +205,7 @@ impl TryFrom<NumberPoint> for otlp::NumberDataPoint {
         let value = match (p.as_double, p.as_int) {
             (Some(_), Some(_)) => return Err("a number point has both asDouble and asInt".into()),
             (Some(F64(v)), None) => Some(number_data_point::Value::AsDouble(v)),
-            (None, Some(I64(v))) => Some(number_data_point::Value::AsInt(v)),
+            (None, Some(Int(v))) => Some(number_data_point::Value::AsInt(v)),
             (None, None) => None,
         };
         Ok(otlp::NumberDataPoint {
@@ -294,58 +294,50 @@ impl Unread {
     }
 }
 
-/// A `uint64`/`fixed64`: a number or a string of digits.
-struct U64(u64);
-/// An `int64`/`sfixed64`: a number or a string of digits.
-struct I64(i64);
+/// A 64-bit integer (`uint64`, `fixed64`: `Int<u64>`; `int64`, `sfixed64`: `Int<i64>`): a
+/// number or a string of digits.
+struct Int<T>(T);
 /// A `double`: a number, `"NaN"`, `"Infinity"`, `"-Infinity"` or a decimal string.
 struct F64(f64);
 /// An `AggregationTemporality`: a number or the enum value's name.
 struct Temporality(i32);
 
-impl<'de> Deserialize<'de> for U64 {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = U64;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an unsigned 64-bit integer, as a number or a string")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<U64, E> {
-                Ok(U64(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<U64, E> {
-                u64::try_from(v)
-                    .map(U64)
-                    .map_err(|_| E::custom(format!("{v} is negative: expected an unsigned integer")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<U64, E> {
-                v.parse().map(U64).map_err(|_| E::custom(format!("{v:?} is not an unsigned 64-bit integer")))
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
+type U64 = Int<u64>;
+type I64 = Int<i64>;
+
+/// The integer types of [`Int`].
+trait Integer: TryFrom<u64> + TryFrom<i64> + std::str::FromStr {
+    /// What it is, for error messages.
+    const WHAT: &'static str;
 }
 
-impl<'de> Deserialize<'de> for I64 {
+impl Integer for u64 {
+    const WHAT: &'static str = "an unsigned 64-bit integer";
+}
+
+impl Integer for i64 {
+    const WHAT: &'static str = "a 64-bit integer";
+}
+
+impl<'de, T: Integer> Deserialize<'de> for Int<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = I64;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T: Integer> Visitor<'_> for V<T> {
+            type Value = Int<T>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a 64-bit integer, as a number or a string")
+                write!(f, "{}, as a number or a string", T::WHAT)
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<I64, E> {
-                Ok(I64(v))
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int<T>, E> {
+                T::try_from(v).map(Int).map_err(|_| E::custom(format!("{v} is out of range for {}", T::WHAT)))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<I64, E> {
-                i64::try_from(v).map(I64).map_err(|_| E::custom(format!("{v} is beyond a 64-bit integer")))
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int<T>, E> {
+                T::try_from(v).map(Int).map_err(|_| E::custom(format!("{v} is out of range for {}", T::WHAT)))
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<I64, E> {
-                v.parse().map(I64).map_err(|_| E::custom(format!("{v:?} is not a 64-bit integer")))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Int<T>, E> {
+                v.parse().map(Int).map_err(|_| E::custom(format!("{v:?} is not {}", T::WHAT)))
             }
         }
-        deserializer.deserialize_any(V)
+        deserializer.deserialize_any(V(std::marker::PhantomData))
     }
 }
 
@@ -513,7 +505,7 @@ mod tests {
         for (histogram, expected) in [
             (r#"{"aggregationTemporality":"DELTA"}"#, r#""DELTA" is not an aggregation temporality"#),
             (r#"{"dataPoints":[{"count":"three"}]}"#, r#""three" is not an unsigned 64-bit integer"#),
-            (r#"{"dataPoints":[{"count":-1}]}"#, "-1 is negative"),
+            (r#"{"dataPoints":[{"count":-1}]}"#, "-1 is out of range for an unsigned 64-bit integer"),
             (r#"{"dataPoints":[{"sum":"inf"}]}"#, r#""inf" is not a number"#),
             (r#"{"dataPoints":[{"sum":true}]}"#, "expected a number, or \"NaN\""),
             (r#"{"dataPoints":[{"bucketCounts":[1,"x"]}]}"#, r#""x" is not an unsigned 64-bit integer"#),

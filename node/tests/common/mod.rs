@@ -357,6 +357,8 @@ async fn spawn(
     let mut command = match file_size_limit {
         None => Command::new(binary),
         Some(bytes) => {
+            let prlimit = Command::new("prlimit").arg("--version").stdout(Stdio::null()).status();
+            assert!(prlimit.is_ok_and(|s| s.success()), "this test needs prlimit (util-linux) on the PATH");
             // An ignored signal stays ignored across exec: the node gets EFBIG, not SIGXFSZ.
             let mut command = Command::new("sh");
             command

@@ -382,8 +382,16 @@ async fn spawn(
     for (key, value) in env {
         command.env(key, value);
     }
+    if file_size_limit.is_some() {
+        // The limit would also hold for the node's output when the test's goes to a file.
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
     let mut guard = KillOnDrop(Some(command.spawn().expect("the tollgate binary starts")));
     let child = guard.0.as_mut().expect("spawned");
+    if let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) {
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::stdout()));
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
+    }
     let started = Instant::now();
     let endpoints: Endpoints = loop {
         if let Ok(text) = std::fs::read_to_string(&file) {

@@ -194,6 +194,7 @@ fn init_logging(root: &Path) -> anyhow::Result<()> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false)
                 .with_filter(EnvFilter::try_new(format!("warn,tollgate_chaos={terminal}"))?),
         )

@@ -10,7 +10,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value::Value as Any, AnyValue, 
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tollgate_rules::testing::{sampling_cases, string_attribute, CaseValue};
 
 fn now_seconds() -> u64 {
@@ -254,5 +254,82 @@ async fn test_a_record_just_acknowledged_is_in_the_default_range() {
         let times: Vec<u64> =
             body["logs"].as_array().unwrap().iter().map(|log| log["time"].as_u64().unwrap()).collect();
         assert!(times.contains(&now_ns), "attempt {attempt}: {now_ns} missing from {times:?}");
+    }
+}
+
+/// Pages through the kept records of a service of many pods, whose records interleave in time:
+/// every record exactly once, newest first, with each filter. A page keeps only its newest
+/// records from one pod to the next, reading each next pod only back to the oldest of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_pages_over_many_pods_hold_every_record_once_newest_first() {
+    const PODS: u64 = 12;
+    const RECORDS: u64 = 25;
+    let node = TestNode::start().await;
+    let mut client = node.logs_client().await;
+    let base = now_seconds() - 600;
+    let mut expected: Vec<(u64, String)> = Vec::new();
+    for pod in 0..PODS {
+        let records: Vec<LogRecord> = (0..RECORDS)
+            .map(|i| {
+                // Times interleave across pods; pods 0 and 1 share theirs (ties).
+                let time_ns = (base + i * 10) * 1_000_000_000 + (pod.max(1) - 1) * 1_000_000;
+                let model = if i % 3 == 0 { "gpt-4o" } else { "claude" };
+                let attributes: BTreeMap<String, CaseValue> = [
+                    ("gen_ai.request.model".to_string(), CaseValue::Text(model.into())),
+                    ("response_code".to_string(), CaseValue::Text("500".into())),
+                ]
+                .into_iter()
+                .collect();
+                let mut record = record(0, &attributes);
+                record.time_unix_nano = time_ns;
+                let id = format!("pod-{pod}-{i}");
+                record.attributes.push(string_attribute("x-request-id", &id));
+                expected.push((time_ns, id));
+                record
+            })
+            .collect();
+        let mut request = request("pods-gw", records);
+        let resource = request.resource_logs[0].resource.as_mut().unwrap();
+        resource.attributes.retain(|kv| kv.key != "service.instance.id");
+        resource.attributes.push(string_attribute("service.instance.id", &format!("pod-{pod}")));
+        client.export(request).await.expect("accepted");
+    }
+    expected.sort_by_key(|(time, _)| std::cmp::Reverse(*time));
+
+    let window = format!("service=pods-gw&start={}&end={}", base - 60, base + 600);
+    for (filter, limit) in [("", 7), ("", 1), ("&model=gpt-4o", 5), ("&instance=pod-3", 4)] {
+        let mut seen: Vec<(u64, String)> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = format!("{window}{filter}&limit={limit}");
+            if let Some(cursor) = &cursor {
+                query.push_str(&format!("&cursor={cursor}"));
+            }
+            let page = logs(&node, &query).await;
+            let records = page["logs"].as_array().unwrap();
+            assert!(records.len() <= limit, "{filter}: {} records in a page of {limit}", records.len());
+            for log in records {
+                let id = log["attributes"]["x-request-id"].as_str().unwrap().to_string();
+                seen.push((log["time"].as_u64().unwrap(), id));
+            }
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => break,
+            }
+        }
+        let wanted: Vec<(u64, String)> = expected
+            .iter()
+            .filter(|(_, id)| match filter {
+                "&model=gpt-4o" => id.rsplit('-').next().unwrap().parse::<u64>().unwrap() % 3 == 0,
+                "&instance=pod-3" => id.starts_with("pod-3-"),
+                _ => true,
+            })
+            .cloned()
+            .collect();
+        let times = |records: &[(u64, String)]| records.iter().map(|(time, _)| *time).collect::<Vec<_>>();
+        assert_eq!(times(&seen), times(&wanted), "{filter}: newest first");
+        let ids = |records: &[(u64, String)]| records.iter().map(|(_, id)| id.clone()).collect::<BTreeSet<_>>();
+        assert_eq!(seen.len(), wanted.len(), "{filter}: each record once");
+        assert_eq!(ids(&seen), ids(&wanted), "{filter}: every record");
     }
 }

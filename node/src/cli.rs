@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Client commands write their output with these instead of `println!`/`print!`: when standard
 /// output is closed early (`tollgate query --list | head`), the write error ends the command
@@ -268,6 +268,9 @@ fn init_logging() -> Result<(), String> {
     Ok(())
 }
 
+/// The exit status of a stop forced by a second signal (128 + SIGINT, as shells report Ctrl-C).
+pub const FORCED_EXIT: i32 = 130;
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let environment: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_")).collect();
     let flags = FlagOverrides {
@@ -286,7 +289,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = shutdown_signal() => None,
         reason = node.fatal() => Some(reason),
     };
+    // A second signal stops at once, without waiting for requests in flight: what was
+    // acknowledged is on disk already, as after `kill -9`.
+    let second = shutdown_signal();
     info!("shutting down");
+    tokio::spawn(async move {
+        second.await;
+        warn!("a second signal: stopping now, without draining");
+        std::process::exit(FORCED_EXIT);
+    });
     node.shutdown().await;
     match reason {
         None => Ok(()),
@@ -297,21 +308,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at the next SIGTERM or SIGINT (Ctrl-C). It listens from the moment it is called, not
+/// from its first poll, so that a signal right after the call is not missed.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let listeners = signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        async move {
+            match listeners {
+                Ok((mut terminate, mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                Err(_) => std::future::pending().await,
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -410,3 +410,32 @@ async fn test_a_configuration_write_on_a_full_disk_stops_the_node() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"].as_u64(), Some(version + 1));
 }
+
+/// A second SIGTERM (or Ctrl-C) stops the node at once, with status 130, instead of waiting out
+/// the grace given to requests in flight: here one whose body never finishes arriving. Before,
+/// the runtime swallowed the second signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_second_signal_stops_the_node_at_once() {
+    use std::io::Write;
+    let mut node = TestNode::start().await;
+    let mut stalled = std::net::TcpStream::connect(node.endpoints.otlp_http).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/metrics HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/x-protobuf\r\n\
+              Content-Length: 100000\r\n\r\n0123456789",
+        )
+        .unwrap();
+    // The request is in flight once the node has counted its first bytes against the budget.
+    while node.self_metric("tollgate_inflight_bytes").await == 0.0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    node.signal("TERM");
+    // Not ready any more: the node is stopping, and listening for a second signal.
+    while node.http.get(format!("{}/readyz", node.api())).send().await.is_ok_and(|r| r.status().is_success()) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    node.signal("TERM");
+    let status = node.wait_exit(std::time::Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(tollgate::cli::FORCED_EXIT), "{status}");
+    drop(stalled);
+}

@@ -425,8 +425,9 @@ async fn test_a_second_signal_stops_the_node_at_once() {
               Content-Length: 100000\r\n\r\n0123456789",
         )
         .unwrap();
-    // The request is in flight once the node has counted its first bytes against the budget.
-    while node.self_metric("tollgate_inflight_bytes").await == 0.0 {
+    // The request is in flight once the node has counted its first bytes against the budget
+    // (the gauge is absent until it is first set).
+    while node.self_metric_opt("tollgate_inflight_bytes").await.unwrap_or(0.0) == 0.0 {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     node.signal("TERM");

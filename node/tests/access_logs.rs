@@ -178,21 +178,7 @@ async fn test_access_logs_sampling_counters_retries_paging_and_runtime_threshold
     }
 
     // Paging: pages of 2 add up to the whole list.
-    let mut paged = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let query = match &cursor {
-            Some(c) => format!("{window}&limit=2&cursor={c}"),
-            None => format!("{window}&limit=2"),
-        };
-        let page = logs(&node, &query).await;
-        paged.extend(page["logs"].as_array().unwrap().iter().cloned());
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_string()),
-            None => break,
-        }
-    }
-    assert_eq!(Value::Array(paged), body["logs"]);
+    assert_eq!(Value::Array(node.all_logs(&window, 2).await), body["logs"]);
 
     // Filters.
     let only = logs(&node, &format!("{window}&reason=high_tokens")).await;
@@ -298,25 +284,12 @@ async fn test_pages_over_many_pods_hold_every_record_once_newest_first() {
 
     let window = format!("service=pods-gw&start={}&end={}", base - 60, base + 600);
     for (filter, limit) in [("", 7), ("", 1), ("&model=gpt-4o", 5), ("&instance=pod-3", 4)] {
-        let mut seen: Vec<(u64, String)> = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut query = format!("{window}{filter}&limit={limit}");
-            if let Some(cursor) = &cursor {
-                query.push_str(&format!("&cursor={cursor}"));
-            }
-            let page = logs(&node, &query).await;
-            let records = page["logs"].as_array().unwrap();
-            assert!(records.len() <= limit, "{filter}: {} records in a page of {limit}", records.len());
-            for log in records {
-                let id = log["attributes"]["x-request-id"].as_str().unwrap().to_string();
-                seen.push((log["time"].as_u64().unwrap(), id));
-            }
-            match page["next_cursor"].as_str() {
-                Some(next) => cursor = Some(next.to_string()),
-                None => break,
-            }
-        }
+        let seen: Vec<(u64, String)> = node
+            .all_logs(&format!("{window}{filter}"), limit)
+            .await
+            .iter()
+            .map(|log| (log["time"].as_u64().unwrap(), log["attributes"]["x-request-id"].as_str().unwrap().to_string()))
+            .collect();
         let wanted: Vec<(u64, String)> = expected
             .iter()
             .filter(|(_, id)| match filter {

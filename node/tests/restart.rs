@@ -201,27 +201,9 @@ fn log_export(base: u64, k: u64) -> ExportLogsServiceRequest {
 
 /// The request ids of every kept record, page by page.
 async fn kept_ids(node: &TestNode, base: u64) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut query = format!(
-            "/api/v1/logs?service=restart-logs-gw&start={}&end={}&limit=500",
-            base - 60,
-            base + LOG_EXPORTS + 60
-        );
-        if let Some(cursor) = &cursor {
-            query.push_str(&format!("&cursor={cursor}"));
-        }
-        let (status, body) = node.get(&query).await;
-        assert_eq!(status, 200, "{body}");
-        for log in body["logs"].as_array().unwrap() {
-            ids.push(log["attributes"]["x-request-id"].as_str().unwrap().to_string());
-        }
-        match body["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_string()),
-            None => return ids,
-        }
-    }
+    let query = format!("service=restart-logs-gw&start={}&end={}", base - 60, base + LOG_EXPORTS + 60);
+    let logs = node.all_logs(&query, 500).await;
+    logs.iter().map(|log| log["attributes"]["x-request-id"].as_str().unwrap().to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

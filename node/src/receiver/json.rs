@@ -537,27 +537,12 @@ mod tests {
 
     #[test]
     fn test_what_opentelemetry_proto_writes_is_read_back() {
-        let point = otlp::HistogramDataPoint {
-            time_unix_nano: 9_000_000_000,
-            count: 2,
-            sum: Some(1.5),
-            bucket_counts: vec![1, 1, 0],
-            explicit_bounds: vec![0.5, 1.0],
-            min: Some(0.4),
-            max: Some(1.0),
-            ..Default::default()
-        };
+        use tollgate_rules::testing::{delta_duration, gateway_resource, Convention};
         let request = ExportMetricsServiceRequest {
             resource_metrics: vec![otlp::ResourceMetrics {
+                resource: Some(gateway_resource(Convention::AigwService, "gw", Some("pod-0"))),
                 scope_metrics: vec![otlp::ScopeMetrics {
-                    metrics: vec![otlp::Metric {
-                        name: "m".into(),
-                        data: Some(Data::Histogram(otlp::Histogram {
-                            data_points: vec![point],
-                            aggregation_temporality: 2,
-                        })),
-                        ..Default::default()
-                    }],
+                    metrics: vec![delta_duration(1_796_000_000, 2, 0.75)],
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -238,6 +238,28 @@ impl TestNode {
         self.send(self.http.get(format!("{}{path_and_query}", self.api())), None).await
     }
 
+    /// Every kept log `GET /api/v1/logs?{query}` answers, page by page with pages of `limit`
+    /// (each checked to hold at most that), in the order the pages give them.
+    pub async fn all_logs(&self, query: &str, limit: usize) -> Vec<Value> {
+        let mut logs = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/api/v1/logs?{query}&limit={limit}");
+            if let Some(cursor) = &cursor {
+                path.push_str(&format!("&cursor={cursor}"));
+            }
+            let (status, page) = self.get(&path).await;
+            assert_eq!(status, 200, "{path}: {page}");
+            let records = page["logs"].as_array().expect("logs");
+            assert!(records.len() <= limit, "{path}: {} logs in a page of {limit}", records.len());
+            logs.extend(records.iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return logs,
+            }
+        }
+    }
+
     /// PUT a body to an API path with an optional token.
     pub async fn put(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
         self.send(self.http.put(format!("{}{path}", self.api())).body(body.to_string()), token).await

@@ -1,15 +1,27 @@
-//! Gateway-shaped OTLP metric exports (after `fleet_export` of node/tests/common): per pod, a
-//! DELTA `gen_ai.server.request.duration` histogram per provider and CUMULATIVE
+//! Gateway-shaped OTLP exports.
+//!
+//! Metrics (after `fleet_export` of node/tests/common): per pod, a DELTA
+//! `gen_ai.server.request.duration` histogram per provider and CUMULATIVE
 //! `gen_ai.client.token.usage` histograms (input and output tokens) per provider, with the
 //! gateway's bounds and attributes. Every export knows what it reports: its request count (what
 //! `request_cpm` sums) and its increase of input tokens (what `input_token_rate` sums).
+//!
+//! Access logs: per pod, records with the gateway's LLM attributes, each named by a unique
+//! `x-request-id`; about half are failed requests (`response_code` 500, kept for the `error`
+//! reason), the others quick successes that the default rules drop. Every export knows its
+//! records, so the judge can look each kept one up and make sure no dropped one was stored.
 
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
 };
-use tollgate_rules::fleet::{gateway_bounds, gateway_resource, gateway_unit, point_attributes, Convention, Xorshift};
+use serde::Serialize;
+use tollgate_rules::fleet::{
+    gateway_bounds, gateway_resource, gateway_unit, point_attributes, string_attribute, Convention, Xorshift,
+};
 
 const DURATION: &str = "gen_ai.server.request.duration";
 const TOKENS: &str = "gen_ai.client.token.usage";
@@ -59,11 +71,29 @@ impl Pod {
     }
 }
 
+/// An OTLP export request.
+#[derive(Clone, Debug)]
+pub enum Request {
+    /// `MetricsService/Export`.
+    Metrics(ExportMetricsServiceRequest),
+    /// `LogsService/Export`.
+    Logs(ExportLogsServiceRequest),
+}
+
+/// One access-log record of an export.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LogEntry {
+    /// Its `x-request-id` attribute, unique in a run.
+    pub id: String,
+    /// Whether the default rules keep it (a failed request); the others must not be stored.
+    pub kept: bool,
+}
+
 /// One export request and what it reports.
 #[derive(Clone, Debug)]
 pub struct Export {
     /// The request, sent as it is on every attempt.
-    pub request: ExportMetricsServiceRequest,
+    pub request: Request,
     /// Service name.
     pub service: String,
     /// Instances it carries.
@@ -74,6 +104,8 @@ pub struct Export {
     pub requests: u64,
     /// Increase of input tokens it reports (Σ of this export's new input tokens).
     pub input_tokens: u64,
+    /// Its access-log records (none for a metrics export).
+    pub records: Vec<LogEntry>,
 }
 
 /// The export at `time` (unix seconds) of `pods` of `service`: one `ResourceMetrics` per pod. The
@@ -151,12 +183,73 @@ pub fn export(service: &str, convention: Convention, pods: &mut [&mut Pod], time
         });
     }
     Export {
-        request: ExportMetricsServiceRequest { resource_metrics: resources },
+        request: Request::Metrics(ExportMetricsServiceRequest { resource_metrics: resources }),
         service: service.to_string(),
         pods: pods.iter().map(|p| p.instance.clone()).collect(),
         time,
         requests,
         input_tokens,
+        records: Vec::new(),
+    }
+}
+
+/// The access-log export at `time` (unix seconds) of `pods` of `service`: one `ResourceLogs` per
+/// pod with 1 to 3 records, each its own request at `time` plus a few microseconds, half of them
+/// failed (kept for `error`), the others quick successes of few tokens (dropped).
+pub fn log_export(service: &str, convention: Convention, pods: &[&Pod], time: u64, rng: &mut Xorshift) -> Export {
+    let mut resources = Vec::new();
+    let mut records = Vec::new();
+    for pod in pods {
+        let mut log_records = Vec::new();
+        for n in 0..1 + rng.below(3) {
+            let (provider, model) = PROVIDERS[rng.below(PROVIDERS.len() as u64) as usize];
+            let id = format!("{}-{time}-{n}", pod.instance);
+            let kept = rng.below(2) == 0;
+            let (code, duration_ms, input, output) = if kept {
+                (500, 20 + rng.below(200), 0, 0)
+            } else {
+                (200, 200 + rng.below(3000), 20 + rng.below(2000), 5 + rng.below(500))
+            };
+            let body = format!("[{time}] /v1/chat/completions model={model} {code} {duration_ms}ms");
+            log_records.push(LogRecord {
+                time_unix_nano: time * 1_000_000_000 + n * 1_000,
+                observed_time_unix_nano: time * 1_000_000_000 + n * 1_000,
+                body: Some(AnyValue { value: Some(any_value::Value::StringValue(body)) }),
+                attributes: vec![
+                    string_attribute("request.path", "/v1/chat/completions"),
+                    string_attribute("response_code", &code.to_string()),
+                    string_attribute("duration", &duration_ms.to_string()),
+                    string_attribute("x-request-id", &id),
+                    string_attribute("upstream_transport_failure_reason", "-"),
+                    string_attribute("gen_ai.request.model", model),
+                    string_attribute("gen_ai.response.model", model),
+                    string_attribute("gen_ai.provider.name", provider),
+                    string_attribute("gen_ai.usage.input_tokens", &input.to_string()),
+                    string_attribute("gen_ai.usage.output_tokens", &output.to_string()),
+                    string_attribute("session.id", "-"),
+                ],
+                ..Default::default()
+            });
+            records.push(LogEntry { id, kept });
+        }
+        resources.push(ResourceLogs {
+            resource: Some(gateway_resource(convention, service, Some(&pod.instance))),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(InstrumentationScope { name: "envoy".into(), ..Default::default() }),
+                log_records,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    Export {
+        request: Request::Logs(ExportLogsServiceRequest { resource_logs: resources }),
+        service: service.to_string(),
+        pods: pods.iter().map(|p| p.instance.clone()).collect(),
+        time,
+        requests: 0,
+        input_tokens: 0,
+        records,
     }
 }
 
@@ -164,9 +257,14 @@ pub fn export(service: &str, convention: Convention, pods: &mut [&mut Pod], time
 mod tests {
     use super::*;
 
+    fn metrics(export: &Export) -> &ExportMetricsServiceRequest {
+        let Request::Metrics(request) = &export.request else { panic!("a metrics export") };
+        request
+    }
+
     fn input_points(export: &Export) -> Vec<&HistogramDataPoint> {
         let mut out = Vec::new();
-        for resource in &export.request.resource_metrics {
+        for resource in &metrics(export).resource_metrics {
             for scope in &resource.scope_metrics {
                 for metric in &scope.metrics {
                     if metric.name != TOKENS {
@@ -196,7 +294,7 @@ mod tests {
             let export = export("svc", Convention::AigwService, &mut [&mut a, &mut b], 1000 + k, &mut rng);
             assert_eq!(export.pods, vec!["pod-a", "pod-b"]);
             let mut requests = 0;
-            for resource in &export.request.resource_metrics {
+            for resource in &metrics(&export).resource_metrics {
                 for metric in &resource.scope_metrics[0].metrics {
                     let Some(metric::Data::Histogram(h)) = &metric.data else { panic!("histogram") };
                     for point in &h.data_points {
@@ -216,5 +314,43 @@ mod tests {
             last_total = total;
         }
         assert_eq!(last_total, reported as f64);
+    }
+
+    #[test]
+    fn test_log_export_lists_its_records_and_which_the_rules_keep() {
+        let mut rng = Xorshift::new(11);
+        let (a, b) = (Pod::new("svc-pod-0", 999), Pod::new("svc-pod-1", 999));
+        let mut ids = std::collections::BTreeSet::new();
+        let mut kept = 0;
+        let mut all = 0;
+        for time in 1000..1050 {
+            let export = log_export("svc", Convention::JobName, &[&a, &b], time, &mut rng);
+            let Request::Logs(request) = &export.request else { panic!("a logs export") };
+            assert_eq!(request.resource_logs.len(), 2, "one resource per pod");
+            let records: Vec<&LogRecord> =
+                request.resource_logs.iter().flat_map(|r| &r.scope_logs[0].log_records).collect();
+            assert_eq!(records.len(), export.records.len());
+            for (record, entry) in records.iter().zip(&export.records) {
+                let text = |key: &str| {
+                    record.attributes.iter().find(|a| a.key == key).and_then(|a| match &a.value {
+                        Some(AnyValue { value: Some(any_value::Value::StringValue(s)) }) => Some(s.clone()),
+                        _ => None,
+                    })
+                };
+                assert_eq!(text("x-request-id").as_deref(), Some(entry.id.as_str()));
+                let code: u32 = text("response_code").unwrap().parse().unwrap();
+                let tokens: u64 = text("gen_ai.usage.input_tokens").unwrap().parse::<u64>().unwrap()
+                    + text("gen_ai.usage.output_tokens").unwrap().parse::<u64>().unwrap();
+                let duration: u64 = text("duration").unwrap().parse().unwrap();
+                // Kept by the default rules (SPEC §5) exactly when it failed.
+                assert_eq!(entry.kept, code >= 400);
+                assert!(tokens < 10_000 && duration < 30_000, "no other reason to keep it");
+                assert!(record.time_unix_nano / 1_000_000_000 == time);
+                assert!(ids.insert(entry.id.clone()), "ids are unique: {}", entry.id);
+                kept += u64::from(entry.kept);
+                all += 1;
+            }
+        }
+        assert!(all >= 100 && kept > all / 4 && kept < all * 3 / 4, "{kept} of {all} kept");
     }
 }

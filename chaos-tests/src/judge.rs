@@ -1,11 +1,13 @@
 //! The judge, once the faults stopped and the cluster settled: through every member's API, each
-//! service's totals lie between what was acknowledged and that plus what is unknown; the pricing
-//! converged on every member to the last acknowledged write; new writes succeed.
+//! service's totals lie between what was acknowledged and that plus what is unknown, and its
+//! kept access logs hold every acknowledged record once, no other record twice and no dropped
+//! one; the pricing converged on every member to the last acknowledged write; new writes
+//! succeed.
 
 use crate::cluster::{Cluster, Target};
 use crate::config::{self, ConfigWrite};
-use crate::export::{export, Pod};
-use crate::ledger::{within_bounds, Ledger, Outcome, Tally};
+use crate::export::{export, log_export, Pod};
+use crate::ledger::{within_bounds, Ledger, LogObligations, Outcome, Tally};
 use crate::producer::{self, Clients, Settings};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -19,6 +21,17 @@ use tracing::{error, info};
 pub const REQUESTS: &str = "meter_envoy_ai_gw_request_cpm";
 /// The input-token metric.
 pub const TOKENS: &str = "meter_envoy_ai_gw_input_token_rate";
+/// The access-log request count (every record, kept or not), summed over its status classes.
+pub const LOG_REQUESTS: &str = "meter_envoy_ai_gw_log_request_cpm";
+
+/// A judged metric and its (acknowledged, unknown) figures in a tally.
+type Judged = (&'static str, fn(&Tally) -> (u64, u64));
+
+const JUDGED: [Judged; 3] = [
+    (REQUESTS, |t| (t.acked_requests, t.unknown_requests)),
+    (TOKENS, |t| (t.acked_tokens, t.unknown_tokens)),
+    (LOG_REQUESTS, |t| (t.acked_log_records, t.unknown_log_records)),
+];
 
 /// One verdict.
 #[derive(Clone, Debug)]
@@ -79,18 +92,13 @@ async fn query(
 }
 
 /// The per-minute comparison printed when a total is off.
-fn minute_diffs(minutes: &BTreeMap<u64, Tally>, got: &BTreeMap<u64, f64>, tokens: bool) -> String {
+fn minute_diffs(minutes: &BTreeMap<u64, Tally>, got: &BTreeMap<u64, f64>, figures: fn(&Tally) -> (u64, u64)) -> String {
     let mut all: Vec<u64> = minutes.keys().chain(got.keys()).copied().collect();
     all.sort_unstable();
     all.dedup();
     let mut out = String::from("    minute (UTC)          acked  unknown      got  got-acked\n");
     for minute in all {
-        let tally = minutes.get(&minute).copied().unwrap_or_default();
-        let (acked, unknown) = if tokens {
-            (tally.acked_tokens, tally.unknown_tokens)
-        } else {
-            (tally.acked_requests, tally.unknown_requests)
-        };
+        let (acked, unknown) = figures(&minutes.get(&minute).copied().unwrap_or_default());
         let value = got.get(&minute).copied().unwrap_or(0.0);
         let mark = if value < acked as f64 || value > (acked + unknown) as f64 { "  <--" } else { "" };
         let when = chrono::DateTime::from_timestamp(minute as i64, 0).map(|t| t.format("%H:%M").to_string());
@@ -110,16 +118,11 @@ pub async fn check_totals(cluster: &Cluster, ledger: &Ledger, start: u64, end: u
     let mut checks = Vec::new();
     for index in cluster.up() {
         let node = &cluster.nodes[index];
-        for (metric, tokens) in [(REQUESTS, false), (TOKENS, true)] {
+        for (metric, judged) in JUDGED {
             let mut problems = Vec::new();
             let mut figures = Vec::new();
             for service in ledger.services() {
-                let total = ledger.service_total(&service);
-                let (acked, unknown) = if tokens {
-                    (total.acked_tokens, total.unknown_tokens)
-                } else {
-                    (total.acked_requests, total.unknown_requests)
-                };
+                let (acked, unknown) = judged(&ledger.service_total(&service));
                 match query(&http, &node.api(), metric, &service, start, end).await {
                     Err(e) => problems.push(format!("{service}: {e}")),
                     Ok(answer) => {
@@ -131,7 +134,7 @@ pub async fn check_totals(cluster: &Cluster, ledger: &Ledger, start: u64, end: u
                         if let Err(problem) = within_bounds(got, acked, unknown) {
                             problems.push(format!(
                                 "{service}: {problem}\n{}",
-                                minute_diffs(&ledger.service_minutes(&service), &answer.points, tokens)
+                                minute_diffs(&ledger.service_minutes(&service), &answer.points, judged)
                             ));
                         }
                     }
@@ -144,6 +147,114 @@ pub async fn check_totals(cluster: &Cluster, ledger: &Ledger, start: u64, end: u
                 Check::new(name, false, problems.join("\n"))
             });
         }
+    }
+    checks
+}
+
+/// The `x-request-id` of every kept log of `service` in `[start, end)` (unix seconds) through
+/// one node, paging with the API's cursor, and the members a page said were missing.
+async fn stored_logs(
+    http: &reqwest::Client,
+    api: &str,
+    service: &str,
+    start: u64,
+    end: u64,
+) -> Result<(Vec<String>, Option<String>), String> {
+    let mut ids = Vec::new();
+    let mut missing = None;
+    let mut cursor: Option<String> = None;
+    for _ in 0..100_000 {
+        let mut url = format!("{api}/api/v1/logs?service={service}&start={start}&end={end}&limit=1000");
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let response = http.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+        if let Some(value) = response.headers().get("x-tollgate-missing-nodes") {
+            missing = Some(value.to_str().unwrap_or("?").to_string());
+        }
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.map_err(|e| format!("{url}: {e}"))?;
+        if status != 200 {
+            return Err(format!("{url}: {status} {body}"));
+        }
+        for log in body["logs"].as_array().into_iter().flatten() {
+            ids.push(log["attributes"]["x-request-id"].as_str().unwrap_or("<no x-request-id>").to_string());
+        }
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return Ok((ids, missing)),
+        }
+    }
+    Err(format!("{api}: more than 100 000 pages of logs for {service}"))
+}
+
+/// Stored ids against what the service's logs must hold: `Ok` with the figures, or what is
+/// wrong (lost, stored twice, dropped but stored, never sent), with a few ids of each.
+fn judge_logs(must: &LogObligations, stored: &[String]) -> Result<String, String> {
+    let mut times: BTreeMap<&str, u64> = BTreeMap::new();
+    for id in stored {
+        *times.entry(id.as_str()).or_default() += 1;
+    }
+    let lost: Vec<&String> = must.acked.iter().filter(|id| !times.contains_key(id.as_str())).collect();
+    let twice: Vec<&str> = times.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
+    let dropped: Vec<&str> = times.keys().filter(|id| must.dropped.contains(**id)).copied().collect();
+    let invented: Vec<&str> = times
+        .keys()
+        .filter(|id| !must.acked.contains(**id) && !must.unknown.contains(**id) && !must.dropped.contains(**id))
+        .copied()
+        .collect();
+    let unknown_stored = must.unknown.iter().filter(|id| times.contains_key(id.as_str())).count();
+    let mut problems = Vec::new();
+    let mut report = |what: &str, ids: Vec<String>| {
+        if !ids.is_empty() {
+            let shown: Vec<&String> = ids.iter().take(5).collect();
+            problems.push(format!("{} {what} (e.g. {shown:?})", ids.len()));
+        }
+    };
+    report("acknowledged records lost", lost.iter().map(|id| id.to_string()).collect());
+    report("records stored more than once", twice.iter().map(|id| id.to_string()).collect());
+    report("records the rules drop were stored", dropped.iter().map(|id| id.to_string()).collect());
+    report("records stored that were never sent", invented.iter().map(|id| id.to_string()).collect());
+    if problems.is_empty() {
+        Ok(format!(
+            "{} stored: {} acknowledged, {unknown_stored} of {} unknown",
+            stored.len(),
+            must.acked.len(),
+            must.unknown.len()
+        ))
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Every member's kept access logs of every service against the ledger.
+pub async fn check_logs(cluster: &Cluster, ledger: &Ledger, start: u64, end: u64) -> Vec<Check> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
+    let mut checks = Vec::new();
+    for index in cluster.up() {
+        let node = &cluster.nodes[index];
+        let mut problems = Vec::new();
+        let mut figures = Vec::new();
+        for (service, must) in &ledger.logs {
+            match stored_logs(&http, &node.api(), service, start, end).await {
+                Err(e) => problems.push(format!("{service}: {e}")),
+                Ok((stored, missing)) => {
+                    if let Some(missing) = missing {
+                        problems.push(format!("{service}: x-tollgate-missing-nodes: {missing}"));
+                    }
+                    match judge_logs(must, &stored) {
+                        Ok(figure) => figures.push(format!("{service} {figure}")),
+                        Err(problem) => problems.push(format!("{service}: {problem}")),
+                    }
+                }
+            }
+        }
+        let name = format!("kept access logs through {}", node.name);
+        checks.push(if problems.is_empty() {
+            Check::new(name, true, figures.join(", "))
+        } else {
+            Check::new(name, false, problems.join("\n"))
+        });
     }
     checks
 }
@@ -230,22 +341,29 @@ pub async fn check_new_writes(cluster: &Cluster, settings: &Settings, seed: u64)
         // Only this node: a retry would hide that it refused.
         let (_tx, only) = watch::channel(vec![target.clone()]);
         let mut pod = Pod::new(&format!("{service}-via-{}", target.name), time - 1);
-        let export = export(service, Convention::AigwService, &mut [&mut pod], time, &mut rng);
+        let metrics = export(service, Convention::AigwService, &mut [&mut pod], time, &mut rng);
+        let logs = log_export(service, Convention::AigwService, &[&pod], time, &mut rng);
         let mut quick = settings.clone();
         quick.give_up = Duration::from_secs(10);
-        let record = producer::send(&mut Clients::default(), &mut rng, &only, export, &quick).await;
-        if record.outcome != Outcome::Acked || record.attempts > 1 {
-            failures.push(format!(
-                "via {}: {} attempts, {:?}: {:?}",
-                target.name, record.attempts, record.outcome, record.failures
-            ));
+        for export in [metrics, logs] {
+            let record = producer::send(&mut Clients::default(), &mut rng, &only, export, &quick).await;
+            if record.outcome != Outcome::Acked || record.attempts > 1 {
+                failures.push(format!(
+                    "via {}: {} attempts, {:?}: {:?}",
+                    target.name, record.attempts, record.outcome, record.failures
+                ));
+            }
+            ledger.record(record);
         }
-        ledger.record(record);
     }
     checks.push(Check::new(
         "a new export through every member is acknowledged at once",
         failures.is_empty(),
-        if failures.is_empty() { format!("{} exports", targets.len()) } else { failures.join("; ") },
+        if failures.is_empty() {
+            format!("{} metrics and {} access-log exports", targets.len(), targets.len())
+        } else {
+            failures.join("; ")
+        },
     ));
     let total = ledger.service_total(service);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
@@ -263,11 +381,28 @@ pub async fn check_new_writes(cluster: &Cluster, settings: &Settings, seed: u64)
             }
             Err(e) => problems.push(e),
         }
+        let must = ledger.logs.get(service).cloned().unwrap_or_default();
+        match stored_logs(&http, &target.api, service, time - 600, now + 60).await {
+            Ok((stored, missing)) => {
+                if let Err(problem) = judge_logs(&must, &stored) {
+                    problems.push(format!("logs through {}: {problem}", target.name));
+                }
+                if let Some(missing) = missing {
+                    problems.push(format!("logs through {}: x-tollgate-missing-nodes: {missing}", target.name));
+                }
+            }
+            Err(e) => problems.push(e),
+        }
     }
+    let kept = ledger.logs.get(service).map_or(0, |logs| logs.acked.len());
     checks.push(Check::new(
-        "the new exports are counted exactly through every member",
+        "the new exports are counted and stored exactly through every member",
         problems.is_empty(),
-        if problems.is_empty() { format!("{} requests", total.acked_requests) } else { problems.join("; ") },
+        if problems.is_empty() {
+            format!("{} requests, {kept} kept access logs", total.acked_requests)
+        } else {
+            problems.join("; ")
+        },
     ));
 
     // A new pricing write through the first member, then applied on every member.
@@ -294,4 +429,39 @@ pub async fn check_new_writes(cluster: &Cluster, settings: &Settings, seed: u64)
     };
     checks.push(check);
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn must() -> LogObligations {
+        let set = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<BTreeSet<String>>();
+        LogObligations { acked: set(&["a1", "a2"]), unknown: set(&["u1", "u2"]), dropped: set(&["d1"]) }
+    }
+
+    fn stored(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    #[test]
+    fn test_judge_logs_passes_every_acknowledged_record_once_and_unknown_ones_at_most_once() {
+        let figures = judge_logs(&must(), &stored(&["a2", "u1", "a1"])).unwrap();
+        assert_eq!(figures, "3 stored: 2 acknowledged, 1 of 2 unknown");
+        assert!(judge_logs(&must(), &stored(&["a1", "a2"])).is_ok());
+    }
+
+    #[test]
+    fn test_judge_logs_names_lost_doubled_dropped_and_invented_records() {
+        let problem = judge_logs(&must(), &stored(&["a1"])).unwrap_err();
+        assert_eq!(problem, r#"1 acknowledged records lost (e.g. ["a2"])"#);
+        let problem = judge_logs(&must(), &stored(&["a1", "a2", "u2", "u2"])).unwrap_err();
+        assert_eq!(problem, r#"1 records stored more than once (e.g. ["u2"])"#);
+        let problem = judge_logs(&must(), &stored(&["a1", "a2", "d1", "x9"])).unwrap_err();
+        assert_eq!(
+            problem,
+            r#"1 records the rules drop were stored (e.g. ["d1"]); 1 records stored that were never sent (e.g. ["x9"])"#
+        );
+    }
 }

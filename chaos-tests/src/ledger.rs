@@ -1,8 +1,11 @@
 //! The producers' obligations: what was acknowledged (must be counted exactly once) and what
-//! has an unknown outcome (may be counted at most once), per (service, minute).
+//! has an unknown outcome (may be counted at most once), per (service, minute); and per service,
+//! the access-log records to be stored exactly once (kept and acknowledged), at most once (kept
+//! with an unknown outcome) or never (dropped by the rules).
 
+use crate::export::LogEntry;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Tallies of one (service, minute).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -15,6 +18,10 @@ pub struct Tally {
     pub unknown_requests: u64,
     /// Input-token increase reported by exports with an unknown outcome.
     pub unknown_tokens: u64,
+    /// Access-log records (kept or not) of acknowledged exports.
+    pub acked_log_records: u64,
+    /// Access-log records (kept or not) of exports with an unknown outcome.
+    pub unknown_log_records: u64,
 }
 
 impl Tally {
@@ -23,7 +30,20 @@ impl Tally {
         self.acked_tokens += other.acked_tokens;
         self.unknown_requests += other.unknown_requests;
         self.unknown_tokens += other.unknown_tokens;
+        self.acked_log_records += other.acked_log_records;
+        self.unknown_log_records += other.unknown_log_records;
     }
+}
+
+/// What one service's access logs must hold, by `x-request-id`.
+#[derive(Clone, Debug, Default)]
+pub struct LogObligations {
+    /// Kept records of acknowledged exports: stored exactly once.
+    pub acked: BTreeSet<String>,
+    /// Kept records of exports with an unknown outcome: stored at most once.
+    pub unknown: BTreeSet<String>,
+    /// Records the rules drop, whatever the outcome: never stored.
+    pub dropped: BTreeSet<String>,
 }
 
 /// How one export ended.
@@ -88,6 +108,9 @@ pub struct ExportRecord {
     pub requests: u64,
     /// Input-token increase it reports.
     pub input_tokens: u64,
+    /// Its access-log records (a logs export).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<LogEntry>,
     /// How it ended.
     pub outcome: Outcome,
     /// The node that acknowledged it.
@@ -105,6 +128,8 @@ pub struct ExportRecord {
 pub struct Ledger {
     /// Per (service, minute start in unix seconds).
     pub minutes: BTreeMap<(String, u64), Tally>,
+    /// Per service: its access-log records.
+    pub logs: BTreeMap<String, LogObligations>,
     /// Every export, in the order they ended.
     pub records: Vec<ExportRecord>,
     /// Failed attempts per class.
@@ -118,14 +143,28 @@ impl Ledger {
     pub fn record(&mut self, record: ExportRecord) {
         let minute = record.time - record.time % 60;
         let tally = self.minutes.entry((record.service.clone(), minute)).or_default();
+        let records = record.records.len() as u64;
         match record.outcome {
             Outcome::Acked => {
                 tally.acked_requests += record.requests;
                 tally.acked_tokens += record.input_tokens;
+                tally.acked_log_records += records;
             }
             Outcome::Unknown => {
                 tally.unknown_requests += record.requests;
                 tally.unknown_tokens += record.input_tokens;
+                tally.unknown_log_records += records;
+            }
+        }
+        if !record.records.is_empty() {
+            let logs = self.logs.entry(record.service.clone()).or_default();
+            for entry in &record.records {
+                let set = match (entry.kept, record.outcome) {
+                    (false, _) => &mut logs.dropped,
+                    (true, Outcome::Acked) => &mut logs.acked,
+                    (true, Outcome::Unknown) => &mut logs.unknown,
+                };
+                set.insert(entry.id.clone());
             }
         }
         for failure in &record.failures {
@@ -168,6 +207,14 @@ impl Ledger {
         let retried = self.records.iter().filter(|r| r.attempts > 1).count() as u64;
         (acked, unknown, retried)
     }
+
+    /// Access-log exports and their records: (exports, records, kept records).
+    pub fn log_counts(&self) -> (u64, u64, u64) {
+        let exports = self.records.iter().filter(|r| !r.records.is_empty()).count() as u64;
+        let records = self.records.iter().map(|r| r.records.len() as u64).sum();
+        let kept = self.records.iter().flat_map(|r| &r.records).filter(|e| e.kept).count() as u64;
+        (exports, records, kept)
+    }
 }
 
 /// `Ok` when `got` lies in `[acked, acked + unknown]`, else what is wrong.
@@ -194,6 +241,7 @@ mod tests {
             time,
             requests,
             input_tokens: requests * 10,
+            records: Vec::new(),
             outcome,
             acked_by: None,
             attempts: 1,
@@ -224,5 +272,25 @@ mod tests {
         assert!(within_bounds(12.0, 10, 2).is_ok());
         assert!(within_bounds(9.0, 10, 2).unwrap_err().contains("lost"));
         assert!(within_bounds(13.0, 10, 2).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn test_log_records_are_sorted_by_what_the_store_must_hold() {
+        let mut ledger = Ledger::default();
+        let entry = |id: &str, kept| LogEntry { id: id.into(), kept };
+        let mut acked = record("a", 60, 0, Outcome::Acked);
+        acked.records = vec![entry("r1", true), entry("r2", false)];
+        let mut unknown = record("a", 61, 0, Outcome::Unknown);
+        unknown.records = vec![entry("r3", true), entry("r4", false), entry("r5", true)];
+        ledger.record(acked);
+        ledger.record(unknown);
+        let logs = &ledger.logs["a"];
+        let ids = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>();
+        assert_eq!(ids(&logs.acked), vec!["r1"]);
+        assert_eq!(ids(&logs.unknown), vec!["r3", "r5"]);
+        assert_eq!(ids(&logs.dropped), vec!["r2", "r4"]);
+        let minute = ledger.service_minutes("a")[&60];
+        assert_eq!((minute.acked_log_records, minute.unknown_log_records), (2, 3));
+        assert_eq!(ledger.log_counts(), (2, 5, 3));
     }
 }

@@ -1,11 +1,12 @@
 //! `tollgate-chaos`: a fault-injection suite against a real cluster of `tollgate` processes.
 //!
-//! It starts a cluster on loopback ports, lets producers stream gateway-shaped OTLP exports to
-//! random members while a writer changes the pricing, injects faults (`kill -9` and restart,
-//! `SIGSTOP`/`SIGCONT`, graceful restarts, scale out and in) one at a time for `--duration`
-//! seconds, then waits for the cluster to settle and judges: every acknowledged export counted
-//! exactly once and every unknown one at most once, through every member; the configuration
-//! converged; new writes succeed. Exit status: 0 when every check passed, 1 on a violation, 2
+//! It starts a cluster on loopback ports, lets producers stream gateway-shaped OTLP metric and
+//! access-log exports to random members while a writer changes the pricing, injects faults
+//! (`kill -9` and restart, `SIGSTOP`/`SIGCONT`, graceful restarts, scale out and in) one at a
+//! time for `--duration` seconds, then waits for the cluster to settle and judges: every
+//! acknowledged export counted exactly once and every unknown one at most once, and every kept
+//! access-log record of an acknowledged export stored once, through every member; the
+//! configuration converged; new writes succeed. Exit status: 0 when every check passed, 1 on a violation, 2
 //! when the run could not be carried out.
 
 mod cluster;
@@ -38,14 +39,15 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// Fault injection against a real multi-node Tollgate cluster, with an exact judge.
 ///
 /// Starts `--nodes` `tollgate serve` processes on free loopback ports (the first bootstraps, the
-/// others join it), streams OTLP/gRPC metric exports shaped like Envoy AI Gateway's to random
-/// members (one producer task per service; retried until acknowledged, or recorded as unknown
-/// after --give-up-seconds), writes the pricing every 1-4 s, and injects the --faults one at a
-/// time for --duration seconds. Then it restarts anything down, waits until the cluster settled
-/// and judges, through every member: each service's request count and input-token total lies
-/// between what was acknowledged and that plus what is unknown, no member is missing from an
-/// answer, the pricing is the same everywhere and is the last acknowledged write, and a new
-/// export and a new pricing write succeed.
+/// others join it), streams OTLP/gRPC metric and access-log exports shaped like Envoy AI
+/// Gateway's to random members (one producer task per service; retried until acknowledged, or
+/// recorded as unknown after --give-up-seconds), writes the pricing every 1-4 s, and injects the
+/// --faults one at a time for --duration seconds. Then it restarts anything down, waits until the
+/// cluster settled and judges, through every member: each service's request count, input-token
+/// total and access-log count lies between what was acknowledged and that plus what is unknown,
+/// its kept access logs hold every acknowledged record once, no record twice and none the rules
+/// drop, no member is missing from an answer, the pricing is the same everywhere and is the last
+/// acknowledged write, and new exports and a new pricing write succeed.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate-chaos", version, verbatim_doc_comment)]
 #[command(
@@ -122,6 +124,7 @@ struct Report {
     aborted: Option<String>,
     faults: FaultLog,
     exports: (u64, u64, u64, u64),
+    logs: (u64, u64, u64),
     failed_attempts: Vec<(AttemptClass, u64)>,
     writes: (u64, u64, u64),
     elapsed: Duration,
@@ -322,6 +325,7 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
     let writes = Arc::try_unwrap(writes).map_err(|_| anyhow::anyhow!("writes shared"))?.into_inner().expect("writes");
     let (acked, unknown, retried) = ledger.counts();
     report.exports = (ledger.records.len() as u64, acked, unknown, retried);
+    report.logs = ledger.log_counts();
     report.failed_attempts = ledger.failed_attempts.iter().map(|(c, n)| (*c, *n)).collect();
     let writes_acked = writes.iter().filter(|w| w.version.is_some()).count() as u64;
     report.writes = (writes.len() as u64, writes_acked, writes.len() as u64 - writes_acked);
@@ -365,6 +369,7 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
     let start = settings.base - settings.base % 60 - 60;
     let end = last_time - last_time % 60 + 120;
     report.checks.extend(judge::check_totals(&cluster, &ledger, start, end).await);
+    report.checks.extend(judge::check_logs(&cluster, &ledger, start, end).await);
     report.checks.push(judge::check_pricing(&cluster, &writes).await);
     report.checks.extend(judge::check_new_writes(&cluster, &settings, seed).await);
 
@@ -470,6 +475,8 @@ fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8)
     );
     let (sent, acked, unknown, retried) = report.exports;
     println!("exports: {sent} sent, {acked} acknowledged, {unknown} unknown, {retried} retried");
+    let (log_exports, records, kept) = report.logs;
+    println!("of which access logs: {log_exports} exports of {records} records, {kept} of them to be kept");
     let attempts: Vec<String> = report.failed_attempts.iter().map(|(c, n)| format!("{} {n}", c.name())).collect();
     println!("failed attempts: {}", if attempts.is_empty() { "none".into() } else { attempts.join(", ") });
     let (writes, writes_acked, writes_unknown) = report.writes;

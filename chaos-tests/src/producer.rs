@@ -1,13 +1,14 @@
-//! Producers: each owns one service and its pods and sends one export per second of data time
-//! (all pods in one request, or one request per pod) to random nodes over OTLP/gRPC, retrying
-//! what was not acknowledged, as a gateway's OTLP exporter does. Every export ends either
-//! acknowledged or, after [`Settings::give_up`], unknown; the [`Ledger`] records which.
+//! Producers: each owns one service and its pods and sends, per second of data time, a metrics
+//! export and an access-log export (each with all pods in one request, or one request per pod)
+//! to random nodes over OTLP/gRPC, retrying what was not acknowledged, as a gateway's OTLP
+//! exporter does. Every export ends either acknowledged or, after [`Settings::give_up`],
+//! unknown; the [`Ledger`] records which.
 
 use crate::cluster::Target;
-use crate::export::{export, Export, Pod};
+use crate::export::{export, log_export, Export, Pod, Request};
 use crate::ledger::{AttemptClass, ExportRecord, FailedAttempt, Ledger, Outcome};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -75,16 +76,23 @@ impl Producer {
                 break;
             }
             let time = settings.base + k;
-            let exports: Vec<Export> = if self.per_pod {
+            let mut exports: Vec<Export> = if self.per_pod {
                 let mut out = Vec::new();
                 for pod in self.pods.iter_mut() {
                     out.push(export(&self.service, self.convention, &mut [pod], time, &mut self.rng));
+                }
+                for pod in &self.pods {
+                    out.push(log_export(&self.service, self.convention, &[pod], time, &mut self.rng));
                 }
                 out
             } else {
                 let mut pods: Vec<&mut Pod> = self.pods.iter_mut().collect();
                 vec![export(&self.service, self.convention, &mut pods, time, &mut self.rng)]
             };
+            if !self.per_pod {
+                let pods: Vec<&Pod> = self.pods.iter().collect();
+                exports.push(log_export(&self.service, self.convention, &pods, time, &mut self.rng));
+            }
             for export in exports {
                 let record = send(&mut self.clients, &mut self.rng, &targets, export, &settings).await;
                 ledger.lock().expect("ledger").record(record);
@@ -150,6 +158,7 @@ pub async fn send(
         time: export.time,
         requests: export.requests,
         input_tokens: export.input_tokens,
+        records: export.records,
         outcome,
         acked_by,
         attempts,
@@ -160,37 +169,47 @@ pub async fn send(
 
 /// gRPC channels per URL (dropped after a failure, so a stuck connection is not reused).
 #[derive(Debug, Default)]
-pub struct Clients(HashMap<String, MetricsServiceClient<Channel>>);
+pub struct Clients(HashMap<String, Channel>);
 
 /// One attempt: `Ok` when acknowledged without rejections.
 async fn attempt(
     clients: &mut Clients,
     url: &str,
-    request: &ExportMetricsServiceRequest,
+    request: &Request,
     timeout: Duration,
 ) -> Result<(), (AttemptClass, String)> {
-    let client = match clients.0.get(url) {
-        Some(client) => client.clone(),
+    let channel = match clients.0.get(url) {
+        Some(channel) => channel.clone(),
         None => {
             let endpoint = Endpoint::from_shared(url.to_string())
                 .map_err(|e| (AttemptClass::Unexpected, e.to_string()))?
                 .connect_timeout(Duration::from_secs(1));
-            let client = MetricsServiceClient::new(endpoint.connect_lazy());
-            clients.0.insert(url.to_string(), client.clone());
-            client
+            let channel = endpoint.connect_lazy();
+            clients.0.insert(url.to_string(), channel.clone());
+            channel
         }
     };
-    let mut client = client;
-    let result = tokio::time::timeout(timeout, client.export(request.clone())).await;
-    let failure = match result {
+    // Rejected items, with the node's reason, or the status the call failed with.
+    let call = async {
+        match request {
+            Request::Metrics(request) => MetricsServiceClient::new(channel).export(request.clone()).await.map(|r| {
+                r.into_inner()
+                    .partial_success
+                    .filter(|p| p.rejected_data_points > 0)
+                    .map(|p| format!("{} points rejected: {}", p.rejected_data_points, p.error_message))
+            }),
+            Request::Logs(request) => LogsServiceClient::new(channel).export(request.clone()).await.map(|r| {
+                r.into_inner()
+                    .partial_success
+                    .filter(|p| p.rejected_log_records > 0)
+                    .map(|p| format!("{} log records rejected: {}", p.rejected_log_records, p.error_message))
+            }),
+        }
+    };
+    let failure = match tokio::time::timeout(timeout, call).await {
         Err(_) => (AttemptClass::Unknown, format!("no answer within {timeout:?}")),
-        Ok(Ok(response)) => match response.into_inner().partial_success {
-            Some(partial) if partial.rejected_data_points > 0 => (
-                AttemptClass::Unexpected,
-                format!("{} points rejected: {}", partial.rejected_data_points, partial.error_message),
-            ),
-            _ => return Ok(()),
-        },
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(rejected))) => (AttemptClass::Unexpected, rejected),
         Ok(Err(status)) => classify(&status),
     };
     clients.0.remove(url);

@@ -1,18 +1,33 @@
-//! A real OTLP client written by someone else: the OpenTelemetry Rust SDK with its OTLP/gRPC
-//! exporter, delta temporality and Envoy AI Gateway's bucket bounds, as the gateway's own Go SDK
-//! exports them. Values recorded through the SDK come back exact through the API.
+//! A real OTLP client written by someone else: the OpenTelemetry Rust SDK with its OTLP
+//! exporters and Envoy AI Gateway's bucket bounds, as the gateway's own Go SDK exports them:
+//! delta over gRPC, cumulative (the gateway's default) over OTLP/HTTP with protobuf and with
+//! JSON, and access logs through the SDK's log exporter over OTLP/HTTP JSON and gRPC. Values
+//! recorded through the SDK come back exact through the API.
 
 mod common;
 
 use common::TestNode;
+use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::Resource;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate_rules::testing::gateway_bounds;
+
+/// The gateway pod's resource, in the SWIP-10 convention.
+fn resource(instance: &str) -> Resource {
+    Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", "envoy-ai-gateway"),
+            KeyValue::new("aigw.service", "sdk-gw"),
+            KeyValue::new("service.instance.id", instance.to_string()),
+        ])
+        .build()
+}
 
 fn provider(endpoint: &str, instance: &str) -> SdkMeterProvider {
     let exporter = opentelemetry_otlp::MetricExporter::builder()
@@ -22,16 +37,26 @@ fn provider(endpoint: &str, instance: &str) -> SdkMeterProvider {
         .with_temporality(Temporality::Delta)
         .build()
         .expect("exporter");
+    with_exporter(exporter, instance)
+}
+
+/// A meter provider that exports to `url` (the full `/v1/metrics` URL) over OTLP/HTTP with
+/// `protocol`, cumulative.
+fn http_provider(url: &str, protocol: Protocol, instance: &str) -> SdkMeterProvider {
+    let exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_endpoint(url)
+        .with_protocol(protocol)
+        .with_temporality(Temporality::Cumulative)
+        .build()
+        .expect("exporter");
+    with_exporter(exporter, instance)
+}
+
+fn with_exporter(exporter: opentelemetry_otlp::MetricExporter, instance: &str) -> SdkMeterProvider {
     // Export only when flushed, so the test decides what lands in one export.
     let reader = PeriodicReader::builder(exporter).with_interval(Duration::from_secs(3600)).build();
-    let resource = Resource::builder_empty()
-        .with_attributes([
-            KeyValue::new("service.name", "envoy-ai-gateway"),
-            KeyValue::new("aigw.service", "sdk-gw"),
-            KeyValue::new("service.instance.id", instance.to_string()),
-        ])
-        .build();
-    SdkMeterProvider::builder().with_reader(reader).with_resource(resource).build()
+    SdkMeterProvider::builder().with_reader(reader).with_resource(resource(instance)).build()
 }
 
 fn attributes(model: &str, extra: &[(&'static str, &'static str)]) -> Vec<KeyValue> {
@@ -148,4 +173,165 @@ async fn test_opentelemetry_sdk_delta_exports_are_exact() {
     let total: f64 = body["series"][0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).sum();
     assert_eq!(total, 6.0);
     provider.shutdown().ok();
+}
+
+/// The sum of `metric` of the service `sdk-gw` over the last ten minutes and the next two.
+async fn total(node: &TestNode, metric: &str, query: &str) -> f64 {
+    let now = common::now_seconds();
+    let (status, body) = node
+        .get(&format!("/api/v1/metrics/{metric}?service=sdk-gw&start={}&end={}{query}", now - 600, now + 120))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()))
+        .sum()
+}
+
+/// Cumulative exports over OTLP/HTTP, as the gateway sends by default: each export repeats the
+/// totals since the provider started; Tollgate counts the first whole (its start time is
+/// recent) and then only what each export adds, and an export that adds nothing adds nothing.
+async fn cumulative_over_http(protocol: Protocol) {
+    let node = TestNode::start().await;
+    let provider = http_provider(&format!("{}/v1/metrics", node.otlp_http()), protocol, "sdk-pod-http");
+    let meter = provider.meter("envoyproxy/ai-gateway");
+    let duration = meter
+        .f64_histogram("gen_ai.server.request.duration")
+        .with_unit("s")
+        .with_boundaries(gateway_bounds("gen_ai.server.request.duration").to_vec())
+        .build();
+    let tokens = meter
+        .f64_histogram("gen_ai.client.token.usage")
+        .with_unit("token")
+        .with_boundaries(gateway_bounds("gen_ai.client.token.usage").to_vec())
+        .build();
+    let input = attributes("gpt-4o", &[("gen_ai.token.type", "input")]);
+    let output = attributes("gpt-4o", &[("gen_ai.token.type", "output")]);
+
+    for seconds in [0.4, 1.1, 2.5] {
+        duration.record(seconds, &attributes("gpt-4o", &[]));
+    }
+    tokens.record(1200.0, &input);
+    tokens.record(300.0, &output);
+    flush(&provider).await;
+    assert_eq!(total(&node, "meter_envoy_ai_gw_request_cpm", "").await, 3.0);
+    assert_eq!(total(&node, "meter_envoy_ai_gw_input_token_rate", "").await, 1200.0);
+
+    // The second export carries the totals 5 requests and 2 000 input tokens.
+    duration.record(0.8, &attributes("gpt-4o", &[]));
+    duration.record(0.1, &attributes("gpt-4o", &[("error.type", "_OTHER")]));
+    tokens.record(800.0, &input);
+    flush(&provider).await;
+    assert_eq!(total(&node, "meter_envoy_ai_gw_request_cpm", "").await, 5.0);
+    assert_eq!(total(&node, "meter_envoy_ai_gw_error_cpm", "").await, 1.0);
+    assert_eq!(total(&node, "meter_envoy_ai_gw_input_token_rate", "").await, 2000.0);
+    assert_eq!(total(&node, "meter_envoy_ai_gw_output_token_rate", "").await, 300.0);
+    // gpt-4o: 2.5 per million input tokens, 10 per million output tokens.
+    assert_eq!(total(&node, "meter_envoy_ai_gw_estimated_cost", "").await, 2000.0 * 2.5 + 300.0 * 10.0);
+
+    // Nothing recorded since: the same totals again add nothing.
+    flush(&provider).await;
+    assert_eq!(total(&node, "meter_envoy_ai_gw_request_cpm", "").await, 5.0);
+    assert_eq!(total(&node, "meter_envoy_ai_gw_input_token_rate", "").await, 2000.0);
+    let over_http = r#"tollgate_requests_total{protocol="http",signal="metrics",outcome="ok"}"#;
+    assert_eq!(node.self_metric(over_http).await, 3.0, "three exports over OTLP/HTTP");
+    assert_eq!(node.self_metric_opt("tollgate_points_rejected_total").await.unwrap_or(0.0), 0.0);
+    provider.shutdown().ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_opentelemetry_sdk_cumulative_exports_over_http_protobuf_are_exact() {
+    cumulative_over_http(Protocol::HttpBinary).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_opentelemetry_sdk_cumulative_exports_over_http_json_are_exact() {
+    cumulative_over_http(Protocol::HttpJson).await;
+}
+
+/// Access logs through the SDK's log exporter: a failed request is kept with its attributes
+/// and body, numbers sent as integers or as strings; a quick success is dropped; both feed the
+/// log-derived request counts.
+async fn access_logs(exporter: opentelemetry_otlp::LogExporter, node: &TestNode) {
+    let now = std::time::SystemTime::now();
+    // The SDK exports, flushes and drops its HTTP client on a thread that may block.
+    let flushed = tokio::task::spawn_blocking(move || {
+        let provider =
+            SdkLoggerProvider::builder().with_simple_exporter(exporter).with_resource(resource("sdk-pod-logs")).build();
+        let logger = provider.logger("envoy");
+        let emit = |id: &str, code: opentelemetry::logs::AnyValue, duration: &str, input: i64, output: &str| {
+            let mut record = logger.create_log_record();
+            record.set_timestamp(now);
+            record.set_observed_timestamp(now);
+            record.set_body(format!("/v1/chat/completions model=gpt-4o {id}").into());
+            record.add_attribute("x-request-id", id.to_string());
+            record.add_attribute("response_code", code);
+            record.add_attribute("duration", duration.to_string());
+            record.add_attribute("gen_ai.request.model", "gpt-4o");
+            record.add_attribute("gen_ai.response.model", "gpt-4o-2024-08-06");
+            record.add_attribute("gen_ai.provider.name", "openai");
+            record.add_attribute("gen_ai.usage.input_tokens", input);
+            record.add_attribute("gen_ai.usage.output_tokens", output.to_string());
+            record.add_attribute("upstream_transport_failure_reason", "-");
+            logger.emit(record);
+        };
+        emit("kept-as-int", 503i64.into(), "812", 1500, "0");
+        emit("kept-as-text", "429".into(), "35", 0, "0");
+        emit("dropped", 200i64.into(), "950", 900, "120");
+        emit("slow", "200".into(), "45000", 2000, "700");
+        let result = provider.force_flush();
+        provider.shutdown().ok();
+        result
+    });
+    flushed.await.unwrap().expect("logs export accepted");
+
+    let logs = node.all_logs("service=sdk-gw", 100).await;
+    let ids: Vec<&str> = logs.iter().map(|l| l["attributes"]["x-request-id"].as_str().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec!["kept-as-int", "kept-as-text", "slow"], "{logs:?}");
+    let by_id = |id: &str| logs.iter().find(|l| l["attributes"]["x-request-id"] == id).unwrap();
+    let failed = by_id("kept-as-int");
+    assert_eq!(failed["reasons"], json!(["error"]));
+    assert_eq!(failed["response_code"], 503);
+    assert_eq!(failed["duration_ms"], 812);
+    assert_eq!(failed["input_tokens"], 1500);
+    assert_eq!(failed["model"], "gpt-4o-2024-08-06");
+    assert_eq!(failed["provider"], "openai");
+    assert_eq!(failed["instance"], "sdk-pod-logs");
+    assert_eq!(failed["body"], "/v1/chat/completions model=gpt-4o kept-as-int");
+    assert_eq!(failed["attributes"]["response_code"], "503", "the original value as text");
+    assert_eq!(
+        failed["time"].as_u64().unwrap() / 1_000_000_000,
+        now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    );
+    assert_eq!(by_id("kept-as-text")["response_code"], 429);
+    assert_eq!(by_id("slow")["reasons"], json!(["slow"]));
+    assert_eq!(by_id("slow")["total_tokens"], 2700);
+    // Every record, kept or not, is counted by status class.
+    assert_eq!(total(node, "meter_envoy_ai_gw_log_request_cpm", "").await, 4.0);
+    assert_eq!(node.self_metric(r#"tollgate_logs_kept_total{reason="error"}"#).await, 2.0);
+    assert_eq!(node.self_metric(r#"tollgate_logs_kept_total{reason="slow"}"#).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_opentelemetry_sdk_access_logs_over_http_json_are_sampled() {
+    let node = TestNode::start().await;
+    let exporter = opentelemetry_otlp::LogExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{}/v1/logs", node.otlp_http()))
+        .with_protocol(Protocol::HttpJson)
+        .build()
+        .expect("exporter");
+    access_logs(exporter, &node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_opentelemetry_sdk_access_logs_over_grpc_are_sampled() {
+    let node = TestNode::start().await;
+    let exporter =
+        opentelemetry_otlp::LogExporter::builder().with_tonic().with_endpoint(node.grpc()).build().expect("exporter");
+    access_logs(exporter, &node).await;
 }

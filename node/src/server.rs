@@ -226,6 +226,7 @@ impl Node {
         transport: Option<Arc<dyn Transport>>,
     ) -> Result<Node, Error> {
         config.validate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        crate::store::format::check_and_stamp(&config.data_dir)?;
         // A previous run's endpoints must not be mistaken for this one's.
         let _ = std::fs::remove_file(config.data_dir.join("endpoints.json"));
         let prometheus = m::install();

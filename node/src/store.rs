@@ -11,6 +11,7 @@
 //! ([`Storage::commit`]); one writer thread groups many batches per flush.
 
 pub mod codec;
+pub mod format;
 pub mod handoff;
 pub mod memtable;
 pub mod sled_store;

@@ -264,6 +264,76 @@ async fn test_kill9_during_a_log_stream_keeps_every_acknowledged_record_once() {
 /// A write-ahead log damaged in the middle (a flipped bit), not at its end: the node refuses to
 /// start and says where and how to go on, leaving the file as it is. It used to take the damage
 /// for a torn tail, start without every write after it, and cut them off the file.
+/// Starts `tollgate serve` on `dir` expecting it to stop by itself (panics with `started` when it
+/// still runs after 30 s): its exit status and standard error.
+async fn refused_start(dir: &std::path::Path, started: &str) -> (std::process::ExitStatus, String) {
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--cluster-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if began.elapsed() > Duration::from_secs(30) {
+            serve.kill().unwrap();
+            panic!("{started}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_data_directory_of_a_newer_format_is_refused_and_left_as_it_is() {
+    let mut node = TestNode::start().await;
+    let base = now_seconds() - 300;
+    let mut client = node.metrics_client(0).await;
+    let (request, requests) = export(base, 0, 0);
+    client.export(request).await.expect("accepted");
+    node.terminate();
+    let stamp = node.dir.join("FORMAT");
+    assert_eq!(std::fs::read_to_string(&stamp).unwrap(), "tollgate data format 1\n", "a new directory is stamped");
+
+    // As a newer version would have left it, then started with this one (a downgrade).
+    std::fs::write(&stamp, "tollgate data format 2\n").unwrap();
+    let files = |dir: &std::path::Path| {
+        let mut listing = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    listing.push((path.clone(), std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        listing.sort();
+        listing
+    };
+    let before = files(&node.dir);
+    let (status, stderr) = refused_start(&node.dir, "the node started on a directory of a newer format").await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("holds data format 2, written by a newer version of Tollgate"), "{stderr}");
+    assert!(stderr.contains("this version reads data format 1 and older"), "{stderr}");
+    assert!(files(&node.dir) == before, "nothing in the directory was opened for writing");
+
+    std::fs::write(&stamp, "tollgate data format 1\n").unwrap();
+    node.restart().await;
+    assert_eq!(sum_of(&node, "meter_envoy_ai_gw_request_cpm", base - 60, base + 120).await as u64, requests);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_log_damaged_in_the_middle_stops_the_start_and_is_left_as_it_is() {
     let mut node = TestNode::start().await;
@@ -280,29 +350,7 @@ async fn test_a_log_damaged_in_the_middle_stops_the_start_and_is_left_as_it_is()
     bytes[middle] ^= 0x40;
     std::fs::write(&newest, &bytes).unwrap();
 
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(&node.dir)
-        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--cluster-addr", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = serve.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            serve.kill().unwrap();
-            panic!("the node started on a damaged log");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = refused_start(&node.dir, "the node started on a damaged log").await;
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("a valid frame follows at byte"), "{stderr}");
     assert!(stderr.contains("truncate -s "), "{stderr}");

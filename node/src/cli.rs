@@ -257,14 +257,30 @@ pub fn main() -> ExitCode {
 /// Logs to standard output: `TOLLGATE_LOG` (or `RUST_LOG`) filters them, `TOLLGATE_LOG_FORMAT`
 /// chooses `text` (the default; coloured only on a terminal, so that files and log collectors get
 /// plain lines) or `json` (one object per line).
+///
+/// openraft reports its internals at `info` (its tasks starting and stopping, every vote and
+/// step of an election: about 25 lines for one start and stop of a single node), which buries
+/// the node's own lines; the node logs what an operator needs of them (a new leader) itself. So
+/// unless the filter names `openraft`, only openraft's warnings and errors pass it.
 fn init_logging() -> Result<(), String> {
-    let filter = std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false);
-    match std::env::var("TOLLGATE_LOG_FORMAT").as_deref() {
-        Err(_) | Ok("text") => logs.with_ansi(std::io::stdout().is_terminal()).init(),
-        Ok("json") => logs.json().flatten_event(true).init(),
+    use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let directives =
+        std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
+    let quiet_raft = !directives.contains("openraft");
+    let raft = filter_fn(move |event| {
+        !(quiet_raft && event.target().starts_with("openraft") && *event.level() > tracing::Level::WARN)
+    });
+    let filter = EnvFilter::new(directives).and(raft);
+    let layer = tracing_subscriber::fmt::layer().with_target(false);
+    let layer = match std::env::var("TOLLGATE_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("text") => layer.with_ansi(std::io::stdout().is_terminal()).with_filter(filter).boxed(),
+        Ok("json") => layer.json().flatten_event(true).with_filter(filter).boxed(),
         Ok(other) => return Err(format!("TOLLGATE_LOG_FORMAT: {other:?} is not a log format (text or json)")),
-    }
+    };
+    tracing_subscriber::registry().with(layer).init();
     Ok(())
 }
 

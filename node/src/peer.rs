@@ -10,7 +10,6 @@ use crate::query::{LogQuery, QueryEngine};
 use crate::store::Storage;
 use crate::wire::{self, WireLog};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -324,8 +323,9 @@ pub async fn serve(
     secret: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let address: Option<SocketAddr> = listener.local_addr().ok();
-    info!(address = ?address, "cluster port listening");
+    if let Ok(address) = listener.local_addr() {
+        info!(%address, "cluster port listening");
+    }
     let check = move |request: Request<()>| -> Result<Request<()>, Status> {
         let Some(expected) = &secret else { return Ok(request) };
         let given = request.metadata().get(CLUSTER_SECRET_HEADER).and_then(|v| v.to_str().ok());

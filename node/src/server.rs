@@ -631,10 +631,11 @@ fn spawn_background(
         });
     }
     // Leader changes, from every change of the Raft figures: each new leadership (a term with a
-    // leader) after the first one this node saw.
+    // leader) is logged, and counted after the first one this node saw.
     {
         let mut leadership = cluster.leadership();
         let mut stop = stop_receiver.clone();
+        let cluster = Arc::clone(cluster);
         tasks.spawn("leader changes", async move {
             let mut last: Option<(u64, NodeId)> = None;
             loop {
@@ -644,10 +645,16 @@ fn spawn_background(
                 };
                 let Some((term, leader)) = changed else { break };
                 let Some(leader) = leader else { continue };
-                if last.is_some_and(|seen| seen != (term, leader)) {
+                if last == Some((term, leader)) {
+                    continue;
+                }
+                if last.is_some() {
                     metrics::counter!(m::RAFT_LEADER_CHANGES).increment(1);
                 }
                 last = Some((term, leader));
+                let name = cluster.state().nodes.get(&leader).map(|node| node.name.clone());
+                let name = name.unwrap_or_else(|| "(not yet known here)".into());
+                info!(term, leader = %name, id = leader, this_node = leader == cluster.id, "raft leader");
             }
         });
     }

@@ -284,6 +284,15 @@ fn test_serve_runs_without_transparent_huge_pages() {
 /// standard output to a pipe, as a container runtime or a log collector has it; returns the
 /// lines it logged up to the API's `listening` event.
 fn serve_logs(format: Option<&str>) -> Vec<String> {
+    let mut env = vec![("TOLLGATE_LOG", "tollgate=info")];
+    env.extend(format.map(|format| ("TOLLGATE_LOG_FORMAT", format)));
+    // The API's `listening` event, in either format (JSON's `"message":"api listening"`).
+    serve_logs_until(&env, "api listening")
+}
+
+/// The lines a new node logs, with `env` (no other `TOLLGATE_LOG*` or `RUST_LOG`), up to the first
+/// that contains `until`.
+fn serve_logs_until(env: &[(&str, &str)], until: &str) -> Vec<String> {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
@@ -292,18 +301,16 @@ fn serve_logs(format: Option<&str>) -> Vec<String> {
         .arg(dir.path())
         .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
         .args(["--http-addr", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
-        .env("TOLLGATE_LOG", "tollgate=info")
+        .env_remove("TOLLGATE_LOG")
+        .env_remove("RUST_LOG")
         .env_remove("TOLLGATE_LOG_FORMAT")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped());
-    if let Some(format) = format {
-        command.env("TOLLGATE_LOG_FORMAT", format);
-    }
     let mut child = command.spawn().expect("tollgate serve starts");
     let mut lines = Vec::new();
     for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.expect("standard output is text");
-        // The API's `listening` event, in either format (JSON's `"message":"api listening"`).
-        let done = line.contains("api listening");
+        let done = line.contains(until);
         lines.push(line);
         if done {
             break;
@@ -311,8 +318,26 @@ fn serve_logs(format: Option<&str>) -> Vec<String> {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(lines.iter().any(|line| line.contains("api listening")), "the node's logs:\n{}", lines.join("\n"));
+    assert!(lines.iter().any(|line| line.contains(until)), "no {until:?} in the node's logs:\n{}", lines.join("\n"));
     lines
+}
+
+/// By default the node logs its own events, among them the Raft leader it follows, and not
+/// openraft's internals (every vote and task, about 25 lines for one start and stop); a filter
+/// that names openraft brings them back.
+#[test]
+fn test_serve_logs_the_raft_leader_and_leaves_openraft_internals_out_unless_asked() {
+    let internals = ["get_initial_state", "startup done", "becomes leader", "vote is changing"];
+    let lines = serve_logs_until(&[], "vnodes owned by this node");
+    let leader = lines.iter().find(|line| line.contains(" INFO raft leader ")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(leader.contains("term=1") && leader.contains("this_node=true"), "{leader}");
+    for line in &lines {
+        assert!(!internals.iter().any(|internal| line.contains(internal)), "openraft's internals by default: {line}");
+    }
+    let lines = serve_logs_until(&[("TOLLGATE_LOG", "info,openraft=info")], "vnodes owned by this node");
+    assert!(lines.iter().any(|line| line.contains("becomes leader")), "asked for openraft's logs: {lines:#?}");
+    let lines = serve_logs_until(&[("RUST_LOG", "info,openraft=info")], "vnodes owned by this node");
+    assert!(lines.iter().any(|line| line.contains("becomes leader")), "RUST_LOG too: {lines:#?}");
 }
 
 /// Logs written to a pipe are plain lines (no terminal colour codes for a log collector to

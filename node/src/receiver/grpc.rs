@@ -10,7 +10,6 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use prost::Message;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::TcpListener;
@@ -89,8 +88,9 @@ pub async fn serve(
     max_request_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let address: Option<SocketAddr> = listener.local_addr().ok();
-    info!(address = ?address, "otlp grpc listening");
+    if let Ok(address) = listener.local_addr() {
+        info!(%address, "otlp grpc listening");
+    }
     let budget = services.budget.clone();
     let metrics = MetricsServiceServer::new(services.clone())
         .accept_compressed(CompressionEncoding::Gzip)

@@ -755,16 +755,63 @@ const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 /// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
 async fn controller(cluster: Arc<Cluster>) {
     let mut leader_since: Option<Instant> = None;
+    let mut contact = Contact::default();
     loop {
         tokio::time::sleep(CONTROL_INTERVAL).await;
         if !cluster.is_leader() {
             leader_since = None;
+            contact = Contact::default();
             continue;
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
+        contact.update(&cluster, since);
         if let Err(error) = control_once(&cluster, since).await {
             debug!(%error, "controller pass incomplete");
         }
+    }
+}
+
+/// The members the leader has lost contact with, and since when: each loss and each return is
+/// logged once (openraft itself warns at every heartbeat that fails, four times a second).
+#[derive(Debug, Default)]
+struct Contact {
+    lost: BTreeMap<NodeId, Instant>,
+}
+
+impl Contact {
+    /// Compares the leader's last acknowledgement from each member with the election timeout
+    /// (a follower that long without the leader would start an election itself).
+    fn update(&mut self, cluster: &Cluster, leader_since: Instant) {
+        let state = cluster.state();
+        let metrics = cluster.raft.metrics().borrow_watched().clone();
+        let heartbeat = metrics.heartbeat.unwrap_or_default();
+        let settings = &cluster.settings;
+        for (id, node) in &state.nodes {
+            if *id == cluster.id {
+                continue;
+            }
+            let silent = match heartbeat.get(id).and_then(|t| *t) {
+                Some(instant) => openraft::Instant::elapsed(&instant.into_inner()),
+                None => leader_since.elapsed(),
+            };
+            let out = silent > settings.election_timeout;
+            match (out, self.lost.get(id)) {
+                (true, None) => {
+                    warn!(node = id, name = %node.name, address = %node.cluster_addr,
+                        silent_ms = silent.as_millis() as u64,
+                        failover_in_s = settings.failover_after.saturating_sub(silent).as_secs(),
+                        "lost contact with a member");
+                    self.lost.insert(*id, Instant::now().checked_sub(silent).unwrap_or_else(Instant::now));
+                }
+                (false, Some(since)) => {
+                    info!(node = id, name = %node.name, away_ms = since.elapsed().as_millis() as u64,
+                        "back in contact with a member");
+                    self.lost.remove(id);
+                }
+                _ => {}
+            }
+        }
+        self.lost.retain(|id, _| state.nodes.contains_key(id));
     }
 }
 
@@ -879,11 +926,14 @@ async fn control_once(cluster: &Cluster, leader_since: Instant) -> Result<(), Cl
         return Ok(());
     }
     let moves: Vec<Move> = state.vnodes.rebalance(&live);
-    for planned in moves.into_iter().take(budget) {
-        if unreachable.contains(&planned.from) {
-            continue;
-        }
-        info!(vnode = planned.vnode, from = planned.from, to = planned.to, "moving a vnode");
+    let planned: Vec<Move> =
+        moves.iter().filter(|planned| !unreachable.contains(&planned.from)).take(budget).copied().collect();
+    if !planned.is_empty() {
+        // One line per pass; each vnode's move at debug level.
+        info!(starting = planned.len(), in_flight = moving, to_go = moves.len(), "moving vnodes");
+    }
+    for planned in planned {
+        debug!(vnode = planned.vnode, from = planned.from, to = planned.to, "moving a vnode");
         cluster.write(Command::BeginMove { vnode: planned.vnode, from: planned.from, to: planned.to }).await?;
     }
     Ok(())

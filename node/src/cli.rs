@@ -259,9 +259,11 @@ pub fn main() -> ExitCode {
 /// plain lines) or `json` (one object per line).
 ///
 /// openraft reports its internals at `info` (its tasks starting and stopping, every vote and
-/// step of an election: about 25 lines for one start and stop of a single node), which buries
-/// the node's own lines; the node logs what an operator needs of them (a new leader) itself. So
-/// unless the filter names `openraft`, only openraft's warnings and errors pass it.
+/// step of an election: about 25 lines for one start and stop of a single node), and on the
+/// leader a warning for every heartbeat and replication call to a member that is down (four a
+/// second each), which buries the node's own lines. The node logs what an operator needs of
+/// them itself (a new leader; losing and regaining contact with a member), so unless the filter
+/// names `openraft`, only [`openraft_shown`] events of openraft pass it.
 fn init_logging() -> Result<(), String> {
     use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _};
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -270,9 +272,7 @@ fn init_logging() -> Result<(), String> {
     let directives =
         std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
     let quiet_raft = !directives.contains("openraft");
-    let raft = filter_fn(move |event| {
-        !(quiet_raft && event.target().starts_with("openraft") && *event.level() > tracing::Level::WARN)
-    });
+    let raft = filter_fn(move |event| !quiet_raft || openraft_shown(event.target(), event.level()));
     let filter = EnvFilter::new(directives).and(raft);
     let layer = tracing_subscriber::fmt::layer().with_target(false);
     let layer = match std::env::var("TOLLGATE_LOG_FORMAT").as_deref() {
@@ -282,6 +282,19 @@ fn init_logging() -> Result<(), String> {
     };
     tracing_subscriber::registry().with(layer).init();
     Ok(())
+}
+
+/// Whether an event of `target` at `level` is logged when the filter does not name openraft:
+/// everything but openraft's `info` and below, and its warnings about calls to members that do
+/// not answer (the node's "lost contact with a member" says it once).
+fn openraft_shown(target: &str, level: &tracing::Level) -> bool {
+    const PER_CALL: [&str; 3] =
+        ["openraft::core::heartbeat", "openraft::replication", "openraft::engine::handler::replication_handler"];
+    if !target.starts_with("openraft") {
+        return true;
+    }
+    *level <= tracing::Level::WARN
+        && !(*level == tracing::Level::WARN && PER_CALL.iter().any(|p| target.starts_with(p)))
 }
 
 /// The exit status of a stop forced by a second signal (128 + SIGINT, as shells report Ctrl-C).
@@ -591,4 +604,24 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
         let _ = writeln!(out, "* leaving: its vnodes are moving to the other members");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openraft_shown;
+    use tracing::Level;
+
+    #[test]
+    fn test_openraft_shows_its_warnings_and_errors_but_not_per_call_ones_or_its_internals() {
+        assert!(openraft_shown("tollgate::server", &Level::INFO));
+        assert!(openraft_shown("tollgate_cluster::runtime", &Level::DEBUG), "the filter decides the rest");
+        assert!(!openraft_shown("openraft::core::raft_core", &Level::INFO));
+        assert!(!openraft_shown("openraft::engine::engine_impl", &Level::DEBUG));
+        assert!(openraft_shown("openraft::core::raft_core", &Level::WARN));
+        assert!(openraft_shown("openraft::storage", &Level::ERROR));
+        assert!(!openraft_shown("openraft::core::heartbeat::worker", &Level::WARN));
+        assert!(!openraft_shown("openraft::replication", &Level::WARN));
+        assert!(!openraft_shown("openraft::engine::handler::replication_handler", &Level::WARN));
+        assert!(openraft_shown("openraft::replication", &Level::ERROR));
+    }
 }

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::{Cluster, ClusterState, Command, CommandResponse, NodeId, VnodeState};
 use tollgate_proto::peer::HandOffRequest;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The metadata key marking an imported, not yet committed move of `vnode`.
 fn marker_key(vnode: u16) -> String {
@@ -102,7 +102,7 @@ async fn take_over(cluster: &Cluster, owner: &OwnerHandle, store: &dyn Storage, 
         match try_take_over(cluster, owner, store, vnode, from, &marker).await {
             Ok(()) => {
                 metrics::counter!(m::VNODE_MOVES, "direction" => "in", "kind" => "state").increment(1);
-                info!(vnode, from, "took a vnode over");
+                debug!(vnode, from, "took a vnode over");
                 return;
             }
             Err(error) => {

@@ -37,7 +37,7 @@ use tollgate_rules::{
     Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, LogView,
     RejectReason, Rejection, SeriesId, SeriesTable,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Everything owners share.
 #[derive(Debug)]
@@ -1030,7 +1030,7 @@ impl OwnerState {
         }
         let count = batch.ops.len();
         durable(store.commit(batch).await?).await?;
-        info!(vnode = self.vnode, writes = count, "imported a vnode hand-over");
+        debug!(vnode = self.vnode, writes = count, "imported a vnode hand-over");
         Ok(())
     }
 }

@@ -26,7 +26,7 @@ use tollgate_proto::peer::{
 use tollgate_proto::CLUSTER_SECRET_HEADER;
 use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What the peer service needs from the node.
 #[derive(Clone, Debug)]
@@ -207,7 +207,7 @@ impl Peer for PeerService {
                 send(entries, 0)
             })?;
             metrics::counter!(m::VNODE_MOVES, "direction" => "out", "kind" => "state").increment(1);
-            info!(vnode, entries = sent, "handed a vnode over");
+            debug!(vnode, entries = sent, "handed a vnode over");
             Ok(())
         });
         Ok(Response::new(stream))

@@ -205,6 +205,11 @@ fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, Clus
         election_timeout_max: election * 2,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every_logs),
         max_in_snapshot_log_to_keep: settings.snapshot_every_logs,
+        // A member that lost the leader for a while (a network blip, a paused process) first
+        // asks whether it could win; without this it raised its term at every election timeout,
+        // and when it came back the leader stepped down for that term: one leader change per
+        // blip of any member.
+        enable_pre_vote: Some(true),
         ..Default::default()
     };
     config.validate().map(Arc::new).map_err(|e| ClusterError::Failed(format!("raft configuration: {e}")))
@@ -602,6 +607,16 @@ impl Cluster {
         }
         info!(nodes = ?promote, "promoting learners to voters");
         if let Err(e) = self.raft.change_membership(ChangeMembers::AddVoterIds(promote), true).await {
+            // Another membership change (a node joining at the same time) is still being
+            // committed: the controller's next pass promotes them.
+            let in_progress = matches!(
+                e.api_error(),
+                Some(ClientWriteError::ChangeMembershipError(openraft::error::ChangeMembershipError::InProgress(_)))
+            );
+            if in_progress {
+                info!("a membership change is still being committed; promoting at the next pass");
+                return;
+            }
             warn!(error = %e, "promoting learners failed");
         }
     }

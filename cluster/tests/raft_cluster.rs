@@ -382,6 +382,32 @@ async fn test_cluster_minority_refuses_writes_and_catches_up_after_healing() {
     assert!(states.windows(2).all(|w| w[0] == w[1]), "the old leader converged");
 }
 
+/// A follower cut off for several election timeouts (a network blip, a paused process) does not
+/// depose the leader when it comes back: with Pre-Vote it asks whether it could win before it
+/// raises its term, the others refuse while they hear from the leader, and so the term it would
+/// come back with, which the leader would have to step down for, never exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_follower_back_from_isolation_does_not_depose_the_leader() {
+    let cluster = three_nodes().await;
+    let leader = cluster.leader().expect("a leader");
+    let term = cluster.node(leader).figures().term;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+
+    cluster.faults.isolate(&addr(follower));
+    // Several of its election timeouts (300-600 ms) without a leader.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(cluster.node(follower).figures().term, term, "the cut-off follower did not raise its term");
+    cluster.faults.heal_all();
+    wait_until("the follower back in touch", || cluster.node(follower).in_contact().then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for id in [1, 2, 3] {
+        let figures = cluster.node(id).figures();
+        assert_eq!((figures.leader, figures.term), (Some(leader), term), "node {id} follows the same leader");
+    }
+    let response = write_retrying(cluster.node(follower), Command::SetPricing(pricing(3.0))).await;
+    assert!(matches!(response, CommandResponse::Applied { .. }), "{response:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_cluster_converges_despite_dropped_and_delayed_calls() {
     let cluster = three_nodes().await;

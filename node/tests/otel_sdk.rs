@@ -8,7 +8,7 @@ mod common;
 
 use common::TestNode;
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
-use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::metrics::{Histogram, MeterProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::logs::SdkLoggerProvider;
@@ -16,7 +16,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::Resource;
 use serde_json::{json, Value};
 use std::time::Duration;
-use tollgate_rules::testing::gateway_bounds;
+use tollgate_rules::testing::{gateway_bounds, gateway_unit};
 
 /// The gateway pod's resource, in the SWIP-10 convention.
 fn resource(instance: &str) -> Resource {
@@ -59,6 +59,11 @@ fn with_exporter(exporter: opentelemetry_otlp::MetricExporter, instance: &str) -
     SdkMeterProvider::builder().with_reader(reader).with_resource(resource(instance)).build()
 }
 
+/// A histogram with the gateway's unit and bucket bounds for `name`.
+fn gateway_histogram(meter: &opentelemetry::metrics::Meter, name: &'static str) -> Histogram<f64> {
+    meter.f64_histogram(name).with_unit(gateway_unit(name)).with_boundaries(gateway_bounds(name).to_vec()).build()
+}
+
 fn attributes(model: &str, extra: &[(&'static str, &'static str)]) -> Vec<KeyValue> {
     let mut out = vec![
         KeyValue::new("gen_ai.operation.name", "chat"),
@@ -99,21 +104,9 @@ async fn test_opentelemetry_sdk_delta_exports_are_exact() {
     let node = TestNode::start().await;
     let provider = provider(&node.grpc(), "sdk-pod-0");
     let meter = provider.meter("envoyproxy/ai-gateway");
-    let duration = meter
-        .f64_histogram("gen_ai.server.request.duration")
-        .with_unit("s")
-        .with_boundaries(gateway_bounds("gen_ai.server.request.duration").to_vec())
-        .build();
-    let tokens = meter
-        .f64_histogram("gen_ai.client.token.usage")
-        .with_unit("token")
-        .with_boundaries(gateway_bounds("gen_ai.client.token.usage").to_vec())
-        .build();
-    let ttft = meter
-        .f64_histogram("gen_ai.server.time_to_first_token")
-        .with_unit("s")
-        .with_boundaries(gateway_bounds("gen_ai.server.time_to_first_token").to_vec())
-        .build();
+    let duration = gateway_histogram(&meter, "gen_ai.server.request.duration");
+    let tokens = gateway_histogram(&meter, "gen_ai.client.token.usage");
+    let ttft = gateway_histogram(&meter, "gen_ai.server.time_to_first_token");
 
     for seconds in [0.3, 0.9, 1.7, 5.5] {
         duration.record(seconds, &attributes("gpt-4o", &[]));
@@ -197,16 +190,8 @@ async fn cumulative_over_http(protocol: Protocol) {
     let node = TestNode::start().await;
     let provider = http_provider(&format!("{}/v1/metrics", node.otlp_http()), protocol, "sdk-pod-http");
     let meter = provider.meter("envoyproxy/ai-gateway");
-    let duration = meter
-        .f64_histogram("gen_ai.server.request.duration")
-        .with_unit("s")
-        .with_boundaries(gateway_bounds("gen_ai.server.request.duration").to_vec())
-        .build();
-    let tokens = meter
-        .f64_histogram("gen_ai.client.token.usage")
-        .with_unit("token")
-        .with_boundaries(gateway_bounds("gen_ai.client.token.usage").to_vec())
-        .build();
+    let duration = gateway_histogram(&meter, "gen_ai.server.request.duration");
+    let tokens = gateway_histogram(&meter, "gen_ai.client.token.usage");
     let input = attributes("gpt-4o", &[("gen_ai.token.type", "input")]);
     let output = attributes("gpt-4o", &[("gen_ai.token.type", "output")]);
 

@@ -127,6 +127,7 @@ struct Report {
     logs: (u64, u64, u64),
     failed_attempts: Vec<(AttemptClass, u64)>,
     writes: (u64, u64, u64),
+    leaders: Vec<(u64, String)>,
     elapsed: Duration,
 }
 
@@ -387,6 +388,7 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
         detail: if unexpected.is_empty() { "none".into() } else { unexpected.join("\n") },
     });
     report.checks.push(failover_check(&cluster));
+    report.leaders = leaderships(&cluster);
     report.checks.push(Check {
         name: "nodes started, stopped and changed membership as asked".into(),
         passed: report.faults.violations.is_empty(),
@@ -418,6 +420,45 @@ fn failover_check(cluster: &Cluster) -> Check {
         passed: lines.is_empty(),
         detail: if lines.is_empty() { "none".into() } else { lines.join("\n") },
     }
+}
+
+/// Every Raft leadership the nodes logged (`raft leader term=T leader=NAME`), in term order:
+/// a fault of a follower should not make one (members ask first whether they could win).
+fn leaderships(cluster: &Cluster) -> Vec<(u64, String)> {
+    let mut seen = std::collections::BTreeSet::new();
+    for node in &cluster.nodes {
+        let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+        seen.extend(leader_lines(&text));
+    }
+    seen.into_iter().collect()
+}
+
+/// The (term, leader) of each `raft leader` line (plain or coloured).
+fn leader_lines(log: &str) -> impl Iterator<Item = (u64, String)> + '_ {
+    log.lines().filter(|line| line.contains("raft leader")).filter_map(|line| {
+        let plain: String = strip_ansi(line);
+        let field = |name: &str| plain.split_whitespace().find_map(|word| word.strip_prefix(name).map(str::to_string));
+        Some((field("term=")?.parse().ok()?, field("leader=")?))
+    })
+}
+
+/// `line` without ANSI escape sequences.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // ESC [ ... letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The leader's log lines that reassign or abort a vnode move because a member is unreachable
@@ -483,6 +524,8 @@ fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8)
     println!("pricing writes: {writes} ({writes_acked} acknowledged, {writes_unknown} unknown)");
     let injected: Vec<String> = report.faults.injected.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("faults injected: {}", if injected.is_empty() { "none".into() } else { injected.join(", ") });
+    let leaders: Vec<String> = report.leaders.iter().map(|(term, name)| format!("{name} (term {term})")).collect();
+    println!("raft leaders: {}", if leaders.is_empty() { "none logged".into() } else { leaders.join(", ") });
     println!("checks:");
     for check in &report.checks {
         let verdict = if check.passed { "PASS" } else { "FAIL" };
@@ -511,6 +554,16 @@ fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8)
 #[cfg(test)]
 mod tests {
     use super::failover_lines;
+
+    #[test]
+    fn test_leader_lines_reads_term_and_name_plain_or_coloured() {
+        let log = "2026-12-06T19:30:10.663597Z  INFO raft leader term=1 leader=n1 id=24 this_node=true\n\
+                   2026-12-06T19:30:11.000000Z  INFO vnodes owned by this node owned=3 of=32\n\
+                   2026-12-06T19:30:30.665533Z \x1b[32m INFO\x1b[0m raft leader \x1b[3mterm\x1b[0m\x1b[2m=\x1b[0m3 \
+                   \x1b[3mleader\x1b[0m\x1b[2m=\x1b[0mn2 \x1b[3mid\x1b[0m\x1b[2m=\x1b[0m7\n";
+        let found: Vec<(u64, String)> = super::leader_lines(log).collect();
+        assert_eq!(found, vec![(1, "n1".to_string()), (3, "n2".to_string())]);
+    }
 
     #[test]
     fn test_failover_lines_finds_the_leaders_warnings_plain_or_coloured() {

@@ -86,12 +86,14 @@ pub fn start(cluster: Arc<Cluster>, owners: Arc<Vec<OwnerHandle>>, store: Arc<dy
     })
 }
 
+/// True while `state` moves `vnode` from `from` to `me`.
+fn moving(state: &ClusterState, vnode: u16, from: NodeId, me: NodeId) -> bool {
+    matches!(state.vnodes.vnodes.get(vnode as usize), Some(VnodeState::Moving { from: f, to }) if *f == from && *to == me)
+}
+
 /// True while the applied state still moves `vnode` from `from` to this node.
 fn still_moving(cluster: &Cluster, vnode: u16, from: NodeId) -> bool {
-    matches!(
-        cluster.state().vnodes.vnodes.get(vnode as usize),
-        Some(VnodeState::Moving { from: f, to }) if *f == from && *to == cluster.id
-    )
+    moving(&cluster.state(), vnode, from, cluster.id)
 }
 
 async fn take_over(cluster: &Cluster, owner: &OwnerHandle, store: &dyn Storage, vnode: u16, from: NodeId) {
@@ -103,6 +105,14 @@ async fn take_over(cluster: &Cluster, owner: &OwnerHandle, store: &dyn Storage, 
             Ok(()) => {
                 metrics::counter!(m::VNODE_MOVES, "direction" => "in", "kind" => "state").increment(1);
                 debug!(vnode, from, "took a vnode over");
+                // The end of the move is committed, but maybe not yet applied here (the leader
+                // committed it): until it is, the vnode still looks moving to this node, and the
+                // mover must not start taking it over again (the old owner would wait 30 s for a
+                // move that is over, and the attempt would fail with a warning).
+                let me = cluster.id;
+                let done = move |a: &Arc<AppliedState>| !moving(&a.state, vnode, from, me);
+                let _ =
+                    tollgate_cluster::runtime::wait_applied(&cluster.applied(), Duration::from_secs(30), done).await;
                 return;
             }
             Err(error) => {

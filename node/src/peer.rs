@@ -315,6 +315,9 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + S
 /// connection.
 const PEER_MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// Streams a peer may reset before this node accepted them (see [`serve`]).
+const PEER_MAX_PENDING_RESETS: usize = 4096;
+
 /// Serves the peer service on `listener` until `shutdown` resolves; calls without the secret
 /// (when one is configured) are refused as unauthenticated.
 pub async fn serve(
@@ -344,6 +347,11 @@ pub async fn serve(
     );
     tonic::transport::Server::builder()
         .max_frame_size(PEER_MAX_FRAME_BYTES)
+        // A node that was paused (a stalled VM, CPU throttling) finds on resuming every call its
+        // peers cancelled meanwhile (heartbeats, four a second, time out after the RPC timeout);
+        // past hyper's default of 20 it dropped the connection, and with it the calls that were
+        // about to be answered (vnode hand-overs failed and started again).
+        .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
         .add_service(server)
         .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
         .await

@@ -325,6 +325,10 @@ impl Cluster {
                     Err(error @ TransportError::Refused { .. }) if is_final(&error) => {
                         return Err(ClusterError::Refused(format!("joining via {address} was refused: {error}")));
                     }
+                    // The cluster is busy (another node joining): asked again shortly.
+                    Err(TransportError::Refused { ref code, ref message, .. }) if code == "Unavailable" => {
+                        info!(via = %address, reason = %message, "join attempt deferred");
+                    }
                     Err(error) => warn!(via = %address, %error, "join attempt failed"),
                 }
             }
@@ -574,7 +578,7 @@ impl Cluster {
                 self.raft
                     .add_learner(id, node.clone(), true)
                     .await
-                    .map_err(|e| ClusterError::Failed(format!("adding {id}: {e}")))?;
+                    .map_err(|e| membership_error(&format!("adding {id}"), e))?;
             }
             Some(known) if known != node => {
                 // A member restarted with other addresses: the same node, reachable elsewhere.
@@ -582,7 +586,7 @@ impl Cluster {
                 self.raft
                     .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node.clone())])), false)
                     .await
-                    .map_err(|e| ClusterError::Failed(format!("updating {id}'s addresses: {e}")))?;
+                    .map_err(|e| membership_error(&format!("updating {id}'s addresses"), e))?;
             }
             Some(_) => {}
         }
@@ -609,11 +613,7 @@ impl Cluster {
         if let Err(e) = self.raft.change_membership(ChangeMembers::AddVoterIds(promote), true).await {
             // Another membership change (a node joining at the same time) is still being
             // committed: the controller's next pass promotes them.
-            let in_progress = matches!(
-                e.api_error(),
-                Some(ClientWriteError::ChangeMembershipError(openraft::error::ChangeMembershipError::InProgress(_)))
-            );
-            if in_progress {
+            if membership_change_in_progress(&e) {
                 info!("a membership change is still being committed; promoting at the next pass");
                 return;
             }
@@ -764,6 +764,30 @@ pub async fn wait_applied(
     waited.unwrap_or(false)
 }
 
+/// A membership change refused because another one is still being committed (two nodes
+/// joining at once): retrying shortly succeeds.
+fn membership_change_in_progress(
+    error: &RaftError<crate::raft::TypeConfig, ClientWriteError<crate::raft::TypeConfig>>,
+) -> bool {
+    matches!(
+        error.api_error(),
+        Some(ClientWriteError::ChangeMembershipError(openraft::error::ChangeMembershipError::InProgress(_)))
+    )
+}
+
+/// A failed membership change: retryable (`NoQuorum`, answered 503 / `UNAVAILABLE`) when another
+/// change is in progress, else a failure.
+fn membership_error(
+    context: &str,
+    error: RaftError<crate::raft::TypeConfig, ClientWriteError<crate::raft::TypeConfig>>,
+) -> ClusterError {
+    if membership_change_in_progress(&error) {
+        ClusterError::NoQuorum(format!("{context}: another membership change is being committed; retry"))
+    } else {
+        ClusterError::Failed(format!("{context}: {error}"))
+    }
+}
+
 /// How often the leader's controller looks at the cluster.
 const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -771,15 +795,23 @@ const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 async fn controller(cluster: Arc<Cluster>) {
     let mut leader_since: Option<Instant> = None;
     let mut contact = Contact::default();
+    let mut last_pass = Instant::now();
     loop {
         tokio::time::sleep(CONTROL_INTERVAL).await;
+        // A pass long after the last one: this process was not running (paused, starved), so
+        // every member looks silent; the next pass, with Raft's view brought up to date (this
+        // node may not even lead any more), judges their contact.
+        let stalled = last_pass.elapsed() > CONTROL_INTERVAL * 4;
+        last_pass = Instant::now();
         if !cluster.is_leader() {
             leader_since = None;
             contact = Contact::default();
             continue;
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
-        contact.update(&cluster, since);
+        if !stalled {
+            contact.update(&cluster, since);
+        }
         if let Err(error) = control_once(&cluster, since).await {
             debug!(%error, "controller pass incomplete");
         }

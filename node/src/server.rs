@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -666,10 +666,29 @@ fn spawn_background(
             let mut interval = tokio::time::interval(Duration::from_secs(1));
             // Each owner logs its own transitions at debug level; the node logs the count.
             let mut owned_before = None;
+            // When this node lost contact with a leader that has a majority (as a follower, or as a
+            // leader without its quorum), once it had it (not while it starts).
+            let mut contact: Option<Option<Instant>> = None;
             loop {
                 tokio::select! {
                     _ = interval.tick() => {}
                     _ = stop.changed() => break,
+                }
+                match (cluster.in_contact(), contact) {
+                    (true, Some(Some(lost))) => {
+                        info!(away_ms = lost.elapsed().as_millis() as u64, "in contact with the cluster again");
+                        contact = Some(None);
+                    }
+                    (true, _) => contact = Some(None),
+                    (false, Some(None)) => {
+                        warn!(
+                            "cut off from the cluster (no leader with a majority reaches this node): configuration \
+                             and membership writes through it fail (503) until one does; exports for the vnodes \
+                             it owns go on"
+                        );
+                        contact = Some(Some(Instant::now()));
+                    }
+                    (false, _) => {}
                 }
                 let raft = cluster.figures();
                 metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);

@@ -664,17 +664,25 @@ fn spawn_background(
         let mut stop = stop_receiver.clone();
         tasks.spawn("raft figures", async move {
             let mut interval = tokio::time::interval(Duration::from_secs(1));
+            // After a pause, one tick and not a burst of the missed ones (see `stalled`).
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Each owner logs its own transitions at debug level; the node logs the count.
             let mut owned_before = None;
             // When this node lost contact with a leader that has a majority (as a follower, or as a
             // leader without its quorum), once it had it (not while it starts).
             let mut contact: Option<Option<Instant>> = None;
+            let mut last_tick = Instant::now();
             loop {
                 tokio::select! {
                     _ = interval.tick() => {}
                     _ = stop.changed() => break,
                 }
+                // A tick long after the last one: this process was not running (paused), and
+                // what it last heard is old; the next tick judges the contact.
+                let stalled = last_tick.elapsed() > Duration::from_secs(3);
+                last_tick = Instant::now();
                 match (cluster.in_contact(), contact) {
+                    (false, _) if stalled => {}
                     (true, Some(Some(lost))) => {
                         info!(away_ms = lost.elapsed().as_millis() as u64, "in contact with the cluster again");
                         contact = Some(None);

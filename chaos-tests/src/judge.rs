@@ -195,7 +195,7 @@ fn judge_logs(must: &LogObligations, stored: &[String]) -> Result<String, String
     for id in stored {
         *times.entry(id.as_str()).or_default() += 1;
     }
-    let lost: Vec<&String> = must.acked.iter().filter(|id| !times.contains_key(id.as_str())).collect();
+    let lost: Vec<&str> = must.acked.iter().map(String::as_str).filter(|id| !times.contains_key(id)).collect();
     let twice: Vec<&str> = times.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
     let dropped: Vec<&str> = times.keys().filter(|id| must.dropped.contains(**id)).copied().collect();
     let invented: Vec<&str> = times
@@ -205,16 +205,15 @@ fn judge_logs(must: &LogObligations, stored: &[String]) -> Result<String, String
         .collect();
     let unknown_stored = must.unknown.iter().filter(|id| times.contains_key(id.as_str())).count();
     let mut problems = Vec::new();
-    let mut report = |what: &str, ids: Vec<String>| {
+    let mut report = |what: &str, ids: &[&str]| {
         if !ids.is_empty() {
-            let shown: Vec<&String> = ids.iter().take(5).collect();
-            problems.push(format!("{} {what} (e.g. {shown:?})", ids.len()));
+            problems.push(format!("{} {what} (e.g. {:?})", ids.len(), &ids[..ids.len().min(5)]));
         }
     };
-    report("acknowledged records lost", lost.iter().map(|id| id.to_string()).collect());
-    report("records stored more than once", twice.iter().map(|id| id.to_string()).collect());
-    report("records the rules drop were stored", dropped.iter().map(|id| id.to_string()).collect());
-    report("records stored that were never sent", invented.iter().map(|id| id.to_string()).collect());
+    report("acknowledged records lost", &lost);
+    report("records stored more than once", &twice);
+    report("records the rules drop were stored", &dropped);
+    report("records stored that were never sent", &invented);
     if problems.is_empty() {
         Ok(format!(
             "{} stored: {} acknowledged, {unknown_stored} of {} unknown",
@@ -227,6 +226,26 @@ fn judge_logs(must: &LogObligations, stored: &[String]) -> Result<String, String
     }
 }
 
+/// The kept logs of `service` in `[start, end)` through the node at `api`, judged against
+/// `must` ([`judge_logs`]); a page naming members that did not answer is a problem too.
+async fn check_stored_logs(
+    http: &reqwest::Client,
+    api: &str,
+    service: &str,
+    (start, end): (u64, u64),
+    must: &LogObligations,
+) -> Result<String, String> {
+    let (stored, missing) = stored_logs(http, api, service, start, end).await?;
+    let judged = judge_logs(must, &stored);
+    match missing {
+        Some(missing) => Err(format!(
+            "x-tollgate-missing-nodes: {missing}{}",
+            judged.err().map(|problem| format!("; {problem}")).unwrap_or_default()
+        )),
+        None => judged,
+    }
+}
+
 /// Every member's kept access logs of every service against the ledger.
 pub async fn check_logs(cluster: &Cluster, ledger: &Ledger, start: u64, end: u64) -> Vec<Check> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
@@ -236,17 +255,9 @@ pub async fn check_logs(cluster: &Cluster, ledger: &Ledger, start: u64, end: u64
         let mut problems = Vec::new();
         let mut figures = Vec::new();
         for (service, must) in &ledger.logs {
-            match stored_logs(&http, &node.api(), service, start, end).await {
-                Err(e) => problems.push(format!("{service}: {e}")),
-                Ok((stored, missing)) => {
-                    if let Some(missing) = missing {
-                        problems.push(format!("{service}: x-tollgate-missing-nodes: {missing}"));
-                    }
-                    match judge_logs(must, &stored) {
-                        Ok(figure) => figures.push(format!("{service} {figure}")),
-                        Err(problem) => problems.push(format!("{service}: {problem}")),
-                    }
-                }
+            match check_stored_logs(&http, &node.api(), service, (start, end), must).await {
+                Ok(figure) => figures.push(format!("{service} {figure}")),
+                Err(problem) => problems.push(format!("{service}: {problem}")),
             }
         }
         let name = format!("kept access logs through {}", node.name);
@@ -382,16 +393,8 @@ pub async fn check_new_writes(cluster: &Cluster, settings: &Settings, seed: u64)
             Err(e) => problems.push(e),
         }
         let must = ledger.logs.get(service).cloned().unwrap_or_default();
-        match stored_logs(&http, &target.api, service, time - 600, now + 60).await {
-            Ok((stored, missing)) => {
-                if let Err(problem) = judge_logs(&must, &stored) {
-                    problems.push(format!("logs through {}: {problem}", target.name));
-                }
-                if let Some(missing) = missing {
-                    problems.push(format!("logs through {}: x-tollgate-missing-nodes: {missing}", target.name));
-                }
-            }
-            Err(e) => problems.push(e),
+        if let Err(problem) = check_stored_logs(&http, &target.api, service, (time - 600, now + 60), &must).await {
+            problems.push(format!("logs through {}: {problem}", target.name));
         }
     }
     let kept = ledger.logs.get(service).map_or(0, |logs| logs.acked.len());

@@ -91,6 +91,10 @@ pub const VNODES_OWNED: &str = "tollgate_vnodes_owned";
 /// Hand-overs this node completed, by `direction` (`in`, `out`) and `kind` (`state`: a vnode's
 /// normalisation state; `drain`: all data of a leaving node).
 pub const VNODE_MOVES: &str = "tollgate_vnode_moves_total";
+/// Hand-over attempts that failed, by `direction` (`in`: taking a vnode over or copying a leaving
+/// node's data failed and is retried; `out`: a request this node refused) and `kind`. In a
+/// healthy cluster that is not losing members, zero.
+pub const VNODE_MOVE_FAILURES: &str = "tollgate_vnode_move_failures_total";
 /// Query requests, by `kind` (`metric`, `logs`) and `outcome`.
 pub const QUERIES: &str = "tollgate_queries_total";
 

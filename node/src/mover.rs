@@ -116,6 +116,7 @@ async fn take_over(cluster: &Cluster, owner: &OwnerHandle, store: &dyn Storage, 
                 return;
             }
             Err(error) => {
+                metrics::counter!(m::VNODE_MOVE_FAILURES, "direction" => "in", "kind" => "state").increment(1);
                 warn!(vnode, from, attempt, %error, "taking a vnode over failed; retrying");
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(20)))).await;
             }
@@ -191,6 +192,7 @@ async fn take_drain(cluster: &Cluster, store: &dyn Storage, from: NodeId, genera
                 return;
             }
             Err(error) => {
+                metrics::counter!(m::VNODE_MOVE_FAILURES, "direction" => "in", "kind" => "drain").increment(1);
                 warn!(from, generation, attempt, %error, "copying a leaving node's data failed; retrying");
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(20)))).await;
             }

@@ -192,11 +192,22 @@ impl Peer for PeerService {
         let vnode = owner.vnode;
         // Only once this node applied the move does its owner refuse new data for the vnode; then
         // everything it accepted is made durable, and the store holds the whole state.
+        // A vnode this node neither has nor is getting was handed over already (a late or repeated
+        // request): refused at once, since waiting would not change that.
         let me = self.cluster.id;
-        let moving = move |a: &Arc<AppliedState>| matches!(a.state.vnodes.vnodes.get(vnode as usize), Some(VnodeState::Moving { from, .. }) if *from == me);
-        if !self.applied_within(moving).await {
+        let state_of = move |a: &AppliedState| a.state.vnodes.vnodes.get(vnode as usize).cloned();
+        let moving =
+            move |a: &Arc<AppliedState>| matches!(state_of(a), Some(VnodeState::Moving { from, .. }) if from == me);
+        let here = match state_of(&self.cluster.applied().borrow()) {
+            Some(VnodeState::Active { owner }) => owner == me,
+            Some(VnodeState::Moving { from, to }) => from == me || to == me,
+            _ => false,
+        };
+        if !here || !self.applied_within(moving).await {
+            metrics::counter!(m::VNODE_MOVE_FAILURES, "direction" => "out", "kind" => "state").increment(1);
             self.refuse_if_stopping()?;
-            return Err(Status::failed_precondition(format!("vnode {vnode} is not moving away from this node")));
+            let now = state_of(&self.cluster.applied().borrow()).map_or_else(|| "unknown".into(), |s| format!("{s:?}"));
+            return Err(Status::failed_precondition(format!("vnode {vnode} is not moving away from this node: {now}")));
         }
         owner.release().await?;
         let store = Arc::clone(&self.store);
@@ -250,6 +261,7 @@ impl PeerService {
     async fn drain(&self) -> Result<Response<ChunkStream>, Status> {
         let me = self.cluster.id;
         if !self.applied_within(move |a| a.state.draining.contains_key(&me)).await {
+            metrics::counter!(m::VNODE_MOVE_FAILURES, "direction" => "out", "kind" => "drain").increment(1);
             self.refuse_if_stopping()?;
             return Err(Status::failed_precondition("this node is not being drained"));
         }

@@ -22,7 +22,49 @@ async fn three_nodes(env: &[(&str, &str)]) -> Vec<TestNode> {
     let third = TestNode::start_member("n3", Some(&seed), env).await;
     let nodes = vec![first, second, third];
     wait_balanced(&nodes.iter().collect::<Vec<_>>()).await;
+    assert_moves_accounted(&nodes).await;
     nodes
+}
+
+/// Every vnode hand-over of the cluster's formation happened once and none failed: each node owns
+/// what it took over less what it handed away (the first node also the vnodes it bootstrapped
+/// with), as many hand-overs went out as came in, and no take-over was refused or retried (a
+/// take-over started twice for one move was refused by the old owner).
+async fn assert_moves_accounted(nodes: &[TestNode]) {
+    let moves = |direction: &str| format!("tollgate_vnode_moves_total{{direction=\"{direction}\",kind=\"state\"}}");
+    let ledger = wait_for("every hand-over counted on both sides", || async {
+        let mut ledger = Vec::new();
+        let mut total = 0;
+        for node in nodes {
+            let status = node.cluster_status().await;
+            total = status["vnodes"]["total"].as_i64().expect("vnode count");
+            let owned = status["vnodes"]["owners"][&node.endpoints.node_id].as_i64().unwrap_or(0);
+            let taken = node.self_metric_opt(&moves("in")).await.unwrap_or(0.0) as i64;
+            let given = node.self_metric_opt(&moves("out")).await.unwrap_or(0.0) as i64;
+            ledger.push((owned, taken, given));
+        }
+        let owned_as_moved = ledger
+            .iter()
+            .enumerate()
+            .all(|(n, (owned, taken, given))| *owned == if n == 0 { total } else { 0 } + taken - given);
+        let taken: i64 = ledger.iter().map(|(_, taken, _)| taken).sum();
+        let given: i64 = ledger.iter().map(|(_, _, given)| given).sum();
+        (owned_as_moved && taken == given && taken > 0).then_some(ledger)
+    })
+    .await;
+    for node in nodes {
+        for direction in ["in", "out"] {
+            for kind in ["state", "drain"] {
+                let name = format!("tollgate_vnode_move_failures_total{{direction=\"{direction}\",kind=\"{kind}\"}}");
+                let failures = node.self_metric_opt(&name).await.unwrap_or(0.0);
+                assert_eq!(
+                    failures, 0.0,
+                    "{}: {name} (owned, taken, given per node: {ledger:?})",
+                    node.endpoints.node_id
+                );
+            }
+        }
+    }
 }
 
 fn leader_name(status: &Value) -> Option<String> {

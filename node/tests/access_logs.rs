@@ -243,6 +243,55 @@ async fn test_a_record_just_acknowledged_is_in_the_default_range() {
     }
 }
 
+/// OTLP/JSON as protobuf's JSON mapping also writes it (a relay such as the Collector writes a
+/// non-finite double as `"NaN"`; enums may come by name): accepted, sampled and stored like any
+/// other record, instead of a 400 that lost the whole export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_otlp_json_logs_in_the_spellings_of_protobufs_json_mapping_are_kept() {
+    let node = TestNode::start().await;
+    let time = (now_seconds() - 60) * 1_000_000_000;
+    let record = |id: &str, code: &str| {
+        format!(
+            r#"{{"timeUnixNano":"{time}","severityNumber":"SEVERITY_NUMBER_ERROR","body":{{"stringValue":"{id}"}},
+                "attributes":[{{"key":"x-request-id","value":{{"stringValue":"{id}"}}}},
+                              {{"key":"request.path","value":{{"stringValue":"/v1/chat/completions"}}}},
+                              {{"key":"gen_ai.request.model","value":{{"stringValue":"gpt-4o"}}}},
+                              {{"key":"response_code","value":{{"stringValue":"{code}"}}}},
+                              {{"key":"upstream_ratio","value":{{"doubleValue":"NaN"}}}},
+                              {{"key":"duration","value":{{"intValue":181}}}}],
+                "traceId":"5b8efff798038103d269b633813fc60c"}}"#
+        )
+    };
+    let json = format!(
+        r#"{{"resourceLogs":[{{"resource":{{"attributes":[
+            {{"key":"service.name","value":{{"stringValue":"envoy-ai-gateway"}}}},
+            {{"key":"aigw.service","value":{{"stringValue":"json-gw"}}}},
+            {{"key":"service.instance.id","value":{{"stringValue":"pod-0"}}}},
+            {{"key":"cluster.weight","value":{{"doubleValue":"Infinity"}}}}]}},
+          "scopeLogs":[{{"logRecords":[{},{}]}}]}}]}}"#,
+        record("kept-500", "500"),
+        record("dropped-200", "200")
+    );
+    let response = node
+        .http
+        .post(format!("{}/v1/logs", node.otlp_http()))
+        .header("content-type", "application/json")
+        .body(json)
+        .send()
+        .await
+        .expect("otlp http reachable");
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "{}"));
+    let logs = logs(&node, "service=json-gw").await;
+    let logs = logs["logs"].as_array().unwrap();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0]["body"], "kept-500");
+    assert_eq!(logs[0]["reasons"], json!(["error"]));
+    assert_eq!(logs[0]["duration_ms"], json!(181));
+    assert_eq!(logs[0]["attributes"]["upstream_ratio"], "NaN");
+}
+
 /// Pages through the kept records of a service of many pods, whose records interleave in time:
 /// every record exactly once, newest first, with each filter. A page keeps only its newest
 /// records from one pod to the next, reading each next pod only back to the oldest of them.

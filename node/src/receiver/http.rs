@@ -15,9 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use http_body_util::BodyExt;
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use prost::Message;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::Read;
 use tollgate_proto::otlp_routing::logs::ExportLogsServiceRequest as RoutingLogs;
@@ -139,11 +137,6 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, permit: &mut B
     }
 }
 
-/// An OTLP/JSON logs request (metrics have their own decoding: [`super::json`]).
-fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::InvalidArgument(format!("malformed JSON request: {e}")))
-}
-
 /// A protobuf request in its routing view: resources left encoded, sharing the body's buffer.
 fn decode_routing<T: Message + Default>(bytes: Vec<u8>) -> Result<T, Error> {
     T::decode(bytes::Bytes::from(bytes)).map_err(|e| Error::InvalidArgument(format!("malformed protobuf request: {e}")))
@@ -215,7 +208,7 @@ async fn export_logs(State(state): State<OtlpHttp>, headers: HeaderMap, body: Bo
                 state.ingest.logs_encoded(request.resource_logs, "http").await?
             }
             Encoding::Json => {
-                let request: ExportLogsServiceRequest = decode_json(&bytes)?;
+                let request = super::json::logs_request(&bytes).map_err(Error::InvalidArgument)?;
                 drop(bytes);
                 state.ingest.logs(request, "http").await?
             }

@@ -1,50 +1,32 @@
-//! OTLP/JSON metrics requests (`POST /v1/metrics` with `Content-Type: application/json`).
-//!
-//! opentelemetry-proto's serde derives turn each protobuf `oneof` into a flattened `Option`, and
-//! serde answers any error inside a flattened `Option` with `None`: a metric whose histogram had
-//! one field spelled another way than the derive expects (an enum by its name, `"NaN"` for a sum)
-//! decoded as a metric without data, and all its points vanished from an export answered `{}`.
-//! So the metrics of a request are decoded here, by types that mirror the OTLP messages down to
-//! their points and say what was wrong (with the line and column) when a field does not parse,
-//! and accept what protobuf's JSON mapping allows beside OTLP/JSON's own spelling:
-//! - 64-bit integers as strings (OTLP/JSON) or numbers;
-//! - doubles as numbers or strings: `"NaN"`, `"Infinity"`, `"-Infinity"` (the mapping's only way
-//!   to write them) or a decimal; a non-finite sum, min, max or bound is then rejected with its
-//!   point (`non_finite_value`, `invalid_bounds`), as over protobuf, and the request's other
-//!   points are kept;
-//! - enums as numbers (OTLP/JSON) or by name (`"AGGREGATION_TEMPORALITY_DELTA"`);
-//! - `null` for any field: its default.
+//! OTLP/JSON metrics requests, decoded down to their points (see the [module](super)).
 //!
 //! Exponential histograms and summaries cannot be merged and are rejected point by point
 //! (`unsupported_type`): only their points are counted, their contents are not read. Exemplars
-//! are not used and are skipped. Resources, scopes and attributes are opentelemetry-proto's own
-//! types (no `oneof` of theirs hides errors: `AnyValue` has its own deserializer).
+//! are not used and are skipped.
 
+use super::{key_values, malformed, Enum, KeyValue, ProtoEnum, Resource, Scope, F64, I64, U64};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1 as otlp;
 use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
-use std::fmt;
 
 /// Decodes an OTLP/JSON `ExportMetricsServiceRequest`; the error says what was wrong and where.
 pub fn metrics_request(bytes: &[u8]) -> Result<ExportMetricsServiceRequest, String> {
-    let request: Request = serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON request: {e}"))?;
+    let request: Request = serde_json::from_slice(bytes).map_err(malformed)?;
     Ok(ExportMetricsServiceRequest {
         resource_metrics: request
             .resource_metrics
             .unwrap_or_default()
             .into_iter()
             .map(|r| otlp::ResourceMetrics {
-                resource: r.resource,
+                resource: r.resource.map(Into::into),
                 scope_metrics: r
                     .scope_metrics
                     .unwrap_or_default()
                     .into_iter()
                     .map(|s| otlp::ScopeMetrics {
-                        scope: s.scope,
+                        scope: s.scope.map(Into::into),
                         metrics: s.metrics.unwrap_or_default().into_iter().map(|m| m.0).collect(),
                         schema_url: s.schema_url.unwrap_or_default(),
                     })
@@ -77,7 +59,7 @@ struct ResourceMetrics {
 #[serde(rename_all = "camelCase")]
 struct ScopeMetrics {
     #[serde(default)]
-    scope: Option<InstrumentationScope>,
+    scope: Option<Scope>,
     #[serde(default)]
     metrics: Option<Vec<Metric>>,
     #[serde(default)]
@@ -153,7 +135,7 @@ impl TryFrom<MetricFields> for Metric {
             name,
             description: m.description.unwrap_or_default(),
             unit: m.unit.unwrap_or_default(),
-            metadata: m.metadata.unwrap_or_default(),
+            metadata: key_values(m.metadata),
             data: data.pop().map(|(_, data)| data),
         }))
     }
@@ -166,7 +148,7 @@ struct Numbers {
     #[serde(default)]
     data_points: Option<Vec<NumberPoint>>,
     #[serde(default)]
-    aggregation_temporality: Option<Temporality>,
+    aggregation_temporality: Option<Enum<Temporality>>,
     #[serde(default)]
     is_monotonic: Option<bool>,
 }
@@ -205,11 +187,11 @@ impl TryFrom<NumberPoint> for otlp::NumberDataPoint {
         let value = match (p.as_double, p.as_int) {
             (Some(_), Some(_)) => return Err("a number point has both asDouble and asInt".into()),
             (Some(F64(v)), None) => Some(number_data_point::Value::AsDouble(v)),
-            (None, Some(Int(v))) => Some(number_data_point::Value::AsInt(v)),
+            (None, Some(super::Int(v))) => Some(number_data_point::Value::AsInt(v)),
             (None, None) => None,
         };
         Ok(otlp::NumberDataPoint {
-            attributes: p.attributes.unwrap_or_default(),
+            attributes: key_values(p.attributes),
             start_time_unix_nano: p.start_time_unix_nano.map_or(0, |v| v.0),
             time_unix_nano: p.time_unix_nano.map_or(0, |v| v.0),
             exemplars: Vec::new(),
@@ -225,7 +207,7 @@ struct Histogram {
     #[serde(default)]
     data_points: Option<Vec<HistogramPoint>>,
     #[serde(default)]
-    aggregation_temporality: Option<Temporality>,
+    aggregation_temporality: Option<Enum<Temporality>>,
 }
 
 impl From<Histogram> for otlp::Histogram {
@@ -265,7 +247,7 @@ struct HistogramPoint {
 impl From<HistogramPoint> for otlp::HistogramDataPoint {
     fn from(p: HistogramPoint) -> Self {
         otlp::HistogramDataPoint {
-            attributes: p.attributes.unwrap_or_default(),
+            attributes: key_values(p.attributes),
             start_time_unix_nano: p.start_time_unix_nano.map_or(0, |v| v.0),
             time_unix_nano: p.time_unix_nano.map_or(0, |v| v.0),
             count: p.count.map_or(0, |v| v.0),
@@ -294,115 +276,15 @@ impl Unread {
     }
 }
 
-/// A 64-bit integer (`uint64`, `fixed64`: `Int<u64>`; `int64`, `sfixed64`: `Int<i64>`): a
-/// number or a string of digits.
-struct Int<T>(T);
-/// A `double`: a number, `"NaN"`, `"Infinity"`, `"-Infinity"` or a decimal string.
-struct F64(f64);
-/// An `AggregationTemporality`: a number or the enum value's name.
-struct Temporality(i32);
+/// An `AggregationTemporality`.
+struct Temporality;
 
-type U64 = Int<u64>;
-type I64 = Int<i64>;
+impl ProtoEnum for Temporality {
+    const WHAT: &'static str = "an aggregation temporality";
+    const VALUES: &'static str = "AGGREGATION_TEMPORALITY_DELTA (1) or AGGREGATION_TEMPORALITY_CUMULATIVE (2)";
 
-/// The integer types of [`Int`].
-trait Integer: TryFrom<u64> + TryFrom<i64> + std::str::FromStr {
-    /// What it is, for error messages.
-    const WHAT: &'static str;
-}
-
-impl Integer for u64 {
-    const WHAT: &'static str = "an unsigned 64-bit integer";
-}
-
-impl Integer for i64 {
-    const WHAT: &'static str = "a 64-bit integer";
-}
-
-impl<'de, T: Integer> Deserialize<'de> for Int<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<T: Integer> Visitor<'_> for V<T> {
-            type Value = Int<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{}, as a number or a string", T::WHAT)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int<T>, E> {
-                T::try_from(v).map(Int).map_err(|_| E::custom(format!("{v} is out of range for {}", T::WHAT)))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int<T>, E> {
-                T::try_from(v).map(Int).map_err(|_| E::custom(format!("{v} is out of range for {}", T::WHAT)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Int<T>, E> {
-                v.parse().map(Int).map_err(|_| E::custom(format!("{v:?} is not {}", T::WHAT)))
-            }
-        }
-        deserializer.deserialize_any(V(std::marker::PhantomData))
-    }
-}
-
-impl<'de> Deserialize<'de> for F64 {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = F64;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a number, or \"NaN\", \"Infinity\", \"-Infinity\" or a decimal as a string")
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<F64, E> {
-                Ok(F64(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<F64, E> {
-                Ok(F64(v as f64))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<F64, E> {
-                Ok(F64(v as f64))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<F64, E> {
-                match v {
-                    "NaN" => Ok(F64(f64::NAN)),
-                    "Infinity" => Ok(F64(f64::INFINITY)),
-                    "-Infinity" => Ok(F64(f64::NEG_INFINITY)),
-                    // Rust's parser also reads "inf" and "nan"; JSON's decimals are what is meant.
-                    _ if v.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) => {
-                        v.parse().map(F64).map_err(|_| E::custom(format!("{v:?} is not a number")))
-                    }
-                    _ => Err(E::custom(format!("{v:?} is not a number"))),
-                }
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for Temporality {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Temporality;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an aggregation temporality, as a number or a name")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Temporality, E> {
-                i32::try_from(v)
-                    .map(Temporality)
-                    .map_err(|_| E::custom(format!("aggregation temporality {v} is out of range")))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Temporality, E> {
-                i32::try_from(v)
-                    .map(Temporality)
-                    .map_err(|_| E::custom(format!("aggregation temporality {v} is out of range")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Temporality, E> {
-                otlp::AggregationTemporality::from_str_name(v).map(|t| Temporality(t as i32)).ok_or_else(|| {
-                    E::custom(format!(
-                        "{v:?} is not an aggregation temporality: expected AGGREGATION_TEMPORALITY_DELTA (1) or \
-                         AGGREGATION_TEMPORALITY_CUMULATIVE (2)"
-                    ))
-                })
-            }
-        }
-        deserializer.deserialize_any(V)
+    fn from_name(name: &str) -> Option<i32> {
+        otlp::AggregationTemporality::from_str_name(name).map(|t| t as i32)
     }
 }
 
@@ -469,6 +351,23 @@ mod tests {
         let defaults = &histogram.data_points[1];
         assert_eq!((defaults.time_unix_nano, defaults.count, defaults.sum), (1, 0, None));
         assert!(defaults.bucket_counts.is_empty());
+    }
+
+    #[test]
+    fn test_resources_and_scopes_in_the_spellings_of_the_mapping() {
+        use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue};
+        let json = r#"{"resourceMetrics":[{"resource":{"attributes":[
+                {"key":"service.name","value":{"stringValue":"gw"}},
+                {"key":"weight","value":{"doubleValue":"Infinity"}}],"droppedAttributesCount":"2"},
+              "scopeMetrics":[{"scope":{"name":"s","version":"1","attributes":[
+                {"key":"n","value":{"intValue":"-3"}}]},"metrics":[]}]}]}"#;
+        let request = metrics_request(json.as_bytes()).unwrap();
+        let resource = request.resource_metrics[0].resource.as_ref().unwrap();
+        assert_eq!(resource.attributes[1].value, Some(AnyValue { value: Some(Value::DoubleValue(f64::INFINITY)) }));
+        assert_eq!(resource.dropped_attributes_count, 2);
+        let scope = request.resource_metrics[0].scope_metrics[0].scope.as_ref().unwrap();
+        assert_eq!((scope.name.as_str(), scope.version.as_str()), ("s", "1"));
+        assert_eq!(scope.attributes[0].value, Some(AnyValue { value: Some(Value::IntValue(-3)) }));
     }
 
     #[test]

@@ -9,6 +9,15 @@
 //! configuration converged; new writes succeed. Exit status: 0 when every check passed, 1 on a violation, 2
 //! when the run could not be carried out.
 
+/// `println!` that does not panic when standard output is closed (`| head`): the run goes on,
+/// and stops its processes, whoever reads its report.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod cluster;
 mod config;
 mod export;
@@ -502,12 +511,11 @@ fn save_jsonl<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<(
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8) {
     let faults: Vec<String> = args.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
-    println!();
-    println!("==== tollgate-chaos summary ====");
-    println!(
+    say!();
+    say!("==== tollgate-chaos summary ====");
+    say!(
         "seed {seed}, {} nodes, {} s of faults ({}), {:.0} s in all",
         args.nodes,
         args.duration,
@@ -515,39 +523,39 @@ fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8)
         report.elapsed.as_secs_f64()
     );
     let (sent, acked, unknown, retried) = report.exports;
-    println!("exports: {sent} sent, {acked} acknowledged, {unknown} unknown, {retried} retried");
+    say!("exports: {sent} sent, {acked} acknowledged, {unknown} unknown, {retried} retried");
     let (log_exports, records, kept) = report.logs;
-    println!("of which access logs: {log_exports} exports of {records} records, {kept} of them to be kept");
+    say!("of which access logs: {log_exports} exports of {records} records, {kept} of them to be kept");
     let attempts: Vec<String> = report.failed_attempts.iter().map(|(c, n)| format!("{} {n}", c.name())).collect();
-    println!("failed attempts: {}", if attempts.is_empty() { "none".into() } else { attempts.join(", ") });
+    say!("failed attempts: {}", if attempts.is_empty() { "none".into() } else { attempts.join(", ") });
     let (writes, writes_acked, writes_unknown) = report.writes;
-    println!("pricing writes: {writes} ({writes_acked} acknowledged, {writes_unknown} unknown)");
+    say!("pricing writes: {writes} ({writes_acked} acknowledged, {writes_unknown} unknown)");
     let injected: Vec<String> = report.faults.injected.iter().map(|(k, n)| format!("{k} {n}")).collect();
-    println!("faults injected: {}", if injected.is_empty() { "none".into() } else { injected.join(", ") });
+    say!("faults injected: {}", if injected.is_empty() { "none".into() } else { injected.join(", ") });
     let leaders: Vec<String> = report.leaders.iter().map(|(term, name)| format!("{name} (term {term})")).collect();
-    println!("raft leaders: {}", if leaders.is_empty() { "none logged".into() } else { leaders.join(", ") });
-    println!("checks:");
+    say!("raft leaders: {}", if leaders.is_empty() { "none logged".into() } else { leaders.join(", ") });
+    say!("checks:");
     for check in &report.checks {
         let verdict = if check.passed { "PASS" } else { "FAIL" };
         let mut lines = check.detail.lines();
-        println!("  {verdict} {}: {}", check.name, lines.next().unwrap_or(""));
+        say!("  {verdict} {}: {}", check.name, lines.next().unwrap_or(""));
         for line in lines {
-            println!("       {line}");
+            say!("       {line}");
         }
     }
     if let Some(reason) = &report.aborted {
-        println!("ABORTED: {reason}");
+        say!("ABORTED: {reason}");
     }
     let verdict = match code {
         0 => "PASS",
         1 => "FAIL (violations found)",
         _ => "ERROR (the run could not be carried out)",
     };
-    println!("verdict: {verdict}");
+    say!("verdict: {verdict}");
     if code == 0 && args.data.is_none() && !args.keep {
-        println!("data: {} (deleted: the run passed; --keep keeps it)", root.display());
+        say!("data: {} (deleted: the run passed; --keep keeps it)", root.display());
     } else {
-        println!("data: {} (chaos.log, <node>.log, ledger.jsonl)", root.display());
+        say!("data: {} (chaos.log, <node>.log, ledger.jsonl)", root.display());
     }
 }
 

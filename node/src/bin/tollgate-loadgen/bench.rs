@@ -152,7 +152,7 @@ fn body_bytes(pregenerated: &[Vec<Export>]) -> (u64, u64) {
 fn warn_failures(runs: &[(&str, &RunReport)]) {
     for (who, report) in runs {
         if report.lost > 0 || report.rejected > 0 || report.failed_attempts > 0 {
-            println!(
+            say!(
                 "  warning: {who} lost {}, rejected {}, failed attempts {} ({})",
                 report.lost,
                 report.rejected,
@@ -169,7 +169,7 @@ impl Driver {
     }
 
     fn figure(&mut self, line: String) {
-        println!("{line}");
+        say!("{line}");
         self.lines.push(line);
     }
 
@@ -202,15 +202,15 @@ impl Driver {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        println!(
+        say!(
             "machine: {cores} cores ({model}), {:.1} GiB memory, load average {}; the node, the sink and this load generator share the cores, nothing is pinned",
             memory_kib / 1024.0 / 1024.0,
             load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );
         if load.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()).is_some_and(|l| l > 0.5) {
-            println!("  note: the machine was busy before the run started; the figures may be low");
+            say!("  note: the machine was busy before the run started; the figures may be low");
         }
-        println!("  tollgate binary: {}, data directories under {}", self.binary.display(), self.work.display());
+        say!("  tollgate binary: {}, data directories under {}", self.binary.display(), self.work.display());
     }
 
     async fn figures(&mut self) -> anyhow::Result<()> {
@@ -233,19 +233,19 @@ impl Driver {
     }
 
     fn summary(&self) {
-        println!("summary:");
+        say!("summary:");
         let mut pipeline = Vec::new();
         if let Some(path) = &self.args.pipeline_output {
             match std::fs::read_to_string(path) {
                 Ok(text) => pipeline.extend(text.lines().filter(|l| l.starts_with("bench ")).map(str::to_string)),
-                Err(e) => println!("  (cannot read {}: {e})", path.display()),
+                Err(e) => say!("  (cannot read {}: {e})", path.display()),
             }
         }
         // In figure order: the pipeline (figure 3) after the two ingest figures.
         let ingest = self.lines.iter().filter(|l| l.starts_with("bench metrics_") || l.starts_with("bench log_"));
         let rest = self.lines.iter().filter(|l| !(l.starts_with("bench metrics_") || l.starts_with("bench log_")));
         for line in ingest.chain(pipeline.iter()).chain(rest) {
-            println!("{line}");
+            say!("{line}");
         }
     }
 
@@ -266,11 +266,11 @@ impl Driver {
         let mut rounds = Vec::with_capacity(count);
         for round in 1..=count {
             if count > 1 {
-                println!("  round {round}:");
+                say!("  round {round}:");
             }
             let pair = self.sink_vs_node(signal, pregenerated, &format!("{name}-{round}"), unit).await?;
             if count > 1 {
-                println!("  round {round}: ratio {:.2}", ratio(&pair));
+                say!("  round {round}: ratio {:.2}", ratio(&pair));
             }
             rounds.push(pair);
         }
@@ -297,7 +297,7 @@ impl Driver {
         let own_cpu_sink = process::cpu_seconds(own_pid)? - own_cpu;
         drop(channels);
         drop(sink);
-        println!("  sink:     {}", on_sink.summary(unit));
+        say!("  sink:     {}", on_sink.summary(unit));
 
         let (node, _) = NodeProcess::start(&self.binary, &self.work.join(name), &self.http).await?;
         let channels = grpc::connect(&node.grpc(), options.connections).await?;
@@ -306,8 +306,8 @@ impl Driver {
         let node_cpu_at_end = node.cpu_seconds()?;
         let node_cpu = node_cpu_at_end - node_cpu;
         let own_cpu_node = process::cpu_seconds(own_pid)? - own_cpu;
-        println!("  tollgate: {}", on_node.summary(unit));
-        println!(
+        say!("  tollgate: {}", on_node.summary(unit));
+        say!(
             "  CPU: sink {sink_cpu:.1} s ({:.0} {unit} per CPU-second), tollgate {node_cpu:.1} s ({:.0} {unit} per CPU-second); load generator {own_cpu_sink:.1} s and {own_cpu_node:.1} s",
             on_sink.acked as f64 / sink_cpu.max(1e-9),
             on_node.acked as f64 / node_cpu.max(1e-9),
@@ -319,7 +319,7 @@ impl Driver {
         let drained = self.memtable_drained(&node, Duration::from_secs(90)).await?;
         let deferred_cpu = node.cpu_seconds()? - node_cpu_at_end;
         let total_cpu = node_cpu + deferred_cpu;
-        println!(
+        say!(
             "  checkpoint after the run: memtable {} after {:.1} s, {deferred_cpu:.1} CPU-s more; tollgate {total_cpu:.1} CPU-s in all ({:.0} {unit} per CPU-second)",
             if drained { "empty" } else { "NOT empty" },
             waited.elapsed().as_secs_f64(),
@@ -330,7 +330,7 @@ impl Driver {
             let flush_sum = metric_value(&text, "tollgate_commit_flush_seconds_sum");
             let batches = metric_value(&text, "tollgate_commit_batches_per_flush_sum");
             if let (Some(flushes), Some(flush_sum), Some(batches)) = (flushes, flush_sum, batches) {
-                println!(
+                say!(
                     "  group commit: {flushes:.0} flushes, {:.1} write batches per flush, {:.2} ms per apply + flush",
                     batches / flushes.max(1.0),
                     1000.0 * flush_sum / flushes.max(1.0)
@@ -376,7 +376,7 @@ impl Driver {
     /// Figure 1: metrics ingest with durable acknowledgements vs the no-op sink.
     async fn metrics_ingest(&mut self) -> anyhow::Result<()> {
         let spec = self.figure1_fleet("ingest");
-        println!(
+        say!(
             "figure 1, metrics ingest: {} gateway pods of {} services, {} series, cumulative, {} exports per pod at 10 s data-time intervals, {} points, {} exports in flight, at most {} s per side; {}",
             spec.pods,
             spec.services,
@@ -390,7 +390,7 @@ impl Driver {
         let generated = Instant::now();
         let pregenerated = fleet::pregenerate(&spec, self.args.concurrency);
         let (bytes, points) = body_bytes(&pregenerated);
-        println!(
+        say!(
             "  encoded {points} points in {:.1} s: {:.1} MiB, {:.0} bytes per point on the wire",
             generated.elapsed().as_secs_f64(),
             mib(bytes as f64),
@@ -422,7 +422,7 @@ impl Driver {
             seed: 1,
         };
         let (kept, high, errors, slow) = accesslog::expected_shares(&spec, 100_000);
-        println!(
+        say!(
             "figure 2, access-log ingest: {} gateway pods of {} services, {} records in exports of {}, kept by the default rules: {:.1}% (≥ 10k tokens {:.1}%, errors {:.1}%, slow {:.1}%), {} exports in flight, at most {} s per side; {}",
             spec.pods,
             spec.services,
@@ -439,7 +439,7 @@ impl Driver {
         let generated = Instant::now();
         let pregenerated = accesslog::pregenerate(&spec, self.args.concurrency);
         let (bytes, records) = body_bytes(&pregenerated);
-        println!(
+        say!(
             "  encoded {records} records in {:.1} s: {:.1} MiB, {:.0} bytes per record, {:.1} KiB per export",
             generated.elapsed().as_secs_f64(),
             mib(bytes as f64),
@@ -469,7 +469,7 @@ impl Driver {
             rounds,
             started: unix_now().saturating_sub(rounds * 10 + 60),
         };
-        println!(
+        say!(
             "figure 4, freshness: {samples} probes (export, then query until the value shows), while a background fleet of {} series sends {rate:.0} points/s (half of figure 1's rate)",
             spec.series()
         );
@@ -487,7 +487,7 @@ impl Driver {
         stop.store(true, Ordering::Relaxed);
         let background = background.await?;
         let probes = probes?;
-        println!(
+        say!(
             "  background: {}; probes: export ack p50 {:.2} ms, {} queries before the value showed, {} not visible within 10 s",
             background.summary("points"),
             run::percentile_ms(&probes.ack_us, 50.0),
@@ -520,7 +520,7 @@ impl Driver {
             rounds: 10,
             started: unix_now().saturating_sub(10 * 60 + 120),
         };
-        println!(
+        say!(
             "figure 5, memory per series: {} pods of {} services, {} series, {} exports per pod a minute apart ({} minute states)",
             spec.pods,
             spec.services,
@@ -536,7 +536,7 @@ impl Driver {
         let load = run::run(Signal::Metrics, fleet::lanes_of(&pregenerated), &channels, &self.options()).await;
         drop(channels);
         drop(pregenerated);
-        println!("  load: {}", load.summary("points"));
+        say!("  load: {}", load.summary("points"));
         // Let one maintenance pass (every 10 s) move closed minutes out of the owners' caches.
         tokio::time::sleep(Duration::from_secs(12)).await;
         let after = node.rss_bytes()? as f64;
@@ -550,7 +550,7 @@ impl Driver {
         let wire = bytes as f64 / points as f64;
         let memtable = metric_value(&text, "tollgate_store_memtable_bytes").unwrap_or(0.0);
         let cached = metric_value(&text, "tollgate_states_cached").unwrap_or(0.0);
-        println!(
+        say!(
             "  RSS {:.1} MiB before, {:.1} MiB after; {series:.0} active series; {merged:.0} points merged; {cached:.0} aggregates cached; memtable {:.1} MiB (not yet checkpointed)",
             mib(before),
             mib(after),
@@ -558,7 +558,7 @@ impl Driver {
         );
         if self.memtable_drained(&node, Duration::from_secs(90)).await? {
             let drained = node.rss_bytes()? as f64;
-            println!(
+            say!(
                 "  once the memtable was checkpointed: RSS {:.1} MiB, {:.0} bytes per series",
                 mib(drained),
                 (drained - before) / series
@@ -572,7 +572,7 @@ impl Driver {
         }
 
         node.kill9();
-        println!(
+        say!(
             "figure 6, restart to ready: kill -9, then `tollgate serve` until /readyz answers 200, three times, on {:.0} MiB of data ({merged:.0} minute states), slowest of three; baseline: the same with empty data directories",
             mib(dir_size(&dir) as f64)
         );
@@ -589,7 +589,7 @@ impl Driver {
             fresh.kill9();
             empty.push(took.as_secs_f64());
         }
-        println!("  loaded: {loaded:.3?} s; empty: {empty:.3?} s");
+        say!("  loaded: {loaded:.3?} s; empty: {empty:.3?} s");
         // The first restart after the crash is the slowest (it recovers sled's log; the later
         // ones start from the snapshot it left): report the slowest of each.
         let (loaded, empty) = (slowest(&loaded), slowest(&empty));
@@ -643,7 +643,7 @@ impl Driver {
         let mut rounds = Vec::with_capacity(CLUSTER_ROUNDS);
         for round in 1..=CLUSTER_ROUNDS {
             let (per_point, baseline) = self.cluster_round(round).await?;
-            println!(
+            say!(
                 "  round {round}: {per_point:.2} µs/point, one node {baseline:.2} µs/point, ratio {:.2}",
                 per_point / baseline
             );
@@ -689,7 +689,7 @@ impl Driver {
         let pods =
             spec.pods_where(|service, instance| vnode_of(partition_hash(service, Some(instance)), vnodes) >= owned);
         if round == 1 {
-            println!(
+            say!(
                 "figure 7, cluster CPU per point: three nodes on loopback ({vnodes} vnodes, n1 owns {owned}), the load of figure 1 ({} series, {} points) with every pod on a vnode n1 does not own, sent to n1; baseline: the same exports to one node; {CLUSTER_ROUNDS} rounds, the median one is the figure",
                 spec.series(),
                 spec.points()
@@ -715,8 +715,8 @@ impl Driver {
             cluster_commits.push(self.group_commits(node).await);
         }
         drop(nodes);
-        println!("  cluster:  {}", on_cluster.summary("points"));
-        println!(
+        say!("  cluster:  {}", on_cluster.summary("points"));
+        say!(
             "  n1 received {received:.0} points and forwarded {forwarded:.0} in {forwards:.0} forwards ({:.0} points, {:.2} ms each on average), carried by {forward_calls:.0} calls ({:.1} forwards each)",
             forwarded / forwards.max(1.0),
             1000.0 * forward_seconds / forwards.max(1.0),
@@ -734,16 +734,16 @@ impl Driver {
         drop(channels);
         let node_commits = self.group_commits(&node).await;
         drop(node);
-        println!("  one node: {}", on_node.summary("points"));
+        say!("  one node: {}", on_node.summary("points"));
         let describe =
             |(flushes, batches): (f64, f64)| format!("{flushes:.0} ({:.1} batches each)", batches / flushes.max(1.0));
-        println!(
+        say!(
             "  syncs of the write-ahead log: n2 {}, n3 {}; one node {}",
             describe(cluster_commits[0]),
             describe(cluster_commits[1]),
             describe(node_commits)
         );
-        println!(
+        say!(
             "  CPU: n1 {:.1} s, n2 {:.1} s, n3 {:.1} s (together {:.1} s); one node {node_cpu:.1} s",
             cluster_cpu[0],
             cluster_cpu[1],

@@ -13,8 +13,14 @@
 //!
 //! Randomness is a seeded xorshift ([`tollgate_rules::fleet::Xorshift`]), so runs are reproducible.
 
-// This is a command-line tool whose output is its report: printing to stdout is the point.
-#![allow(clippy::print_stdout)]
+/// `println!` that does not panic when standard output is closed (`| head`): the run goes on,
+/// and stops its processes, whoever reads its report.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 /// The same allocator as `tollgate`, so that the no-op sink (the baseline) is built like the node.
 #[global_allocator]
@@ -242,10 +248,10 @@ async fn shutdown_signal() {
 async fn sink(args: SinkArgs) -> anyhow::Result<()> {
     let counts = Arc::new(sink::Counts::default());
     let (address, server) = sink::bind(args.grpc_addr, Arc::clone(&counts), shutdown_signal()).await?;
-    println!("listening {address}");
+    say!("listening {address}");
     let print = |counts: &sink::Counts| {
         use std::sync::atomic::Ordering::Relaxed;
-        println!(
+        say!(
             "sink: {} metric exports, {} points, {} log exports, {} records",
             counts.metric_requests.load(Relaxed),
             counts.points.load(Relaxed),
@@ -283,7 +289,7 @@ async fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
         // The last round lands a minute before now; every data time is in the past.
         started: unix_now().saturating_sub(rounds * args.interval_seconds.max(1) + 60),
     };
-    println!(
+    say!(
         "fleet: {} services, {} pods, {} series, {} rounds of {} s data time, {} points, {} in flight",
         spec.services,
         spec.pods,
@@ -301,7 +307,7 @@ async fn metrics(args: MetricsArgs) -> anyhow::Result<()> {
     };
     let channels = grpc::connect(&send.target, send.connections).await?;
     let report = run::run(grpc::Signal::Metrics, lanes, &channels, &send.options()).await;
-    println!("metrics: {}", report.summary("points"));
+    say!("metrics: {}", report.summary("points"));
     Ok(())
 }
 
@@ -309,7 +315,7 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     let send = &args.send;
     let spec = log_spec(&args);
     let (kept, high, errors, slow) = accesslog::expected_shares(&spec, 100_000);
-    println!(
+    say!(
         "access logs: {} services, {} pods, {} records in exports of {}, expected kept {:.1}% (≥10k tokens {:.1}%, errors {:.1}%, slow {:.1}%)",
         spec.services,
         spec.pods,
@@ -328,7 +334,7 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     };
     let channels = grpc::connect(&send.target, send.connections).await?;
     let report = run::run(grpc::Signal::Logs, lanes, &channels, &send.options()).await;
-    println!("logs: {}", report.summary("records"));
+    say!("logs: {}", report.summary("records"));
     Ok(())
 }
 
@@ -357,7 +363,7 @@ async fn freshness(args: FreshnessArgs) -> anyhow::Result<()> {
     let report =
         freshness::measure(&args.target, &args.api, &args.service, args.samples, Duration::from_millis(args.pause_ms))
             .await?;
-    println!(
+    say!(
         "freshness: p50 {:.2} ms p99 {:.2} ms; the same query with the data there: p50 {:.2} ms p99 {:.2} ms; export ack p50 {:.2} ms; {} early polls, {} not visible within 10 s",
         run::percentile_ms(&report.freshness_us, 50.0),
         run::percentile_ms(&report.freshness_us, 99.0),

@@ -69,6 +69,13 @@ fn request(service: &str, records: Vec<LogRecord>) -> ExportLogsServiceRequest {
     }
 }
 
+/// Posts an OTLP/JSON logs request to the node's OTLP/HTTP port.
+async fn post_json_logs(node: &TestNode, json: impl Into<reqwest::Body>) -> reqwest::Response {
+    let url = format!("{}/v1/logs", node.otlp_http());
+    let request = node.http.post(url).header("content-type", "application/json").body(json);
+    request.send().await.expect("otlp http reachable")
+}
+
 async fn logs(node: &TestNode, query: &str) -> Value {
     let (status, body) = node.get(&format!("/api/v1/logs?{query}")).await;
     assert_eq!(status, 200, "{query}: {body}");
@@ -161,14 +168,7 @@ async fn test_access_logs_sampling_counters_retries_paging_and_runtime_threshold
     // records are hashed as prost encodes them, which is how this client encoded them).
     client.export(request("log-gw", records.clone())).await.expect("accepted");
     let json = serde_json::to_vec(&request("log-gw", records.clone())).unwrap();
-    let response = node
-        .http
-        .post(format!("{}/v1/logs", node.otlp_http()))
-        .header("content-type", "application/json")
-        .body(json)
-        .send()
-        .await
-        .expect("otlp http reachable");
+    let response = post_json_logs(&node, json).await;
     assert_eq!(response.status(), 200);
     assert_eq!(logs(&node, &format!("{window}&limit=100")).await["logs"], body["logs"]);
     for (class, count) in &by_class {
@@ -272,14 +272,7 @@ async fn test_otlp_json_logs_in_the_spellings_of_protobufs_json_mapping_are_kept
         record("kept-500", "500"),
         record("dropped-200", "200")
     );
-    let response = node
-        .http
-        .post(format!("{}/v1/logs", node.otlp_http()))
-        .header("content-type", "application/json")
-        .body(json)
-        .send()
-        .await
-        .expect("otlp http reachable");
+    let response = post_json_logs(&node, json).await;
     let status = response.status();
     let body = response.text().await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "{}"));

@@ -460,7 +460,8 @@ async fn remove_node(
 }
 
 async fn prometheus(State(state): State<ApiState>) -> Response {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&state.prometheus))
+        .into_response()
 }
 
 async fn healthz(State(state): State<ApiState>) -> Response {

@@ -98,6 +98,48 @@ pub const VNODE_MOVE_FAILURES: &str = "tollgate_vnode_move_failures_total";
 /// Query requests, by `kind` (`metric`, `logs`) and `outcome`.
 pub const QUERIES: &str = "tollgate_queries_total";
 
+/// The node's metrics in Prometheus' text format: its own, then the process's figures under the
+/// names of Prometheus' process collector (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, ...: read from `/proc` at each scrape, so that an alert on
+/// memory against the pod's limit needs no other exporter) and `tollgate_build_info`.
+pub fn render(handle: &PrometheusHandle) -> String {
+    use std::fmt::Write as _;
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let mut family = |name: &str, labels: &str, kind: &str, help: &str, value: &dyn std::fmt::Display| {
+        let _ = write!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}\n\n");
+    };
+    if let Some(p) = crate::os::process_figures() {
+        family(
+            "process_cpu_seconds_total",
+            "",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            &p.cpu_seconds,
+        );
+        family("process_resident_memory_bytes", "", "gauge", "Resident memory size in bytes.", &p.resident_bytes);
+        family("process_virtual_memory_bytes", "", "gauge", "Virtual memory size in bytes.", &p.virtual_bytes);
+        family("process_threads", "", "gauge", "Number of OS threads in the process.", &p.threads);
+        family("process_open_fds", "", "gauge", "Number of open file descriptors.", &p.open_fds);
+        if let Some(max) = p.max_fds {
+            family("process_max_fds", "", "gauge", "Maximum number of open file descriptors.", &max);
+        }
+        let start = p.start_time_seconds;
+        family(
+            "process_start_time_seconds",
+            "",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            &start,
+        );
+    }
+    let version = format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    family("tollgate_build_info", &version, "gauge", "The running version; always 1.", &1);
+    text
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).

@@ -246,6 +246,52 @@ async fn test_every_api_error_is_json() {
     assert!(node.self_metrics().await.contains(r#"tollgate_queries_total{kind="logs",outcome="invalid_argument"} 1"#));
 }
 
+/// `/metrics` also carries the process's own figures, under the names of Prometheus' process
+/// collector and read at each scrape, and the version that runs.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_metrics_carry_the_process_figures_and_the_version() {
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let node = TestNode::start().await;
+    let text = node.self_metrics().await;
+    for family in ["process_cpu_seconds_total counter", "process_resident_memory_bytes gauge", "process_open_fds gauge"]
+    {
+        assert!(text.contains(&format!("# TYPE {family}\n")), "no {family} in\n{text}");
+    }
+    let version = format!("tollgate_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"));
+    assert!(text.contains(&version), "no {version} in\n{text}");
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let field = |name: &str| -> f64 {
+        let line = status.lines().find_map(|line| line.strip_prefix(name)).unwrap_or_else(|| panic!("{name}"));
+        line.trim().trim_end_matches("kB").trim().parse().unwrap()
+    };
+    let rss = node.self_metric("process_resident_memory_bytes").await;
+    let vm_rss = field("VmRSS:") * 1024.0;
+    assert!(rss > vm_rss / 2.0 && rss < vm_rss * 2.0, "resident {rss} bytes, VmRSS {vm_rss} bytes");
+    assert!(node.self_metric("process_virtual_memory_bytes").await >= rss);
+    assert!(node.self_metric("process_threads").await >= 2.0);
+    let (open, max) = (node.self_metric("process_open_fds").await, node.self_metric("process_max_fds").await);
+    assert!(open >= 3.0 && open <= max, "open {open}, max {max}");
+    let started = node.self_metric("process_start_time_seconds").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(started >= before - 1.0 && started <= now, "started {started}, test between {before} and {now}");
+
+    // CPU time grows as the node works (the kernel counts it in ticks of 10 ms): send queries
+    // until it did.
+    let cpu = node.self_metric("process_cpu_seconds_total").await;
+    assert!(cpu > 0.0, "starting the node took CPU time");
+    let mut later = cpu;
+    for _ in 0..10_000 {
+        node.get("/api/v1/metrics").await;
+        later = node.self_metric("process_cpu_seconds_total").await;
+        if later != cpu {
+            break;
+        }
+    }
+    assert!(later > cpu, "cpu {cpu} s, then {later} s");
+}
+
 /// `tollgate serve` turns transparent huge pages off for its own process first thing
 /// (`tollgate::os`, docs/deployment.md). Nothing in this test binary turns them off, so the node
 /// cannot inherit the setting from it.

@@ -149,6 +149,11 @@ impl TestNode {
         }
     }
 
+    /// The process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends the process a signal (`TERM`, `INT`, ...) without waiting for it.
     pub fn signal(&self, name: &str) {
         let child = self.child.as_ref().expect("running");

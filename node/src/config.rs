@@ -60,6 +60,9 @@ pub struct LimitsConfig {
     pub max_log_page: usize,
     /// Longest range of a metric query, in steps.
     pub max_query_points: usize,
+    /// Most series in memory on this node, whatever their services; new series beyond it are
+    /// rejected (`cardinality_limit`), live ones are never evicted. 0: no limit.
+    pub max_series: usize,
 }
 
 impl Default for LimitsConfig {
@@ -71,6 +74,7 @@ impl Default for LimitsConfig {
             request_timeout_ms: 10_000,
             max_log_page: 1000,
             max_query_points: 20_000,
+            max_series: 0,
         }
     }
 }
@@ -500,5 +504,19 @@ mod tests {
         let config = NodeConfig::parse(&text).unwrap();
         config.validate().unwrap();
         assert_ne!(config, NodeConfig::default(), "the example should show settings, not be empty");
+    }
+
+    /// The node configuration the Kubernetes ConfigMap mounts: a typo there would stop every pod.
+    #[test]
+    fn test_kubernetes_configmap_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/configmap.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (_, block) = text.split_once("  tollgate.yaml: |\n").expect("the ConfigMap holds tollgate.yaml");
+        let embedded: String =
+            block.lines().map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line))).collect();
+        let config = NodeConfig::parse(&embedded).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.limits.max_series, 120_000);
+        assert_eq!(config.cluster.vnodes, 256);
     }
 }

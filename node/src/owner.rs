@@ -61,37 +61,67 @@ pub struct OwnerContext {
 
 /// Live series per service across the owners of a node (SPEC §8: new series beyond the limit are
 /// rejected; live ones are never evicted to make room). A service's instances live in different
-/// vnodes, so one owner alone cannot enforce the limit.
+/// vnodes, so one owner alone cannot enforce the limit. The node's own limit
+/// (`limits.max_series`) bounds them all, whatever their services: the memory they take.
 #[derive(Debug, Default)]
 pub struct Cardinality {
-    per_service: std::sync::Mutex<FastMap<String, usize>>,
+    counts: std::sync::Mutex<SeriesCounts>,
+    /// Most series in memory on this node; 0: no limit.
+    max_series: usize,
+}
+
+#[derive(Debug, Default)]
+struct SeriesCounts {
+    per_service: FastMap<String, usize>,
+    total: usize,
+}
+
+/// Why a new series was refused, with the count at the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The service is at `max_series_per_service`.
+    Service(usize),
+    /// The node is at `limits.max_series`.
+    Node(usize),
 }
 
 impl Cardinality {
-    /// Counts a new series if the service has room; `Err(count)` when it is at `limit`.
-    pub fn try_add(&self, service: &str, limit: usize) -> Result<(), usize> {
-        let mut per_service = self.per_service.lock().expect("cardinality lock");
-        let count = per_service.entry(service.to_string()).or_default();
-        if *count >= limit {
-            return Err(*count);
+    /// Counts with the node's limit of series in memory (`limits.max_series`; 0: none).
+    pub fn new(max_series: usize) -> Self {
+        Cardinality { counts: Default::default(), max_series }
+    }
+
+    /// Counts a new series if the node and the service have room.
+    pub fn try_add(&self, service: &str, limit: usize) -> Result<(), Full> {
+        let mut counts = self.counts.lock().expect("cardinality lock");
+        if self.max_series > 0 && counts.total >= self.max_series {
+            return Err(Full::Node(counts.total));
         }
-        *count += 1;
+        let count = counts.per_service.get(service).copied().unwrap_or(0);
+        if count >= limit {
+            return Err(Full::Service(count));
+        }
+        *counts.per_service.entry(service.to_string()).or_default() += 1;
+        counts.total += 1;
         Ok(())
     }
 
-    /// Counts a series restored from the store (it exists; the limit does not apply).
+    /// Counts a series restored from the store (it exists; the limits do not apply).
     pub fn add_existing(&self, service: &str) {
-        *self.per_service.lock().expect("cardinality lock").entry(service.to_string()).or_default() += 1;
+        let mut counts = self.counts.lock().expect("cardinality lock");
+        *counts.per_service.entry(service.to_string()).or_default() += 1;
+        counts.total += 1;
     }
 
     /// Forgets a series that left memory.
     pub fn remove(&self, service: &str) {
-        let mut per_service = self.per_service.lock().expect("cardinality lock");
-        if let Some(count) = per_service.get_mut(service) {
+        let mut counts = self.counts.lock().expect("cardinality lock");
+        if let Some(count) = counts.per_service.get_mut(service) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                per_service.remove(service);
+                counts.per_service.remove(service);
             }
+            counts.total = counts.total.saturating_sub(1);
         }
     }
 }
@@ -575,11 +605,17 @@ impl OwnerState {
         self.ensure_series(id, partition, config)?;
         if self.table.get(&id).is_none() {
             let limit = config.rules.config.normalize.max_series_per_service;
-            if let Err(count) = self.context.cardinality.try_add(&point.entity.service, limit) {
-                let rejection = Rejection::new(
-                    RejectReason::CardinalityLimit,
-                    format!("service {:?} already has {count} series (max_series_per_service)", point.entity.service),
-                );
+            if let Err(full) = self.context.cardinality.try_add(&point.entity.service, limit) {
+                let message = match full {
+                    Full::Service(count) => {
+                        format!(
+                            "service {:?} already has {count} series (max_series_per_service)",
+                            point.entity.service
+                        )
+                    }
+                    Full::Node(count) => format!("this node already holds {count} series (limits.max_series)"),
+                };
+                let rejection = Rejection::new(RejectReason::CardinalityLimit, message);
                 report
                     .reject(&rejection, || format!("{} of {} at {}", point.metric, point.entity, point.point.time_ns));
                 return Ok(());
@@ -1117,5 +1153,33 @@ fn stored_log(
         session_id: decision.session_id.clone(),
         attributes,
         body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cardinality_limits_per_service_and_per_node() {
+        let counts = Cardinality::new(3);
+        assert_eq!(counts.try_add("a", 2), Ok(()));
+        assert_eq!(counts.try_add("a", 2), Ok(()));
+        assert_eq!(counts.try_add("a", 2), Err(Full::Service(2)));
+        assert_eq!(counts.try_add("b", 2), Ok(()));
+        assert_eq!(counts.try_add("c", 2), Err(Full::Node(3)), "the node is full whatever the service");
+        // A series restored from the store counts, beyond the limits.
+        counts.add_existing("c");
+        assert_eq!(counts.try_add("d", 2), Err(Full::Node(4)));
+        // Series leaving memory make room; a service never seen is not counted down.
+        counts.remove("zzz");
+        assert_eq!(counts.try_add("d", 2), Err(Full::Node(4)));
+        counts.remove("a");
+        counts.remove("c");
+        assert_eq!(counts.try_add("d", 2), Ok(()));
+        let unlimited = Cardinality::new(0);
+        for _ in 0..1000 {
+            assert_eq!(unlimited.try_add("e", usize::MAX), Ok(()));
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::fanout::Fanout;
 use crate::ingest::Ingest;
 use crate::metrics as m;
-use crate::owner::{OwnerContext, OwnerHandle};
+use crate::owner::{Cardinality, OwnerContext, OwnerHandle};
 use crate::peer::{self, PeerService};
 use crate::query::QueryEngine;
 use crate::receiver::{grpc, http as otlp_http};
@@ -292,7 +292,7 @@ impl Node {
             store: Arc::clone(&storage),
             clock: Arc::clone(&clock),
             config: runtime.clone(),
-            cardinality: Default::default(),
+            cardinality: Cardinality::new(config.limits.max_series),
             minute_retention_ns: config.retention.minute_seconds.saturating_mul(1_000_000_000),
         });
         let mut owners = Vec::with_capacity(config.cluster.vnodes as usize);

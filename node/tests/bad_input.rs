@@ -499,3 +499,35 @@ async fn test_cardinality_limit_spans_the_instances_of_a_service() {
         client.export(request(resource, vec![durations(vec![point("openai", time)])])).await.unwrap().into_inner();
     assert!(response.partial_success.is_none());
 }
+
+/// The node's own limit (`limits.max_series`) bounds the series it holds in memory whatever
+/// their services: new series beyond it are rejected with their reason, live ones keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_node_series_limit_bounds_new_series_of_every_service() {
+    let node = TestNode::start_with(&[("TOLLGATE_LIMITS_MAX_SERIES", "4")], &[]).await;
+    let mut client = node.metrics_client(0).await;
+    let time = now_seconds() - 60;
+    let mut rejected = 0;
+    for service in 0..3 {
+        for pod in 0..2 {
+            let resource = gateway_resource(Convention::JobName, &format!("gw-{service}"), Some(&format!("pod-{pod}")));
+            let response = client
+                .export(request(resource, vec![durations(vec![point("openai", time)])]))
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(partial) = response.partial_success {
+                let message = partial.error_message;
+                assert!(message.contains("cardinality_limit: 1"), "{message}");
+                assert!(message.contains("this node already holds 4 series (limits.max_series)"), "{message}");
+                rejected += partial.rejected_data_points;
+            }
+        }
+    }
+    assert_eq!(rejected, 2, "six new series, room for four");
+    assert_eq!(node.self_metric("tollgate_series_active").await, 4.0);
+    let resource = gateway_resource(Convention::JobName, "gw-0", Some("pod-0"));
+    let response =
+        client.export(request(resource, vec![durations(vec![point("openai", time + 1)])])).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none(), "a live series at the limit: {:?}", response.partial_success);
+}

@@ -668,9 +668,9 @@ fn spawn_background(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Each owner logs its own transitions at debug level; the node logs the count.
             let mut owned_before = None;
-            // When this node lost contact with a leader that has a majority (as a follower, or as a
-            // leader without its quorum), once it had it (not while it starts).
-            let mut contact: Option<Option<Instant>> = None;
+            // Contact with a leader that has a majority (as a follower, or as a leader with its
+            // quorum); an election after the leader went away is not reported.
+            let mut contact = Contact::new(cluster.settings().election_timeout * 2);
             let mut last_tick = Instant::now();
             loop {
                 tokio::select! {
@@ -681,22 +681,15 @@ fn spawn_background(
                 // what it last heard is old; the next tick judges the contact.
                 let stalled = last_tick.elapsed() > Duration::from_secs(3);
                 last_tick = Instant::now();
-                match (cluster.in_contact(), contact) {
-                    (false, _) if stalled => {}
-                    (true, Some(Some(lost))) => {
-                        info!(away_ms = lost.elapsed().as_millis() as u64, "in contact with the cluster again");
-                        contact = Some(None);
-                    }
-                    (true, _) => contact = Some(None),
-                    (false, Some(None)) => {
-                        warn!(
-                            "cut off from the cluster (no leader with a majority reaches this node): configuration \
-                             and membership writes through it fail (503) until one does; exports for the vnodes \
-                             it owns go on"
-                        );
-                        contact = Some(Some(Instant::now()));
-                    }
-                    (false, _) => {}
+                match contact.tick(cluster.in_contact(), stalled, last_tick) {
+                    Some(ContactChange::CutOff { for_ms }) => warn!(
+                        for_ms,
+                        "cut off from the cluster (no leader with a majority reaches this node): configuration \
+                         and membership writes through it fail (503) until one does; exports for the vnodes it \
+                         owns go on"
+                    ),
+                    Some(ContactChange::Back { away_ms }) => info!(away_ms, "in contact with the cluster again"),
+                    None => {}
                 }
                 let raft = cluster.figures();
                 metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
@@ -774,8 +767,97 @@ fn write_endpoints(data_dir: &std::path::Path, endpoints: &Endpoints) -> Result<
     std::fs::rename(&temporary, &path).map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
 }
 
+/// Whether a node is in contact with a leader that has a majority, judged once a second: the
+/// changes worth a log line. Being without one for less than `grace` (an election after the
+/// leader went away) is not one; being cut off longer is, and so is coming back after that.
+#[derive(Debug)]
+struct Contact {
+    grace: Duration,
+    state: ContactState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ContactState {
+    /// Not yet in contact since the node started.
+    Starting,
+    InContact,
+    /// Out of contact since then; `told` once that was logged.
+    Away {
+        since: Instant,
+        told: bool,
+    },
+}
+
+/// A change of [`Contact`] to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContactChange {
+    /// Out of contact for `for_ms` already.
+    CutOff { for_ms: u64 },
+    /// In contact again after `away_ms` (only after a [`ContactChange::CutOff`]).
+    Back { away_ms: u64 },
+}
+
+impl Contact {
+    fn new(grace: Duration) -> Self {
+        Contact { grace, state: ContactState::Starting }
+    }
+
+    /// One judgement: `in_contact` now; `stalled` when the process was not running since the last
+    /// one (what it last heard is old: no judgement of a loss).
+    fn tick(&mut self, in_contact: bool, stalled: bool, now: Instant) -> Option<ContactChange> {
+        let ms = |since: Instant| now.saturating_duration_since(since).as_millis() as u64;
+        match (in_contact, self.state) {
+            (true, ContactState::Away { since, told }) => {
+                self.state = ContactState::InContact;
+                told.then(|| ContactChange::Back { away_ms: ms(since) })
+            }
+            (true, _) => {
+                self.state = ContactState::InContact;
+                None
+            }
+            (false, _) if stalled => None,
+            (false, ContactState::InContact) => {
+                self.state = ContactState::Away { since: now, told: false };
+                None
+            }
+            (false, ContactState::Away { since, told: false })
+                if now.saturating_duration_since(since) >= self.grace =>
+            {
+                self.state = ContactState::Away { since, told: true };
+                Some(ContactChange::CutOff { for_ms: ms(since) })
+            }
+            (false, _) => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn test_contact_reports_a_cut_off_past_the_grace_and_the_return_after_it() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut contact = Contact::new(Duration::from_secs(2));
+        // Not in contact while starting: nothing to report.
+        assert_eq!(contact.tick(false, false, at(0)), None);
+        assert_eq!(contact.tick(false, false, at(5)), None);
+        assert_eq!(contact.tick(true, false, at(6)), None);
+        // An election: out of contact for less than the grace, then back. Nothing logged.
+        assert_eq!(contact.tick(false, false, at(7)), None);
+        assert_eq!(contact.tick(false, false, at(8)), None);
+        assert_eq!(contact.tick(true, false, at(9)), None);
+        // Cut off: reported once, when the grace has passed, and the return after it.
+        assert_eq!(contact.tick(false, false, at(10)), None);
+        assert_eq!(contact.tick(false, false, at(11)), None);
+        assert_eq!(contact.tick(false, false, at(12)), Some(ContactChange::CutOff { for_ms: 2000 }));
+        assert_eq!(contact.tick(false, false, at(13)), None);
+        assert_eq!(contact.tick(true, false, at(15)), Some(ContactChange::Back { away_ms: 5000 }));
+        assert_eq!(contact.tick(true, false, at(16)), None);
+        // After a pause of the process, what it last heard is old: no judgement of a loss.
+        assert_eq!(contact.tick(false, true, at(30)), None);
+        assert_eq!(contact.tick(true, false, at(31)), None);
+    }
     use super::*;
     use std::sync::atomic::AtomicUsize;
 

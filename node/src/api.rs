@@ -68,7 +68,22 @@ pub fn router(state: ApiState) -> Router {
             Error::MethodNotAllowed("this endpoint does not take that method".into())
         })
         .layer(DefaultBodyLimit::max(MAX_DOCUMENT_BYTES))
+        .layer(axum::middleware::from_fn(refuse_declared_too_large))
         .with_state(state)
+}
+
+/// A request whose declared length is over the limit is answered at once, before its body is
+/// read (the limit also holds for a body of undeclared length, as it is read).
+async fn refuse_declared_too_large(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_DOCUMENT_BYTES as u64) {
+        return too_large().into_response();
+    }
+    next.run(request).await
+}
+
+fn too_large() -> Error {
+    Error::TooLarge(format!("documents are limited to {MAX_DOCUMENT_BYTES} bytes"))
 }
 
 /// Largest configuration document accepted by a `PUT`.
@@ -82,9 +97,7 @@ fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
 /// A request body, with an oversized one answered in the API's error format.
 fn body(bytes: Result<axum::body::Bytes, BytesRejection>) -> Result<axum::body::Bytes, Error> {
     bytes.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            Error::TooLarge(format!("documents are limited to {MAX_DOCUMENT_BYTES} bytes"))
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(),
         _ => Error::InvalidArgument(rejection.body_text()),
     })
 }

@@ -78,11 +78,11 @@ fn parse_process(
 }
 
 #[cfg(test)]
-mod parse_tests {
+mod tests {
     use super::*;
 
     #[test]
-    fn test_process_figures_from_procs_texts() {
+    fn test_process_figures_from_the_texts_of_proc() {
         // A command name with a space and a parenthesis, as /proc writes it.
         let stat = "4242 (tollgate (x) y) S 1 4242 4242 0 -1 4194560 2048 0 0 0 1234 567 0 0 20 0 17 0 \
                     250000 1073741824 51200 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0";
@@ -110,7 +110,7 @@ mod parse_tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn test_this_processs_figures() {
+    fn test_process_figures_of_this_process() {
         let figures = process_figures().expect("/proc is readable");
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         assert!(figures.resident_bytes > 1 << 20 && figures.virtual_bytes >= figures.resident_bytes, "{figures:?}");
@@ -119,12 +119,8 @@ mod parse_tests {
         assert!(figures.start_time_seconds <= now + 1.0 && figures.start_time_seconds > now - 3600.0, "{figures:?}");
         assert!(figures.cpu_seconds >= 0.0, "{figures:?}");
     }
-}
 
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    use super::*;
-
+    #[cfg(target_os = "linux")]
     #[test]
     fn test_transparent_huge_pages_are_off_afterwards() {
         disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE) succeeds");

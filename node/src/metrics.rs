@@ -163,3 +163,39 @@ pub fn install() -> PrometheusHandle {
         })
         .clone()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The names in `text` that follow `prefix` (`prefix` and the `[a-z0-9_]` after it).
+    fn names<'a>(text: &'a str, prefix: &str) -> BTreeSet<&'a str> {
+        let mut found = BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let tail = &rest[at..];
+            let name_end = tail[prefix.len()..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .map_or(tail.len(), |end| prefix.len() + end);
+            found.insert(&tail[..name_end]);
+            rest = &tail[name_end..];
+        }
+        found
+    }
+
+    /// The alerting rules shipped in deploy/prometheus use only metrics the node exports.
+    #[test]
+    fn test_the_shipped_alerts_name_metrics_that_exist() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yaml");
+        let alerts = std::fs::read_to_string(path).unwrap();
+        let exported = names(include_str!("metrics.rs"), "\"tollgate_");
+        let exported: BTreeSet<&str> = exported.iter().map(|name| &name[1..]).collect();
+        let used = names(&alerts, "tollgate_");
+        assert!(used.len() >= 8, "{used:?}");
+        let unknown: Vec<_> = used.iter().filter(|name| !exported.contains(*name)).collect();
+        assert!(unknown.is_empty(), "the alerts use metrics the node does not export: {unknown:?}");
+        for process in names(&alerts, "process_") {
+            assert!(include_str!("metrics.rs").contains(&format!("\"{process}\"")), "{process} is not exported");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! OTLP/JSON logs requests, decoded down to their records (see the [module](super)).
 
-use super::{key_values, malformed, AnyValue, Enum, Hex, Int, KeyValue, ProtoEnum, Resource, Scope, U64};
+use super::{list, malformed, AnyValue, Enum, Hex, Int, KeyValue, ProtoEnum, Resource, Scope, U64};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::logs::v1 as otlp;
 use serde::Deserialize;
@@ -8,27 +8,7 @@ use serde::Deserialize;
 /// Decodes an OTLP/JSON `ExportLogsServiceRequest`; the error says what was wrong and where.
 pub fn logs_request(bytes: &[u8]) -> Result<ExportLogsServiceRequest, String> {
     let request: Request = serde_json::from_slice(bytes).map_err(malformed)?;
-    Ok(ExportLogsServiceRequest {
-        resource_logs: request
-            .resource_logs
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| otlp::ResourceLogs {
-                resource: r.resource.map(Into::into),
-                scope_logs: r
-                    .scope_logs
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|s| otlp::ScopeLogs {
-                        scope: s.scope.map(Into::into),
-                        log_records: s.log_records.unwrap_or_default().into_iter().map(Into::into).collect(),
-                        schema_url: s.schema_url.unwrap_or_default(),
-                    })
-                    .collect(),
-                schema_url: r.schema_url.unwrap_or_default(),
-            })
-            .collect(),
-    })
+    Ok(ExportLogsServiceRequest { resource_logs: list(request.resource_logs) })
 }
 
 #[derive(Deserialize)]
@@ -58,6 +38,26 @@ struct ScopeLogs {
     log_records: Option<Vec<LogRecord>>,
     #[serde(default)]
     schema_url: Option<String>,
+}
+
+impl From<ResourceLogs> for otlp::ResourceLogs {
+    fn from(r: ResourceLogs) -> Self {
+        otlp::ResourceLogs {
+            resource: r.resource.map(Into::into),
+            scope_logs: list(r.scope_logs),
+            schema_url: r.schema_url.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<ScopeLogs> for otlp::ScopeLogs {
+    fn from(s: ScopeLogs) -> Self {
+        otlp::ScopeLogs {
+            scope: s.scope.map(Into::into),
+            log_records: list(s.log_records),
+            schema_url: s.schema_url.unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -95,7 +95,7 @@ impl From<LogRecord> for otlp::LogRecord {
             severity_number: Enum::value(r.severity_number),
             severity_text: r.severity_text.unwrap_or_default(),
             body: r.body.map(Into::into),
-            attributes: key_values(r.attributes),
+            attributes: list(r.attributes),
             dropped_attributes_count: r.dropped_attributes_count.map_or(0, |v| v.0),
             flags: r.flags.map_or(0, |v| v.0),
             trace_id: r.trace_id.map(|v| v.0).unwrap_or_default(),

@@ -4,7 +4,7 @@
 //! (`unsupported_type`): only their points are counted, their contents are not read. Exemplars
 //! are not used and are skipped.
 
-use super::{key_values, malformed, Enum, KeyValue, ProtoEnum, Resource, Scope, F64, I64, U64};
+use super::{list, malformed, Enum, KeyValue, ProtoEnum, Resource, Scope, F64, I64, U64};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1 as otlp;
 use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
@@ -14,27 +14,7 @@ use serde::Deserialize;
 /// Decodes an OTLP/JSON `ExportMetricsServiceRequest`; the error says what was wrong and where.
 pub fn metrics_request(bytes: &[u8]) -> Result<ExportMetricsServiceRequest, String> {
     let request: Request = serde_json::from_slice(bytes).map_err(malformed)?;
-    Ok(ExportMetricsServiceRequest {
-        resource_metrics: request
-            .resource_metrics
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| otlp::ResourceMetrics {
-                resource: r.resource.map(Into::into),
-                scope_metrics: r
-                    .scope_metrics
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|s| otlp::ScopeMetrics {
-                        scope: s.scope.map(Into::into),
-                        metrics: s.metrics.unwrap_or_default().into_iter().map(|m| m.0).collect(),
-                        schema_url: s.schema_url.unwrap_or_default(),
-                    })
-                    .collect(),
-                schema_url: r.schema_url.unwrap_or_default(),
-            })
-            .collect(),
-    })
+    Ok(ExportMetricsServiceRequest { resource_metrics: list(request.resource_metrics) })
 }
 
 #[derive(Deserialize)]
@@ -66,10 +46,36 @@ struct ScopeMetrics {
     schema_url: Option<String>,
 }
 
+impl From<ResourceMetrics> for otlp::ResourceMetrics {
+    fn from(r: ResourceMetrics) -> Self {
+        otlp::ResourceMetrics {
+            resource: r.resource.map(Into::into),
+            scope_metrics: list(r.scope_metrics),
+            schema_url: r.schema_url.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<ScopeMetrics> for otlp::ScopeMetrics {
+    fn from(s: ScopeMetrics) -> Self {
+        otlp::ScopeMetrics {
+            scope: s.scope.map(Into::into),
+            metrics: list(s.metrics),
+            schema_url: s.schema_url.unwrap_or_default(),
+        }
+    }
+}
+
 /// A metric, checked to hold at most one kind of data.
 #[derive(Deserialize)]
 #[serde(try_from = "MetricFields")]
 struct Metric(otlp::Metric);
+
+impl From<Metric> for otlp::Metric {
+    fn from(m: Metric) -> Self {
+        m.0
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -135,7 +141,7 @@ impl TryFrom<MetricFields> for Metric {
             name,
             description: m.description.unwrap_or_default(),
             unit: m.unit.unwrap_or_default(),
-            metadata: key_values(m.metadata),
+            metadata: list(m.metadata),
             data: data.pop().map(|(_, data)| data),
         }))
     }
@@ -191,7 +197,7 @@ impl TryFrom<NumberPoint> for otlp::NumberDataPoint {
             (None, None) => None,
         };
         Ok(otlp::NumberDataPoint {
-            attributes: key_values(p.attributes),
+            attributes: list(p.attributes),
             start_time_unix_nano: p.start_time_unix_nano.map_or(0, |v| v.0),
             time_unix_nano: p.time_unix_nano.map_or(0, |v| v.0),
             exemplars: Vec::new(),
@@ -213,7 +219,7 @@ struct Histogram {
 impl From<Histogram> for otlp::Histogram {
     fn from(h: Histogram) -> Self {
         otlp::Histogram {
-            data_points: h.data_points.unwrap_or_default().into_iter().map(Into::into).collect(),
+            data_points: list(h.data_points),
             aggregation_temporality: h.aggregation_temporality.map_or(0, |t| t.0),
         }
     }
@@ -247,7 +253,7 @@ struct HistogramPoint {
 impl From<HistogramPoint> for otlp::HistogramDataPoint {
     fn from(p: HistogramPoint) -> Self {
         otlp::HistogramDataPoint {
-            attributes: key_values(p.attributes),
+            attributes: list(p.attributes),
             start_time_unix_nano: p.start_time_unix_nano.map_or(0, |v| v.0),
             time_unix_nano: p.time_unix_nano.map_or(0, |v| v.0),
             count: p.count.map_or(0, |v| v.0),

@@ -53,7 +53,7 @@ struct Resource {
 impl From<Resource> for resource::Resource {
     fn from(r: Resource) -> Self {
         resource::Resource {
-            attributes: key_values(r.attributes),
+            attributes: list(r.attributes),
             dropped_attributes_count: r.dropped_attributes_count.map_or(0, |v| v.0),
             entity_refs: r.entity_refs.unwrap_or_default(),
         }
@@ -79,7 +79,7 @@ impl From<Scope> for common::InstrumentationScope {
         common::InstrumentationScope {
             name: s.name.unwrap_or_default(),
             version: s.version.unwrap_or_default(),
-            attributes: key_values(s.attributes),
+            attributes: list(s.attributes),
             dropped_attributes_count: s.dropped_attributes_count.map_or(0, |v| v.0),
         }
     }
@@ -97,8 +97,9 @@ struct KeyValue {
     key_strindex: Option<Int<i32>>,
 }
 
-fn key_values(list: Option<Vec<KeyValue>>) -> Vec<common::KeyValue> {
-    list.unwrap_or_default().into_iter().map(Into::into).collect()
+/// A repeated field, each item converted; absent or `null` is empty.
+fn list<T: Into<U>, U>(items: Option<Vec<T>>) -> Vec<U> {
+    items.unwrap_or_default().into_iter().map(Into::into).collect()
 }
 
 impl From<KeyValue> for common::KeyValue {
@@ -146,13 +147,12 @@ impl<'de> Deserialize<'de> for AnyValue {
                         "boolValue" => map.next_value::<Option<bool>>()?.map(Value::BoolValue),
                         "intValue" => map.next_value::<Option<Int<i64>>>()?.map(|v| Value::IntValue(v.0)),
                         "doubleValue" => map.next_value::<Option<F64>>()?.map(|v| Value::DoubleValue(v.0)),
-                        "arrayValue" => map.next_value::<Option<Values<AnyValue>>>()?.map(|a| {
-                            let values = a.values.unwrap_or_default().into_iter().map(Into::into).collect();
-                            Value::ArrayValue(common::ArrayValue { values })
-                        }),
+                        "arrayValue" => map
+                            .next_value::<Option<Values<AnyValue>>>()?
+                            .map(|a| Value::ArrayValue(common::ArrayValue { values: list(a.values) })),
                         "kvlistValue" => map
                             .next_value::<Option<Values<KeyValue>>>()?
-                            .map(|l| Value::KvlistValue(common::KeyValueList { values: key_values(l.values) })),
+                            .map(|l| Value::KvlistValue(common::KeyValueList { values: list(l.values) })),
                         "bytesValue" => match map.next_value::<Option<String>>()? {
                             Some(text) => Some(Value::BytesValue(
                                 base64::engine::general_purpose::STANDARD

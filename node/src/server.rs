@@ -833,31 +833,6 @@ impl Contact {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn test_contact_reports_a_cut_off_past_the_grace_and_the_return_after_it() {
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut contact = Contact::new(Duration::from_secs(2));
-        // Not in contact while starting: nothing to report.
-        assert_eq!(contact.tick(false, false, at(0)), None);
-        assert_eq!(contact.tick(false, false, at(5)), None);
-        assert_eq!(contact.tick(true, false, at(6)), None);
-        // An election: out of contact for less than the grace, then back. Nothing logged.
-        assert_eq!(contact.tick(false, false, at(7)), None);
-        assert_eq!(contact.tick(false, false, at(8)), None);
-        assert_eq!(contact.tick(true, false, at(9)), None);
-        // Cut off: reported once, when the grace has passed, and the return after it.
-        assert_eq!(contact.tick(false, false, at(10)), None);
-        assert_eq!(contact.tick(false, false, at(11)), None);
-        assert_eq!(contact.tick(false, false, at(12)), Some(ContactChange::CutOff { for_ms: 2000 }));
-        assert_eq!(contact.tick(false, false, at(13)), None);
-        assert_eq!(contact.tick(true, false, at(15)), Some(ContactChange::Back { away_ms: 5000 }));
-        assert_eq!(contact.tick(true, false, at(16)), None);
-        // After a pause of the process, what it last heard is old: no judgement of a loss.
-        assert_eq!(contact.tick(false, true, at(30)), None);
-        assert_eq!(contact.tick(true, false, at(31)), None);
-    }
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
@@ -917,5 +892,30 @@ mod tests {
         tasks.stop(Duration::from_secs(5)).await;
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(tasks.running.is_empty());
+    }
+
+    #[test]
+    fn test_contact_reports_a_cut_off_past_the_grace_and_the_return_after_it() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut contact = Contact::new(Duration::from_secs(2));
+        // Not in contact while starting: nothing to report.
+        assert_eq!(contact.tick(false, false, at(0)), None);
+        assert_eq!(contact.tick(false, false, at(5)), None);
+        assert_eq!(contact.tick(true, false, at(6)), None);
+        // An election: out of contact for less than the grace, then back. Nothing logged.
+        assert_eq!(contact.tick(false, false, at(7)), None);
+        assert_eq!(contact.tick(false, false, at(8)), None);
+        assert_eq!(contact.tick(true, false, at(9)), None);
+        // Cut off: reported once, when the grace has passed, and the return after it.
+        assert_eq!(contact.tick(false, false, at(10)), None);
+        assert_eq!(contact.tick(false, false, at(11)), None);
+        assert_eq!(contact.tick(false, false, at(12)), Some(ContactChange::CutOff { for_ms: 2000 }));
+        assert_eq!(contact.tick(false, false, at(13)), None);
+        assert_eq!(contact.tick(true, false, at(15)), Some(ContactChange::Back { away_ms: 5000 }));
+        assert_eq!(contact.tick(true, false, at(16)), None);
+        // After a pause of the process, what it last heard is old: no judgement of a loss.
+        assert_eq!(contact.tick(false, true, at(30)), None);
+        assert_eq!(contact.tick(true, false, at(31)), None);
     }
 }

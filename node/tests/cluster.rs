@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fleet_export, fleet_tokens, now_seconds, sum_of, wait_balanced, TestNode};
+use common::{fleet_export, fleet_tokens, metric_value, now_seconds, sum_of, wait_balanced, TestNode};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +39,9 @@ async fn assert_moves_accounted(nodes: &[TestNode]) {
             let status = node.cluster_status().await;
             total = status["vnodes"]["total"].as_i64().expect("vnode count");
             let owned = status["vnodes"]["owners"][&node.endpoints.node_id].as_i64().unwrap_or(0);
-            let taken = node.self_metric_opt(&moves("in")).await.unwrap_or(0.0) as i64;
-            let given = node.self_metric_opt(&moves("out")).await.unwrap_or(0.0) as i64;
+            let text = node.self_metrics().await;
+            let taken = metric_value(&text, &moves("in")).unwrap_or(0.0) as i64;
+            let given = metric_value(&text, &moves("out")).unwrap_or(0.0) as i64;
             ledger.push((owned, taken, given));
         }
         let owned_as_moved = ledger
@@ -53,10 +54,11 @@ async fn assert_moves_accounted(nodes: &[TestNode]) {
     })
     .await;
     for node in nodes {
+        let text = node.self_metrics().await;
         for direction in ["in", "out"] {
             for kind in ["state", "drain"] {
                 let name = format!("tollgate_vnode_move_failures_total{{direction=\"{direction}\",kind=\"{kind}\"}}");
-                let failures = node.self_metric_opt(&name).await.unwrap_or(0.0);
+                let failures = metric_value(&text, &name).unwrap_or(0.0);
                 assert_eq!(
                     failures, 0.0,
                     "{}: {name} (owned, taken, given per node: {ledger:?})",

@@ -302,10 +302,7 @@ impl TestNode {
     /// The value of a self-metric, `None` while it was never recorded. `name` carries the labels
     /// of a labelled one as the exporter writes them (`name{label="value"}`).
     pub async fn self_metric_opt(&self, name: &str) -> Option<f64> {
-        let text = self.self_metrics().await;
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
+        metric_value(&self.self_metrics().await, name)
     }
 
     /// The value of an unlabelled self-metric.
@@ -313,6 +310,11 @@ impl TestNode {
         let value = self.self_metric_opt(name).await;
         value.unwrap_or_else(|| panic!("no {name} in /metrics"))
     }
+}
+
+/// The value of `name` in a self-metrics text (see [`TestNode::self_metric_opt`]).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')).and_then(|value| value.trim().parse().ok())
 }
 
 impl Drop for TestNode {

@@ -147,7 +147,8 @@ impl QueryEngine {
         let catalogue = &config.rules.config.catalogue;
         let mut partial = Partial::default();
         let start_minute = (query.step.floor(query.start).max(0) / 60) as u64;
-        let end_minute = (query.end.max(0) as u64).div_ceil(60);
+        // Whole steps: the minutes of the last step after `end` count too (`MetricQuery::covers`).
+        let end_minute = (query.steps_end().max(0) as u64).div_ceil(60);
         for (partition, entity) in self.store.entities()? {
             if entity.service != query.service {
                 continue;

@@ -97,12 +97,18 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     }
     let range = (first - 3600, first + 4 * 3600);
     let day_range = (day - 86_400, day + 86_400);
+    // An end in the middle of an hour that will be rolled up: its step counts whole either way.
+    let mid_hour_end = first + 3600 + 1800;
     let metrics = [CPM, "meter_envoy_ai_gw_request_latency_avg", "meter_envoy_ai_gw_request_latency_percentile"];
     let mut before = Vec::new();
     for metric in metrics {
         before.push(points(&api, metric, range.0, range.1, "hour").await);
         before.push(points(&api, metric, day_range.0, day_range.1, "day").await);
+        before.push(points(&api, metric, range.0, mid_hour_end, "hour").await);
     }
+    let whole_hour = &before[0][0]["points"][2];
+    assert_eq!(whole_hour[0], first + 3600);
+    assert_eq!(before[2][0]["points"].as_array().unwrap().last(), Some(whole_hour), "the last step counts whole");
     let hourly: f64 =
         before[0][0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 60.0).sum();
     assert!((hourly - expected_requests as f64).abs() < 1e-3, "{hourly} vs {expected_requests}");
@@ -113,6 +119,7 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     for metric in metrics {
         after.push(points(&api, metric, range.0, range.1, "hour").await);
         after.push(points(&api, metric, day_range.0, day_range.1, "day").await);
+        after.push(points(&api, metric, range.0, mid_hour_end, "hour").await);
     }
     assert_eq!(after, before, "roll-ups answer exactly like the minutes they replace");
     let metrics = reqwest::get(format!("{api}/metrics")).await.unwrap().text().await.unwrap();

@@ -107,9 +107,16 @@ impl MetricQuery {
         (0..).map(move |i| first + i * step).take_while(move |t| *t < end)
     }
 
-    /// True when a state starting at `unix_seconds` lies in the queried range.
+    /// True when a state starting at `unix_seconds` lies in one of the answer's steps. Steps are
+    /// whole at both ends: the first from `start` rounded down, the last the one whose start is
+    /// before `end` (so a step's value does not depend on whether its minutes were rolled up).
     pub fn covers(&self, unix_seconds: i64) -> bool {
-        unix_seconds >= self.step.floor(self.start) && unix_seconds < self.end
+        unix_seconds >= self.step.floor(self.start) && self.step.floor(unix_seconds) < self.end
+    }
+
+    /// The end of the answer's last step: `end` rounded up to a step boundary.
+    pub fn steps_end(&self) -> i64 {
+        self.step.floor(self.end - 1) + self.step.seconds()
     }
 }
 
@@ -274,6 +281,18 @@ mod tests {
         let result = partial.finish(&q);
         assert_eq!(result.series.len(), 1);
         assert_eq!(result.series[0].points, vec![(600, None), (660, Some(5.0)), (720, None)]);
+    }
+
+    #[test]
+    fn test_steps_are_whole_at_both_ends() {
+        let hour = |start, end| query("meter_envoy_ai_gw_request_cpm", None, start, end, Step::Hour);
+        assert_eq!(hour(0, 3600).steps_end(), 3600);
+        assert_eq!(hour(0, 3601).steps_end(), 7200);
+        assert_eq!(query("meter_envoy_ai_gw_request_cpm", None, 0, 61, Step::Minute).steps_end(), 120);
+        let q = hour(1800, 5400);
+        assert!(q.covers(0) && q.covers(3540) && q.covers(3600) && q.covers(7140));
+        assert!(!q.covers(-60) && !q.covers(7200));
+        assert_eq!(q.step_starts().collect::<Vec<_>>(), vec![0, 3600]);
     }
 
     #[test]

@@ -200,6 +200,13 @@ async fn test_query_api_answers_and_parameter_errors() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["series"][0]["points"].as_array().unwrap().len(), 3);
+    // SPEC §3's name of an MCP instance metric answers as SkyWalking's.
+    let (spec_name, spec_body) =
+        node.get("/api/v1/metrics/meter_envoy_ai_gw_instance_mcp_request_cpm?service=cfg-gw&instance=p").await;
+    let (upstream_name, upstream_body) =
+        node.get("/api/v1/metrics/meter_envoy_ai_gw_mcp_instance_request_cpm?service=cfg-gw&instance=p").await;
+    assert_eq!((spec_name, &spec_body), (200, &upstream_body), "{spec_body}");
+    assert_eq!(upstream_name, 200);
 
     for (query, status, code) in [
         ("/api/v1/metrics/meter_envoy_ai_gw_instance_request_cpm?service=cfg-gw", 400, "invalid_argument"),

@@ -277,18 +277,40 @@ impl Catalogue {
         out
     }
 
-    /// Index of full names, built once per catalogue version.
+    /// Index of full names, built once per catalogue version, with the instance aliases of
+    /// [`Catalogue::instance_alias`].
     pub fn index(&self) -> HashMap<String, ResolvedMetric> {
         let mut out = HashMap::new();
+        let mut aliases = Vec::new();
         for group in &self.groups {
             for rule in &group.metrics {
                 for scope in &rule.scopes {
                     let name = Catalogue::full_name(group, rule, *scope);
-                    out.insert(name.clone(), ResolvedMetric { name, scope: *scope, rule: rule.clone() });
+                    let resolved = ResolvedMetric { name: name.clone(), scope: *scope, rule: rule.clone() };
+                    if *scope == Scope::Instance {
+                        if let Some(alias) = self.instance_alias(group, rule) {
+                            aliases.push((alias, resolved.clone()));
+                        }
+                    }
+                    out.insert(name, resolved);
                 }
             }
         }
+        for (alias, resolved) in aliases {
+            out.entry(alias).or_insert(resolved);
+        }
         out
+    }
+
+    /// A second name for an instance metric of a group whose service prefix extends the first
+    /// group's: SPEC §3 names instance metrics `<first instance prefix>_<name>`, where the name
+    /// of an MCP metric is `mcp_<rule>` (`meter_envoy_ai_gw_instance_mcp_request_cpm`), while
+    /// SkyWalking, whose names the group uses, names it `meter_envoy_ai_gw_mcp_instance_request_cpm`.
+    /// Both answer; a name of the catalogue's own is never shadowed.
+    fn instance_alias(&self, group: &MetricGroup, rule: &MetricRule) -> Option<String> {
+        let first = self.groups.first()?;
+        let infix = group.service_prefix.strip_prefix(&first.service_prefix)?.strip_prefix('_')?;
+        (!infix.is_empty()).then(|| format!("{}_{infix}_{}", first.instance_prefix, rule.name))
     }
 
     /// The source metrics any rule reads (plus the cost metric): only these are stored.
@@ -649,6 +671,20 @@ impl Default for Catalogue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_mcp_instance_metrics_answer_to_the_spec_name_too() {
+        let index = Catalogue::default().index();
+        let upstream = &index["meter_envoy_ai_gw_mcp_instance_request_cpm"];
+        let spec = &index["meter_envoy_ai_gw_instance_mcp_request_cpm"];
+        assert_eq!(spec, upstream);
+        assert_eq!(spec.scope, Scope::Instance);
+        assert!(!index.contains_key("meter_envoy_ai_gw_mcp_mcp_request_cpm"), "no service alias");
+        assert!(!index.contains_key("meter_envoy_ai_gw_instance_instance_request_cpm"), "no alias for the first group");
+        let names = Catalogue::default().entries().len();
+        let mcp_instance = index.keys().filter(|name| name.starts_with("meter_envoy_ai_gw_mcp_instance_")).count();
+        assert_eq!(index.len(), names + mcp_instance, "one alias per MCP instance metric, listed once");
+    }
 
     #[test]
     fn test_default_catalogue_is_valid_and_complete() {

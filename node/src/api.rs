@@ -145,21 +145,41 @@ pub fn round6(value: f64) -> f64 {
 }
 
 /// The JSON answer, with `X-Tollgate-Missing-Nodes` naming members that could not be asked (the
-/// answer may lack their data).
-fn answer<T>(answer: Answer<T>, body: impl FnOnce(T) -> serde_json::Value) -> Response {
+/// answer may lack their data); with `partial=false`, such an answer is an error instead.
+fn answer<T>(
+    answer: Answer<T>,
+    partial: Option<bool>,
+    body: impl FnOnce(T) -> serde_json::Value,
+) -> Result<Response, Error> {
     let missing = answer.missing;
+    if !missing.is_empty() && partial == Some(false) {
+        return Err(Error::Unavailable(format!(
+            "no answer from {}: the answer would lack their data (partial=false); retry later",
+            missing.join(", ")
+        )));
+    }
     let mut response = Json(body(answer.value)).into_response();
     if !missing.is_empty() {
         if let Ok(value) = missing.join(",").parse() {
             response.headers_mut().insert("x-tollgate-missing-nodes", value);
         }
     }
-    response
+    Ok(response)
 }
 
-async fn services(State(state): State<ApiState>) -> Result<Response, Error> {
+/// The parameter every read takes.
+#[derive(Debug, Deserialize)]
+struct ReadParams {
+    partial: Option<bool>,
+}
+
+async fn services(
+    State(state): State<ApiState>,
+    query: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Response, Error> {
+    let params = params(query)?;
     let services = state.query.services().await?;
-    Ok(answer(services, |services| json!({ "services": services })))
+    answer(services, params.partial, |services| json!({ "services": services }))
 }
 
 async fn catalogue(State(state): State<ApiState>) -> Response {
@@ -174,6 +194,7 @@ struct MetricParams {
     start: Option<String>,
     end: Option<String>,
     step: Option<String>,
+    partial: Option<bool>,
 }
 
 /// The default query range: the last hour.
@@ -224,7 +245,7 @@ async fn metric_answer(
             point.1 = point.1.map(round6);
         }
     }
-    Ok(answer(result, |result| serde_json::to_value(result).unwrap_or_default()))
+    answer(result, params.partial, |result| serde_json::to_value(result).unwrap_or_default())
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +259,7 @@ struct LogParams {
     model: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
+    partial: Option<bool>,
 }
 
 /// A log as the API shows it (SPEC §7).
@@ -339,10 +361,10 @@ async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejec
         cursor: params.cursor.as_deref().map(parse_cursor).transpose()?,
     };
     let page = state.query.logs(query).await?;
-    Ok(answer(page, |page| {
+    answer(page, params.partial, |page| {
         let logs: Vec<LogView> = page.logs.into_iter().map(LogView::from).collect();
         json!({ "logs": logs, "next_cursor": page.next.map(format_cursor) })
-    }))
+    })
 }
 
 fn wants_yaml(headers: &HeaderMap) -> bool {

@@ -399,6 +399,12 @@ impl Client {
     async fn get_json(&self, path: &str, query: &[(&str, Option<String>)]) -> anyhow::Result<Value> {
         let query: Vec<(&str, String)> = query.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v))).collect();
         let response = self.send(self.http.get(format!("{}{path}", self.api)).query(&query)).await?;
+        if let Some(missing) = response.headers().get("x-tollgate-missing-nodes") {
+            eprintln!(
+                "tollgate: warning: no answer from {}: their data is missing, values may be too low",
+                missing.to_str().unwrap_or("some members")
+            );
+        }
         Ok(response.json().await?)
     }
 

@@ -200,6 +200,11 @@ async fn test_query_api_answers_and_parameter_errors() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["series"][0]["points"].as_array().unwrap().len(), 3);
+    // A single node answers for everything: partial=false changes nothing.
+    let all_or_nothing = format!(
+        "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start={rfc3339}&end=2026-01-01T00:03:00Z&partial=false"
+    );
+    assert_eq!(node.get(&all_or_nothing).await, (status, body));
     // SPEC §3's name of an MCP instance metric answers as SkyWalking's.
     let (spec_name, spec_body) =
         node.get("/api/v1/metrics/meter_envoy_ai_gw_instance_mcp_request_cpm?service=cfg-gw&instance=p").await;
@@ -222,6 +227,8 @@ async fn test_query_api_answers_and_parameter_errors() {
         ),
         ("/api/v1/logs?service=cfg-gw&cursor=nope", 400, "invalid_argument"),
         ("/api/v1/logs?service=cfg-gw&limit=0", 400, "invalid_argument"),
+        ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&partial=maybe", 400, "invalid_argument"),
+        ("/api/v1/services?partial=1", 400, "invalid_argument"),
         ("/api/v2/anything", 404, "not_found"),
     ] {
         let (actual, body) = node.get(query).await;

@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SHARED_CASES ?= ../shared/cases
 
-.PHONY: help check fmt-check clippy test cases-check fix bench deny
+.PHONY: help check fmt-check clippy test cases-check fix bench deny fuzz fuzz-check
 
 help:
 	@echo "make check   - format check, clippy (warnings are errors), tests, golden-case sync (what CI runs)"
@@ -10,8 +10,10 @@ help:
 	@echo "make fix     - apply rustfmt and clippy's automatic fixes"
 	@echo "make bench   - benchmarks (figures against same-run baselines)"
 	@echo "make deny    - cargo-deny licence and advisory checks (needs cargo-deny)"
+	@echo "make fuzz    - coverage-guided fuzzing of the decoders (needs cargo-fuzz; node/fuzz/README.md)"
+	@echo "make fuzz-check - format check and clippy of the fuzz targets (no fuzzing; part of make check)"
 
-check: cases-check fmt-check clippy test
+check: cases-check fmt-check clippy fuzz-check test
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -47,3 +49,21 @@ bench:
 
 deny:
 	$(CARGO) deny check
+
+# Fuzzing (node/fuzz/README.md): its own workspace, built by cargo-fuzz with libFuzzer's flags.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= otlp_metrics otlp_logs otlp_json stored
+FUZZ_MANIFEST = node/fuzz/Cargo.toml
+
+fuzz:
+	cd node/fuzz && $(CARGO) run --release --locked --bin seeds
+	cd node/fuzz && for target in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none -O $$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -max_len=65536 || exit 1; \
+	done
+
+# The fuzz crate checked like the workspace, in the workspace's target directory (it shares most
+# of its dependencies' builds).
+fuzz-check:
+	$(CARGO) fmt --manifest-path $(FUZZ_MANIFEST) -- --check
+	$(CARGO) clippy --manifest-path $(FUZZ_MANIFEST) --target-dir target --all-targets --locked -- -D warnings

@@ -937,6 +937,17 @@ impl MemoryPipeline {
     /// Ingests one export at time `now_ns`.
     pub fn ingest(&mut self, request: ExportMetricsServiceRequest, now_ns: u64) -> IngestReport {
         let batch = extract_metrics(request, &self.rules);
+        self.merge(batch, now_ns)
+    }
+
+    /// Ingests resources decoded by [`crate::decode::resource_metrics`] (the node's path) at time
+    /// `now_ns`.
+    pub fn ingest_decoded(&mut self, resources: Vec<DecodedMetrics>, now_ns: u64) -> IngestReport {
+        let batch = extract_decoded_metrics(resources, &self.rules);
+        self.merge(batch, now_ns)
+    }
+
+    fn merge(&mut self, batch: MetricsBatch, now_ns: u64) -> IngestReport {
         let mut report = batch.report;
         for point in batch.points {
             let states = &mut self.states;

@@ -193,20 +193,18 @@ impl Peer for PeerService {
         // Only once this node applied the move does its owner refuse new data for the vnode; then
         // everything it accepted is made durable, and the store holds the whole state.
         // A vnode this node neither has nor is getting was handed over already (a late or repeated
-        // request): refused at once, since waiting would not change that.
+        // request), or its move was undone: refused as soon as that is so, since waiting would not
+        // change it.
         let me = self.cluster.id;
-        let state_of = move |a: &AppliedState| a.state.vnodes.vnodes.get(vnode as usize).cloned();
-        let moving =
-            move |a: &Arc<AppliedState>| matches!(state_of(a), Some(VnodeState::Moving { from, .. }) if from == me);
-        let here = match state_of(&self.cluster.applied().borrow()) {
-            Some(VnodeState::Active { owner }) => owner == me,
-            Some(VnodeState::Moving { from, to }) => from == me || to == me,
-            _ => false,
-        };
-        if !here || !self.applied_within(moving).await {
+        let ready = move |a: &AppliedState| hand_over_ready(a.state.vnodes.vnodes.get(vnode as usize), me);
+        if ready(&self.cluster.applied().borrow()) == Some(false)
+            || !self.applied_within(|a| ready(a).is_some()).await
+            || ready(&self.cluster.applied().borrow()) != Some(true)
+        {
             metrics::counter!(m::VNODE_MOVE_FAILURES, "direction" => "out", "kind" => "state").increment(1);
             self.refuse_if_stopping()?;
-            let now = state_of(&self.cluster.applied().borrow()).map_or_else(|| "unknown".into(), |s| format!("{s:?}"));
+            let now = self.cluster.applied().borrow().state.vnodes.vnodes.get(vnode as usize).cloned();
+            let now = now.map_or_else(|| "unknown".into(), |s| format!("{s:?}"));
             return Err(Status::failed_precondition(format!("vnode {vnode} is not moving away from this node: {now}")));
         }
         owner.release().await?;
@@ -232,6 +230,19 @@ impl Peer for PeerService {
         let request = request.into_inner();
         info!(node = request.node_id, name = %request.name, addr = %request.cluster_addr, "join request");
         self.cluster.handle_join(request).await.map(Response::new).map_err(cluster_status)
+    }
+}
+
+/// Whether this node (`me`) can hand a vnode in `state` over: `Some(true)` once it applied the
+/// vnode's move away from it, `Some(false)` when the vnode is neither its own nor coming to it
+/// (the move is over, or was undone: waiting would not change that), `None` while the move may
+/// still come (the vnode is still its own, or still coming to it).
+fn hand_over_ready(state: Option<&VnodeState>, me: u64) -> Option<bool> {
+    match state {
+        Some(VnodeState::Moving { from, .. }) if *from == me => Some(true),
+        Some(VnodeState::Active { owner }) if *owner == me => None,
+        Some(VnodeState::Moving { to, .. }) if *to == me => None,
+        _ => Some(false),
     }
 }
 
@@ -371,4 +382,21 @@ pub async fn serve(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_a_hand_over_waits_only_while_the_move_may_still_come() {
+        let (me, other, third) = (1, 2, 3);
+        let ready = |state: VnodeState| hand_over_ready(Some(&state), me);
+        assert_eq!(ready(VnodeState::Moving { from: me, to: other }), Some(true), "the move is applied here");
+        assert_eq!(ready(VnodeState::Active { owner: me }), None, "the move is not applied here yet");
+        assert_eq!(ready(VnodeState::Moving { from: other, to: me }), None, "still coming here");
+        assert_eq!(ready(VnodeState::Active { owner: other }), Some(false), "handed over already");
+        assert_eq!(ready(VnodeState::Moving { from: other, to: third }), Some(false), "moving elsewhere");
+        assert_eq!(hand_over_ready(None, me), Some(false), "no such vnode");
+    }
 }

@@ -320,11 +320,11 @@ async fn test_cluster_kill9_of_the_leader_then_writes_resume_and_it_catches_up()
     assert_eq!(missing.as_deref(), Some(leader.as_str()), "the dead member is named as missing");
     // A client that wants all or nothing says so: the same read is then a retryable error.
     for read in [
-        "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=failover-gw&partial=false".to_string(),
-        "/api/v1/logs?service=failover-gw&partial=false".to_string(),
-        "/api/v1/services?partial=false".to_string(),
+        "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=failover-gw&partial=false",
+        "/api/v1/logs?service=failover-gw&partial=false",
+        "/api/v1/services?partial=false",
     ] {
-        let (status, body) = nodes[survivors[1]].get(&read).await;
+        let (status, body) = nodes[survivors[1]].get(read).await;
         assert_eq!(status, 503, "{read}: {body}");
         assert_eq!(body["code"], "unavailable", "{read}: {body}");
         assert!(body["error"].as_str().unwrap().contains(&format!("no answer from {leader}")), "{read}: {body}");

@@ -8,6 +8,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs};
 use opentelemetry_proto::tonic::metrics::v1::{metric::Data, ResourceMetrics};
 use prost::Message;
+use std::sync::LazyLock;
 use tollgate_rules::decode::{self, DecodedMetrics};
 use tollgate_rules::evaluate::Step;
 use tollgate_rules::ingest::extract_encoded_logs;
@@ -15,6 +16,11 @@ use tollgate_rules::{decide, decide_on, CompiledRules, MemoryPipeline, PriceTabl
 
 /// The most minute states a query of the checks may cover: inputs can hold any times.
 const QUERY_MINUTES: i64 = 120;
+
+/// The built-in rules and prices, parsed and compiled once for all inputs.
+static RULES: LazyLock<CompiledRules> = LazyLock::new(CompiledRules::default);
+static PRICING: LazyLock<PriceTable> =
+    LazyLock::new(|| PriceTable::parse(tollgate_rules::pricing::BUILT_IN_PRICING).expect("built-in pricing"));
 
 /// An encoded `ResourceMetrics`, as the receiver splits an export into: Tollgate's decoder gives
 /// prost's answer, and both decodings, merged, answer every catalogue metric alike.
@@ -33,9 +39,8 @@ pub fn resource_metrics(bytes: &[u8]) {
 
     // Now: just after the newest point, so that the input's own times decide what is accepted.
     let now = newest_time(&prost).saturating_add(1_000_000_000);
-    let pricing = PriceTable::parse(tollgate_rules::pricing::BUILT_IN_PRICING).expect("built-in pricing");
-    let mut node_path = MemoryPipeline::new(CompiledRules::default(), pricing.clone());
-    let mut prost_path = MemoryPipeline::new(CompiledRules::default(), pricing);
+    let mut node_path = MemoryPipeline::new(RULES.clone(), PRICING.clone());
+    let mut prost_path = MemoryPipeline::new(RULES.clone(), PRICING.clone());
     // Twice: cumulative points meet their baseline, retried ones their de-duplication.
     for _ in 0..2 {
         let node_report = node_path.ingest_decoded(vec![fast.clone()], now);
@@ -103,15 +108,14 @@ pub fn resource_logs(bytes: &[u8]) {
     };
     let expected: Vec<&LogRecord> = expected.scope_logs.iter().flat_map(|scope| &scope.log_records).collect();
     assert_eq!(records.len(), expected.len());
-    let pricing = PriceTable::parse(tollgate_rules::pricing::BUILT_IN_PRICING).expect("built-in pricing");
     let rules = SamplingRules { slow_threshold_ms: Some(1000), token_threshold: Some(100), ..SamplingRules::default() };
     for (record, expected) in records.iter().zip(expected) {
         assert_eq!(&record.decode(), expected);
-        assert_eq!(decide_on(&record.view(), &rules, &pricing), decide(&expected.attributes, &rules, &pricing));
-        let _ = record.view().body_text();
+        let view = record.view();
+        assert_eq!(decide_on(&view, &rules, &PRICING), decide(&expected.attributes, &rules, &PRICING));
+        let _ = view.body_text();
     }
-    let batch = extract_encoded_logs(&[bytes], &CompiledRules::default()).expect("decoded above");
-    let _ = format!("{:?}", batch.report);
+    extract_encoded_logs(&[bytes], &RULES).expect("decoded above");
 }
 
 /// OTLP/JSON bodies: whatever decodes goes through the protobuf checks too.

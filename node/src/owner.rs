@@ -85,6 +85,19 @@ pub enum Full {
     Node(usize),
 }
 
+/// Whether a point's series may be in memory (`OwnerState::admit_series`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    /// It already is.
+    Live,
+    /// Read back from the store, counted.
+    Restored,
+    /// Counted; the point creates it.
+    New,
+    /// Not in memory, and no room for it.
+    Refused(Full),
+}
+
 impl Cardinality {
     /// Counts with the node's limit of series in memory (`limits.max_series`; 0: none).
     pub fn new(max_series: usize) -> Self {
@@ -104,13 +117,6 @@ impl Cardinality {
         *counts.per_service.entry(service.to_string()).or_default() += 1;
         counts.total += 1;
         Ok(())
-    }
-
-    /// Counts a series restored from the store (it exists; the limits do not apply).
-    pub fn add_existing(&self, service: &str) {
-        let mut counts = self.counts.lock().expect("cardinality lock");
-        *counts.per_service.entry(service.to_string()).or_default() += 1;
-        counts.total += 1;
     }
 
     /// Forgets a series that left memory.
@@ -551,19 +557,42 @@ impl OwnerState {
     }
 
     /// Loads a series' key and cursor from the store if it is not in memory.
-    fn ensure_series(&mut self, id: SeriesId, partition: u64, config: &RuntimeConfig) -> Result<(), Error> {
+    /// Makes sure the series is in memory, or says why it may not be. A series not in memory,
+    /// whether new or stored (idle for two lateness windows, or not read back since a restart),
+    /// counts against the limits as it comes in: they bound the memory the series take (SPEC §8),
+    /// so a stored series would otherwise let a node exceed them. Its store reads come first: a
+    /// failure counts nothing.
+    fn admit_series(
+        &mut self,
+        id: SeriesId,
+        partition: u64,
+        service: &str,
+        config: &RuntimeConfig,
+    ) -> Result<Admitted, Error> {
         if self.table.get(&id).is_some() {
-            return Ok(());
+            return Ok(Admitted::Live);
         }
         let store = &self.context.store;
-        let Some(key) = store.series(self.vnode, partition, id)? else { return Ok(()) };
-        let normalize = &config.rules.config.normalize;
-        let since = self.table.clock(partition).map(|c| c.oldest_accepted_ns(normalize)).unwrap_or(0);
-        let cursor = store.cursor(self.vnode, partition, id, since)?;
-        self.context.cardinality.add_existing(&key.entity.service);
-        self.table.restore_series(key, cursor);
-        metrics::gauge!(m::SERIES_ACTIVE).increment(1.0);
-        Ok(())
+        let stored = match store.series(self.vnode, partition, id)? {
+            Some(key) => {
+                let normalize = &config.rules.config.normalize;
+                let since = self.table.clock(partition).map(|c| c.oldest_accepted_ns(normalize)).unwrap_or(0);
+                Some((key, store.cursor(self.vnode, partition, id, since)?))
+            }
+            None => None,
+        };
+        let limit = config.rules.config.normalize.max_series_per_service;
+        if let Err(full) = self.context.cardinality.try_add(service, limit) {
+            return Ok(Admitted::Refused(full));
+        }
+        match stored {
+            Some((key, cursor)) => {
+                self.table.restore_series(key, cursor);
+                metrics::gauge!(m::SERIES_ACTIVE).increment(1.0);
+                Ok(Admitted::Restored)
+            }
+            None => Ok(Admitted::New),
+        }
     }
 
     fn ingest_metrics(&mut self, points: Vec<ExtractedPoint>) -> Outcome {
@@ -602,24 +631,17 @@ impl OwnerState {
         let id = point.series;
         let partition = point.partition;
         self.ensure_partition(partition, &point.entity)?;
-        self.ensure_series(id, partition, config)?;
-        if self.table.get(&id).is_none() {
-            let limit = config.rules.config.normalize.max_series_per_service;
-            if let Err(full) = self.context.cardinality.try_add(&point.entity.service, limit) {
-                let message = match full {
-                    Full::Service(count) => {
-                        format!(
-                            "service {:?} already has {count} series (max_series_per_service)",
-                            point.entity.service
-                        )
-                    }
-                    Full::Node(count) => format!("this node already holds {count} series (limits.max_series)"),
-                };
-                let rejection = Rejection::new(RejectReason::CardinalityLimit, message);
-                report
-                    .reject(&rejection, || format!("{} of {} at {}", point.metric, point.entity, point.point.time_ns));
-                return Ok(());
-            }
+        let admitted = self.admit_series(id, partition, &point.entity.service, config)?;
+        if let Admitted::Refused(full) = admitted {
+            let message = match full {
+                Full::Service(count) => {
+                    format!("service {:?} already has {count} series (max_series_per_service)", point.entity.service)
+                }
+                Full::Node(count) => format!("this node already holds {count} series (limits.max_series)"),
+            };
+            let rejection = Rejection::new(RejectReason::CardinalityLimit, message);
+            report.reject(&rejection, || format!("{} of {} at {}", point.metric, point.entity, point.point.time_ns));
+            return Ok(());
         }
         let point_key = PointKey { time_ns: point.point.time_ns, start_ns: point.point.start_ns };
         let minute = minute_of(point_key.time_ns) as u64;
@@ -636,8 +658,12 @@ impl OwnerState {
         for key in keys.iter() {
             if key.1 == Resolution::Minute && moved_on_from.is_some() {
                 self.cache.entry(*key).or_default();
-            } else {
-                self.load_state(*key)?;
+            } else if let Err(error) = self.load_state(*key) {
+                // The point fails with its batch: a new series it counted is not created.
+                if admitted == Admitted::New {
+                    self.context.cardinality.remove(&point.entity.service);
+                }
+                return Err(error);
             }
         }
         let cache = &mut self.cache;
@@ -1168,15 +1194,12 @@ mod tests {
         assert_eq!(counts.try_add("a", 2), Err(Full::Service(2)));
         assert_eq!(counts.try_add("b", 2), Ok(()));
         assert_eq!(counts.try_add("c", 2), Err(Full::Node(3)), "the node is full whatever the service");
-        // A series restored from the store counts, beyond the limits.
-        counts.add_existing("c");
-        assert_eq!(counts.try_add("d", 2), Err(Full::Node(4)));
         // Series leaving memory make room; a service never seen is not counted down.
         counts.remove("zzz");
-        assert_eq!(counts.try_add("d", 2), Err(Full::Node(4)));
+        assert_eq!(counts.try_add("d", 2), Err(Full::Node(3)));
         counts.remove("a");
-        counts.remove("c");
         assert_eq!(counts.try_add("d", 2), Ok(()));
+        assert_eq!(counts.try_add("a", 2), Err(Full::Node(3)));
         let unlimited = Cardinality::new(0);
         for _ in 0..1000 {
             assert_eq!(unlimited.try_add("e", usize::MAX), Ok(()));

@@ -531,3 +531,47 @@ async fn test_node_series_limit_bounds_new_series_of_every_service() {
         client.export(request(resource, vec![durations(vec![point("openai", time + 1)])])).await.unwrap().into_inner();
     assert!(response.partial_success.is_none(), "a live series at the limit: {:?}", response.partial_success);
 }
+
+/// A series that is not in memory counts against the limits when it comes back, stored or not:
+/// otherwise the series a node read back from its store (after a restart, or after they were idle
+/// for two lateness windows) would take it past `limits.max_series` and a service past
+/// `max_series_per_service`, which bound the memory they take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_series_read_back_from_the_store_count_against_the_limits() {
+    let mut node = TestNode::start_with(&[("TOLLGATE_LIMITS_MAX_SERIES", "4")], &[]).await;
+    let mut client = node.metrics_client(0).await;
+    let time = now_seconds() - 120;
+    let export = |service: &str, pod: usize, time: u64| {
+        let resource = gateway_resource(Convention::JobName, service, Some(&format!("pod-{pod}")));
+        request(resource, vec![durations(vec![point("openai", time)])])
+    };
+    for pod in 0..4 {
+        let response = client.export(export("old-gw", pod, time)).await.unwrap().into_inner();
+        assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+    }
+    // After a restart nothing is in memory: four new series fill the node.
+    node.restart().await;
+    let mut client = node.metrics_client(0).await;
+    for pod in 0..4 {
+        let response = client.export(export("new-gw", pod, time)).await.unwrap().into_inner();
+        assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+    }
+    // A stored series of before the restart finds the node full, as a new one would.
+    let response = client.export(export("old-gw", 0, time + 60)).await.unwrap().into_inner();
+    let partial = response.partial_success.expect("the stored series is refused");
+    assert_eq!(partial.rejected_data_points, 1);
+    assert!(partial.error_message.contains("this node already holds 4 series (limits.max_series)"), "{partial:?}");
+    assert_eq!(node.self_metric("tollgate_series_active").await, 4.0);
+    // Its minute of before the restart is still there: the refusal lost nothing stored.
+    let (sum, _) = common::sum_of(&node, "meter_envoy_ai_gw_request_cpm", "old-gw", time - 60, time + 120).await;
+    assert_eq!(sum, 8.0, "four pods of two requests");
+
+    // With room again (a higher per-node limit), the stored series comes back and merges on.
+    node.set_env("TOLLGATE_LIMITS_MAX_SERIES", "5");
+    node.restart().await;
+    let mut client = node.metrics_client(0).await;
+    let response = client.export(export("old-gw", 0, time + 60)).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+    let (sum, _) = common::sum_of(&node, "meter_envoy_ai_gw_request_cpm", "old-gw", time - 60, time + 120).await;
+    assert_eq!(sum, 10.0);
+}

@@ -62,22 +62,33 @@ impl TestNode {
 
     /// Starts a node whose cluster port listens on `cluster_addr`.
     pub async fn start_at(cluster_addr: &str, env: &[(&str, &str)], args: &[&str]) -> TestNode {
-        TestNode::launch(cluster_addr, env, args, None).await
+        TestNode::launch(cluster_addr, env, args, None, true).await
     }
 
     /// Starts a node that may not write any file beyond `bytes`: past it a write fails with
     /// `EFBIG` (the process ignores `SIGXFSZ`), as writes fail with `ENOSPC` on a full disk.
     /// Uses `sh` and util-linux's `prlimit`.
     pub async fn start_with_file_size_limit(bytes: u64) -> TestNode {
-        TestNode::launch(&cluster_address(), &[], &[], Some(bytes)).await
+        TestNode::launch(&cluster_address(), &[], &[], Some(bytes), true).await
     }
 
-    async fn launch(cluster_addr: &str, env: &[(&str, &str)], args: &[&str], limit: Option<u64>) -> TestNode {
+    /// Starts a node and returns once it listens, ready or not (one waiting to join, say).
+    pub async fn start_unready(env: &[(&str, &str)], args: &[&str]) -> TestNode {
+        TestNode::launch(&cluster_address(), env, args, None, false).await
+    }
+
+    async fn launch(
+        cluster_addr: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+        limit: Option<u64>,
+        wait_ready: bool,
+    ) -> TestNode {
         let temp = tempfile::tempdir().expect("temporary directory");
         let dir = temp.path().to_path_buf();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, endpoints) = spawn(&dir, &env, &args, cluster_addr, limit).await;
+        let (child, endpoints) = spawn(&dir, &env, &args, cluster_addr, limit, wait_ready).await;
         let cluster_addr = endpoints.cluster.to_string();
         TestNode {
             dir,
@@ -174,16 +185,22 @@ impl TestNode {
     pub async fn restart(&mut self) {
         self.kill9();
         let (child, endpoints) =
-            spawn(&self.dir, &self.env, &self.args, &self.cluster_addr, self.file_size_limit).await;
+            spawn(&self.dir, &self.env, &self.args, &self.cluster_addr, self.file_size_limit, true).await;
         self.child = Some(child);
         self.endpoints = endpoints;
+    }
+
+    /// Sets an environment variable of the node's next starts.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// Starts the node again with a new cluster port too: it must tell the cluster.
     pub async fn restart_elsewhere(&mut self) {
         self.kill9();
         let (child, endpoints) =
-            spawn(&self.dir, &self.env, &self.args, &cluster_address(), self.file_size_limit).await;
+            spawn(&self.dir, &self.env, &self.args, &cluster_address(), self.file_size_limit, true).await;
         self.child = Some(child);
         self.cluster_addr = endpoints.cluster.to_string();
         self.endpoints = endpoints;
@@ -385,6 +402,7 @@ async fn spawn(
     args: &[String],
     cluster_addr: &str,
     file_size_limit: Option<u64>,
+    wait_ready: bool,
 ) -> (Child, Endpoints) {
     let file = dir.join("endpoints.json");
     // The previous process's endpoints must not be mistaken for the new one's.
@@ -441,15 +459,17 @@ async fn spawn(
         assert!(started.elapsed() < START_DEADLINE, "tollgate did not start within {START_DEADLINE:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let client = reqwest::Client::new();
-    loop {
-        let ready =
-            client.get(format!("http://{}/readyz", endpoints.http)).send().await.map(|r| r.status().is_success());
-        if ready.unwrap_or(false) {
-            break;
+    if wait_ready {
+        let client = reqwest::Client::new();
+        loop {
+            let ready =
+                client.get(format!("http://{}/readyz", endpoints.http)).send().await.map(|r| r.status().is_success());
+            if ready.unwrap_or(false) {
+                break;
+            }
+            assert!(started.elapsed() < START_DEADLINE, "tollgate did not become ready within {START_DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(started.elapsed() < START_DEADLINE, "tollgate did not become ready within {START_DEADLINE:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (guard.0.take().expect("spawned"), endpoints)
 }

@@ -313,9 +313,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         join: args.join,
     };
     let config = NodeConfig::load(args.config.as_deref(), &environment, &flags)?;
-    let mut node = Node::start(config, Arc::new(SystemClock)).await?;
+    // Listening from before the start: a start can take minutes (a node waits to be admitted to
+    // its cluster), and a signal nobody listens for kills the process at once, or does nothing to
+    // a container's first process, which is then killed at the end of its grace period.
+    let first = shutdown_signal();
+    tokio::pin!(first);
+    let mut node = tokio::select! {
+        node = Node::start(config, Arc::new(SystemClock)) => node?,
+        _ = &mut first => {
+            // Whatever it acknowledged meanwhile is on disk already, as after `kill -9`.
+            info!("stopped while starting");
+            return Ok(());
+        }
+    };
     let reason = tokio::select! {
-        _ = shutdown_signal() => None,
+        _ = &mut first => None,
         reason = node.fatal() => Some(reason),
     };
     // A second signal stops at once, without waiting for requests in flight: what was

@@ -508,6 +508,21 @@ async fn test_a_configuration_write_on_a_full_disk_stops_the_node() {
     assert_eq!(body["version"].as_u64(), Some(version + 1));
 }
 
+/// A node asked to stop while it starts (here: waiting to be admitted to a cluster nobody
+/// answers for, up to five minutes) stops at once and cleanly. Before, no handler listened until
+/// the start was over: SIGTERM killed the process, and a container's first process, for which the
+/// kernel drops unhandled signals, kept waiting until its grace period ended in SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_signal_while_waiting_to_join_stops_the_node() {
+    let nobody = common::cluster_address();
+    let mut node = TestNode::start_unready(&[], &["--node-id", "n2", "--join", &nobody]).await;
+    // Its API answers, but it is not ready: it is asking to join.
+    assert_eq!(node.http.get(format!("{}/readyz", node.api())).send().await.unwrap().status().as_u16(), 503);
+    node.signal("TERM");
+    let status = node.wait_exit(std::time::Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+}
+
 /// A second SIGTERM (or Ctrl-C) stops the node at once, with status 130, instead of waiting out
 /// the grace given to requests in flight: here one whose body never finishes arriving. Before,
 /// the runtime swallowed the second signal.

@@ -346,7 +346,8 @@ async fn test_json_bad_points_are_rejected_with_reasons_and_good_points_kept() {
     let (code, body) = post(&node, "/v1/metrics", "application/json", None, body.into_bytes()).await;
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     let response: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(response["partialSuccess"]["rejectedDataPoints"], 2, "{response}");
+    // An int64, so a string in protobuf's JSON mapping.
+    assert_eq!(response["partialSuccess"]["rejectedDataPoints"], "2", "{response}");
     let message = response["partialSuccess"]["errorMessage"].as_str().unwrap();
     assert!(message.contains("non_finite_value: 1") && message.contains("sum is NaN"), "{message}");
     assert!(message.contains("invalid_bounds: 1") && message.contains("explicit_bounds[1] is inf"), "{message}");

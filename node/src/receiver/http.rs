@@ -150,6 +150,7 @@ fn encode<T: Message + Serialize>(message: &T, encoding: Encoding) -> Response {
             // was accepted), rather than written as null.
             let mut value = serde_json::to_value(message).unwrap_or_default();
             drop_nulls(&mut value);
+            int64_as_strings(&mut value);
             serde_json::to_vec(&value).unwrap_or_default()
         }
     };
@@ -160,6 +161,21 @@ fn drop_nulls(value: &mut serde_json::Value) {
     if let serde_json::Value::Object(fields) = value {
         fields.retain(|_, v| !v.is_null());
         fields.values_mut().for_each(drop_nulls);
+    }
+}
+
+/// Protobuf's JSON mapping writes 64-bit integers as strings (a JSON number loses precision past
+/// 2^53 in many parsers); the answers' only ones are the partial successes' rejected counts.
+fn int64_as_strings(value: &mut serde_json::Value) {
+    if let serde_json::Value::Object(fields) = value {
+        for (key, field) in fields.iter_mut() {
+            match field {
+                serde_json::Value::Number(number) if key == "rejectedDataPoints" || key == "rejectedLogRecords" => {
+                    *field = serde_json::Value::String(number.to_string());
+                }
+                _ => int64_as_strings(field),
+            }
+        }
     }
 }
 

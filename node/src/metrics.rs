@@ -185,6 +185,30 @@ mod tests {
         found
     }
 
+    /// The metrics the operations guide and the API reference describe are ones the node exports
+    /// (a histogram by its name or its `_bucket`, `_sum` and `_count` series).
+    #[test]
+    fn test_the_documented_metrics_exist() {
+        let source = include_str!("metrics.rs");
+        let source = &source[..source.find("#[cfg(test)]").expect("the tests")];
+        let mut exported: BTreeSet<&str> = names(source, "\"tollgate_").iter().map(|name| &name[1..]).collect();
+        exported.insert(tollgate_cluster::transport::FORWARD_CALLS);
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        for page in ["operations.md", "api.md"] {
+            let text = std::fs::read_to_string(docs.join(page)).unwrap();
+            let used = names(&text, "tollgate_");
+            assert!(used.len() >= 10, "{page}: {used:?}");
+            let unknown: Vec<_> = used
+                .iter()
+                .filter(|name| {
+                    let base = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix));
+                    !exported.contains(*name) && !base.is_some_and(|base| exported.contains(base))
+                })
+                .collect();
+            assert!(unknown.is_empty(), "docs/{page} describes metrics the node does not export: {unknown:?}");
+        }
+    }
+
     /// The alerting rules shipped in deploy/prometheus use only metrics the node exports.
     #[test]
     fn test_the_shipped_alerts_name_metrics_that_exist() {

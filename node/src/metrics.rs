@@ -209,6 +209,88 @@ mod tests {
         }
     }
 
+    /// A Prometheus rules file, as far as the shipped alerts use it (unknown fields refused).
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RulesFile {
+        groups: Vec<RuleGroup>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RuleGroup {
+        name: String,
+        rules: Vec<AlertRule>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct AlertRule {
+        alert: String,
+        expr: String,
+        #[serde(rename = "for")]
+        pending: Option<String>,
+        labels: std::collections::BTreeMap<String, String>,
+        annotations: std::collections::BTreeMap<String, String>,
+    }
+
+    /// The labels an expression's results can carry: `None` for any (those of the series it
+    /// selects), `Some` for only these (an aggregation `by` them).
+    fn result_labels(expr: &promql_parser::parser::Expr) -> Option<BTreeSet<String>> {
+        use promql_parser::parser::{Expr, LabelModifier};
+        match expr {
+            Expr::Aggregate(aggregate) => match &aggregate.modifier {
+                Some(LabelModifier::Include(by)) => Some(by.labels.iter().cloned().collect()),
+                Some(LabelModifier::Exclude(_)) => None,
+                None => Some(BTreeSet::new()),
+            },
+            Expr::Binary(binary) => match (&*binary.lhs, &*binary.rhs) {
+                (Expr::NumberLiteral(_), other) => result_labels(other),
+                (lhs, _) => result_labels(lhs),
+            },
+            Expr::Paren(paren) => result_labels(&paren.expr),
+            Expr::Unary(unary) => result_labels(&unary.expr),
+            Expr::Call(call) => call.args.args.first().and_then(|arg| result_labels(arg)),
+            _ => None,
+        }
+    }
+
+    /// The shipped alerting rules are a valid Prometheus rules file: each expression parses as
+    /// PromQL, each `for` as a duration, each alert has a severity, a summary and a description,
+    /// and the labels its annotations print are ones its results carry (a `sum by (instance)`
+    /// has no `reason` to print).
+    #[test]
+    fn test_the_shipped_alerts_are_valid_rules() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yaml");
+        let file: RulesFile = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut alerts = BTreeSet::new();
+        for group in &file.groups {
+            assert!(!group.name.is_empty());
+            for rule in &group.rules {
+                let name = &rule.alert;
+                assert!(alerts.insert(name.clone()), "{name} is defined twice");
+                let expr = promql_parser::parser::parse(&rule.expr).unwrap_or_else(|e| panic!("{name}: {e}"));
+                if let Some(pending) = &rule.pending {
+                    promql_parser::util::parse_duration(pending).unwrap_or_else(|e| panic!("{name}: for: {e}"));
+                }
+                let severity = rule.labels.get("severity").map(String::as_str);
+                assert!(matches!(severity, Some("critical" | "warning")), "{name}: severity {severity:?}");
+                for key in ["summary", "description"] {
+                    assert!(rule.annotations.get(key).is_some_and(|text| !text.is_empty()), "{name}: no {key}");
+                }
+                if let Some(carried) = result_labels(&expr) {
+                    for text in rule.annotations.values() {
+                        for printed in names(text, "$labels.") {
+                            let label = &printed["$labels.".len()..];
+                            assert!(carried.contains(label), "{name} prints {label}, its results carry {carried:?}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(alerts.len() >= 10, "{alerts:?}");
+    }
+
     /// The alerting rules shipped in deploy/prometheus use only metrics the node exports.
     #[test]
     fn test_the_shipped_alerts_name_metrics_that_exist() {

@@ -131,13 +131,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Parses a time parameter: RFC 3339 or unix seconds.
 pub fn parse_time(name: &str, value: &str) -> Result<i64, Error> {
-    if let Ok(seconds) = value.trim().parse::<i64>() {
-        return Ok(seconds);
+    let seconds = match value.trim().parse::<i64>() {
+        Ok(seconds) => seconds,
+        Err(_) => chrono::DateTime::parse_from_rfc3339(value.trim())
+            .map(|t| t.timestamp())
+            .map_err(|_| Error::InvalidArgument(format!("{name}: {value:?} is neither RFC 3339 nor unix seconds")))?,
+    };
+    if !(0..=LATEST_TIME).contains(&seconds) {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: {value:?} is not between 1970-01-01T00:00:00Z and 2500-01-01T00:00:00Z"
+        )));
     }
-    chrono::DateTime::parse_from_rfc3339(value.trim())
-        .map(|t| t.timestamp())
-        .map_err(|_| Error::InvalidArgument(format!("{name}: {value:?} is neither RFC 3339 nor unix seconds")))
+    Ok(seconds)
 }
+
+/// The latest time a query may name, 2500-01-01T00:00:00Z in unix seconds. Data times are
+/// nanoseconds in a `u64` (up to the year 2554): with this bound, a range rounded out to whole
+/// days still fits, and no computation on it overflows (a query for the year 292 billion once
+/// made a node loop until it ran out of memory).
+const LATEST_TIME: i64 = 16_725_225_600;
 
 /// Rounds an API value to 6 decimals (SPEC §4: no rounding until the API).
 pub fn round6(value: f64) -> f64 {
@@ -210,7 +222,7 @@ fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(i64, i64),
     };
     let start = match start {
         Some(value) => parse_time("start", value)?,
-        None => end - DEFAULT_RANGE_SECONDS,
+        None => (end - DEFAULT_RANGE_SECONDS).max(0),
     };
     Ok((start, end))
 }
@@ -525,6 +537,19 @@ mod tests {
         assert_eq!(parse_time("start", "2025-11-26T10:00:00Z").unwrap(), 1_764_151_200);
         assert_eq!(parse_time("start", "2025-11-26T11:00:00+01:00").unwrap(), 1_764_151_200);
         assert!(parse_time("start", "yesterday").unwrap_err().to_string().contains("start"));
+        assert_eq!(parse_time("end", "0").unwrap(), 0);
+        assert_eq!(parse_time("end", "2500-01-01T00:00:00Z").unwrap(), LATEST_TIME);
+        for (value, why) in [
+            ("-1", "before 1970"),
+            ("16725225601", "after 2500"),
+            ("9223372036854775807", "i64::MAX"),
+            ("-9223372036854775808", "i64::MIN"),
+            ("1969-12-31T23:59:59Z", "before 1970"),
+            ("9999-01-01T00:00:00Z", "after 2500"),
+        ] {
+            let error = parse_time("end", value).unwrap_err().to_string();
+            assert!(error.contains("end") && error.contains("2500-01-01T00:00:00Z"), "{why}: {error}");
+        }
     }
 
     #[test]

@@ -225,6 +225,19 @@ async fn test_query_api_answers_and_parameter_errors() {
             400,
             "invalid_argument",
         ),
+        // Times the node cannot represent: the first two made it loop until it ran out of memory.
+        (
+            "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=9223372036854775000&end=9223372036854775807",
+            400,
+            "invalid_argument",
+        ),
+        (
+            "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=-9223372036854775808&end=0&step=day",
+            400,
+            "invalid_argument",
+        ),
+        ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=-5&end=10", 400, "invalid_argument"),
+        ("/api/v1/logs?service=cfg-gw&start=1&end=99999999999", 400, "invalid_argument"),
         ("/api/v1/logs?service=cfg-gw&cursor=nope", 400, "invalid_argument"),
         ("/api/v1/logs?service=cfg-gw&limit=0", 400, "invalid_argument"),
         ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&partial=maybe", 400, "invalid_argument"),
@@ -234,6 +247,19 @@ async fn test_query_api_answers_and_parameter_errors() {
         let (actual, body) = node.get(query).await;
         assert_eq!((actual, body["code"].as_str()), (status, Some(code)), "{query}: {body}");
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{query}: {body}");
+    }
+    // The extreme times that are allowed, and the extreme cursor, answer (tests run with
+    // overflow checks: an overflow would be a panic, not an answer).
+    for query in [
+        "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=16725225000&end=2500-01-01T00:00:00Z",
+        "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=16725200000&end=16725225600&step=day",
+        "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=0&end=60",
+        "/api/v1/logs?service=cfg-gw&start=0&end=16725225600",
+        "/api/v1/logs?service=cfg-gw&cursor=18446744073709551615-ffffffffffffffffffffffffffffffff",
+        "/api/v1/logs?service=cfg-gw&cursor=0-0",
+    ] {
+        let (status, body) = node.get(query).await;
+        assert_eq!(status, 200, "{query}: {body}");
     }
 }
 

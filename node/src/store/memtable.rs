@@ -234,9 +234,10 @@ impl Memtable {
     /// The newest entries with keys in the range, in key order, deletions included: the first
     /// `limit` keys of the range (`usize::MAX`: all of them). A copy: a caller walking a large
     /// range takes it a bounded piece at a time.
+    /// Empty when `to` is before `from` (`BTreeMap::range` would panic).
     pub fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>, limit: usize) -> Vec<Entry> {
         let layers = self.layers.read().expect("memtable lock");
-        if limit == 0 || layers.newest_first().all(|layer| layer.entries.is_empty()) {
+        if limit == 0 || layers.newest_first().all(|layer| layer.entries.is_empty()) || inverted(from, to) {
             return Vec::new();
         }
         // The first `limit` keys of the union are among the first `limit` keys of each layer.
@@ -247,6 +248,15 @@ impl Memtable {
             }
         }
         merged.into_iter().take(limit).map(|(key, value)| (key.to_vec(), value.clone())).collect()
+    }
+}
+
+/// Whether a range's end comes before its start (or both exclude the one key they name).
+fn inverted(from: Bound<&[u8]>, to: Bound<&[u8]>) -> bool {
+    match (from, to) {
+        (Bound::Included(from), Bound::Included(to)) => from > to,
+        (Bound::Included(from) | Bound::Excluded(from), Bound::Included(to) | Bound::Excluded(to)) => from >= to,
+        _ => false,
     }
 }
 
@@ -387,6 +397,10 @@ mod tests {
             vec![(b"b".to_vec(), None)],
             "a key only the older layer has a value for, deleted in the newer one"
         );
+        // A range whose end is before its start is empty (`BTreeMap::range` panics on it).
+        assert_eq!(memtable.range(Bound::Included(b"c"), Bound::Excluded(b"a"), usize::MAX), vec![]);
+        assert_eq!(memtable.range(Bound::Excluded(b"b"), Bound::Excluded(b"b"), usize::MAX), vec![]);
+        assert_eq!(memtable.range(Bound::Included(b"b"), Bound::Included(b"b"), usize::MAX).len(), 1);
         memtable.release(&frozen);
         assert_eq!(memtable.get(b"a"), Lookup::Value(b"2".to_vec()));
         assert_eq!(memtable.bytes().1, 0);

@@ -371,6 +371,9 @@ impl SledStorage {
         to: Option<Vec<u8>>,
         reverse: bool,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> + '_ {
+        // An end before the start is an empty range (a log cursor from before a query's start),
+        // where the trees' ranges would panic.
+        let to = to.map(|to| to.max(from.clone()));
         let overlay = self.overlay(&from, to.as_deref(), usize::MAX);
         let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
         let tree = self.data.range::<Vec<u8>, _>((Bound::Included(from), upper));

@@ -590,6 +590,23 @@ impl Cluster {
             }
             Some(_) => {}
         }
+        // A new node is admitted once the leader reaches it. openraft's blocking `add_learner`
+        // waits only until the learner is within `replication_lag_threshold` (5000) entries, which
+        // an unreachable node is at once in a short log; admitted, it would be made a voter that
+        // never answers, which left a single-node cluster without a majority for good (nothing
+        // could remove it). A member's new addresses reach the transport only once the state has
+        // them, so they are not checked first (the member announced them itself).
+        let new = !state.nodes.contains_key(&id);
+        if new && !self.wait_replicated(id, LEARNER_CONTACT_TIMEOUT).await {
+            if let Err(e) = self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await {
+                warn!(node = id, error = %e, "removing a learner that could not be reached failed");
+            }
+            return Err(ClusterError::NoQuorum(format!(
+                "the leader could not replicate to {} at {} within {LEARNER_CONTACT_TIMEOUT:?}: check that this \
+                 cluster address is right and reachable from the leader; retry",
+                node.name, node.cluster_addr
+            )));
+        }
         if let CommandResponse::Refused { reason } = self.write(Command::AddNode { id, node }).await? {
             return Err(ClusterError::Refused(reason));
         }
@@ -597,13 +614,43 @@ impl Cluster {
         Ok(JoinResponse { leader_id: self.id })
     }
 
+    /// Whether the leader has replicated to `id` its log up to the membership in force (the one
+    /// that made `id` a learner, say): `id` is reachable and has the log so far.
+    fn replicated(&self, id: NodeId) -> bool {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = *metrics.membership_config.log_id();
+        match metrics.replication.as_ref().and_then(|replication| replication.get(&id)) {
+            Some(Some(matched)) => Some(matched) >= membership.as_ref(),
+            _ => false,
+        }
+    }
+
+    /// Waits up to `timeout` for [`Cluster::replicated`].
+    async fn wait_replicated(&self, id: NodeId, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.replicated(id) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Makes learners voters while there are fewer than [`MAX_VOTERS`].
     async fn promote_voters(&self) {
         let metrics = self.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let leaving = self.state().leaving;
-        let candidates: Vec<NodeId> = membership.learner_ids().filter(|id| !leaving.contains(id)).collect();
+        let state = self.state();
+        // Only admitted members the leader replicates to: a voter that never answers counts
+        // against the majority.
+        let candidates: Vec<NodeId> = membership
+            .learner_ids()
+            .filter(|id| state.nodes.contains_key(id) && !state.leaving.contains(id) && self.replicated(*id))
+            .collect();
         let room = MAX_VOTERS.saturating_sub(voters.len());
         let promote: BTreeSet<NodeId> = candidates.into_iter().take(room).collect();
         if promote.is_empty() {
@@ -787,6 +834,10 @@ fn membership_error(
         ClusterError::Failed(format!("{context}: {error}"))
     }
 }
+
+/// How long a join waits for the leader to replicate to the new learner before it is refused
+/// (retryable): a reachable node gets the short Raft log, or its snapshot, well within it.
+const LEARNER_CONTACT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the leader's controller looks at the cluster.
 const CONTROL_INTERVAL: Duration = Duration::from_millis(500);

@@ -518,3 +518,25 @@ async fn test_an_idle_single_node_is_in_contact_with_itself() {
     assert_eq!(nodes.len(), 1, "{status}");
     assert_eq!(nodes[0]["last_contact_ms"], 0, "{status}");
 }
+
+/// A node the leader cannot reach is not admitted: `POST /api/v1/cluster/nodes` with a wrong
+/// cluster address answers a retryable 503 that names the address, and the cluster keeps its
+/// majority. Before, openraft counted the unreachable learner as caught up (its lag threshold
+/// exceeds a short log) and it was made a voter at once: a single-node cluster then had one of
+/// two voters, no majority, and no way to remove the member (the request itself hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_an_unreachable_node_is_not_admitted_and_the_cluster_keeps_its_majority() {
+    let node = TestNode::start_member("n1", None, &[]).await;
+    let nobody = common::cluster_address();
+    let ghost = json!({"node_id": 1234, "name": "ghost", "cluster_addr": nobody, "api_addr": "127.0.0.1:9"});
+    let request = node.post("/api/v1/cluster/nodes", &ghost, None);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), request).await.expect("an answer, not a hang");
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&nobody), "{body}");
+    // Still one voter, and writes still commit.
+    let cluster = node.cluster_status().await;
+    let nodes = cluster["nodes"].as_array().unwrap();
+    assert_eq!((nodes.len(), nodes[0]["name"].as_str()), (1, Some("n1")), "{cluster}");
+    let (status, body) = node.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
+    assert_eq!(status, 200, "{body}");
+}

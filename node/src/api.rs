@@ -3,7 +3,7 @@
 
 use crate::error::Error;
 use crate::fanout::{Answer, Fanout};
-use crate::query::LogQuery;
+use crate::query::{LogQuery, LATEST_TIME};
 use crate::runtime::cluster_error;
 use crate::runtime::ConfigService;
 use crate::store::{LogPosition, StoredLog};
@@ -144,12 +144,6 @@ pub fn parse_time(name: &str, value: &str) -> Result<i64, Error> {
     }
     Ok(seconds)
 }
-
-/// The latest time a query may name, 2500-01-01T00:00:00Z in unix seconds. Data times are
-/// nanoseconds in a `u64` (up to the year 2554): with this bound, a range rounded out to whole
-/// days still fits, and no computation on it overflows (a query for the year 292 billion once
-/// made a node loop until it ran out of memory).
-const LATEST_TIME: i64 = 16_725_225_600;
 
 /// Rounds an API value to 6 decimals (SPEC §4: no rounding until the API).
 pub fn round6(value: f64) -> f64 {

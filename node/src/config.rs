@@ -60,6 +60,9 @@ pub struct LimitsConfig {
     pub max_log_page: usize,
     /// Longest range of a metric query, in steps.
     pub max_query_points: usize,
+    /// Queries this node runs at once (its share of a cluster-wide query included); as many
+    /// again, four times over, wait for a turn, and further ones get a retryable overload error.
+    pub max_concurrent_queries: usize,
     /// Most series in memory on this node, whatever their services; new series beyond it are
     /// rejected (`cardinality_limit`), live ones are never evicted. 0: no limit.
     pub max_series: usize,
@@ -74,6 +77,7 @@ impl Default for LimitsConfig {
             request_timeout_ms: 10_000,
             max_log_page: 1000,
             max_query_points: 20_000,
+            max_concurrent_queries: 8,
             max_series: 0,
         }
     }
@@ -341,6 +345,7 @@ impl NodeConfig {
             ("limits.owner_queue_capacity", l.owner_queue_capacity),
             ("limits.max_log_page", l.max_log_page),
             ("limits.max_query_points", l.max_query_points),
+            ("limits.max_concurrent_queries", l.max_concurrent_queries),
             ("storage.max_batches_per_flush", self.storage.max_batches_per_flush),
             ("storage.writer_queue_capacity", self.storage.writer_queue_capacity),
             ("cluster.max_forward_inflight_bytes", self.cluster.max_forward_inflight_bytes),

@@ -33,10 +33,6 @@ pub struct Fanout {
     cluster: Arc<Cluster>,
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("query task failed: {e}")))?
-}
-
 impl Fanout {
     /// Queries over `local` and the other members of `cluster`.
     pub fn new(local: QueryEngine, cluster: Arc<Cluster>) -> Fanout {
@@ -90,7 +86,7 @@ impl Fanout {
         let engine = self.local.clone();
         let local_query = query.clone();
         let holders = state.held_by_member(self.cluster.id);
-        let mut partial = blocking(move || engine.partial_held(&local_query, &holders)).await?;
+        let mut partial = self.local.run(move || engine.partial_held(&local_query, &holders)).await?;
         for other in &remote {
             partial.merge(other);
         }
@@ -103,7 +99,7 @@ impl Fanout {
         let engine = self.local.clone();
         let local_query = query.clone();
         let holders = state.held_by_member(self.cluster.id);
-        let local = blocking(move || engine.logs_held(&local_query, &holders)).await?;
+        let local = self.local.run(move || engine.logs_held(&local_query, &holders)).await?;
         let (remote, missing) = self.remote::<LogPage>(&state, QueryKind::Logs, wire::encode(&query)).await;
         let page = QueryEngine::merge_log_pages(std::iter::once(local).chain(remote), query.limit);
         Ok(Answer { value: page, missing })
@@ -114,7 +110,7 @@ impl Fanout {
         let state = self.cluster.state();
         let engine = self.local.clone();
         let holders = state.held_by_member(self.cluster.id);
-        let local = blocking(move || engine.entities_held(&holders)).await?;
+        let local = self.local.run(move || engine.entities_held(&holders)).await?;
         let (remote, missing) = self.remote::<Vec<EntityRecord>>(&state, QueryKind::Entities, Vec::new()).await;
         let all = local.into_iter().chain(remote.into_iter().flatten());
         Ok(Answer { value: QueryEngine::services_of(all), missing })

@@ -164,16 +164,17 @@ impl Peer for PeerService {
         let payload = match QueryKind::try_from(request.kind).unwrap_or(QueryKind::Unspecified) {
             QueryKind::Metric => {
                 let query: MetricQuery = wire::decode_json("metric query", &request.payload).map_err(invalid)?;
-                let partial = blocking(move || engine.partial_held(&query, &holders)).await?;
+                crate::query::check_times(query.start, query.end).map_err(Status::from)?;
+                let partial = self.query.run(move || engine.partial_held(&query, &holders)).await?;
                 wire::encode(&partial)
             }
             QueryKind::Logs => {
                 let query: LogQuery = wire::decode("log query", &request.payload).map_err(invalid)?;
-                let page = blocking(move || engine.logs_held(&query, &holders)).await?;
+                let page = self.query.run(move || engine.logs_held(&query, &holders)).await?;
                 wire::encode(&page)
             }
             QueryKind::Entities => {
-                let entities = blocking(move || engine.entities_held(&holders)).await?;
+                let entities = self.query.run(move || engine.entities_held(&holders)).await?;
                 wire::encode(&entities)
             }
             QueryKind::Unspecified => return Err(invalid(format!("unknown query kind {}", request.kind))),
@@ -321,13 +322,6 @@ fn export_stream(
         }
     });
     Box::pin(ReceiverStream::new(receiver))
-}
-
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
-        .map_err(Status::from)
 }
 
 /// The HTTP/2 frame size this server accepts, and so the size of the frames peers send it. With

@@ -17,6 +17,22 @@ use tokio::sync::watch;
 use tollgate_rules::entity::LAYER;
 use tollgate_rules::{KeepReason, LogKind, MetricQuery, Partial, Scope, Step};
 
+/// The latest time a query may name, 2500-01-01T00:00:00Z in unix seconds. Data times are
+/// nanoseconds in a `u64` (up to the year 2554): with this bound, a range rounded out to whole
+/// days still fits, and no computation on it overflows (a query for the year 292 billion once
+/// made a node loop until it ran out of memory).
+pub const LATEST_TIME: i64 = 16_725_225_600;
+
+/// Checks a metric query's times as a peer sent them (the API checks them as it parses them).
+pub fn check_times(start: i64, end: i64) -> Result<(), Error> {
+    if !(0..=LATEST_TIME).contains(&start) || !(0..=LATEST_TIME).contains(&end) {
+        return Err(Error::InvalidArgument(format!(
+            "query times {start} and {end} are not both between 1970-01-01T00:00:00Z and 2500-01-01T00:00:00Z"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads metric states, entities and logs from the store.
 #[derive(Clone, Debug)]
 pub struct QueryEngine {
@@ -25,6 +41,72 @@ pub struct QueryEngine {
     vnodes: u16,
     max_query_points: usize,
     max_log_page: usize,
+    slots: Arc<QuerySlots>,
+}
+
+/// Bounds the queries a node runs at once (`limits.max_concurrent_queries`) and those waiting
+/// for a turn (four times as many): a further query is refused as overloaded (retryable) rather
+/// than queued without bound on the blocking threads, where each would hold its memory and
+/// slow every other.
+#[derive(Debug)]
+pub struct QuerySlots {
+    running: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+/// Counts a query waiting for a slot while it waits (also when its request goes away).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl QuerySlots {
+    /// Room for `running` queries at once (at least one) and four times as many waiting.
+    pub fn new(running: usize) -> QuerySlots {
+        let running = running.max(1);
+        QuerySlots {
+            running: Arc::new(tokio::sync::Semaphore::new(running)),
+            waiting: Default::default(),
+            max_waiting: 4 * running,
+        }
+    }
+
+    /// Runs `work` (store reads) on a blocking thread once a slot is free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let permit = match Arc::clone(&self.running).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let waiting = Waiting(&self.waiting);
+                if self.waiting.fetch_add(1, SeqCst) >= self.max_waiting {
+                    drop(waiting);
+                    metrics::counter!(crate::metrics::OVERLOAD, "what" => "queries").increment(1);
+                    return Err(Error::overloaded(format!(
+                        "this node is running and queueing as many queries as it may ({} at once, \
+                         limits.max_concurrent_queries, and {} waiting); retry",
+                        self.max_waiting / 4,
+                        self.max_waiting
+                    )));
+                }
+                let permit = Arc::clone(&self.running).acquire_owned().await;
+                drop(waiting);
+                permit.map_err(|_| Error::Unavailable("the node is stopping".into()))?
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let _slot = permit;
+            work()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("query task failed: {e}")))?
+    }
 }
 
 /// `GET /api/v1/services` entry.
@@ -90,8 +172,19 @@ impl QueryEngine {
         vnodes: u16,
         max_query_points: usize,
         max_log_page: usize,
+        max_concurrent_queries: usize,
     ) -> QueryEngine {
-        QueryEngine { store, config, vnodes, max_query_points, max_log_page }
+        let slots = Arc::new(QuerySlots::new(max_concurrent_queries));
+        QueryEngine { store, config, vnodes, max_query_points, max_log_page, slots }
+    }
+
+    /// Runs `work` (reads of this engine's store) when one of the node's query slots is free
+    /// ([`QuerySlots`]).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.slots.run(work).await
     }
 
     /// The configuration in force.
@@ -376,4 +469,79 @@ fn matches_filters(log: &StoredLog, query: &LogQuery) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+
+    /// Waits until `slots` counts `expected` queries waiting.
+    async fn waiting(slots: &QuerySlots, expected: usize) {
+        for _ in 0..500 {
+            if slots.waiting.load(SeqCst) == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} waiting, not {expected}", slots.waiting.load(SeqCst));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_query_slots_bound_running_and_waiting_queries() {
+        let slots = Arc::new(QuerySlots::new(1));
+        // One query holds the only slot until told to finish.
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let running = tokio::spawn({
+            let slots = Arc::clone(&slots);
+            async move { slots.run(move || finished.recv().map_err(|e| Error::Internal(e.to_string()))).await }
+        });
+        while slots.running.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Four wait for it (and one more that gives up waiting is not counted any longer).
+        let queued: Vec<_> = (0..4)
+            .map(|i| {
+                let slots = Arc::clone(&slots);
+                tokio::spawn(async move { slots.run(move || Ok(i)).await })
+            })
+            .collect();
+        waiting(&slots, 4).await;
+        match slots.run(|| Ok(99)).await {
+            Err(Error::Overloaded { message, .. }) => {
+                assert!(message.contains("limits.max_concurrent_queries"), "{message}");
+            }
+            other => panic!("a fifth waiting query is refused, not {other:?}"),
+        }
+        waiting(&slots, 4).await;
+        // Once the slot is free every waiting query runs, in turn.
+        finish.send(()).unwrap();
+        running.await.unwrap().unwrap();
+        let mut answers = Vec::new();
+        for query in queued {
+            answers.push(query.await.unwrap().unwrap());
+        }
+        assert_eq!(answers, vec![0, 1, 2, 3]);
+        assert_eq!((slots.waiting.load(SeqCst), slots.running.available_permits()), (0, 1));
+
+        // A waiting query whose request goes away stops counting.
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::spawn({
+            let slots = Arc::clone(&slots);
+            async move { slots.run(move || finished.recv().map_err(|e| Error::Internal(e.to_string()))).await }
+        });
+        while slots.running.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let abandoned = tokio::spawn({
+            let slots = Arc::clone(&slots);
+            async move { slots.run(|| Ok(())).await }
+        });
+        waiting(&slots, 1).await;
+        abandoned.abort();
+        waiting(&slots, 0).await;
+        finish.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+    }
 }

@@ -313,6 +313,7 @@ impl Node {
             config.cluster.vnodes,
             config.limits.max_query_points,
             config.limits.max_log_page,
+            config.limits.max_concurrent_queries,
         );
 
         let (stop, stop_receiver) = watch::channel(false);

@@ -57,7 +57,7 @@ fn stdout_error(error: std::io::Error) -> anyhow::Error {
 #[command(name = "tollgate", version, about)]
 pub struct Cli {
     /// The node API to talk to (client commands).
-    #[arg(long, global = true, env = "TOLLGATE_API", default_value = "http://127.0.0.1:12800")]
+    #[arg(long, global = true, env = "TOLLGATE_API", default_value = "http://127.0.0.1:12800", value_parser = api_url)]
     pub api: String,
     /// Bearer token for writes (client commands).
     #[arg(long, global = true, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
@@ -111,6 +111,7 @@ pub enum ClusterAction {
     /// or a member whose addresses changed).
     Join {
         /// The new node's API URL, e.g. http://10.0.0.7:12800.
+        #[arg(value_parser = api_url)]
         node_api: String,
     },
     /// Remove a member (id or name): its vnodes and their data move to the others first.
@@ -264,6 +265,16 @@ pub fn main() -> ExitCode {
 /// second each), which buries the node's own lines. The node logs what an operator needs of
 /// them itself (a new leader; losing and regaining contact with a member), so unless the filter
 /// names `openraft`, only [`openraft_shown`] events of openraft pass it.
+/// An API URL: `http://` or `https://`, a host, an optional port (and path).
+fn api_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| format!("{text:?} is not a URL ({e}); expected http://HOST:PORT, e.g. http://127.0.0.1:12800"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("{text:?} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:12800"));
+    }
+    Ok(text.to_string())
+}
+
 fn init_logging() -> Result<(), String> {
     use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _};
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -626,8 +637,26 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::openraft_shown;
+    use super::{api_url, openraft_shown, Cli};
+    use clap::Parser;
     use tracing::Level;
+
+    /// A mistyped `--api` is refused with what was expected, before any request ("cannot reach
+    /// not-a-url: builder error" before).
+    #[test]
+    fn test_api_urls_are_checked_when_parsed() {
+        for good in ["http://127.0.0.1:12800", "https://tollgate.example", "http://[::1]:12800/"] {
+            assert_eq!(api_url(good).as_deref(), Ok(good));
+        }
+        for bad in ["not-a-url", "127.0.0.1:12800", "ftp://host", "http://", "localhost:12800"] {
+            let error = api_url(bad).unwrap_err();
+            assert!(error.contains(bad) && error.contains("http://127.0.0.1:12800"), "{bad}: {error}");
+        }
+        let error = Cli::try_parse_from(["tollgate", "--api", "not-a-url", "services"]).unwrap_err().to_string();
+        assert!(error.contains("--api") && error.contains("not-a-url"), "{error}");
+        let error = Cli::try_parse_from(["tollgate", "cluster", "join", "10.0.0.7:12800"]).unwrap_err().to_string();
+        assert!(error.contains("10.0.0.7:12800"), "{error}");
+    }
 
     #[test]
     fn test_openraft_shows_its_warnings_and_errors_but_not_per_call_ones_or_its_internals() {

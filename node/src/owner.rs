@@ -556,7 +556,6 @@ impl OwnerState {
         Ok(())
     }
 
-    /// Loads a series' key and cursor from the store if it is not in memory.
     /// Makes sure the series is in memory, or says why it may not be. A series not in memory,
     /// whether new or stored (idle for two lateness windows, or not read back since a restart),
     /// counts against the limits as it comes in: they bound the memory the series take (SPEC §8),

@@ -84,8 +84,9 @@ impl QuerySlots {
         let permit = match Arc::clone(&self.running).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
+                let already_waiting = self.waiting.fetch_add(1, SeqCst);
                 let waiting = Waiting(&self.waiting);
-                if self.waiting.fetch_add(1, SeqCst) >= self.max_waiting {
+                if already_waiting >= self.max_waiting {
                     drop(waiting);
                     metrics::counter!(crate::metrics::OVERLOAD, "what" => "queries").increment(1);
                     return Err(Error::overloaded(format!(

@@ -489,18 +489,27 @@ mod tests {
         panic!("{} waiting, not {expected}", slots.waiting.load(SeqCst));
     }
 
+    /// Starts a query that holds one of `slots` until `finish` is sent; returns once it does.
+    async fn hold_a_slot(
+        slots: &Arc<QuerySlots>,
+    ) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<Result<(), Error>>) {
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let available = slots.running.available_permits();
+        let query = tokio::spawn({
+            let slots = Arc::clone(slots);
+            async move { slots.run(move || finished.recv().map_err(|e| Error::Internal(e.to_string()))).await }
+        });
+        while slots.running.available_permits() == available {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (finish, query)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn test_query_slots_bound_running_and_waiting_queries() {
         let slots = Arc::new(QuerySlots::new(1));
         // One query holds the only slot until told to finish.
-        let (finish, finished) = std::sync::mpsc::channel::<()>();
-        let running = tokio::spawn({
-            let slots = Arc::clone(&slots);
-            async move { slots.run(move || finished.recv().map_err(|e| Error::Internal(e.to_string()))).await }
-        });
-        while slots.running.available_permits() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (finish, running) = hold_a_slot(&slots).await;
         // Four wait for it (and one more that gives up waiting is not counted any longer).
         let queued: Vec<_> = (0..4)
             .map(|i| {
@@ -527,14 +536,7 @@ mod tests {
         assert_eq!((slots.waiting.load(SeqCst), slots.running.available_permits()), (0, 1));
 
         // A waiting query whose request goes away stops counting.
-        let (finish, finished) = std::sync::mpsc::channel::<()>();
-        let holder = tokio::spawn({
-            let slots = Arc::clone(&slots);
-            async move { slots.run(move || finished.recv().map_err(|e| Error::Internal(e.to_string()))).await }
-        });
-        while slots.running.available_permits() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (finish, holder) = hold_a_slot(&slots).await;
         let abandoned = tokio::spawn({
             let slots = Arc::clone(&slots);
             async move { slots.run(|| Ok(())).await }

@@ -598,6 +598,7 @@ impl Cluster {
         // them, so they are not checked first (the member announced them itself).
         let new = !state.nodes.contains_key(&id);
         if new && !self.wait_replicated(id, LEARNER_CONTACT_TIMEOUT).await {
+            warn!(node = id, name = %node.name, address = %node.cluster_addr, "not admitted: the leader cannot replicate to it");
             if let Err(e) = self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await {
                 warn!(node = id, error = %e, "removing a learner that could not be reached failed");
             }

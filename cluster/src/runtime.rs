@@ -598,6 +598,15 @@ impl Cluster {
         // them, so they are not checked first (the member announced them itself).
         let new = !state.nodes.contains_key(&id);
         if new && !self.wait_replicated(id, LEARNER_CONTACT_TIMEOUT).await {
+            if self.answered(id) {
+                // Reachable, still catching up (a large snapshot, a slow link): it stays a
+                // learner, and the node's next attempt finds it further on.
+                info!(node = id, name = %node.name, "not admitted yet: the leader is still replicating to it");
+                return Err(ClusterError::NoQuorum(format!(
+                    "the leader is still replicating its log to {}; retry",
+                    node.name
+                )));
+            }
             warn!(node = id, name = %node.name, address = %node.cluster_addr, "not admitted: the leader cannot replicate to it");
             if let Err(e) = self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await {
                 warn!(node = id, error = %e, "removing a learner that could not be reached failed");
@@ -624,6 +633,12 @@ impl Cluster {
             Some(Some(matched)) => Some(matched) >= membership.as_ref(),
             _ => false,
         }
+    }
+
+    /// Whether `id` has answered the leader (a heartbeat or a replication call acknowledged).
+    fn answered(&self, id: NodeId) -> bool {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        metrics.heartbeat.as_ref().and_then(|heartbeat| heartbeat.get(&id)).is_some_and(|last| last.is_some())
     }
 
     /// Waits up to `timeout` for [`Cluster::replicated`].

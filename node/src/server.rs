@@ -359,11 +359,7 @@ impl Node {
             let address = endpoints.otlp_http;
             tasks.spawn("otlp http server", async move {
                 info!(%address, "otlp http listening");
-                if let Err(e) =
-                    axum::serve(crate::net::http_listener(http_listener), router).with_graceful_shutdown(shutdown).await
-                {
-                    error!(error = %e, "otlp http server failed");
-                }
+                crate::net::serve_http(http_listener, router, shutdown, crate::net::HEADER_READ_TIMEOUT).await;
             });
         }
         {
@@ -382,11 +378,7 @@ impl Node {
             let address = endpoints.http;
             tasks.spawn("api server", async move {
                 info!(%address, "api listening");
-                if let Err(e) =
-                    axum::serve(crate::net::http_listener(api_listener), router).with_graceful_shutdown(shutdown).await
-                {
-                    error!(error = %e, "api server failed");
-                }
+                crate::net::serve_http(api_listener, router, shutdown, crate::net::HEADER_READ_TIMEOUT).await;
             });
         }
         write_endpoints(&config.data_dir, &endpoints)?;

@@ -598,7 +598,7 @@ impl Cluster {
         // them, so they are not checked first (the member announced them itself).
         let new = !state.nodes.contains_key(&id);
         if new && !self.wait_replicated(id, LEARNER_CONTACT_TIMEOUT).await {
-            if self.answered(id) {
+            if answered(&self.raft.metrics().borrow_watched(), id) {
                 // Reachable, still catching up (a large snapshot, a slow link): it stays a
                 // learner, and the node's next attempt finds it further on.
                 info!(node = id, name = %node.name, "not admitted yet: the leader is still replicating to it");
@@ -624,35 +624,9 @@ impl Cluster {
         Ok(JoinResponse { leader_id: self.id })
     }
 
-    /// Whether the leader has replicated to `id` its log up to the membership in force (the one
-    /// that made `id` a learner, say): `id` is reachable and has the log so far.
-    fn replicated(&self, id: NodeId) -> bool {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let membership = *metrics.membership_config.log_id();
-        match metrics.replication.as_ref().and_then(|replication| replication.get(&id)) {
-            Some(Some(matched)) => Some(matched) >= membership.as_ref(),
-            _ => false,
-        }
-    }
-
-    /// Whether `id` has answered the leader (a heartbeat or a replication call acknowledged).
-    fn answered(&self, id: NodeId) -> bool {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        metrics.heartbeat.as_ref().and_then(|heartbeat| heartbeat.get(&id)).is_some_and(|last| last.is_some())
-    }
-
-    /// Waits up to `timeout` for [`Cluster::replicated`].
+    /// Waits up to `timeout` for the leader to have replicated its log to `id` ([`replicated`]).
     async fn wait_replicated(&self, id: NodeId, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.replicated(id) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.raft.wait(Some(timeout)).metrics(|m| replicated(m, id), "the log replicated to a learner").await.is_ok()
     }
 
     /// Makes learners voters while there are fewer than [`MAX_VOTERS`].
@@ -665,7 +639,7 @@ impl Cluster {
         // against the majority.
         let candidates: Vec<NodeId> = membership
             .learner_ids()
-            .filter(|id| state.nodes.contains_key(id) && !state.leaving.contains(id) && self.replicated(*id))
+            .filter(|id| state.nodes.contains_key(id) && !state.leaving.contains(id) && replicated(&metrics, *id))
             .collect();
         let room = MAX_VOTERS.saturating_sub(voters.len());
         let promote: BTreeSet<NodeId> = candidates.into_iter().take(room).collect();
@@ -849,6 +823,23 @@ fn membership_error(
     } else {
         ClusterError::Failed(format!("{context}: {error}"))
     }
+}
+
+/// Whether the leader (whose `metrics` these are) has replicated to `id` its log up to the
+/// membership in force (the one that made `id` a learner, say): `id` is reachable and has the log
+/// so far.
+fn replicated(metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>, id: NodeId) -> bool {
+    let membership = metrics.membership_config.log_id();
+    match metrics.replication.as_ref().and_then(|replication| replication.get(&id)) {
+        Some(Some(matched)) => Some(matched) >= membership.as_ref(),
+        _ => false,
+    }
+}
+
+/// Whether `id` has answered the leader (whose `metrics` these are): a heartbeat or a
+/// replication call acknowledged.
+fn answered(metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>, id: NodeId) -> bool {
+    metrics.heartbeat.as_ref().and_then(|heartbeat| heartbeat.get(&id)).is_some_and(|last| last.is_some())
 }
 
 /// How long a join waits for the leader to replicate to the new learner before it is refused

@@ -3,7 +3,7 @@
 
 use crate::error::Error;
 use crate::fanout::{Answer, Fanout};
-use crate::query::{LogQuery, LATEST_TIME};
+use crate::query::{check_time, LogQuery};
 use crate::runtime::cluster_error;
 use crate::runtime::ConfigService;
 use crate::store::{LogPosition, StoredLog};
@@ -137,11 +137,7 @@ pub fn parse_time(name: &str, value: &str) -> Result<i64, Error> {
             .map(|t| t.timestamp())
             .map_err(|_| Error::InvalidArgument(format!("{name}: {value:?} is neither RFC 3339 nor unix seconds")))?,
     };
-    if !(0..=LATEST_TIME).contains(&seconds) {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: {value:?} is not between 1970-01-01T00:00:00Z and 2500-01-01T00:00:00Z"
-        )));
-    }
+    check_time(name, seconds, value)?;
     Ok(seconds)
 }
 
@@ -532,7 +528,7 @@ mod tests {
         assert_eq!(parse_time("start", "2025-11-26T11:00:00+01:00").unwrap(), 1_764_151_200);
         assert!(parse_time("start", "yesterday").unwrap_err().to_string().contains("start"));
         assert_eq!(parse_time("end", "0").unwrap(), 0);
-        assert_eq!(parse_time("end", "2500-01-01T00:00:00Z").unwrap(), LATEST_TIME);
+        assert_eq!(parse_time("end", "2500-01-01T00:00:00Z").unwrap(), crate::query::LATEST_TIME);
         for (value, why) in [
             ("-1", "before 1970"),
             ("16725225601", "after 2500"),

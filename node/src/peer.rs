@@ -164,7 +164,8 @@ impl Peer for PeerService {
         let payload = match QueryKind::try_from(request.kind).unwrap_or(QueryKind::Unspecified) {
             QueryKind::Metric => {
                 let query: MetricQuery = wire::decode_json("metric query", &request.payload).map_err(invalid)?;
-                crate::query::check_times(query.start, query.end).map_err(Status::from)?;
+                crate::query::check_time("start", query.start, query.start)?;
+                crate::query::check_time("end", query.end, query.end)?;
                 let partial = self.query.run(move || engine.partial_held(&query, &holders)).await?;
                 wire::encode(&partial)
             }

@@ -23,14 +23,16 @@ use tollgate_rules::{KeepReason, LogKind, MetricQuery, Partial, Scope, Step};
 /// made a node loop until it ran out of memory).
 pub const LATEST_TIME: i64 = 16_725_225_600;
 
-/// Checks a metric query's times as a peer sent them (the API checks them as it parses them).
-pub fn check_times(start: i64, end: i64) -> Result<(), Error> {
-    if !(0..=LATEST_TIME).contains(&start) || !(0..=LATEST_TIME).contains(&end) {
-        return Err(Error::InvalidArgument(format!(
-            "query times {start} and {end} are not both between 1970-01-01T00:00:00Z and 2500-01-01T00:00:00Z"
-        )));
+/// Checks that `seconds`, the time `name` of a query (as `written`), is one a query may name:
+/// between 1970 and [`LATEST_TIME`]. The API checks the times it parses, a node the times of a
+/// metric query a peer sends.
+pub fn check_time(name: &str, seconds: i64, written: impl std::fmt::Debug) -> Result<(), Error> {
+    if (0..=LATEST_TIME).contains(&seconds) {
+        return Ok(());
     }
-    Ok(())
+    Err(Error::InvalidArgument(format!(
+        "{name}: {written:?} is not between 1970-01-01T00:00:00Z and 2500-01-01T00:00:00Z"
+    )))
 }
 
 /// Reads metric states, entities and logs from the store.

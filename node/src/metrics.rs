@@ -185,13 +185,22 @@ mod tests {
         found
     }
 
+    /// This module's code: the names it exports are string literals before its tests.
+    fn module_source() -> &'static str {
+        let source = include_str!("metrics.rs");
+        &source[..source.find("#[cfg(test)]").expect("the tests")]
+    }
+
+    /// The `tollgate_*` names this module exports.
+    fn exported() -> BTreeSet<&'static str> {
+        names(module_source(), "\"tollgate_").iter().map(|name| &name[1..]).collect()
+    }
+
     /// The metrics the operations guide and the API reference describe are ones the node exports
     /// (a histogram by its name or its `_bucket`, `_sum` and `_count` series).
     #[test]
     fn test_the_documented_metrics_exist() {
-        let source = include_str!("metrics.rs");
-        let source = &source[..source.find("#[cfg(test)]").expect("the tests")];
-        let mut exported: BTreeSet<&str> = names(source, "\"tollgate_").iter().map(|name| &name[1..]).collect();
+        let mut exported = exported();
         exported.insert(tollgate_cluster::transport::FORWARD_CALLS);
         let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
         for page in ["operations.md", "api.md"] {
@@ -296,10 +305,7 @@ mod tests {
     fn test_the_shipped_alerts_name_metrics_that_exist() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yaml");
         let alerts = std::fs::read_to_string(path).unwrap();
-        // The names this module exports are string literals before its tests.
-        let source = include_str!("metrics.rs");
-        let source = &source[..source.find("#[cfg(test)]").expect("the tests")];
-        let exported: BTreeSet<&str> = names(source, "\"tollgate_").iter().map(|name| &name[1..]).collect();
+        let exported = exported();
         let used = names(&alerts, "tollgate_");
         assert!(used.len() >= 8, "{used:?}");
         let unknown: Vec<_> = used.iter().filter(|name| !exported.contains(*name)).collect();
@@ -307,7 +313,7 @@ mod tests {
         let processes = names(&alerts, "process_");
         assert!(!processes.is_empty());
         for process in processes {
-            assert!(source.contains(&format!("\"{process}\"")), "{process} is not exported");
+            assert!(module_source().contains(&format!("\"{process}\"")), "{process} is not exported");
         }
     }
 }

@@ -105,8 +105,11 @@ impl PricingDocument {
                 ] {
                     let Some(price) = price else { continue };
                     if !price.is_finite() || !(0.0..=MAX_PRICE_PER_M).contains(&price) {
+                        // `{}` writes 1e308 with all its 309 digits; the exponent form is what
+                        // the user most likely typed.
+                        let shown = if price.abs() >= 1e15 { format!("{price:e}") } else { price.to_string() };
                         return Err(PricingError(format!(
-                            "{at}.{field}: {price} is not a price between 0 and {MAX_PRICE_PER_M} per million tokens (model {:?})",
+                            "{at}.{field}: {shown} is not a price between 0 and {MAX_PRICE_PER_M} per million tokens (model {:?})",
                             model.name
                         )));
                     }
@@ -436,6 +439,10 @@ providers:
         let huge =
             "providers:\n  - provider: x\n    models:\n      - name: m\n        input-estimated-cost-per-m: 1e9\n";
         assert!(PriceTable::parse(huge).unwrap_err().to_string().contains("between 0 and"));
+        let enormous =
+            "providers:\n  - provider: x\n    models:\n      - name: m\n        input-estimated-cost-per-m: 1e308\n";
+        let error = PriceTable::parse(enormous).unwrap_err().to_string();
+        assert!(error.contains(": 1e308 is not a price") && error.len() < 200, "{error}");
         let not_a_list = "providers:\n  - provider: x\n    prefix-match: gpt\n";
         assert!(PriceTable::parse(not_a_list).is_err());
     }

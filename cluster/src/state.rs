@@ -210,6 +210,12 @@ impl ClusterState {
 
     /// Applies one committed command. Never panics: a command the state does not allow is
     /// refused and changes nothing.
+    ///
+    /// What it refuses must be the same on every version that may share a log: a node replaying
+    /// an entry (after a restart, or while an upgrade rolls) must decide as the nodes that
+    /// applied it did, or their versions of the configuration part. So the documents' `validate`
+    /// may be loosened but never tightened; a new limit on a document belongs where writes enter
+    /// (the API and the configuration file), not here.
     pub fn apply(&mut self, command: &Command) -> CommandResponse {
         match command {
             Command::Bootstrap { vnodes, id, node } => {

@@ -99,6 +99,10 @@ pub struct ClusterStatus {
     pub api_addr: String,
     /// The vnode count this node was configured with (the cluster's once it is a member).
     pub configured_vnodes: u16,
+    /// The cluster whose state this node holds (the id of the node that bootstrapped it), if
+    /// any: a node is admitted to a cluster only when it holds none or that cluster's.
+    #[serde(default)]
+    pub cluster_id: Option<NodeId>,
     /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
     pub state: String,
     /// The leader, if known.
@@ -241,7 +245,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Failed(format!("opening the raft store: {e}")))?;
         let applied = state_machine.subscribe();
         let directory = Directory::default();
-        directory.update(&applied.borrow().state.nodes);
+        directory.update(&applied.borrow().state);
         let network = NetworkFactory::new(Arc::clone(&transport), directory.clone());
         let raft = Raft::new(id, raft_config(&settings)?, network, log_store, state_machine)
             .await
@@ -262,7 +266,7 @@ impl Cluster {
             async move {
                 while applied.changed().await.is_ok() {
                     let state = Arc::clone(&applied.borrow_and_update());
-                    directory.update(&state.state.nodes);
+                    directory.update(&state.state);
                 }
             }
         });
@@ -303,6 +307,7 @@ impl Cluster {
             cluster_addr: self.me.cluster_addr.clone(),
             api_addr: self.me.api_addr.clone(),
             vnodes: u32::from(self.settings.vnodes),
+            cluster_id: self.applied.borrow().state.cluster_id.unwrap_or(0),
         }
     }
 
@@ -395,6 +400,9 @@ impl Cluster {
 
     /// Hands a Raft RPC from a peer to the local Raft node, noting contact with the leader.
     pub async fn serve_raft(&self, request: RaftRequest) -> RaftResponse {
+        if let Some(error) = crate::network::misaddressed(self.id, self.applied.borrow().state.cluster_id, &request) {
+            return RaftResponse { payload: Vec::new(), error };
+        }
         let append = request.kind == RaftKind::AppendEntries as i32;
         let response = crate::network::serve_raft(&self.raft, request).await;
         if append && response.error.is_empty() {
@@ -552,6 +560,13 @@ impl Cluster {
             return Err(ClusterError::Refused(format!(
                 "node {id} ({}) left this cluster; to join again, start it with an empty data directory",
                 node.name
+            )));
+        }
+        if let Some(ours) = state.cluster_id.filter(|ours| request.cluster_id != 0 && request.cluster_id != *ours) {
+            return Err(ClusterError::Refused(format!(
+                "{} (node {id}) holds the state of another cluster (cluster {}; this is cluster {ours}): a node \
+                 joins only with an empty data directory; stop it, move its data directory away and start it with --join",
+                node.name, request.cluster_id
             )));
         }
         if request.vnodes != 0 && state.is_bootstrapped() && request.vnodes != u32::from(state.vnodes.len()) {
@@ -735,6 +750,7 @@ impl Cluster {
             cluster_addr: self.me.cluster_addr.clone(),
             api_addr: self.me.api_addr.clone(),
             configured_vnodes: self.settings.vnodes,
+            cluster_id: applied.state.cluster_id,
             state: format!("{:?}", metrics.state).to_lowercase(),
             leader: metrics.current_leader,
             term: metrics.current_term,

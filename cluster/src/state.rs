@@ -174,6 +174,11 @@ pub struct ClusterState {
     /// Nodes that left (drained or removed): they leave the Raft membership and may not rejoin.
     #[serde(default)]
     pub departed: BTreeSet<NodeId>,
+    /// Which cluster this is: the id of the node that bootstrapped it (node ids are random), so
+    /// that a node holding another cluster's state is told apart. `None` before the bootstrap,
+    /// and in clusters bootstrapped before it was recorded.
+    #[serde(default)]
+    pub cluster_id: Option<NodeId>,
 }
 
 /// A drain in progress.
@@ -227,6 +232,7 @@ impl ClusterState {
                 }
                 self.nodes.insert(*id, node.clone());
                 self.vnodes = VnodeMap::single(*vnodes, *id);
+                self.cluster_id = Some(*id);
                 CommandResponse::Applied { version: self.vnodes.epoch }
             }
             Command::SetPricing(document) => {
@@ -379,11 +385,17 @@ mod tests {
     fn test_state_bootstrap_then_documents_are_versioned() {
         let mut state = ClusterState::default();
         assert!(!state.is_bootstrapped());
+        assert_eq!(state.cluster_id, None);
         applied(state.apply(&Command::Bootstrap { vnodes: 4, id: 1, node: node("a") }));
         assert!(matches!(
             state.apply(&Command::Bootstrap { vnodes: 4, id: 2, node: node("b") }),
             CommandResponse::Refused { .. }
         ));
+        assert_eq!(state.cluster_id, Some(1), "the bootstrapping node names the cluster, once");
+        // A state written before the identity was recorded reads back without one.
+        let mut old = serde_json::to_value(&state).unwrap();
+        old.as_object_mut().unwrap().remove("cluster_id");
+        assert_eq!(serde_json::from_value::<ClusterState>(old).unwrap().cluster_id, None);
         assert_eq!(applied(state.apply(&Command::SetPricing(PricingDocument::default()))), 1);
         assert_eq!(applied(state.apply(&Command::SetPricing(PricingDocument::default()))), 2);
         assert_eq!(applied(state.apply(&Command::SetRules(RulesConfig::default()))), 1);

@@ -442,6 +442,10 @@ struct NodeToAdd {
     /// The node's configured vnode count, checked against the cluster's (absent: not checked).
     #[serde(default)]
     vnodes: u32,
+    /// The cluster whose state the node holds, from its `GET /api/v1/cluster` (absent or null:
+    /// none; the leader's Raft messages still tell a node of another cluster, which refuses them).
+    #[serde(default)]
+    cluster_id: Option<u64>,
 }
 
 async fn add_node(
@@ -459,6 +463,7 @@ async fn add_node(
         cluster_addr: node.cluster_addr,
         api_addr: node.api_addr,
         vnodes: node.vnodes,
+        cluster_id: node.cluster_id.unwrap_or(0),
     };
     let response = state.cluster.handle_join(request).await.map_err(cluster_error)?;
     Ok(Json(json!({ "leader": response.leader_id })).into_response())

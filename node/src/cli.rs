@@ -544,6 +544,7 @@ impl Client {
                     "cluster_addr": node.cluster_addr,
                     "api_addr": node.api_addr,
                     "vnodes": node.configured_vnodes,
+                    "cluster_id": node.cluster_id,
                 });
                 let response =
                     self.send(self.http.post(format!("{}/api/v1/cluster/nodes", self.api)).json(&body)).await?;

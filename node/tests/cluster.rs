@@ -540,3 +540,75 @@ async fn test_an_unreachable_node_is_not_admitted_and_the_cluster_keeps_its_majo
     let (status, body) = node.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A node that bootstrapped a cluster of its own holds that cluster's Raft log and state: admitted
+/// to another cluster, its log (the same indexes, other entries) is taken for the leader's, and
+/// its state, other members and map, is never replaced. It is refused, whether the request says
+/// which cluster it belongs to (as `tollgate cluster join` does) or not (its Raft port refuses the
+/// leader's messages, so it is never reached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_node_of_another_cluster_is_not_admitted() {
+    let node = TestNode::start_member("n1", None, &[]).await;
+    let stranger = TestNode::start_member("n2", None, &[]).await;
+    let ours = node.cluster_status().await;
+    let theirs = stranger.cluster_status().await;
+    assert_eq!(ours["cluster_id"], json!(node.raft_id()), "{ours}");
+    assert_eq!(theirs["cluster_id"], json!(stranger.raft_id()), "{theirs}");
+
+    let mut request = json!({
+        "node_id": theirs["node_id"], "name": theirs["name"], "cluster_addr": theirs["cluster_addr"],
+        "api_addr": theirs["api_addr"], "vnodes": theirs["configured_vnodes"], "cluster_id": theirs["cluster_id"],
+    });
+    let (status, body) = node.post("/api/v1/cluster/nodes", &request, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("another cluster"), "{body}");
+
+    request.as_object_mut().unwrap().remove("cluster_id");
+    let answer = node.post("/api/v1/cluster/nodes", &request, None);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), answer).await.expect("an answer, not a hang");
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&stranger.cluster_addr()), "{body}");
+
+    // Both clusters are as they were: one member each, each its own leader, and writes commit.
+    for (member, name) in [(&node, "n1"), (&stranger, "n2")] {
+        let cluster = member.cluster_status().await;
+        let nodes = cluster["nodes"].as_array().unwrap();
+        assert_eq!((nodes.len(), nodes[0]["name"].as_str()), (1, Some(name)), "{cluster}");
+        assert_eq!((cluster["state"].as_str(), cluster["leader"].as_u64()), (Some("leader"), Some(member.raft_id())));
+        assert_eq!(cluster["vnodes"]["owners"], json!({ name: 16 }), "{cluster}");
+        let (status, body) = member.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// A member whose data directory is lost comes back at its old address as a new node (a pod on a
+/// new volume). The leader's Raft messages for the old member reach it there. Taken, they would
+/// make an empty node answer, and vote, for a member that acknowledged entries it no longer holds;
+/// openraft's leader sees the member's log go backwards and its Raft core panics, so the cluster
+/// could not write any more. The new node refuses them: the cluster keeps writing, and counts the
+/// old member as silent (so that failover can give its vnodes away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_new_node_at_a_members_address_does_not_answer_for_it() {
+    let mut nodes = three_nodes(&[]).await;
+    let leader = nodes[0].cluster_status().await["leader"].as_u64().expect("a leader");
+    let lost = nodes.iter().rposition(|n| n.raft_id() != leader).expect("a follower");
+    let address = nodes[lost].cluster_addr();
+    nodes[lost].kill9();
+    // It waits to join where nobody answers: whatever it holds then came from Raft messages
+    // meant for the old member, not from being let in itself.
+    let nobody = common::cluster_address();
+    let args = ["--node-id", "newcomer", "--join", nobody.as_str()];
+    let newcomer = TestNode::start_unready_at(&address, &common::CLUSTER_ENV, &args).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let status = newcomer.cluster_status().await;
+    assert_eq!((&status["cluster_id"], &status["applied_index"]), (&Value::Null, &Value::Null), "{status}");
+    let leader_node = nodes.iter().find(|n| n.raft_id() == leader).unwrap();
+    let (status, body) = leader_node.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
+    assert_eq!(status, 200, "{body}");
+    let cluster = leader_node.cluster_status().await;
+    let old =
+        cluster["nodes"].as_array().unwrap().iter().find(|n| n["id"] == nodes[lost].raft_id()).expect("still a member");
+    let silent = old["last_contact_ms"].as_u64();
+    assert!(silent.is_none_or(|ms| ms >= 3000), "the old member counts as answering: {cluster}");
+}

@@ -74,7 +74,12 @@ impl TestNode {
 
     /// Starts a node and returns once it listens, ready or not (one waiting to join, say).
     pub async fn start_unready(env: &[(&str, &str)], args: &[&str]) -> TestNode {
-        TestNode::launch(&cluster_address(), env, args, None, false).await
+        TestNode::start_unready_at(&cluster_address(), env, args).await
+    }
+
+    /// As [`TestNode::start_unready`], with its cluster port on `cluster_addr`.
+    pub async fn start_unready_at(cluster_addr: &str, env: &[(&str, &str)], args: &[&str]) -> TestNode {
+        TestNode::launch(cluster_addr, env, args, None, false).await
     }
 
     async fn launch(

@@ -2,7 +2,7 @@
 //! server side ([`serve_raft`]). openraft's messages travel as JSON inside the `Raft` RPC.
 
 use crate::raft::{Raft, TypeConfig};
-use crate::state::{ClusterState, PeerNode};
+use crate::state::PeerNode;
 use crate::transport::Transport;
 use crate::vnodes::NodeId;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tollgate_proto::peer::{RaftKind, RaftRequest, RaftResponse};
 
@@ -28,26 +27,24 @@ struct FullSnapshot {
     data: Vec<u8>,
 }
 
-/// The latest known cluster address of each node, and the cluster's id. openraft keeps a client
-/// per peer for as long as the peer stays in the membership, so a member that restarted elsewhere
-/// is reached through this directory (kept current from the applied state), not through the
-/// address its client was created with.
+/// The latest known cluster address of each node. openraft keeps a client per peer for as long
+/// as the peer stays in the membership, so a member that restarted elsewhere is reached through
+/// this directory (kept current from the applied state), not through the address its client was
+/// created with.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     addresses: Arc<RwLock<HashMap<NodeId, String>>>,
-    cluster_id: Arc<AtomicU64>,
 }
 
 impl Directory {
-    /// Records the members' addresses and the cluster's id of `state`.
-    pub fn update(&self, state: &ClusterState) {
+    /// Records the addresses of `nodes`.
+    pub fn update<'a>(&self, nodes: impl IntoIterator<Item = (&'a NodeId, &'a PeerNode)>) {
         let mut addresses = self.addresses.write().expect("directory lock");
-        for (id, node) in &state.nodes {
+        for (id, node) in nodes {
             if addresses.get(id) != Some(&node.cluster_addr) {
                 addresses.insert(*id, node.cluster_addr.clone());
             }
         }
-        self.cluster_id.store(state.cluster_id.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn resolve(&self, id: NodeId) -> Option<String> {
@@ -102,8 +99,7 @@ impl Network {
     ) -> Result<A, RPCError<TypeConfig>> {
         self.addr = self.directory.resolve(self.target).unwrap_or_else(|| self.fallback.clone());
         let payload = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let cluster_id = self.directory.cluster_id.load(Ordering::Relaxed);
-        let request = RaftRequest { kind: kind as i32, payload, target: self.target, cluster_id };
+        let request = RaftRequest { kind: kind as i32, payload, target: self.target };
         let call = self.transport.raft(&self.addr, request);
         let response = match tokio::time::timeout(option.soft_ttl(), call).await {
             Ok(Ok(response)) => response,
@@ -188,23 +184,16 @@ fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RaftResponse> {
         .map_err(|e| RaftResponse { payload: Vec::new(), error: format!("undecodable raft request: {e}") })
 }
 
-/// Why this node, `id` in cluster `cluster_id` (`None`: none yet), must not take `request`:
-/// it is meant for another node (the address now belongs to a node with other data), or it
-/// comes from another cluster. Either would let a stranger answer, and vote, for a member.
-pub fn misaddressed(id: NodeId, cluster_id: Option<NodeId>, request: &RaftRequest) -> Option<String> {
-    if request.target != 0 && request.target != id {
-        return Some(format!(
+/// Why this node, `id`, must not take `request`: it is meant for another node (the sender has
+/// this address for a member whose data directory is gone, or for a member of another cluster).
+/// Taken, it would let a stranger answer, and vote, for that member.
+pub fn misaddressed(id: NodeId, request: &RaftRequest) -> Option<String> {
+    (request.target != 0 && request.target != id).then(|| {
+        format!(
             "this is node {id}, not node {}: the address the sender has for node {} now belongs to another node",
             request.target, request.target
-        ));
-    }
-    match cluster_id {
-        Some(ours) if request.cluster_id != 0 && request.cluster_id != ours => Some(format!(
-            "this node belongs to cluster {ours}, the sender to cluster {}: a node joins another cluster only with an empty data directory",
-            request.cluster_id
-        )),
-        _ => None,
-    }
+        )
+    })
 }
 
 /// Hands a Raft RPC from a peer to the local Raft node.
@@ -242,18 +231,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_a_raft_message_for_another_node_or_cluster_is_refused() {
-        let request =
-            |target, cluster_id| RaftRequest { kind: RaftKind::Vote as i32, payload: Vec::new(), target, cluster_id };
-        // Meant for this node, of this cluster, or not said (older senders, a cluster not yet
-        // bootstrapped): taken.
-        for (target, cluster_id) in [(7, 1), (0, 1), (7, 0), (0, 0)] {
-            assert_eq!(misaddressed(7, Some(1), &request(target, cluster_id)), None);
-        }
-        assert_eq!(misaddressed(7, None, &request(7, 2)), None, "a new node learns its cluster from the leader");
-        let error = misaddressed(7, Some(1), &request(8, 1)).unwrap();
+    fn test_a_raft_message_for_another_node_is_refused() {
+        let request = |target| RaftRequest { kind: RaftKind::Vote as i32, payload: Vec::new(), target };
+        assert_eq!(misaddressed(7, &request(7)), None);
+        assert_eq!(misaddressed(7, &request(0)), None, "older senders do not say");
+        let error = misaddressed(7, &request(8)).unwrap();
         assert!(error.contains("this is node 7, not node 8"), "{error}");
-        let error = misaddressed(7, Some(1), &request(7, 2)).unwrap();
-        assert!(error.contains("belongs to cluster 1, the sender to cluster 2"), "{error}");
     }
 }

@@ -245,7 +245,8 @@ impl Cluster {
             .map_err(|e| ClusterError::Failed(format!("opening the raft store: {e}")))?;
         let applied = state_machine.subscribe();
         let directory = Directory::default();
-        directory.update(&applied.borrow().state);
+        directory.update(&applied.borrow().state.nodes);
+        transport.set_cluster_id(applied.borrow().state.cluster_id.unwrap_or(0));
         let network = NetworkFactory::new(Arc::clone(&transport), directory.clone());
         let raft = Raft::new(id, raft_config(&settings)?, network, log_store, state_machine)
             .await
@@ -263,10 +264,12 @@ impl Cluster {
         let controller = tokio::spawn(controller(Arc::clone(&cluster)));
         let addresses = tokio::spawn({
             let mut applied = cluster.applied();
+            let transport = Arc::clone(&cluster.transport);
             async move {
                 while applied.changed().await.is_ok() {
                     let state = Arc::clone(&applied.borrow_and_update());
-                    directory.update(&state.state);
+                    directory.update(&state.state.nodes);
+                    transport.set_cluster_id(state.state.cluster_id.unwrap_or(0));
                 }
             }
         });
@@ -400,7 +403,7 @@ impl Cluster {
 
     /// Hands a Raft RPC from a peer to the local Raft node, noting contact with the leader.
     pub async fn serve_raft(&self, request: RaftRequest) -> RaftResponse {
-        if let Some(error) = crate::network::misaddressed(self.id, self.applied.borrow().state.cluster_id, &request) {
+        if let Some(error) = crate::network::misaddressed(self.id, &request) {
             return RaftResponse { payload: Vec::new(), error };
         }
         let append = request.kind == RaftKind::AppendEntries as i32;

@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -14,7 +15,7 @@ use tollgate_proto::peer::{
     ForwardExportRequest, ForwardExportsRequest, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest,
     JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
-use tollgate_proto::CLUSTER_SECRET_HEADER;
+use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tonic::transport::{Channel, Endpoint};
 
 /// A boxed future.
@@ -87,6 +88,9 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     fn write(&self, addr: &str, request: WriteRequest) -> BoxFuture<'_, Result<WriteResponse, TransportError>>;
     /// A join request.
     fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>>;
+    /// The cluster this node belongs to, for its calls to say (0: none yet). A transport that
+    /// says nothing leaves peers unable to tell a caller of another cluster.
+    fn set_cluster_id(&self, _cluster_id: u64) {}
 }
 
 /// Deadline of calls that do real work on the peer: queries, joins (the leader waits until the
@@ -119,7 +123,7 @@ const MAX_BYTES_PER_CALL: usize = 8 * 1024 * 1024;
 /// per-call work on both nodes: HTTP/2 streams and headers, task wake-ups, TCP segments).
 #[derive(Debug)]
 pub struct TonicTransport {
-    secret: Option<String>,
+    credentials: Credentials,
     timeout: Duration,
     slow_timeout: Duration,
     max_forward_bytes: usize,
@@ -149,7 +153,7 @@ impl TonicTransport {
     /// in flight per peer.
     pub fn new(secret: Option<String>, timeout: Duration, max_forward_bytes: usize) -> TonicTransport {
         TonicTransport {
-            secret,
+            credentials: Credentials { secret, cluster_id: Arc::default() },
             timeout,
             slow_timeout: timeout.max(SLOW_CALL_TIMEOUT),
             max_forward_bytes: max_forward_bytes.clamp(1, u32::MAX as usize),
@@ -191,7 +195,7 @@ impl TonicTransport {
     }
 
     fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
-        request_with(self.secret.as_deref(), message, timeout)
+        self.credentials.request(message, timeout)
     }
 
     fn semaphore(&self, addr: &str) -> Arc<Semaphore> {
@@ -208,23 +212,40 @@ impl TonicTransport {
     }
 }
 
-/// A request with a deadline and the cluster secret.
-fn request_with<T>(secret: Option<&str>, message: T, timeout: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
-    if let Some(secret) = secret {
-        if let Ok(value) = secret.parse() {
+/// What every call to a peer carries: the cluster secret, and the cluster this node belongs to
+/// (a node of another cluster refuses the call, see `peer.rs`; 0 until this node knows it).
+#[derive(Clone, Debug)]
+struct Credentials {
+    secret: Option<String>,
+    cluster_id: Arc<AtomicU64>,
+}
+
+impl Credentials {
+    /// `message` with a deadline and the credentials.
+    fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
+        let mut request = self.stamp(tonic::Request::new(message));
+        request.set_timeout(timeout);
+        request
+    }
+
+    /// `request` with the credentials.
+    fn stamp<T>(&self, mut request: tonic::Request<T>) -> tonic::Request<T> {
+        if let Some(Ok(value)) = self.secret.as_deref().map(str::parse) {
             request.metadata_mut().insert(CLUSTER_SECRET_HEADER, value);
         }
+        let cluster_id = self.cluster_id.load(Ordering::Relaxed);
+        if cluster_id != 0 {
+            request.metadata_mut().insert(CLUSTER_ID_HEADER, cluster_id.into());
+        }
+        request
     }
-    request
 }
 
 /// What an export-forwarding task needs to call one peer.
 struct ExportCaller {
     addr: String,
     client: PeerClient<Channel>,
-    secret: Option<String>,
+    credentials: Credentials,
     timeout: Duration,
     queues: Arc<Mutex<HashMap<String, ExportQueue>>>,
 }
@@ -257,7 +278,7 @@ impl ExportCaller {
             return;
         }
         let exports: Vec<ForwardExportRequest> = batch.iter().map(|export| export.request.clone()).collect();
-        let request = request_with(self.secret.as_deref(), ForwardExportsRequest { exports }, self.timeout);
+        let request = self.credentials.request(ForwardExportsRequest { exports }, self.timeout);
         let result = within(&self.addr, self.timeout, self.client.forward_exports(request)).await;
         match result {
             Ok(response) if response.outcomes.len() == batch.len() => {
@@ -301,7 +322,7 @@ impl ExportCaller {
     }
 
     async fn one(&mut self, request: ForwardExportRequest) -> Result<ForwardResponse, TransportError> {
-        let request = request_with(self.secret.as_deref(), request, self.timeout);
+        let request = self.credentials.request(request, self.timeout);
         within(&self.addr, self.timeout, self.client.forward_export(request)).await
     }
 
@@ -309,7 +330,7 @@ impl ExportCaller {
         ExportCaller {
             addr: self.addr.clone(),
             client: self.client.clone(),
-            secret: self.secret.clone(),
+            credentials: self.credentials.clone(),
             timeout: self.timeout,
             queues: Arc::clone(&self.queues),
         }
@@ -364,6 +385,10 @@ fn status_error(addr: &str, status: tonic::Status) -> TransportError {
 }
 
 impl Transport for TonicTransport {
+    fn set_cluster_id(&self, cluster_id: u64) {
+        self.credentials.cluster_id.store(cluster_id, Ordering::Relaxed);
+    }
+
     fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move {
@@ -409,7 +434,7 @@ impl Transport for TonicTransport {
                 let caller = ExportCaller {
                     addr: addr.clone(),
                     client,
-                    secret: self.secret.clone(),
+                    credentials: self.credentials.clone(),
                     timeout: self.timeout,
                     queues: Arc::clone(&self.exports),
                 };
@@ -441,12 +466,7 @@ impl Transport for TonicTransport {
         Box::pin(async move {
             let mut client = self.client(&addr)?;
             // A hand-off can be long: no overall deadline, the stream's messages keep it alive.
-            let mut call = tonic::Request::new(request);
-            if let Some(secret) = &self.secret {
-                if let Ok(value) = secret.parse() {
-                    call.metadata_mut().insert(CLUSTER_SECRET_HEADER, value);
-                }
-            }
+            let call = self.credentials.stamp(tonic::Request::new(request));
             let stream = within(&addr, self.slow_timeout, client.hand_off(call)).await?;
             let mapped = stream.map(move |item| item.map_err(|s| status_error(&addr, s)));
             Ok(Box::pin(mapped) as ChunkStream)
@@ -582,6 +602,10 @@ impl FaultyTransport {
 }
 
 impl Transport for FaultyTransport {
+    fn set_cluster_id(&self, cluster_id: u64) {
+        self.inner.set_cluster_id(cluster_id);
+    }
+
     fn raft(&self, addr: &str, request: RaftRequest) -> BoxFuture<'_, Result<RaftResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move {

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::{Cluster, ClusterError, VnodeState};
@@ -23,7 +24,7 @@ use tollgate_proto::peer::{
     ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryKind, QueryRequest, QueryResponse,
     RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
-use tollgate_proto::CLUSTER_SECRET_HEADER;
+use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
@@ -336,25 +337,35 @@ const PEER_MAX_FRAME_BYTES: u32 = 1 << 20;
 /// Streams a peer may reset before this node accepted them (see [`serve`]).
 const PEER_MAX_PENDING_RESETS: usize = 4096;
 
-/// Serves the peer service on `listener` until `shutdown` resolves; calls without the secret
-/// (when one is configured) are refused as unauthenticated.
+/// Serves the peer service on `listener` until `shutdown` resolves. Calls without the secret
+/// (when one is configured) are refused as unauthenticated; calls from a node of another cluster
+/// than the one `applied` belongs to, as failed preconditions.
 pub async fn serve(
     listener: TcpListener,
     service: PeerService,
     secret: Option<String>,
+    applied: watch::Receiver<Arc<AppliedState>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     if let Ok(address) = listener.local_addr() {
         info!(%address, "cluster port listening");
     }
     let check = move |request: Request<()>| -> Result<Request<()>, Status> {
-        let Some(expected) = &secret else { return Ok(request) };
-        let given = request.metadata().get(CLUSTER_SECRET_HEADER).and_then(|v| v.to_str().ok());
-        match given {
-            Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(request),
-            _ => Err(Status::unauthenticated(
-                "missing or wrong cluster secret: every node of a cluster needs the same cluster_secret",
-            )),
+        if let Some(expected) = &secret {
+            let given = request.metadata().get(CLUSTER_SECRET_HEADER).and_then(|v| v.to_str().ok());
+            if !given.is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())) {
+                return Err(Status::unauthenticated(
+                    "missing or wrong cluster secret: every node of a cluster needs the same cluster_secret",
+                ));
+            }
+        }
+        let caller = request.metadata().get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match (caller, applied.borrow().state.cluster_id) {
+            (Some(caller), Some(ours)) if caller != ours => Err(Status::failed_precondition(format!(
+                "this node belongs to cluster {ours}, the caller to cluster {caller}: a node joins another cluster \
+                 only with an empty data directory"
+            ))),
+            _ => Ok(request),
         }
     };
     let server = tonic::service::interceptor::InterceptedService::new(

@@ -544,8 +544,8 @@ async fn test_an_unreachable_node_is_not_admitted_and_the_cluster_keeps_its_majo
 /// A node that bootstrapped a cluster of its own holds that cluster's Raft log and state: admitted
 /// to another cluster, its log (the same indexes, other entries) is taken for the leader's, and
 /// its state, other members and map, is never replaced. It is refused, whether the request says
-/// which cluster it belongs to (as `tollgate cluster join` does) or not (its Raft port refuses the
-/// leader's messages, so it is never reached).
+/// which cluster it belongs to (as `tollgate cluster join` does) or not (its cluster port refuses
+/// the leader's calls, which say their cluster, so it is never reached).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_node_of_another_cluster_is_not_admitted() {
     let node = TestNode::start_member("n1", None, &[]).await;
@@ -568,6 +568,20 @@ async fn test_a_node_of_another_cluster_is_not_admitted() {
     let (status, body) = tokio::time::timeout(Duration::from_secs(30), answer).await.expect("an answer, not a hang");
     assert_eq!(status, 503, "{body}");
     assert!(body["error"].as_str().unwrap().contains(&stranger.cluster_addr()), "{body}");
+
+    // Any call that says another cluster is refused on the cluster port; one that says nothing
+    // (a node not yet in a cluster asking to join) is heard.
+    let mut peer =
+        tollgate_proto::peer::peer_client::PeerClient::connect(format!("http://{}", stranger.cluster_addr()))
+            .await
+            .unwrap();
+    let mut query = tonic::Request::new(tollgate_proto::peer::QueryRequest::default());
+    query.metadata_mut().insert(tollgate_proto::CLUSTER_ID_HEADER, node.raft_id().into());
+    let error = peer.query(query).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains(&format!("the caller to cluster {}", node.raft_id())), "{error:?}");
+    let error = peer.query(tollgate_proto::peer::QueryRequest::default()).await.unwrap_err();
+    assert_ne!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
 
     // Both clusters are as they were: one member each, each its own leader, and writes commit.
     for (member, name) in [(&node, "n1"), (&stranger, "n2")] {

@@ -52,3 +52,7 @@ impl peer::ExportOutcome {
 
 /// The metadata key carrying the cluster secret.
 pub const CLUSTER_SECRET_HEADER: &str = "x-tollgate-cluster-secret";
+
+/// gRPC metadata key of the cluster a calling node belongs to (`ClusterState::cluster_id`, in
+/// decimal; absent while it belongs to none): a node of another cluster refuses the call.
+pub const CLUSTER_ID_HEADER: &str = "x-tollgate-cluster-id";

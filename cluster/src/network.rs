@@ -184,14 +184,14 @@ fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RaftResponse> {
         .map_err(|e| RaftResponse { payload: Vec::new(), error: format!("undecodable raft request: {e}") })
 }
 
-/// Why this node, `id`, must not take `request`: it is meant for another node (the sender has
-/// this address for a member whose data directory is gone, or for a member of another cluster).
-/// Taken, it would let a stranger answer, and vote, for that member.
-pub fn misaddressed(id: NodeId, request: &RaftRequest) -> Option<String> {
-    (request.target != 0 && request.target != id).then(|| {
+/// Why this node, `id`, must not take a call meant for node `target` (0: not said, by older
+/// senders): the caller has this address for another node, whose data directory is gone or
+/// which belongs to another cluster. Taken, a Raft message would let a stranger answer, and vote,
+/// for that node, and a query would answer with this node's data for the other's.
+pub fn misaddressed(id: NodeId, target: NodeId) -> Option<String> {
+    (target != 0 && target != id).then(|| {
         format!(
-            "this is node {id}, not node {}: the address the sender has for node {} now belongs to another node",
-            request.target, request.target
+            "this is node {id}, not node {target}: the address the caller has for node {target} now belongs to another node"
         )
     })
 }
@@ -231,11 +231,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_a_raft_message_for_another_node_is_refused() {
-        let request = |target| RaftRequest { kind: RaftKind::Vote as i32, payload: Vec::new(), target };
-        assert_eq!(misaddressed(7, &request(7)), None);
-        assert_eq!(misaddressed(7, &request(0)), None, "older senders do not say");
-        let error = misaddressed(7, &request(8)).unwrap();
+    fn test_a_call_for_another_node_is_refused() {
+        assert_eq!(misaddressed(7, 7), None);
+        assert_eq!(misaddressed(7, 0), None, "older senders do not say");
+        let error = misaddressed(7, 8).unwrap();
         assert!(error.contains("this is node 7, not node 8"), "{error}");
     }
 }

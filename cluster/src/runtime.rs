@@ -403,7 +403,7 @@ impl Cluster {
 
     /// Hands a Raft RPC from a peer to the local Raft node, noting contact with the leader.
     pub async fn serve_raft(&self, request: RaftRequest) -> RaftResponse {
-        if let Some(error) = crate::network::misaddressed(self.id, &request) {
+        if let Some(error) = crate::network::misaddressed(self.id, request.target) {
             return RaftResponse { payload: Vec::new(), error };
         }
         let append = request.kind == RaftKind::AppendEntries as i32;

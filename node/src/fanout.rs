@@ -53,8 +53,12 @@ impl Fanout {
         let me = self.cluster.id;
         let calls = state.nodes.iter().filter(|(id, _)| **id != me).map(|(id, node)| {
             let transport = Arc::clone(self.cluster.transport());
-            let request =
-                QueryRequest { kind: kind as i32, payload: payload.clone(), holders: state.held_by_member(*id) };
+            let request = QueryRequest {
+                kind: kind as i32,
+                payload: payload.clone(),
+                holders: state.held_by_member(*id),
+                target: *id,
+            };
             let node = node.clone();
             async move {
                 let result = transport

@@ -160,6 +160,9 @@ impl Peer for PeerService {
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         let request = request.into_inner();
+        if let Some(error) = tollgate_cluster::network::misaddressed(self.cluster.id, request.target) {
+            return Err(Status::failed_precondition(error));
+        }
         let engine = self.query.clone();
         let holders = request.holders;
         let payload = match QueryKind::try_from(request.kind).unwrap_or(QueryKind::Unspecified) {

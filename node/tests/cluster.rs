@@ -625,4 +625,10 @@ async fn test_a_new_node_at_a_members_address_does_not_answer_for_it() {
         cluster["nodes"].as_array().unwrap().iter().find(|n| n["id"] == nodes[lost].raft_id()).expect("still a member");
     let silent = old["last_contact_ms"].as_u64();
     assert!(silent.is_none_or(|ms| ms >= 3000), "the old member counts as answering: {cluster}");
+    // Nor does it answer a query for the old member (with its own, empty, data): the old member
+    // is named as missing, so the answer is not taken for complete.
+    let now = now_seconds();
+    let (_, missing) = sum_of(leader_node, "meter_envoy_ai_gw_request_cpm", "any-gw", now - 600, now).await;
+    let old_name = old["name"].as_str().unwrap();
+    assert_eq!(missing.as_deref(), Some(old_name), "the old member's data is missing, and said to be");
 }

@@ -167,6 +167,33 @@ pub struct LogPage {
 /// Most records examined per partition for one page (filters can skip many).
 const MAX_LOG_SCAN: usize = 200_000;
 
+/// About the most bytes of records one page holds, whatever its `limit`: a page ends after the
+/// record that reaches it (so it always holds at least one), and `next` continues from there.
+/// Records can be large (the body and attributes are stored whole, up to an export's 16 MiB): a
+/// page of 100 records of 7 MiB was an 88 MB answer, a member's part of it more than the 64 MiB
+/// a peer's answer may be (the member was then missing from every such query), and 1 000 of them
+/// more memory than a node has.
+pub const MAX_LOG_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Sorts `logs` newest first and cuts them to what one page holds: `limit` records and about
+/// [`MAX_LOG_PAGE_BYTES`]. True when something was cut.
+fn cut_to_page(logs: &mut Vec<StoredLog>, limit: usize) -> bool {
+    logs.sort_by_key(|log| std::cmp::Reverse((log.time_ns, log.fingerprint)));
+    let mut bytes = 0;
+    let fit = logs
+        .iter()
+        .take(limit)
+        .take_while(|log| {
+            let fits = bytes < MAX_LOG_PAGE_BYTES;
+            bytes += log.approximate_bytes();
+            fits
+        })
+        .count();
+    let cut = fit < logs.len();
+    logs.truncate(fit);
+    cut
+}
+
 impl QueryEngine {
     /// A query engine.
     pub fn new(
@@ -361,11 +388,7 @@ impl QueryEngine {
             more |= page.next.is_some();
             logs.extend(page.logs);
         }
-        logs.sort_by_key(|log| std::cmp::Reverse((log.time_ns, log.fingerprint)));
-        if logs.len() > limit {
-            logs.truncate(limit);
-            more = true;
-        }
+        more |= cut_to_page(&mut logs, limit);
         let next = if more {
             logs.last().map(|log| LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint })
         } else {
@@ -391,8 +414,6 @@ impl QueryEngine {
         // each: 650 MB for one page of 1 000), and each next partition is read back only as far
         // as the oldest of them.
         let mut start_ns = query.start_ns;
-        let newest_first =
-            |logs: &mut Vec<StoredLog>| logs.sort_by_key(|log| std::cmp::Reverse((log.time_ns, log.fingerprint)));
         for (partition, entity) in self.store.entities()? {
             if entity.service != query.service || (query.instance.is_some() && entity.instance != query.instance) {
                 continue;
@@ -401,14 +422,12 @@ impl QueryEngine {
             let (matches, exhausted) = self.partition_logs(vnode, partition, before, start_ns, query)?;
             more |= !exhausted;
             candidates.extend(matches);
-            if candidates.len() > query.limit {
-                newest_first(&mut candidates);
-                candidates.truncate(query.limit);
+            if cut_to_page(&mut candidates, query.limit) {
                 more = true;
                 start_ns = candidates.last().map_or(start_ns, |oldest| oldest.time_ns);
             }
         }
-        newest_first(&mut candidates);
+        cut_to_page(&mut candidates, query.limit);
         let next = if more {
             candidates.last().map(|log| LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint })
         } else {
@@ -417,8 +436,8 @@ impl QueryEngine {
         Ok(LogPage { logs: candidates, next })
     }
 
-    /// Up to `limit + 1` matching logs of one partition before `before` and from `start_ns` on;
-    /// `exhausted` when there are no more.
+    /// Up to `limit + 1` matching logs of one partition before `before` and from `start_ns` on,
+    /// and no more once they pass [`MAX_LOG_PAGE_BYTES`]; `exhausted` when there are no more.
     fn partition_logs(
         &self,
         vnode: u16,
@@ -429,16 +448,20 @@ impl QueryEngine {
     ) -> Result<(Vec<StoredLog>, bool), Error> {
         let chunk = (query.limit + 1).clamp(64, 4096);
         let mut matches = Vec::new();
+        let mut bytes = 0;
         let mut scanned = 0;
         loop {
-            let page = self.store.logs(vnode, partition, start_ns, Some(before), chunk)?;
-            let exhausted = page.len() < chunk;
+            let page = self.store.logs(vnode, partition, start_ns, Some(before), chunk, MAX_LOG_PAGE_BYTES)?;
+            // Fewer than asked for, and not because the bytes ran out: none are left.
+            let exhausted =
+                page.len() < chunk && page.iter().map(StoredLog::approximate_bytes).sum::<usize>() < MAX_LOG_PAGE_BYTES;
             for log in page {
                 scanned += 1;
                 before = LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint };
                 if matches_filters(&log, query) {
+                    bytes += log.approximate_bytes();
                     matches.push(log);
-                    if matches.len() > query.limit {
+                    if matches.len() > query.limit || bytes > MAX_LOG_PAGE_BYTES {
                         return Ok((matches, false));
                     }
                 }

@@ -115,6 +115,22 @@ pub struct StoredLog {
     pub body: Option<String>,
 }
 
+impl StoredLog {
+    /// Roughly the bytes this record takes in a page of logs: its texts, and a little for the
+    /// numbers. Pages are bounded by it ([`crate::query::MAX_LOG_PAGE_BYTES`]).
+    pub fn approximate_bytes(&self) -> usize {
+        let texts = [Some(&self.service), self.instance.as_ref(), self.model.as_ref(), self.provider.as_ref()]
+            .into_iter()
+            .chain([self.session_id.as_ref(), self.body.as_ref()])
+            .flatten()
+            .map(String::len)
+            .sum::<usize>();
+        let reasons = self.reasons.iter().map(String::len).sum::<usize>();
+        let attributes = self.attributes.iter().map(|(key, value)| key.len() + value.len() + 8).sum::<usize>();
+        256 + texts + reasons + attributes
+    }
+}
+
 /// Where a log sits in the log order of one partition: newest first by time, then fingerprint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LogPosition {
@@ -271,7 +287,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn entities(&self) -> Result<Vec<(u64, EntityRecord)>, Error>;
 
     /// Up to `limit` kept logs of a partition with `from_ns <= time`, strictly before `before`
-    /// in log order (newest first); `None` starts at the newest.
+    /// in log order (newest first); `None` starts at the newest. Also stops after the record
+    /// that brings their [`StoredLog::approximate_bytes`] to `max_bytes`.
     fn logs(
         &self,
         vnode: u16,
@@ -279,6 +296,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
         from_ns: u64,
         before: Option<LogPosition>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredLog>, Error>;
 
     /// Log-batch fingerprints of a vnode with their time.

@@ -583,6 +583,7 @@ impl Storage for SledStorage {
         from_ns: u64,
         before: Option<LogPosition>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredLog>, Error> {
         let start = codec::log_key(vnode, partition, from_ns, 0);
         let end = match before {
@@ -593,12 +594,15 @@ impl Storage for SledStorage {
             return Err(Error::Internal("partition hash u64::MAX has no upper key".into()));
         }
         let mut out = Vec::new();
+        let mut bytes = 0;
         for entry in self.entries(start, Some(end), true) {
-            if out.len() >= limit {
+            if out.len() >= limit || bytes >= max_bytes {
                 break;
             }
             let (_, value) = entry?;
-            out.push(codec::decode_log(&value).map_err(|e| Error::Internal(format!("corrupt store: {e}")))?);
+            let log = codec::decode_log(&value).map_err(|e| Error::Internal(format!("corrupt store: {e}")))?;
+            bytes += log.approximate_bytes();
+            out.push(log);
         }
         Ok(out)
     }
@@ -1242,16 +1246,16 @@ mod tests {
         }
         batch.push(Op::Log { vnode: 0, partition: 6, log: log(250, 9) });
         store.commit(batch).await.unwrap().await.unwrap().unwrap();
-        let page = store.logs(0, 5, 0, None, 2).unwrap();
+        let page = store.logs(0, 5, 0, None, 2, usize::MAX).unwrap();
         assert_eq!(page.iter().map(|l| l.fingerprint).collect::<Vec<_>>(), vec![4, 3]);
-        let next = store.logs(0, 5, 0, Some(LogPosition { time_ns: 200, fingerprint: 3 }), 10).unwrap();
+        let next = store.logs(0, 5, 0, Some(LogPosition { time_ns: 200, fingerprint: 3 }), 10, usize::MAX).unwrap();
         assert_eq!(next.iter().map(|l| l.fingerprint).collect::<Vec<_>>(), vec![2, 1]);
-        assert_eq!(store.logs(0, 5, 150, None, 10).unwrap().len(), 3);
+        assert_eq!(store.logs(0, 5, 150, None, 10, usize::MAX).unwrap().len(), 3);
         let cutoffs = RetentionCutoffs { minute: 0, hour: 0, day: 0, logs_ns: 201, log_batches_ns: 0 };
         let report =
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
         assert_eq!(report.0.deleted, 3);
-        assert_eq!(report.1.logs(0, 5, 0, None, 10).unwrap().len(), 1);
+        assert_eq!(report.1.logs(0, 5, 0, None, 10, usize::MAX).unwrap().len(), 1);
     }
 
     /// The sweep deletes exactly the aggregates older than their resolution's cut-off, wherever

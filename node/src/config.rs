@@ -60,6 +60,9 @@ pub struct LimitsConfig {
     pub max_log_page: usize,
     /// Longest range of a metric query, in steps.
     pub max_query_points: usize,
+    /// Most values in one metric query's answer: a point per step of each series (each
+    /// percentile rank of a percentile metric is a series).
+    pub max_answer_points: usize,
     /// Queries this node runs at once (its share of a cluster-wide query included); as many
     /// again, four times over, wait for a turn, and further ones get a retryable overload error.
     pub max_concurrent_queries: usize,
@@ -77,6 +80,7 @@ impl Default for LimitsConfig {
             request_timeout_ms: 10_000,
             max_log_page: 1000,
             max_query_points: 20_000,
+            max_answer_points: 1_000_000,
             max_concurrent_queries: 8,
             max_series: 0,
         }
@@ -345,6 +349,7 @@ impl NodeConfig {
             ("limits.owner_queue_capacity", l.owner_queue_capacity),
             ("limits.max_log_page", l.max_log_page),
             ("limits.max_query_points", l.max_query_points),
+            ("limits.max_answer_points", l.max_answer_points),
             ("limits.max_concurrent_queries", l.max_concurrent_queries),
             ("storage.max_batches_per_flush", self.storage.max_batches_per_flush),
             ("storage.writer_queue_capacity", self.storage.writer_queue_capacity),

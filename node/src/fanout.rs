@@ -12,6 +12,7 @@ use crate::store::EntityRecord;
 use crate::wire;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
+use tollgate_cluster::transport::TransportError;
 use tollgate_cluster::{Cluster, ClusterState};
 use tollgate_proto::peer::{QueryKind, QueryRequest};
 use tollgate_rules::{MetricQuery, MetricResult, Partial};
@@ -49,7 +50,7 @@ impl Fanout {
         state: &ClusterState,
         kind: QueryKind,
         payload: Vec<u8>,
-    ) -> (Vec<T>, Vec<String>) {
+    ) -> Result<(Vec<T>, Vec<String>), Error> {
         let me = self.cluster.id;
         let calls = state.nodes.iter().filter(|(id, _)| **id != me).map(|(id, node)| {
             let transport = Arc::clone(self.cluster.transport());
@@ -61,18 +62,23 @@ impl Fanout {
             };
             let node = node.clone();
             async move {
-                let result = transport
-                    .query(&node.cluster_addr, request)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|response| wire::decode::<T>("query answer", &response.payload));
+                let result = transport.query(&node.cluster_addr, request).await;
                 (node.name, result)
             }
         });
         let mut values = Vec::new();
         let mut missing = Vec::new();
         for (name, result) in futures_util::future::join_all(calls).await {
-            match result {
+            let decoded = match result {
+                // The query itself is refused (its answer would be too large, say): so it is
+                // here, whatever the other members say.
+                Err(TransportError::Refused { code, message, .. }) if code == "InvalidArgument" => {
+                    return Err(Error::InvalidArgument(message));
+                }
+                Err(error) => Err(error.to_string()),
+                Ok(response) => wire::decode::<T>("query answer", &response.payload),
+            };
+            match decoded {
                 Ok(value) => values.push(value),
                 Err(error) => {
                     warn!(node = %name, %error, "a member did not answer a query");
@@ -80,19 +86,20 @@ impl Fanout {
                 }
             }
         }
-        (values, missing)
+        Ok((values, missing))
     }
 
     /// A metric over every member's data.
     pub async fn metric(&self, query: MetricQuery) -> Result<Answer<MetricResult>, Error> {
         let state = self.cluster.state();
-        let (remote, missing) = self.remote::<Partial>(&state, QueryKind::Metric, wire::encode_json(&query)).await;
+        let (remote, missing) = self.remote::<Partial>(&state, QueryKind::Metric, wire::encode_json(&query)).await?;
         let engine = self.local.clone();
         let local_query = query.clone();
         let holders = state.held_by_member(self.cluster.id);
         let mut partial = self.local.run(move || engine.partial_held(&local_query, &holders)).await?;
         for other in &remote {
             partial.merge(other);
+            self.local.check_answer(&query, &partial)?;
         }
         Ok(Answer { value: partial.finish(&query), missing })
     }
@@ -104,7 +111,7 @@ impl Fanout {
         let local_query = query.clone();
         let holders = state.held_by_member(self.cluster.id);
         let local = self.local.run(move || engine.logs_held(&local_query, &holders)).await?;
-        let (remote, missing) = self.remote::<LogPage>(&state, QueryKind::Logs, wire::encode(&query)).await;
+        let (remote, missing) = self.remote::<LogPage>(&state, QueryKind::Logs, wire::encode(&query)).await?;
         let page = QueryEngine::merge_log_pages(std::iter::once(local).chain(remote), query.limit);
         Ok(Answer { value: page, missing })
     }
@@ -115,7 +122,7 @@ impl Fanout {
         let engine = self.local.clone();
         let holders = state.held_by_member(self.cluster.id);
         let local = self.local.run(move || engine.entities_held(&holders)).await?;
-        let (remote, missing) = self.remote::<Vec<EntityRecord>>(&state, QueryKind::Entities, Vec::new()).await;
+        let (remote, missing) = self.remote::<Vec<EntityRecord>>(&state, QueryKind::Entities, Vec::new()).await?;
         let all = local.into_iter().chain(remote.into_iter().flatten());
         Ok(Answer { value: QueryEngine::services_of(all), missing })
     }

@@ -42,6 +42,7 @@ pub struct QueryEngine {
     config: watch::Receiver<Arc<RuntimeConfig>>,
     vnodes: u16,
     max_query_points: usize,
+    max_answer_points: usize,
     max_log_page: usize,
     slots: Arc<QuerySlots>,
 }
@@ -201,11 +202,31 @@ impl QueryEngine {
         config: watch::Receiver<Arc<RuntimeConfig>>,
         vnodes: u16,
         max_query_points: usize,
+        max_answer_points: usize,
         max_log_page: usize,
         max_concurrent_queries: usize,
     ) -> QueryEngine {
         let slots = Arc::new(QuerySlots::new(max_concurrent_queries));
-        QueryEngine { store, config, vnodes, max_query_points, max_log_page, slots }
+        QueryEngine { store, config, vnodes, max_query_points, max_answer_points, max_log_page, slots }
+    }
+
+    /// Refuses a metric answer of more than `limits.max_answer_points` values (a point per
+    /// step of each group): a day of minutes of a metric grouped by 5 000 models was a 1.7 GB
+    /// answer and 11.6 GB of the node's memory. Checked as groups appear, on every member, and
+    /// on the merged answer.
+    pub fn check_answer(&self, query: &MetricQuery, partial: &Partial) -> Result<(), Error> {
+        // A metric without labels answers its one series even with no data (all null).
+        let groups = if query.metric.rule.group_by.is_empty() { 1 } else { partial.groups.len() };
+        let values = groups.saturating_mul(query.values_per_group());
+        if values <= self.max_answer_points {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "the answer has at least {groups} series of {} values ({values}); at most {} (limits.max_answer_points): \
+             ask for one instance, a shorter range or a larger step",
+            query.values_per_group(),
+            self.max_answer_points
+        )))
     }
 
     /// Runs `work` (reads of this engine's store) when one of the node's query slots is free
@@ -290,21 +311,22 @@ impl QueryEngine {
                     for (period, state) in states {
                         partial.add(catalogue, query, &key, period as i64 * 60, &state);
                     }
+                    self.check_answer(query, &partial)
                 };
                 match query.step {
-                    Step::Minute => add(self.store.states(vnode, id, Resolution::Minute, start_minute, end_minute)?),
+                    Step::Minute => add(self.store.states(vnode, id, Resolution::Minute, start_minute, end_minute)?)?,
                     Step::Hour | Step::Day => {
                         let resolution = if query.step == Step::Hour { Resolution::Hour } else { Resolution::Day };
                         // Roll-ups hold the minutes before the frontier; later minutes are read as
                         // minutes and folded into their step.
-                        add(self.store.states(vnode, id, resolution, start_minute, end_minute.min(rolled_until))?);
+                        add(self.store.states(vnode, id, resolution, start_minute, end_minute.min(rolled_until))?)?;
                         add(self.store.states(
                             vnode,
                             id,
                             Resolution::Minute,
                             start_minute.max(rolled_until),
                             end_minute,
-                        )?);
+                        )?)?;
                     }
                 }
             }
@@ -333,6 +355,7 @@ impl QueryEngine {
         let mut partial = Partial::default();
         for engine in self.holdings(holders)? {
             partial.merge(&engine.partial(query)?);
+            self.check_answer(query, &partial)?;
         }
         Ok(partial)
     }

@@ -312,6 +312,7 @@ impl Node {
             runtime.clone(),
             config.cluster.vnodes,
             config.limits.max_query_points,
+            config.limits.max_answer_points,
             config.limits.max_log_page,
             config.limits.max_concurrent_queries,
         );

@@ -632,3 +632,29 @@ async fn test_a_new_node_at_a_members_address_does_not_answer_for_it() {
     let old_name = old["name"].as_str().unwrap();
     assert_eq!(missing.as_deref(), Some(old_name), "the old member's data is missing, and said to be");
 }
+
+/// A query whose answer would pass `limits.max_answer_points` is refused through every member:
+/// also through one that holds none of the data, where it is the member holding it that refuses
+/// its part (before, that member was reported missing and the answer came back empty, 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_an_answer_too_large_is_refused_through_every_member() {
+    let env = [("TOLLGATE_LIMITS_MAX_ANSWER_POINTS", "100")];
+    let first = TestNode::start_member("n1", None, &env).await;
+    let second = TestNode::start_member("n2", Some(&first.cluster_addr()), &env).await;
+    wait_balanced(&[&first, &second]).await;
+    // One pod: its series, of three providers, are on one member only.
+    let base = now_seconds() - 120;
+    first.metrics_client(0).await.export(fleet_export("limit-gw", base, 0, 1).0).await.unwrap();
+    let end = base / 60 * 60 + 60;
+    let metric = "/api/v1/metrics/meter_envoy_ai_gw_provider_request_cpm?service=limit-gw";
+    for node in [&first, &second] {
+        // 3 providers × 30 minutes: within.
+        let (status, body) = node.get(&format!("{metric}&start={}&end={end}", end - 1800)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["series"].as_array().unwrap().len(), 3, "{body}");
+        // 3 × 60: refused, and said why.
+        let (status, body) = node.get(&format!("{metric}&start={}&end={end}", end - 3600)).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("limits.max_answer_points"), "{body}");
+    }
+}

@@ -578,3 +578,40 @@ async fn test_a_second_signal_stops_the_node_at_once() {
     assert_eq!(status.code(), Some(tollgate::cli::FORCED_EXIT), "{status}");
     drop(stalled);
 }
+
+/// A metric answer is a point per step of each group: grouped by a label with many values over
+/// many steps, it outgrew the node's memory (a day of minutes of 5 000 models: a 1.7 GB answer,
+/// 11.6 GB of memory). Past `limits.max_answer_points` values it is refused with what to ask
+/// instead; within it, answered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_metric_answer_is_bounded_in_values() {
+    let node = TestNode::start_with(&[("TOLLGATE_LIMITS_MAX_ANSWER_POINTS", "10000")], &[]).await;
+    let base = now_seconds() - 120;
+    let mut client = node.metrics_client(0).await;
+    for model in 0..50 {
+        client.export(input_tokens(&format!("model-{model}"), base, 100.0)).await.unwrap();
+    }
+    let metric = "/api/v1/metrics/meter_envoy_ai_gw_model_token_rate?service=cfg-gw";
+    let minute = base / 60 * 60;
+    // 50 groups of 60 minutes: 3 000 values.
+    let (status, body) = node.get(&format!("{metric}&start={}&end={}", minute + 60 - 3600, minute + 60)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["series"].as_array().unwrap().len(), 50);
+    // 50 groups of 1 440 minutes: 72 000.
+    let (status, body) = node.get(&format!("{metric}&start={}&end={}", minute + 60 - 86_400, minute + 60)).await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("of 1440 values") && error.contains("limits.max_answer_points"), "{error}");
+    // The same day at hour steps: 50 × 24.
+    let (status, body) =
+        node.get(&format!("{metric}&start={}&end={}&step=hour", minute + 60 - 86_400, minute + 60)).await;
+    assert_eq!(status, 200, "{body}");
+    // A percentile metric has a series per rank: one group, 5 ranks × 1 440 minutes is within,
+    // 5 × 2 880 is not.
+    let percentiles = "/api/v1/metrics/meter_envoy_ai_gw_request_latency_percentile?service=cfg-gw";
+    let (status, body) = node.get(&format!("{percentiles}&start={}&end={}", minute + 60 - 86_400, minute + 60)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        node.get(&format!("{percentiles}&start={}&end={}", minute + 60 - 2 * 86_400, minute + 60)).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{body}");
+}

@@ -118,6 +118,15 @@ impl MetricQuery {
     pub fn steps_end(&self) -> i64 {
         self.step.floor(self.end - 1) + self.step.seconds()
     }
+
+    /// The values of one group in the answer: a point per step, for each percentile rank of a
+    /// percentile metric.
+    pub fn values_per_group(&self) -> usize {
+        let steps = ((self.steps_end() - self.step.floor(self.start)) / self.step.seconds()).max(0) as usize;
+        let ranks =
+            if self.metric.rule.value == ValueKind::Percentile { self.metric.rule.percentiles.len() } else { 1 };
+        steps.saturating_mul(ranks.max(1))
+    }
 }
 
 /// Merged states of one query, per output group (label values) and step start.

@@ -211,7 +211,7 @@ impl QueryEngine {
     }
 
     /// Refuses a metric answer of more than `limits.max_answer_points` values (a point per
-    /// step of each group): a day of minutes of a metric grouped by 5 000 models was a 1.7 GB
+    /// step of each group): 13 days of minutes of a metric grouped by 5 000 models was a 1.7 GB
     /// answer and 11.6 GB of the node's memory. Checked as groups appear, on every member, and
     /// on the merged answer.
     pub fn check_answer(&self, query: &MetricQuery, partial: &Partial) -> Result<(), Error> {

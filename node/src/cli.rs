@@ -602,6 +602,8 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
         .and_then(|id| status.nodes.iter().find(|n| n.id == id).map(|n| format!("{} ({id})", n.name)))
         .unwrap_or_else(|| "none".into());
     let _ = writeln!(out, "this node  {} ({}), {}", status.name, status.node_id, status.state);
+    let cluster = status.cluster_id.map_or_else(|| "none yet (not a member)".to_string(), |id| id.to_string());
+    let _ = writeln!(out, "cluster    {cluster}");
     let _ = writeln!(out, "leader     {leader}, term {}", status.term);
     let index = |i: Option<u64>| i.map_or_else(|| "-".to_string(), |i| i.to_string());
     let _ = writeln!(
@@ -638,9 +640,26 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{api_url, openraft_shown, Cli};
+    use super::{api_url, openraft_shown, render_status, Cli};
     use clap::Parser;
     use tracing::Level;
+
+    /// `cluster status` says which cluster the node's state belongs to (the check of a node
+    /// that will not join is comparing it), and that a node waiting to join has none.
+    #[test]
+    fn test_cluster_status_shows_the_cluster() {
+        let mut status: tollgate_cluster::ClusterStatus = serde_json::from_value(serde_json::json!({
+            "node_id": 3906136011091775u64, "name": "n2", "cluster_addr": "n2:11900", "api_addr": "n2:12800",
+            "configured_vnodes": 256, "cluster_id": 4158538403316899u64, "state": "follower",
+            "leader": 4158538403316899u64, "term": 1, "last_log_index": 22, "commit_index": 22, "applied_index": 22,
+            "nodes": [], "vnodes": {"total": 256, "epoch": 17, "moving": 0, "owners": {}}, "held_by": {}, "draining": {}
+        }))
+        .unwrap();
+        let text = render_status(&status);
+        assert!(text.lines().nth(1) == Some("cluster    4158538403316899"), "{text}");
+        status.cluster_id = None;
+        assert!(render_status(&status).contains("cluster    none yet (not a member)\n"));
+    }
 
     /// A mistyped `--api` is refused with what was expected, before any request ("cannot reach
     /// not-a-url: builder error" before).

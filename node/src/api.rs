@@ -113,10 +113,13 @@ fn count_query<T>(kind: &'static str, result: &Result<T, Error>) {
 /// Checks `Authorization: Bearer <token>` when a token is configured.
 pub fn authorize(headers: &HeaderMap, token: Option<&str>) -> Result<(), Error> {
     let Some(token) = token else { return Ok(()) };
+    // The scheme is case-insensitive (RFC 9110 §11.1): some clients send `bearer`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .ok_or_else(|| Error::Unauthorized("this write needs Authorization: Bearer <api_token>".into()))?;
     if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
         Ok(())
@@ -563,6 +566,14 @@ mod tests {
         assert!(matches!(authorize(&headers, Some("s3cret")), Err(Error::Unauthorized(_))));
         headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
         assert!(authorize(&headers, Some("s3cret")).is_ok());
+        for scheme in ["bearer", "BEARER"] {
+            headers.insert(header::AUTHORIZATION, format!("{scheme} s3cret").parse().unwrap());
+            assert!(authorize(&headers, Some("s3cret")).is_ok(), "{scheme}");
+        }
+        for wrong in ["Basic s3cret", "Bearers3cret", "s3cret", "Bearer S3CRET"] {
+            headers.insert(header::AUTHORIZATION, wrong.parse().unwrap());
+            assert!(matches!(authorize(&headers, Some("s3cret")), Err(Error::Unauthorized(_))), "{wrong}");
+        }
     }
 
     #[test]

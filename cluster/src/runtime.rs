@@ -302,6 +302,38 @@ impl Cluster {
         Ok(())
     }
 
+    /// Checks that this node's advertised cluster address reaches this node: the other nodes
+    /// use it for every call meant for this one. An address of another node (a copied
+    /// configuration) is an error: with `--join` naming that node, this node took the join
+    /// address for its own and bootstrapped a cluster of its own, silently; otherwise the leader
+    /// could never reach it. An address that does not answer yet (a name not yet in DNS) is
+    /// only logged: the cluster's own checks catch it later.
+    pub async fn check_advertised(&self) -> Result<(), ClusterError> {
+        let addr = &self.me.cluster_addr;
+        let wrong = |who: String| {
+            ClusterError::Failed(format!(
+                "the advertised cluster address {addr} (advertise_addr) reaches {who}, not this node ({}, {}): other \
+                 nodes would reach that node when they mean this one; set advertise_addr to an address of this node",
+                self.me.name, self.id
+            ))
+        };
+        match self.transport.identify(addr).await {
+            Ok(answer) if answer.node_id == self.id => Ok(()),
+            Ok(answer) => Err(wrong(format!("node {} ({})", answer.name, answer.node_id))),
+            // Only another node refuses this node's own call (another secret, another cluster,
+            // an older version).
+            Err(TransportError::Refused { code, message, .. })
+                if matches!(code.as_str(), "Unauthenticated" | "FailedPrecondition" | "Unimplemented") =>
+            {
+                Err(wrong(format!("another node, which refused this node's call ({code}: {message})")))
+            }
+            Err(error) => {
+                warn!(address = %addr, %error, "could not check that the advertised cluster address reaches this node");
+                Ok(())
+            }
+        }
+    }
+
     /// What this node says of itself when it asks to be let in.
     fn join_request(&self) -> JoinRequest {
         JoinRequest {

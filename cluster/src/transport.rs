@@ -13,7 +13,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tollgate_proto::peer::peer_client::PeerClient;
 use tollgate_proto::peer::{
     ForwardExportRequest, ForwardExportsRequest, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest,
-    JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest,
+    RaftResponse, WriteRequest, WriteResponse,
 };
 use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tonic::transport::{Channel, Endpoint};
@@ -91,6 +92,11 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// The cluster this node belongs to, for its calls to say (0: none yet). A transport that
     /// says nothing leaves peers unable to tell a caller of another cluster.
     fn set_cluster_id(&self, _cluster_id: u64) {}
+    /// Who answers at `addr`. A transport without it cannot tell (an in-process test cluster).
+    fn identify(&self, addr: &str) -> BoxFuture<'_, Result<IdentifyResponse, TransportError>> {
+        let error = unreachable(addr, "this transport cannot ask who answers");
+        Box::pin(async move { Err(error) })
+    }
 }
 
 /// Deadline of calls that do real work on the peer: queries, joins (the leader waits until the
@@ -490,6 +496,14 @@ impl Transport for TonicTransport {
             within(&addr, timeout, client.join(self.request(request, timeout))).await
         })
     }
+
+    fn identify(&self, addr: &str) -> BoxFuture<'_, Result<IdentifyResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            within(&addr, self.timeout, client.identify(self.request(IdentifyRequest {}, self.timeout))).await
+        })
+    }
 }
 
 /// Faults shared by the transports of an in-process test cluster.
@@ -668,6 +682,14 @@ impl Transport for FaultyTransport {
         Box::pin(async move {
             self.gate(&addr).await?;
             self.inner.join(&addr, request).await
+        })
+    }
+
+    fn identify(&self, addr: &str) -> BoxFuture<'_, Result<IdentifyResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.identify(&addr).await
         })
     }
 }

@@ -11,8 +11,8 @@ use tollgate_cluster::transport::{TonicTransport, Transport, TransportError};
 use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
     ExportOutcome, ForwardExportRequest, ForwardExportsRequest, ForwardExportsResponse, ForwardRequest,
-    ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest,
-    RaftResponse, WriteRequest, WriteResponse,
+    ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
+    QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -90,6 +90,9 @@ impl Peer for TestPeer {
     }
     async fn join(&self, _: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         Err(Status::unimplemented("join"))
+    }
+    async fn identify(&self, _: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
+        Err(Status::unimplemented("identify"))
     }
 }
 

@@ -21,8 +21,8 @@ use tollgate_cluster::{Cluster, ClusterError, VnodeState};
 use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
     ExportOutcome, ForwardExportRequest, ForwardExportsRequest, ForwardExportsResponse, ForwardRequest,
-    ForwardResponse, HandOffChunk, HandOffRequest, JoinRequest, JoinResponse, QueryKind, QueryRequest, QueryResponse,
-    RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
+    ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
+    QueryKind, QueryRequest, QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
 use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
@@ -230,6 +230,10 @@ impl Peer for PeerService {
 
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         self.cluster.handle_write(request.into_inner()).await.map(Response::new).map_err(cluster_status)
+    }
+
+    async fn identify(&self, _request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
+        Ok(Response::new(IdentifyResponse { node_id: self.cluster.id, name: self.cluster.me.name.clone() }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {

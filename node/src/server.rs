@@ -384,6 +384,7 @@ impl Node {
             });
         }
         write_endpoints(&config.data_dir, &endpoints)?;
+        cluster.check_advertised().await.map_err(cluster_error)?;
 
         // Membership: bootstrap, join, or rejoin (the store already holds the cluster).
         if !cluster.is_initialized().await {

@@ -658,3 +658,45 @@ async fn test_an_answer_too_large_is_refused_through_every_member() {
         assert!(body["error"].as_str().unwrap().contains("limits.max_answer_points"), "{body}");
     }
 }
+
+/// A node whose advertised cluster address is another node's (a configuration copied from it)
+/// does not start: other nodes would reach that node when they mean this one. Given `--join`
+/// with that same address, it took it for its own, skipped it, and bootstrapped a cluster of its
+/// own, ready and silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_node_advertising_another_nodes_address_does_not_start() {
+    let first = TestNode::start_member("n1", None, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let address = first.cluster_addr();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--node-id", "n2", "--data-dir"])
+        .arg(dir.path())
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--cluster-addr", "127.0.0.1:0", "--advertise-addr", &address, "--join", &address])
+        .envs(common::CLUSTER_ENV)
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            panic!("still running after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("advertised cluster address {address}")) && stderr.contains("reaches node n1"),
+        "{stderr}"
+    );
+    let cluster = first.cluster_status().await;
+    assert_eq!(cluster["nodes"].as_array().unwrap().len(), 1, "{cluster}");
+}

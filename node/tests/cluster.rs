@@ -668,30 +668,10 @@ async fn test_a_node_advertising_another_nodes_address_does_not_start() {
     let first = TestNode::start_member("n1", None, &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let address = first.cluster_addr();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--node-id", "n2", "--data-dir"])
-        .arg(dir.path())
-        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--cluster-addr", "127.0.0.1:0", "--advertise-addr", &address, "--join", &address])
-        .envs(common::CLUSTER_ENV)
-        .env("TOLLGATE_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            child.kill().unwrap();
-            panic!("still running after 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let args = ["--node-id", "n2", "--advertise-addr", &address, "--join", &address];
+    let mut env = common::CLUSTER_ENV.to_vec();
+    env.push(("TOLLGATE_LOG", "warn"));
+    let (status, stderr) = common::refused_start(dir.path(), &args, &env, "it started, and runs after 30 s").await;
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!("advertised cluster address {address}")) && stderr.contains("reaches node n1"),

@@ -261,38 +261,6 @@ async fn test_kill9_during_a_log_stream_keeps_every_acknowledged_record_once() {
     );
 }
 
-/// A write-ahead log damaged in the middle (a flipped bit), not at its end: the node refuses to
-/// start and says where and how to go on, leaving the file as it is. It used to take the damage
-/// for a torn tail, start without every write after it, and cut them off the file.
-/// Starts `tollgate serve` on `dir` expecting it to stop by itself (panics with `started` when it
-/// still runs after 30 s): its exit status and standard error.
-async fn refused_start(dir: &std::path::Path, started: &str) -> (std::process::ExitStatus, String) {
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--cluster-addr", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let began = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = serve.try_wait().unwrap() {
-            break status;
-        }
-        if began.elapsed() > Duration::from_secs(30) {
-            serve.kill().unwrap();
-            panic!("{started}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    (status, stderr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_data_directory_of_a_newer_format_is_refused_and_left_as_it_is() {
     let mut node = TestNode::start().await;
@@ -323,7 +291,8 @@ async fn test_a_data_directory_of_a_newer_format_is_refused_and_left_as_it_is() 
         listing
     };
     let before = files(&node.dir);
-    let (status, stderr) = refused_start(&node.dir, "the node started on a directory of a newer format").await;
+    let (status, stderr) =
+        common::refused_start(&node.dir, &[], &[], "the node started on a directory of a newer format").await;
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("holds data format 2, written by a newer version of Tollgate"), "{stderr}");
     assert!(stderr.contains("this version reads data format 1 and older"), "{stderr}");
@@ -334,6 +303,9 @@ async fn test_a_data_directory_of_a_newer_format_is_refused_and_left_as_it_is() 
     assert_eq!(sum_of(&node, "meter_envoy_ai_gw_request_cpm", base - 60, base + 120).await as u64, requests);
 }
 
+/// A write-ahead log damaged in the middle (a flipped bit), not at its end: the node refuses to
+/// start and says where and how to go on, leaving the file as it is. It used to take the damage
+/// for a torn tail, start without every write after it, and cut them off the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_log_damaged_in_the_middle_stops_the_start_and_is_left_as_it_is() {
     let mut node = TestNode::start().await;
@@ -350,7 +322,7 @@ async fn test_a_log_damaged_in_the_middle_stops_the_start_and_is_left_as_it_is()
     bytes[middle] ^= 0x40;
     std::fs::write(&newest, &bytes).unwrap();
 
-    let (status, stderr) = refused_start(&node.dir, "the node started on a damaged log").await;
+    let (status, stderr) = common::refused_start(&node.dir, &[], &[], "the node started on a damaged log").await;
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("a valid frame follows at byte"), "{stderr}");
     assert!(stderr.contains("truncate -s "), "{stderr}");

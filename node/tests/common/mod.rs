@@ -594,3 +594,40 @@ pub async fn sum_of(node: &TestNode, metric: &str, service: &str, start: u64, en
         .sum();
     (sum, missing)
 }
+
+/// Starts `tollgate serve` on `dir` with `args` and `env` (loopback ports), expecting it to stop
+/// by itself (panics with `started` when it still runs after 30 s): its exit status and
+/// standard error.
+pub async fn refused_start(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    started: &str,
+) -> (std::process::ExitStatus, String) {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--otlp-grpc-addrs", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--cluster-addr", "127.0.0.1:0"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if began.elapsed() > Duration::from_secs(30) {
+            serve.kill().unwrap();
+            panic!("{started}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}

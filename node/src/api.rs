@@ -446,7 +446,8 @@ struct NodeToAdd {
     #[serde(default)]
     vnodes: u32,
     /// The cluster whose state the node holds, from its `GET /api/v1/cluster` (absent or null:
-    /// none; the leader's Raft messages still tell a node of another cluster, which refuses them).
+    /// not checked here; the leader's calls say their cluster, and a node of another cluster
+    /// refuses them).
     #[serde(default)]
     cluster_id: Option<u64>,
 }

@@ -644,8 +644,8 @@ mod tests {
     use clap::Parser;
     use tracing::Level;
 
-    /// `cluster status` says which cluster the node's state belongs to (the check of a node
-    /// that will not join is comparing it), and that a node waiting to join has none.
+    /// `cluster status` says which cluster the node's state belongs to (comparing it across
+    /// nodes tells a node of another cluster), and that a node waiting to join has none.
     #[test]
     fn test_cluster_status_shows_the_cluster() {
         let mut status: tollgate_cluster::ClusterStatus = serde_json::from_value(serde_json::json!({

@@ -1251,6 +1251,11 @@ mod tests {
         let next = store.logs(0, 5, 0, Some(LogPosition { time_ns: 200, fingerprint: 3 }), 10, usize::MAX).unwrap();
         assert_eq!(next.iter().map(|l| l.fingerprint).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(store.logs(0, 5, 150, None, 10, usize::MAX).unwrap().len(), 3);
+        // A byte budget ends the read after the record that reaches it.
+        let one = log(0, 0).approximate_bytes();
+        for (max_bytes, records) in [(1, 1), (one, 1), (one + 1, 2), (3 * one, 3)] {
+            assert_eq!(store.logs(0, 5, 0, None, 10, max_bytes).unwrap().len(), records, "{max_bytes} bytes");
+        }
         let cutoffs = RetentionCutoffs { minute: 0, hour: 0, day: 0, logs_ns: 201, log_batches_ns: 0 };
         let report =
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();

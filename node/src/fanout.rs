@@ -7,7 +7,7 @@
 //! query: a query sees the leaving node's data or its copy, never both and never neither.
 
 use crate::error::Error;
-use crate::query::{LogPage, LogQuery, QueryEngine, ServiceView};
+use crate::query::{LogPage, LogQuery, QueryEngine, ServiceView, MAX_LOG_PAGE_BYTES};
 use crate::store::EntityRecord;
 use crate::wire;
 use serde::de::DeserializeOwned;
@@ -59,6 +59,7 @@ impl Fanout {
                 payload: payload.clone(),
                 holders: state.held_by_member(*id),
                 target: *id,
+                max_page_bytes: MAX_LOG_PAGE_BYTES as u64,
             };
             let node = node.clone();
             async move {
@@ -110,9 +111,9 @@ impl Fanout {
         let engine = self.local.clone();
         let local_query = query.clone();
         let holders = state.held_by_member(self.cluster.id);
-        let local = self.local.run(move || engine.logs_held(&local_query, &holders)).await?;
+        let local = self.local.run(move || engine.logs_held(&local_query, &holders, MAX_LOG_PAGE_BYTES)).await?;
         let (remote, missing) = self.remote::<LogPage>(&state, QueryKind::Logs, wire::encode(&query)).await?;
-        let page = QueryEngine::merge_log_pages(std::iter::once(local).chain(remote), query.limit);
+        let page = QueryEngine::merge_log_pages(std::iter::once(local).chain(remote), query.limit, MAX_LOG_PAGE_BYTES);
         Ok(Answer { value: page, missing })
     }
 

@@ -175,7 +175,10 @@ impl Peer for PeerService {
             }
             QueryKind::Logs => {
                 let query: LogQuery = wire::decode("log query", &request.payload).map_err(invalid)?;
-                let page = self.query.run(move || engine.logs_held(&query, &holders)).await?;
+                // An asker that predates byte-bounded pages merges by count only: it gets whole
+                // pages, as it did.
+                let max_bytes = usize::try_from(request.max_page_bytes).ok().filter(|b| *b > 0).unwrap_or(usize::MAX);
+                let page = self.query.run(move || engine.logs_held(&query, &holders, max_bytes)).await?;
                 wire::encode(&page)
             }
             QueryKind::Entities => {

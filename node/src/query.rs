@@ -177,15 +177,16 @@ const MAX_LOG_SCAN: usize = 200_000;
 pub const MAX_LOG_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Sorts `logs` newest first and cuts them to what one page holds: `limit` records and about
-/// [`MAX_LOG_PAGE_BYTES`]. True when something was cut.
-fn cut_to_page(logs: &mut Vec<StoredLog>, limit: usize) -> bool {
+/// `max_bytes` ([`MAX_LOG_PAGE_BYTES`], or unbounded for an asker that predates byte bounds).
+/// True when something was cut.
+fn cut_to_page(logs: &mut Vec<StoredLog>, limit: usize, max_bytes: usize) -> bool {
     logs.sort_by_key(|log| std::cmp::Reverse((log.time_ns, log.fingerprint)));
     let mut bytes = 0;
     let fit = logs
         .iter()
         .take(limit)
         .take_while(|log| {
-            let fits = bytes < MAX_LOG_PAGE_BYTES;
+            let fits = bytes < max_bytes;
             bytes += log.approximate_bytes();
             fits
         })
@@ -361,9 +362,13 @@ impl QueryEngine {
     }
 
     /// [`QueryEngine::logs`] over this node's data and what it holds for `holders`.
-    pub fn logs_held(&self, query: &LogQuery, holders: &[u64]) -> Result<LogPage, Error> {
-        let pages = self.holdings(holders)?.iter().map(|engine| engine.logs(query)).collect::<Result<Vec<_>, _>>()?;
-        Ok(QueryEngine::merge_log_pages(pages, query.limit))
+    pub fn logs_held(&self, query: &LogQuery, holders: &[u64], max_bytes: usize) -> Result<LogPage, Error> {
+        let pages = self
+            .holdings(holders)?
+            .iter()
+            .map(|engine| engine.logs(query, max_bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(QueryEngine::merge_log_pages(pages, query.limit, max_bytes))
     }
 
     /// [`QueryEngine::entities`] over this node's data and what it holds for `holders`.
@@ -404,14 +409,14 @@ impl QueryEngine {
     }
 
     /// Merges the log pages of several nodes into one, newest first.
-    pub fn merge_log_pages(pages: impl IntoIterator<Item = LogPage>, limit: usize) -> LogPage {
+    pub fn merge_log_pages(pages: impl IntoIterator<Item = LogPage>, limit: usize, max_bytes: usize) -> LogPage {
         let mut logs = Vec::new();
         let mut more = false;
         for page in pages {
             more |= page.next.is_some();
             logs.extend(page.logs);
         }
-        more |= cut_to_page(&mut logs, limit);
+        more |= cut_to_page(&mut logs, limit, max_bytes);
         let next = if more {
             logs.last().map(|log| LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint })
         } else {
@@ -421,7 +426,7 @@ impl QueryEngine {
     }
 
     /// One page of kept logs, newest first. Blocking (store reads).
-    pub fn logs(&self, query: &LogQuery) -> Result<LogPage, Error> {
+    pub fn logs(&self, query: &LogQuery, max_bytes: usize) -> Result<LogPage, Error> {
         if query.limit == 0 || query.limit > self.max_log_page {
             return Err(Error::InvalidArgument(format!("limit must be between 1 and {}", self.max_log_page)));
         }
@@ -442,15 +447,15 @@ impl QueryEngine {
                 continue;
             }
             let vnode = vnode_of(partition, self.vnodes);
-            let (matches, exhausted) = self.partition_logs(vnode, partition, before, start_ns, query)?;
+            let (matches, exhausted) = self.partition_logs(vnode, partition, before, start_ns, query, max_bytes)?;
             more |= !exhausted;
             candidates.extend(matches);
-            if cut_to_page(&mut candidates, query.limit) {
+            if cut_to_page(&mut candidates, query.limit, max_bytes) {
                 more = true;
                 start_ns = candidates.last().map_or(start_ns, |oldest| oldest.time_ns);
             }
         }
-        cut_to_page(&mut candidates, query.limit);
+        cut_to_page(&mut candidates, query.limit, max_bytes);
         let next = if more {
             candidates.last().map(|log| LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint })
         } else {
@@ -460,7 +465,7 @@ impl QueryEngine {
     }
 
     /// Up to `limit + 1` matching logs of one partition before `before` and from `start_ns` on,
-    /// and no more once they pass [`MAX_LOG_PAGE_BYTES`]; `exhausted` when there are no more.
+    /// and no more once they pass `max_bytes`; `exhausted` when there are no more.
     fn partition_logs(
         &self,
         vnode: u16,
@@ -468,23 +473,24 @@ impl QueryEngine {
         mut before: LogPosition,
         start_ns: u64,
         query: &LogQuery,
+        max_bytes: usize,
     ) -> Result<(Vec<StoredLog>, bool), Error> {
         let chunk = (query.limit + 1).clamp(64, 4096);
         let mut matches = Vec::new();
         let mut bytes = 0;
         let mut scanned = 0;
         loop {
-            let page = self.store.logs(vnode, partition, start_ns, Some(before), chunk, MAX_LOG_PAGE_BYTES)?;
+            let page = self.store.logs(vnode, partition, start_ns, Some(before), chunk, max_bytes)?;
             // Fewer than asked for, and not because the bytes ran out: none are left.
             let exhausted =
-                page.len() < chunk && page.iter().map(StoredLog::approximate_bytes).sum::<usize>() < MAX_LOG_PAGE_BYTES;
+                page.len() < chunk && page.iter().map(StoredLog::approximate_bytes).sum::<usize>() < max_bytes;
             for log in page {
                 scanned += 1;
                 before = LogPosition { time_ns: log.time_ns, fingerprint: log.fingerprint };
                 if matches_filters(&log, query) {
                     bytes += log.approximate_bytes();
                     matches.push(log);
-                    if matches.len() > query.limit || bytes > MAX_LOG_PAGE_BYTES {
+                    if matches.len() > query.limit || bytes > max_bytes {
                         return Ok((matches, false));
                     }
                 }

@@ -402,4 +402,34 @@ async fn test_pages_of_large_records_are_bounded_in_bytes_and_hold_every_record_
     }
     assert_eq!(seen, (0..RECORDS).rev().collect::<Vec<_>>(), "every record once, newest first");
     assert!(pages >= 4, "{pages} pages for {RECORDS} records of 3 MiB");
+
+    // A member asked for its part by a node that predates byte-bounded pages (no
+    // `max_page_bytes`) answers a whole page as before: that node merges pages by count only, and
+    // would page past the records of a page cut short.
+    let mut peer = tollgate_proto::peer::peer_client::PeerClient::connect(format!("http://{}", node.cluster_addr()))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let query = tollgate::query::LogQuery {
+        service: "big-gw".into(),
+        instance: None,
+        start_ns: (base - 60) * 1_000_000_000,
+        end_ns: (base + 60) * 1_000_000_000,
+        reason: None,
+        kind: None,
+        model: None,
+        limit: 100,
+        cursor: None,
+    };
+    for (max_page_bytes, records) in [(0, RECORDS as usize), (8 * 1024 * 1024, 3)] {
+        let request = tollgate_proto::peer::QueryRequest {
+            kind: tollgate_proto::peer::QueryKind::Logs as i32,
+            payload: tollgate::wire::encode(&query),
+            max_page_bytes,
+            ..Default::default()
+        };
+        let answer = peer.query(request).await.unwrap().into_inner();
+        let page: tollgate::query::LogPage = tollgate::wire::decode("page", &answer.payload).unwrap();
+        assert_eq!((page.logs.len(), page.next.is_some()), (records, max_page_bytes > 0), "{max_page_bytes}");
+    }
 }

@@ -582,11 +582,12 @@ impl Cluster {
             if leader == self.id {
                 return Box::pin(self.handle_join(request)).await;
             }
-            return self
-                .transport
-                .join(&node.cluster_addr, request)
-                .await
-                .map_err(|e| ClusterError::NoQuorum(format!("forwarding the join to the leader: {e}")));
+            // The leader's final refusal (another cluster, a name taken, a node that left) is
+            // this node's answer too; anything else is worth a retry.
+            return self.transport.join(&node.cluster_addr, request).await.map_err(|e| match e {
+                TransportError::Refused { ref message, .. } if is_final(&e) => ClusterError::Refused(message.clone()),
+                e => ClusterError::NoQuorum(format!("forwarding the join to the leader: {e}")),
+            });
         }
         let id = request.node_id;
         let node = PeerNode { name: request.name, cluster_addr: request.cluster_addr, api_addr: request.api_addr };

@@ -593,6 +593,13 @@ async fn test_a_node_of_another_cluster_is_not_admitted() {
         let (status, body) = member.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
         assert_eq!(status, 200, "{body}");
     }
+    // Asked through a follower, which forwards the join to the leader: the same final refusal
+    // (it was a retryable 503).
+    request["cluster_id"] = theirs["cluster_id"].clone();
+    let follower = TestNode::start_member("n1-follower", Some(&node.cluster_addr()), &[]).await;
+    let (status, body) = follower.post("/api/v1/cluster/nodes", &request, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("another cluster"), "{body}");
 }
 
 /// A member whose data directory is lost comes back at its old address as a new node (a pod on a

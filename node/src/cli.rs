@@ -602,7 +602,12 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
         .and_then(|id| status.nodes.iter().find(|n| n.id == id).map(|n| format!("{} ({id})", n.name)))
         .unwrap_or_else(|| "none".into());
     let _ = writeln!(out, "this node  {} ({}), {}", status.name, status.node_id, status.state);
-    let cluster = status.cluster_id.map_or_else(|| "none yet (not a member)".to_string(), |id| id.to_string());
+    let member = status.nodes.iter().any(|n| n.id == status.node_id);
+    let cluster = match status.cluster_id {
+        Some(id) => id.to_string(),
+        None if member => "not recorded (bootstrapped by a version before it was)".to_string(),
+        None => "none yet (not a member)".to_string(),
+    };
     let _ = writeln!(out, "cluster    {cluster}");
     let _ = writeln!(out, "leader     {leader}, term {}", status.term);
     let index = |i: Option<u64>| i.map_or_else(|| "-".to_string(), |i| i.to_string());
@@ -659,6 +664,14 @@ mod tests {
         assert!(text.lines().nth(1) == Some("cluster    4158538403316899"), "{text}");
         status.cluster_id = None;
         assert!(render_status(&status).contains("cluster    none yet (not a member)\n"));
+        status.nodes.push(
+            serde_json::from_value(serde_json::json!({
+                "id": 3906136011091775u64, "name": "n2", "cluster_addr": "n2:11900", "api_addr": "n2:12800",
+                "role": "voter", "last_contact_ms": null, "vnodes": 256, "leaving": false
+            }))
+            .unwrap(),
+        );
+        assert!(render_status(&status).contains("cluster    not recorded (bootstrapped by a version before it was)\n"));
     }
 
     /// A mistyped `--api` is refused with what was expected, before any request ("cannot reach

@@ -342,6 +342,16 @@ impl NodeConfig {
                 return fail(format!("{name}: must not be empty when set (remove it to disable)"));
             }
         }
+        // It travels in a gRPC header: a value a header cannot carry was left out of every call,
+        // so every node refused every other (and a node its own start-up check).
+        if let Some(secret) = &self.cluster_secret {
+            if !secret.bytes().all(|b| (0x20..0x7f).contains(&b)) || secret.trim() != secret {
+                return fail(
+                    "cluster_secret: must be printable ASCII, without spaces at either end (it travels in a header)"
+                        .to_string(),
+                );
+            }
+        }
         let l = &self.limits;
         for (name, value) in [
             ("limits.max_request_bytes", l.max_request_bytes),
@@ -505,6 +515,12 @@ mod tests {
         assert!(bad.validate().unwrap_err().0.contains("storage.commit_delay_us"));
         let bad = NodeConfig { http_addr: addr("0.0.0.0:4317"), ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("used twice"));
+        for secret in ["sécret", "tab\tinside", " padded", "new\nline"] {
+            let bad = NodeConfig { cluster_secret: Some(secret.into()), ..NodeConfig::default() };
+            assert!(bad.validate().unwrap_err().0.contains("cluster_secret: must be printable ASCII"), "{secret:?}");
+        }
+        let good = NodeConfig { cluster_secret: Some("a b~!".into()), ..NodeConfig::default() };
+        good.validate().unwrap();
     }
 
     #[test]

@@ -128,7 +128,9 @@ pub fn authorize(headers: &HeaderMap, token: Option<&str>) -> Result<(), Error> 
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares two secrets in a time that does not depend on where they differ (the API token, the
+/// cluster secret).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

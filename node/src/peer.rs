@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::{Cluster, ClusterError, VnodeState};
@@ -349,21 +348,21 @@ const PEER_MAX_PENDING_RESETS: usize = 4096;
 
 /// Serves the peer service on `listener` until `shutdown` resolves. Calls without the secret
 /// (when one is configured) are refused as unauthenticated; calls from a node of another cluster
-/// than the one `applied` belongs to, as failed preconditions.
+/// than this node's, as failed preconditions.
 pub async fn serve(
     listener: TcpListener,
     service: PeerService,
     secret: Option<String>,
-    applied: watch::Receiver<Arc<AppliedState>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     if let Ok(address) = listener.local_addr() {
         info!(%address, "cluster port listening");
     }
+    let applied = service.cluster.applied();
     let check = move |request: Request<()>| -> Result<Request<()>, Status> {
         if let Some(expected) = &secret {
             let given = request.metadata().get(CLUSTER_SECRET_HEADER).and_then(|v| v.to_str().ok());
-            if !given.is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())) {
+            if !given.is_some_and(|given| crate::api::constant_time_eq(given.as_bytes(), expected.as_bytes())) {
                 return Err(Status::unauthenticated(
                     "missing or wrong cluster secret: every node of a cluster needs the same cluster_secret",
                 ));
@@ -394,10 +393,6 @@ pub async fn serve(
         .add_service(server)
         .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
         .await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

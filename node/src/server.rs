@@ -336,10 +336,9 @@ impl Node {
                 stop_receiver.clone(),
             );
             let secret = config.cluster_secret.clone();
-            let applied = cluster.applied();
             let shutdown = stopped(peer_stop.subscribe());
             peer_task.spawn("cluster port", async move {
-                if let Err(e) = peer::serve(cluster_listener, service, secret, applied, shutdown).await {
+                if let Err(e) = peer::serve(cluster_listener, service, secret, shutdown).await {
                     error!(error = %e, "cluster port failed");
                 }
             });

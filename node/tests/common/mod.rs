@@ -154,15 +154,10 @@ impl TestNode {
     /// Waits for the process to exit by itself, for at most `deadline`; returns its status.
     pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
         let child = self.child.as_mut().expect("running");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("exit status") {
-                self.child = None;
-                return status;
-            }
-            assert!(started.elapsed() < deadline, "tollgate still running {deadline:?} later");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let status = exited(child, deadline).await;
+        let status = status.unwrap_or_else(|| panic!("tollgate still running {deadline:?} later"));
+        self.child = None;
+        status
     }
 
     /// The process id of the running node.
@@ -616,18 +611,25 @@ pub async fn refused_start(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let began = Instant::now();
-    let status = loop {
-        if let Some(status) = serve.try_wait().unwrap() {
-            break status;
-        }
-        if began.elapsed() > Duration::from_secs(30) {
-            serve.kill().unwrap();
-            panic!("{started}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let Some(status) = exited(&mut serve, Duration::from_secs(30)).await else {
+        serve.kill().unwrap();
+        panic!("{started}");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     (status, stderr)
+}
+
+/// Waits up to `deadline` for `child` to exit by itself: its status, or `None` if it still runs.
+async fn exited(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("exit status") {
+            return Some(status);
+        }
+        if started.elapsed() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

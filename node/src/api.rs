@@ -174,8 +174,10 @@ fn answer<T>(
     Ok(response)
 }
 
-/// The parameter every read takes.
+/// The parameter every read takes. Reads refuse parameters they do not know (here and below): a
+/// mistyped `instnace=` would otherwise answer for the whole service as if it had been asked.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReadParams {
     partial: Option<bool>,
 }
@@ -195,6 +197,7 @@ async fn catalogue(State(state): State<ApiState>) -> Response {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MetricParams {
     service: Option<String>,
     instance: Option<String>,
@@ -256,6 +259,7 @@ async fn metric_answer(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LogParams {
     service: Option<String>,
     instance: Option<String>,
@@ -480,6 +484,7 @@ const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// `DELETE /api/v1/cluster/nodes/{id}` options.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RemoveOptions {
     /// Forget a member that is down for good, with the data it held.
     #[serde(default)]

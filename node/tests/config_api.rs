@@ -248,6 +248,18 @@ async fn test_query_api_answers_and_parameter_errors() {
         assert_eq!((actual, body["code"].as_str()), (status, Some(code)), "{query}: {body}");
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{query}: {body}");
     }
+    // A parameter a read does not know is refused by name: a mistyped one would otherwise be
+    // answered as if it had not been given (the whole service for a mistyped instance).
+    for (query, unknown) in [
+        ("/api/v1/metrics/meter_envoy_ai_gw_instance_request_cpm?service=cfg-gw&instnace=p", "instnace"),
+        ("/api/v1/logs?service=cfg-gw&reasn=error", "reasn"),
+        ("/api/v1/services?parital=false", "parital"),
+    ] {
+        let (status, body) = node.get(query).await;
+        assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{query}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(&format!("unknown field `{unknown}`")), "{query}: {body}");
+    }
     // The extreme times that are allowed, and the extreme cursor, answer (tests run with
     // overflow checks: an overflow would be a panic, not an answer).
     for query in [

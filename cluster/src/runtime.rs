@@ -622,6 +622,9 @@ impl Cluster {
         if state.nodes.get(&id) == Some(&node) {
             return Ok(JoinResponse { leader_id: self.id });
         }
+        if !state.nodes.contains_key(&id) {
+            self.check_joining(id, &node).await?;
+        }
         let membership = self.raft.metrics().borrow_watched().membership_config.membership().clone();
         match membership.nodes().find(|(n, _)| **n == id).map(|(_, known)| known.clone()) {
             None => {
@@ -673,6 +676,32 @@ impl Cluster {
         }
         self.promote_voters().await;
         Ok(JoinResponse { leader_id: self.id })
+    }
+
+    /// Asks the node at a new node's cluster address who it is, before it is made a learner. Another
+    /// node there (a wrong address), or a node that refuses this cluster's calls (it holds another
+    /// cluster's state, or has another secret), would never be reached as the new node: the join
+    /// would only time out as unreachable. No answer (not listening yet, a version without the
+    /// call) is left to the replication check that follows.
+    async fn check_joining(&self, id: NodeId, node: &PeerNode) -> Result<(), ClusterError> {
+        let addr = &node.cluster_addr;
+        match self.transport.identify(addr).await {
+            Ok(answer) if answer.node_id == id => Ok(()),
+            Ok(answer) => Err(ClusterError::Refused(format!(
+                "the cluster address {addr} given for {} (node {id}) reaches node {} ({}): give the joining node's own \
+                 cluster address",
+                node.name, answer.name, answer.node_id
+            ))),
+            Err(TransportError::Refused { code, message, .. })
+                if matches!(code.as_str(), "FailedPrecondition" | "Unauthenticated") =>
+            {
+                Err(ClusterError::Refused(format!(
+                    "{} at {addr} refuses this cluster's calls ({code}: {message})",
+                    node.name
+                )))
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     /// Waits up to `timeout` for the leader to have replicated its log to `id` ([`replicated`]).

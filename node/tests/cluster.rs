@@ -545,7 +545,7 @@ async fn test_an_unreachable_node_is_not_admitted_and_the_cluster_keeps_its_majo
 /// to another cluster, its log (the same indexes, other entries) is taken for the leader's, and
 /// its state, other members and map, is never replaced. It is refused, whether the request says
 /// which cluster it belongs to (as `tollgate cluster join` does) or not (its cluster port refuses
-/// the leader's calls, which say their cluster, so it is never reached).
+/// the leader's calls, which say their cluster, and the leader asks it who it is first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_node_of_another_cluster_is_not_admitted() {
     let node = TestNode::start_member("n1", None, &[]).await;
@@ -563,11 +563,22 @@ async fn test_a_node_of_another_cluster_is_not_admitted() {
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("another cluster"), "{body}");
 
+    // Without the cluster in the request, the leader asks the node itself first, which refuses
+    // a call from another cluster: the same final refusal, with the node's reason (it was a
+    // retryable 503 once the leader could not replicate to it).
     request.as_object_mut().unwrap().remove("cluster_id");
     let answer = node.post("/api/v1/cluster/nodes", &request, None);
     let (status, body) = tokio::time::timeout(Duration::from_secs(30), answer).await.expect("an answer, not a hang");
-    assert_eq!(status, 503, "{body}");
-    assert!(body["error"].as_str().unwrap().contains(&stranger.cluster_addr()), "{body}");
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(&stranger.cluster_addr()) && error.contains("belongs to cluster"), "{body}");
+    // A cluster address that reaches another node than the one named (here, the leader itself):
+    // refused, naming the node it reaches (it was the same 503).
+    let mut misdirected = request.clone();
+    misdirected["cluster_addr"] = json!(node.cluster_addr());
+    let (status, body) = node.post("/api/v1/cluster/nodes", &misdirected, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&format!("reaches node n1 ({})", node.raft_id())), "{body}");
 
     // Any call that says another cluster is refused on the cluster port; one that says nothing
     // (a node not yet in a cluster asking to join) is heard.

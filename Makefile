@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SHARED_CASES ?= ../shared/cases
 
-.PHONY: help check fmt-check clippy test cases-check fix bench deny fuzz fuzz-check
+.PHONY: help check fmt-check clippy test cases-check fix bench deny fuzz fuzz-check manifests-check
 
 help:
 	@echo "make check   - format check, clippy (warnings are errors), tests, golden-case sync (what CI runs)"
@@ -12,6 +12,7 @@ help:
 	@echo "make deny    - cargo-deny licence and advisory checks (needs cargo-deny)"
 	@echo "make fuzz    - coverage-guided fuzzing of the decoders (needs cargo-fuzz; node/fuzz/README.md)"
 	@echo "make fuzz-check - format check and clippy of the fuzz targets (no fuzzing; part of make check)"
+	@echo "make manifests-check - the Kubernetes manifests against the API's schemas, the compose file (needs python3 and PyPI; CI runs it)"
 
 check: cases-check fmt-check clippy fuzz-check test
 
@@ -67,3 +68,21 @@ fuzz:
 fuzz-check:
 	$(CARGO) fmt --manifest-path $(FUZZ_MANIFEST) -- --check
 	$(CARGO) clippy --manifest-path $(FUZZ_MANIFEST) --target-dir target --all-targets --locked -- -D warnings
+
+# The Kubernetes manifests against the Kubernetes API's schemas, strictly (an unknown or
+# misplaced field is an error), with kubernetes-validate from PyPI in a venv under target/; the
+# compose file with docker-compose where it is installed. Custom kinds (Kustomization,
+# PodMonitor) have no schema there and are only warned about.
+MANIFESTS_VENV ?= $(BENCH_TARGET_DIR)/manifests-venv
+KUBERNETES_VALIDATE ?= kubernetes-validate==1.37.0
+
+manifests-check:
+	@test -x $(MANIFESTS_VENV)/bin/kubernetes-validate || \
+		(python3 -m venv $(MANIFESTS_VENV) && $(MANIFESTS_VENV)/bin/pip install -q $(KUBERNETES_VALIDATE))
+	$(MANIFESTS_VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+	@echo "deploy/k8s: every manifest valid"
+	@if command -v docker-compose >/dev/null 2>&1; then \
+		docker-compose -f deploy/docker-compose.yml config -q && echo "deploy/docker-compose.yml: valid"; \
+	else \
+		echo "docker-compose not installed: deploy/docker-compose.yml not checked"; \
+	fi

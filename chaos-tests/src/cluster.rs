@@ -41,19 +41,27 @@ impl Cluster {
             targets,
             http: reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?,
         };
+        // The first members run the previous version when there is one (a rolling upgrade).
+        let first = cluster.spec.previous.clone().unwrap_or_else(|| cluster.spec.binary.clone());
         for _ in 0..count {
-            cluster.add_node().await?;
+            cluster.add_node_running(&first).await?;
         }
         Ok(cluster)
     }
 
-    /// Starts a new node `n<k>` joining the cluster through a random running member (or
-    /// bootstrapping, for the first), and publishes it to the clients.
+    /// Starts a new node `n<k>` (the new version) joining the cluster through a running member
+    /// (or bootstrapping, for the first), and publishes it to the clients.
     pub async fn add_node(&mut self) -> anyhow::Result<usize> {
+        let binary = self.spec.binary.clone();
+        self.add_node_running(&binary).await
+    }
+
+    async fn add_node_running(&mut self, binary: &std::path::Path) -> anyhow::Result<usize> {
         let name = format!("n{}", self.nodes.len() + 1);
         let join = self.nodes.iter().filter(|n| n.state == NodeState::Up).map(|n| n.cluster_addr()).next();
-        info!(node = %name, join = ?join, "starting a node");
-        let node = NodeProcess::start(&self.spec, &name, join).await.with_context(|| format!("starting {name}"))?;
+        info!(node = %name, join = ?join, binary = %binary.display(), "starting a node");
+        let node =
+            NodeProcess::start(&self.spec, binary, &name, join).await.with_context(|| format!("starting {name}"))?;
         self.nodes.push(node);
         self.publish();
         Ok(self.nodes.len() - 1)

@@ -5,7 +5,9 @@
 //! - `restart`: `SIGTERM` a random member, wait for its clean exit, start it again;
 //! - `scale`: start a new member (scale out), or remove one through another member's
 //!   `DELETE /api/v1/cluster/nodes/{name}` and stop it once removed (scale in), keeping at
-//!   least 3 members.
+//!   least 3 members;
+//! - `upgrade`: `SIGTERM` a member still running the previous version (`--upgrade-from`), wait
+//!   for its clean exit, start the new version on its data (a rolling upgrade, one at a time).
 
 use crate::cluster::Cluster;
 use crate::node::NodeState;
@@ -27,6 +29,9 @@ pub enum FaultKind {
     Restart,
     /// Add a member, or remove one (at least 3 stay).
     Scale,
+    /// `SIGTERM` a member running the previous version (`--upgrade-from`) and start the new one
+    /// on its data.
+    Upgrade,
     /// No faults (a baseline run).
     None,
 }
@@ -74,6 +79,13 @@ pub async fn run(
             FaultKind::Kill => kill(cluster, rng, log).await?,
             FaultKind::Pause => pause(cluster, rng, log).await?,
             FaultKind::Restart => restart(cluster, rng, log).await?,
+            FaultKind::Upgrade => {
+                let previous: Vec<usize> =
+                    cluster.up().into_iter().filter(|i| cluster.nodes[*i].runs_previous()).collect();
+                if !previous.is_empty() {
+                    upgrade(cluster, previous[rng.below(previous.len() as u64) as usize], log).await?;
+                }
+            }
             FaultKind::Scale => {
                 let members = cluster.members().len();
                 let grow = members < MIN_MEMBERS + 1 || (members < initial + MAX_EXTRA_MEMBERS && rng.below(2) == 0);
@@ -176,9 +188,34 @@ async fn pause(cluster: &mut Cluster, rng: &mut Xorshift, log: &mut FaultLog) ->
 
 async fn restart(cluster: &mut Cluster, rng: &mut Xorshift, log: &mut FaultLog) -> anyhow::Result<()> {
     let Some(index) = random_up(cluster, rng) else { return Ok(()) };
-    let node = &mut cluster.nodes[index];
+    let node = &cluster.nodes[index];
     info!(node = %node.name, pid = ?node.pid(), "FAULT restart (SIGTERM, then start)");
     count(log, "restart");
+    stop(cluster, index, log).await?;
+    restart_node(cluster, index, log).await
+}
+
+/// Stops a member running the previous version (`SIGTERM`) and starts the new version on its
+/// data: one step of a rolling upgrade.
+pub async fn upgrade(cluster: &mut Cluster, index: usize, log: &mut FaultLog) -> anyhow::Result<()> {
+    let node = &cluster.nodes[index];
+    info!(node = %node.name, pid = ?node.pid(), "FAULT upgrade (SIGTERM, then start the new version)");
+    count(log, "upgrade");
+    stop(cluster, index, log).await?;
+    let started = Instant::now();
+    if let Err(e) = cluster.nodes[index].start_upgraded().await {
+        let node = &cluster.nodes[index];
+        log.violations.push(format!("{} did not start on the new version: {e:#}\n{}", node.name, node.log_tail(30)));
+        return Err(e.context(format!("upgrading {}", node.name)));
+    }
+    info!(node = %cluster.nodes[index].name, took_ms = started.elapsed().as_millis() as u64, "node upgraded");
+    cluster.publish();
+    Ok(())
+}
+
+/// `SIGTERM` and wait for the exit; an exit that is not clean is a violation.
+async fn stop(cluster: &mut Cluster, index: usize, log: &mut FaultLog) -> anyhow::Result<()> {
+    let node = &mut cluster.nodes[index];
     let started = Instant::now();
     match node.terminate().await? {
         Some(status) if status.success() => {
@@ -194,7 +231,7 @@ async fn restart(cluster: &mut Cluster, rng: &mut Xorshift, log: &mut FaultLog) 
             ));
         }
     }
-    restart_node(cluster, index, log).await
+    Ok(())
 }
 
 async fn scale_out(cluster: &mut Cluster, log: &mut FaultLog) -> anyhow::Result<()> {

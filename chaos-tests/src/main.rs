@@ -90,9 +90,17 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
 
-    /// Faults to inject, comma-separated (`none` for a baseline run)
+    /// Faults to inject, comma-separated (`none` for a baseline run; `upgrade` needs
+    /// --upgrade-from)
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,restart,scale")]
     faults: Vec<FaultKind>,
+
+    /// A rolling upgrade: the previous version's `tollgate` binary, which the first members run;
+    /// the `upgrade` fault (which must be in --faults) moves them to --tollgate's one at a time,
+    /// and any left are upgraded, one at a time, when the faults end (under traffic); members
+    /// added by `scale` run the new version
+    #[arg(long, value_name = "PATH")]
+    upgrade_from: Option<PathBuf>,
 
     /// Services, one producer task each (odd-numbered ones send one request per pod, the
     /// others one request for all their pods)
@@ -261,7 +269,17 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
     let binary = std::fs::canonicalize(&binary).with_context(|| format!("the tollgate binary {}", binary.display()))?;
     info!(seed, nodes = args.nodes, duration_s = args.duration, faults = ?args.faults, binary = %binary.display(),
         data = %root.display(), "tollgate-chaos starting");
-    let spec = NodeSpec { binary, root: root.to_path_buf(), log_filter: args.node_log.clone() };
+    let upgrades = args.faults.contains(&FaultKind::Upgrade);
+    if upgrades != args.upgrade_from.is_some() {
+        bail!("the upgrade fault and --upgrade-from go together: --upgrade-from names the previous version to upgrade from");
+    }
+    let previous = match &args.upgrade_from {
+        Some(path) => Some(
+            std::fs::canonicalize(path).with_context(|| format!("the previous tollgate binary {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let spec = NodeSpec { binary, root: root.to_path_buf(), log_filter: args.node_log.clone(), previous };
     let mut cluster = Cluster::start(spec, args.nodes as usize).await?;
     if let Err(problem) = cluster.wait_settled(Duration::from_secs(60)).await {
         bail!("the new cluster did not settle within 60 s: {problem}");
@@ -320,6 +338,17 @@ async fn run_inner(args: &Args, root: &Path, seed: u64, report: &mut Report) -> 
                 cluster.publish();
             }
             _ => {}
+        }
+    }
+    // The rolling upgrade completes, under traffic, one member at a time.
+    if fault_result.is_ok() {
+        for index in cluster.members() {
+            if cluster.nodes[index].runs_previous() {
+                faults::upgrade(&mut cluster, index, &mut report.faults).await?;
+                if !cluster.wait_healthy(Duration::from_secs(30)).await {
+                    warn!("the cluster did not look healthy within 30 s of the upgrade; going on");
+                }
+            }
         }
     }
     info!("faults over; letting the producers finish their exports in progress");
@@ -522,6 +551,9 @@ fn print_summary(args: &Args, seed: u64, root: &Path, report: &Report, code: u8)
         faults.join(","),
         report.elapsed.as_secs_f64()
     );
+    if let Some(previous) = &args.upgrade_from {
+        say!("a rolling upgrade from {}", previous.display());
+    }
     let (sent, acked, unknown, retried) = report.exports;
     say!("exports: {sent} sent, {acked} acknowledged, {unknown} unknown, {retried} retried");
     let (log_exports, records, kept) = report.logs;

@@ -48,6 +48,9 @@ pub struct NodeSpec {
     pub root: PathBuf,
     /// `TOLLGATE_LOG` of the nodes.
     pub log_filter: String,
+    /// The previous version's binary (`--upgrade-from`): the first members run it until they are
+    /// upgraded to `binary`.
+    pub previous: Option<PathBuf>,
 }
 
 /// Where a node is in its life.
@@ -73,6 +76,8 @@ pub struct NodeProcess {
     /// Its log file.
     pub log: PathBuf,
     spec: NodeSpec,
+    /// The binary it runs (the spec's, or the previous version's until it is upgraded).
+    binary: PathBuf,
     join: Option<String>,
     /// Pinned to the first start's port, so a restarted node keeps its cluster address.
     cluster_addr: String,
@@ -86,9 +91,14 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts a node named `name` that bootstraps a new cluster (`join` = `None`) or joins the one
-    /// `join` (a cluster address) belongs to, and waits until it is ready.
-    pub async fn start(spec: &NodeSpec, name: &str, join: Option<String>) -> anyhow::Result<NodeProcess> {
+    /// Starts `binary` as a node named `name` that bootstraps a new cluster (`join` = `None`) or
+    /// joins the one `join` (a cluster address) belongs to, and waits until it is ready.
+    pub async fn start(
+        spec: &NodeSpec,
+        binary: &Path,
+        name: &str,
+        join: Option<String>,
+    ) -> anyhow::Result<NodeProcess> {
         let dir = spec.root.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut node = NodeProcess {
@@ -96,6 +106,7 @@ impl NodeProcess {
             log: spec.root.join(format!("{name}.log")),
             dir,
             spec: spec.clone(),
+            binary: binary.to_path_buf(),
             join,
             cluster_addr: "127.0.0.1:0".into(),
             child: None,
@@ -155,7 +166,7 @@ impl NodeProcess {
             chrono::Utc::now().to_rfc3339(),
             self.cluster_addr
         )?;
-        let mut command = Command::new(&self.spec.binary);
+        let mut command = Command::new(&self.binary);
         command
             .arg("serve")
             .arg("--data-dir")
@@ -179,7 +190,7 @@ impl NodeProcess {
             .stdout(log.try_clone()?)
             .stderr(log);
         let started = Instant::now();
-        let child = command.spawn().with_context(|| format!("starting {}", self.spec.binary.display()))?;
+        let child = command.spawn().with_context(|| format!("starting {}", self.binary.display()))?;
         let pid = child.id();
         self.child = Some(child);
         self.state = NodeState::Up;
@@ -291,6 +302,18 @@ impl NodeProcess {
             self.kill9();
         }
         self.spawn().await
+    }
+
+    /// Whether it runs the previous version (`--upgrade-from`), not upgraded yet.
+    pub fn runs_previous(&self) -> bool {
+        self.binary != self.spec.binary
+    }
+
+    /// Starts the new version on the same data directory and cluster port, after the caller
+    /// stopped the process.
+    pub async fn start_upgraded(&mut self) -> anyhow::Result<()> {
+        self.binary = self.spec.binary.clone();
+        self.restart().await
     }
 
     /// Marks the node as gone for good (after it left the cluster and was stopped).

@@ -1,12 +1,14 @@
-//! A short chaos run: 3 real nodes of the debug `tollgate` binary, 20 s of `kill -9` faults,
-//! then the judge. The binary is built first with `cargo build -p tollgate` (in the profile of
-//! this test), so the test runs against the current sources.
+//! A short chaos run: 3 real nodes of the debug `tollgate` binary, 20 s of `kill -9` faults and
+//! a rolling upgrade, then the judge. The binary is built first with `cargo build -p tollgate`
+//! (in the profile of this test), so the test runs against the current sources. The upgrade is
+//! from a copy of the same binary (a previous version is not built here): it keeps the
+//! `--upgrade-from` machinery working; real upgrades are run by hand (chaos-tests/README.md).
 
 use std::path::Path;
 use std::process::Command;
 
 #[test]
-fn test_chaos_short_run_with_kills_passes_the_judge() {
+fn test_chaos_short_run_with_kills_and_an_upgrade_passes_the_judge() {
     let chaos = Path::new(env!("CARGO_BIN_EXE_tollgate-chaos"));
     // target/<profile>/tollgate-chaos: build `tollgate` into the same directory.
     let profile_dir = chaos.parent().expect("the binary's directory");
@@ -23,10 +25,14 @@ fn test_chaos_short_run_with_kills_passes_the_judge() {
     assert!(tollgate.is_file(), "no {} after cargo build -p tollgate", tollgate.display());
 
     let data = tempfile::tempdir().expect("temporary directory");
+    let previous = data.path().join("tollgate-previous");
+    std::fs::copy(&tollgate, &previous).expect("a copy of the binary");
     let output = Command::new(chaos)
         .arg("--tollgate")
         .arg(&tollgate)
-        .args(["--nodes", "3", "--duration", "20", "--faults", "kill", "--seed", "20261028"])
+        .arg("--upgrade-from")
+        .arg(&previous)
+        .args(["--nodes", "3", "--duration", "20", "--faults", "kill,upgrade", "--seed", "20261028"])
         .arg("--data")
         .arg(data.path().join("run"))
         .env("TOLLGATE_CHAOS_LOG", "warn")
@@ -45,5 +51,7 @@ fn test_chaos_short_run_with_kills_passes_the_judge() {
     }
     assert!(stdout.contains("verdict: PASS"), "{stdout}");
     assert!(stdout.contains("faults injected: kill"), "kills were injected: {stdout}");
+    // Each of the three first members is upgraded once, during the faults or after them.
+    assert!(stdout.contains("upgrade 3"), "every first member was upgraded: {stdout}");
     eprintln!("{stdout}");
 }

@@ -311,7 +311,9 @@ impl From<StoredLog> for LogView {
             response_code: log.response_code,
             duration_ms: log.duration_ms,
             session_id: log.session_id,
-            attributes: log.attributes.into_iter().collect(),
+            // A repeated key shows its first value, the one the record was classified by (its
+            // reasons, model, response code); collected as they come, the last one won.
+            attributes: log.attributes.into_iter().rev().collect(),
             body: log.body,
         }
     }

@@ -243,6 +243,33 @@ async fn test_a_record_just_acknowledged_is_in_the_default_range() {
     }
 }
 
+/// A record that repeats an attribute is read by the first value, in its derived fields and in
+/// its attributes alike (the attributes showed the last value: `response_code` 200 beside the
+/// reason `error` and `response_code` 500 derived from the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_repeated_attribute_shows_the_value_the_record_was_read_by() {
+    let node = TestNode::start().await;
+    let mut client = node.logs_client().await;
+    let mut record = record(now_seconds() - 60, &BTreeMap::new());
+    for (key, value) in [
+        ("response_code", "500"),
+        ("gen_ai.request.model", "gpt-4o"),
+        ("response_code", "200"),
+        ("gen_ai.request.model", "other-model"),
+    ] {
+        record.attributes.push(string_attribute(key, value));
+    }
+    client.export(request("repeat-gw", vec![record])).await.expect("accepted");
+    let body = logs(&node, "service=repeat-gw").await;
+    let log = &body["logs"][0];
+    assert_eq!(
+        (&log["reasons"], &log["response_code"], &log["model"]),
+        (&json!(["error"]), &json!(500), &json!("gpt-4o"))
+    );
+    assert_eq!(log["attributes"]["response_code"], "500", "{log}");
+    assert_eq!(log["attributes"]["gen_ai.request.model"], "gpt-4o", "{log}");
+}
+
 /// OTLP/JSON as protobuf's JSON mapping also writes it (a relay such as the Collector writes a
 /// non-finite double as `"NaN"`; enums may come by name): accepted, sampled and stored like any
 /// other record, instead of a 400 that lost the whole export.
@@ -311,6 +338,9 @@ async fn test_pages_over_many_pods_hold_every_record_once_newest_first() {
                 let mut record = record(0, &attributes);
                 record.time_unix_nano = time_ns;
                 let id = format!("pod-{pod}-{i}");
+                // The record's own id, in place of the one `record` gives (a repeated attribute
+                // shows its first value).
+                record.attributes.retain(|kv| kv.key != "x-request-id");
                 record.attributes.push(string_attribute("x-request-id", &id));
                 expected.push((time_ns, id));
                 record

@@ -56,6 +56,9 @@ pub struct LimitsConfig {
     pub owner_queue_capacity: usize,
     /// Longest a request may wait for its owners' durable writes before a retryable error.
     pub request_timeout_ms: u64,
+    /// Longest the body of an OTLP request may take to arrive, from its headers on; a request
+    /// still arriving then is answered with a timeout and its bytes are released.
+    pub body_timeout_ms: u64,
     /// Largest page of `GET /api/v1/logs`.
     pub max_log_page: usize,
     /// Longest range of a metric query, in steps.
@@ -78,6 +81,7 @@ impl Default for LimitsConfig {
             max_inflight_bytes: 256 * 1024 * 1024,
             owner_queue_capacity: 64,
             request_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
             max_log_page: 1000,
             max_query_points: 20_000,
             max_answer_points: 1_000_000,
@@ -378,6 +382,9 @@ impl NodeConfig {
         }
         if l.request_timeout_ms == 0 {
             return fail("limits.request_timeout_ms: must be greater than 0".into());
+        }
+        if l.body_timeout_ms == 0 {
+            return fail("limits.body_timeout_ms: must be greater than 0".into());
         }
         if self.storage.cache_capacity_bytes < 1024 * 1024 {
             return fail("storage.cache_capacity_bytes: at least 1 MiB".into());

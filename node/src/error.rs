@@ -38,6 +38,9 @@ pub enum Error {
     /// The endpoint exists but not with this HTTP method.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The request did not arrive in time (its body stalled).
+    #[error("{0}")]
+    Timeout(String),
     /// A bug or an unexpected failure.
     #[error("{0}")]
     Internal(String),
@@ -63,6 +66,7 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::Conflict(_) => "conflict",
             Error::MethodNotAllowed(_) => "method_not_allowed",
+            Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
         }
     }
@@ -78,6 +82,7 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,6 +108,7 @@ impl Error {
             Error::Unauthorized(_) => tonic::Status::unauthenticated(message),
             Error::Conflict(_) => tonic::Status::failed_precondition(message),
             Error::MethodNotAllowed(_) => tonic::Status::unimplemented(message),
+            Error::Timeout(_) => tonic::Status::deadline_exceeded(message),
             Error::Internal(_) => tonic::Status::internal(message),
         }
     }

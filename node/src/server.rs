@@ -348,14 +348,20 @@ impl Node {
             let services = grpc::OtlpGrpc::new(ingest.clone(), budget.clone());
             let shutdown = stopped(stop_receiver.clone());
             let limit = config.limits.max_request_bytes;
+            let body_timeout = Duration::from_millis(config.limits.body_timeout_ms);
             tasks.spawn("otlp grpc server", async move {
-                if let Err(e) = grpc::serve(listener, services, limit, shutdown).await {
+                if let Err(e) = grpc::serve(listener, services, limit, body_timeout, shutdown).await {
                     error!(error = %e, "otlp grpc server failed");
                 }
             });
         }
         {
-            let router = otlp_http::router(ingest.clone(), budget.clone(), config.limits.max_request_bytes);
+            let router = otlp_http::router(
+                ingest.clone(),
+                budget.clone(),
+                config.limits.max_request_bytes,
+                Duration::from_millis(config.limits.body_timeout_ms),
+            );
             let shutdown = stopped(stop_receiver.clone());
             let address = endpoints.otlp_http;
             tasks.spawn("otlp http server", async move {

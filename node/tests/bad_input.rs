@@ -216,6 +216,20 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), serde_json::json!({}));
     assert_eq!(request_cpm(&node, "http-gw", minute).await, Some(6.0));
+    // A gzip body of two members (`cat a.gz b.gz`) is one stream: both requests' data lands (only
+    // the first did, and the answer was 200). Bytes after the last member are a malformed body.
+    let member = |pod: &str| {
+        let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&request(gateway("gz-gw"), vec![durations(vec![point(pod, time)])]).encode_to_vec()).unwrap();
+        gzip.finish().unwrap()
+    };
+    let two_members = [member("first"), member("second")].concat();
+    assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), two_members).await.0, 200);
+    assert_eq!(request_cpm(&node, "gz-gw", minute).await, Some(4.0));
+    let trailing = [member("third"), b"this is not gzip".to_vec()].concat();
+    let (code, body) = post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), trailing).await;
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(request_cpm(&node, "gz-gw", minute).await, Some(4.0));
     let (code, _) = node.get("/healthz").await;
     assert_eq!(code, 200);
 }
@@ -456,6 +470,82 @@ async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arrivin
     assert_eq!(&answer, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&answer));
     client.export(export).await.expect("accepted once the upload is over");
     assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
+}
+
+/// An upload that stops halfway is cut off once `limits.body_timeout_ms` passes, over HTTP (408)
+/// and gRPC (`DEADLINE_EXCEEDED`), and the budget it held is released: stalled uploads held it as
+/// long as their connections stayed open, and every other export was refused as overloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_stalled_upload_is_cut_off_and_releases_the_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::Service;
+    let node = TestNode::start_with(
+        &[
+            ("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"),
+            ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000"),
+            ("TOLLGATE_LIMITS_BODY_TIMEOUT_MS", "1500"),
+        ],
+        &[],
+    )
+    .await;
+    let time = now_seconds() - 120;
+    let export =
+        request(gateway("stall-gw"), vec![durations((0..400).map(|i| point(&format!("p{i}"), time)).collect())]);
+    let mut client = node.metrics_client(0).await;
+    let charged = |at_least: f64| {
+        let node = &node;
+        async move {
+            let started = std::time::Instant::now();
+            while node.self_metric_opt("tollgate_inflight_bytes").await.unwrap_or(0.0) < at_least {
+                assert!(started.elapsed() < std::time::Duration::from_secs(30), "the arriving body was never charged");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // OTLP/HTTP: 180 000 of 199 000 bytes, then nothing.
+    let mut upload = tokio::net::TcpStream::connect(node.endpoints.otlp_http).await.unwrap();
+    let head = "POST /v1/metrics HTTP/1.1\r\nhost: tollgate\r\ncontent-type: application/x-protobuf\r\n\
+                content-length: 199000\r\n\r\n";
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&vec![0u8; 180_000]).await.unwrap();
+    charged(180_000.0).await;
+    assert_eq!(client.export(export.clone()).await.unwrap_err().code(), Code::ResourceExhausted);
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), upload.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the stalled upload was never answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("limits.body_timeout_ms"), "{answer}");
+    assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
+    client.export(export.clone()).await.expect("accepted once the stalled upload is cut off");
+
+    // OTLP/gRPC: a message frame of 180 000 bytes of which 150 000 come, on a stream kept open.
+    let mut channel = tonic::transport::Endpoint::from_shared(node.grpc()).unwrap().connect().await.unwrap();
+    let (frames, stream) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>(4);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&180_000u32.to_be_bytes());
+    frame.extend_from_slice(&vec![0u8; 150_000]);
+    frames.send(Ok(http_body::Frame::data(bytes::Bytes::from(frame)))).await.unwrap();
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(stream));
+    let call = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", node.grpc()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(20), channel.call(call))
+        .await
+        .expect("the stalled stream was never answered")
+        .unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("a trailers-only answer");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("limits.body_timeout_ms"), "{status:?}");
+    drop(frames);
+    assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
+    client.export(export).await.expect("accepted once the stalled stream is cut off");
 }
 
 /// Runs futures concurrently and collects their outputs in order.

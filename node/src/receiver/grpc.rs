@@ -12,6 +12,7 @@ use prost::Message;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tollgate_proto::otlp_routing::logs::logs_service_server::{LogsService, LogsServiceServer};
 use tollgate_proto::otlp_routing::logs::ExportLogsServiceRequest;
@@ -86,6 +87,7 @@ pub async fn serve(
     listener: TcpListener,
     services: OtlpGrpc,
     max_request_bytes: usize,
+    body_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     if let Ok(address) = listener.local_addr() {
@@ -102,7 +104,7 @@ pub async fn serve(
         .max_decoding_message_size(max_request_bytes);
     tonic::transport::Server::builder()
         .layer(CodecStatusMapping)
-        .layer(ChargeWireBytes { budget })
+        .layer(ChargeWireBytes { budget, body_timeout })
         .add_service(metrics)
         .add_service(logs)
         .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
@@ -219,16 +221,20 @@ struct WirePermit(Arc<Mutex<BudgetPermit>>);
 
 /// Charges every request body frame to the in-flight budget as it arrives, before tonic buffers,
 /// decompresses and decodes the message: beyond the budget the request fails at once with a
-/// retryable `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded.
+/// retryable `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded. A body
+/// still arriving `body_timeout` after its headers fails with `DEADLINE_EXCEEDED`, which
+/// releases its bytes: stalled streams held their share of the budget for as long as their
+/// connection stayed open.
 #[derive(Clone, Debug)]
 struct ChargeWireBytes {
     budget: Budget,
+    body_timeout: Duration,
 }
 
 impl<S> Layer<S> for ChargeWireBytes {
     type Service = ChargeWireBytesService<S>;
     fn layer(&self, inner: S) -> ChargeWireBytesService<S> {
-        ChargeWireBytesService { inner, budget: self.budget.clone() }
+        ChargeWireBytesService { inner, budget: self.budget.clone(), body_timeout: self.body_timeout }
     }
 }
 
@@ -236,6 +242,7 @@ impl<S> Layer<S> for ChargeWireBytes {
 struct ChargeWireBytesService<S> {
     inner: S,
     budget: Budget,
+    body_timeout: Duration,
 }
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for ChargeWireBytesService<S>
@@ -254,17 +261,23 @@ where
         let permit = WirePermit(Arc::new(Mutex::new(self.budget.empty())));
         let (mut parts, inner) = request.into_parts();
         parts.extensions.insert(permit.clone());
-        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit }))
+        let deadline = tokio::time::sleep(self.body_timeout);
+        let timeout = self.body_timeout;
+        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit, deadline, timeout }))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A request body whose data frames are charged to the budget as they arrive.
+    /// A request body whose data frames are charged to the budget as they arrive, and which
+    /// fails once `deadline` passes before its end.
     #[derive(Debug)]
     pub struct ChargedBody<B> {
         #[pin]
         inner: B,
         permit: WirePermit,
+        #[pin]
+        deadline: tokio::time::Sleep,
+        timeout: Duration,
     }
 }
 
@@ -293,7 +306,13 @@ where
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.deadline.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(format!(
+                    "the request body did not arrive within {} ms (limits.body_timeout_ms)",
+                    this.timeout.as_millis()
+                )))))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 

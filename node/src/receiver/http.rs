@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use prost::Message;
 use serde::Serialize;
 use std::io::Read;
+use std::time::Duration;
 use tollgate_proto::otlp_routing::logs::ExportLogsServiceRequest as RoutingLogs;
 use tollgate_proto::otlp_routing::metrics::ExportMetricsServiceRequest as RoutingMetrics;
 
@@ -27,6 +28,7 @@ pub struct OtlpHttp {
     ingest: Ingest,
     budget: Budget,
     max_request_bytes: usize,
+    body_timeout: Duration,
 }
 
 /// The two encodings OTLP/HTTP allows.
@@ -46,11 +48,11 @@ impl Encoding {
 }
 
 /// The router of the OTLP/HTTP listener.
-pub fn router(ingest: Ingest, budget: Budget, max_request_bytes: usize) -> Router {
+pub fn router(ingest: Ingest, budget: Budget, max_request_bytes: usize, body_timeout: Duration) -> Router {
     Router::new()
         .route("/v1/metrics", post(export_metrics))
         .route("/v1/logs", post(export_logs))
-        .with_state(OtlpHttp { ingest, budget, max_request_bytes })
+        .with_state(OtlpHttp { ingest, budget, max_request_bytes, body_timeout })
         // Bodies are read with our own limit (below), which answers in OTLP's format.
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
@@ -92,8 +94,17 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, Error> {
 }
 
 /// Reads the body within the size limit and undoes `Content-Encoding: gzip`, charging `permit`
-/// for every frame as it arrives and for the decompressed bytes as they are produced.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize, permit: &mut BudgetPermit) -> Result<Vec<u8>, Error> {
+/// for every frame as it arrives and for the decompressed bytes as they are produced. A body
+/// still arriving `timeout` after the call is a [`Error::Timeout`], which releases its bytes: a
+/// stalled upload held its share of the in-flight budget for as long as its connection was open.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+    permit: &mut BudgetPermit,
+) -> Result<Vec<u8>, Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let too_large = || Error::TooLarge(format!("request body exceeds limits.max_request_bytes ({limit} bytes)"));
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity");
     let gzip = match encoding.trim().to_ascii_lowercase().as_str() {
@@ -109,7 +120,15 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, permit: &mut B
     }
     let mut wire = Vec::with_capacity(declared.unwrap_or(0));
     let mut body = body;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| {
+            Error::Timeout(format!(
+                "the request body did not arrive within {} ms (limits.body_timeout_ms): {} bytes came",
+                timeout.as_millis(),
+                wire.len()
+            ))
+        })?;
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| Error::InvalidArgument(format!("reading the request body: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
         if wire.len() + data.len() > limit {
@@ -122,7 +141,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, permit: &mut B
         return Ok(wire);
     }
     let mut decoded = Vec::new();
-    let mut reader = flate2::read::GzDecoder::new(wire.as_slice());
+    // Every member of the gzip stream (RFC 1952 §2.2: a file is a series of members; `cat a.gz
+    // b.gz` is one), and bytes after the last one are an error: reading only the first member
+    // acknowledged the others' data without merging it.
+    let mut reader = flate2::read::MultiGzDecoder::new(wire.as_slice());
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let read = reader.read(&mut chunk).map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
@@ -192,7 +214,7 @@ async fn export_metrics(State(state): State<OtlpHttp>, headers: HeaderMap, body:
     let result = async {
         let encoding = encoding_of(&headers)?;
         let mut permit = state.budget.empty();
-        let bytes = read_body(&headers, body, state.max_request_bytes, &mut permit).await?;
+        let bytes = read_body(&headers, body, state.max_request_bytes, state.body_timeout, &mut permit).await?;
         let report = match encoding {
             // Resources stay encoded until their owner is known, as over gRPC.
             Encoding::Protobuf => {
@@ -217,7 +239,7 @@ async fn export_logs(State(state): State<OtlpHttp>, headers: HeaderMap, body: Bo
     let result = async {
         let encoding = encoding_of(&headers)?;
         let mut permit = state.budget.empty();
-        let bytes = read_body(&headers, body, state.max_request_bytes, &mut permit).await?;
+        let bytes = read_body(&headers, body, state.max_request_bytes, state.body_timeout, &mut permit).await?;
         let report = match encoding {
             Encoding::Protobuf => {
                 let request: RoutingLogs = decode_routing(bytes)?;

@@ -1,6 +1,6 @@
 //! Validation of single OTLP points (SPEC §1.5), and the reasons a point is not merged.
 
-use crate::fixed::Fixed;
+use crate::fixed::{Fixed, FIXED_MAX_UNITS};
 use opentelemetry_proto::tonic::metrics::v1::{number_data_point, HistogramDataPoint, NumberDataPoint};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -301,6 +301,10 @@ fn number(point: &NumberDataPoint, temporality: Temporality, monotonic: bool) ->
     check_times(point.start_time_unix_nano, point.time_unix_nano)?;
     let value = match point.value {
         Some(number_data_point::Value::AsDouble(v)) => fixed("value", v)?,
+        // The same bound as a double's: an integer value beyond it was taken whole (up to ±9.2e18).
+        Some(number_data_point::Value::AsInt(v)) if v.unsigned_abs() > FIXED_MAX_UNITS as u64 => {
+            return Err(Rejection::new(RejectReason::ValueOutOfRange, format!("value {v} is beyond ±1e17")))
+        }
         Some(number_data_point::Value::AsInt(v)) => Fixed::from_int(v),
         None => return Err(Rejection::new(RejectReason::MissingValue, "number point has no value")),
     };
@@ -442,6 +446,18 @@ mod tests {
         point.value = Some(number_data_point::Value::AsDouble(2.5));
         let Checked::Valid(valid) = check_number(&point, Temporality::Delta, false) else { panic!() };
         assert_eq!(valid.sum, Fixed::from_f64(2.5).unwrap());
+        // Integers have the doubles' bound (±1e17), and the bound itself is accepted.
+        for (value, accepted) in [(100_000_000_000_000_000, true), (100_000_000_000_000_001, false), (i64::MIN, false)]
+        {
+            for value in [value, -value.max(-i64::MAX)] {
+                point.value = Some(number_data_point::Value::AsInt(value));
+                let checked = check_number(&point, Temporality::Delta, true);
+                match accepted {
+                    true => assert!(matches!(checked, Checked::Valid(_)), "{value}"),
+                    false => assert_eq!(reason(checked), RejectReason::ValueOutOfRange, "{value}"),
+                }
+            }
+        }
         point.value = None;
         assert_eq!(reason(check_number(&point, Temporality::Delta, true)), RejectReason::MissingValue);
         point.value = Some(number_data_point::Value::AsDouble(f64::NAN));

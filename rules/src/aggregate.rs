@@ -192,7 +192,8 @@ impl Aggregate {
     /// when it is known; the overflow bucket reports the max. Absent when there are no values,
     /// or when the rank falls into the overflow bucket and the max is not known.
     pub fn percentile(&self, rank: u32, scale: f64) -> Option<f64> {
-        let total: u64 = self.buckets.iter().sum();
+        // Counts stop at 2^64 - 1 rather than wrap (a total that wrapped to 0 answered no value).
+        let total = self.buckets.iter().fold(0u64, |total, count| total.saturating_add(*count));
         if total == 0 {
             return None;
         }
@@ -310,6 +311,12 @@ mod tests {
         let b = bounds(&[1.0]);
         assert_eq!(Aggregate::from_delta(&delta(0, 0.0, &b, &[0, 0], None, None)).percentile(50, 1.0), None);
         assert_eq!(Aggregate::empty().mean(1.0), None);
+        // Bucket counts whose total passes 2^64 (saturated counts): the total stops at 2^64 - 1
+        // (it wrapped to 0, and every percentile was absent beside a saturated request count).
+        let mut state = Aggregate::from_delta(&delta(0, 0.0, &b, &[1 << 63, 0], None, None));
+        state.buckets = vec![1 << 63, 1 << 63];
+        assert_eq!(state.percentile(50, 1.0), Some(1.0));
+        assert_eq!(state.percentile(99, 1.0), None, "the overflow bucket without a known max");
     }
 
     #[test]

@@ -561,6 +561,41 @@ where
     out
 }
 
+/// A retried export is merged once, also when the lateness window grew since the series forgot
+/// its point: shortened, the window made the series forget the point's key; lengthened again, it
+/// let the retry through as a new point, and its minute counted it twice. Across a restart too:
+/// the series' cursor stores when it forgot keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_retry_is_not_merged_again_after_the_lateness_window_grew() {
+    let mut node = TestNode::start().await;
+    let now = now_seconds();
+    let late = now - 180;
+    let export = request(gateway("window-gw"), vec![durations(vec![point("openai", late)])]);
+    let mut client = node.metrics_client(0).await;
+    for _ in 0..2 {
+        let response = client.export(export.clone()).await.unwrap().into_inner();
+        assert!(response.partial_success.is_none(), "{response:?}");
+    }
+    assert_eq!(request_cpm(&node, "window-gw", late / 60 * 60).await, Some(2.0));
+
+    let (status, body) = node.put("/api/v1/config/rules", "normalize:\n  max_lateness_seconds: 0\n", None).await;
+    assert_eq!(status, 200, "{body}");
+    let current = request(gateway("window-gw"), vec![durations(vec![point("openai", now)])]);
+    let response = client.export(current).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none(), "{response:?}");
+    let (status, body) = node.put("/api/v1/config/rules", "normalize:\n  max_lateness_seconds: 600\n", None).await;
+    assert_eq!(status, 200, "{body}");
+    node.restart().await;
+
+    let mut client = node.metrics_client(0).await;
+    let response = client.export(export).await.unwrap().into_inner();
+    let partial = response.partial_success.expect("the retried point is rejected");
+    assert_eq!(partial.rejected_data_points, 1, "{partial:?}");
+    assert!(partial.error_message.contains("too_late"), "{partial:?}");
+    assert_eq!(request_cpm(&node, "window-gw", late / 60 * 60).await, Some(2.0));
+    assert_eq!(request_cpm(&node, "window-gw", now / 60 * 60).await, Some(2.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cardinality_limit_spans_the_instances_of_a_service() {
     let node = TestNode::start().await;

@@ -131,10 +131,26 @@ async fn test_rollups_match_minutes_and_include_merges_behind_the_frontier() {
     assert!(rolled >= 20.0, "the closed minutes were rolled up ({rolled})");
 
     // Widen the lateness window, then merge a point into a minute that was rolled up already: the
-    // hour and day values include it, and the minute value too.
+    // hour and day values include it, and the minute value too. The point is of another series of
+    // the partition (another provider): the series exported until now forgot the keys of its
+    // points that old under the shorter window, so a point of it that old is refused, since it
+    // cannot be told from a retry of one of them (SPEC §1.5: never merged twice).
     set_lateness(&api, 86400).await;
     let late = first + 61;
-    client.export(export(late, 5, 0.25)).await.unwrap();
+    let response = client.export(export(late, 5, 0.25)).await.unwrap().into_inner();
+    let refused = response.partial_success.expect("a point of the same series that old is refused");
+    assert_eq!(refused.rejected_data_points, 1, "{refused:?}");
+    assert!(refused.error_message.contains("too_late"), "{refused:?}");
+    let mut other = export(late, 5, 0.25);
+    let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(histogram)) =
+        other.resource_metrics[0].scope_metrics[0].metrics[0].data.as_mut()
+    else {
+        panic!("a histogram")
+    };
+    histogram.data_points[0].attributes =
+        vec![tollgate_rules::testing::string_attribute("gen_ai.provider.name", "aws.bedrock")];
+    let response = client.export(other).await.unwrap().into_inner();
+    assert!(response.partial_success.is_none(), "{response:?}");
     let hour = points(&api, CPM, range.0, range.1, "hour").await;
     let hourly: f64 =
         hour[0]["points"].as_array().unwrap().iter().filter_map(|p| p[1].as_f64()).map(|v| v * 60.0).sum();

@@ -191,6 +191,19 @@ pub fn normalize(
     }
     // Lateness is checked first so that the answer does not depend on when old keys were
     // forgotten: a point that is too late is rejected whether or not it was merged before.
+    // And a point older than keys the series forgot, which a longer window (a rules change) lets
+    // through: it may be one of them, and a retried export must not be merged twice.
+    if point.time_ns < cursor.seen.forgotten_before() {
+        return Normalized::Rejected(Rejection::new(
+            RejectReason::TooLate,
+            format!(
+                "time {} is before {}, when its series forgot the points it had merged (the lateness window was \
+                 shorter then): it cannot be told from one of them",
+                point.time_ns,
+                cursor.seen.forgotten_before()
+            ),
+        ));
+    }
     let key = PointKey { time_ns: point.time_ns, start_ns: point.start_ns };
     // Points usually arrive newest last: only an older key needs the search.
     let newest_seen = cursor.seen.back().is_some_and(|newest| key <= newest);
@@ -437,6 +450,38 @@ mod tests {
             h.feed(point(Temporality::Delta, T0 + minute * MINUTE, T0 + minute * MINUTE + 1, [1, 0, 0], 0.5));
         }
         assert_eq!(h.cursor.seen.len(), 11, "keys of minutes 19..=29");
+        assert_eq!(h.cursor.seen.forgotten_before(), T0 + 19 * MINUTE);
+    }
+
+    /// A longer window does not let a retried point through whose key was forgotten under the
+    /// shorter one (it was merged twice): it is too late for its series, while points of the new
+    /// window the series still remembers stay duplicates, and a series that forgot nothing takes
+    /// the whole new window.
+    #[test]
+    fn test_a_longer_window_does_not_readmit_forgotten_points() {
+        let mut h = Harness::new();
+        h.now = T0 + 20 * MINUTE;
+        let old = point(Temporality::Delta, T0 + 13 * MINUTE, T0 + 13 * MINUTE + 1, [1, 0, 0], 0.5);
+        let kept = point(Temporality::Delta, T0 + 16 * MINUTE, T0 + 16 * MINUTE + 1, [1, 0, 0], 0.5);
+        assert_eq!(h.feed(old.clone()).0, Normalized::Merge);
+        assert_eq!(h.feed(kept.clone()).0, Normalized::Merge);
+        h.config.max_lateness_seconds = 300;
+        assert_eq!(
+            h.feed(point(Temporality::Delta, T0 + 19 * MINUTE, T0 + 20 * MINUTE, [1, 0, 0], 0.5)).0,
+            Normalized::Merge
+        );
+        assert_eq!(h.cursor.seen.forgotten_before(), T0 + 15 * MINUTE, "the key of minute 13 is forgotten");
+        h.config.max_lateness_seconds = 3600;
+        assert_eq!(rejected(h.feed(old.clone()).0), RejectReason::TooLate);
+        assert_eq!(h.feed(kept).0, Normalized::Duplicate);
+        let mut fresh = Harness::new();
+        fresh.now = h.now;
+        fresh.config.max_lateness_seconds = 3600;
+        assert_eq!(
+            fresh.feed(point(Temporality::Delta, T0 + 19 * MINUTE, T0 + 20 * MINUTE, [1, 0, 0], 0.5)).0,
+            Normalized::Merge
+        );
+        assert_eq!(fresh.feed(old).0, Normalized::Merge);
     }
 
     #[test]

@@ -24,6 +24,10 @@ const COMPACT_AFTER: usize = 256;
 /// looking a key up, or adding one older than the newest, decodes the keys before its place (a
 /// retried export or a point out of order), and adding one moves the bytes after it, as a
 /// `VecDeque` moved its keys.
+///
+/// It also remembers the time before which it forgot keys ([`SeenKeys::forgotten_before`]): a
+/// point older than that may have been merged, and cannot be told from one that was not. Stored,
+/// it is a first key that no point can have, [`watermark_key`] (a start after its time).
 #[derive(Clone)]
 pub struct SeenKeys {
     /// The oldest key; `None` when empty.
@@ -34,12 +38,32 @@ pub struct SeenKeys {
     /// Steps of the keys after the oldest, from `head` on.
     steps: Vec<u8>,
     head: usize,
+    /// Keys with a time before this were forgotten; 0 when none was.
+    forgotten_before: u64,
 }
 
 impl Default for SeenKeys {
     fn default() -> SeenKeys {
-        SeenKeys { first: None, last: PointKey { time_ns: 0, start_ns: 0 }, len: 0, steps: Vec::new(), head: 0 }
+        SeenKeys {
+            first: None,
+            last: PointKey { time_ns: 0, start_ns: 0 },
+            len: 0,
+            steps: Vec::new(),
+            head: 0,
+            forgotten_before: 0,
+        }
     }
+}
+
+/// The key a stored [`SeenKeys`] begins with when it forgot keys before `forgotten_before` (> 0):
+/// its start is after its time (by one), which no point's is (a point whose start is after its
+/// time is rejected), at the time before the watermark, and never after `first`, the oldest key
+/// kept, so that the steps from it stay forward (and short: its start is near the keys'). Read
+/// back, it gives its time plus one as the watermark ([`SeenKeys::watermark_of`]); a node that
+/// predates it reads it as a key no point matches, forgotten in its turn.
+pub fn watermark_key(forgotten_before: u64, first: Option<PointKey>) -> PointKey {
+    let time_ns = first.map_or(forgotten_before - 1, |first| (forgotten_before - 1).min(first.time_ns));
+    PointKey { time_ns, start_ns: time_ns + 1 }
 }
 
 impl SeenKeys {
@@ -76,6 +100,29 @@ impl SeenKeys {
     /// The encoded steps of every key after the oldest (see [`SeenKeys`]).
     pub fn steps(&self) -> &[u8] {
         &self.steps[self.head..]
+    }
+
+    /// The time before which keys were forgotten (0 when none was): a point older than it may
+    /// have been merged already.
+    pub fn forgotten_before(&self) -> u64 {
+        self.forgotten_before
+    }
+
+    /// Records that keys before `time_ns` were forgotten (a watermark read back, or keys left out
+    /// when a cursor was read); an earlier time than the one recorded changes nothing.
+    pub fn set_forgotten_before(&mut self, time_ns: u64) {
+        self.forgotten_before = self.forgotten_before.max(time_ns);
+    }
+
+    /// The watermark a stored first key stands for, when it is one ([`watermark_key`]).
+    pub fn watermark_of(key: PointKey) -> Option<u64> {
+        (key.start_ns > key.time_ns).then(|| key.time_ns + 1)
+    }
+
+    /// The step from `from` to `to`, as the steps are encoded (for a stored cursor that begins
+    /// with a [`watermark_key`]).
+    pub fn push_step(out: &mut Vec<u8>, from: PointKey, to: PointKey) {
+        push_step(out, from, to);
     }
 
     /// Whether `key` is one of the keys.
@@ -152,10 +199,12 @@ impl SeenKeys {
         Some(first)
     }
 
-    /// Forgets the keys whose time is before `oldest_ns` (the oldest ones: keys sort by time).
+    /// Forgets the keys whose time is before `oldest_ns` (the oldest ones: keys sort by time), and
+    /// remembers that it did.
     pub fn forget_before(&mut self, oldest_ns: u64) {
         while self.first.is_some_and(|k| k.time_ns < oldest_ns) {
             self.pop_front();
+            self.forgotten_before = self.forgotten_before.max(oldest_ns);
         }
     }
 }
@@ -172,7 +221,7 @@ impl FromIterator<PointKey> for SeenKeys {
 
 impl PartialEq for SeenKeys {
     fn eq(&self, other: &SeenKeys) -> bool {
-        self.len == other.len && self.iter().eq(other.iter())
+        self.len == other.len && self.forgotten_before == other.forgotten_before && self.iter().eq(other.iter())
     }
 }
 
@@ -180,20 +229,35 @@ impl Eq for SeenKeys {}
 
 impl fmt::Debug for SeenKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
+        if self.forgotten_before == 0 {
+            return f.debug_list().entries(self.iter()).finish();
+        }
+        f.debug_struct("SeenKeys")
+            .field("keys", &self.iter().collect::<Vec<_>>())
+            .field("forgotten_before", &self.forgotten_before)
+            .finish()
     }
 }
 
-/// As a sequence of keys, as the `VecDeque<PointKey>` it replaces.
+/// As a sequence of keys, as the `VecDeque<PointKey>` it replaces, led by the [`watermark_key`]
+/// when keys were forgotten.
 impl Serialize for SeenKeys {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
+        let watermark = (self.forgotten_before > 0).then(|| watermark_key(self.forgotten_before, self.front()));
+        serializer.collect_seq(watermark.into_iter().chain(self.iter()))
     }
 }
 
 impl<'de> Deserialize<'de> for SeenKeys {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<SeenKeys, D::Error> {
-        Ok(Vec::<PointKey>::deserialize(deserializer)?.into_iter().collect())
+        let mut keys = Vec::<PointKey>::deserialize(deserializer)?.into_iter().peekable();
+        let watermark = keys.peek().and_then(|first| SeenKeys::watermark_of(*first));
+        if watermark.is_some() {
+            keys.next();
+        }
+        let mut seen: SeenKeys = keys.collect();
+        seen.set_forgotten_before(watermark.unwrap_or(0));
+        Ok(seen)
     }
 }
 
@@ -361,5 +425,14 @@ mod tests {
         assert_eq!(bytes, postcard::to_allocvec(&keys).unwrap());
         assert_eq!(postcard::from_bytes::<SeenKeys>(&bytes).unwrap(), seen);
         assert_eq!(format!("{seen:?}"), format!("{keys:?}"));
+        // Keys forgotten before 10: led by the watermark key, which reads back as the watermark.
+        let mut forgot = seen.clone();
+        forgot.set_forgotten_before(10);
+        let bytes = postcard::to_allocvec(&forgot).unwrap();
+        let stored = [vec![key(9, 10)], keys].concat();
+        assert_eq!(bytes, postcard::to_allocvec(&stored).unwrap());
+        let back = postcard::from_bytes::<SeenKeys>(&bytes).unwrap();
+        assert_eq!((back.forgotten_before(), &back), (10, &forgot));
+        assert_ne!(back, seen);
     }
 }

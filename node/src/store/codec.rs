@@ -346,11 +346,22 @@ pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
         out.option(bounds, Postcard::u64);
         out.u64s(&b.buckets);
     });
-    out.option(cursor.seen.front(), |out, key| {
+    // A series that forgot keys begins with the key that says when (`seen::watermark_key`).
+    let front = cursor.seen.front();
+    let watermark = (cursor.seen.forgotten_before() > 0)
+        .then(|| tollgate_rules::seen::watermark_key(cursor.seen.forgotten_before(), front));
+    out.option(watermark.or(front), |out, key| {
         out.u64(key.time_ns);
         out.u64(key.start_ns);
     });
-    out.len(cursor.seen.len().saturating_sub(1));
+    match (watermark, front) {
+        (Some(watermark), Some(front)) => {
+            out.len(cursor.seen.len());
+            SeenKeys::push_step(&mut out.0, watermark, front);
+        }
+        (Some(_), None) => out.len(0),
+        (None, _) => out.len(cursor.seen.len().saturating_sub(1)),
+    }
     // The keys' steps are held in the cursor as they are stored (`SeenKeys`): copied, not encoded.
     out.0.extend_from_slice(steps);
     (out.0, bounds)
@@ -502,12 +513,19 @@ pub fn decode_cursor(
     let mut seen = SeenKeys::new();
     if let Some((time_ns, start_ns)) = stored.first {
         let mut key = PointKey { time_ns, start_ns };
+        // Keys left out as older than `since_ns` are forgotten, as the series would have.
+        let mut forgotten_before = 0;
         let mut push = |key: PointKey| {
             if key.time_ns >= since_ns {
                 seen.insert(key);
+            } else {
+                forgotten_before = since_ns;
             }
         };
-        push(key);
+        let watermark = SeenKeys::watermark_of(key);
+        if watermark.is_none() {
+            push(key);
+        }
         for (time_step, start_step) in stored.steps {
             key = PointKey {
                 time_ns: key.time_ns.checked_add(time_step).ok_or("cursor: point time overflows")?,
@@ -515,6 +533,7 @@ pub fn decode_cursor(
             };
             push(key);
         }
+        seen.set_forgotten_before(forgotten_before.max(watermark.unwrap_or(0)));
     }
     Ok(SeriesCursor { baseline, seen })
 }
@@ -581,11 +600,13 @@ mod tests {
             bounds: (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds)),
             buckets: b.buckets.clone(),
         });
-        let first = cursor.seen.front().map(|k| (k.time_ns, k.start_ns));
-        let steps = cursor
-            .seen
+        let forgotten = cursor.seen.forgotten_before();
+        let watermark = (forgotten > 0).then(|| tollgate_rules::seen::watermark_key(forgotten, cursor.seen.front()));
+        let keys: Vec<PointKey> = watermark.into_iter().chain(cursor.seen.iter()).collect();
+        let first = keys.first().map(|k| (k.time_ns, k.start_ns));
+        let steps = keys
             .iter()
-            .zip(cursor.seen.iter().skip(1))
+            .zip(keys.iter().skip(1))
             .map(|(previous, key)| {
                 (key.time_ns - previous.time_ns, key.start_ns.wrapping_sub(previous.start_ns) as i64)
             })
@@ -648,12 +669,19 @@ mod tests {
                 buckets,
             });
             let mut time_ns = random.next_u64() >> 2;
-            let seen: SeenKeys = (0..random.below(70))
+            // Points' keys (a start after the time is rejected: only a watermark has one), and
+            // some of the time a watermark before them, or at the edge after the first.
+            let mut seen: SeenKeys = (0..random.below(70))
                 .map(|_| {
                     time_ns += random.next_u64() >> (random.below(64 - 24) + 24);
-                    PointKey { time_ns, start_ns: any_u64(&mut random) }
+                    PointKey { time_ns, start_ns: any_u64(&mut random) % (time_ns + 1) }
                 })
                 .collect();
+            match (random.below(3), seen.front()) {
+                (0, Some(first)) => seen.set_forgotten_before(1 + random.below(first.time_ns + 1)),
+                (1, first) => seen.set_forgotten_before(first.map_or(1 + random.below(1 << 40), |k| k.time_ns + 1)),
+                _ => {}
+            }
             let cursor = SeriesCursor { baseline, seen };
             let (bytes, hash) = encode_cursor(&cursor);
             assert_eq!(bytes, postcard_cursor(&cursor), "{cursor:?}");
@@ -869,6 +897,16 @@ mod tests {
         assert_eq!(decode_cursor(&bytes, 0, resolve).unwrap(), cursor);
         let recent = decode_cursor(&bytes, 120, resolve).unwrap();
         assert_eq!(recent.seen.iter().map(|k| k.time_ns).collect::<Vec<_>>(), vec![120, 120, 130, u64::MAX - 1]);
+        assert_eq!(recent.seen.forgotten_before(), 120, "the keys left out are forgotten");
+        assert_eq!(cursor.seen.forgotten_before(), 0);
+        // The time before which a series forgot keys is stored with it, and read back.
+        let mut forgot = cursor.clone();
+        forgot.seen.set_forgotten_before(95);
+        let (bytes, _) = encode_cursor(&forgot);
+        assert_eq!(decode_cursor(&bytes, 0, resolve).unwrap(), forgot);
+        assert_eq!(decode_cursor(&bytes, 0, resolve).unwrap().seen.forgotten_before(), 95);
+        assert_eq!(decode_cursor(&bytes, 120, resolve).unwrap().seen.forgotten_before(), 120);
+        assert_eq!(decode_cursor(&bytes, 120, resolve).unwrap().seen.len(), 4);
         let error = decode_cursor(&bytes, 0, |_| None).unwrap_err();
         assert!(error.contains("unknown bounds"), "{error}");
         let empty = SeriesCursor::default();

@@ -38,7 +38,7 @@ pub enum Error {
     /// The endpoint exists but not with this HTTP method.
     #[error("{0}")]
     MethodNotAllowed(String),
-    /// The request did not arrive in time (its body stalled).
+    /// The request did not arrive in time (its body stalled): retry.
     #[error("{0}")]
     Timeout(String),
     /// A bug or an unexpected failure.
@@ -82,7 +82,8 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            // Retryable over OTLP/HTTP as DEADLINE_EXCEEDED is over gRPC (408 is not).
+            Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,7 +118,7 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::Overloaded { retry_after, .. } => Some(*retry_after),
-            Error::Unavailable(_) => Some(RETRY_AFTER),
+            Error::Unavailable(_) | Error::Timeout(_) => Some(RETRY_AFTER),
             _ => None,
         }
     }

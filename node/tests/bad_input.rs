@@ -472,8 +472,8 @@ async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arrivin
     assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
 }
 
-/// An upload that stops halfway is cut off once `limits.body_timeout_ms` passes, over HTTP (408)
-/// and gRPC (`DEADLINE_EXCEEDED`), and the budget it held is released: stalled uploads held it as
+/// An upload that stops halfway is cut off once `limits.body_timeout_ms` passes, over HTTP (503,
+/// retryable) and gRPC (`DEADLINE_EXCEEDED`), and the budget it held is released: stalled uploads held it as
 /// long as their connections stayed open, and every other export was refused as overloaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_stalled_upload_is_cut_off_and_releases_the_budget() {
@@ -515,7 +515,8 @@ async fn test_a_stalled_upload_is_cut_off_and_releases_the_budget() {
     let read = tokio::time::timeout(std::time::Duration::from_secs(20), upload.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the stalled upload was never answered");
     let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
     assert!(answer.contains("limits.body_timeout_ms"), "{answer}");
     assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
     client.export(export.clone()).await.expect("accepted once the stalled upload is cut off");

@@ -95,7 +95,7 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, Error> {
 
 /// Reads the body within the size limit and undoes `Content-Encoding: gzip`, charging `permit`
 /// for every frame as it arrives and for the decompressed bytes as they are produced. A body
-/// still arriving `timeout` after the call is a [`Error::Timeout`], which releases its bytes: a
+/// still arriving `timeout` after the call is a retryable [`Error::Timeout`], which releases its bytes: a
 /// stalled upload held its share of the in-flight budget for as long as its connection was open.
 async fn read_body(
     headers: &HeaderMap,

@@ -681,11 +681,15 @@ impl Cluster {
     /// Asks the node at a new node's cluster address who it is, before it is made a learner. Another
     /// node there (a wrong address), or a node that refuses this cluster's calls (it holds another
     /// cluster's state, or has another secret), would never be reached as the new node: the join
-    /// would only time out as unreachable. No answer (not listening yet, a version without the
-    /// call) is left to the replication check that follows.
+    /// would only time out as unreachable. No answer within [`IDENTIFY_TIMEOUT`] (not listening
+    /// yet, an address that drops packets, a version without the call) is left to the
+    /// replication check that follows.
     async fn check_joining(&self, id: NodeId, node: &PeerNode) -> Result<(), ClusterError> {
         let addr = &node.cluster_addr;
-        match self.transport.identify(addr).await {
+        let Ok(answer) = tokio::time::timeout(IDENTIFY_TIMEOUT, self.transport.identify(addr)).await else {
+            return Ok(());
+        };
+        match answer {
             Ok(answer) if answer.node_id == id => Ok(()),
             Ok(answer) => Err(ClusterError::Refused(format!(
                 "the cluster address {addr} given for {} (node {id}) reaches node {} ({}): give the joining node's own \
@@ -926,6 +930,11 @@ fn answered(metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>, id: NodeId
 /// How long a join waits for the leader to replicate to the new learner before it is refused
 /// (retryable): a reachable node gets the short Raft log, or its snapshot, well within it.
 const LEARNER_CONTACT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the leader waits for a joining node to say who it is before going on without the
+/// answer (the replication check then decides): short, since it comes before that check's
+/// [`LEARNER_CONTACT_TIMEOUT`] within the join's own deadline.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the leader's controller looks at the cluster.
 const CONTROL_INTERVAL: Duration = Duration::from_millis(500);

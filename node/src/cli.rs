@@ -387,6 +387,22 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Why `what` could not be asked, with the causes ("connection refused", "timed out"), which
+/// reqwest's own message leaves out.
+fn unreachable(what: &str, error: &reqwest::Error) -> anyhow::Error {
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    let causes = if causes.is_empty() { error.to_string() } else { causes.join(": ") };
+    if error.is_timeout() {
+        return anyhow::anyhow!("{what} did not answer in time ({causes})");
+    }
+    anyhow::anyhow!("cannot reach {what}: {causes}")
+}
+
 /// A client of a node's HTTP API.
 #[derive(Debug)]
 pub struct Client {
@@ -395,10 +411,32 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// How long a client command waits to connect to a node.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a client command waits for a node's answer (a paused or hung node made it wait
+/// forever); a leave has its own, longer one.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long `cluster leave` waits: the node answers once its vnodes moved away, or after 300 s.
+const LEAVE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(330);
+
 impl Client {
     /// A client of `api`.
     pub fn new(api: String, token: Option<String>) -> Client {
-        Client { api: api.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() }
+        Client::with_timeouts(api, token, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+    }
+
+    fn with_timeouts(
+        api: String,
+        token: Option<String>,
+        connect: std::time::Duration,
+        request: std::time::Duration,
+    ) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect)
+            .timeout(request)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Client { api: api.trim_end_matches('/').to_string(), token, http }
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
@@ -406,7 +444,7 @@ impl Client {
             Some(token) => request.bearer_auth(token),
             None => request,
         };
-        let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", self.api))?;
+        let response = request.send().await.map_err(|e| unreachable(&self.api, &e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -532,8 +570,7 @@ impl Client {
             ClusterAction::Join { node_api } => {
                 let node_api = node_api.trim_end_matches('/');
                 let url = format!("{node_api}/api/v1/cluster");
-                let response =
-                    self.http.get(&url).send().await.map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+                let response = self.http.get(&url).send().await.map_err(|e| unreachable(&url, &e))?;
                 if !response.status().is_success() {
                     anyhow::bail!("{url}: {}", response.status());
                 }
@@ -554,7 +591,7 @@ impl Client {
             }
             ClusterAction::Leave { node } => {
                 let url = format!("{}/api/v1/cluster/nodes/{node}", self.api);
-                let response = self.send(self.http.delete(url)).await?;
+                let response = self.send(self.http.delete(url).timeout(LEAVE_REQUEST_TIMEOUT)).await?;
                 let value: Value = response.json().await?;
                 out!(
                     "removed {node} (id {}): its vnodes moved and another member holds its data; its process can be stopped",
@@ -645,9 +682,37 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{api_url, openraft_shown, render_status, Cli};
+    use super::{api_url, openraft_shown, render_status, Cli, Client};
     use clap::Parser;
     use tracing::Level;
+
+    /// A node that accepts the connection and never answers (paused, hung) gets a timeout, not
+    /// a wait forever; one that refuses it is named with the reason.
+    #[tokio::test]
+    async fn test_client_commands_time_out_and_say_why_a_node_is_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = format!("http://{}", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut connections = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                connections.push(connection);
+            }
+        });
+        let timeout = std::time::Duration::from_millis(300);
+        let client = Client::with_timeouts(silent.clone(), None, timeout, timeout);
+        let started = std::time::Instant::now();
+        let error = client.get_json("/api/v1/cluster", &[]).await.unwrap_err().to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{error}");
+        assert!(error.starts_with(&format!("{silent} did not answer in time")), "{error}");
+        held.abort();
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let error = Client::new(refused.clone(), None).get_json("/api/v1/cluster", &[]).await.unwrap_err().to_string();
+        assert!(error.starts_with(&format!("cannot reach {refused}: ")), "{error}");
+        assert!(error.to_lowercase().contains("refused"), "{error}");
+    }
 
     /// `cluster status` says which cluster the node's state belongs to (comparing it across
     /// nodes tells a node of another cluster), and that a node waiting to join has none.

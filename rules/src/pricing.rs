@@ -445,6 +445,29 @@ providers:
         assert!(error.contains(": 1e308 is not a price") && error.len() < 200, "{error}");
         let not_a_list = "providers:\n  - provider: x\n    prefix-match: gpt\n";
         assert!(PriceTable::parse(not_a_list).is_err());
+        // Errors in the author's words, with the place: not the parser library's advice to the
+        // programmer calling it.
+        let duplicate = "providers:\n  - provider: x\n    provider: y\n";
+        let error = PriceTable::parse(duplicate).unwrap_err().to_string();
+        assert!(error.contains("duplicate mapping key") && error.contains("line 3"), "{error}");
+        assert!(!error.contains("DuplicateKeyPolicy"), "{error}");
+        let two_documents = "providers: []\n---\nproviders: []\n";
+        let error = PriceTable::parse(two_documents).unwrap_err().to_string();
+        assert!(error.contains("multiple"), "{error}");
+        assert!(!error.contains("from_str_multiple"), "{error}");
+    }
+
+    /// A document near the API's 4 MiB limit parses: 40 000 models (3.5 MB, 280 000 YAML nodes)
+    /// were refused as over the YAML library's default budget of 250 000 nodes.
+    #[test]
+    fn test_parse_takes_a_pricing_document_of_forty_thousand_models() {
+        let models: Vec<String> = (0..40_000)
+            .map(|i| format!("{{\"name\":\"model-{i:05}\",\"input-estimated-cost-per-m\":1.5,\"output-estimated-cost-per-m\":6}}"))
+            .collect();
+        let json = format!("{{\"providers\":[{{\"provider\":\"many\",\"models\":[{}]}}]}}", models.join(","));
+        assert!(json.len() > 3_000_000 && json.len() < 4 * 1024 * 1024, "{}", json.len());
+        let table = PriceTable::parse(&json).unwrap();
+        assert_eq!(table.lookup("model-39999").unwrap().provider, "many");
     }
 
     #[test]

@@ -380,6 +380,33 @@ impl Catalogue {
     }
 }
 
+impl Catalogue {
+    /// Checks only a new document gets (`PUT`, a file), beyond [`Catalogue::validate`], which a
+    /// committed document passed and must keep passing when the Raft log is replayed (so it is
+    /// never tightened): each percentile rank once (a repeated one answered two series with the
+    /// same labels), and a `scale` between 1e-12 and 1e12 in size (1e308 turned every value into
+    /// infinity, answered as null).
+    pub fn check_new(&self) -> Result<(), String> {
+        for (g, group) in self.groups.iter().enumerate() {
+            for (r, rule) in group.metrics.iter().enumerate() {
+                let at = format!("catalogue.groups[{g}].metrics[{r}] ({})", rule.name);
+                if !(MIN_SCALE..=MAX_SCALE).contains(&rule.scale.abs()) {
+                    return Err(format!("{at}: scale {:e} is not between 1e-12 and 1e12 in size", rule.scale));
+                }
+                let mut ranks = BTreeSet::new();
+                if let Some(rank) = rule.percentiles.iter().find(|rank| !ranks.insert(**rank)) {
+                    return Err(format!("{at}: percentile {rank} is listed twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Smallest and largest size of a rule's `scale` a new document may give.
+const MIN_SCALE: f64 = 1e-12;
+const MAX_SCALE: f64 = 1e12;
+
 fn rule_problem(catalogue: &Catalogue, rule: &MetricRule) -> Option<String> {
     if rule.name.is_empty() || !rule.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Some("name must be non-empty letters, digits and _".into());
@@ -772,6 +799,32 @@ mod tests {
         let mut catalogue = Catalogue::default();
         catalogue.groups[0].metrics[3].filter[0].equals = Some("x".into());
         assert!(catalogue.validate().unwrap_err().contains("exactly one of"));
+    }
+
+    /// A new document's repeated percentile rank and a scale of absurd size are refused, while
+    /// a committed document with them still passes `validate` (a replayed Raft entry must apply
+    /// as it did).
+    #[test]
+    fn test_new_documents_get_the_stricter_checks() {
+        assert_eq!(Catalogue::default().check_new(), Ok(()));
+        let mut catalogue = Catalogue::default();
+        catalogue.groups[0].metrics[2].percentiles = vec![50, 99, 50];
+        assert_eq!(catalogue.validate(), Ok(()));
+        let error = catalogue.check_new().unwrap_err();
+        assert!(error.contains("metrics[2]") && error.contains("percentile 50 is listed twice"), "{error}");
+        for (scale, accepted) in
+            [(1e12, true), (-1e-12, true), (1e-3, true), (1e308, false), (-1e13, false), (1e-13, false)]
+        {
+            let mut catalogue = Catalogue::default();
+            catalogue.groups[0].metrics[0].scale = scale;
+            assert_eq!(catalogue.validate(), Ok(()), "{scale}");
+            assert_eq!(catalogue.check_new().is_ok(), accepted, "{scale}");
+        }
+        let mut document = crate::config::RulesConfig::default();
+        document.catalogue.groups[0].metrics[0].scale = 1e308;
+        let yaml = serde_saphyr::to_string(&document).unwrap();
+        let error = crate::config::RulesConfig::parse(&yaml).unwrap_err().to_string();
+        assert!(error.contains("scale 1e308 is not between"), "{error}");
     }
 
     #[test]

@@ -33,10 +33,12 @@ pub struct RulesConfig {
 pub struct RulesError(pub String);
 
 impl RulesConfig {
-    /// Parses YAML or JSON and validates it.
+    /// Parses YAML or JSON and validates it as a new document: [`RulesConfig::validate`], which
+    /// committed documents pass, and the checks only new ones get ([`Catalogue::check_new`]).
     pub fn parse(text: &str) -> Result<RulesConfig, RulesError> {
         let config: RulesConfig = parse_yaml(text).map_err(RulesError)?;
         config.validate()?;
+        config.catalogue.check_new().map_err(RulesError)?;
         Ok(config)
     }
 

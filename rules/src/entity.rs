@@ -97,6 +97,14 @@ impl RoutingRules {
             return Selection::MissingService;
         };
         let instance = first_non_empty(attributes, &self.instance_attributes);
+        for (what, name) in [("service", Some(&service)), ("instance", instance.as_ref())] {
+            if let Some(name) = name.filter(|name| name.len() > MAX_NAME_BYTES) {
+                return Selection::NameTooLong(format!(
+                    "{what} name of {} bytes is longer than {MAX_NAME_BYTES}",
+                    name.len()
+                ));
+            }
+        }
         Selection::Ours(Entity { service, instance })
     }
 }
@@ -117,7 +125,15 @@ pub enum Selection {
     NotOurs,
     /// A gateway resource without any service attribute: its data is rejected.
     MissingService,
+    /// A service or instance name longer than [`MAX_NAME_BYTES`]: its data is rejected (says
+    /// which, and how long).
+    NameTooLong(String),
 }
+
+/// The longest service or instance name accepted, in bytes. Names are query parameters: one of
+/// 100 000 bytes was stored, listed by `GET /api/v1/services`, and could never be queried (its
+/// URL was refused as too long, 414, before any handler ran). Kubernetes names are at most 253.
+pub const MAX_NAME_BYTES: usize = 1024;
 
 /// A gateway service and, optionally, one of its instances (pods).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -227,6 +243,21 @@ mod tests {
             ("service.instance.id", ""),
         ]);
         assert_eq!(rules.select(Some(&r)), Selection::Ours(Entity::new("gw", None)));
+    }
+
+    #[test]
+    fn test_select_refuses_names_too_long_to_query() {
+        let rules = RoutingRules::default();
+        let longest = "p".repeat(MAX_NAME_BYTES);
+        let r =
+            resource(&[("job_name", "envoy-ai-gateway"), ("service.name", "gw"), ("service.instance.id", &longest)]);
+        assert_eq!(rules.select(Some(&r)), Selection::Ours(Entity::new("gw", Some(&longest))));
+        let longer = format!("{longest}p");
+        let r = resource(&[("job_name", "envoy-ai-gateway"), ("service.name", "gw"), ("service.instance.id", &longer)]);
+        assert_eq!(
+            rules.select(Some(&r)),
+            Selection::NameTooLong("instance name of 1025 bytes is longer than 1024".into())
+        );
     }
 
     #[test]

@@ -249,6 +249,11 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                 batch.report.reject_many(&rejection, point_total, || "resource".to_string());
                 continue;
             }
+            Selection::NameTooLong(problem) => {
+                let rejection = Rejection::new(RejectReason::NameTooLong, problem);
+                batch.report.reject_many(&rejection, point_total, || "resource".to_string());
+                continue;
+            }
         };
         let partition = entity.partition_hash();
         let metrics = resource_metrics.scope_metrics.into_iter().flat_map(|scope| scope.metrics);
@@ -405,6 +410,11 @@ fn extract_log_resources(
                     RejectReason::MissingService,
                     "gateway resource without aigw.service or service.name",
                 );
+                batch.report.reject_many(&rejection, total, || "resource".to_string());
+                continue;
+            }
+            Selection::NameTooLong(problem) => {
+                let rejection = Rejection::new(RejectReason::NameTooLong, problem);
                 batch.report.reject_many(&rejection, total, || "resource".to_string());
                 continue;
             }
@@ -1281,6 +1291,25 @@ mod tests {
             extract_metrics(request(nameless, vec![duration_metric(vec![point.clone(), point.clone()])]), &rules);
         assert_eq!(batch.report.rejected.get(&RejectReason::MissingService), Some(&2));
         assert_eq!(batch.report.messages.len(), 1);
+        // A name too long to be queried (a query parameter): rejected with how long it is, the
+        // other resources of the request kept.
+        let long = "g".repeat(crate::entity::MAX_NAME_BYTES + 1);
+        let mut long_resource = request(resource(), vec![duration_metric(vec![point.clone()])]);
+        long_resource.resource_metrics[0].resource = Some(Resource {
+            attributes: vec![string_attribute("job_name", "envoy-ai-gateway"), string_attribute("service.name", &long)],
+            ..Default::default()
+        });
+        long_resource
+            .resource_metrics
+            .extend(request(resource(), vec![duration_metric(vec![point.clone()])]).resource_metrics);
+        let batch = extract_metrics(long_resource, &rules);
+        assert_eq!(batch.report.rejected.get(&RejectReason::NameTooLong), Some(&1));
+        assert!(
+            batch.report.messages[0].contains("service name of 1025 bytes is longer than 1024"),
+            "{:?}",
+            batch.report.messages
+        );
+        assert_eq!(batch.points.len(), 1);
 
         let gauge = Metric {
             name: "gen_ai.server.request.duration".into(),

@@ -101,12 +101,17 @@ pub enum RejectReason {
     OutOfOrder,
     /// The service already has `max_series_per_service` series.
     CardinalityLimit,
+    /// A service or instance name longer than [`crate::entity::MAX_NAME_BYTES`]. Last: reports
+    /// between nodes are postcard, which writes a variant by its position, so a new reason goes
+    /// after the others (a node of the previous version reads the ones it knows the same).
+    NameTooLong,
 }
 
 impl RejectReason {
     /// Every reason, for exhaustive self-metric registration.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         RejectReason::MissingService,
+        RejectReason::NameTooLong,
         RejectReason::UnsupportedType,
         RejectReason::UnspecifiedTemporality,
         RejectReason::InvalidTime,
@@ -127,6 +132,7 @@ impl RejectReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::MissingService => "missing_service",
+            RejectReason::NameTooLong => "name_too_long",
             RejectReason::UnsupportedType => "unsupported_type",
             RejectReason::UnspecifiedTemporality => "unspecified_temporality",
             RejectReason::InvalidTime => "invalid_time",
@@ -325,6 +331,34 @@ fn number(point: &NumberDataPoint, temporality: Temporality, monotonic: bool) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reports between nodes carry reasons by position (postcard): each keeps its number, so
+    /// that nodes of two versions read each other's reports alike during a rolling upgrade.
+    #[test]
+    fn test_reject_reasons_keep_their_wire_numbers() {
+        let numbered = [
+            (RejectReason::MissingService, 0u8),
+            (RejectReason::UnsupportedType, 1),
+            (RejectReason::UnspecifiedTemporality, 2),
+            (RejectReason::InvalidTime, 3),
+            (RejectReason::BucketCountMismatch, 4),
+            (RejectReason::BucketSumMismatch, 5),
+            (RejectReason::InvalidBounds, 6),
+            (RejectReason::NonFiniteValue, 7),
+            (RejectReason::MissingSum, 8),
+            (RejectReason::MissingValue, 9),
+            (RejectReason::ValueOutOfRange, 10),
+            (RejectReason::TooLate, 11),
+            (RejectReason::TooFarInFuture, 12),
+            (RejectReason::OutOfOrder, 13),
+            (RejectReason::CardinalityLimit, 14),
+            (RejectReason::NameTooLong, 15),
+        ];
+        assert_eq!(numbered.len(), RejectReason::ALL.len());
+        for (reason, number) in numbered {
+            assert_eq!(postcard::to_allocvec(&reason).unwrap(), vec![number], "{reason:?}");
+        }
+    }
 
     fn histogram_point() -> HistogramDataPoint {
         HistogramDataPoint {

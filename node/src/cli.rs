@@ -62,6 +62,9 @@ pub struct Cli {
     /// Bearer token for writes (client commands).
     #[arg(long, global = true, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Seconds a client command waits for the node's answer (`cluster leave`: at least 330)
+    #[arg(long, global = true, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), value_name = "SECONDS")]
+    pub timeout: u64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -242,7 +245,10 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            command => Client::new(cli.api, cli.token).run(command).await,
+            command => {
+                let timeout = std::time::Duration::from_secs(cli.timeout);
+                Client::with_timeouts(cli.api, cli.token, CONNECT_TIMEOUT, timeout)?.run(command).await
+            }
         }
     });
     match result {
@@ -409,34 +415,26 @@ pub struct Client {
     api: String,
     token: Option<String>,
     http: reqwest::Client,
+    request_timeout: std::time::Duration,
 }
 
 /// How long a client command waits to connect to a node.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long a client command waits for a node's answer (a paused or hung node made it wait
-/// forever); a leave has its own, longer one.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// How long `cluster leave` waits: the node answers once its vnodes moved away, or after 300 s.
+/// How long `cluster leave` waits at least: the node answers once its vnodes moved away, or
+/// after 300 s.
 const LEAVE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(330);
 
 impl Client {
-    /// A client of `api`.
-    pub fn new(api: String, token: Option<String>) -> Client {
-        Client::with_timeouts(api, token, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
-    }
-
-    fn with_timeouts(
+    /// A client of `api` that waits `connect` to connect and `request` for an answer (`--timeout`;
+    /// a paused or hung node made a command wait forever).
+    pub fn with_timeouts(
         api: String,
         token: Option<String>,
         connect: std::time::Duration,
         request: std::time::Duration,
-    ) -> Client {
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect)
-            .timeout(request)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Client { api: api.trim_end_matches('/').to_string(), token, http }
+    ) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder().connect_timeout(connect).timeout(request).build()?;
+        Ok(Client { api: api.trim_end_matches('/').to_string(), token, http, request_timeout: request })
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
@@ -591,7 +589,8 @@ impl Client {
             }
             ClusterAction::Leave { node } => {
                 let url = format!("{}/api/v1/cluster/nodes/{node}", self.api);
-                let response = self.send(self.http.delete(url).timeout(LEAVE_REQUEST_TIMEOUT)).await?;
+                let wait = self.request_timeout.max(LEAVE_REQUEST_TIMEOUT);
+                let response = self.send(self.http.delete(url).timeout(wait)).await?;
                 let value: Value = response.json().await?;
                 out!(
                     "removed {node} (id {}): its vnodes moved and another member holds its data; its process can be stopped",
@@ -699,7 +698,7 @@ mod tests {
             }
         });
         let timeout = std::time::Duration::from_millis(300);
-        let client = Client::with_timeouts(silent.clone(), None, timeout, timeout);
+        let client = Client::with_timeouts(silent.clone(), None, timeout, timeout).unwrap();
         let started = std::time::Instant::now();
         let error = client.get_json("/api/v1/cluster", &[]).await.unwrap_err().to_string();
         assert!(started.elapsed() < std::time::Duration::from_secs(10), "{error}");
@@ -709,7 +708,8 @@ mod tests {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let refused = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
-        let error = Client::new(refused.clone(), None).get_json("/api/v1/cluster", &[]).await.unwrap_err().to_string();
+        let client = Client::with_timeouts(refused.clone(), None, timeout, timeout).unwrap();
+        let error = client.get_json("/api/v1/cluster", &[]).await.unwrap_err().to_string();
         assert!(error.starts_with(&format!("cannot reach {refused}: ")), "{error}");
         assert!(error.to_lowercase().contains("refused"), "{error}");
     }

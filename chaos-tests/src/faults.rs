@@ -151,13 +151,22 @@ fn random_up(cluster: &Cluster, rng: &mut Xorshift) -> Option<usize> {
 
 /// Starts a stopped member again; a member that cannot start is a violation and ends the run.
 async fn restart_node(cluster: &mut Cluster, index: usize, log: &mut FaultLog) -> anyhow::Result<()> {
+    start_again(cluster, index, log, false).await
+}
+
+/// Starts a stopped member again, on the new version when `upgraded`.
+async fn start_again(cluster: &mut Cluster, index: usize, log: &mut FaultLog, upgraded: bool) -> anyhow::Result<()> {
     let started = Instant::now();
-    if let Err(e) = cluster.nodes[index].restart().await {
+    let node = &mut cluster.nodes[index];
+    let result = if upgraded { node.start_upgraded().await } else { node.restart().await };
+    if let Err(e) = result {
         let node = &cluster.nodes[index];
-        log.violations.push(format!("{} did not start again: {e:#}\n{}", node.name, node.log_tail(30)));
-        return Err(e.context(format!("restarting {}", node.name)));
+        let what = if upgraded { "start on the new version" } else { "start again" };
+        log.violations.push(format!("{} did not {what}: {e:#}\n{}", node.name, node.log_tail(30)));
+        return Err(e.context(format!("starting {} again", node.name)));
     }
-    info!(node = %cluster.nodes[index].name, took_ms = started.elapsed().as_millis() as u64, "node restarted");
+    let done = if upgraded { "node upgraded" } else { "node restarted" };
+    info!(node = %cluster.nodes[index].name, took_ms = started.elapsed().as_millis() as u64, "{done}");
     cluster.publish();
     Ok(())
 }
@@ -202,15 +211,7 @@ pub async fn upgrade(cluster: &mut Cluster, index: usize, log: &mut FaultLog) ->
     info!(node = %node.name, pid = ?node.pid(), "FAULT upgrade (SIGTERM, then start the new version)");
     count(log, "upgrade");
     stop(cluster, index, log).await?;
-    let started = Instant::now();
-    if let Err(e) = cluster.nodes[index].start_upgraded().await {
-        let node = &cluster.nodes[index];
-        log.violations.push(format!("{} did not start on the new version: {e:#}\n{}", node.name, node.log_tail(30)));
-        return Err(e.context(format!("upgrading {}", node.name)));
-    }
-    info!(node = %cluster.nodes[index].name, took_ms = started.elapsed().as_millis() as u64, "node upgraded");
-    cluster.publish();
-    Ok(())
+    start_again(cluster, index, log, true).await
 }
 
 /// `SIGTERM` and wait for the exit; an exit that is not clean is a violation.

@@ -110,12 +110,18 @@ async fn raw_grpc(node: &TestNode, bytes: Vec<u8>) -> Result<Vec<u8>, tonic::Sta
 /// One gRPC message frame sent as it is, with `grpc-encoding: gzip` (`compressed` sets the
 /// frame's flag): the answer's `grpc-status` and `grpc-message`.
 async fn grpc_frame(node: &TestNode, compressed: bool, payload: &[u8]) -> (Option<String>, String) {
-    use http_body_util::BodyExt;
-    use tower::Service;
-    let mut channel = tonic::transport::Endpoint::from_shared(node.grpc()).unwrap().connect().await.unwrap();
     let mut frame = vec![u8::from(compressed)];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(payload);
+    grpc_body(node, frame).await
+}
+
+/// A gRPC request body sent as it is (with `grpc-encoding: gzip`): the answer's `grpc-status` and
+/// `grpc-message`.
+async fn grpc_body(node: &TestNode, frame: Vec<u8>) -> (Option<String>, String) {
+    use http_body_util::BodyExt;
+    use tower::Service;
+    let mut channel = tonic::transport::Endpoint::from_shared(node.grpc()).unwrap().connect().await.unwrap();
     let request = http::Request::builder()
         .method("POST")
         .uri(format!("{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", node.grpc()))
@@ -200,6 +206,14 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     let (status, message) = grpc_frame(&node, true, &[1, 2, 3]).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert!(message.starts_with("Error%20decompressing"), "{message}");
+    // A message cut short: its frame says 100 bytes, the request ends after 10 (tonic says
+    // INTERNAL, which clients must not be told of a malformed request).
+    let mut truncated = vec![0u8];
+    truncated.extend_from_slice(&100u32.to_be_bytes());
+    truncated.extend_from_slice(&[0u8; 10]);
+    let (status, message) = grpc_body(&node, truncated).await;
+    assert_eq!(status.as_deref(), Some("3"), "{message}");
+    assert!(message.starts_with("Unexpected%20EOF"), "{message}");
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), bomb).await.0, 413);
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), vec![1, 2, 3]).await.0, 400);
 

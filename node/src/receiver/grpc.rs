@@ -112,7 +112,7 @@ pub async fn serve(
 }
 
 /// tonic's codec answers an oversized message with `OUT_OF_RANGE`, and a protobuf that does not
-/// decode or a gzip body that does not inflate with `INTERNAL`; SPEC §8 (and OTLP clients, which
+/// decode, a gzip body that does not inflate or a message cut short with `INTERNAL`; SPEC §8 (and OTLP clients, which
 /// must not retry them) expect `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never
 /// return `OUT_OF_RANGE`, and their `INTERNAL` errors never start with prost's decode-error or
 /// tonic's decompression-error text, so the mapping cannot hide anything else.
@@ -143,7 +143,10 @@ fn rewrite(headers: &mut http::HeaderMap) {
     } else if status == INTERNAL {
         // `grpc-message` is percent-encoded: its spaces are `%20`.
         let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
-        let malformed = ["failed to decode Protobuf message", "Error decompressing: "].iter().any(|text| {
+        // A message cut short (its frame says more bytes than the request held) is malformed too.
+        let malformed =
+            ["failed to decode Protobuf message", "Error decompressing: ", "Unexpected EOF decoding stream"];
+        let malformed = malformed.iter().any(|text| {
             message.starts_with(text.as_bytes()) || message.starts_with(text.replace(' ', "%20").as_bytes())
         });
         if malformed {

@@ -27,7 +27,7 @@ const COMPACT_AFTER: usize = 256;
 ///
 /// It also remembers the time before which it forgot keys ([`SeenKeys::forgotten_before`]): a
 /// point older than that may have been merged, and cannot be told from one that was not. Stored,
-/// it is a first key that no point can have, [`watermark_key`] (a start after its time).
+/// it is a first key that no point can have, [`SeenKeys::watermark`] (a start after its time).
 #[derive(Clone)]
 pub struct SeenKeys {
     /// The oldest key; `None` when empty.
@@ -53,17 +53,6 @@ impl Default for SeenKeys {
             forgotten_before: 0,
         }
     }
-}
-
-/// The key a stored [`SeenKeys`] begins with when it forgot keys before `forgotten_before` (> 0):
-/// its start is after its time (by one), which no point's is (a point whose start is after its
-/// time is rejected), at the time before the watermark, and never after `first`, the oldest key
-/// kept, so that the steps from it stay forward (and short: its start is near the keys'). Read
-/// back, it gives its time plus one as the watermark ([`SeenKeys::watermark_of`]); a node that
-/// predates it reads it as a key no point matches, forgotten in its turn.
-pub fn watermark_key(forgotten_before: u64, first: Option<PointKey>) -> PointKey {
-    let time_ns = first.map_or(forgotten_before - 1, |first| (forgotten_before - 1).min(first.time_ns));
-    PointKey { time_ns, start_ns: time_ns + 1 }
 }
 
 impl SeenKeys {
@@ -114,13 +103,25 @@ impl SeenKeys {
         self.forgotten_before = self.forgotten_before.max(time_ns);
     }
 
-    /// The watermark a stored first key stands for, when it is one ([`watermark_key`]).
+    /// The key a stored [`SeenKeys`] begins with when it forgot keys: its start is after its time
+    /// (by one), which no point's is (a point whose start is after its time is rejected), at the
+    /// time before the watermark, and never after the oldest key kept, so that the steps from it
+    /// stay forward (and short: its start is near the keys'). Read back, it gives its time plus
+    /// one as the watermark ([`SeenKeys::watermark_of`]); a node that predates it reads it as a
+    /// key no point matches, forgotten in its turn. `None` when no key was forgotten.
+    pub fn watermark(&self) -> Option<PointKey> {
+        let before = self.forgotten_before.checked_sub(1)?;
+        let time_ns = self.first.map_or(before, |first| before.min(first.time_ns));
+        Some(PointKey { time_ns, start_ns: time_ns + 1 })
+    }
+
+    /// The watermark a stored first key stands for, when it is one ([`SeenKeys::watermark`]).
     pub fn watermark_of(key: PointKey) -> Option<u64> {
         (key.start_ns > key.time_ns).then(|| key.time_ns + 1)
     }
 
     /// The step from `from` to `to`, as the steps are encoded (for a stored cursor that begins
-    /// with a [`watermark_key`]).
+    /// with a [`SeenKeys::watermark`]).
     pub fn push_step(out: &mut Vec<u8>, from: PointKey, to: PointKey) {
         push_step(out, from, to);
     }
@@ -239,12 +240,11 @@ impl fmt::Debug for SeenKeys {
     }
 }
 
-/// As a sequence of keys, as the `VecDeque<PointKey>` it replaces, led by the [`watermark_key`]
-/// when keys were forgotten.
+/// As a sequence of keys, as the `VecDeque<PointKey>` it replaces, led by the
+/// [`SeenKeys::watermark`] when keys were forgotten.
 impl Serialize for SeenKeys {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let watermark = (self.forgotten_before > 0).then(|| watermark_key(self.forgotten_before, self.front()));
-        serializer.collect_seq(watermark.into_iter().chain(self.iter()))
+        serializer.collect_seq(self.watermark().into_iter().chain(self.iter()))
     }
 }
 

@@ -346,10 +346,9 @@ pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
         out.option(bounds, Postcard::u64);
         out.u64s(&b.buckets);
     });
-    // A series that forgot keys begins with the key that says when (`seen::watermark_key`).
+    // A series that forgot keys begins with the key that says when (`SeenKeys::watermark`).
     let front = cursor.seen.front();
-    let watermark = (cursor.seen.forgotten_before() > 0)
-        .then(|| tollgate_rules::seen::watermark_key(cursor.seen.forgotten_before(), front));
+    let watermark = cursor.seen.watermark();
     out.option(watermark.or(front), |out, key| {
         out.u64(key.time_ns);
         out.u64(key.start_ns);
@@ -600,9 +599,7 @@ mod tests {
             bounds: (!b.bounds.is_empty()).then(|| bounds_hash(&b.bounds)),
             buckets: b.buckets.clone(),
         });
-        let forgotten = cursor.seen.forgotten_before();
-        let watermark = (forgotten > 0).then(|| tollgate_rules::seen::watermark_key(forgotten, cursor.seen.front()));
-        let keys: Vec<PointKey> = watermark.into_iter().chain(cursor.seen.iter()).collect();
+        let keys: Vec<PointKey> = cursor.seen.watermark().into_iter().chain(cursor.seen.iter()).collect();
         let first = keys.first().map(|k| (k.time_ns, k.start_ns));
         let steps = keys
             .iter()

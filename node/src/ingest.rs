@@ -189,7 +189,7 @@ impl Ingest {
         let head = ResourceHead::decode(resource).ok()?;
         match rules.config.routing.select(head.resource.as_ref()) {
             Selection::Ours(entity) => Some(vnode_of(entity.partition_hash(), self.vnodes)),
-            Selection::NotOurs | Selection::MissingService | Selection::NameTooLong(_) => None,
+            Selection::NotOurs | Selection::Rejected(_) => None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! they describe (SPEC §1.3).
 
 use crate::attributes;
+use crate::point::{RejectReason, Rejection};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::{Deserialize, Serialize};
@@ -94,19 +95,23 @@ impl RoutingRules {
             return Selection::NotOurs;
         }
         let Some(service) = first_non_empty(attributes, &self.service_attributes) else {
-            return Selection::MissingService;
+            return Selection::Rejected(missing_service());
         };
         let instance = first_non_empty(attributes, &self.instance_attributes);
         for (what, name) in [("service", Some(&service)), ("instance", instance.as_ref())] {
             if let Some(name) = name.filter(|name| name.len() > MAX_NAME_BYTES) {
-                return Selection::NameTooLong(format!(
-                    "{what} name of {} bytes is longer than {MAX_NAME_BYTES}",
-                    name.len()
+                return Selection::Rejected(Rejection::new(
+                    RejectReason::NameTooLong,
+                    format!("{what} name of {} bytes is longer than {MAX_NAME_BYTES}", name.len()),
                 ));
             }
         }
         Selection::Ours(Entity { service, instance })
     }
+}
+
+fn missing_service() -> Rejection {
+    Rejection::new(RejectReason::MissingService, "gateway resource without aigw.service or service.name")
 }
 
 fn first_non_empty(attributes: &[KeyValue], keys: &[String]) -> Option<String> {
@@ -123,11 +128,10 @@ pub enum Selection {
     Ours(Entity),
     /// Not a gateway resource: accepted and dropped.
     NotOurs,
-    /// A gateway resource without any service attribute: its data is rejected.
-    MissingService,
-    /// A service or instance name longer than [`MAX_NAME_BYTES`]: its data is rejected (says
-    /// which, and how long).
-    NameTooLong(String),
+    /// A gateway resource whose data is rejected, and why: without any service attribute
+    /// (`missing_service`), or with a service or instance name longer than [`MAX_NAME_BYTES`]
+    /// (`name_too_long`, saying which and how long).
+    Rejected(Rejection),
 }
 
 /// The longest service or instance name accepted, in bytes. Names are query parameters: one of
@@ -256,7 +260,10 @@ mod tests {
         let r = resource(&[("job_name", "envoy-ai-gateway"), ("service.name", "gw"), ("service.instance.id", &longer)]);
         assert_eq!(
             rules.select(Some(&r)),
-            Selection::NameTooLong("instance name of 1025 bytes is longer than 1024".into())
+            Selection::Rejected(Rejection::new(
+                RejectReason::NameTooLong,
+                "instance name of 1025 bytes is longer than 1024"
+            ))
         );
     }
 
@@ -271,7 +278,10 @@ mod tests {
     #[test]
     fn test_select_gateway_resource_without_service_is_reported() {
         let rules = RoutingRules::default();
-        assert_eq!(rules.select(Some(&resource(&[("job_name", "envoy-ai-gateway")]))), Selection::MissingService);
+        assert_eq!(
+            rules.select(Some(&resource(&[("job_name", "envoy-ai-gateway")]))),
+            Selection::Rejected(missing_service())
+        );
     }
 
     #[test]

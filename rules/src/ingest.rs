@@ -241,16 +241,7 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                 batch.report.drop_items(DropReason::NotGateway, point_total);
                 continue;
             }
-            Selection::MissingService => {
-                let rejection = Rejection::new(
-                    RejectReason::MissingService,
-                    "gateway resource without aigw.service or service.name",
-                );
-                batch.report.reject_many(&rejection, point_total, || "resource".to_string());
-                continue;
-            }
-            Selection::NameTooLong(problem) => {
-                let rejection = Rejection::new(RejectReason::NameTooLong, problem);
+            Selection::Rejected(rejection) => {
                 batch.report.reject_many(&rejection, point_total, || "resource".to_string());
                 continue;
             }
@@ -405,16 +396,7 @@ fn extract_log_resources(
                 batch.report.drop_items(DropReason::NotGateway, total);
                 continue;
             }
-            Selection::MissingService => {
-                let rejection = Rejection::new(
-                    RejectReason::MissingService,
-                    "gateway resource without aigw.service or service.name",
-                );
-                batch.report.reject_many(&rejection, total, || "resource".to_string());
-                continue;
-            }
-            Selection::NameTooLong(problem) => {
-                let rejection = Rejection::new(RejectReason::NameTooLong, problem);
+            Selection::Rejected(rejection) => {
                 batch.report.reject_many(&rejection, total, || "resource".to_string());
                 continue;
             }

@@ -443,18 +443,7 @@ async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arrivin
     )
     .await;
     // A slow OTLP/HTTP upload: 180 000 of its 199 000 bytes sent, the rest still to come.
-    let mut upload = tokio::net::TcpStream::connect(node.endpoints.otlp_http).await.unwrap();
-    let head = format!(
-        "POST /v1/metrics HTTP/1.1\r\nhost: tollgate\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
-        199_000
-    );
-    upload.write_all(head.as_bytes()).await.unwrap();
-    upload.write_all(&vec![0u8; 180_000]).await.unwrap();
-    let started = std::time::Instant::now();
-    while node.self_metric_opt("tollgate_inflight_bytes").await.unwrap_or(0.0) < 180_000.0 {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the arriving body was never charged");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let mut upload = partial_upload(&node, 199_000, 180_000).await;
 
     // Meanwhile a 21 KB export does not fit, over gRPC or HTTP: refused at once, retryably.
     let time = now_seconds() - 120;
@@ -491,7 +480,7 @@ async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arrivin
 /// long as their connections stayed open, and every other export was refused as overloaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_stalled_upload_is_cut_off_and_releases_the_budget() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     use tower::Service;
     let node = TestNode::start_with(
         &[
@@ -506,24 +495,9 @@ async fn test_a_stalled_upload_is_cut_off_and_releases_the_budget() {
     let export =
         request(gateway("stall-gw"), vec![durations((0..400).map(|i| point(&format!("p{i}"), time)).collect())]);
     let mut client = node.metrics_client(0).await;
-    let charged = |at_least: f64| {
-        let node = &node;
-        async move {
-            let started = std::time::Instant::now();
-            while node.self_metric_opt("tollgate_inflight_bytes").await.unwrap_or(0.0) < at_least {
-                assert!(started.elapsed() < std::time::Duration::from_secs(30), "the arriving body was never charged");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    };
 
     // OTLP/HTTP: 180 000 of 199 000 bytes, then nothing.
-    let mut upload = tokio::net::TcpStream::connect(node.endpoints.otlp_http).await.unwrap();
-    let head = "POST /v1/metrics HTTP/1.1\r\nhost: tollgate\r\ncontent-type: application/x-protobuf\r\n\
-                content-length: 199000\r\n\r\n";
-    upload.write_all(head.as_bytes()).await.unwrap();
-    upload.write_all(&vec![0u8; 180_000]).await.unwrap();
-    charged(180_000.0).await;
+    let mut upload = partial_upload(&node, 199_000, 180_000).await;
     assert_eq!(client.export(export.clone()).await.unwrap_err().code(), Code::ResourceExhausted);
     let mut answer = Vec::new();
     let read = tokio::time::timeout(std::time::Duration::from_secs(20), upload.read_to_end(&mut answer)).await;
@@ -561,6 +535,24 @@ async fn test_a_stalled_upload_is_cut_off_and_releases_the_budget() {
     drop(frames);
     assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
     client.export(export).await.expect("accepted once the stalled stream is cut off");
+}
+
+/// An OTLP/HTTP upload declaring `declared` bytes of which `sent` were sent, once the node charged
+/// them to its in-flight budget; the connection stays open.
+async fn partial_upload(node: &TestNode, declared: usize, sent: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut upload = tokio::net::TcpStream::connect(node.endpoints.otlp_http).await.unwrap();
+    let head = format!(
+        "POST /v1/metrics HTTP/1.1\r\nhost: tollgate\r\ncontent-type: application/x-protobuf\r\ncontent-length: {declared}\r\n\r\n"
+    );
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&vec![0u8; sent]).await.unwrap();
+    let started = std::time::Instant::now();
+    while node.self_metric_opt("tollgate_inflight_bytes").await.unwrap_or(0.0) < sent as f64 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the arriving body was never charged");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    upload
 }
 
 /// Runs futures concurrently and collects their outputs in order.

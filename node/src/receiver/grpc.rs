@@ -104,7 +104,7 @@ pub async fn serve(
         .max_decoding_message_size(max_request_bytes);
     tonic::transport::Server::builder()
         .layer(CodecStatusMapping)
-        .layer(ChargeWireBytes { budget, body_timeout })
+        .layer(ChargeWireBytes { budget, body_timeout, max_request_bytes })
         .add_service(metrics)
         .add_service(logs)
         .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
@@ -112,10 +112,11 @@ pub async fn serve(
 }
 
 /// tonic's codec answers an oversized message with `OUT_OF_RANGE`, and a protobuf that does not
-/// decode, a gzip body that does not inflate or a message cut short with `INTERNAL`; SPEC §8 (and OTLP clients, which
-/// must not retry them) expect `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never
-/// return `OUT_OF_RANGE`, and their `INTERNAL` errors never start with prost's decode-error or
-/// tonic's decompression-error text, so the mapping cannot hide anything else.
+/// decode or a message cut short with `INTERNAL`; SPEC §8 (and OTLP clients, which must not retry
+/// them) expect `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never return
+/// `OUT_OF_RANGE`, and their `INTERNAL` errors never start with prost's decode-error or tonic's
+/// end-of-stream text, so the mapping cannot hide anything else. (Gzip messages are inflated
+/// before tonic reads them, with our own statuses: [`Inflater`].)
 #[derive(Clone, Copy, Debug)]
 struct CodecStatusMapping;
 
@@ -144,8 +145,7 @@ fn rewrite(headers: &mut http::HeaderMap) {
         // `grpc-message` is percent-encoded: its spaces are `%20`.
         let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
         // A message cut short (its frame says more bytes than the request held) is malformed too.
-        let malformed =
-            ["failed to decode Protobuf message", "Error decompressing: ", "Unexpected EOF decoding stream"];
+        let malformed = ["failed to decode Protobuf message", "Unexpected EOF decoding stream"];
         let malformed = malformed.iter().any(|text| {
             message.starts_with(text.as_bytes()) || message.starts_with(text.replace(' ', "%20").as_bytes())
         });
@@ -222,22 +222,29 @@ impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for CodecStatusBod
 #[derive(Clone, Debug)]
 struct WirePermit(Arc<Mutex<BudgetPermit>>);
 
-/// Charges every request body frame to the in-flight budget as it arrives, before tonic buffers,
-/// decompresses and decodes the message: beyond the budget the request fails at once with a
-/// retryable `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded. A body
-/// still arriving `body_timeout` after its headers fails with `DEADLINE_EXCEEDED`, which
-/// releases its bytes: stalled streams held their share of the budget for as long as their
-/// connection stayed open.
+/// Charges every request body frame to the in-flight budget as it arrives, before tonic buffers
+/// and decodes the message: beyond the budget the request fails at once with a retryable
+/// `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded. A body still
+/// arriving `body_timeout` after its headers fails with `DEADLINE_EXCEEDED`, which releases its
+/// bytes: stalled streams held their share of the budget for as long as their connection stayed
+/// open. The messages of a `grpc-encoding: gzip` request are inflated here ([`Inflater`]), not by
+/// tonic.
 #[derive(Clone, Debug)]
 struct ChargeWireBytes {
     budget: Budget,
     body_timeout: Duration,
+    max_request_bytes: usize,
 }
 
 impl<S> Layer<S> for ChargeWireBytes {
     type Service = ChargeWireBytesService<S>;
     fn layer(&self, inner: S) -> ChargeWireBytesService<S> {
-        ChargeWireBytesService { inner, budget: self.budget.clone(), body_timeout: self.body_timeout }
+        ChargeWireBytesService {
+            inner,
+            budget: self.budget.clone(),
+            body_timeout: self.body_timeout,
+            max_request_bytes: self.max_request_bytes,
+        }
     }
 }
 
@@ -246,6 +253,7 @@ struct ChargeWireBytesService<S> {
     inner: S,
     budget: Budget,
     body_timeout: Duration,
+    max_request_bytes: usize,
 }
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for ChargeWireBytesService<S>
@@ -266,7 +274,58 @@ where
         parts.extensions.insert(permit.clone());
         let deadline = tokio::time::sleep(self.body_timeout);
         let timeout = self.body_timeout;
-        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit, deadline, timeout }))
+        // Any other encoding tonic refuses (`UNIMPLEMENTED`), before reading the body.
+        let gzip = parts.headers.get("grpc-encoding").is_some_and(|encoding| encoding == "gzip");
+        let inflater = gzip.then(|| Inflater { pending: bytes::BytesMut::new(), limit: self.max_request_bytes });
+        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit, deadline, timeout, inflater }))
+    }
+}
+
+/// The length-prefixed messages of a gzip-encoded request (gRPC's framing: a compressed flag, a
+/// 4-byte big-endian length, the message), inflated and framed again uncompressed. tonic's own
+/// decompression reads only a gzip stream's first member and ignores the bytes after it, so a
+/// message compressed as several members (valid RFC 1952, `cat a.gz b.gz`) was answered `OK` with
+/// only the first member's data merged.
+#[derive(Debug)]
+struct Inflater {
+    /// Bytes of a message not complete yet.
+    pending: bytes::BytesMut,
+    limit: usize,
+}
+
+/// gRPC's message prefix: the compressed flag and the length.
+const PREFIX: usize = 5;
+
+impl Inflater {
+    /// Appends `data` and takes the complete messages out: compressed ones inflated (at most
+    /// `limit` bytes each, charged to `permit`) and flagged uncompressed, others as they came, for
+    /// tonic to read or refuse.
+    fn push(&mut self, data: &[u8], permit: &mut BudgetPermit) -> Result<bytes::Bytes, Status> {
+        self.pending.extend_from_slice(data);
+        let mut messages = bytes::BytesMut::new();
+        while self.pending.len() >= PREFIX {
+            let length = u32::from_be_bytes([self.pending[1], self.pending[2], self.pending[3], self.pending[4]]);
+            let length = length as usize;
+            if length > self.limit {
+                return Err(Status::resource_exhausted(format!(
+                    "a message of {length} bytes exceeds limits.max_request_bytes ({} bytes)",
+                    self.limit
+                )));
+            }
+            if self.pending.len() < PREFIX + length {
+                break;
+            }
+            let message = self.pending.split_to(PREFIX + length);
+            if message[0] != 1 {
+                messages.extend_from_slice(&message);
+                continue;
+            }
+            let inflated = super::gunzip(&message[PREFIX..], self.limit, permit)?;
+            messages.extend_from_slice(&[0]);
+            messages.extend_from_slice(&(inflated.len() as u32).to_be_bytes());
+            messages.extend_from_slice(&inflated);
+        }
+        Ok(messages.freeze())
     }
 }
 
@@ -281,6 +340,7 @@ pin_project_lite::pin_project! {
         #[pin]
         deadline: tokio::time::Sleep,
         timeout: Duration,
+        inflater: Option<Inflater>,
     }
 }
 
@@ -296,34 +356,129 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let bytes = frame.data_ref().map_or(0, |data| data.len());
-                let charged = this.permit.0.lock().map_err(|_| "in-flight budget lock poisoned")?.grow(bytes);
-                match charged {
-                    Ok(()) => Poll::Ready(Some(Ok(frame))),
+        let mut this = self.project();
+        loop {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let mut permit = this.permit.0.lock().map_err(|_| "in-flight budget lock poisoned")?;
                     // tonic finds the `Status` in the error and answers the client with it.
-                    Err(error) => Poll::Ready(Some(Err(Box::new(Status::from(error))))),
+                    if let Err(error) = permit.grow(data.len()) {
+                        return Poll::Ready(Some(Err(Box::new(Status::from(error)))));
+                    }
+                    let Some(inflater) = this.inflater.as_mut() else {
+                        return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                    };
+                    match inflater.push(&data, &mut permit) {
+                        // No message complete yet.
+                        Ok(messages) if messages.is_empty() => continue,
+                        Ok(messages) => return Poll::Ready(Some(Ok(http_body::Frame::data(messages)))),
+                        Err(status) => return Poll::Ready(Some(Err(Box::new(status)))),
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+                Poll::Ready(None) => {
+                    // A message cut short goes to tonic as it came, which answers that it ended early.
+                    let rest = this.inflater.as_mut().map(|inflater| inflater.pending.split().freeze());
+                    return Poll::Ready(
+                        rest.filter(|rest| !rest.is_empty()).map(|rest| Ok(http_body::Frame::data(rest))),
+                    );
+                }
+                Poll::Pending => {
+                    return match this.deadline.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(format!(
+                            "the request body did not arrive within {} ms (limits.body_timeout_ms)",
+                            this.timeout.as_millis()
+                        )))))),
+                        Poll::Pending => Poll::Pending,
+                    }
                 }
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.deadline.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(format!(
-                    "the request body did not arrive within {} ms (limits.body_timeout_ms)",
-                    this.timeout.as_millis()
-                )))))),
-                Poll::Pending => Poll::Pending,
-            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end_stream() && self.inflater.as_ref().is_none_or(|inflater| inflater.pending.is_empty())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        // Inflating changes the size.
+        match self.inflater {
+            Some(_) => http_body::SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+        let mut frame = vec![flag];
+        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        frame.extend_from_slice(message);
+        frame
+    }
+
+    #[test]
+    fn test_messages_are_inflated_however_the_body_is_cut() {
+        let first = b"first message".repeat(50);
+        let second = b"second".to_vec();
+        let third = b"sent uncompressed".to_vec();
+        let body = [
+            framed(1, &[gzip(&first[..100]), gzip(&first[100..])].concat()),
+            framed(1, &gzip(&second)),
+            framed(0, &third),
+        ]
+        .concat();
+        let expected = [framed(0, &first), framed(0, &second), framed(0, &third)].concat();
+        let budget = Budget::new(1 << 20);
+        for cut in [1, 2, 5, 7, 100, body.len()] {
+            let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 10_000 };
+            let mut permit = budget.empty();
+            let mut out = Vec::new();
+            for chunk in body.chunks(cut) {
+                out.extend_from_slice(&inflater.push(chunk, &mut permit).unwrap());
+            }
+            assert_eq!(out, expected, "chunks of {cut} bytes");
+            assert!(inflater.pending.is_empty());
+            // The inflated bytes are charged.
+            assert_eq!(permit.held(), first.len() + second.len());
+        }
+    }
+
+    #[test]
+    fn test_an_incomplete_message_stays_pending_and_limits_hold() {
+        let budget = Budget::new(1 << 20);
+        let mut permit = budget.empty();
+        let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 1_000 };
+        let message = framed(1, &gzip(b"hello"));
+        assert!(inflater.push(&message[..message.len() - 1], &mut permit).unwrap().is_empty());
+        assert_eq!(inflater.pending.len(), message.len() - 1);
+        // Said longer than the limit: refused before its bytes are waited for.
+        let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 1_000 };
+        let status = inflater.push(&framed(1, &[0; 1_001])[..10], &mut permit).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        // Inflating past the limit.
+        let status = inflater.push(&framed(1, &gzip(&[0; 1_001])), &mut permit).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        // Not gzip, or bytes after the last member.
+        for bad in [b"not gzip".to_vec(), [gzip(b"fine"), b"trailing".to_vec()].concat()] {
+            let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 1_000 };
+            let status = inflater.push(&framed(1, &bad), &mut permit).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().starts_with("invalid gzip body"), "{status:?}");
+        }
     }
 }

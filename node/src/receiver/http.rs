@@ -17,7 +17,6 @@ use axum::Router;
 use http_body_util::BodyExt;
 use prost::Message;
 use serde::Serialize;
-use std::io::Read;
 use std::time::Duration;
 use tollgate_proto::otlp_routing::logs::ExportLogsServiceRequest as RoutingLogs;
 use tollgate_proto::otlp_routing::metrics::ExportMetricsServiceRequest as RoutingMetrics;
@@ -140,23 +139,7 @@ async fn read_body(
     if !gzip {
         return Ok(wire);
     }
-    let mut decoded = Vec::new();
-    // Every member of the gzip stream (RFC 1952 §2.2: a file is a series of members; `cat a.gz
-    // b.gz` is one), and bytes after the last one are an error: reading only the first member
-    // acknowledged the others' data without merging it.
-    let mut reader = flate2::read::MultiGzDecoder::new(wire.as_slice());
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let read = reader.read(&mut chunk).map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
-        if read == 0 {
-            return Ok(decoded);
-        }
-        if decoded.len() + read > limit {
-            return Err(too_large());
-        }
-        permit.grow(read)?;
-        decoded.extend_from_slice(&chunk[..read]);
-    }
+    super::gunzip(&wire, limit, permit)
 }
 
 /// A protobuf request in its routing view: resources left encoded, sharing the body's buffer.

@@ -12,26 +12,31 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuc
 use std::io::Read;
 use tollgate_rules::IngestReport;
 
-/// Inflates a gzip body of at most `limit` bytes inflated, charging them to `permit` as they come.
-/// Every member of the gzip stream is read (RFC 1952 §2.2: a file is a series of members; `cat
-/// a.gz b.gz` is one), and bytes after the last one are an error: reading only the first member
-/// (what a plain gzip decoder, and tonic's, does) acknowledged the others' data without merging it.
-pub(crate) fn gunzip(wire: &[u8], limit: usize, permit: &mut BudgetPermit) -> Result<Vec<u8>, Error> {
-    let mut decoded = Vec::new();
+/// Inflates a gzip body onto the end of `out`, at most `limit` bytes, charging them to `permit`
+/// as they come. Every member of the gzip stream is read (RFC 1952 §2.2: a file is a series of
+/// members; `cat a.gz b.gz` is one), and bytes after the last one are an error: reading only the
+/// first member (what a plain gzip decoder, and tonic's, does) acknowledged the others' data
+/// without merging it.
+pub(crate) fn gunzip(wire: &[u8], limit: usize, permit: &mut BudgetPermit, out: &mut Vec<u8>) -> Result<(), Error> {
+    let start = out.len();
     let mut reader = flate2::read::MultiGzDecoder::new(wire);
-    let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let read = reader.read(&mut chunk).map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
+        let inflated = out.len() - start;
+        // Room for the next read, growing with what came (one byte past the limit shows it passed).
+        let room = inflated.max(wire.len()).clamp(4096, 1 << 20).min(limit + 1 - inflated);
+        out.resize(start + inflated + room, 0);
+        let read = reader.read(&mut out[start + inflated..]);
+        out.truncate(start + inflated + *read.as_ref().unwrap_or(&0));
+        let read = read.map_err(|e| Error::InvalidArgument(format!("invalid gzip body: {e}")))?;
         if read == 0 {
-            return Ok(decoded);
+            return Ok(());
         }
-        if decoded.len() + read > limit {
+        if inflated + read > limit {
             return Err(Error::TooLarge(format!(
                 "request body exceeds limits.max_request_bytes ({limit} bytes) once inflated"
             )));
         }
         permit.grow(read)?;
-        decoded.extend_from_slice(&chunk[..read]);
     }
 }
 

@@ -110,26 +110,39 @@ async fn raw_grpc(node: &TestNode, bytes: Vec<u8>) -> Result<Vec<u8>, tonic::Sta
 /// One gRPC message frame sent as it is, with `grpc-encoding: gzip` (`compressed` sets the
 /// frame's flag): the answer's `grpc-status` and `grpc-message`.
 async fn grpc_frame(node: &TestNode, compressed: bool, payload: &[u8]) -> (Option<String>, String) {
+    grpc_body(node, Some("gzip"), framed(compressed, payload)).await
+}
+
+/// `bytes` as one gzip member.
+fn gzip_member(bytes: &[u8]) -> Vec<u8> {
+    let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(bytes).unwrap();
+    gzip.finish().unwrap()
+}
+
+/// gRPC's framing of one message: the compressed flag, the length, the message.
+fn framed(compressed: bool, payload: &[u8]) -> Vec<u8> {
     let mut frame = vec![u8::from(compressed)];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(payload);
-    grpc_body(node, frame).await
+    frame
 }
 
-/// A gRPC request body sent as it is (with `grpc-encoding: gzip`): the answer's `grpc-status` and
-/// `grpc-message`.
-async fn grpc_body(node: &TestNode, frame: Vec<u8>) -> (Option<String>, String) {
+/// A gRPC request body sent as it is (with `grpc-encoding` if given): the answer's `grpc-status`
+/// and `grpc-message`.
+async fn grpc_body(node: &TestNode, encoding: Option<&str>, frame: Vec<u8>) -> (Option<String>, String) {
     use http_body_util::BodyExt;
     use tower::Service;
     let mut channel = tonic::transport::Endpoint::from_shared(node.grpc()).unwrap().connect().await.unwrap();
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method("POST")
         .uri(format!("{}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", node.grpc()))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-encoding", "gzip")
-        .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame))))
-        .unwrap();
+        .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        request = request.header("grpc-encoding", encoding);
+    }
+    let request = request.body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame)))).unwrap();
     std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
     let response = channel.call(request).await.unwrap();
     let headers = response.headers().clone();
@@ -203,6 +216,8 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     // gzip is malformed (tonic said INTERNAL).
     let (status, message) = grpc_frame(&node, true, &bomb).await;
     assert_eq!(status.as_deref(), Some("8"), "{message}");
+    // Too large (not retried), not the retryable overload.
+    assert!(message.contains("once%20inflated"), "{message}");
     let (status, message) = grpc_frame(&node, true, &[1, 2, 3]).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert!(message.starts_with("invalid%20gzip%20body"), "{message}");
@@ -211,7 +226,7 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     let mut truncated = vec![0u8];
     truncated.extend_from_slice(&100u32.to_be_bytes());
     truncated.extend_from_slice(&[0u8; 10]);
-    let (status, message) = grpc_body(&node, truncated).await;
+    let (status, message) = grpc_body(&node, Some("gzip"), truncated).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert!(message.starts_with("Unexpected%20EOF"), "{message}");
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), bomb).await.0, 413);
@@ -232,11 +247,8 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     assert_eq!(request_cpm(&node, "http-gw", minute).await, Some(6.0));
     // A gzip body of two members (`cat a.gz b.gz`) is one stream: both requests' data lands (only
     // the first did, and the answer was 200). Bytes after the last member are a malformed body.
-    let member = |pod: &str| {
-        let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gzip.write_all(&request(gateway("gz-gw"), vec![durations(vec![point(pod, time)])]).encode_to_vec()).unwrap();
-        gzip.finish().unwrap()
-    };
+    let member =
+        |pod: &str| gzip_member(&request(gateway("gz-gw"), vec![durations(vec![point(pod, time)])]).encode_to_vec());
     let two_members = [member("first"), member("second")].concat();
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), two_members).await.0, 200);
     assert_eq!(request_cpm(&node, "gz-gw", minute).await, Some(4.0));
@@ -254,6 +266,20 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     let (status, message) = grpc_frame(&node, true, &trailing).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert_eq!(request_cpm(&node, "gz-gw", minute).await, Some(8.0));
+    // An Export call of two messages, compressed or not: refused whole (tonic merged the first,
+    // dropped the second unread and answered OK).
+    let plain = |pod: &str| request(gateway("two-gw"), vec![durations(vec![point(pod, time)])]).encode_to_vec();
+    for (encoding, compressed) in [(None, false), (Some("gzip"), false), (Some("gzip"), true)] {
+        let message = |pod: &str| framed(compressed, &if compressed { gzip_member(&plain(pod)) } else { plain(pod) });
+        let body = [message("first"), message("second")].concat();
+        let (status, message) = grpc_body(&node, encoding, body).await;
+        assert_eq!(status.as_deref(), Some("3"), "{encoding:?} {compressed}: {message}");
+        assert!(message.contains("more%20than%20one%20message"), "{message}");
+    }
+    assert_eq!(request_cpm(&node, "two-gw", minute).await, None);
+    let (status, message) = grpc_body(&node, None, framed(false, &plain("alone"))).await;
+    assert_eq!(status.as_deref(), Some("0"), "{message}");
+    assert_eq!(request_cpm(&node, "two-gw", minute).await, Some(2.0));
     let (code, _) = node.get("/healthz").await;
     assert_eq!(code, 200);
 }

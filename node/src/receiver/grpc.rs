@@ -116,7 +116,7 @@ pub async fn serve(
 /// them) expect `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`. Our handlers never return
 /// `OUT_OF_RANGE`, and their `INTERNAL` errors never start with prost's decode-error or tonic's
 /// end-of-stream text, so the mapping cannot hide anything else. (Gzip messages are inflated
-/// before tonic reads them, with our own statuses: [`Inflater`].)
+/// before tonic reads them, with our own statuses: [`Messages`].)
 #[derive(Clone, Copy, Debug)]
 struct CodecStatusMapping;
 
@@ -227,8 +227,8 @@ struct WirePermit(Arc<Mutex<BudgetPermit>>);
 /// `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded. A body still
 /// arriving `body_timeout` after its headers fails with `DEADLINE_EXCEEDED`, which releases its
 /// bytes: stalled streams held their share of the budget for as long as their connection stayed
-/// open. The messages of a `grpc-encoding: gzip` request are inflated here ([`Inflater`]), not by
-/// tonic.
+/// open. The body must carry one message, which in a `grpc-encoding: gzip` request is inflated
+/// here, not by tonic ([`Messages`]).
 #[derive(Clone, Debug)]
 struct ChargeWireBytes {
     budget: Budget,
@@ -276,62 +276,145 @@ where
         let timeout = self.body_timeout;
         // Any other encoding tonic refuses (`UNIMPLEMENTED`), before reading the body.
         let gzip = parts.headers.get("grpc-encoding").is_some_and(|encoding| encoding == "gzip");
-        let inflater = gzip.then(|| Inflater { pending: bytes::BytesMut::new(), limit: self.max_request_bytes });
-        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit, deadline, timeout, inflater }))
+        let messages = Messages::new(gzip.then(|| self.budget.clone()), self.max_request_bytes);
+        self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit, deadline, timeout, messages }))
     }
 }
 
-/// The length-prefixed messages of a gzip-encoded request (gRPC's framing: a compressed flag, a
-/// 4-byte big-endian length, the message), inflated and framed again uncompressed. tonic's own
-/// decompression reads only a gzip stream's first member and ignores the bytes after it, so a
-/// message compressed as several members (valid RFC 1952, `cat a.gz b.gz`) was answered `OK` with
-/// only the first member's data merged.
-#[derive(Debug)]
-struct Inflater {
-    /// Bytes of a message not complete yet.
-    pending: bytes::BytesMut,
-    limit: usize,
-}
-
-/// gRPC's message prefix: the compressed flag and the length.
+/// gRPC's message prefix: the compressed flag and the 4-byte big-endian length.
 const PREFIX: usize = 5;
 
-impl Inflater {
-    /// Appends `data` and takes the complete messages out: compressed ones inflated (at most
-    /// `limit` bytes each, charged to `permit`) and flagged uncompressed, others as they came, for
-    /// tonic to read or refuse.
-    fn push(&mut self, data: &[u8], permit: &mut BudgetPermit) -> Result<bytes::Bytes, Status> {
-        self.pending.extend_from_slice(data);
-        let mut messages = bytes::BytesMut::new();
-        while self.pending.len() >= PREFIX {
-            let length = u32::from_be_bytes([self.pending[1], self.pending[2], self.pending[3], self.pending[4]]);
-            let length = length as usize;
-            if length > self.limit {
-                return Err(Status::resource_exhausted(format!(
-                    "a message of {length} bytes exceeds limits.max_request_bytes ({} bytes)",
-                    self.limit
-                )));
-            }
-            if self.pending.len() < PREFIX + length {
-                break;
-            }
-            let message = self.pending.split_to(PREFIX + length);
-            if message[0] != 1 {
-                messages.extend_from_slice(&message);
+/// The gRPC message of a request body, followed as its bytes arrive.
+///
+/// An `Export` call carries one message. tonic reads the first and drops any further ones
+/// unseen, so a request of two was answered `OK` with the second's data dropped: a second message
+/// is refused (`INVALID_ARGUMENT`), as gRPC's other servers do.
+///
+/// In a gzip request (`grpc-encoding: gzip`) the message is inflated here and handed to tonic
+/// uncompressed. tonic's own decompression reads only a gzip stream's first member and ignores the
+/// bytes after it, so a message compressed as several members (valid RFC 1952, `cat a.gz b.gz`)
+/// was answered `OK` with only the first member's data merged; bytes after the last member were
+/// ignored too.
+#[derive(Debug)]
+struct Messages {
+    /// Set in a gzip request: the budget the inflated bytes are charged to while they are made.
+    /// Once handed on, tonic's buffer holds them and the handler charges the decoded request.
+    inflate: Option<Budget>,
+    limit: usize,
+    /// Inflating: the message's bytes so far. Otherwise: its prefix's bytes so far (the message
+    /// itself is passed on as it comes).
+    pending: bytes::BytesMut,
+    /// Not inflating: the bytes of the message still to come after its prefix.
+    remaining: usize,
+    /// A message has begun.
+    begun: bool,
+    /// The body ended and what was pending was handed on.
+    ended: bool,
+}
+
+impl Messages {
+    fn new(inflate: Option<Budget>, limit: usize) -> Messages {
+        Messages { inflate, limit, pending: bytes::BytesMut::new(), remaining: 0, begun: false, ended: false }
+    }
+
+    /// A message begins: refused if it is not the first.
+    fn begin(&mut self) -> Result<(), Status> {
+        if std::mem::replace(&mut self.begun, true) {
+            return Err(Status::invalid_argument(
+                "the request carries more than one message: an Export call takes exactly one",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The length in a complete prefix, within the limit.
+    fn length(&self, prefix: &[u8]) -> Result<usize, Status> {
+        let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if length > self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "a message of {length} bytes exceeds limits.max_request_bytes ({} bytes)",
+                self.limit
+            )));
+        }
+        Ok(length)
+    }
+
+    /// The bytes to hand tonic for `data`, the body's next bytes: `data` itself, or, inflating,
+    /// nothing until the message is complete, then the message (inflated if it is compressed,
+    /// as it came if not, for tonic to read or refuse).
+    fn push(&mut self, data: bytes::Bytes) -> Result<bytes::Bytes, Status> {
+        let Some(budget) = self.inflate.clone() else {
+            self.follow(&data)?;
+            return Ok(data);
+        };
+        if self.pending.is_empty() && !data.is_empty() {
+            self.begin()?;
+        }
+        self.pending.extend_from_slice(&data);
+        if self.pending.len() < PREFIX {
+            return Ok(bytes::Bytes::new());
+        }
+        let length = self.length(&self.pending)?;
+        if self.pending.len() < PREFIX + length {
+            return Ok(bytes::Bytes::new());
+        }
+        if self.pending.len() > PREFIX + length {
+            // Bytes of a second message.
+            self.begin()?;
+        }
+        let message = self.pending.split();
+        if message[0] != 1 {
+            return Ok(message.freeze());
+        }
+        let mut permit = budget.empty();
+        let mut inflated = vec![0u8; PREFIX];
+        super::gunzip(&message[PREFIX..], self.limit, &mut permit, &mut inflated)?;
+        let length = (inflated.len() - PREFIX) as u32;
+        inflated[1..PREFIX].copy_from_slice(&length.to_be_bytes());
+        Ok(bytes::Bytes::from(inflated))
+    }
+
+    /// Follows the framing through `data` without keeping the message.
+    fn follow(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let skipped = self.remaining.min(data.len());
+                self.remaining -= skipped;
+                data = &data[skipped..];
                 continue;
             }
-            let inflated = super::gunzip(&message[PREFIX..], self.limit, permit)?;
-            messages.extend_from_slice(&[0]);
-            messages.extend_from_slice(&(inflated.len() as u32).to_be_bytes());
-            messages.extend_from_slice(&inflated);
+            if self.pending.is_empty() {
+                self.begin()?;
+            }
+            let taken = (PREFIX - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..taken]);
+            data = &data[taken..];
+            if self.pending.len() == PREFIX {
+                self.remaining = self.length(&self.pending)?;
+                self.pending.clear();
+            }
         }
-        Ok(messages.freeze())
+        Ok(())
+    }
+
+    /// A message has begun and not ended.
+    fn unfinished(&self) -> bool {
+        !self.pending.is_empty() || self.remaining > 0
+    }
+
+    /// At the body's end: what was kept of a message cut short, for tonic, which answers that the
+    /// request ended early.
+    fn end(&mut self) -> Option<bytes::Bytes> {
+        self.ended = true;
+        let rest = self.pending.split().freeze();
+        (self.inflate.is_some() && !rest.is_empty()).then_some(rest)
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A request body whose data frames are charged to the budget as they arrive, and which
-    /// fails once `deadline` passes before its end.
+    /// A request body whose data frames are charged to the budget as they arrive, which fails
+    /// once `deadline` passes before its end, and whose message is followed (and, in a gzip
+    /// request, inflated) by [`Messages`].
     #[derive(Debug)]
     pub struct ChargedBody<B> {
         #[pin]
@@ -340,7 +423,7 @@ pin_project_lite::pin_project! {
         #[pin]
         deadline: tokio::time::Sleep,
         timeout: Duration,
-        inflater: Option<Inflater>,
+        messages: Messages,
     }
 }
 
@@ -357,42 +440,42 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
+        if this.messages.ended {
+            return Poll::Ready(None);
+        }
         loop {
+            // tonic finds a `Status` in the error and answers the client with it.
+            let failed = |status: Status| Poll::Ready(Some(Err(Box::new(status) as Self::Error)));
             match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
+                        Err(_) if this.messages.unfinished() => {
+                            return failed(Status::invalid_argument("the request's trailers came inside its message"))
+                        }
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
-                    let mut permit = this.permit.0.lock().map_err(|_| "in-flight budget lock poisoned")?;
-                    // tonic finds the `Status` in the error and answers the client with it.
-                    if let Err(error) = permit.grow(data.len()) {
-                        return Poll::Ready(Some(Err(Box::new(Status::from(error)))));
+                    let charged = this.permit.0.lock().map_err(|_| "in-flight budget lock poisoned")?.grow(data.len());
+                    if let Err(error) = charged {
+                        return failed(error.into());
                     }
-                    let Some(inflater) = this.inflater.as_mut() else {
-                        return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-                    };
-                    match inflater.push(&data, &mut permit) {
-                        // No message complete yet.
-                        Ok(messages) if messages.is_empty() => continue,
-                        Ok(messages) => return Poll::Ready(Some(Ok(http_body::Frame::data(messages)))),
-                        Err(status) => return Poll::Ready(Some(Err(Box::new(status)))),
+                    match this.messages.push(data) {
+                        // The message is not complete yet.
+                        Ok(data) if data.is_empty() && this.messages.inflate.is_some() => continue,
+                        Ok(data) => return Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+                        Err(status) => return failed(status),
                     }
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
                 Poll::Ready(None) => {
-                    // A message cut short goes to tonic as it came, which answers that it ended early.
-                    let rest = this.inflater.as_mut().map(|inflater| inflater.pending.split().freeze());
-                    return Poll::Ready(
-                        rest.filter(|rest| !rest.is_empty()).map(|rest| Ok(http_body::Frame::data(rest))),
-                    );
+                    return Poll::Ready(this.messages.end().map(|rest| Ok(http_body::Frame::data(rest))))
                 }
                 Poll::Pending => {
                     return match this.deadline.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(format!(
+                        Poll::Ready(()) => failed(Status::deadline_exceeded(format!(
                             "the request body did not arrive within {} ms (limits.body_timeout_ms)",
                             this.timeout.as_millis()
-                        )))))),
+                        ))),
                         Poll::Pending => Poll::Pending,
                     }
                 }
@@ -401,12 +484,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream() && self.inflater.as_ref().is_none_or(|inflater| inflater.pending.is_empty())
+        self.messages.ended
+            || (self.inner.is_end_stream() && (self.messages.inflate.is_none() || self.messages.pending.is_empty()))
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         // Inflating changes the size.
-        match self.inflater {
+        match self.messages.inflate {
             Some(_) => http_body::SizeHint::default(),
             None => self.inner.size_hint(),
         }
@@ -416,6 +500,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::io::Write;
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -431,54 +516,103 @@ mod tests {
         frame
     }
 
+    fn inflating(budget: &Budget, limit: usize) -> Messages {
+        Messages::new(Some(budget.clone()), limit)
+    }
+
+    /// What `messages` hands on for `body` cut into chunks of `cut` bytes, and its first error.
+    fn feed(messages: &mut Messages, body: &[u8], cut: usize) -> (Vec<u8>, Option<Status>) {
+        let mut out = Vec::new();
+        for chunk in body.chunks(cut) {
+            match messages.push(Bytes::copy_from_slice(chunk)) {
+                Ok(data) => out.extend_from_slice(&data),
+                Err(status) => return (out, Some(status)),
+            }
+        }
+        out.extend_from_slice(&messages.end().unwrap_or_default());
+        (out, None)
+    }
+
     #[test]
-    fn test_messages_are_inflated_however_the_body_is_cut() {
-        let first = b"first message".repeat(50);
-        let second = b"second".to_vec();
-        let third = b"sent uncompressed".to_vec();
-        let body = [
-            framed(1, &[gzip(&first[..100]), gzip(&first[100..])].concat()),
-            framed(1, &gzip(&second)),
-            framed(0, &third),
-        ]
-        .concat();
-        let expected = [framed(0, &first), framed(0, &second), framed(0, &third)].concat();
+    fn test_a_message_of_several_members_is_inflated_however_the_body_is_cut() {
+        let message = b"one message".repeat(50);
+        let body = framed(1, &[gzip(&message[..100]), gzip(&message[100..])].concat());
         let budget = Budget::new(1 << 20);
         for cut in [1, 2, 5, 7, 100, body.len()] {
-            let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 10_000 };
-            let mut permit = budget.empty();
-            let mut out = Vec::new();
-            for chunk in body.chunks(cut) {
-                out.extend_from_slice(&inflater.push(chunk, &mut permit).unwrap());
+            let (out, error) = feed(&mut inflating(&budget, 10_000), &body, cut);
+            assert!(error.is_none(), "{error:?}");
+            assert_eq!(out, framed(0, &message), "chunks of {cut} bytes");
+        }
+        // An uncompressed message of a gzip request goes on as it came.
+        let body = framed(0, b"as it came");
+        let (out, error) = feed(&mut inflating(&budget, 10_000), &body, 3);
+        assert!(error.is_none() && out == body, "{out:?} {error:?}");
+        // Not inflating, the bytes go on as they come.
+        let body = framed(1, &gzip(&message));
+        let (out, error) = feed(&mut Messages::new(None, 10_000), &body, 3);
+        assert!(error.is_none() && out == body, "{out:?} {error:?}");
+    }
+
+    #[test]
+    fn test_a_second_message_is_refused() {
+        let budget = Budget::new(1 << 20);
+        for first in [framed(0, b""), framed(0, b"first"), framed(1, &gzip(b"first"))] {
+            let body = [first.clone(), framed(0, b"second")].concat();
+            for cut in [1, 4, 5, 6, first.len(), body.len()] {
+                for mut messages in [inflating(&budget, 1_000), Messages::new(None, 1_000)] {
+                    let (_, error) = feed(&mut messages, &body, cut);
+                    let status = error.unwrap_or_else(|| panic!("{body:?} in chunks of {cut} bytes: accepted"));
+                    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+                    assert!(status.message().contains("more than one message"), "{status:?}");
+                }
             }
-            assert_eq!(out, expected, "chunks of {cut} bytes");
-            assert!(inflater.pending.is_empty());
-            // The inflated bytes are charged.
-            assert_eq!(permit.held(), first.len() + second.len());
         }
     }
 
     #[test]
-    fn test_an_incomplete_message_stays_pending_and_limits_hold() {
+    fn test_limits_and_bad_gzip_and_a_message_cut_short() {
         let budget = Budget::new(1 << 20);
-        let mut permit = budget.empty();
-        let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 1_000 };
-        let message = framed(1, &gzip(b"hello"));
-        assert!(inflater.push(&message[..message.len() - 1], &mut permit).unwrap().is_empty());
-        assert_eq!(inflater.pending.len(), message.len() - 1);
-        // Said longer than the limit: refused before its bytes are waited for.
-        let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 1_000 };
-        let status = inflater.push(&framed(1, &[0; 1_001])[..10], &mut permit).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        // Said longer than the limit: refused before its bytes are waited for, inflating or not.
+        for mut messages in [inflating(&budget, 1_000), Messages::new(None, 1_000)] {
+            let status = messages.push(Bytes::from(framed(1, &[0; 1_001])[..10].to_vec())).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        }
         // Inflating past the limit.
-        let status = inflater.push(&framed(1, &gzip(&[0; 1_001])), &mut permit).unwrap_err();
+        let status = inflating(&budget, 1_000).push(Bytes::from(framed(1, &gzip(&[0; 1_001])))).unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("once inflated"), "{status:?}");
         // Not gzip, or bytes after the last member.
         for bad in [b"not gzip".to_vec(), [gzip(b"fine"), b"trailing".to_vec()].concat()] {
-            let mut inflater = Inflater { pending: bytes::BytesMut::new(), limit: 1_000 };
-            let status = inflater.push(&framed(1, &bad), &mut permit).unwrap_err();
+            let status = inflating(&budget, 1_000).push(Bytes::from(framed(1, &bad))).unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
             assert!(status.message().starts_with("invalid gzip body"), "{status:?}");
         }
+        // A message cut short: what came goes on at the end, for tonic to say it ended early.
+        let body = framed(1, &gzip(b"hello"));
+        let mut messages = inflating(&budget, 1_000);
+        assert!(messages.push(Bytes::from(body[..body.len() - 1].to_vec())).unwrap().is_empty());
+        assert!(messages.unfinished());
+        assert_eq!(messages.end().unwrap(), body[..body.len() - 1]);
+        let mut messages = Messages::new(None, 1_000);
+        assert_eq!(messages.push(Bytes::from(body[..3].to_vec())).unwrap(), body[..3]);
+        assert!(messages.unfinished());
+        assert_eq!(messages.end(), None);
+    }
+
+    #[test]
+    fn test_inflated_bytes_are_charged_while_they_are_made() {
+        let body = framed(1, &gzip(&[7; 900]));
+        // Twice within a budget of 1 000: the first message's charge was released.
+        let budget = Budget::new(1_000);
+        for _ in 0..2 {
+            let (out, error) = feed(&mut inflating(&budget, 10_000), &body, body.len());
+            assert!(error.is_none(), "{error:?}");
+            assert_eq!(out, framed(0, &[7; 900]));
+        }
+        // Beyond what is left of the budget: the retryable overload.
+        let _held = budget.try_acquire(500).unwrap();
+        let status = inflating(&budget, 10_000).push(Bytes::from(body)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("max_inflight_bytes"), "{status:?}");
     }
 }

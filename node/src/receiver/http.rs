@@ -139,7 +139,9 @@ async fn read_body(
     if !gzip {
         return Ok(wire);
     }
-    super::gunzip(&wire, limit, permit)
+    let mut decoded = Vec::new();
+    super::gunzip(&wire, limit, permit, &mut decoded)?;
+    Ok(decoded)
 }
 
 /// A protobuf request in its routing view: resources left encoded, sharing the body's buffer.

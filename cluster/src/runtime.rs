@@ -390,24 +390,41 @@ impl Cluster {
             if state.nodes.get(&self.id).is_none_or(|known| *known == self.me) {
                 return Ok(());
             }
-            let peers: Vec<String> =
-                state.nodes.iter().filter(|(id, _)| **id != self.id).map(|(_, n)| n.cluster_addr.clone()).collect();
             let request = self.join_request();
-            for address in &peers {
-                match self.transport.join(address, request.clone()).await {
-                    Ok(_) => {
-                        info!(via = %address, "announced new addresses");
-                        let me = self.me.clone();
-                        let id = self.id;
-                        let left = deadline.saturating_sub(started.elapsed());
-                        return if wait_applied(&self.applied, left, |a| a.state.nodes.get(&id) == Some(&me)).await {
-                            Ok(())
-                        } else {
-                            Err(ClusterError::NoQuorum("the new addresses were not applied here in time".into()))
-                        };
+            let announced = if self.is_leader() {
+                // The others would forward the announcement to this node's old address: the
+                // leader (a single node, or one elected again) updates its addresses itself.
+                match self.handle_join(request).await {
+                    Ok(_) => Some("itself".to_string()),
+                    Err(error) => {
+                        warn!(%error, "announcing new addresses failed");
+                        None
                     }
-                    Err(error) => warn!(via = %address, %error, "announcing new addresses failed"),
                 }
+            } else {
+                let peers = state.nodes.iter().filter(|(id, _)| **id != self.id).map(|(_, n)| &n.cluster_addr);
+                let mut announced = None;
+                for address in peers {
+                    match self.transport.join(address, request.clone()).await {
+                        Ok(_) => {
+                            announced = Some(address.clone());
+                            break;
+                        }
+                        Err(error) => warn!(via = %address, %error, "announcing new addresses failed"),
+                    }
+                }
+                announced
+            };
+            if let Some(via) = announced {
+                info!(%via, "announced new addresses");
+                let me = self.me.clone();
+                let id = self.id;
+                let left = deadline.saturating_sub(started.elapsed());
+                return if wait_applied(&self.applied, left, |a| a.state.nodes.get(&id) == Some(&me)).await {
+                    Ok(())
+                } else {
+                    Err(ClusterError::NoQuorum("the new addresses were not applied here in time".into()))
+                };
             }
             if started.elapsed() > deadline {
                 return Err(ClusterError::NoQuorum(format!("could not announce new addresses within {deadline:?}")));
@@ -619,12 +636,17 @@ impl Cluster {
                 node.name
             )));
         }
+        if let Some(known) = state.nodes.get(&id).filter(|known| known.name != node.name) {
+            return Err(ClusterError::Refused(format!(
+                "node {id} is the member named {:?}, not {:?}: a node keeps the name it joined with",
+                known.name, node.name
+            )));
+        }
         if state.nodes.get(&id) == Some(&node) {
             return Ok(JoinResponse { leader_id: self.id });
         }
-        if !state.nodes.contains_key(&id) {
-            self.check_joining(id, &node).await?;
-        }
+        // A new node, or a member at new addresses: the node there must be this one.
+        self.check_joining(id, &node).await?;
         let membership = self.raft.metrics().borrow_watched().membership_config.membership().clone();
         match membership.nodes().find(|(n, _)| **n == id).map(|(_, known)| known.clone()) {
             None => {

@@ -436,6 +436,40 @@ async fn test_cluster_restart_on_another_port_is_announced() {
     assert_eq!((sum, missing), (requests as f64, None));
 }
 
+/// A single node is its own leader: restarted on another port, it updates its own addresses (it
+/// asked the other members, which forward to the leader: to its old address, so it never did, and
+/// a node joining later could not reach the leader). A join that gives a member's id with another
+/// name is refused (it renamed the member).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_leader_restarted_on_another_port_updates_its_own_addresses() {
+    let mut first = TestNode::start_member("n1", None, &[]).await;
+    first.restart_elsewhere().await;
+    let new = first.cluster_addr();
+    let known = |status: Value, name: &str| {
+        status["nodes"].as_array()?.iter().find(|n| n["name"] == name).map(|n| n["cluster_addr"].clone())
+    };
+    wait_for("the leader's new address in its own state", || async {
+        (known(first.cluster_status().await, "n1") == Some(json!(new))).then_some(())
+    })
+    .await;
+    let second = TestNode::start_member("n2", Some(&new), &[]).await;
+    wait_balanced(&[&first, &second]).await;
+    assert_eq!(known(second.cluster_status().await, "n1"), Some(json!(new)));
+    // A write through the follower, which forwards it to the leader at its new address.
+    let (status, body) = second.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let theirs = second.cluster_status().await;
+    let renamed = json!({
+        "node_id": theirs["node_id"], "name": "zz", "cluster_addr": theirs["cluster_addr"],
+        "api_addr": theirs["api_addr"], "cluster_id": theirs["cluster_id"],
+    });
+    let (status, body) = first.post("/api/v1/cluster/nodes", &renamed, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(r#"is the member named "n2", not "zz""#), "{body}");
+    assert_eq!(known(first.cluster_status().await, "n2"), Some(theirs["cluster_addr"].clone()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cluster_secret_and_api_token_are_enforced() {
     let secured = [("TOLLGATE_CLUSTER_SECRET", "s3cret"), ("TOLLGATE_API_TOKEN", "t0ken")];

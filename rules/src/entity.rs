@@ -95,7 +95,7 @@ impl RoutingRules {
             return Selection::NotOurs;
         }
         let Some(service) = first_non_empty(attributes, &self.service_attributes) else {
-            return Selection::Rejected(missing_service());
+            return Selection::Rejected(self.missing_service());
         };
         let instance = first_non_empty(attributes, &self.instance_attributes);
         for (what, name) in [("service", Some(&service)), ("instance", instance.as_ref())] {
@@ -108,10 +108,14 @@ impl RoutingRules {
         }
         Selection::Ours(Entity { service, instance })
     }
-}
 
-fn missing_service() -> Rejection {
-    Rejection::new(RejectReason::MissingService, "gateway resource without aigw.service or service.name")
+    /// A gateway resource without any of the service attributes, named as configured.
+    fn missing_service(&self) -> Rejection {
+        Rejection::new(
+            RejectReason::MissingService,
+            format!("gateway resource without {}", self.service_attributes.join(" or ")),
+        )
+    }
 }
 
 fn first_non_empty(attributes: &[KeyValue], keys: &[String]) -> Option<String> {
@@ -278,10 +282,13 @@ mod tests {
     #[test]
     fn test_select_gateway_resource_without_service_is_reported() {
         let rules = RoutingRules::default();
-        assert_eq!(
-            rules.select(Some(&resource(&[("job_name", "envoy-ai-gateway")]))),
-            Selection::Rejected(missing_service())
-        );
+        let expected =
+            Rejection::new(RejectReason::MissingService, "gateway resource without aigw.service or service.name");
+        assert_eq!(rules.select(Some(&resource(&[("job_name", "envoy-ai-gateway")]))), Selection::Rejected(expected));
+        // The attributes as configured.
+        let rules = RoutingRules { service_attributes: vec!["k8s.deployment.name".into()], ..RoutingRules::default() };
+        let expected = Rejection::new(RejectReason::MissingService, "gateway resource without k8s.deployment.name");
+        assert_eq!(rules.select(Some(&resource(&[("job_name", "envoy-ai-gateway")]))), Selection::Rejected(expected));
     }
 
     #[test]

@@ -11,9 +11,11 @@ use crate::query::{LogPage, LogQuery, QueryEngine, ServiceView, MAX_LOG_PAGE_BYT
 use crate::store::EntityRecord;
 use crate::wire;
 use serde::de::DeserializeOwned;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tollgate_cluster::transport::TransportError;
-use tollgate_cluster::{Cluster, ClusterState};
+use tollgate_cluster::{Cluster, ClusterState, NodeId};
 use tollgate_proto::peer::{QueryKind, QueryRequest};
 use tollgate_rules::{MetricQuery, MetricResult, Partial};
 use tracing::warn;
@@ -27,17 +29,31 @@ pub struct Answer<T> {
     pub missing: Vec<String>,
 }
 
+/// How long a member that could not be reached by the last query has to say who it is before
+/// it is asked the next one.
+const SUSPECT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Fans queries out to every member.
 #[derive(Clone, Debug)]
 pub struct Fanout {
     local: QueryEngine,
     cluster: Arc<Cluster>,
+    /// Members the last query could not reach. A query waits for a member's answer up to 30 s
+    /// (queries do real work), and a member that is paused or cut off by a partition never
+    /// answers: every read waited about 20 s before answering without it. Such a member is first
+    /// asked who it is ([`SUSPECT_PROBE_TIMEOUT`]); without an answer the read goes on without
+    /// it, and once it answers a query it is asked as any other.
+    suspects: Arc<Mutex<HashSet<NodeId>>>,
 }
 
 impl Fanout {
     /// Queries over `local` and the other members of `cluster`.
     pub fn new(local: QueryEngine, cluster: Arc<Cluster>) -> Fanout {
-        Fanout { local, cluster }
+        Fanout { local, cluster, suspects: Arc::default() }
+    }
+
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashSet<NodeId>> {
+        self.suspects.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// This node's query engine.
@@ -52,24 +68,51 @@ impl Fanout {
         payload: Vec<u8>,
     ) -> Result<(Vec<T>, Vec<String>), Error> {
         let me = self.cluster.id;
+        let suspects = self.suspects().clone();
         let calls = state.nodes.iter().filter(|(id, _)| **id != me).map(|(id, node)| {
             let transport = Arc::clone(self.cluster.transport());
+            let suspect = suspects.contains(id);
+            let id = *id;
             let request = QueryRequest {
                 kind: kind as i32,
                 payload: payload.clone(),
-                holders: state.held_by_member(*id),
-                target: *id,
+                holders: state.held_by_member(id),
+                target: id,
                 max_page_bytes: MAX_LOG_PAGE_BYTES as u64,
             };
             let node = node.clone();
             async move {
+                if suspect {
+                    let addr = &node.cluster_addr;
+                    match tokio::time::timeout(SUSPECT_PROBE_TIMEOUT, transport.identify(addr)).await {
+                        // Any answer, an error included, is a member that answers.
+                        Ok(Ok(_) | Err(TransportError::Refused { .. } | TransportError::Backpressure { .. })) => {}
+                        Ok(Err(error)) => return (id, node.name, Err(error)),
+                        Err(_) => {
+                            let reason = format!(
+                                "it did not answer the last query, and not now within {SUSPECT_PROBE_TIMEOUT:?}"
+                            );
+                            return (id, node.name, Err(TransportError::Unreachable { addr: addr.clone(), reason }));
+                        }
+                    }
+                }
                 let result = transport.query(&node.cluster_addr, request).await;
-                (node.name, result)
+                (id, node.name, result)
             }
         });
+        let answers = futures_util::future::join_all(calls).await;
+        {
+            let mut suspects = self.suspects();
+            for (id, _, result) in &answers {
+                match result {
+                    Err(TransportError::Unreachable { .. }) => suspects.insert(*id),
+                    _ => suspects.remove(id),
+                };
+            }
+        }
         let mut values = Vec::new();
         let mut missing = Vec::new();
-        for (name, result) in futures_util::future::join_all(calls).await {
+        for (_, name, result) in answers {
             let decoded = match result {
                 // The query itself is refused (its answer would be too large, say): so it is
                 // here, whatever the other members say.

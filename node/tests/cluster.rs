@@ -470,6 +470,31 @@ async fn test_a_leader_restarted_on_another_port_updates_its_own_addresses() {
     assert_eq!(known(first.cluster_status().await, "n2"), Some(theirs["cluster_addr"].clone()));
 }
 
+/// A paused member (or one cut off by a partition) never answers, and a query waits for a
+/// member's answer up to 30 s: every read waited about 20 s for it. Once a read found it
+/// unreachable, the next ones ask it who it is first, for at most 2 s, and go on without it; once
+/// it answers again it is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_reads_do_not_wait_again_for_a_paused_member() {
+    let first = TestNode::start_member("n1", None, &[]).await;
+    let second = TestNode::start_member("n2", Some(&first.cluster_addr()), &[]).await;
+    wait_balanced(&[&first, &second]).await;
+    let base = now_seconds() - 200;
+    let read = || sum_of(&first, "meter_envoy_ai_gw_request_cpm", "paused-gw", base - 60, base + 60);
+    assert_eq!(read().await.1, None);
+    second.signal("STOP");
+    let started = Instant::now();
+    assert_eq!(read().await.1.as_deref(), Some("n2"));
+    eprintln!("the first read without the paused member took {:?}", started.elapsed());
+    for _ in 0..3 {
+        let answer = tokio::time::timeout(Duration::from_secs(10), read()).await;
+        let (_, missing) = answer.expect("a read that does not wait for the paused member again");
+        assert_eq!(missing.as_deref(), Some("n2"));
+    }
+    second.signal("CONT");
+    wait_for("the member answering reads again", || async { read().await.1.is_none().then_some(()) }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cluster_secret_and_api_token_are_enforced() {
     let secured = [("TOLLGATE_CLUSTER_SECRET", "s3cret"), ("TOLLGATE_API_TOKEN", "t0ken")];

@@ -140,6 +140,36 @@ pub fn render(handle: &PrometheusHandle) -> String {
     text
 }
 
+/// Makes the counters whose label values are all known exist at 0 from the start. A series that
+/// appears with its first event has no earlier sample: `increase()`, and the alerts built on it,
+/// miss that event (the first late points, the first leader change).
+pub fn zero_counters() {
+    let unlabelled = [
+        POINTS_MERGED,
+        POINTS_DUPLICATE,
+        POINTS_LATE,
+        LOG_BATCHES_DUPLICATE,
+        STORE_CHECKPOINTS,
+        ROLLED_UP_MINUTES,
+        RETENTION_DELETED,
+        RAFT_LEADER_CHANGES,
+    ];
+    for name in unlabelled {
+        metrics::counter!(name).increment(0);
+    }
+    for protocol in ["grpc", "http"] {
+        metrics::counter!(POINTS_RECEIVED, "protocol" => protocol).increment(0);
+        metrics::counter!(LOGS_RECEIVED, "protocol" => protocol).increment(0);
+        for reason in tollgate_rules::RejectReason::ALL {
+            metrics::counter!(POINTS_REJECTED, "reason" => reason.as_str(), "protocol" => protocol).increment(0);
+        }
+    }
+    for what in ["inflight_bytes", "owner_queue", "queries"] {
+        metrics::counter!(OVERLOAD, "what" => what).increment(0);
+    }
+    metrics::gauge!(INFLIGHT_BYTES).increment(0.0);
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
@@ -167,6 +197,24 @@ pub fn install() -> PrometheusHandle {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    #[test]
+    fn test_counters_with_known_labels_start_at_zero() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, super::zero_counters);
+        let text = handle.render();
+        for line in [
+            "tollgate_points_late_total 0",
+            "tollgate_raft_leader_changes_total 0",
+            "tollgate_points_received_total{protocol=\"http\"} 0",
+            "tollgate_points_rejected_total{reason=\"name_too_long\",protocol=\"grpc\"} 0",
+            "tollgate_overload_total{what=\"queries\"} 0",
+            "tollgate_inflight_bytes 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
 
     /// The names in `text` that follow `prefix` (`prefix` and the `[a-z0-9_]` after it).
     fn names<'a>(text: &'a str, prefix: &str) -> BTreeSet<&'a str> {

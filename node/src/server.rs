@@ -230,6 +230,7 @@ impl Node {
         // A previous run's endpoints must not be mistaken for this one's.
         let _ = std::fs::remove_file(config.data_dir.join("endpoints.json"));
         let prometheus = m::install();
+        m::zero_counters();
         let store = Arc::new(SledStorage::open(&config.data_dir, &config.storage)?);
         let mut batch = StoreBatch::default();
         let (name, raft_id) = identity(&store, &config, &mut batch)?;

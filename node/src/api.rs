@@ -241,7 +241,7 @@ async fn metric_answer(
     query: Result<Query<MetricParams>, QueryRejection>,
 ) -> Result<Response, Error> {
     let params = params(query)?;
-    let service = params.service.ok_or_else(|| Error::InvalidArgument("service is required".into()))?;
+    let service = required_service(params.service)?;
     let step = match params.step.as_deref() {
         None => Step::Minute,
         Some(value) => Step::parse(value)
@@ -343,9 +343,14 @@ async fn logs(
     result
 }
 
+/// The `service` parameter, which every read of data needs (empty is none).
+fn required_service(service: Option<String>) -> Result<String, Error> {
+    service.filter(|service| !service.is_empty()).ok_or_else(|| Error::InvalidArgument("service is required".into()))
+}
+
 async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejection>) -> Result<Response, Error> {
     let params = params(query)?;
-    let service = params.service.ok_or_else(|| Error::InvalidArgument("service is required".into()))?;
+    let service = required_service(params.service)?;
     let (start, end) = range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?;
     let reason = match params.reason.as_deref() {
         None => None,
@@ -364,12 +369,13 @@ async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejec
     };
     let query = LogQuery {
         service,
-        instance: params.instance,
+        // Empty is no filter, as an empty instance of a metric query (a dashboard's "all").
+        instance: params.instance.filter(|instance| !instance.is_empty()),
         start_ns: start.max(0) as u64 * 1_000_000_000,
         end_ns: end.max(0) as u64 * 1_000_000_000,
         reason,
         kind,
-        model: params.model,
+        model: params.model.filter(|model| !model.is_empty()),
         limit: params.limit.unwrap_or(100),
         cursor: params.cursor.as_deref().map(parse_cursor).transpose()?,
     };

@@ -193,6 +193,11 @@ async fn test_access_logs_sampling_counters_retries_paging_and_runtime_threshold
     assert_eq!(logs(&node, &format!("{window}&model=nonexistent-model")).await["logs"].as_array().unwrap().len(), 1);
     let (status, error) = node.get(&format!("/api/v1/logs?{window}&reason=boring")).await;
     assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")));
+    // An empty model or instance is no filter (it was a filter nothing matched); an empty service
+    // is none.
+    assert_eq!(logs(&node, &format!("{window}&model=&instance=")).await["logs"], body["logs"]);
+    let (status, error) = node.get("/api/v1/logs?service=").await;
+    assert_eq!((status, error["error"].as_str()), (400, Some("service is required")), "{error}");
 
     // A runtime threshold change applies to the next records.
     let record_6000 = |time| {

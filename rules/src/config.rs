@@ -103,28 +103,18 @@ pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     if text.trim().is_empty() {
         return Err("the document is empty".into());
     }
-    // A document whose entries are all commented out read as an empty one and replaced the
-    // whole configuration with the built-in rules or no prices at all.
-    if !text.lines().any(has_content) {
-        return Err("the document is empty: it has only comments (`{}` is the empty document)".into());
-    }
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = budget.max_nodes.max(MAX_DOCUMENT_NODES);
     budget.max_events = budget.max_events.max(2 * MAX_DOCUMENT_NODES);
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
-    serde_saphyr::from_str_with_options(text, options)
-        .map_err(|error| error.render_with_formatter(&serde_saphyr::UserMessageFormatter))
-}
-
-/// Whether a line of YAML holds more than a comment or a document marker (`---`, `...`).
-fn has_content(line: &str) -> bool {
-    let line = line.trim();
-    let rest = match line.strip_prefix("---").or_else(|| line.strip_prefix("...")) {
-        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => rest.trim_start(),
-        _ => line,
-    };
-    !rest.is_empty() && !rest.starts_with('#')
+    let document: Option<T> = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|error| error.render_with_formatter(&serde_saphyr::UserMessageFormatter))?;
+    // A document of only comments (a file whose entries are all commented out), or `null`, read
+    // as an empty one and replaced the whole configuration with the built-in rules or no prices.
+    document.ok_or_else(|| {
+        "the document is empty: it has no content, only comments or null (`{}` is the empty document)".into()
+    })
 }
 
 /// Most YAML nodes (scalars, sequences, mappings) in a configuration document: one per byte of
@@ -167,14 +157,28 @@ mod tests {
 
     #[test]
     fn test_a_document_of_only_comments_is_empty() {
-        for text in ["# sampling:\n#   token_threshold: 5000\n", "---\n# nothing\n...\n", "--- # only a marker\n  \n"] {
+        for text in [
+            "# sampling:\n#   token_threshold: 5000\n",
+            "---\n# nothing\n...\n",
+            "--- # only a marker\n  \n",
+            "\u{feff}# after a byte order mark\n",
+            "%YAML 1.2\n---\n# nothing\n",
+            "null",
+            "~\n",
+        ] {
             let error = RulesConfig::parse(text).unwrap_err().to_string();
-            assert!(error.contains("the document is empty: it has only comments"), "{text:?}: {error}");
+            assert!(error.contains("the document is empty: it has no content"), "{text:?}: {error}");
         }
-        for text in ["# the defaults\n{}\n", "--- {}", "---\nsampling: # below\n  token_threshold: 5000\n"] {
-            assert!(RulesConfig::parse(text).is_ok(), "{text:?}");
+        for text in [
+            "# the defaults\n{}\n",
+            "--- {}",
+            "---\nsampling: # below\n  token_threshold: 5000\n",
+            "# rules version 3\rsampling:\r  token_threshold: 5000\r",
+            "%YAML 1.2\n---\nsampling: {token_threshold: 5000}\n",
+        ] {
+            assert!(RulesConfig::parse(text).is_ok(), "{text:?}: {:?}", RulesConfig::parse(text));
         }
-        // A plain scalar that begins like a marker is content (and not a rules document).
+        // Not a rules document at all.
         assert!(!RulesConfig::parse("---x").unwrap_err().to_string().contains("empty"));
     }
 

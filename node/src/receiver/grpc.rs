@@ -297,9 +297,13 @@ const PREFIX: usize = 5;
 /// ignored too.
 #[derive(Debug)]
 struct Messages {
-    /// Set in a gzip request: the budget the inflated bytes are charged to while they are made.
-    /// Once handed on, tonic's buffer holds them and the handler charges the decoded request.
+    /// Set in a gzip request: the budget the inflated bytes are charged to.
     inflate: Option<Budget>,
+    /// The inflated message's charge, held until the body ends: tonic holds the message until
+    /// then (it reads to the end before calling the handler, which charges the decoded request),
+    /// and a client that never ends its body would otherwise hold up to the request limit
+    /// uncharged for as long as `limits.body_timeout_ms`.
+    inflated: Option<BudgetPermit>,
     limit: usize,
     /// Inflating: the message's bytes so far. Otherwise: its prefix's bytes so far (the message
     /// itself is passed on as it comes).
@@ -314,7 +318,8 @@ struct Messages {
 
 impl Messages {
     fn new(inflate: Option<Budget>, limit: usize) -> Messages {
-        Messages { inflate, limit, pending: bytes::BytesMut::new(), remaining: 0, begun: false, ended: false }
+        let pending = bytes::BytesMut::new();
+        Messages { inflate, inflated: None, limit, pending, remaining: 0, begun: false, ended: false }
     }
 
     /// A message begins: refused if it is not the first.
@@ -369,6 +374,7 @@ impl Messages {
         let mut permit = budget.empty();
         let mut inflated = vec![0u8; PREFIX];
         super::gunzip(&message[PREFIX..], self.limit, &mut permit, &mut inflated)?;
+        self.inflated = Some(permit);
         let length = (inflated.len() - PREFIX) as u32;
         inflated[1..PREFIX].copy_from_slice(&length.to_be_bytes());
         Ok(bytes::Bytes::from(inflated))
@@ -406,6 +412,7 @@ impl Messages {
     /// request ended early.
     fn end(&mut self) -> Option<bytes::Bytes> {
         self.ended = true;
+        self.inflated = None;
         let rest = self.pending.split().freeze();
         (self.inflate.is_some() && !rest.is_empty()).then_some(rest)
     }
@@ -600,10 +607,15 @@ mod tests {
     }
 
     #[test]
-    fn test_inflated_bytes_are_charged_while_they_are_made() {
+    fn test_inflated_bytes_are_charged_until_the_body_ends() {
         let body = framed(1, &gzip(&[7; 900]));
-        // Twice within a budget of 1 000: the first message's charge was released.
         let budget = Budget::new(1_000);
+        let mut holding = inflating(&budget, 10_000);
+        assert_eq!(holding.push(Bytes::from(body.clone())).unwrap(), framed(0, &[7; 900]));
+        let status = inflating(&budget, 10_000).push(Bytes::from(body.clone())).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        holding.end();
+        // Twice within a budget of 1 000: the first body's charge was released as it ended.
         for _ in 0..2 {
             let (out, error) = feed(&mut inflating(&budget, 10_000), &body, body.len());
             assert!(error.is_none(), "{error:?}");

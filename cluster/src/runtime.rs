@@ -381,8 +381,9 @@ impl Cluster {
     }
 
     /// For a member that restarted: when the addresses the cluster knows it by are not its own
-    /// any more, asks the other members (any of them forwards to the leader) to update them,
-    /// retrying until one does or `deadline` passes.
+    /// any more, asks the other members (any of them forwards to the leader) to update them, or
+    /// updates them itself while it is the leader (the others would forward to its old address),
+    /// retrying until that succeeds or `deadline` passes.
     pub async fn announce(&self, deadline: Duration) -> Result<(), ClusterError> {
         let started = Instant::now();
         loop {
@@ -671,7 +672,8 @@ impl Cluster {
         // an unreachable node is at once in a short log; admitted, it would be made a voter that
         // never answers, which left a single-node cluster without a majority for good (nothing
         // could remove it). A member's new addresses reach the transport only once the state has
-        // them, so they are not checked first (the member announced them itself).
+        // them, so the leader does not wait to replicate there first (the member announced them
+        // itself, and `check_joining` found it there).
         let new = !state.nodes.contains_key(&id);
         if new && !self.wait_replicated(id, LEARNER_CONTACT_TIMEOUT).await {
             if answered(&self.raft.metrics().borrow_watched(), id) {
@@ -700,10 +702,11 @@ impl Cluster {
         Ok(JoinResponse { leader_id: self.id })
     }
 
-    /// Asks the node at a new node's cluster address who it is, before it is made a learner. Another
-    /// node there (a wrong address), or a node that refuses this cluster's calls (it holds another
-    /// cluster's state, or has another secret), would never be reached as the new node: the join
-    /// would only time out as unreachable. No answer within [`IDENTIFY_TIMEOUT`] (not listening
+    /// Asks the node at a new node's cluster address (or a member's new one) who it is, before it
+    /// is made a learner (or the member's addresses change). Another node there (a wrong address),
+    /// or a node that refuses this cluster's calls (it holds another cluster's state, or has
+    /// another secret), would never be reached as that node: the join would only time out as
+    /// unreachable, and a member's traffic would go to another node. No answer within [`IDENTIFY_TIMEOUT`] (not listening
     /// yet, an address that drops packets, a version without the call) is left to the
     /// replication check that follows.
     async fn check_joining(&self, id: NodeId, node: &PeerNode) -> Result<(), ClusterError> {

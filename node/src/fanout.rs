@@ -103,6 +103,8 @@ impl Fanout {
         let answers = futures_util::future::join_all(calls).await;
         {
             let mut suspects = self.suspects();
+            // Members that left are forgotten.
+            suspects.retain(|id| state.nodes.contains_key(id));
             for (id, _, result) in &answers {
                 match result {
                     Err(TransportError::Unreachable { .. }) => suspects.insert(*id),

@@ -468,6 +468,15 @@ async fn test_a_leader_restarted_on_another_port_updates_its_own_addresses() {
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains(r#"is the member named "n2", not "zz""#), "{body}");
     assert_eq!(known(first.cluster_status().await, "n2"), Some(theirs["cluster_addr"].clone()));
+    // New addresses of a member where another node answers: refused, naming that node (the
+    // member's traffic would have gone to it).
+    let mut moved = renamed.clone();
+    moved["name"] = json!("n2");
+    moved["cluster_addr"] = json!(new);
+    let (status, body) = first.post("/api/v1/cluster/nodes", &moved, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&format!("reaches node n1 ({})", first.raft_id())), "{body}");
+    assert_eq!(known(first.cluster_status().await, "n2"), Some(theirs["cluster_addr"].clone()));
 }
 
 /// A paused member (or one cut off by a partition) never answers, and a query waits for a

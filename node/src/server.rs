@@ -752,10 +752,14 @@ pub fn retention_cutoffs(
     lateness_ns: u64,
 ) -> RetentionCutoffs {
     let minute_of = |seconds: u64| now_ns.saturating_sub(seconds * 1_000_000_000) / 60_000_000_000;
+    // An hour or a day goes once all of it is older than its retention: keyed by its first
+    // minute, it is kept while that is less than its length before the first minute kept. (By
+    // its start, today's roll-up was deleted while it held data minutes old, whenever
+    // `day_seconds` was under a day, and the hour at the edge an hour early.)
     RetentionCutoffs {
         minute: minute_of(retention.minute_seconds),
-        hour: minute_of(retention.hour_seconds),
-        day: minute_of(retention.day_seconds),
+        hour: minute_of(retention.hour_seconds).saturating_sub(59),
+        day: minute_of(retention.day_seconds).saturating_sub(1439),
         logs_ns: now_ns.saturating_sub(retention.logs_seconds * 1_000_000_000),
         log_batches_ns: now_ns.saturating_sub(lateness_ns),
     }
@@ -837,6 +841,32 @@ impl Contact {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn test_retention_keeps_a_roll_up_while_any_of_it_is_young_enough() {
+        let retention = crate::config::RetentionConfig {
+            minute_seconds: 3_600,
+            hour_seconds: 3_600,
+            day_seconds: 7_200,
+            ..crate::config::RetentionConfig::default()
+        };
+        // 2026-12-07T12:00:30Z.
+        let day = 20_794 * 1_440;
+        let now_ns = (day + 12 * 60) * 60_000_000_000 + 30_000_000_000;
+        let cutoffs = retention_cutoffs(now_ns, &retention, 0);
+        let kept = |start: u64, cutoff: u64| start >= cutoff;
+        // Minutes: kept from 11:00.
+        assert_eq!(cutoffs.minute, day + 11 * 60);
+        // Today holds minutes younger than two hours: kept; yesterday ended ten hours before
+        // the limit: deleted.
+        assert!(kept(day, cutoffs.day), "{cutoffs:?}");
+        assert!(!kept(day - 1_440, cutoffs.day), "{cutoffs:?}");
+        // The hour from 10:00 is all older than 11:00, the first minute kept: deleted; the
+        // hour from 11:00 is kept.
+        assert!(!kept(day + 10 * 60, cutoffs.hour), "{cutoffs:?}");
+        assert!(kept(day + 11 * 60, cutoffs.hour), "{cutoffs:?}");
+        assert_eq!(cutoffs.hour, day + 10 * 60 + 1);
+    }
 
     /// Counts the tasks whose future was dropped (ended or aborted).
     struct Dropped(Arc<AtomicUsize>);

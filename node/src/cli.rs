@@ -261,6 +261,22 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// An API URL: `http://`, a host, an optional port (and path). The node's API is plain HTTP,
+/// and the client speaks nothing else: `https://` passed and then every command failed to connect.
+fn api_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| format!("{text:?} is not a URL ({e}); expected http://HOST:PORT, e.g. http://127.0.0.1:12800"))?;
+    if url.scheme() == "https" {
+        return Err(format!(
+            "{text:?}: the client speaks plain HTTP, as the node's API does (no TLS); give the node's http:// address"
+        ));
+    }
+    if url.scheme() != "http" || url.host_str().is_none() {
+        return Err(format!("{text:?} is not an http:// URL with a host, e.g. http://127.0.0.1:12800"));
+    }
+    Ok(text.to_string())
+}
+
 /// Logs to standard output: `TOLLGATE_LOG` (or `RUST_LOG`) filters them, `TOLLGATE_LOG_FORMAT`
 /// chooses `text` (the default; coloured only on a terminal, so that files and log collectors get
 /// plain lines) or `json` (one object per line).
@@ -271,16 +287,6 @@ pub fn main() -> ExitCode {
 /// second each), which buries the node's own lines. The node logs what an operator needs of
 /// them itself (a new leader; losing and regaining contact with a member), so unless the filter
 /// names `openraft`, only [`openraft_shown`] events of openraft pass it.
-/// An API URL: `http://` or `https://`, a host, an optional port (and path).
-fn api_url(text: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(text)
-        .map_err(|e| format!("{text:?} is not a URL ({e}); expected http://HOST:PORT, e.g. http://127.0.0.1:12800"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!("{text:?} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:12800"));
-    }
-    Ok(text.to_string())
-}
-
 fn init_logging() -> Result<(), String> {
     use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _};
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -452,6 +458,11 @@ impl Client {
             .ok()
             .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
             .unwrap_or(body);
+        if message.trim().is_empty() {
+            // Not Tollgate's API (it says what was wrong): another port of the node (OTLP/HTTP
+            // answers an unknown path with an empty 404), or another server.
+            anyhow::bail!("{status} without a message from {}: is it a Tollgate node's API address (http_addr, port 12800 by default)?", self.api)
+        }
         anyhow::bail!("{status}: {message}")
     }
 
@@ -743,9 +754,12 @@ mod tests {
     /// not-a-url: builder error" before).
     #[test]
     fn test_api_urls_are_checked_when_parsed() {
-        for good in ["http://127.0.0.1:12800", "https://tollgate.example", "http://[::1]:12800/"] {
+        for good in ["http://127.0.0.1:12800", "http://tollgate.example", "http://[::1]:12800/"] {
             assert_eq!(api_url(good).as_deref(), Ok(good));
         }
+        // The client cannot speak TLS: refused here rather than failing to connect later.
+        let error = api_url("https://tollgate.example").unwrap_err();
+        assert!(error.contains("plain HTTP") && error.contains("http://"), "{error}");
         for bad in ["not-a-url", "127.0.0.1:12800", "ftp://host", "http://", "localhost:12800"] {
             let error = api_url(bad).unwrap_err();
             assert!(error.contains(bad) && error.contains("http://127.0.0.1:12800"), "{bad}: {error}");

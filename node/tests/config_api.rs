@@ -502,6 +502,15 @@ async fn test_client_output_into_a_closed_pipe_ends_quietly() {
     }
     let (ok, _, stderr) = cli(&node, &["query", "meter_envoy_ai_gw_no_such_metric", "--service", "x"]);
     assert!(!ok && stderr.starts_with("tollgate: ") && !stderr.contains("panicked"), "{stderr}");
+    // Pointed at the OTLP/HTTP port, which answers an unknown path with an empty 404: the error
+    // says which address was asked and what it should be (it ended in an empty message).
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--api", &node.otlp_http(), "services"])
+        .output()
+        .expect("the CLI runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(&node.otlp_http()) && stderr.contains("API address"), "{stderr}");
 }
 
 /// Raft's store cannot be written (the disk is full): the configuration write fails with an

@@ -174,6 +174,23 @@ async fn test_a_full_disk_refuses_exports_stops_the_node_and_loses_nothing_ackno
     assert_eq!(tokens, expected_tokens as f64, "cumulative series: the whole increase, once");
 }
 
+/// The data directory removed under a running node: the next export is refused (retryable), not
+/// acknowledged into files no restart reads (until a checkpoint found the directory gone, up to
+/// 30 s later), and the node stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_an_export_after_the_data_directory_is_removed_is_refused_and_the_node_stops() {
+    let mut node = TestNode::start().await;
+    let base = now_seconds() - 120;
+    let mut client = node.metrics_client(0).await;
+    let request = |k: u64| ExportMetricsServiceRequest { resource_metrics: vec![pod_export("gone-gw", base, k, 0).0] };
+    client.export(request(0)).await.expect("acknowledged");
+    std::fs::remove_dir_all(&node.dir).unwrap();
+    let status = client.export(request(1)).await.expect_err("an export the node cannot store is not acknowledged");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let status = node.wait_exit(Duration::from_secs(25)).await;
+    assert!(!status.success(), "a node whose store failed exits with an error: {status}");
+}
+
 const LOG_EXPORTS: u64 = 300;
 const RECORDS_PER_EXPORT: u64 = 4;
 

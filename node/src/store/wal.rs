@@ -247,13 +247,24 @@ impl WalFile {
         self.staged[start..start + HEADER].copy_from_slice(&header);
     }
 
-    /// Writes the staged frames and waits until they are on disk.
+    /// Writes the staged frames and waits until they are on disk: an error when the file was
+    /// deleted (its data directory removed under the running node), whose writes succeed but go
+    /// nowhere a restart reads. They were acknowledged until the next checkpoint, up to 30 s later,
+    /// found the directory gone.
     pub fn sync(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
         if self.staged.is_empty() {
             return Ok(());
         }
         self.file.write_all(&self.staged)?;
         self.file.sync_data()?;
+        if self.file.metadata()?.nlink() == 0 {
+            return Err(io::Error::other(format!(
+                "the write-ahead log file of generation {} was deleted (was the data directory removed?): \
+                 nothing written since is stored",
+                self.generation
+            )));
+        }
         self.len += self.staged.len();
         self.staged.clear();
         Ok(())
@@ -406,6 +417,18 @@ mod tests {
         assert_eq!(data, vec![entry("a", Some("1")), entry("b", None), entry("c", Some("3")), entry("a", Some("2"))]);
         assert_eq!(meta, vec![entry("marker", Some("m")), entry("old", None)]);
         assert_eq!(report, ReadReport { frames: 3, torn_bytes: 0 });
+    }
+
+    #[test]
+    fn test_a_deleted_wal_file_fails_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = WalFile::create(dir.path(), 3).unwrap();
+        wal.stage_data(&[entry("a", Some("1"))]);
+        wal.sync().unwrap();
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        wal.stage_data(&[entry("b", Some("2"))]);
+        let error = wal.sync().unwrap_err().to_string();
+        assert!(error.contains("generation 3 was deleted"), "{error}");
     }
 
     #[test]

@@ -673,7 +673,7 @@ impl Cluster {
         // never answers, which left a single-node cluster without a majority for good (nothing
         // could remove it). A member's new addresses reach the transport only once the state has
         // them, so the leader does not wait to replicate there first (the member announced them
-        // itself, and `check_joining` found it there).
+        // itself, and `check_joining` found no other node there).
         let new = !state.nodes.contains_key(&id);
         if new && !self.wait_replicated(id, LEARNER_CONTACT_TIMEOUT).await {
             if answered(&self.raft.metrics().borrow_watched(), id) {
@@ -717,9 +717,11 @@ impl Cluster {
         match answer {
             Ok(answer) if answer.node_id == id => Ok(()),
             Ok(answer) => Err(ClusterError::Refused(format!(
-                "the cluster address {addr} given for {} (node {id}) reaches node {} ({}): give the joining node's own \
+                "the cluster address {addr} given for {name} (node {id}) reaches node {} ({}): give {name}'s own \
                  cluster address",
-                node.name, answer.name, answer.node_id
+                answer.name,
+                answer.node_id,
+                name = node.name
             ))),
             Err(TransportError::Refused { code, message, .. })
                 if matches!(code.as_str(), "FailedPrecondition" | "Unauthenticated") =>

@@ -453,7 +453,8 @@ impl Client {
             return Ok(response);
         }
         let status = response.status();
-        let body = response.text().await.unwrap_or_default();
+        let body =
+            response.text().await.map_err(|e| anyhow::anyhow!("{status}, and its message could not be read: {e}"))?;
         let message = serde_json::from_str::<Value>(&body)
             .ok()
             .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))

@@ -181,6 +181,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub struct WalFile {
     file: File,
     generation: u64,
+    /// Where the file is, to tell a deleted one from a filesystem that reports no links.
+    path: PathBuf,
     /// Frames staged since the last sync.
     staged: Vec<u8>,
     /// Bytes in the file, synced or not.
@@ -190,9 +192,10 @@ pub struct WalFile {
 impl WalFile {
     /// Creates the file of `generation` (it must not exist) and makes its name durable.
     pub fn create(dir: &Path, generation: u64) -> io::Result<WalFile> {
-        let file = OpenOptions::new().append(true).create_new(true).open(path(dir, generation))?;
+        let path = path(dir, generation);
+        let file = OpenOptions::new().append(true).create_new(true).open(&path)?;
         sync_dir(dir)?;
-        Ok(WalFile { file, generation, staged: Vec::new(), len: 0 })
+        Ok(WalFile { file, generation, path, staged: Vec::new(), len: 0 })
     }
 
     pub fn generation(&self) -> u64 {
@@ -252,22 +255,42 @@ impl WalFile {
     /// nowhere a restart reads. They were acknowledged until the next checkpoint, up to 30 s later,
     /// found the directory gone.
     pub fn sync(&mut self) -> io::Result<()> {
-        use std::os::unix::fs::MetadataExt as _;
         if self.staged.is_empty() {
             return Ok(());
         }
         self.file.write_all(&self.staged)?;
         self.file.sync_data()?;
-        if self.file.metadata()?.nlink() == 0 {
-            return Err(io::Error::other(format!(
-                "the write-ahead log file of generation {} was deleted (was the data directory removed?): \
-                 nothing written since is stored",
-                self.generation
-            )));
-        }
+        self.check_not_deleted()?;
         self.len += self.staged.len();
         self.staged.clear();
         Ok(())
+    }
+}
+
+impl WalFile {
+    /// Fails when the file has no link left and its path is gone or names another file. The link
+    /// count alone is a hint: some FUSE filesystems report 0 for every file, and the path is only
+    /// looked up then. (NFS keeps a deleted open file under another name, with its link: not
+    /// seen.)
+    fn check_not_deleted(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let open = self.file.metadata()?;
+        if open.nlink() != 0 {
+            return Ok(());
+        }
+        let same = match std::fs::metadata(&self.path) {
+            Ok(named) => (named.dev(), named.ino()) == (open.dev(), open.ino()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => false,
+            Err(error) => return Err(error),
+        };
+        if same {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "the write-ahead log file of generation {} was deleted (was the data directory removed?): nothing \
+             written since is stored",
+            self.generation
+        )))
     }
 }
 
@@ -429,6 +452,14 @@ mod tests {
         wal.stage_data(&[entry("b", Some("2"))]);
         let error = wal.sync().unwrap_err().to_string();
         assert!(error.contains("generation 3 was deleted"), "{error}");
+        // Deleted, and another file made at its path (a directory made again): the same.
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = WalFile::create(dir.path(), 4).unwrap();
+        std::fs::remove_file(path(dir.path(), 4)).unwrap();
+        std::fs::write(path(dir.path(), 4), b"").unwrap();
+        wal.stage_data(&[entry("c", Some("3"))]);
+        let error = wal.sync().unwrap_err().to_string();
+        assert!(error.contains("generation 4 was deleted"), "{error}");
     }
 
     #[test]

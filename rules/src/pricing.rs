@@ -72,7 +72,44 @@ impl PricingDocument {
     pub fn parse(text: &str) -> Result<PricingDocument, PricingError> {
         let document: PricingDocument = crate::config::parse_yaml(text).map_err(PricingError)?;
         document.validate()?;
+        document.check_new()?;
         Ok(document)
+    }
+
+    /// Checks only new documents get (committed ones are replayed through
+    /// [`PricingDocument::validate`] alone, so they never fail a check added later): model names,
+    /// aliases and prefixes are matched as written, so one that is blank or has spaces around it
+    /// (`" "`, `"gpt-4o "`) is a typo that never matches the model meant.
+    pub fn check_new(&self) -> Result<(), PricingError> {
+        for (p, provider) in self.providers.iter().enumerate() {
+            let names = provider
+                .prefix_match
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, prefix)| (format!("providers[{p}].prefix-match[{i}]"), prefix));
+            let models = provider.models.iter().flatten().enumerate().flat_map(|(m, model)| {
+                let at = format!("providers[{p}].models[{m}]");
+                std::iter::once((format!("{at}.name"), &model.name)).chain(
+                    model
+                        .aliases
+                        .iter()
+                        .flatten()
+                        .enumerate()
+                        .map(move |(i, alias)| (format!("{at}.aliases[{i}]"), alias)),
+                )
+            });
+            for (at, name) in
+                std::iter::once((format!("providers[{p}].provider"), &provider.provider)).chain(names).chain(models)
+            {
+                if name.trim() != name.as_str() {
+                    return Err(PricingError(format!(
+                        "{at}: {name:?} has spaces around it; names are matched as written"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks every field; the first problem is reported with its path.
@@ -455,6 +492,24 @@ providers:
         let error = PriceTable::parse(two_documents).unwrap_err().to_string();
         assert!(error.contains("multiple"), "{error}");
         assert!(!error.contains("from_str_multiple"), "{error}");
+        // Names are matched as written: blank ones and ones with spaces around them are typos.
+        for (text, at) in [
+            ("providers:\n  - provider: x\n    models:\n      - name: ' '\n", "providers[0].models[0].name"),
+            ("providers:\n  - provider: x\n    models:\n      - name: 'gpt-4o '\n", "providers[0].models[0].name"),
+            (
+                "providers:\n  - provider: x\n    models:\n      - name: m\n        aliases: [' a']\n",
+                "providers[0].models[0].aliases[0]",
+            ),
+            ("providers:\n  - provider: x\n    prefix-match: ['gpt ']\n", "providers[0].prefix-match[0]"),
+            ("providers:\n  - provider: ' x'\n", "providers[0].provider"),
+        ] {
+            let error = PriceTable::parse(text).unwrap_err().to_string();
+            assert!(error.contains(&format!("{at}: ")) && error.contains("spaces around it"), "{text:?}: {error}");
+        }
+        // A committed document is replayed through `validate` alone, which still takes them.
+        let document: PricingDocument =
+            crate::config::parse_yaml("providers:\n  - provider: x\n    models:\n      - name: ' '\n").unwrap();
+        assert!(document.validate().is_ok());
         // A file whose entries are all commented out is not an empty price list.
         let error = PriceTable::parse("# providers:\n#  - provider: openai\n").unwrap_err().to_string();
         assert!(error.contains("the document is empty"), "{error}");

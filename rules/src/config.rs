@@ -100,9 +100,6 @@ impl Default for CompiledRules {
 /// a 3.5 MB pricing document of 40 000 models. Aliases and anchors keep their default limits,
 /// which guard against documents that expand.
 pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
-    if text.trim().is_empty() {
-        return Err("the document is empty".into());
-    }
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = budget.max_nodes.max(MAX_DOCUMENT_NODES);
     budget.max_events = budget.max_events.max(2 * MAX_DOCUMENT_NODES);
@@ -165,6 +162,8 @@ mod tests {
             "%YAML 1.2\n---\n# nothing\n",
             "null",
             "~\n",
+            "",
+            "  \n\t\n",
         ] {
             let error = RulesConfig::parse(text).unwrap_err().to_string();
             assert!(error.contains("the document is empty: it has no content"), "{text:?}: {error}");

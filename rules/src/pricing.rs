@@ -81,31 +81,22 @@ impl PricingDocument {
     /// aliases and prefixes are matched as written, so one that is blank or has spaces around it
     /// (`" "`, `"gpt-4o "`) is a typo that never matches the model meant.
     pub fn check_new(&self) -> Result<(), PricingError> {
+        // The path is written only for the name refused.
+        let check = |name: &str, at: &dyn Fn() -> String| {
+            if name.trim() == name {
+                return Ok(());
+            }
+            Err(PricingError(format!("{}: {name:?} has spaces around it; names are matched as written", at())))
+        };
         for (p, provider) in self.providers.iter().enumerate() {
-            let names = provider
-                .prefix_match
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, prefix)| (format!("providers[{p}].prefix-match[{i}]"), prefix));
-            let models = provider.models.iter().flatten().enumerate().flat_map(|(m, model)| {
-                let at = format!("providers[{p}].models[{m}]");
-                std::iter::once((format!("{at}.name"), &model.name)).chain(
-                    model
-                        .aliases
-                        .iter()
-                        .flatten()
-                        .enumerate()
-                        .map(move |(i, alias)| (format!("{at}.aliases[{i}]"), alias)),
-                )
-            });
-            for (at, name) in
-                std::iter::once((format!("providers[{p}].provider"), &provider.provider)).chain(names).chain(models)
-            {
-                if name.trim() != name.as_str() {
-                    return Err(PricingError(format!(
-                        "{at}: {name:?} has spaces around it; names are matched as written"
-                    )));
+            check(&provider.provider, &|| format!("providers[{p}].provider"))?;
+            for (i, prefix) in provider.prefix_match.iter().flatten().enumerate() {
+                check(prefix, &|| format!("providers[{p}].prefix-match[{i}]"))?;
+            }
+            for (m, model) in provider.models.iter().flatten().enumerate() {
+                check(&model.name, &|| format!("providers[{p}].models[{m}].name"))?;
+                for (i, alias) in model.aliases.iter().flatten().enumerate() {
+                    check(alias, &|| format!("providers[{p}].models[{m}].aliases[{i}]"))?;
                 }
             }
         }

@@ -18,7 +18,7 @@ use crate::peer::{self, PeerService};
 use crate::query::QueryEngine;
 use crate::receiver::{grpc, http as otlp_http};
 use crate::runtime::{cluster_error, ClusterConfig, ConfigService};
-use crate::store::{Op, RetentionCutoffs, SledStorage, Storage, StoreBatch};
+use crate::store::{Op, Resolution, RetentionCutoffs, SledStorage, Storage, StoreBatch};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -345,11 +345,11 @@ impl Node {
             });
         }
 
+        let body_timeout = Duration::from_millis(config.limits.body_timeout_ms);
         for listener in grpc_listeners {
             let services = grpc::OtlpGrpc::new(ingest.clone(), budget.clone());
             let shutdown = stopped(stop_receiver.clone());
             let limit = config.limits.max_request_bytes;
-            let body_timeout = Duration::from_millis(config.limits.body_timeout_ms);
             tasks.spawn("otlp grpc server", async move {
                 if let Err(e) = grpc::serve(listener, services, limit, body_timeout, shutdown).await {
                     error!(error = %e, "otlp grpc server failed");
@@ -357,12 +357,8 @@ impl Node {
             });
         }
         {
-            let router = otlp_http::router(
-                ingest.clone(),
-                budget.clone(),
-                config.limits.max_request_bytes,
-                Duration::from_millis(config.limits.body_timeout_ms),
-            );
+            let router =
+                otlp_http::router(ingest.clone(), budget.clone(), config.limits.max_request_bytes, body_timeout);
             let shutdown = stopped(stop_receiver.clone());
             let address = endpoints.otlp_http;
             tasks.spawn("otlp http server", async move {
@@ -758,8 +754,8 @@ pub fn retention_cutoffs(
     // `day_seconds` was under a day, and the hour at the edge an hour early.)
     RetentionCutoffs {
         minute: minute_of(retention.minute_seconds),
-        hour: minute_of(retention.hour_seconds).saturating_sub(59),
-        day: minute_of(retention.day_seconds).saturating_sub(1439),
+        hour: minute_of(retention.hour_seconds).saturating_sub(Resolution::Hour.minutes() - 1),
+        day: minute_of(retention.day_seconds).saturating_sub(Resolution::Day.minutes() - 1),
         logs_ns: now_ns.saturating_sub(retention.logs_seconds * 1_000_000_000),
         log_batches_ns: now_ns.saturating_sub(lateness_ns),
     }

@@ -265,9 +265,7 @@ impl WalFile {
         self.staged.clear();
         Ok(())
     }
-}
 
-impl WalFile {
     /// Fails when the file has no link left and its path is gone or names another file. The link
     /// count alone is a hint: some FUSE filesystems report 0 for every file, and the path is only
     /// looked up then. (NFS keeps a deleted open file under another name, with its link: not

@@ -229,6 +229,16 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     let (status, message) = grpc_body(&node, Some("gzip"), truncated).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert!(message.starts_with("Unexpected%20EOF"), "{message}");
+    // A compressed flag gRPC does not define, and a message marked compressed in a request that
+    // names no encoding: malformed (tonic said INTERNAL).
+    let mut flag = framed(false, b"");
+    flag[0] = 2;
+    let (status, message) = grpc_body(&node, Some("gzip"), flag).await;
+    assert_eq!(status.as_deref(), Some("3"), "{message}");
+    assert!(message.contains("compressed%20flag%20is%202"), "{message}");
+    let (status, message) = grpc_body(&node, None, framed(true, &gzip_member(b""))).await;
+    assert_eq!(status.as_deref(), Some("3"), "{message}");
+    assert!(message.contains("names%20no%20grpc-encoding"), "{message}");
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), bomb).await.0, 413);
     assert_eq!(post(&node, "/v1/metrics", "application/x-protobuf", Some("gzip"), vec![1, 2, 3]).await.0, 400);
 

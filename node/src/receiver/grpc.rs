@@ -332,8 +332,22 @@ impl Messages {
         Ok(())
     }
 
-    /// The length in a complete prefix, within the limit.
+    /// The length in a complete prefix, within the limit, after its compressed flag is checked.
     fn length(&self, prefix: &[u8]) -> Result<usize, Status> {
+        match prefix[0] {
+            0 => {}
+            1 if self.inflate.is_some() => {}
+            1 => {
+                return Err(Status::invalid_argument(
+                    "the message is marked compressed but the request names no grpc-encoding (gzip is served)",
+                ))
+            }
+            flag => {
+                return Err(Status::invalid_argument(format!(
+                    "the message's compressed flag is {flag}: gRPC allows 0 (uncompressed) or 1 (compressed)"
+                )))
+            }
+        }
         let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         if length > self.limit {
             return Err(Status::resource_exhausted(format!(
@@ -555,7 +569,7 @@ mod tests {
         let (out, error) = feed(&mut inflating(&budget, 10_000), &body, 3);
         assert!(error.is_none() && out == body, "{out:?} {error:?}");
         // Not inflating, the bytes go on as they come.
-        let body = framed(1, &gzip(&message));
+        let body = framed(0, &message);
         let (out, error) = feed(&mut Messages::new(None, 10_000), &body, 3);
         assert!(error.is_none() && out == body, "{out:?} {error:?}");
     }
@@ -566,7 +580,9 @@ mod tests {
         for first in [framed(0, b""), framed(0, b"first"), framed(1, &gzip(b"first"))] {
             let body = [first.clone(), framed(0, b"second")].concat();
             for cut in [1, 4, 5, 6, first.len(), body.len()] {
-                for mut messages in [inflating(&budget, 1_000), Messages::new(None, 1_000)] {
+                // A compressed message comes only in a gzip request.
+                let plain = (first[0] == 0).then(|| Messages::new(None, 1_000));
+                for mut messages in [Some(inflating(&budget, 1_000)), plain].into_iter().flatten() {
                     let (_, error) = feed(&mut messages, &body, cut);
                     let status = error.unwrap_or_else(|| panic!("{body:?} in chunks of {cut} bytes: accepted"));
                     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
@@ -580,8 +596,8 @@ mod tests {
     fn test_limits_and_bad_gzip_and_a_message_cut_short() {
         let budget = Budget::new(1 << 20);
         // Said longer than the limit: refused before its bytes are waited for, inflating or not.
-        for mut messages in [inflating(&budget, 1_000), Messages::new(None, 1_000)] {
-            let status = messages.push(Bytes::from(framed(1, &[0; 1_001])[..10].to_vec())).unwrap_err();
+        for (flag, mut messages) in [(1, inflating(&budget, 1_000)), (0, Messages::new(None, 1_000))] {
+            let status = messages.push(Bytes::from(framed(flag, &[0; 1_001])[..10].to_vec())).unwrap_err();
             assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         }
         // Inflating past the limit.
@@ -604,6 +620,25 @@ mod tests {
         assert_eq!(messages.push(Bytes::from(body[..3].to_vec())).unwrap(), body[..3]);
         assert!(messages.unfinished());
         assert_eq!(messages.end(), None);
+    }
+
+    #[test]
+    fn test_a_bad_compressed_flag_is_refused() {
+        let budget = Budget::new(1 << 20);
+        // A flag gRPC does not define, inflating or not (tonic answered INTERNAL).
+        for flag in [2, 0x80, 0xff] {
+            for mut messages in [inflating(&budget, 1_000), Messages::new(None, 1_000)] {
+                let (_, error) = feed(&mut messages, &framed(flag, b"message"), 2);
+                let status = error.unwrap_or_else(|| panic!("flag {flag}: accepted"));
+                assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+                assert!(status.message().contains(&format!("compressed flag is {flag}")), "{status:?}");
+            }
+        }
+        // Marked compressed in a request that names no encoding.
+        let (_, error) = feed(&mut Messages::new(None, 1_000), &framed(1, &gzip(b"message")), 3);
+        let status = error.expect("a compressed message without grpc-encoding was accepted");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("names no grpc-encoding"), "{status:?}");
     }
 
     #[test]

@@ -239,6 +239,7 @@ impl Ingest {
         let report = self.gather(report, pending).await?;
         if signal == Signal::Logs {
             count_report(&report, protocol, m::LOGS_REJECTED, m::LOGS_DROPPED);
+            metrics::counter!(m::LOG_RECORDS_DUPLICATE).increment(report.duplicates);
         } else {
             count_report(&report, protocol, m::POINTS_REJECTED, m::POINTS_DROPPED);
             metrics::counter!(m::POINTS_MERGED).increment(report.merged);

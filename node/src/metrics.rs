@@ -29,6 +29,8 @@ pub const LOGS_KEPT: &str = "tollgate_logs_kept_total";
 pub const LOGS_MALFORMED: &str = "tollgate_log_records_malformed_total";
 /// Log batches recognised as retries.
 pub const LOG_BATCHES_DUPLICATE: &str = "tollgate_log_batches_duplicate_total";
+/// Log records recognised as duplicates: those of a retried batch, and copies of a kept record.
+pub const LOG_RECORDS_DUPLICATE: &str = "tollgate_log_records_duplicate_total";
 /// Export requests, by `protocol`, `signal` (`metrics`, `logs`) and `outcome`.
 pub const REQUESTS: &str = "tollgate_requests_total";
 /// Requests refused for overload, by `what` (`inflight_bytes`, `owner_queue`).
@@ -149,6 +151,7 @@ pub fn zero_counters() {
         POINTS_DUPLICATE,
         POINTS_LATE,
         LOG_BATCHES_DUPLICATE,
+        LOG_RECORDS_DUPLICATE,
         STORE_CHECKPOINTS,
         ROLLED_UP_MINUTES,
         RETENTION_DELETED,

@@ -464,6 +464,17 @@ impl Actor for Owner {
 /// once it is durable, or the error that stopped processing.
 type Outcome = (StoreBatch, Result<IngestReport, Error>);
 
+/// What ingesting one export's records for a vnode produces.
+#[derive(Default)]
+struct LogBatchOut {
+    report: IngestReport,
+    batch: StoreBatch,
+    /// The aggregates the records' counters merged into.
+    touched: FastSet<StateKey>,
+    /// The fingerprints of the records kept.
+    kept: FastSet<u128>,
+}
+
 impl OwnerState {
     /// True when the applied cluster state says this node owns the vnode now.
     fn owns_now(&self) -> bool {
@@ -788,29 +799,29 @@ impl OwnerState {
     }
 
     fn ingest_logs(&mut self, records: Vec<ExtractedLog>, fingerprint: u128) -> Outcome {
-        let mut report = IngestReport::default();
-        let mut batch = StoreBatch::default();
+        let mut out = LogBatchOut::default();
         if let Err(error) = self.load_log_batches() {
-            return (batch, Err(error));
+            return (out.batch, Err(error));
         }
         if self.log_batches.contains_key(&fingerprint) {
-            report.duplicates = records.len() as u64;
+            out.report.duplicates = records.len() as u64;
             metrics::counter!(m::LOG_BATCHES_DUPLICATE).increment(1);
-            return (batch, Ok(report));
+            return (out.batch, Ok(out.report));
         }
         let config = self.config();
         let now = self.context.clock.now_ns();
-        let mut touched: FastSet<StateKey> = FastSet::default();
         let mut failure = None;
         for record in records {
-            if let Err(error) = self.ingest_log(record, &config, now, &mut report, &mut batch, &mut touched) {
+            if let Err(error) = self.ingest_log(record, &config, now, &mut out) {
                 failure = Some(error);
                 break;
             }
         }
+        let LogBatchOut { report, mut batch, touched, .. } = out;
         // A batch that failed part-way is not remembered: its retry must be processed again
-        // (the records that were kept are stored under their own fingerprint, so storing them
-        // again is harmless; their counters are not idempotent, which is why the batch is).
+        // (the records kept before the failure are stored, and their copies in the retry are
+        // recognised as duplicates; the counters of records not kept are not idempotent, which
+        // is why the batch is remembered).
         if failure.is_none() {
             self.log_batches.insert(fingerprint, now);
             batch.push(Op::LogBatch { vnode: self.vnode, fingerprint, time_ns: now });
@@ -824,9 +835,7 @@ impl OwnerState {
         record: ExtractedLog,
         config: &RuntimeConfig,
         now: u64,
-        report: &mut IngestReport,
-        batch: &mut StoreBatch,
-        touched: &mut FastSet<StateKey>,
+        LogBatchOut { report, batch, touched, kept }: &mut LogBatchOut,
     ) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         self.ensure_partition(record.partition, &record.entity)?;
@@ -846,6 +855,21 @@ impl OwnerState {
         let Some(kind) = decision.kind else {
             report.drop_items(DropReason::NotClassified, 1);
             return Ok(());
+        };
+        // A kept record is stored under its fingerprint: a copy of one kept already (the same
+        // record twice in an export, or again in another export) is a duplicate, neither stored
+        // nor counted again (it was counted twice and stored once).
+        let fingerprint = if decision.keep() {
+            let fingerprint = self.log_fingerprinter.fingerprint(&record.entity, &view);
+            if !kept.insert(fingerprint)
+                || self.context.store.has_log(self.vnode, record.partition, record.time_ns, fingerprint)?
+            {
+                report.duplicates += 1;
+                return Ok(());
+            }
+            fingerprint
+        } else {
+            0
         };
         let minute = minute_of(record.time_ns) as u64;
         let rolled_until = self.partitions[&record.partition].rolled_until;
@@ -907,7 +931,7 @@ impl OwnerState {
         batch.push(Op::Log {
             vnode: self.vnode,
             partition: record.partition,
-            log: stored_log(&record, &view, self.log_fingerprinter.fingerprint(&record.entity, &view), kind, &decision),
+            log: stored_log(&record, &view, fingerprint, kind, &decision),
         });
         Ok(())
     }

@@ -299,6 +299,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
         max_bytes: usize,
     ) -> Result<Vec<StoredLog>, Error>;
 
+    /// Whether a kept log of a partition with this time and fingerprint is stored.
+    fn has_log(&self, vnode: u16, partition: u64, time_ns: u64, fingerprint: u128) -> Result<bool, Error>;
+
     /// Log-batch fingerprints of a vnode with their time.
     fn log_batches(&self, vnode: u16) -> Result<Vec<(u128, u64)>, Error>;
 

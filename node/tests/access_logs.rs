@@ -468,3 +468,40 @@ async fn test_pages_of_large_records_are_bounded_in_bytes_and_hold_every_record_
         assert_eq!((page.logs.len(), page.next.is_some()), (records, max_page_bytes > 0), "{max_page_bytes}");
     }
 }
+
+/// A copy of a kept record is a duplicate wherever it comes: twice in one export, or again in
+/// another export (with its attributes in another order). It was stored once and counted twice
+/// in the log-derived metrics, which then disagreed with the stored logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_copy_of_a_kept_record_is_stored_and_counted_once() {
+    let node = TestNode::start().await;
+    let mut client = node.logs_client().await;
+    let base = now_seconds() - 120;
+    let error = |time: u64| {
+        let attributes = BTreeMap::from([
+            ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
+            ("response_code".to_string(), CaseValue::Text("500".into())),
+        ]);
+        record(time, &attributes)
+    };
+    let (first, second, third) = (error(base), error(base + 1), error(base + 2));
+    client.export(request("copy-gw", vec![first.clone(), first.clone(), second.clone()])).await.expect("accepted");
+    let mut reordered = second.clone();
+    reordered.attributes.reverse();
+    client.export(request("copy-gw", vec![reordered, third])).await.expect("accepted");
+
+    let window = format!("service=copy-gw&start={}&end={}", base - 60, base + 600);
+    let times: Vec<u64> = logs(&node, &format!("{window}&limit=100")).await["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|log| log["time"].as_u64().unwrap() / 1_000_000_000 - base)
+        .collect();
+    assert_eq!(times, [2, 1, 0]);
+    let sampled = total(&node, "meter_envoy_ai_gw_log_sampled_cpm", "copy-gw", base, json!({"reason": "error"})).await;
+    let requests =
+        total(&node, "meter_envoy_ai_gw_log_request_cpm", "copy-gw", base, json!({"status_class": "5xx"})).await;
+    assert_eq!((sampled, requests), (3.0, 3.0), "as many as the stored logs");
+    assert_eq!(node.self_metric("tollgate_logs_kept_total{reason=\"error\"}").await, 3.0);
+    assert_eq!(node.self_metric("tollgate_log_records_duplicate_total").await, 2.0);
+}

@@ -607,6 +607,10 @@ impl Storage for SledStorage {
         Ok(out)
     }
 
+    fn has_log(&self, vnode: u16, partition: u64, time_ns: u64, fingerprint: u128) -> Result<bool, Error> {
+        Ok(self.get(&codec::log_key(vnode, partition, time_ns, fingerprint))?.is_some())
+    }
+
     fn log_batches(&self, vnode: u16) -> Result<Vec<(u128, u64)>, Error> {
         self.scan(codec::vnode_prefix(LOG_BATCH, vnode), |key, value| {
             let fingerprint = codec::log_batch_key_fingerprint(key)?;

@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 use std::process::Command;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate_rules::testing::{gateway_bounds, gateway_resource, string_attribute, Convention};
@@ -200,6 +200,21 @@ async fn test_query_api_answers_and_parameter_errors() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["series"][0]["points"].as_array().unwrap().len(), 3);
+    // Without data: a metric without labels has its series, a percentile metric one per rank, a
+    // metric labelled by the data none (as docs/api.md says).
+    let window = format!("service=no-data-gw&start={rfc3339}&end=2026-01-01T00:02:00Z");
+    let labels = |body: &Value| -> Vec<Value> {
+        let series = body["series"].as_array().unwrap();
+        assert!(series.iter().all(|s| s["points"].as_array().unwrap().iter().all(|p| p[1].is_null())), "{body}");
+        series.iter().map(|s| s["labels"].clone()).collect()
+    };
+    let (_, empty) = node.get(&format!("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?{window}")).await;
+    assert_eq!(labels(&empty), [json!({})]);
+    let (_, empty) = node.get(&format!("/api/v1/metrics/meter_envoy_ai_gw_request_latency_percentile?{window}")).await;
+    let ranks = ["50", "75", "90", "95", "99"].map(|p| json!({ "p": p }));
+    assert_eq!(labels(&empty), ranks);
+    let (_, empty) = node.get(&format!("/api/v1/metrics/meter_envoy_ai_gw_provider_request_cpm?{window}")).await;
+    assert_eq!(labels(&empty), Vec::<Value>::new());
     // A single node answers for everything: partial=false changes nothing.
     let all_or_nothing = format!(
         "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start={rfc3339}&end=2026-01-01T00:03:00Z&partial=false"

@@ -1,13 +1,13 @@
 //! OTLP/JSON logs requests, decoded down to their records (see the [module](super)).
 
-use super::{list, malformed, AnyValue, Enum, Hex, Int, KeyValue, ProtoEnum, Resource, Scope, U64};
+use super::{list, AnyValue, Enum, Hex, Int, KeyValue, ProtoEnum, Resource, Scope, U64};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::logs::v1 as otlp;
 use serde::Deserialize;
 
 /// Decodes an OTLP/JSON `ExportLogsServiceRequest`; the error says what was wrong and where.
 pub fn logs_request(bytes: &[u8]) -> Result<ExportLogsServiceRequest, String> {
-    let request: Request = serde_json::from_slice(bytes).map_err(malformed)?;
+    let request: Request = super::request(bytes, "ExportLogsServiceRequest")?;
     Ok(ExportLogsServiceRequest { resource_logs: list(request.resource_logs) })
 }
 
@@ -201,6 +201,8 @@ mod tests {
             assert!(error.contains(" at line "), "{error}");
         }
         assert!(logs_request(b"{}").unwrap().resource_logs.is_empty());
+        let error = logs_request(b"[]").unwrap_err();
+        assert_eq!(error, "malformed JSON request: the body is an array; an ExportLogsServiceRequest is an object");
     }
 
     #[test]

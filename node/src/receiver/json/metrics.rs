@@ -4,7 +4,7 @@
 //! (`unsupported_type`): only their points are counted, their contents are not read. Exemplars
 //! are not used and are skipped.
 
-use super::{list, malformed, Enum, KeyValue, ProtoEnum, Resource, Scope, F64, I64, U64};
+use super::{list, Enum, KeyValue, ProtoEnum, Resource, Scope, F64, I64, U64};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1 as otlp;
 use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 /// Decodes an OTLP/JSON `ExportMetricsServiceRequest`; the error says what was wrong and where.
 pub fn metrics_request(bytes: &[u8]) -> Result<ExportMetricsServiceRequest, String> {
-    let request: Request = serde_json::from_slice(bytes).map_err(malformed)?;
+    let request: Request = super::request(bytes, "ExportMetricsServiceRequest")?;
     Ok(ExportMetricsServiceRequest { resource_metrics: list(request.resource_metrics) })
 }
 
@@ -432,6 +432,14 @@ mod tests {
         .unwrap_err();
         assert!(error.contains("both asDouble and asInt"), "{error}");
         assert!(metrics_request(b"{\"resourceMetrics\": [}").unwrap_err().starts_with("malformed JSON request"));
+        // An array is not a request (serde read it as one, by position: `[]` was empty).
+        for body in ["[]", " \n[[]]", "[null]"] {
+            let error = metrics_request(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                error, "malformed JSON request: the body is an array; an ExportMetricsServiceRequest is an object",
+                "{body}"
+            );
+        }
     }
 
     #[test]

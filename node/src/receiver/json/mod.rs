@@ -38,6 +38,16 @@ fn malformed(error: serde_json::Error) -> String {
     format!("malformed JSON request: {error}")
 }
 
+/// Decodes a request, which must be a JSON object. serde reads a struct from an array too, by
+/// position, so a body of `[]` was an empty request, answered 200.
+fn request<'a, T: Deserialize<'a>>(bytes: &'a [u8], message: &str) -> Result<T, String> {
+    let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        return Err(format!("malformed JSON request: the body is an array; an {message} is an object"));
+    }
+    serde_json::from_slice(bytes).map_err(malformed)
+}
+
 /// A `Resource`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

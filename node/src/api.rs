@@ -533,12 +533,26 @@ async fn healthz(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// Ready, or 503 saying why not.
 async fn readyz(State(state): State<ApiState>) -> Response {
     if state.ready.load(Ordering::SeqCst) && state.healthy.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        Error::Unavailable("not ready".into()).into_response()
+        return (StatusCode::OK, "ready\n").into_response();
     }
+    let why = if !state.healthy.load(Ordering::SeqCst) {
+        "its store failed; it is stopping"
+    } else {
+        let applied = state.cluster.applied().borrow().clone();
+        let id = state.cluster.id;
+        if applied.state.departed.contains(&id) {
+            "this node left the cluster: its data is held by another member; start it with an empty \
+             data directory to add it again"
+        } else if !(applied.state.is_bootstrapped() && applied.state.nodes.contains_key(&id)) {
+            "not a member of a bootstrapped cluster yet"
+        } else {
+            "starting or stopping"
+        }
+    };
+    Error::Unavailable(format!("not ready: {why}")).into_response()
 }
 
 #[cfg(test)]

@@ -397,6 +397,20 @@ async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
     .unwrap();
     assert!(status.contains("n1") && status.contains("n3") && !status.contains("n2"), "{status}");
 
+    // The node that left says why it is not ready, also when started again on its data (it said
+    // only "not ready").
+    let mut second = second;
+    for restarted in [false, true] {
+        if restarted {
+            second.restart_unready().await;
+        }
+        wait_for("the node that left saying so", || async {
+            let (status, body) = second.get("/readyz").await;
+            let why = body["error"].as_str().unwrap_or_default().to_string();
+            (status == 503 && why.starts_with("not ready: this node left the cluster")).then_some(())
+        })
+        .await;
+    }
     // The node that left is gone for good; the other two hold everything.
     drop(second);
     assert_exact(&first, "moves-gw", base, EXPORTS, PODS).await;

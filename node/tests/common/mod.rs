@@ -190,6 +190,15 @@ impl TestNode {
         self.endpoints = endpoints;
     }
 
+    /// As [`TestNode::restart`], returning once the node listens, ready or not.
+    pub async fn restart_unready(&mut self) {
+        self.kill9();
+        let (child, endpoints) =
+            spawn(&self.dir, &self.env, &self.args, &self.cluster_addr, self.file_size_limit, false).await;
+        self.child = Some(child);
+        self.endpoints = endpoints;
+    }
+
     /// Sets an environment variable of the node's next starts.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);

@@ -61,6 +61,22 @@ impl Fanout {
         &self.local
     }
 
+    /// The cluster state a read goes by. Refused on a node that left the cluster: a member holds
+    /// its data and answers for it, and it no longer follows the cluster (its answers counted its
+    /// own data beside that member's copy).
+    fn state(&self) -> Result<ClusterState, Error> {
+        let state = self.cluster.state();
+        if state.departed.contains(&self.cluster.id) {
+            let mut members: Vec<&str> = state.nodes.values().map(|node| node.name.as_str()).collect();
+            members.sort_unstable();
+            return Err(Error::Unavailable(format!(
+                "this node left the cluster: its data is held by another member; query a member ({})",
+                members.join(", ")
+            )));
+        }
+        Ok(state)
+    }
+
     async fn remote<T: DeserializeOwned>(
         &self,
         state: &ClusterState,
@@ -137,7 +153,7 @@ impl Fanout {
 
     /// A metric over every member's data.
     pub async fn metric(&self, query: MetricQuery) -> Result<Answer<MetricResult>, Error> {
-        let state = self.cluster.state();
+        let state = self.state()?;
         let (remote, missing) = self.remote::<Partial>(&state, QueryKind::Metric, wire::encode_json(&query)).await?;
         let engine = self.local.clone();
         let local_query = query.clone();
@@ -152,7 +168,7 @@ impl Fanout {
 
     /// A page of kept logs over every member's data.
     pub async fn logs(&self, query: LogQuery) -> Result<Answer<LogPage>, Error> {
-        let state = self.cluster.state();
+        let state = self.state()?;
         let engine = self.local.clone();
         let local_query = query.clone();
         let holders = state.held_by_member(self.cluster.id);
@@ -164,7 +180,7 @@ impl Fanout {
 
     /// Services and instances over every member's data.
     pub async fn services(&self) -> Result<Answer<Vec<ServiceView>>, Error> {
-        let state = self.cluster.state();
+        let state = self.state()?;
         let engine = self.local.clone();
         let holders = state.held_by_member(self.cluster.id);
         let local = self.local.run(move || engine.entities_held(&holders)).await?;

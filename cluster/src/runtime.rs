@@ -105,7 +105,11 @@ pub struct ClusterStatus {
     pub cluster_id: Option<NodeId>,
     /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
     pub state: String,
-    /// The leader, if known.
+    /// Whether a leader with a majority is in touch with this node ([`Cluster::in_contact`]).
+    #[serde(default = "in_contact_by_default")]
+    pub in_contact: bool,
+    /// The leader this node is in touch with: `None` while it is not (an election, or cut off
+    /// from the majority, where Raft still remembers the leader it last had, or still leads).
     pub leader: Option<NodeId>,
     /// Raft term.
     pub term: u64,
@@ -123,6 +127,11 @@ pub struct ClusterStatus {
     pub held_by: BTreeMap<NodeId, NodeId>,
     /// Leaving nodes whose data is being copied: leaving id → member id.
     pub draining: BTreeMap<NodeId, NodeId>,
+}
+
+/// A status from a node that predates `in_contact` says nothing of it.
+fn in_contact_by_default() -> bool {
+    true
 }
 
 /// Vnode map summary.
@@ -198,6 +207,8 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// When a leader's append-entries (or heartbeat) last reached this node.
     leader_contact: Mutex<Option<Instant>>,
+    /// While this node leads: since when, as its controller saw it take over.
+    leading_since: Mutex<Option<Instant>>,
 }
 
 fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, ClusterError> {
@@ -260,6 +271,7 @@ impl Cluster {
             settings,
             tasks: Mutex::new(Vec::new()),
             leader_contact: Mutex::new(None),
+            leading_since: Mutex::new(None),
         });
         let controller = tokio::spawn(controller(Arc::clone(&cluster)));
         let addresses = tokio::spawn({
@@ -792,12 +804,14 @@ impl Cluster {
 
     /// The cluster as this node sees it.
     pub fn status(&self) -> ClusterStatus {
+        let in_contact = self.in_contact();
         let metrics = self.raft.metrics().borrow_watched().clone();
         let applied = self.applied.borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let raft_nodes: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
         let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+        let leading_since = *self.leading_since.lock().expect("leading lock");
         let mut owned: BTreeMap<NodeId, usize> = BTreeMap::new();
         let mut moving = 0;
         for vnode in &applied.state.vnodes.vnodes {
@@ -827,10 +841,16 @@ impl Cluster {
                 last_contact_ms: if *id == self.id && heartbeat.contains_key(id) {
                     Some(0)
                 } else {
-                    heartbeat
-                        .get(id)
-                        .and_then(|t| *t)
-                        .map(|t| openraft::Instant::elapsed(&t.into_inner()).as_millis() as u64)
+                    // A member that has not answered since this node took over: as long as that
+                    // (it showed nothing, as on a follower; failover counts the same silence).
+                    let since_leading = || leading_since.map(|since| since.elapsed());
+                    match heartbeat.get(id) {
+                        Some(Some(t)) => Some(openraft::Instant::elapsed(&t.into_inner())),
+                        Some(None) => since_leading(),
+                        // Not a Raft member (admitted, not yet added): not asked.
+                        None => None,
+                    }
+                    .map(|silent| silent.as_millis() as u64)
                 },
                 vnodes: owned.get(id).copied().unwrap_or(0),
                 leaving: applied.state.leaving.contains(id),
@@ -848,7 +868,8 @@ impl Cluster {
             configured_vnodes: self.settings.vnodes,
             cluster_id: applied.state.cluster_id,
             state: format!("{:?}", metrics.state).to_lowercase(),
-            leader: metrics.current_leader,
+            in_contact,
+            leader: metrics.current_leader.filter(|_| in_contact),
             term: metrics.current_term,
             last_log_index: metrics.last_log_index,
             commit_index: metrics.cluster_committed.map(|l| l.index),
@@ -980,10 +1001,15 @@ async fn controller(cluster: Arc<Cluster>) {
         last_pass = Instant::now();
         if !cluster.is_leader() {
             leader_since = None;
+            *cluster.leading_since.lock().expect("leading lock") = None;
             contact = Contact::default();
             continue;
         }
-        let since = *leader_since.get_or_insert_with(Instant::now);
+        let since = *leader_since.get_or_insert_with(|| {
+            let now = Instant::now();
+            *cluster.leading_since.lock().expect("leading lock") = Some(now);
+            now
+        });
         if !stalled {
             contact.update(&cluster, since);
         }

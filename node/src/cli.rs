@@ -658,6 +658,12 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
     };
     let _ = writeln!(out, "cluster    {cluster}");
     let _ = writeln!(out, "leader     {leader}, term {}", status.term);
+    if !status.in_contact {
+        let _ = writeln!(
+            out,
+            "contact    cut off: no leader with a majority reaches this node; what it shows may be stale"
+        );
+    }
     let index = |i: Option<u64>| i.map_or_else(|| "-".to_string(), |i| i.to_string());
     let _ = writeln!(
         out,

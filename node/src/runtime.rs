@@ -201,7 +201,8 @@ impl ConfigService for ClusterConfig {
 
     fn freshness(&self) -> Freshness {
         let status = self.cluster.status();
-        let leader = self.cluster.leader().map(|(_, node)| node.name);
-        Freshness { applied_index: status.applied_index, up_to_date: self.cluster.in_contact(), leader }
+        // The leader this node is in touch with: one it only remembers is not followed.
+        let leader = status.leader.and(self.cluster.leader()).map(|(_, node)| node.name);
+        Freshness { applied_index: status.applied_index, up_to_date: status.in_contact, leader }
     }
 }

@@ -702,7 +702,11 @@ fn spawn_background(
                 metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
                 metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.commit_index as f64);
                 metrics::gauge!(m::RAFT_APPLIED_INDEX).set(raft.applied_index as f64);
-                metrics::gauge!(m::RAFT_IS_LEADER).set(f64::from(u8::from(raft.is_leader)));
+                // A leader cut off from the majority still leads as far as Raft knows (until it
+                // hears of a higher term), but it commits nothing: not counted, so the cluster
+                // shows one leader, the one the majority follows.
+                let leads = raft.is_leader && cluster.in_contact();
+                metrics::gauge!(m::RAFT_IS_LEADER).set(f64::from(u8::from(leads)));
                 let state = cluster.state();
                 let owned = (0..state.vnodes.len()).filter(|v| state.vnodes.owner(*v) == Some(cluster.id)).count();
                 metrics::gauge!(m::VNODES_OWNED).set(owned as f64);

@@ -299,6 +299,18 @@ async fn test_cluster_kill9_of_the_leader_then_writes_resume_and_it_catches_up()
     .await;
     let new_status = nodes[survivor].cluster_status().await;
     assert_ne!(leader_name(&new_status).as_deref(), Some(leader.as_str()));
+    // The new leader shows how long the dead one has been silent: at least since it took over
+    // (it showed nothing, as a follower does, though it counted that silence towards failover).
+    let silent = || async {
+        let new_leader = new_status["leader"].as_u64().expect("a leader in contact");
+        let new_leader = nodes.iter().find(|n| n.raft_id() == new_leader).expect("a member");
+        let status = new_leader.cluster_status().await;
+        let old = status["nodes"].as_array().unwrap().iter().find(|n| n["name"] == leader.as_str()).cloned();
+        old.expect("the old leader listed")["last_contact_ms"].as_u64()
+    };
+    let first = wait_for("the old leader's silence shown", || async { silent().await }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(silent().await.expect("still shown") > first, "the silence grows");
     wait_for("the leader change counted", || async {
         let text = nodes[survivor].self_metrics().await;
         let line = text.lines().find(|l| l.starts_with("tollgate_raft_leader_changes_total"))?.to_string();
@@ -527,6 +539,61 @@ async fn test_reads_do_not_wait_again_for_a_paused_member() {
     }
     second.signal("CONT");
     wait_for("the member answering reads again", || async { read().await.1.is_none().then_some(()) }).await;
+}
+
+/// A leader cut off from the majority still leads as far as Raft knows (until it hears of a
+/// newer term). It said so everywhere: `tollgate_raft_is_leader` 1 beside the majority's new
+/// leader (the alert on one leader fired), `cluster status` naming itself leader, pricing's
+/// `freshness.leader` naming it. It now names no leader and says it is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_leader_cut_off_from_the_majority_says_so() {
+    let first = TestNode::start_member("n1", None, &[]).await;
+    let second = TestNode::start_member("n2", Some(&first.cluster_addr()), &[]).await;
+    wait_balanced(&[&first, &second]).await;
+    let nodes = [first, second];
+    let (leader, other) = wait_for("a leader in contact", || async {
+        for (index, node) in nodes.iter().enumerate() {
+            let status = node.cluster_status().await;
+            let leads = status["state"] == "leader" && status["leader"].as_u64() == Some(node.raft_id());
+            if leads && status["in_contact"] == true && node.self_metric("tollgate_raft_is_leader").await == 1.0 {
+                return Some((&nodes[index], &nodes[1 - index]));
+            }
+        }
+        None
+    })
+    .await;
+    // Two voters: with the other paused, the leader has no majority.
+    other.signal("STOP");
+    wait_for("the leader saying it is cut off", || async {
+        let status = leader.cluster_status().await;
+        let (_, pricing) = leader.get("/api/v1/config/pricing").await;
+        let cut_off = status["state"] == "leader"
+            && status["in_contact"] == false
+            && status["leader"].is_null()
+            && pricing["freshness"]["leader"].is_null()
+            && pricing["freshness"]["up_to_date"] == false;
+        (cut_off && leader.self_metric("tollgate_raft_is_leader").await == 0.0).then_some(())
+    })
+    .await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--api", &leader.api(), "cluster", "status"])
+        .output()
+        .expect("the cli runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("leader     none, term") && text.contains("contact    cut off"), "{text}");
+    other.signal("CONT");
+    wait_for("a leader in contact again", || async {
+        for node in &nodes {
+            let status = node.cluster_status().await;
+            if status["in_contact"] == true && status["leader"].is_u64() {
+                let leader = status["leader"].as_u64();
+                let leading = nodes.iter().find(|n| Some(n.raft_id()) == leader)?;
+                return (leading.self_metric("tollgate_raft_is_leader").await == 1.0).then_some(());
+            }
+        }
+        None
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,6 +344,10 @@ struct OwnerState {
     /// Fingerprints the records kept, reusing the attribute order of the one before (a
     /// gateway's access-log format is fixed).
     log_fingerprinter: LogFingerprinter,
+    /// Fingerprints of the records kept by batches not yet durable, with their batch's sequence:
+    /// the store shows a batch's records only once the writer applied it, and a copy can come
+    /// in the meantime (in the same export, or in another export queued behind it).
+    kept_in_flight: FastMap<u128, u64>,
     /// Batches handed to the writer.
     submitted: u64,
     /// How far the batches handed to the writer are durable.
@@ -379,6 +383,7 @@ impl Actor for Owner {
             log_batches: FastMap::default(),
             log_batches_loaded: false,
             log_fingerprinter: LogFingerprinter::default(),
+            kept_in_flight: FastMap::default(),
             submitted: 0,
             durable: watch::channel(Durable::default()).0,
         })
@@ -471,8 +476,6 @@ struct LogBatchOut {
     batch: StoreBatch,
     /// The aggregates the records' counters merged into.
     touched: FastSet<StateKey>,
-    /// The fingerprints of the records kept.
-    kept: FastSet<u128>,
 }
 
 impl OwnerState {
@@ -810,6 +813,10 @@ impl OwnerState {
         }
         let config = self.config();
         let now = self.context.clock.now_ns();
+        // The store has the records of durable batches (the writer applies a batch before it
+        // syncs it).
+        let durable = self.durable.borrow().highest;
+        self.kept_in_flight.retain(|_, batch| *batch > durable);
         let mut failure = None;
         for record in records {
             if let Err(error) = self.ingest_log(record, &config, now, &mut out) {
@@ -835,7 +842,7 @@ impl OwnerState {
         record: ExtractedLog,
         config: &RuntimeConfig,
         now: u64,
-        LogBatchOut { report, batch, touched, kept }: &mut LogBatchOut,
+        LogBatchOut { report, batch, touched }: &mut LogBatchOut,
     ) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         self.ensure_partition(record.partition, &record.entity)?;
@@ -856,17 +863,19 @@ impl OwnerState {
             report.drop_items(DropReason::NotClassified, 1);
             return Ok(());
         };
-        // A kept record is stored under its fingerprint: a copy of one kept already (the same
-        // record twice in an export, or again in another export) is a duplicate, neither stored
-        // nor counted again (it was counted twice and stored once).
+        // A kept record is stored under its fingerprint: a copy of one this owner kept already
+        // (the same record twice in an export, or again in another export) is a duplicate,
+        // neither stored nor counted again (it was counted twice and stored once).
         let fingerprint = if decision.keep() {
             let fingerprint = self.log_fingerprinter.fingerprint(&record.entity, &view);
-            if !kept.insert(fingerprint)
+            if self.kept_in_flight.contains_key(&fingerprint)
                 || self.context.store.has_log(self.vnode, record.partition, record.time_ns, fingerprint)?
             {
                 report.duplicates += 1;
                 return Ok(());
             }
+            // This batch is the next one handed to the writer.
+            self.kept_in_flight.insert(fingerprint, self.submitted + 1);
             fingerprint
         } else {
             0

@@ -504,4 +504,19 @@ async fn test_a_copy_of_a_kept_record_is_stored_and_counted_once() {
     assert_eq!((sampled, requests), (3.0, 3.0), "as many as the stored logs");
     assert_eq!(node.self_metric("tollgate_logs_kept_total{reason=\"error\"}").await, 3.0);
     assert_eq!(node.self_metric("tollgate_log_records_duplicate_total").await, 2.0);
+
+    // Copies in exports that come together: each is merged while the one before may still be
+    // on its way to the store.
+    let copy = error(base + 3);
+    let exports = (0..20u64).map(|k| {
+        let mut client = client.clone();
+        let records = vec![copy.clone(), error(base + 10 + k)];
+        async move { client.export(request("copy-gw", records)).await.expect("accepted") }
+    });
+    futures_util::future::join_all(exports).await;
+    let kept = node.all_logs(&window, 100).await;
+    assert_eq!(kept.len(), 3 + 1 + 20);
+    let sampled = total(&node, "meter_envoy_ai_gw_log_sampled_cpm", "copy-gw", base, json!({"reason": "error"})).await;
+    assert_eq!(sampled, 24.0, "as many as the stored logs");
+    assert_eq!(node.self_metric("tollgate_log_records_duplicate_total").await, 2.0 + 19.0);
 }

@@ -207,8 +207,8 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// When a leader's append-entries (or heartbeat) last reached this node.
     leader_contact: Mutex<Option<Instant>>,
-    /// While this node leads: since when, as its controller saw it take over.
-    leading_since: Mutex<Option<Instant>>,
+    /// While this node leads: its term, and since when, as its controller saw it take over.
+    leading_since: Mutex<Option<(u64, Instant)>>,
 }
 
 fn raft_config(settings: &ClusterSettings) -> Result<Arc<openraft::Config>, ClusterError> {
@@ -811,7 +811,12 @@ impl Cluster {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let raft_nodes: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
         let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
-        let leading_since = *self.leading_since.lock().expect("leading lock");
+        let leading_since = self
+            .leading_since
+            .lock()
+            .expect("leading lock")
+            .filter(|(term, _)| *term == metrics.current_term)
+            .map(|(_, since)| since);
         let mut owned: BTreeMap<NodeId, usize> = BTreeMap::new();
         let mut moving = 0;
         for vnode in &applied.state.vnodes.vnodes {
@@ -989,7 +994,9 @@ const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
 async fn controller(cluster: Arc<Cluster>) {
-    let mut leader_since: Option<Instant> = None;
+    // The term this node leads in, and since when: a leadership lost and won again between two
+    // passes is a new one (its members' silence counts from then).
+    let mut leader_since: Option<(u64, Instant)> = None;
     let mut contact = Contact::default();
     let mut last_pass = Instant::now();
     loop {
@@ -1005,11 +1012,17 @@ async fn controller(cluster: Arc<Cluster>) {
             contact = Contact::default();
             continue;
         }
-        let since = *leader_since.get_or_insert_with(|| {
-            let now = Instant::now();
-            *cluster.leading_since.lock().expect("leading lock") = Some(now);
-            now
-        });
+        let term = cluster.raft.metrics().borrow_watched().current_term;
+        let since = match leader_since {
+            Some((leading, since)) if leading == term => since,
+            _ => {
+                let now = Instant::now();
+                leader_since = Some((term, now));
+                *cluster.leading_since.lock().expect("leading lock") = Some((term, now));
+                contact = Contact::default();
+                now
+            }
+        };
         if !stalled {
             contact.update(&cluster, since);
         }

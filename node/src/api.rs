@@ -539,7 +539,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         return (StatusCode::OK, "ready\n").into_response();
     }
     let why = if !state.healthy.load(Ordering::SeqCst) {
-        "its store failed; it is stopping"
+        "its store or its Raft node failed (its log says which); it is stopping"
     } else {
         let applied = state.cluster.applied().borrow().clone();
         let id = state.cluster.id;

@@ -661,7 +661,8 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
     if !status.in_contact {
         let _ = writeln!(
             out,
-            "contact    cut off: no leader with a majority reaches this node; what it shows may be stale"
+            "contact    no leader with a majority in touch (an election, not yet admitted, or cut off from the \
+             majority): what this node shows may be stale"
         );
     }
     let index = |i: Option<u64>| i.map_or_else(|| "-".to_string(), |i| i.to_string());

@@ -317,6 +317,9 @@ struct PartitionState {
     rolled_until: u64,
     /// Newest data time written to the entity index.
     entity_written_ns: u64,
+    /// The time of the newest kept log stored (or on its way), once read from the store: a
+    /// record newer than it cannot be a copy of a stored one, and needs no store read.
+    newest_kept_ns: Option<u64>,
 }
 
 /// Key of a cached aggregate: series, resolution, period (first minute).
@@ -565,8 +568,10 @@ impl OwnerState {
             self.table.restore_clock(partition, clock);
         }
         let rolled_until = store.rolled_until(self.vnode, partition)?;
-        self.partitions
-            .insert(partition, PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0 });
+        self.partitions.insert(
+            partition,
+            PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0, newest_kept_ns: None },
+        );
         Ok(())
     }
 
@@ -868,12 +873,22 @@ impl OwnerState {
         // neither stored nor counted again (it was counted twice and stored once).
         let fingerprint = if decision.keep() {
             let fingerprint = self.log_fingerprinter.fingerprint(&record.entity, &view);
+            let store = &self.context.store;
+            let partition = self.partitions.get_mut(&record.partition).expect("ensured above");
+            let newest = match partition.newest_kept_ns {
+                Some(newest) => newest,
+                None => *partition.newest_kept_ns.insert(store.newest_log_time(self.vnode, record.partition)?),
+            };
+            // Records mostly come in time order: a store read only for one not newer than the
+            // newest kept (a copy has its original's time).
             if self.kept_in_flight.contains_key(&fingerprint)
-                || self.context.store.has_log(self.vnode, record.partition, record.time_ns, fingerprint)?
+                || (record.time_ns <= newest
+                    && store.has_log(self.vnode, record.partition, record.time_ns, fingerprint)?)
             {
                 report.duplicates += 1;
                 return Ok(());
             }
+            partition.newest_kept_ns = Some(newest.max(record.time_ns));
             // This batch is the next one handed to the writer.
             self.kept_in_flight.insert(fingerprint, self.submitted + 1);
             fingerprint

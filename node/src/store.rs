@@ -299,6 +299,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
         max_bytes: usize,
     ) -> Result<Vec<StoredLog>, Error>;
 
+    /// The time of a partition's newest stored kept log, 0 when it has none (at least that: a
+    /// partition whose newest log cannot be told answers `u64::MAX`).
+    fn newest_log_time(&self, vnode: u16, partition: u64) -> Result<u64, Error>;
+
     /// Whether a kept log of a partition with this time and fingerprint is stored.
     fn has_log(&self, vnode: u16, partition: u64, time_ns: u64, fingerprint: u128) -> Result<bool, Error>;
 

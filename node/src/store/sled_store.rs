@@ -607,6 +607,23 @@ impl Storage for SledStorage {
         Ok(out)
     }
 
+    fn newest_log_time(&self, vnode: u16, partition: u64) -> Result<u64, Error> {
+        if partition == u64::MAX {
+            // No upper key: every time may be stored.
+            return Ok(u64::MAX);
+        }
+        let start = codec::partition_prefix(LOG, vnode, partition);
+        let end = codec::partition_prefix(LOG, vnode, partition + 1);
+        match self.entries(start, Some(end), true).next() {
+            None => Ok(0),
+            Some(entry) => {
+                let (key, _) = entry?;
+                codec::log_key_time(&key)
+                    .ok_or_else(|| Error::Internal("corrupt store: a log key of another length".into()))
+            }
+        }
+    }
+
     fn has_log(&self, vnode: u16, partition: u64, time_ns: u64, fingerprint: u128) -> Result<bool, Error> {
         Ok(self.get(&codec::log_key(vnode, partition, time_ns, fingerprint))?.is_some())
     }
@@ -1255,6 +1272,14 @@ mod tests {
         let next = store.logs(0, 5, 0, Some(LogPosition { time_ns: 200, fingerprint: 3 }), 10, usize::MAX).unwrap();
         assert_eq!(next.iter().map(|l| l.fingerprint).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(store.logs(0, 5, 150, None, 10, usize::MAX).unwrap().len(), 3);
+        // The newest time of each partition (not the next partition's), and what is stored.
+        let newest = |vnode, partition| store.newest_log_time(vnode, partition).unwrap();
+        assert_eq!(
+            (newest(0, 5), newest(0, 6), newest(0, 4), newest(1, 5), newest(0, u64::MAX)),
+            (300, 250, 0, 0, u64::MAX)
+        );
+        assert!(store.has_log(0, 5, 200, 3).unwrap());
+        assert!(!store.has_log(0, 5, 200, 4).unwrap() && !store.has_log(0, 6, 200, 3).unwrap());
         // A byte budget ends the read after the record that reaches it.
         let one = log(0, 0).approximate_bytes();
         for (max_bytes, records) in [(1, 1), (one, 1), (one + 1, 2), (3 * one, 3)] {

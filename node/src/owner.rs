@@ -317,9 +317,6 @@ struct PartitionState {
     rolled_until: u64,
     /// Newest data time written to the entity index.
     entity_written_ns: u64,
-    /// The time of the newest kept log stored (or on its way), once read from the store: a
-    /// record newer than it cannot be a copy of a stored one, and needs no store read.
-    newest_kept_ns: Option<u64>,
 }
 
 /// Key of a cached aggregate: series, resolution, period (first minute).
@@ -351,6 +348,11 @@ struct OwnerState {
     /// the store shows a batch's records only once the writer applied it, and a copy can come
     /// in the meantime (in the same export, or in another export queued behind it).
     kept_in_flight: FastMap<u128, u64>,
+    /// Per partition, the time of the newest kept log stored here (or on its way), once read
+    /// from the store: a record newer than it cannot be a copy of a stored one, and needs no
+    /// store read. Only this owner writes its vnode's logs here, so it holds across ownership
+    /// changes (a partition's entry is a few bytes).
+    newest_kept: FastMap<u64, u64>,
     /// Batches handed to the writer.
     submitted: u64,
     /// How far the batches handed to the writer are durable.
@@ -387,6 +389,7 @@ impl Actor for Owner {
             log_batches_loaded: false,
             log_fingerprinter: LogFingerprinter::default(),
             kept_in_flight: FastMap::default(),
+            newest_kept: FastMap::default(),
             submitted: 0,
             durable: watch::channel(Durable::default()).0,
         })
@@ -568,10 +571,8 @@ impl OwnerState {
             self.table.restore_clock(partition, clock);
         }
         let rolled_until = store.rolled_until(self.vnode, partition)?;
-        self.partitions.insert(
-            partition,
-            PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0, newest_kept_ns: None },
-        );
+        self.partitions
+            .insert(partition, PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0 });
         Ok(())
     }
 
@@ -871,13 +872,17 @@ impl OwnerState {
         // A kept record is stored under its fingerprint: a copy of one this owner kept already
         // (the same record twice in an export, or again in another export) is a duplicate,
         // neither stored nor counted again (it was counted twice and stored once).
+        // Marked as kept only once nothing can fail (below): a record marked and then failed
+        // would have its retry taken for a copy, and be lost.
         let fingerprint = if decision.keep() {
             let fingerprint = self.log_fingerprinter.fingerprint(&record.entity, &view);
             let store = &self.context.store;
-            let partition = self.partitions.get_mut(&record.partition).expect("ensured above");
-            let newest = match partition.newest_kept_ns {
-                Some(newest) => newest,
-                None => *partition.newest_kept_ns.insert(store.newest_log_time(self.vnode, record.partition)?),
+            let newest = match self.newest_kept.get(&record.partition) {
+                Some(newest) => *newest,
+                None => {
+                    let newest = store.newest_log_time(self.vnode, record.partition)?;
+                    *self.newest_kept.entry(record.partition).or_insert(newest)
+                }
             };
             // Records mostly come in time order: a store read only for one not newer than the
             // newest kept (a copy has its original's time).
@@ -888,12 +893,9 @@ impl OwnerState {
                 report.duplicates += 1;
                 return Ok(());
             }
-            partition.newest_kept_ns = Some(newest.max(record.time_ns));
-            // This batch is the next one handed to the writer.
-            self.kept_in_flight.insert(fingerprint, self.submitted + 1);
-            fingerprint
+            Some(fingerprint)
         } else {
-            0
+            None
         };
         let minute = minute_of(record.time_ns) as u64;
         let rolled_until = self.partitions[&record.partition].rolled_until;
@@ -944,10 +946,15 @@ impl OwnerState {
             }
         }
         self.note_entity(record.partition, record.time_ns, batch);
-        if !decision.keep() {
+        let Some(fingerprint) = fingerprint else {
             report.drop_items(DropReason::Sampled, 1);
             return Ok(());
+        };
+        if let Some(newest) = self.newest_kept.get_mut(&record.partition) {
+            *newest = (*newest).max(record.time_ns);
         }
+        // This batch is the next one handed to the writer.
+        self.kept_in_flight.insert(fingerprint, self.submitted + 1);
         for reason in &decision.reasons {
             metrics::counter!(m::LOGS_KEPT, "reason" => reason.as_str()).increment(1);
         }

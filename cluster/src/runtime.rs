@@ -1006,13 +1006,18 @@ async fn controller(cluster: Arc<Cluster>) {
         // node may not even lead any more), judges their contact.
         let stalled = last_pass.elapsed() > CONTROL_INTERVAL * 4;
         last_pass = Instant::now();
-        if !cluster.is_leader() {
+        // One reading of Raft's state: leading, and in which term.
+        let (leading, term) = {
+            let metrics = cluster.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            (metrics.state == ServerState::Leader, metrics.current_term)
+        };
+        if !leading {
             leader_since = None;
             *cluster.leading_since.lock().expect("leading lock") = None;
             contact = Contact::default();
             continue;
         }
-        let term = cluster.raft.metrics().borrow_watched().current_term;
         let since = match leader_since {
             Some((leading, since)) if leading == term => since,
             _ => {
@@ -1024,9 +1029,9 @@ async fn controller(cluster: Arc<Cluster>) {
             }
         };
         if !stalled {
-            contact.update(&cluster, since);
+            contact.update(&cluster, term, since);
         }
-        if let Err(error) = control_once(&cluster, since).await {
+        if let Err(error) = control_once(&cluster, term, since).await {
             debug!(%error, "controller pass incomplete");
         }
     }
@@ -1042,10 +1047,10 @@ struct Contact {
 impl Contact {
     /// Compares the leader's last acknowledgement from each member with the election timeout
     /// (a follower that long without the leader would start an election itself).
-    fn update(&mut self, cluster: &Cluster, leader_since: Instant) {
+    fn update(&mut self, cluster: &Cluster, term: u64, leader_since: Instant) {
         let state = cluster.state();
         let metrics = cluster.raft.metrics().borrow_watched().clone();
-        let heartbeat = metrics.heartbeat.unwrap_or_default();
+        let Some(heartbeat) = leader_heartbeat(metrics, term) else { return };
         let settings = &cluster.settings;
         for (id, node) in &state.nodes {
             if *id == cluster.id {
@@ -1076,13 +1081,32 @@ impl Contact {
     }
 }
 
-/// Members reachable in the leader's view: those acknowledged within `failover_after` (nodes
-/// never heard of since this leader took over count as reachable until `failover_after` passed).
-fn unreachable_members(cluster: &Cluster, state: &ClusterState, leader_since: Instant) -> BTreeSet<NodeId> {
+/// The leader's record of its members' acknowledgements, from `metrics` taken while this node
+/// still leads in `term`: `None` once it does not (a node that lost its leadership has no such
+/// record, and every member would look silent since it took over).
+fn leader_heartbeat(
+    metrics: openraft::RaftMetrics<crate::raft::TypeConfig>,
+    term: u64,
+) -> Option<BTreeMap<NodeId, Option<openraft::type_config::alias::SerdeInstantOf<crate::raft::TypeConfig>>>> {
+    if metrics.state != ServerState::Leader || metrics.current_term != term {
+        return None;
+    }
+    metrics.heartbeat
+}
+
+/// Members unreachable in the view of the leader of `term`: those not acknowledged within
+/// `failover_after` (nodes never heard of since this leader took over count as reachable until
+/// `failover_after` passed). `None` when this node no longer leads in `term`: it decides nothing.
+fn unreachable_members(
+    cluster: &Cluster,
+    state: &ClusterState,
+    term: u64,
+    leader_since: Instant,
+) -> Option<BTreeSet<NodeId>> {
     let metrics = cluster.raft.metrics().borrow_watched().clone();
-    let heartbeat = metrics.heartbeat.unwrap_or_default();
+    let heartbeat = leader_heartbeat(metrics, term)?;
     let failover_after = cluster.settings.failover_after;
-    state
+    let unreachable = state
         .nodes
         .keys()
         .copied()
@@ -1091,16 +1115,18 @@ fn unreachable_members(cluster: &Cluster, state: &ClusterState, leader_since: In
             Some(instant) => openraft::Instant::elapsed(&instant.into_inner()) > failover_after,
             None => leader_since.elapsed() > failover_after,
         })
-        .collect()
+        .collect();
+    Some(unreachable)
 }
 
-async fn control_once(cluster: &Cluster, leader_since: Instant) -> Result<(), ClusterError> {
+async fn control_once(cluster: &Cluster, term: u64, leader_since: Instant) -> Result<(), ClusterError> {
     let state = cluster.state();
     if !state.is_bootstrapped() {
         return Ok(());
     }
     cluster.promote_voters().await;
-    let unreachable = unreachable_members(cluster, &state, leader_since);
+    // Read after the await, which can outlast this node's leadership.
+    let Some(unreachable) = unreachable_members(cluster, &state, term, leader_since) else { return Ok(()) };
     let live: BTreeSet<NodeId> =
         state.nodes.keys().copied().filter(|id| !unreachable.contains(id) && !state.leaving.contains(id)).collect();
     if live.is_empty() {

@@ -336,6 +336,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         join: args.join,
     };
     let config = NodeConfig::load(args.config.as_deref(), &environment, &flags)?;
+    let shutdown_delay = std::time::Duration::from_millis(config.shutdown_delay_ms);
     // Listening from before the start: a start can take minutes (a node waits to be admitted to
     // its cluster), and a signal nobody listens for kills the process at once, or does nothing to
     // a container's first process, which is then killed at the end of its grace period.
@@ -362,6 +363,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         warn!("a second signal: stopping now, without draining");
         std::process::exit(FORCED_EXIT);
     });
+    if reason.is_none() && !shutdown_delay.is_zero() {
+        node.unready();
+        info!(
+            delay_ms = shutdown_delay.as_millis() as u64,
+            "stopping: not ready, still serving while load balancers stop sending requests (shutdown_delay_ms)"
+        );
+        tokio::time::sleep(shutdown_delay).await;
+    }
     node.shutdown().await;
     match reason {
         None => Ok(()),

@@ -33,6 +33,10 @@ pub struct NodeConfig {
     pub api_token: Option<String>,
     /// Shared secret every node-to-node call must carry (none: the cluster port is open).
     pub cluster_secret: Option<String>,
+    /// On SIGTERM, how long the node stays up, not ready (`/readyz` 503) but still serving,
+    /// before it closes its listeners, milliseconds: the time a load balancer takes to stop
+    /// sending it new requests (Kubernetes removes a terminating pod's endpoint asynchronously).
+    pub shutdown_delay_ms: u64,
     /// Request, memory and queue limits.
     pub limits: LimitsConfig,
     /// sled settings.
@@ -202,6 +206,7 @@ impl Default for NodeConfig {
             join: Vec::new(),
             api_token: None,
             cluster_secret: None,
+            shutdown_delay_ms: 0,
             limits: LimitsConfig::default(),
             storage: StorageConfig::default(),
             retention: RetentionConfig::default(),

@@ -509,6 +509,12 @@ impl Node {
         Ok(Node { endpoints, stop, fatal, tasks, peer_stop, peer_task, owners, store, cluster, ready })
     }
 
+    /// Stops being ready (`/readyz` answers 503) while it goes on serving: load balancers stop
+    /// sending it requests before its listeners close (`shutdown_delay_ms`).
+    pub fn unready(&self) {
+        self.ready.store(false, Ordering::SeqCst);
+    }
+
     /// The owners (tests drive maintenance through them).
     pub fn owners(&self) -> &[OwnerHandle] {
         &self.owners

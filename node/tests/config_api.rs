@@ -615,6 +615,33 @@ async fn test_a_second_signal_stops_the_node_at_once() {
     drop(stalled);
 }
 
+/// With `shutdown_delay_ms`, a stopping node first stops being ready and goes on serving, so that
+/// a load balancer stops sending it requests before its listeners close (they closed at once:
+/// requests routed meanwhile were refused), then stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_shutdown_delay_keeps_serving_while_not_ready() {
+    let mut node = TestNode::start_with(&[("TOLLGATE_SHUTDOWN_DELAY_MS", "3000")], &[]).await;
+    let base = now_seconds() - 120;
+    node.signal("TERM");
+    // The signal is handled a moment later.
+    let body = loop {
+        let (status, body) = node.get("/readyz").await;
+        if status == 503 {
+            break body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(body["error"], "not ready: starting or stopping", "{body}");
+    // Still serving: an export is acknowledged and read back.
+    node.metrics_client(0).await.export(input_tokens("gpt-4o", base, 500.0)).await.expect("acknowledged");
+    let minute = (base / 60 * 60) as i64;
+    let labels = serde_json::json!({});
+    let value = node.value("meter_envoy_ai_gw_input_token_rate", "cfg-gw", None, &labels, minute).await;
+    assert_eq!(value, Some(500.0));
+    let status = node.wait_exit(std::time::Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+}
+
 /// A metric answer is a point per step of each group: grouped by a label with many values over
 /// many steps, it outgrew the node's memory (a day of minutes of 5 000 models: a 1.7 GB answer,
 /// 11.6 GB of memory). Past `limits.max_answer_points` values it is refused with what to ask

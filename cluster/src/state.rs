@@ -200,6 +200,11 @@ impl ClusterState {
         !self.vnodes.is_empty()
     }
 
+    /// True when `id` is a member of this bootstrapped cluster: a node that serves traffic.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.is_bootstrapped() && self.nodes.contains_key(&id)
+    }
+
     /// True when `id` owns a vnode or takes part in a move.
     pub fn owns_or_moves(&self, id: NodeId) -> bool {
         self.vnodes.vnodes.iter().any(|s| match s {

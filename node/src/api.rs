@@ -546,7 +546,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         if applied.state.departed.contains(&id) {
             "this node left the cluster: its data is held by another member; start it with an empty \
              data directory to add it again"
-        } else if !(applied.state.is_bootstrapped() && applied.state.nodes.contains_key(&id)) {
+        } else if !applied.state.is_member(id) {
             "not a member of a bootstrapped cluster yet"
         } else {
             "starting or stopping"

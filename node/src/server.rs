@@ -457,16 +457,13 @@ impl Node {
         // Ready once the cluster state this node follows has vnodes and names it a member. A node
         // that left and starts again on its data knows it at once (the departure watch below
         // says so): no need to wait out the minute.
-        let is_member = |a: &tollgate_cluster::raft_store::AppliedState| {
-            a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)
-        };
         tollgate_cluster::runtime::wait_applied(&cluster.applied(), Duration::from_secs(60), |a| {
-            is_member(a) || a.state.departed.contains(&raft_id)
+            a.state.is_member(raft_id) || a.state.departed.contains(&raft_id)
         })
         .await;
         let (member, departed) = {
             let applied = cluster.applied().borrow().clone();
-            (is_member(&applied), applied.state.departed.contains(&raft_id))
+            (applied.state.is_member(raft_id), applied.state.departed.contains(&raft_id))
         };
         if !member && !departed {
             warn!("not a member of a bootstrapped cluster yet; not ready");
@@ -479,7 +476,7 @@ impl Node {
             tasks.spawn("readiness", async move {
                 let mut applied = applied;
                 tokio::select! {
-                    member = applied.wait_for(|a| a.state.is_bootstrapped() && a.state.nodes.contains_key(&raft_id)) => {
+                    member = applied.wait_for(|a| a.state.is_member(raft_id)) => {
                         if member.is_ok() {
                             ready.store(true, Ordering::SeqCst);
                         }

@@ -994,9 +994,6 @@ const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
 async fn controller(cluster: Arc<Cluster>) {
-    // The term this node leads in, and since when: a leadership lost and won again between two
-    // passes is a new one (its members' silence counts from then).
-    let mut leader_since: Option<(u64, Instant)> = None;
     let mut contact = Contact::default();
     let mut last_pass = Instant::now();
     loop {
@@ -1012,22 +1009,21 @@ async fn controller(cluster: Arc<Cluster>) {
             let metrics = metrics.borrow_watched();
             (metrics.state == ServerState::Leader, metrics.current_term)
         };
-        if !leading {
-            leader_since = None;
-            *cluster.leading_since.lock().expect("leading lock") = None;
-            contact = Contact::default();
-            continue;
-        }
-        let since = match leader_since {
-            Some((leading, since)) if leading == term => since,
-            _ => {
-                let now = Instant::now();
-                leader_since = Some((term, now));
-                *cluster.leading_since.lock().expect("leading lock") = Some((term, now));
-                contact = Contact::default();
-                now
+        // The term this node leads in, and since when (`Cluster::leading_since`): a leadership
+        // lost and won again between two passes is a new one (its members' silence counts from
+        // then).
+        let since = {
+            let mut leading_since = cluster.leading_since.lock().expect("leading lock");
+            match *leading_since {
+                Some((leading_term, since)) if leading && leading_term == term => Some(since),
+                _ => {
+                    contact = Contact::default();
+                    *leading_since = leading.then(|| (term, Instant::now()));
+                    leading_since.map(|(_, since)| since)
+                }
             }
         };
+        let Some(since) = since else { continue };
         if !stalled {
             contact.update(&cluster, term, since);
         }

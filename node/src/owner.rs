@@ -877,11 +877,10 @@ impl OwnerState {
         let fingerprint = if decision.keep() {
             let fingerprint = self.log_fingerprinter.fingerprint(&record.entity, &view);
             let store = &self.context.store;
-            let newest = match self.newest_kept.get(&record.partition) {
-                Some(newest) => *newest,
-                None => {
-                    let newest = store.newest_log_time(self.vnode, record.partition)?;
-                    *self.newest_kept.entry(record.partition).or_insert(newest)
+            let newest = match self.newest_kept.entry(record.partition) {
+                std::collections::hash_map::Entry::Occupied(entry) => *entry.get(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    *entry.insert(store.newest_log_time(self.vnode, record.partition)?)
                 }
             };
             // Records mostly come in time order: a store read only for one not newer than the

@@ -480,8 +480,12 @@ impl Cluster {
     /// recently, or it heard from the leader within two election timeouts. A node cut off from
     /// the majority is not, even while it still remembers who led.
     pub fn in_contact(&self) -> bool {
+        self.in_contact_by(&self.raft.metrics().borrow_watched().clone())
+    }
+
+    /// [`Cluster::in_contact`] by Raft's `metrics` as read by the caller.
+    fn in_contact_by(&self, metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool {
         let window = self.settings.election_timeout * 2;
-        let metrics = self.raft.metrics().borrow_watched().clone();
         if metrics.state == ServerState::Leader {
             let alone = metrics.membership_config.membership().voter_ids().all(|id| id == self.id);
             return alone
@@ -804,8 +808,8 @@ impl Cluster {
 
     /// The cluster as this node sees it.
     pub fn status(&self) -> ClusterStatus {
-        let in_contact = self.in_contact();
         let metrics = self.raft.metrics().borrow_watched().clone();
+        let in_contact = self.in_contact_by(&metrics);
         let applied = self.applied.borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();

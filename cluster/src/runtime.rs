@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_proto::peer::{
-    JoinRequest, JoinResponse, RaftKind, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    AwaitConfigRequest, JoinRequest, JoinResponse, RaftKind, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tracing::{debug, info, warn};
 
@@ -483,6 +483,15 @@ impl Cluster {
         self.in_contact_by(&self.raft.metrics().borrow_watched().clone())
     }
 
+    /// True when this node is in touch with a leader and has applied everything that leader
+    /// reported committed: a node restarted, or resumed from a pause, has caught up with the
+    /// changes committed meanwhile (configuration, the vnode map).
+    pub fn caught_up(&self) -> bool {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let applied = metrics.last_applied.as_ref().map(|l| l.index);
+        self.in_contact_by(&metrics) && applied >= metrics.cluster_committed.as_ref().map(|l| l.index)
+    }
+
     /// [`Cluster::in_contact`] by Raft's `metrics` as read by the caller.
     fn in_contact_by(&self, metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool {
         let window = self.settings.election_timeout * 2;
@@ -568,11 +577,16 @@ impl Cluster {
                     error = self.stopped() => return Err(ClusterError::Failed(format!("raft stopped: {error}"))),
                 };
                 return match written {
-                    Ok(Ok(response)) => Ok(response.data),
+                    Ok(Ok(response)) => {
+                        self.await_config_everywhere(&command, &response.data).await;
+                        Ok(response.data)
+                    }
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => continue,
                     Ok(Err(e)) => Err(ClusterError::Failed(e.to_string())),
                     Err(_) => Err(ClusterError::NoQuorum(format!(
-                        "the write was not committed within {timeout:?}: this leader cannot reach a majority; retry"
+                        "the write was not confirmed within {timeout:?}: this leader cannot reach a majority. It \
+                         is in this leader's log and may still be committed once a majority is back: read the \
+                         document's version before retrying"
                     ))),
                 };
             }
@@ -593,6 +607,56 @@ impl Cluster {
             };
         }
         Err(ClusterError::NoQuorum("no stable leader; retry".into()))
+    }
+
+    /// After a configuration write (on the leader): waits, at most an election timeout, until
+    /// every other member in touch with this leader uses the new document, so that data merged
+    /// on any of them after the answer uses it. A member out of touch uses it once it is back:
+    /// what other nodes forward to it waits for it there, and a restarted node is not ready
+    /// before it caught up with the cluster's log.
+    async fn await_config_everywhere(&self, command: &Command, response: &CommandResponse) {
+        let CommandResponse::Applied { version } = *response else { return };
+        let (pricing_version, rules_version) = match command {
+            Command::SetPricing(_) => (version, 0),
+            Command::SetRules(_) => (0, version),
+            _ => return,
+        };
+        let timeout = self.settings.election_timeout;
+        let window = self.settings.election_timeout * 2;
+        let heartbeat = self.raft.metrics().borrow_watched().heartbeat.clone().unwrap_or_default();
+        let in_touch: Vec<(NodeId, String)> = self
+            .state()
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .filter(|(id, _)| {
+                heartbeat
+                    .get(id)
+                    .and_then(|t| *t)
+                    .is_some_and(|acked| openraft::Instant::elapsed(&acked.into_inner()) <= window)
+            })
+            .map(|(id, node)| (*id, node.cluster_addr.clone()))
+            .collect();
+        let request = AwaitConfigRequest { pricing_version, rules_version, timeout_ms: timeout.as_millis() as u32 };
+        let calls = in_touch.iter().map(|(id, addr)| {
+            async move {
+                match self.transport.await_config(addr, request).await {
+                    Ok(used) if used.pricing_version >= pricing_version && used.rules_version >= rules_version => {}
+                    Ok(_) => warn!(
+                        node = id,
+                        pricing_version,
+                        rules_version,
+                        "a member did not apply the new configuration within {timeout:?}"
+                    ),
+                    // A node of an older version cannot say: it applies the change within moments.
+                    Err(TransportError::Refused { code, .. }) if code == "Unimplemented" => {}
+                    Err(e) => {
+                        debug!(node = id, error = %e, "could not ask a member whether it applied the new configuration")
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await;
     }
 
     /// Handles a write forwarded by another node (this node must be the leader).

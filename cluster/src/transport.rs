@@ -12,9 +12,9 @@ use std::time::Duration;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tollgate_proto::peer::peer_client::PeerClient;
 use tollgate_proto::peer::{
-    ForwardExportRequest, ForwardExportsRequest, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest,
-    IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest,
-    RaftResponse, WriteRequest, WriteResponse,
+    AwaitConfigRequest, AwaitConfigResponse, ForwardExportRequest, ForwardExportsRequest, ForwardRequest,
+    ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
+    QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tonic::transport::{Channel, Endpoint};
@@ -95,6 +95,17 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// Who answers at `addr`. A transport without it cannot tell (an in-process test cluster).
     fn identify(&self, addr: &str) -> BoxFuture<'_, Result<IdentifyResponse, TransportError>> {
         let error = unreachable(addr, "this transport cannot ask who answers");
+        Box::pin(async move { Err(error) })
+    }
+    /// Waits until the peer uses configuration documents at least as new as asked (at most the
+    /// request's `timeout_ms`), and says which it uses. A transport without it cannot ask.
+    fn await_config(
+        &self,
+        addr: &str,
+        _request: AwaitConfigRequest,
+    ) -> BoxFuture<'_, Result<AwaitConfigResponse, TransportError>> {
+        let error =
+            status_error(addr, tonic::Status::unimplemented("this transport cannot wait for a peer's configuration"));
         Box::pin(async move { Err(error) })
     }
 }
@@ -504,6 +515,19 @@ impl Transport for TonicTransport {
             within(&addr, self.timeout, client.identify(self.request(IdentifyRequest {}, self.timeout))).await
         })
     }
+
+    fn await_config(
+        &self,
+        addr: &str,
+        request: AwaitConfigRequest,
+    ) -> BoxFuture<'_, Result<AwaitConfigResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            let timeout = self.timeout + Duration::from_millis(u64::from(request.timeout_ms));
+            within(&addr, timeout, client.await_config(self.request(request, timeout))).await
+        })
+    }
 }
 
 /// Faults shared by the transports of an in-process test cluster.
@@ -525,6 +549,10 @@ struct FaultState {
     delay: Duration,
     /// Addresses answering `ForwardExport` as a node that predates it.
     predating: BTreeSet<String>,
+    /// Raft calls to these addresses fail as unreachable (the other calls go through).
+    raft_held: BTreeSet<String>,
+    /// Added to Raft calls to these addresses.
+    raft_delays: HashMap<String, Duration>,
 }
 
 impl Faults {
@@ -548,6 +576,8 @@ impl Faults {
         let mut state = self.state.lock().expect("faults lock");
         state.isolated.clear();
         state.predating.clear();
+        state.raft_held.clear();
+        state.raft_delays.clear();
         state.drop_every = 0;
         state.delay = Duration::ZERO;
     }
@@ -560,6 +590,30 @@ impl Faults {
     /// Delays every call.
     pub fn delay(&self, delay: Duration) {
         self.state.lock().expect("faults lock").delay = delay;
+    }
+
+    /// Raft calls to `addr` fail as unreachable (`None`), or are delayed, until
+    /// [`Faults::heal_all`]: the node there falls behind the cluster's log while its other
+    /// calls go through.
+    pub fn slow_raft_to(&self, addr: &str, delay: Option<Duration>) {
+        let mut state = self.state.lock().expect("faults lock");
+        match delay {
+            None => {
+                state.raft_held.insert(addr.to_string());
+            }
+            Some(delay) => {
+                state.raft_delays.insert(addr.to_string(), delay);
+            }
+        }
+    }
+
+    /// The delay of a Raft call to `to`, or its failure.
+    fn check_raft(&self, to: &str) -> Result<Duration, TransportError> {
+        let state = self.state.lock().expect("faults lock");
+        if state.raft_held.contains(to) {
+            return Err(unreachable(to, "raft calls held"));
+        }
+        Ok(state.raft_delays.get(to).copied().unwrap_or_default())
     }
 
     /// Makes the node at `addr` answer `ForwardExport` as a node that predates it does (a gRPC
@@ -624,6 +678,10 @@ impl Transport for FaultyTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             self.gate(&addr).await?;
+            let delay = self.faults.check_raft(&addr)?;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             self.inner.raft(&addr, request).await
         })
     }
@@ -690,6 +748,18 @@ impl Transport for FaultyTransport {
         Box::pin(async move {
             self.gate(&addr).await?;
             self.inner.identify(&addr).await
+        })
+    }
+
+    fn await_config(
+        &self,
+        addr: &str,
+        request: AwaitConfigRequest,
+    ) -> BoxFuture<'_, Result<AwaitConfigResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.await_config(&addr, request).await
         })
     }
 }

@@ -10,9 +10,10 @@ use tokio::sync::Semaphore;
 use tollgate_cluster::transport::{TonicTransport, Transport, TransportError};
 use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
-    ExportOutcome, ForwardExportRequest, ForwardExportsRequest, ForwardExportsResponse, ForwardRequest,
-    ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
-    QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    AwaitConfigRequest, AwaitConfigResponse, ExportOutcome, ForwardExportRequest, ForwardExportsRequest,
+    ForwardExportsResponse, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest,
+    IdentifyResponse, JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest,
+    WriteResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -94,6 +95,9 @@ impl Peer for TestPeer {
     async fn identify(&self, _: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
         Err(Status::unimplemented("identify"))
     }
+    async fn await_config(&self, _: Request<AwaitConfigRequest>) -> Result<Response<AwaitConfigResponse>, Status> {
+        Err(Status::unimplemented("await_config"))
+    }
 }
 
 /// Serves a test peer on a free loopback port: its address, and what it saw.
@@ -116,7 +120,12 @@ async fn serve(predates_batches: bool) -> (String, Arc<Mutex<Calls>>, Arc<Semaph
 }
 
 fn export(resource: &str) -> ForwardExportRequest {
-    ForwardExportRequest { map_epoch: 7, signal: 1, resources: vec![Bytes::from(resource.to_string())] }
+    ForwardExportRequest {
+        map_epoch: 7,
+        signal: 1,
+        resources: vec![Bytes::from(resource.to_string())],
+        ..Default::default()
+    }
 }
 
 /// Forwards `first` (held by the peer), then the `others` while it is in flight; the outcomes

@@ -548,6 +548,9 @@ async fn readyz(State(state): State<ApiState>) -> Response {
              data directory to add it again"
         } else if !applied.state.is_member(id) {
             "not a member of a bootstrapped cluster yet"
+        } else if !state.cluster.caught_up() {
+            "catching up with the cluster: not in touch with a leader yet, or still applying the changes it \
+             committed"
         } else {
             "starting or stopping"
         }

@@ -83,7 +83,23 @@ impl Ingest {
         }
     }
 
-    fn forward(&self, addr: String, request: ForwardRequest) -> Pending {
+    /// The versions of the configuration documents this node uses (pricing, rules).
+    pub fn config_versions(&self) -> (u64, u64) {
+        let config = self.config.borrow();
+        (config.pricing.version(), config.rules.version)
+    }
+
+    /// Waits, at most `timeout`, until this node uses configuration documents at least as new
+    /// as `pricing` and `rules`; returns the versions it uses then.
+    pub async fn config_at_least(&self, pricing: u64, rules: u64, timeout: Duration) -> (u64, u64) {
+        let mut config = self.config.clone();
+        let newer = |c: &Arc<RuntimeConfig>| c.pricing.version() >= pricing && c.rules.version >= rules;
+        let _ = tokio::time::timeout(timeout, config.wait_for(newer)).await;
+        self.config_versions()
+    }
+
+    fn forward(&self, addr: String, mut request: ForwardRequest) -> Pending {
+        (request.pricing_version, request.rules_version) = self.config_versions();
         let transport = Arc::clone(self.cluster.transport());
         async move {
             let started = Instant::now();
@@ -257,8 +273,14 @@ impl Ingest {
         async move {
             let started = Instant::now();
             let Remote { epoch, resources, items } = remote;
-            let request =
-                ForwardExportRequest { map_epoch: epoch, signal: signal as i32, resources: resources.clone() };
+            let (pricing_version, rules_version) = this.config_versions();
+            let request = ForwardExportRequest {
+                map_epoch: epoch,
+                signal: signal as i32,
+                resources: resources.clone(),
+                pricing_version,
+                rules_version,
+            };
             let result = this.cluster.transport().forward_export(&addr, request).await;
             let predates = matches!(&result, Err(TransportError::Refused { code, .. }) if code == "Unimplemented");
             if signal == Signal::Metrics && !predates {
@@ -473,7 +495,8 @@ impl RemoteBatches {
 
     fn into_requests(self, signal: Signal) -> impl Iterator<Item = (String, ForwardRequest)> {
         self.by_owner.into_iter().map(move |(addr, (map_epoch, batches))| {
-            (addr, ForwardRequest { map_epoch, signal: signal as i32, batches })
+            // The configuration versions are stamped as the request is sent.
+            (addr, ForwardRequest { map_epoch, signal: signal as i32, batches, pricing_version: 0, rules_version: 0 })
         })
     }
 }

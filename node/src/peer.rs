@@ -19,9 +19,10 @@ use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::{Cluster, ClusterError, VnodeState};
 use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
-    ExportOutcome, ForwardExportRequest, ForwardExportsRequest, ForwardExportsResponse, ForwardRequest,
-    ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
-    QueryKind, QueryRequest, QueryResponse, RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
+    AwaitConfigRequest, AwaitConfigResponse, ExportOutcome, ForwardExportRequest, ForwardExportsRequest,
+    ForwardExportsResponse, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest,
+    IdentifyResponse, JoinRequest, JoinResponse, QueryKind, QueryRequest, QueryResponse, RaftRequest, RaftResponse,
+    Signal, WriteRequest, WriteResponse,
 };
 use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
@@ -60,7 +61,27 @@ impl PeerService {
             Ok(signal @ (Signal::Metrics | Signal::Logs)) => signal,
             _ => return Err(invalid(format!("unknown signal {}", request.signal))),
         };
+        self.fence(request.pricing_version, request.rules_version).await?;
         Ok(self.ingest.owner_export(signal, request.resources).await?)
+    }
+
+    /// Forwarded data is merged with configuration documents at least as new as the ones its
+    /// sender used: this node waits for them a while (it was paused, or restarted, while they
+    /// were committed, and catches up) and else refuses the data with a retryable error.
+    async fn fence(&self, pricing: u64, rules: u64) -> Result<(), Status> {
+        let (used_pricing, used_rules) = self.ingest.config_versions();
+        if used_pricing >= pricing && used_rules >= rules {
+            return Ok(());
+        }
+        let timeout = self.cluster.settings().election_timeout * 2;
+        let (used_pricing, used_rules) = self.ingest.config_at_least(pricing, rules, timeout).await;
+        if used_pricing >= pricing && used_rules >= rules {
+            return Ok(());
+        }
+        Err(Status::unavailable(format!(
+            "this node uses pricing version {used_pricing} and rules version {used_rules}, older than the sending \
+             node's ({pricing}, {rules}), and did not catch up within {timeout:?}; retry"
+        )))
     }
 
     /// The owner actor of a vnode named in a request.
@@ -99,6 +120,7 @@ impl Peer for PeerService {
         if signal == Signal::Unspecified {
             return Err(invalid(format!("unknown signal {}", request.signal)));
         }
+        self.fence(request.pricing_version, request.rules_version).await?;
         let mut seen = std::collections::HashSet::with_capacity(request.batches.len());
         let mut points = Vec::new();
         let mut logs = Vec::new();
@@ -236,6 +258,18 @@ impl Peer for PeerService {
 
     async fn identify(&self, _request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
         Ok(Response::new(IdentifyResponse { node_id: self.cluster.id, name: self.cluster.me.name.clone() }))
+    }
+
+    async fn await_config(
+        &self,
+        request: Request<AwaitConfigRequest>,
+    ) -> Result<Response<AwaitConfigResponse>, Status> {
+        let request = request.into_inner();
+        // Bounded whatever the caller asks: a call waits for moments, not for an outage.
+        let timeout = Duration::from_millis(u64::from(request.timeout_ms)).min(Duration::from_secs(10));
+        let (pricing_version, rules_version) =
+            self.ingest.config_at_least(request.pricing_version, request.rules_version, timeout).await;
+        Ok(Response::new(AwaitConfigResponse { pricing_version, rules_version }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {

@@ -60,6 +60,40 @@ pub struct Endpoints {
     pub raft_id: NodeId,
 }
 
+/// How long a starting member waits to catch up with the cluster's log before it returns
+/// unready (it becomes ready as soon as it has).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether this member caught up with the cluster's log ([`Cluster::caught_up`]) and uses the
+/// configuration documents it applied.
+fn caught_up(cluster: &Cluster, runtime: &watch::Receiver<Arc<crate::runtime::RuntimeConfig>>) -> bool {
+    if !cluster.caught_up() {
+        return false;
+    }
+    let state = cluster.state();
+    let config = runtime.borrow();
+    config.pricing.version() >= state.pricing.as_ref().map_or(0, |v| v.version)
+        && config.rules.version >= state.rules.as_ref().map_or(0, |v| v.version)
+}
+
+/// Waits until [`caught_up`], at most `timeout` when one is given; whether it did.
+async fn wait_caught_up(
+    cluster: &Cluster,
+    runtime: &watch::Receiver<Arc<crate::runtime::RuntimeConfig>>,
+    timeout: Option<Duration>,
+) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if caught_up(cluster, runtime) {
+            return true;
+        }
+        if timeout.is_some_and(|timeout| started.elapsed() >= timeout) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How long a stopping node lets requests in flight finish before it cuts them off (clients
 /// retry, and merges are idempotent).
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -454,9 +488,11 @@ impl Node {
             fatal_sender,
         );
 
-        // Ready once the cluster state this node follows has vnodes and names it a member. A node
-        // that left and starts again on its data knows it at once (the departure watch below
-        // says so): no need to wait out the minute.
+        // Ready once the cluster state this node follows has vnodes and names it a member, and it
+        // caught up with the cluster's log: a node restarted while the configuration changed
+        // must not merge what the load balancer sends it with the old one. A node that left and
+        // starts again on its data knows it at once (the departure watch below says so): no
+        // need to wait out the minute.
         tollgate_cluster::runtime::wait_applied(&cluster.applied(), Duration::from_secs(60), |a| {
             a.state.is_member(raft_id) || a.state.departed.contains(&raft_id)
         })
@@ -465,19 +501,28 @@ impl Node {
             let applied = cluster.applied().borrow().clone();
             (applied.state.is_member(raft_id), applied.state.departed.contains(&raft_id))
         };
+        let is_ready = member && wait_caught_up(&cluster, &runtime, Some(CATCH_UP_WAIT)).await;
         if !member && !departed {
             warn!("not a member of a bootstrapped cluster yet; not ready");
+        } else if member && !is_ready {
+            warn!("not in touch with a leader, or still applying its log; not ready until it caught up");
         }
-        ready.store(member, Ordering::SeqCst);
-        if !member {
+        ready.store(is_ready, Ordering::SeqCst);
+        if !is_ready && !departed {
             let ready = Arc::clone(&ready);
-            let applied = cluster.applied();
+            let cluster = Arc::clone(&cluster);
+            let runtime = runtime.clone();
             let stop = stopped(stop_receiver.clone());
             tasks.spawn("readiness", async move {
-                let mut applied = applied;
+                let mut applied = cluster.applied();
+                let caught_up = async {
+                    applied.wait_for(|a| a.state.is_member(raft_id)).await.is_ok()
+                        && wait_caught_up(&cluster, &runtime, None).await
+                };
                 tokio::select! {
-                    member = applied.wait_for(|a| a.state.is_member(raft_id)) => {
-                        if member.is_ok() {
+                    caught_up = caught_up => {
+                        if caught_up && !cluster.applied().borrow().state.departed.contains(&raft_id) {
+                            info!("caught up with the cluster; ready");
                             ready.store(true, Ordering::SeqCst);
                         }
                     }

@@ -345,13 +345,12 @@ async fn test_cluster_kill9_of_the_leader_then_writes_resume_and_it_catches_up()
         assert!(body["error"].as_str().unwrap().contains(&format!("no answer from {leader}")), "{read}: {body}");
     }
 
-    // Back, the old leader follows the new configuration and gets vnodes again.
+    // Back, the old leader is ready only once it caught up with the cluster's log: from then on
+    // it merges with the new configuration. Then it gets vnodes again.
     nodes[index].restart().await;
-    wait_for("the new pricing on the restarted node", || async {
-        let (status, body) = nodes[index].get("/api/v1/config/pricing").await;
-        (status == 200 && body["version"] == version).then_some(())
-    })
-    .await;
+    let (status, body) = nodes[index].get("/api/v1/config/pricing").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], version, "the restarted node is ready with the new pricing: {}", body["freshness"]);
     wait_balanced(&nodes.iter().collect::<Vec<_>>()).await;
     let (requests, missing) =
         sum_of(&nodes[index], "meter_envoy_ai_gw_request_cpm", "failover-gw", base - 60, base + 60).await;

@@ -463,7 +463,7 @@ async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
     // `Unimplemented` (the OTLP port serves no peer service at all).
     let transport = TonicTransport::new(None, Duration::from_secs(2), 1 << 20);
     let otlp_port = receiver.endpoints.otlp_grpc[0].to_string();
-    let request = ForwardExportRequest { map_epoch: 1, signal: Signal::Metrics as i32, resources: Vec::new() };
+    let request = ForwardExportRequest { map_epoch: 1, signal: Signal::Metrics as i32, ..Default::default() };
     match transport.forward_export(&otlp_port, request).await {
         Err(TransportError::Refused { code, .. }) => assert_eq!(code, "Unimplemented"),
         other => panic!("expected an Unimplemented refusal, got {other:?}"),
@@ -609,5 +609,76 @@ async fn test_log_exports_reach_their_owners_and_retries_are_recognised_across_v
     let (other, _) = log_export("log-route-other-gw", base);
     post(2, other.encode_to_vec()).await;
     assert_eq!(kept_logs(&cluster.nodes[0], "log-route-other-gw", base).await, kept);
+    cluster.shutdown().await;
+}
+
+/// `PUT`s a pricing document pricing model `m`'s input tokens at `price` per million through
+/// `node`'s API.
+async fn set_input_price(node: &Node, price: f64) {
+    let pricing = format!(
+        "providers:\n  - provider: p\n    models:\n      - name: m\n        input-estimated-cost-per-m: {price}\n"
+    );
+    let response = reqwest::Client::new()
+        .put(format!("http://{}/api/v1/config/pricing", node.endpoints.http))
+        .body(pricing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+}
+
+/// A service name (`<prefix>-<n>-gw`) with pods owned by `owner` among those of a fleet export.
+fn service_with_pods_on(owner: &Node, prefix: &str) -> String {
+    let state = owner.cluster().state();
+    let vnodes = state.vnodes.vnodes.len() as u16;
+    (0..100)
+        .map(|n| format!("{prefix}-{n}-gw"))
+        .find(|service| {
+            (0..PODS).any(|pod| {
+                state.vnodes.owner(vnode_of(pod_partition(service, pod), vnodes)) == Some(owner.cluster().id)
+            })
+        })
+        .expect("some service name has pods on the node")
+}
+
+/// SPEC §4: a price applies to data merged after the change is committed. Once a pricing write
+/// is answered, data merged on any member uses the new price: the answer waits until the
+/// members in touch with the leader use it, and a member behind the cluster's log (paused, or
+/// cut off from Raft a while) merges forwarded data only once it caught up with the sender's
+/// configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_data_merged_after_a_pricing_write_is_answered_uses_the_new_price_on_every_member() {
+    let cluster = Cluster::start().await;
+    let lagging = &cluster.nodes[2];
+    let lagging_addr = lagging.endpoints.cluster.to_string();
+    let base = now_seconds() - 120;
+    let tokens = fleet_tokens(1, PODS) as f64;
+
+    // Node 3 gets the cluster's log 60 ms late but stays in touch. The write is answered once
+    // it uses the new price, so an export it takes at once is merged with it.
+    set_input_price(&cluster.nodes[0], 1.0).await;
+    cluster.faults.slow_raft_to(&lagging_addr, Some(Duration::from_millis(60)));
+    set_input_price(&cluster.nodes[0], 2.0).await;
+    let service = service_with_pods_on(lagging, "late-apply");
+    export_until_acknowledged(&cluster.grpc(2), &fleet_export(&service, base, 0, PODS).0, "late apply").await;
+    let merged = total(&cluster.nodes[0], "meter_envoy_ai_gw_estimated_cost", &service, base - 120, base + 120).await;
+    assert_eq!(merged, tokens * 2.0, "{service}: every pod's tokens at the new price");
+
+    // Node 3 gets no Raft call at all while the next price is committed, then catches up: what
+    // node 1 forwards to it meanwhile waits for the price node 1 used.
+    cluster.faults.heal_all();
+    cluster.faults.slow_raft_to(&lagging_addr, None);
+    set_input_price(&cluster.nodes[0], 3.0).await;
+    assert!(lagging.cluster().state().pricing.map_or(0, |p| p.version) < 3, "node 3 is behind");
+    let faults = Arc::clone(&cluster.faults);
+    let heal = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        faults.heal_all();
+    });
+    let service = service_with_pods_on(lagging, "behind");
+    export_until_acknowledged(&cluster.grpc(0), &fleet_export(&service, base, 0, PODS).0, "behind").await;
+    heal.await.unwrap();
+    let merged = total(&cluster.nodes[0], "meter_envoy_ai_gw_estimated_cost", &service, base - 120, base + 120).await;
+    assert_eq!(merged, tokens * 3.0, "{service}: every pod's tokens at the new price");
     cluster.shutdown().await;
 }

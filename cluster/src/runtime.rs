@@ -484,12 +484,18 @@ impl Cluster {
     }
 
     /// True when this node is in touch with a leader and has applied everything that leader
-    /// reported committed: a node restarted, or resumed from a pause, has caught up with the
-    /// changes committed meanwhile (configuration, the vnode map).
+    /// reported committed in its own term: a node restarted has caught up with the changes
+    /// committed meanwhile (configuration, the vnode map). The commit must be of the current
+    /// term (a leader's first entry commits everything before it): openraft does not restore the
+    /// reported commit at a restart, and a new leader reports none, or an older one, until its
+    /// first entry is committed.
     pub fn caught_up(&self) -> bool {
         let metrics = self.raft.metrics().borrow_watched().clone();
-        let applied = metrics.last_applied.as_ref().map(|l| l.index);
-        self.in_contact_by(&metrics) && applied >= metrics.cluster_committed.as_ref().map(|l| l.index)
+        let Some(committed) = metrics.cluster_committed.as_ref() else { return false };
+        let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
+        committed.committed_leader_id().term == metrics.current_term
+            && applied >= committed.index
+            && self.in_contact_by(&metrics)
     }
 
     /// [`Cluster::in_contact`] by Raft's `metrics` as read by the caller.
@@ -601,17 +607,19 @@ impl Cluster {
                 Err(e @ TransportError::Refused { .. }) if !e.is_retryable() => {
                     Err(ClusterError::Failed(e.to_string()))
                 }
-                Err(e) => {
-                    Err(ClusterError::NoQuorum(format!("the leader {} cannot be reached: {e}; retry", node.name)))
-                }
+                Err(e) => Err(ClusterError::NoQuorum(format!(
+                    "the leader {} could not be reached, or did not answer: {e}. If it took the write, the change \
+                     may still be committed: read the document's version before retrying",
+                    node.name
+                ))),
             };
         }
         Err(ClusterError::NoQuorum("no stable leader; retry".into()))
     }
 
     /// After a configuration write (on the leader): waits, at most an election timeout, until
-    /// every other member in touch with this leader uses the new document, so that data merged
-    /// on any of them after the answer uses it. A member out of touch uses it once it is back:
+    /// this node and every member in touch with it use the new document, so that data merged on
+    /// any of them after the answer uses it. A member out of touch uses it once it is back:
     /// what other nodes forward to it waits for it there, and a restarted node is not ready
     /// before it caught up with the cluster's log.
     async fn await_config_everywhere(&self, command: &Command, response: &CommandResponse) {
@@ -628,12 +636,12 @@ impl Cluster {
             .state()
             .nodes
             .iter()
-            .filter(|(id, _)| **id != self.id)
             .filter(|(id, _)| {
-                heartbeat
-                    .get(id)
-                    .and_then(|t| *t)
-                    .is_some_and(|acked| openraft::Instant::elapsed(&acked.into_inner()) <= window)
+                **id == self.id
+                    || heartbeat
+                        .get(id)
+                        .and_then(|t| *t)
+                        .is_some_and(|acked| openraft::Instant::elapsed(&acked.into_inner()) <= window)
             })
             .map(|(id, node)| (*id, node.cluster_addr.clone()))
             .collect();

@@ -524,7 +524,9 @@ impl Transport for TonicTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             let mut client = self.client(&addr)?;
-            let timeout = self.timeout + Duration::from_millis(u64::from(request.timeout_ms));
+            // The peer answers within the request's own bound; a peer that does not (paused, hung)
+            // must not hold a configuration write much longer.
+            let timeout = Duration::from_millis(u64::from(request.timeout_ms) + 250);
             within(&addr, timeout, client.await_config(self.request(request, timeout))).await
         })
     }

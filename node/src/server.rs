@@ -70,7 +70,8 @@ fn caught_up(cluster: &Cluster, runtime: &watch::Receiver<Arc<crate::runtime::Ru
     if !cluster.caught_up() {
         return false;
     }
-    let state = cluster.state();
+    let applied = cluster.applied();
+    let state = &applied.borrow().state;
     let config = runtime.borrow();
     config.pricing.version() >= state.pricing.as_ref().map_or(0, |v| v.version)
         && config.rules.version >= state.rules.as_ref().map_or(0, |v| v.version)
@@ -158,6 +159,8 @@ pub struct Node {
     store: Arc<SledStorage>,
     cluster: Arc<Cluster>,
     ready: Arc<AtomicBool>,
+    /// Set by [`Node::unready`]: the node stays unready whatever else happens.
+    held_unready: Arc<AtomicBool>,
 }
 
 const NODE_ID_KEY: &str = "node/id";
@@ -508,8 +511,10 @@ impl Node {
             warn!("not in touch with a leader, or still applying its log; not ready until it caught up");
         }
         ready.store(is_ready, Ordering::SeqCst);
+        let held_unready = Arc::new(AtomicBool::new(false));
         if !is_ready && !departed {
             let ready = Arc::clone(&ready);
+            let held_unready = Arc::clone(&held_unready);
             let cluster = Arc::clone(&cluster);
             let runtime = runtime.clone();
             let stop = stopped(stop_receiver.clone());
@@ -521,9 +526,19 @@ impl Node {
                 };
                 tokio::select! {
                     caught_up = caught_up => {
-                        if caught_up && !cluster.applied().borrow().state.departed.contains(&raft_id) {
-                            info!("caught up with the cluster; ready");
+                        // Neither a departure nor `Node::unready` may be undone: each is checked
+                        // again after the store, which they may have crossed.
+                        let held = || {
+                            held_unready.load(Ordering::SeqCst)
+                                || cluster.applied().borrow().state.departed.contains(&raft_id)
+                        };
+                        if caught_up && !held() {
                             ready.store(true, Ordering::SeqCst);
+                            if held() {
+                                ready.store(false, Ordering::SeqCst);
+                            } else {
+                                info!("caught up with the cluster; ready");
+                            }
                         }
                     }
                     () = stop => {}
@@ -548,12 +563,13 @@ impl Node {
             });
         }
         info!(node = %endpoints.node_id, raft_id, "tollgate node started");
-        Ok(Node { endpoints, stop, fatal, tasks, peer_stop, peer_task, owners, store, cluster, ready })
+        Ok(Node { endpoints, stop, fatal, tasks, peer_stop, peer_task, owners, store, cluster, ready, held_unready })
     }
 
     /// Stops being ready (`/readyz` answers 503) while it goes on serving: load balancers stop
     /// sending it requests before its listeners close (`shutdown_delay_ms`).
     pub fn unready(&self) {
+        self.held_unready.store(true, Ordering::SeqCst);
         self.ready.store(false, Ordering::SeqCst);
     }
 

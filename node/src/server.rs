@@ -818,6 +818,11 @@ fn spawn_background(
     }
 }
 
+/// How long past their retention minutes not rolled up yet are kept at most: roll-ups reach
+/// every minute within a lateness window (at most a day) of its partition going quiet, or half
+/// the retention; this bounds what a partition whose roll-up frontier does not move keeps.
+const UNROLLED_MINUTES_GRACE_SECONDS: u64 = 86_400;
+
 /// What retention deletes at `now_ns`.
 pub fn retention_cutoffs(
     now_ns: u64,
@@ -831,6 +836,7 @@ pub fn retention_cutoffs(
     // `day_seconds` was under a day, and the hour at the edge an hour early.)
     RetentionCutoffs {
         minute: minute_of(retention.minute_seconds),
+        minute_unrolled: minute_of(retention.minute_seconds.saturating_add(UNROLLED_MINUTES_GRACE_SECONDS)),
         hour: minute_of(retention.hour_seconds).saturating_sub(Resolution::Hour.minutes() - 1),
         day: minute_of(retention.day_seconds).saturating_sub(Resolution::Day.minutes() - 1),
         logs_ns: now_ns.saturating_sub(retention.logs_seconds * 1_000_000_000),

@@ -228,8 +228,11 @@ pub struct SweepReport {
 /// Cut-offs of a retention sweep: everything strictly older is deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetentionCutoffs {
-    /// First minute kept at minute resolution.
+    /// First minute kept at minute resolution, once rolled up into its hour and day.
     pub minute: u64,
+    /// First minute kept at minute resolution while not rolled up yet (the roll-up frontier of
+    /// a partition keeps its minutes past `minute` until then, but not past this).
+    pub minute_unrolled: u64,
     /// First minute kept at hour resolution.
     pub hour: u64,
     /// First minute kept at day resolution.

@@ -341,3 +341,48 @@ async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window
     );
     node.shutdown().await;
 }
+
+/// The first points of a new partition may be of any age: points of minutes already past their
+/// retention are merged as minutes and rolled up later. The sweep must not delete them before
+/// that, or they are lost to the hour and day steps although they were acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_minutes_merged_already_past_retention_reach_their_hour_and_day() {
+    const SERVICE: &str = "old-gw";
+    let now = now_seconds();
+    let t0 = now / 3600 * 3600 - 3 * 3600;
+    let clock = tollgate::ManualClock::new(now * 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
+        config.retention.minute_seconds = 3600;
+        config.retention.sweep_interval_seconds = 1;
+    })
+    .await;
+    // Minutes 2 to 3 hours old, a new partition's first points: accepted.
+    let mut requests = 0;
+    for minute in 0..30 {
+        client.export(export_of(SERVICE, t0 + minute * MINUTE + 1, 1, 0.5)).await.unwrap();
+        requests += 1;
+    }
+    let (start, end) = (t0 - 3600, now + 3600);
+    let hours = |series: Value| values(&series).iter().sum::<f64>() * 60.0;
+    assert_eq!(hours(series_of(&api, CPM, SERVICE, start, end, "hour").await), requests as f64);
+    // Sweeps run (every second) before any roll-up: the hour step still counts every request.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        hours(series_of(&api, CPM, SERVICE, start, end, "hour").await),
+        requests as f64,
+        "the sweep deleted minutes not rolled up yet"
+    );
+    // Rolled up, the minutes go at the next sweep; the hour and day steps keep them.
+    maintain(&node).await;
+    let started = std::time::Instant::now();
+    while !values(&series_of(&api, CPM, SERVICE, start, end, "minute").await).is_empty() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(hours(series_of(&api, CPM, SERVICE, start, end, "hour").await), requests as f64);
+    let days = values(&series_of(&api, CPM, SERVICE, start, end, "day").await).iter().sum::<f64>() * 1440.0;
+    // The API gives 6 decimals: a day's rate of 30 requests is 0.020833 a minute.
+    assert!((days - requests as f64).abs() < 2e-3, "the day step: {days}, {requests} requests");
+    node.shutdown().await;
+}

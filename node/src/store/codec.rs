@@ -94,7 +94,7 @@ pub fn series_key_id(key: &[u8]) -> Result<SeriesId, String> {
 const VNODE_PREFIX_LEN: usize = 1 + 2;
 
 /// Length of [`partition_prefix`]: tag, vnode, partition.
-const PARTITION_PREFIX_LEN: usize = VNODE_PREFIX_LEN + 8;
+pub const PARTITION_PREFIX_LEN: usize = VNODE_PREFIX_LEN + 8;
 
 /// The partition of a key that starts with [`partition_prefix`] (a clock's, a series record's).
 pub fn key_partition(key: &[u8]) -> Result<u64, String> {

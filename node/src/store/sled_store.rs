@@ -24,6 +24,7 @@ use crate::config::StorageConfig;
 use crate::error::Error;
 use crate::metrics as m;
 use sled::Transactional;
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -425,14 +426,15 @@ impl SledStorage {
         .map(|entry| entry.map_err(|e| storage_error("range", e)))
     }
 
-    /// Deletes the keys of `tag` older than `cutoff` (their time read by `time_of`), for keys
-    /// made of a group (their first `group_len` bytes: a series, a partition) and a big-endian
-    /// time: per group, one read of its oldest key, and the expired keys after it if it is one.
+    /// Deletes the keys of `tag` older than their group's cut-off (`cutoff_of` the group; their
+    /// time read by `time_of`), for keys made of a group (their first `group_len` bytes: a
+    /// series, a partition) and a big-endian time: per group, one read of its oldest key, and
+    /// the expired keys after it if it is one.
     fn sweep_groups(
         &self,
         tag: u8,
         group_len: usize,
-        cutoff: u64,
+        cutoff_of: &dyn Fn(&[u8]) -> u64,
         time_of: fn(&[u8]) -> Option<u64>,
         deleter: &mut Deleter<'_>,
     ) -> Result<(), Error> {
@@ -441,6 +443,7 @@ impl SledStorage {
         loop {
             let Some(oldest) = self.walk(from, end.clone(), 1).next() else { return Ok(()) };
             let (oldest, _) = oldest?;
+            let cutoff = oldest.get(..group_len).map_or(0, cutoff_of);
             let next = match time_of(&oldest) {
                 // A key of another shape (none is written): skipped alone.
                 None => {
@@ -470,6 +473,28 @@ impl SledStorage {
                 None => return Ok(()),
             }
         }
+    }
+
+    /// The roll-up frontier (the first minute not rolled up) of each series' partition, by the
+    /// series' aggregate group without its tag (vnode, series id).
+    fn minute_frontiers(&self) -> Result<HashMap<Vec<u8>, u64>, Error> {
+        let partition_of = |key: &[u8]| key.get(1..codec::PARTITION_PREFIX_LEN).map(<[u8]>::to_vec);
+        let mut rolled: HashMap<Vec<u8>, u64> = HashMap::new();
+        for entry in self.prefixed(&[codec::ROLLED_UNTIL]) {
+            let (key, value) = entry?;
+            if let (Some(partition), Ok(minute)) = (partition_of(&key), <[u8; 8]>::try_from(value.as_slice())) {
+                rolled.insert(partition, u64::from_be_bytes(minute));
+            }
+        }
+        let mut frontiers = HashMap::new();
+        for entry in self.prefixed(&[codec::SERIES]) {
+            let (key, _) = entry?;
+            let id = key.get(codec::PARTITION_PREFIX_LEN..).filter(|id| id.len() == 16);
+            let (Some(partition), Some(id)) = (partition_of(&key), id) else { continue };
+            let group = [&key[1..3], id].concat();
+            frontiers.insert(group, rolled.get(&partition).copied().unwrap_or(0));
+        }
+        Ok(frontiers)
     }
 
     fn scan<T>(
@@ -647,13 +672,29 @@ impl Storage for SledStorage {
         // next group instead of reading every key it keeps (three days of minute states are
         // 4 320 keys per series).
         let time_of_state: fn(&[u8]) -> Option<u64> = codec::state_key_period;
+        // A minute goes only once it is rolled up into its hour and day: a point of a minute
+        // already past retention (the first of a new partition may be of any age) is merged as
+        // a minute, and would be lost to its hour and day if the sweep came before the roll-up.
+        // Not past `minute_unrolled`, whatever the frontier says.
+        let frontiers = self.minute_frontiers()?;
+        let minute_cutoff = |group: &[u8]| match frontiers.get(&group[1..]) {
+            Some(frontier) => cutoffs.minute.min(*frontier).max(cutoffs.minute_unrolled),
+            None => cutoffs.minute,
+        };
+        let fixed = |cutoff: u64| move |_: &[u8]| cutoff;
+        self.sweep_groups(
+            Resolution::Minute.tag(),
+            codec::STATE_GROUP_LEN,
+            &minute_cutoff,
+            time_of_state,
+            &mut deleter,
+        )?;
         for (tag, group_len, cutoff, time_of) in [
-            (Resolution::Minute.tag(), codec::STATE_GROUP_LEN, cutoffs.minute, time_of_state),
             (Resolution::Hour.tag(), codec::STATE_GROUP_LEN, cutoffs.hour, time_of_state),
             (Resolution::Day.tag(), codec::STATE_GROUP_LEN, cutoffs.day, time_of_state),
             (LOG, codec::LOG_GROUP_LEN, cutoffs.logs_ns, codec::log_key_time),
         ] {
-            self.sweep_groups(tag, group_len, cutoff, time_of, &mut deleter)?;
+            self.sweep_groups(tag, group_len, &fixed(cutoff), time_of, &mut deleter)?;
         }
         // Log-batch fingerprints are keyed by fingerprint, with their time in the value: all are
         // read (a lateness window's worth).
@@ -1285,7 +1326,8 @@ mod tests {
         for (max_bytes, records) in [(1, 1), (one, 1), (one + 1, 2), (3 * one, 3)] {
             assert_eq!(store.logs(0, 5, 0, None, 10, max_bytes).unwrap().len(), records, "{max_bytes} bytes");
         }
-        let cutoffs = RetentionCutoffs { minute: 0, hour: 0, day: 0, logs_ns: 201, log_batches_ns: 0 };
+        let cutoffs =
+            RetentionCutoffs { minute: 0, minute_unrolled: 0, hour: 0, day: 0, logs_ns: 201, log_batches_ns: 0 };
         let report =
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
         assert_eq!(report.0.deleted, 3);
@@ -1330,7 +1372,8 @@ mod tests {
         batch.push(Op::DeleteRaw { key: codec::state_key(3, SeriesId(2), Resolution::Minute, 3) });
         store.commit(batch).await.unwrap().await.unwrap().unwrap();
 
-        let cutoffs = RetentionCutoffs { minute: 10, hour: 2, day: 0, logs_ns: 0, log_batches_ns: 0 };
+        let cutoffs =
+            RetentionCutoffs { minute: 10, minute_unrolled: 0, hour: 2, day: 0, logs_ns: 0, log_batches_ns: 0 };
         let (report, store) =
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
         // Minutes 0..10 of series 1..=20 (series 2 had 9 left), 5..10 of series 21..=25; hours 0..2.
@@ -1353,6 +1396,55 @@ mod tests {
             let kept = store.state(3, SeriesId(1), Resolution::Hour, period).unwrap().is_some();
             assert_eq!(kept, period >= 2, "hour {period}");
         }
+    }
+
+    /// A minute not rolled up into its hour and day yet is kept past its retention (a point of
+    /// a minute already that old is merged as a minute, then rolled up), but not past
+    /// `minute_unrolled`; a series the sweep cannot place in a partition goes by retention alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_store_sweep_keeps_minutes_until_they_are_rolled_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = storage(dir.path());
+        let key =
+            SeriesKey { entity: Entity::new("gw", Some("pod")), metric: "m".into(), attributes: Default::default() };
+        let id = key.id();
+        let orphan = SeriesId(7);
+        let mut batch = StoreBatch::default();
+        batch.push(Op::Series { vnode: 3, partition: 9, id, key });
+        for minute in 0..20 {
+            batch.push(Op::State { vnode: 3, id, resolution: Resolution::Minute, period: minute, state: state(1) });
+            batch.push(Op::State {
+                vnode: 3,
+                id: orphan,
+                resolution: Resolution::Minute,
+                period: minute,
+                state: state(1),
+            });
+        }
+        store.commit(batch).await.unwrap().await.unwrap().unwrap();
+        let cutoffs =
+            RetentionCutoffs { minute: 10, minute_unrolled: 2, hour: 0, day: 0, logs_ns: 0, log_batches_ns: 0 };
+        let store = Arc::new(store);
+        let sweep_to = |frontier: Option<u64>| {
+            let store = Arc::clone(&store);
+            async move {
+                if let Some(minute) = frontier {
+                    let mut batch = StoreBatch::default();
+                    batch.push(Op::RolledUntil { vnode: 3, partition: 9, minute });
+                    store.commit(batch).await.unwrap().await.unwrap().unwrap();
+                }
+                let swept = Arc::clone(&store);
+                tokio::task::spawn_blocking(move || swept.sweep(cutoffs)).await.unwrap().unwrap();
+                let oldest = |id| (0..20).find(|m| store.state(3, id, Resolution::Minute, *m).unwrap().is_some());
+                (oldest(id), oldest(orphan))
+            }
+        };
+        // Nothing rolled up: kept down to `minute_unrolled`; the orphan by retention.
+        assert_eq!(sweep_to(None).await, (Some(2), Some(10)));
+        // Rolled up to minute 5: what is rolled up and past retention goes.
+        assert_eq!(sweep_to(Some(5)).await, (Some(5), Some(10)));
+        // Rolled up past retention: retention decides.
+        assert_eq!(sweep_to(Some(15)).await, (Some(10), Some(10)));
     }
 
     fn raw_settings() -> StorageConfig {

@@ -839,6 +839,8 @@ impl OwnerState {
             self.log_batches.insert(fingerprint, now);
             batch.push(Op::LogBatch { vnode: self.vnode, fingerprint, time_ns: now });
         }
+        // The partition clocks the records moved.
+        self.record_changes(&mut batch);
         self.write_states(touched, &mut batch);
         (batch, failure.map_or(Ok(report), Err))
     }
@@ -945,6 +947,7 @@ impl OwnerState {
             }
         }
         self.note_entity(record.partition, record.time_ns, batch);
+        self.table.advance_clock(record.partition, record.time_ns);
         let Some(fingerprint) = fingerprint else {
             report.drop_items(DropReason::Sampled, 1);
             return Ok(());

@@ -386,3 +386,62 @@ async fn test_minutes_merged_already_past_retention_reach_their_hour_and_day() {
     assert!((days - requests as f64).abs() < 2e-3, "the day step: {days}, {requests} requests");
     node.shutdown().await;
 }
+
+/// A partition that sends access logs only (no metrics) has its log-derived metrics rolled up
+/// into hours and days like any other: the hour step keeps them once their minutes are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_partition_that_sends_only_access_logs_is_rolled_up() {
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use tollgate_rules::testing::string_attribute;
+    const SERVICE: &str = "logs-only-gw";
+    const LOG_CPM: &str = "meter_envoy_ai_gw_log_request_cpm";
+    let t0 = now_seconds() / 3600 * 3600 - 3600;
+    let clock = tollgate::ManualClock::new((t0 + 5 * MINUTE) * 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api, _) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
+        config.retention.minute_seconds = 3600;
+        config.retention.hour_seconds = 7 * 86_400;
+        config.retention.day_seconds = 7 * 86_400;
+        config.retention.sweep_interval_seconds = 1;
+    })
+    .await;
+    let mut logs = LogsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
+    let records = (0..5)
+        .map(|minute| LogRecord {
+            time_unix_nano: (t0 + minute * MINUTE + 1) * 1_000_000_000,
+            attributes: vec![string_attribute("gen_ai.request.model", "m"), string_attribute("response_code", "200")],
+            ..Default::default()
+        })
+        .collect();
+    let request = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(gateway_resource(Convention::JobName, SERVICE, Some("pod-0"))),
+            scope_logs: vec![ScopeLogs { log_records: records, ..Default::default() }],
+            ..Default::default()
+        }],
+    };
+    logs.export(request).await.unwrap();
+    let (start, end) = (t0 - 3600, t0 + 2 * 3600);
+    let hours = series_of(&api, LOG_CPM, SERVICE, start, end, "hour").await;
+    // The API gives 6 decimals: 5 requests in an hour are 0.083333 a minute.
+    assert!((values(&hours).iter().sum::<f64>() * 60.0 - 5.0).abs() < 1e-3, "{hours}");
+
+    // Quiet a lateness window later: maintenance rolls its minutes up. Past their retention and
+    // the sweep's grace for minutes not rolled up, the minutes go; the hour step keeps them.
+    clock.advance(11 * MINUTE * 1_000_000_000);
+    maintain(&node).await;
+    clock.advance((86_400 + 2 * 3600) * 1_000_000_000);
+    let started = std::time::Instant::now();
+    while !values(&series_of(&api, LOG_CPM, SERVICE, start, end, "minute").await).is_empty() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        series_of(&api, LOG_CPM, SERVICE, start, end, "hour").await,
+        hours,
+        "the hour step lost the log-only partition's minutes"
+    );
+    node.shutdown().await;
+}

@@ -136,15 +136,22 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Parses a time parameter: RFC 3339 or unix seconds.
 pub fn parse_time(name: &str, value: &str) -> Result<i64, Error> {
-    let seconds = match value.trim().parse::<i64>() {
-        Ok(seconds) => seconds,
+    Ok((parse_time_ns(name, value)? / NANOS_PER_SECOND) as i64)
+}
+
+/// A time parameter in unix nanoseconds: RFC 3339 keeps its fraction of a second.
+pub fn parse_time_ns(name: &str, value: &str) -> Result<u64, Error> {
+    let (seconds, nanos) = match value.trim().parse::<i64>() {
+        Ok(seconds) => (seconds, 0),
         Err(_) => chrono::DateTime::parse_from_rfc3339(value.trim())
-            .map(|t| t.timestamp())
+            .map(|t| (t.timestamp(), t.timestamp_subsec_nanos()))
             .map_err(|_| Error::InvalidArgument(format!("{name}: {value:?} is neither RFC 3339 nor unix seconds")))?,
     };
     check_time(name, seconds, value)?;
-    Ok(seconds)
+    Ok(seconds as u64 * NANOS_PER_SECOND + u64::from(nanos))
 }
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// Rounds an API value to 6 decimals (SPEC §4: no rounding until the API).
 pub fn round6(value: f64) -> f64 {
@@ -208,21 +215,27 @@ struct MetricParams {
 }
 
 /// The default query range: the last hour.
-const DEFAULT_RANGE_SECONDS: i64 = 3600;
+const DEFAULT_RANGE_SECONDS: u64 = 3600;
 
-/// `start` and `end` of a query, in unix seconds. The default `end` is the end of the current
-/// second: `end` is exclusive, and a record stamped within the current second (logs keep their
-/// nanoseconds) has been received already.
-fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(i64, i64), Error> {
+/// `start` and `end` of a query, in unix nanoseconds (logs keep their nanoseconds; an RFC 3339
+/// time its fraction of a second). The default `end` is the end of the current second: `end` is
+/// exclusive, and a record stamped within the current second has been received already.
+fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(u64, u64), Error> {
     let end = match end {
-        Some(value) => parse_time("end", value)?,
-        None => now + 1,
+        Some(value) => parse_time_ns("end", value)?,
+        None => (now.max(0) as u64 + 1) * NANOS_PER_SECOND,
     };
     let start = match start {
-        Some(value) => parse_time("start", value)?,
-        None => (end - DEFAULT_RANGE_SECONDS).max(0),
+        Some(value) => parse_time_ns("start", value)?,
+        None => end.saturating_sub(DEFAULT_RANGE_SECONDS * NANOS_PER_SECOND),
     };
     Ok((start, end))
+}
+
+/// A range of [`range`] in whole seconds for metric steps: `end` rounded up, so that the step
+/// that starts before an `end` within a second is in.
+fn range_seconds((start, end): (u64, u64)) -> (i64, i64) {
+    ((start / NANOS_PER_SECOND) as i64, end.div_ceil(NANOS_PER_SECOND) as i64)
 }
 
 async fn metric(
@@ -247,7 +260,7 @@ async fn metric_answer(
         Some(value) => Step::parse(value)
             .ok_or_else(|| Error::InvalidArgument(format!("step: {value:?} is not minute, hour or day")))?,
     };
-    let (start, end) = range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?;
+    let (start, end) = range_seconds(range(params.start.as_deref(), params.end.as_deref(), state.clock.now_seconds())?);
     let query = state.query.local().metric_query(&name, &service, params.instance.as_deref(), start, end, step)?;
     let mut result = state.query.metric(query).await?;
     for series in &mut result.value.series {
@@ -371,8 +384,8 @@ async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejec
         service,
         // Empty is no filter, as an empty instance of a metric query (a dashboard's "all").
         instance: params.instance.filter(|instance| !instance.is_empty()),
-        start_ns: start.max(0) as u64 * 1_000_000_000,
-        end_ns: end.max(0) as u64 * 1_000_000_000,
+        start_ns: start,
+        end_ns: end,
         reason,
         kind,
         model: params.model.filter(|model| !model.is_empty()),
@@ -561,6 +574,19 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An RFC 3339 time keeps its fraction of a second: logs are read to the nanosecond, and a
+    /// metric query's `end` within a second takes in the step that starts before it.
+    #[test]
+    fn test_a_fraction_of_a_second_is_kept() {
+        let start = 1_796_657_220; // 2026-12-07T15:27:00Z
+        assert_eq!(parse_time_ns("end", "2026-12-07T15:27:00.999Z").unwrap(), start * 1_000_000_000 + 999_000_000);
+        let within = range(Some("2026-12-07T15:27:00Z"), Some("2026-12-07T15:27:00.7941Z"), 0).unwrap();
+        assert_eq!(within, (start * 1_000_000_000, start * 1_000_000_000 + 794_100_000));
+        assert_eq!(range_seconds(within), (start as i64, start as i64 + 1));
+        assert_eq!(range_seconds(range(Some("1"), Some("60"), 0).unwrap()), (1, 60));
+        assert_eq!(range_seconds(range(None, None, 7_200).unwrap()), (3_601, 7_201));
+    }
 
     #[test]
     fn test_parse_time_accepts_rfc3339_and_unix_seconds() {

@@ -24,6 +24,7 @@ use crate::runtime::RuntimeConfig;
 use crate::store::{durable, EncodedCursor, EntityRecord, Op, Resolution, Storage, StoreBatch, StoredLog};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +32,7 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tollgate_cluster::raft_store::AppliedState;
 use tollgate_cluster::NodeId;
 use tollgate_rules::ingest::{log_counters, log_increment, LogCounter, LogFingerprinter};
-use tollgate_rules::normalize::PointKey;
+use tollgate_rules::normalize::{PartitionClock, PointKey};
 use tollgate_rules::series::{minute_of, shrink_if_sparse, FastMap, FastSet, NANOS_PER_MINUTE};
 use tollgate_rules::{
     Aggregate, Applied, Delta, DropReason, Entity, ExtractedLog, ExtractedPoint, Fixed, IngestReport, LogView,
@@ -317,7 +318,12 @@ struct PartitionState {
     rolled_until: u64,
     /// Newest data time written to the entity index.
     entity_written_ns: u64,
+    /// Start of the newest minute of the partition's access logs (its log clock, stored).
+    log_newest_minute_ns: Option<u64>,
 }
+
+/// A partition's clock (its points) and the newest minute of its access logs.
+type Clocks = (Option<PartitionClock>, Option<u64>);
 
 /// Key of a cached aggregate: series, resolution, period (first minute).
 type StateKey = (SeriesId, Resolution, u64);
@@ -571,8 +577,11 @@ impl OwnerState {
             self.table.restore_clock(partition, clock);
         }
         let rolled_until = store.rolled_until(self.vnode, partition)?;
-        self.partitions
-            .insert(partition, PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0 });
+        let log_newest_minute_ns = store.log_clock(self.vnode, partition)?.and_then(|clock| clock.newest_minute_ns);
+        self.partitions.insert(
+            partition,
+            PartitionState { entity: Arc::clone(entity), rolled_until, entity_written_ns: 0, log_newest_minute_ns },
+        );
         Ok(())
     }
 
@@ -796,6 +805,20 @@ impl OwnerState {
         });
     }
 
+    /// Moves the partition's log clock to the minute of an access log it merged. Roll-ups close
+    /// a partition's minutes by it too: a partition that sends only access logs has no other
+    /// clock (points move the partition clock, which their lateness follows; logs do not).
+    fn note_log_minute(&mut self, partition: u64, time_ns: u64, batch: &mut StoreBatch) {
+        let Some(state) = self.partitions.get_mut(&partition) else { return };
+        let minute_ns = time_ns - time_ns % NANOS_PER_MINUTE;
+        if state.log_newest_minute_ns.is_some_and(|newest| newest >= minute_ns) {
+            return;
+        }
+        state.log_newest_minute_ns = Some(minute_ns);
+        let clock = PartitionClock { newest_minute_ns: Some(minute_ns) };
+        batch.push(Op::LogClock { vnode: self.vnode, partition, clock });
+    }
+
     fn load_log_batches(&mut self) -> Result<(), Error> {
         if self.log_batches_loaded {
             return Ok(());
@@ -839,8 +862,6 @@ impl OwnerState {
             self.log_batches.insert(fingerprint, now);
             batch.push(Op::LogBatch { vnode: self.vnode, fingerprint, time_ns: now });
         }
-        // The partition clocks the records moved.
-        self.record_changes(&mut batch);
         self.write_states(touched, &mut batch);
         (batch, failure.map_or(Ok(report), Err))
     }
@@ -947,7 +968,7 @@ impl OwnerState {
             }
         }
         self.note_entity(record.partition, record.time_ns, batch);
-        self.table.advance_clock(record.partition, record.time_ns);
+        self.note_log_minute(record.partition, record.time_ns, batch);
         let Some(fingerprint) = fingerprint else {
             report.drop_items(DropReason::Sampled, 1);
             return Ok(());
@@ -1039,12 +1060,25 @@ impl OwnerState {
     /// Rolls every stored minute of the vnode's partitions up (the vnode is not owned here).
     async fn roll_up_everything(&mut self) -> Result<(), Error> {
         self.settle().await?;
-        let store = Arc::clone(&self.context.store);
-        for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
-            let Some(newest) = clock.newest_minute_ns else { continue };
+        for (partition, (clock, log_newest)) in self.stored_clocks()? {
+            let Some(newest) = clock.and_then(|c| c.newest_minute_ns).max(log_newest) else { continue };
             self.roll_up_partition(partition, newest / NANOS_PER_MINUTE + 1, 1).await?;
         }
         Ok(())
+    }
+
+    /// Each partition of the vnode with its stored clock and the newest minute of its stored log
+    /// clock (a partition may have either or both).
+    fn stored_clocks(&self) -> Result<BTreeMap<u64, Clocks>, Error> {
+        let store = &self.context.store;
+        let mut clocks: BTreeMap<u64, Clocks> = BTreeMap::new();
+        for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
+            clocks.entry(partition).or_default().0 = Some(clock);
+        }
+        for (partition, clock) in store.log_clocks_of_vnode(self.vnode)? {
+            clocks.entry(partition).or_default().1 = clock.newest_minute_ns;
+        }
+        Ok(clocks)
     }
 
     /// Merges closed minutes into hour and day states, partition by partition, and advances each
@@ -1059,15 +1093,20 @@ impl OwnerState {
     /// they are rolled up; a point that arrives for one later still reaches its hour and day.
     async fn roll_up(&mut self, config: &RuntimeConfig, now: u64) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
-        let store = Arc::clone(&self.context.store);
-        for (partition, clock) in store.clocks_of_vnode(self.vnode)? {
-            // In-memory clocks are newer than stored ones only by batches not yet durable; the
-            // owner settled before maintenance, so the stored clock is current.
-            let Some(newest) = clock.newest_minute_ns else { continue };
+        // In-memory clocks are newer than stored ones only by batches not yet durable; the owner
+        // settled before maintenance, so the stored clocks are current.
+        for (partition, (clock, log_newest)) in self.stored_clocks()? {
+            // The newest minute of the partition's points or access logs.
+            let Some(newest) = clock.and_then(|c| c.newest_minute_ns).max(log_newest) else { continue };
             let quiet = newest < now.saturating_sub(normalize.lateness_ns());
             let expiring_ns = now.saturating_sub(self.context.minute_retention_ns / 2).min(newest + NANOS_PER_MINUTE);
-            let closed_ns =
-                if quiet { newest + NANOS_PER_MINUTE } else { clock.oldest_accepted_ns(normalize).max(expiring_ns) };
+            // A lateness window behind the newest point (the points' lateness follows it), or
+            // behind the newest access log of a partition without points.
+            let behind = match clock {
+                Some(clock) if clock.newest_minute_ns.is_some() => clock.oldest_accepted_ns(normalize),
+                _ => newest.saturating_sub(normalize.lateness_ns()),
+            };
+            let closed_ns = if quiet { newest + NANOS_PER_MINUTE } else { behind.max(expiring_ns) };
             let at_least = if quiet { 1 } else { ROLLUP_MINUTES };
             self.roll_up_partition(partition, closed_ns.div_ceil(NANOS_PER_MINUTE), at_least).await?;
         }

@@ -818,9 +818,10 @@ fn spawn_background(
     }
 }
 
-/// How long past their retention minutes not rolled up yet are kept at most: roll-ups reach
-/// every minute within a lateness window (at most a day) of its partition going quiet, or half
-/// the retention; this bounds what a partition whose roll-up frontier does not move keeps.
+/// How long past their retention minutes not rolled up yet are kept at most when nothing will
+/// roll them up (a partition without a clock; none is written) or the sweep cannot tell (a
+/// series written after it read the series index): a bound, not a rule. The owners roll up the
+/// minutes of every partition with a clock once they are half their retention old.
 const UNROLLED_MINUTES_GRACE_SECONDS: u64 = 86_400;
 
 /// What retention deletes at `now_ns`.

@@ -171,6 +171,9 @@ pub enum Op {
     RolledUntil { vnode: u16, partition: u64, minute: u64 },
     /// Insert or replace a partition clock.
     Clock { vnode: u16, partition: u64, clock: PartitionClock },
+    /// Insert or replace a partition's log clock: the newest minute of its access logs, which
+    /// roll-ups close minutes by, and which the lateness of points does not follow.
+    LogClock { vnode: u16, partition: u64, clock: PartitionClock },
     /// Insert or replace an aggregate.
     State { vnode: u16, id: SeriesId, resolution: Resolution, period: u64, state: Aggregate },
     /// Insert or replace an entity's record.
@@ -269,6 +272,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
 
     /// All partition clocks of a vnode.
     fn clocks_of_vnode(&self, vnode: u16) -> Result<Vec<(u64, PartitionClock)>, Error>;
+
+    /// A partition's log clock.
+    fn log_clock(&self, vnode: u16, partition: u64) -> Result<Option<PartitionClock>, Error>;
+
+    /// All partition log clocks of a vnode.
+    fn log_clocks_of_vnode(&self, vnode: u16) -> Result<Vec<(u64, PartitionClock)>, Error>;
 
     /// A partition's roll-up frontier (0 when nothing was rolled up).
     fn rolled_until(&self, vnode: u16, partition: u64) -> Result<u64, Error>;

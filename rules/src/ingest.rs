@@ -660,18 +660,6 @@ impl SeriesTable {
         }
     }
 
-    /// Moves a partition's clock to a minute it received an access log for: the partition's
-    /// newest minute counts all its data, so that roll-ups close the minutes of a partition that
-    /// sends only access logs as they close any other's.
-    pub fn advance_clock(&mut self, partition: u64, time_ns: u64) {
-        let clock = self.clocks.entry(partition).or_default();
-        let before = *clock;
-        clock.advance(time_ns);
-        if *clock != before {
-            self.dirty_clocks.insert(partition);
-        }
-    }
-
     /// Restores a persisted partition clock, keeping the newer minute.
     pub fn restore_clock(&mut self, partition: u64, clock: PartitionClock) {
         let current = self.clocks.entry(partition).or_default();

@@ -132,7 +132,7 @@ impl PartitionClock {
         self.newest_minute_ns.map(|newest| newest.saturating_sub(config.lateness_ns())).unwrap_or(0)
     }
 
-    pub(crate) fn advance(&mut self, time_ns: u64) {
+    fn advance(&mut self, time_ns: u64) {
         let minute_ns = time_ns - time_ns % NANOS_PER_MINUTE;
         if self.newest_minute_ns.is_none_or(|newest| minute_ns > newest) {
             self.newest_minute_ns = Some(minute_ns);

@@ -46,6 +46,8 @@ pub const LOG: u8 = b'L';
 pub const LOG_BATCH: u8 = b'F';
 /// Tag of entity records.
 pub const ENTITY: u8 = b'E';
+/// Tag of partition log clocks (the newest minute of a partition's access logs).
+pub const LOG_CLOCK: u8 = b'G';
 
 /// The name of the record kind a data-tree key's tag stands for (the `record` label of
 /// `tollgate_store_checkpoint_keys_total`).
@@ -59,6 +61,7 @@ pub fn record_kind(tag: u8) -> &'static str {
         LOG => "log",
         LOG_BATCH => "log_batch",
         ENTITY => "entity",
+        LOG_CLOCK => "log_clock",
         _ if tag == Resolution::Minute.tag() => "minute",
         _ if tag == Resolution::Hour.tag() => "hour",
         _ if tag == Resolution::Day.tag() => "day",
@@ -126,6 +129,11 @@ pub fn rolled_until_key(vnode: u16, partition: u64) -> Vec<u8> {
 /// Key of a partition clock.
 pub fn clock_key(vnode: u16, partition: u64) -> Vec<u8> {
     partition_prefix(CLOCK, vnode, partition)
+}
+
+/// Key of a partition log clock.
+pub fn log_clock_key(vnode: u16, partition: u64) -> Vec<u8> {
+    partition_prefix(LOG_CLOCK, vnode, partition)
 }
 
 /// `tag, vnode, series` of an aggregate.

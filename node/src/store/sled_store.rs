@@ -24,7 +24,6 @@ use crate::config::StorageConfig;
 use crate::error::Error;
 use crate::metrics as m;
 use sled::Transactional;
-use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -304,6 +303,9 @@ impl SledStorage {
                 Op::Clock { vnode, partition, clock } => {
                     put(&mut data, codec::clock_key(vnode, partition), codec::encode(&clock), &mut bytes)
                 }
+                Op::LogClock { vnode, partition, clock } => {
+                    put(&mut data, codec::log_clock_key(vnode, partition), codec::encode(&clock), &mut bytes)
+                }
                 Op::State { vnode, id, resolution, period, state } => {
                     let (value, hash) = codec::encode_state(&state);
                     if let Some(hash) = hash {
@@ -475,24 +477,35 @@ impl SledStorage {
         }
     }
 
-    /// The roll-up frontier (the first minute not rolled up) of each series' partition, by the
+    /// The roll-up frontier (the first minute not rolled up) of each series' partition, and
+    /// whether the partition has a clock (points or access logs: the owner rolls it up), by the
     /// series' aggregate group without its tag (vnode, series id).
-    fn minute_frontiers(&self) -> Result<HashMap<Vec<u8>, u64>, Error> {
-        let partition_of = |key: &[u8]| key.get(1..codec::PARTITION_PREFIX_LEN).map(<[u8]>::to_vec);
-        let mut rolled: HashMap<Vec<u8>, u64> = HashMap::new();
+    fn minute_frontiers(&self) -> Result<FastMap<[u8; 18], (u64, bool)>, Error> {
+        let partition_of =
+            |key: &[u8]| -> Option<[u8; 10]> { key.get(1..codec::PARTITION_PREFIX_LEN)?.try_into().ok() };
+        let mut partitions: FastMap<[u8; 10], (u64, bool)> = FastMap::default();
         for entry in self.prefixed(&[codec::ROLLED_UNTIL]) {
             let (key, value) = entry?;
             if let (Some(partition), Ok(minute)) = (partition_of(&key), <[u8; 8]>::try_from(value.as_slice())) {
-                rolled.insert(partition, u64::from_be_bytes(minute));
+                partitions.entry(partition).or_default().0 = u64::from_be_bytes(minute);
             }
         }
-        let mut frontiers = HashMap::new();
+        for tag in [codec::CLOCK, codec::LOG_CLOCK] {
+            for entry in self.prefixed(&[tag]) {
+                if let Some(partition) = partition_of(&entry?.0) {
+                    partitions.entry(partition).or_default().1 = true;
+                }
+            }
+        }
+        let mut frontiers = FastMap::default();
         for entry in self.prefixed(&[codec::SERIES]) {
             let (key, _) = entry?;
             let id = key.get(codec::PARTITION_PREFIX_LEN..).filter(|id| id.len() == 16);
             let (Some(partition), Some(id)) = (partition_of(&key), id) else { continue };
-            let group = [&key[1..3], id].concat();
-            frontiers.insert(group, rolled.get(&partition).copied().unwrap_or(0));
+            let mut group = [0u8; 18];
+            group[..2].copy_from_slice(&key[1..3]);
+            group[2..].copy_from_slice(id);
+            frontiers.insert(group, partitions.get(&partition).copied().unwrap_or_default());
         }
         Ok(frontiers)
     }
@@ -563,6 +576,17 @@ impl Storage for SledStorage {
     fn clocks_of_vnode(&self, vnode: u16) -> Result<Vec<(u64, PartitionClock)>, Error> {
         self.scan(codec::vnode_prefix(codec::CLOCK, vnode), |key, value| {
             Ok((codec::key_partition(key).map_err(|e| format!("clock {e}"))?, codec::decode_clock(value)?))
+        })
+    }
+
+    fn log_clock(&self, vnode: u16, partition: u64) -> Result<Option<PartitionClock>, Error> {
+        let Some(bytes) = self.get(&codec::log_clock_key(vnode, partition))? else { return Ok(None) };
+        codec::decode_clock(&bytes).map(Some).map_err(corrupt)
+    }
+
+    fn log_clocks_of_vnode(&self, vnode: u16) -> Result<Vec<(u64, PartitionClock)>, Error> {
+        self.scan(codec::vnode_prefix(codec::LOG_CLOCK, vnode), |key, value| {
+            Ok((codec::key_partition(key).map_err(|e| format!("log clock {e}"))?, codec::decode_clock(value)?))
         })
     }
 
@@ -675,11 +699,16 @@ impl Storage for SledStorage {
         // A minute goes only once it is rolled up into its hour and day: a point of a minute
         // already past retention (the first of a new partition may be of any age) is merged as
         // a minute, and would be lost to its hour and day if the sweep came before the roll-up.
-        // Not past `minute_unrolled`, whatever the frontier says.
+        // The owners roll up every partition with a clock within a maintenance pass of its
+        // minutes being half their retention old; the others (none are written: a bound, not a
+        // rule) keep theirs until `minute_unrolled`, and so do series written after the frontiers
+        // were read.
         let frontiers = self.minute_frontiers()?;
-        let minute_cutoff = |group: &[u8]| match frontiers.get(&group[1..]) {
-            Some(frontier) => cutoffs.minute.min(*frontier).max(cutoffs.minute_unrolled),
-            None => cutoffs.minute,
+        let minute_cutoff = |group: &[u8]| match <[u8; 18]>::try_from(&group[1..]).ok().and_then(|g| frontiers.get(&g))
+        {
+            Some(&(frontier, true)) => cutoffs.minute.min(frontier),
+            Some(&(frontier, false)) => cutoffs.minute.min(frontier).max(cutoffs.minute_unrolled),
+            None => cutoffs.minute_unrolled.min(cutoffs.minute),
         };
         let fixed = |cutoff: u64| move |_: &[u8]| cutoff;
         self.sweep_groups(
@@ -1373,7 +1402,7 @@ mod tests {
         store.commit(batch).await.unwrap().await.unwrap().unwrap();
 
         let cutoffs =
-            RetentionCutoffs { minute: 10, minute_unrolled: 0, hour: 2, day: 0, logs_ns: 0, log_batches_ns: 0 };
+            RetentionCutoffs { minute: 10, minute_unrolled: 10, hour: 2, day: 0, logs_ns: 0, log_batches_ns: 0 };
         let (report, store) =
             tokio::task::spawn_blocking(move || store.sweep(cutoffs).map(|r| (r, store))).await.unwrap().unwrap();
         // Minutes 0..10 of series 1..=20 (series 2 had 9 left), 5..10 of series 21..=25; hours 0..2.
@@ -1399,27 +1428,28 @@ mod tests {
     }
 
     /// A minute not rolled up into its hour and day yet is kept past its retention (a point of
-    /// a minute already that old is merged as a minute, then rolled up), but not past
-    /// `minute_unrolled`; a series the sweep cannot place in a partition goes by retention alone.
+    /// a minute already that old is merged as a minute, then rolled up): until its roll-up when
+    /// its partition has a clock (its owner rolls it up), else not past `minute_unrolled`, and
+    /// no more than that when the sweep cannot place its series (written after it read them).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn test_store_sweep_keeps_minutes_until_they_are_rolled_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = storage(dir.path());
-        let key =
-            SeriesKey { entity: Entity::new("gw", Some("pod")), metric: "m".into(), attributes: Default::default() };
-        let id = key.id();
-        let orphan = SeriesId(7);
+        let key = |pod: &str| SeriesKey {
+            entity: Entity::new("gw", Some(pod)),
+            metric: "m".into(),
+            attributes: Default::default(),
+        };
+        let (clocked, unclocked, orphan) = (key("pod-0").id(), key("pod-1").id(), SeriesId(7));
         let mut batch = StoreBatch::default();
-        batch.push(Op::Series { vnode: 3, partition: 9, id, key });
+        batch.push(Op::Series { vnode: 3, partition: 9, id: clocked, key: key("pod-0") });
+        batch.push(Op::Series { vnode: 3, partition: 10, id: unclocked, key: key("pod-1") });
+        let clock = PartitionClock { newest_minute_ns: Some(20 * 60_000_000_000) };
+        batch.push(Op::LogClock { vnode: 3, partition: 9, clock });
         for minute in 0..20 {
-            batch.push(Op::State { vnode: 3, id, resolution: Resolution::Minute, period: minute, state: state(1) });
-            batch.push(Op::State {
-                vnode: 3,
-                id: orphan,
-                resolution: Resolution::Minute,
-                period: minute,
-                state: state(1),
-            });
+            for id in [clocked, unclocked, orphan] {
+                batch.push(Op::State { vnode: 3, id, resolution: Resolution::Minute, period: minute, state: state(1) });
+            }
         }
         store.commit(batch).await.unwrap().await.unwrap().unwrap();
         let cutoffs =
@@ -1431,20 +1461,22 @@ mod tests {
                 if let Some(minute) = frontier {
                     let mut batch = StoreBatch::default();
                     batch.push(Op::RolledUntil { vnode: 3, partition: 9, minute });
+                    batch.push(Op::RolledUntil { vnode: 3, partition: 10, minute });
                     store.commit(batch).await.unwrap().await.unwrap().unwrap();
                 }
                 let swept = Arc::clone(&store);
                 tokio::task::spawn_blocking(move || swept.sweep(cutoffs)).await.unwrap().unwrap();
                 let oldest = |id| (0..20).find(|m| store.state(3, id, Resolution::Minute, *m).unwrap().is_some());
-                (oldest(id), oldest(orphan))
+                (oldest(clocked), oldest(unclocked), oldest(orphan))
             }
         };
-        // Nothing rolled up: kept down to `minute_unrolled`; the orphan by retention.
-        assert_eq!(sweep_to(None).await, (Some(2), Some(10)));
+        // Nothing rolled up: the clocked partition keeps all; the others down to
+        // `minute_unrolled`.
+        assert_eq!(sweep_to(None).await, (Some(0), Some(2), Some(2)));
         // Rolled up to minute 5: what is rolled up and past retention goes.
-        assert_eq!(sweep_to(Some(5)).await, (Some(5), Some(10)));
+        assert_eq!(sweep_to(Some(5)).await, (Some(5), Some(5), Some(2)));
         // Rolled up past retention: retention decides.
-        assert_eq!(sweep_to(Some(15)).await, (Some(10), Some(10)));
+        assert_eq!(sweep_to(Some(15)).await, (Some(10), Some(10), Some(2)));
     }
 
     fn raw_settings() -> StorageConfig {

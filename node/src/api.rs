@@ -148,7 +148,12 @@ pub fn parse_time_ns(name: &str, value: &str) -> Result<u64, Error> {
             .map_err(|_| Error::InvalidArgument(format!("{name}: {value:?} is neither RFC 3339 nor unix seconds")))?,
     };
     check_time(name, seconds, value)?;
-    Ok(seconds as u64 * NANOS_PER_SECOND + u64::from(nanos))
+    let ns = seconds as u64 * NANOS_PER_SECOND + u64::from(nanos);
+    // A fraction past the last second allowed is past it too.
+    if ns > crate::query::LATEST_TIME as u64 * NANOS_PER_SECOND {
+        check_time(name, crate::query::LATEST_TIME + 1, value)?;
+    }
+    Ok(ns)
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -229,6 +234,10 @@ fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(u64, u64),
         Some(value) => parse_time_ns("start", value)?,
         None => end.saturating_sub(DEFAULT_RANGE_SECONDS * NANOS_PER_SECOND),
     };
+    // Checked before a metric query rounds them to seconds (`start=...00.7Z&end=...00.2Z`).
+    if end <= start {
+        return Err(Error::InvalidArgument("end must be after start".into()));
+    }
     Ok((start, end))
 }
 
@@ -586,6 +595,12 @@ mod tests {
         assert_eq!(range_seconds(within), (start as i64, start as i64 + 1));
         assert_eq!(range_seconds(range(Some("1"), Some("60"), 0).unwrap()), (1, 60));
         assert_eq!(range_seconds(range(None, None, 7_200).unwrap()), (3_601, 7_201));
+        // An inverted range within one second, and a fraction past the last second allowed.
+        let inverted = range(Some("2026-12-07T15:27:00.7Z"), Some("2026-12-07T15:27:00.2Z"), 0).unwrap_err();
+        assert!(inverted.to_string().contains("end must be after start"), "{inverted}");
+        let late = parse_time_ns("end", "2500-01-01T00:00:00.5Z").unwrap_err().to_string();
+        assert!(late.contains("2500-01-01T00:00:00Z"), "{late}");
+        assert!(parse_time_ns("end", "2500-01-01T00:00:00Z").is_ok());
     }
 
     #[test]

@@ -818,11 +818,12 @@ fn spawn_background(
     }
 }
 
-/// How long past their retention minutes not rolled up yet are kept at most when nothing will
-/// roll them up (a partition without a clock; none is written) or the sweep cannot tell (a
-/// series written after it read the series index): a bound, not a rule. The owners roll up the
-/// minutes of every partition with a clock once they are half their retention old.
-const UNROLLED_MINUTES_GRACE_SECONDS: u64 = 86_400;
+/// How long past their retention minutes not rolled up yet are kept at most. The owners roll a
+/// minute up within a maintenance pass (10 s) of it being half its retention old; this bounds
+/// what nothing rolls up (data of earlier versions, a partition whose roll-up keeps failing).
+/// A minute merged more than this past its retention can still be swept in the moments before
+/// its roll-up.
+const UNROLLED_MINUTES_GRACE_SECONDS: u64 = 7 * 86_400;
 
 /// What retention deletes at `now_ns`.
 pub fn retention_cutoffs(

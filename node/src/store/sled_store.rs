@@ -477,24 +477,16 @@ impl SledStorage {
         }
     }
 
-    /// The roll-up frontier (the first minute not rolled up) of each series' partition, and
-    /// whether the partition has a clock (points or access logs: the owner rolls it up), by the
+    /// The roll-up frontier (the first minute not rolled up) of each series' partition, by the
     /// series' aggregate group without its tag (vnode, series id).
-    fn minute_frontiers(&self) -> Result<FastMap<[u8; 18], (u64, bool)>, Error> {
+    fn minute_frontiers(&self) -> Result<FastMap<[u8; 18], u64>, Error> {
         let partition_of =
             |key: &[u8]| -> Option<[u8; 10]> { key.get(1..codec::PARTITION_PREFIX_LEN)?.try_into().ok() };
-        let mut partitions: FastMap<[u8; 10], (u64, bool)> = FastMap::default();
+        let mut partitions: FastMap<[u8; 10], u64> = FastMap::default();
         for entry in self.prefixed(&[codec::ROLLED_UNTIL]) {
             let (key, value) = entry?;
             if let (Some(partition), Ok(minute)) = (partition_of(&key), <[u8; 8]>::try_from(value.as_slice())) {
-                partitions.entry(partition).or_default().0 = u64::from_be_bytes(minute);
-            }
-        }
-        for tag in [codec::CLOCK, codec::LOG_CLOCK] {
-            for entry in self.prefixed(&[tag]) {
-                if let Some(partition) = partition_of(&entry?.0) {
-                    partitions.entry(partition).or_default().1 = true;
-                }
+                partitions.insert(partition, u64::from_be_bytes(minute));
             }
         }
         let mut frontiers = FastMap::default();
@@ -699,15 +691,14 @@ impl Storage for SledStorage {
         // A minute goes only once it is rolled up into its hour and day: a point of a minute
         // already past retention (the first of a new partition may be of any age) is merged as
         // a minute, and would be lost to its hour and day if the sweep came before the roll-up.
-        // The owners roll up every partition with a clock within a maintenance pass of its
-        // minutes being half their retention old; the others (none are written: a bound, not a
-        // rule) keep theirs until `minute_unrolled`, and so do series written after the frontiers
-        // were read.
+        // The owners roll a minute up within a maintenance pass of it being half its retention
+        // old. `minute_unrolled` bounds what nothing rolls up (data of earlier versions, a
+        // partition whose roll-up keeps failing); series written after the frontiers were read
+        // are kept down to it too.
         let frontiers = self.minute_frontiers()?;
         let minute_cutoff = |group: &[u8]| match <[u8; 18]>::try_from(&group[1..]).ok().and_then(|g| frontiers.get(&g))
         {
-            Some(&(frontier, true)) => cutoffs.minute.min(frontier),
-            Some(&(frontier, false)) => cutoffs.minute.min(frontier).max(cutoffs.minute_unrolled),
+            Some(&frontier) => cutoffs.minute.min(frontier).max(cutoffs.minute_unrolled),
             None => cutoffs.minute_unrolled.min(cutoffs.minute),
         };
         let fixed = |cutoff: u64| move |_: &[u8]| cutoff;
@@ -1428,9 +1419,9 @@ mod tests {
     }
 
     /// A minute not rolled up into its hour and day yet is kept past its retention (a point of
-    /// a minute already that old is merged as a minute, then rolled up): until its roll-up when
-    /// its partition has a clock (its owner rolls it up), else not past `minute_unrolled`, and
-    /// no more than that when the sweep cannot place its series (written after it read them).
+    /// a minute already that old is merged as a minute, then rolled up), but not past
+    /// `minute_unrolled`; so is one whose series the sweep cannot place (written after it read
+    /// the series index).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn test_store_sweep_keeps_minutes_until_they_are_rolled_up() {
         let dir = tempfile::tempdir().unwrap();
@@ -1470,9 +1461,8 @@ mod tests {
                 (oldest(clocked), oldest(unclocked), oldest(orphan))
             }
         };
-        // Nothing rolled up: the clocked partition keeps all; the others down to
-        // `minute_unrolled`.
-        assert_eq!(sweep_to(None).await, (Some(0), Some(2), Some(2)));
+        // Nothing rolled up: kept down to `minute_unrolled`.
+        assert_eq!(sweep_to(None).await, (Some(2), Some(2), Some(2)));
         // Rolled up to minute 5: what is rolled up and past retention goes.
         assert_eq!(sweep_to(Some(5)).await, (Some(5), Some(5), Some(2)));
         // Rolled up past retention: retention decides.

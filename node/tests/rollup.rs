@@ -183,6 +183,15 @@ fn values(series: &Value) -> Vec<f64> {
         .collect()
 }
 
+/// Waits until the retention sweep deleted `service`'s minutes of `metric` in `[start, end)`.
+async fn wait_until_swept(api: &str, metric: &str, service: &str, start: u64, end: u64) {
+    let started = std::time::Instant::now();
+    while !values(&series_of(api, metric, service, start, end, "minute").await).is_empty() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     const SERVICE: &str = "quiet-gw";
@@ -214,11 +223,7 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     // Two hours later the minutes are past their retention (one hour) and the sweep deletes them;
     // the hour step still answers exactly as before.
     clock.advance(2 * 3600 * 1_000_000_000);
-    let started = std::time::Instant::now();
-    while !values(&series_of(&api, CPM, SERVICE, start, end, "minute").await).is_empty() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_swept(&api, CPM, SERVICE, start, end).await;
     assert_eq!(
         series_of(&api, CPM, SERVICE, start, end, "hour").await,
         hours,
@@ -329,11 +334,7 @@ async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window
     }
     // The clock is at minute 110: the sweep deletes minutes 0 to 40, an hour old.
     let (start, end) = (t0 - 3600, t0 + 3 * 3600);
-    let started = std::time::Instant::now();
-    while !values(&series_of(&api, CPM, SERVICE, start, t0 + 45 * MINUTE, "minute").await).is_empty() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_swept(&api, CPM, SERVICE, start, t0 + 45 * MINUTE).await;
     let hours = values(&series_of(&api, CPM, SERVICE, start, end, "hour").await);
     assert!(
         (hours.iter().sum::<f64>() * 60.0 - requests as f64).abs() < 1e-6,
@@ -375,11 +376,7 @@ async fn test_minutes_merged_already_past_retention_reach_their_hour_and_day() {
     );
     // Rolled up, the minutes go at the next sweep; the hour and day steps keep them.
     maintain(&node).await;
-    let started = std::time::Instant::now();
-    while !values(&series_of(&api, CPM, SERVICE, start, end, "minute").await).is_empty() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_swept(&api, CPM, SERVICE, start, end).await;
     assert_eq!(hours(series_of(&api, CPM, SERVICE, start, end, "hour").await), requests as f64);
     let days = values(&series_of(&api, CPM, SERVICE, start, end, "day").await).iter().sum::<f64>() * 1440.0;
     // The API gives 6 decimals: a day's rate of 30 requests is 0.020833 a minute.
@@ -433,11 +430,7 @@ async fn test_a_partition_that_sends_only_access_logs_is_rolled_up() {
     clock.advance(11 * MINUTE * 1_000_000_000);
     maintain(&node).await;
     clock.advance((2 * 3600) * 1_000_000_000);
-    let started = std::time::Instant::now();
-    while !values(&series_of(&api, LOG_CPM, SERVICE, start, end, "minute").await).is_empty() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the retention sweep never ran");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_swept(&api, LOG_CPM, SERVICE, start, end).await;
     assert_eq!(
         series_of(&api, LOG_CPM, SERVICE, start, end, "hour").await,
         hours,

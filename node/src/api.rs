@@ -350,6 +350,13 @@ pub fn format_cursor(position: LogPosition) -> String {
 pub fn parse_cursor(text: &str) -> Result<LogPosition, Error> {
     let invalid = || Error::InvalidArgument(format!("cursor {text:?} is not a cursor returned by this API"));
     let (time, fingerprint) = text.split_once('-').ok_or_else(invalid)?;
+    // As `format_cursor` writes it: decimal digits, then exactly 32 hex digits.
+    let digits = |s: &str, hex: bool| {
+        !s.is_empty() && s.bytes().all(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() })
+    };
+    if !digits(time, false) || fingerprint.len() != 32 || !digits(fingerprint, true) {
+        return Err(invalid());
+    }
     Ok(LogPosition {
         time_ns: time.parse().map_err(|_| invalid())?,
         fingerprint: u128::from_str_radix(fingerprint, 16).map_err(|_| invalid())?,
@@ -628,7 +635,23 @@ mod tests {
     fn test_cursor_round_trips() {
         let position = LogPosition { time_ns: 17, fingerprint: u128::MAX - 5 };
         assert_eq!(parse_cursor(&format_cursor(position)).unwrap(), position);
-        assert!(parse_cursor("nope").is_err());
+        let small = LogPosition { time_ns: 0, fingerprint: 1 };
+        assert_eq!(parse_cursor(&format_cursor(small)).unwrap(), small);
+        // Not the `<time ns>-<32 hex digits>` this API writes (`u128::from_str_radix` and
+        // `u64::from_str` took the first four, with a sign or as few digits as given).
+        let hex = "0123456789abcdef0123456789abcdef";
+        for bad in [
+            "nope",
+            "123-abc",
+            &format!("+17-{hex}"),
+            &format!("17-+{}", &hex[1..]),
+            &format!("-{hex}"),
+            "17-",
+            &format!("17-{hex}0"),
+        ] {
+            let error = parse_cursor(bad).unwrap_err().to_string();
+            assert!(error.contains("is not a cursor returned by this API"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -431,6 +431,10 @@ fn document_response<T: Serialize>(
         if let Ok(value) = version.to_string().parse() {
             response.headers_mut().insert("x-tollgate-config-version", value);
         }
+        // The YAML answer has no room for the freshness: a node out of touch says so here.
+        if !freshness.up_to_date {
+            response.headers_mut().insert("x-tollgate-up-to-date", header::HeaderValue::from_static("false"));
+        }
         return Ok(response);
     }
     Ok(Json(json!({ "version": version, "document": document, "freshness": freshness })).into_response())

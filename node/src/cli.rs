@@ -633,6 +633,12 @@ impl Client {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("?")
                     .to_string();
+                if response.headers().get("x-tollgate-up-to-date").is_some_and(|v| v == "false") {
+                    eprintln!(
+                        "tollgate: warning: this node is not in touch with a leader that has a majority: the \
+                         {name} it shows may be stale"
+                    );
+                }
                 out!("# {name} version {version}");
                 out_raw!("{}", response.text().await?);
                 Ok(())

@@ -586,6 +586,14 @@ async fn test_a_leader_cut_off_from_the_majority_says_so() {
         text.contains("leader     none, term") && text.contains("contact    no leader with a majority in touch"),
         "{text}"
     );
+    // Its configuration documents are shown with a warning (the YAML has no freshness field).
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--api", &leader.api(), "pricing", "get"])
+        .output()
+        .expect("the cli runs");
+    let warning = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{warning}");
+    assert!(warning.contains("not in touch with a leader that has a majority"), "{warning}");
     other.signal("CONT");
     wait_for("a leader in contact again", || async {
         for node in &nodes {

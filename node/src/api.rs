@@ -441,11 +441,13 @@ fn document_response<T: Serialize>(
 }
 
 async fn get_pricing(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Error> {
+    state.query.refuse_if_departed()?;
     let config = state.query.local().config();
     document_response(&headers, config.pricing.version(), config.pricing.document(), state.config.freshness())
 }
 
 async fn get_rules(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Error> {
+    state.query.refuse_if_departed()?;
     let config = state.query.local().config();
     document_response(&headers, config.rules.version, &config.rules.config, state.config.freshness())
 }
@@ -460,6 +462,7 @@ async fn put_pricing(
     bytes: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     authorize(&headers, state.api_token.as_deref())?;
+    state.query.refuse_if_departed()?;
     let body = body(bytes)?;
     let document = PricingDocument::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let version = state.config.set_pricing(document).await?;
@@ -472,6 +475,7 @@ async fn put_rules(
     bytes: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     authorize(&headers, state.api_token.as_deref())?;
+    state.query.refuse_if_departed()?;
     let body = body(bytes)?;
     let document = RulesConfig::parse(body_text(&body)?).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let version = state.config.set_rules(document).await?;

@@ -77,6 +77,12 @@ impl Fanout {
         Ok(state)
     }
 
+    /// Refuses, as [`Fanout::state`] does, on a node that left the cluster: configuration reads
+    /// (it no longer follows the cluster's changes) and writes go to a member.
+    pub fn refuse_if_departed(&self) -> Result<(), Error> {
+        self.state().map(|_| ())
+    }
+
     async fn remote<T: DeserializeOwned>(
         &self,
         state: &ClusterState,

@@ -424,17 +424,23 @@ async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
             (status == 503 && why.starts_with("not ready: this node left the cluster")).then_some(())
         })
         .await;
-        // Nor does it answer reads: a member holds its data (its answers counted both).
+        // Nor does it answer reads: a member holds its data (its answers counted both), and it
+        // no longer follows the configuration, which it takes no change of either.
         for read in [
             "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=moves-gw",
             "/api/v1/logs?service=moves-gw",
             "/api/v1/services",
+            "/api/v1/config/pricing",
+            "/api/v1/config/rules",
         ] {
             let (status, body) = second.get(read).await;
             assert_eq!(status, 503, "{read}: {body}");
             let error = body["error"].as_str().unwrap();
             assert!(error.starts_with("this node left the cluster") && error.contains("n1, n3"), "{read}: {body}");
         }
+        let (status, body) = second.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body["error"].as_str().unwrap().starts_with("this node left the cluster"), "{body}");
     }
     // The node that left is gone for good; the other two hold everything.
     drop(second);

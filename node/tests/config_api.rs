@@ -254,6 +254,7 @@ async fn test_query_api_answers_and_parameter_errors() {
         ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=-5&end=10", 400, "invalid_argument"),
         ("/api/v1/logs?service=cfg-gw&start=1&end=99999999999", 400, "invalid_argument"),
         ("/api/v1/logs?service=cfg-gw&cursor=nope", 400, "invalid_argument"),
+        ("/api/v1/logs?service=cfg-gw&cursor=0-0", 400, "invalid_argument"),
         ("/api/v1/logs?service=cfg-gw&limit=0", 400, "invalid_argument"),
         ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&partial=maybe", 400, "invalid_argument"),
         ("/api/v1/services?partial=1", 400, "invalid_argument"),
@@ -283,7 +284,7 @@ async fn test_query_api_answers_and_parameter_errors() {
         "/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=0&end=60",
         "/api/v1/logs?service=cfg-gw&start=0&end=16725225600",
         "/api/v1/logs?service=cfg-gw&cursor=18446744073709551615-ffffffffffffffffffffffffffffffff",
-        "/api/v1/logs?service=cfg-gw&cursor=0-0",
+        "/api/v1/logs?service=cfg-gw&cursor=0-00000000000000000000000000000000",
     ] {
         let (status, body) = node.get(query).await;
         assert_eq!(status, 200, "{query}: {body}");

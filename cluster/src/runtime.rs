@@ -636,13 +636,7 @@ impl Cluster {
             .state()
             .nodes
             .iter()
-            .filter(|(id, _)| {
-                **id == self.id
-                    || heartbeat
-                        .get(id)
-                        .and_then(|t| *t)
-                        .is_some_and(|acked| openraft::Instant::elapsed(&acked.into_inner()) <= window)
-            })
+            .filter(|(id, _)| **id == self.id || acked_ago(&heartbeat, **id).is_some_and(|ago| ago <= window))
             .map(|(id, node)| (*id, node.cluster_addr.clone()))
             .collect();
         let request = AwaitConfigRequest { pricing_version, rules_version, timeout_ms: timeout.as_millis() as u32 };
@@ -1128,10 +1122,7 @@ impl Contact {
             if *id == cluster.id {
                 continue;
             }
-            let silent = match heartbeat.get(id).and_then(|t| *t) {
-                Some(instant) => openraft::Instant::elapsed(&instant.into_inner()),
-                None => leader_since.elapsed(),
-            };
+            let silent = acked_ago(&heartbeat, *id).unwrap_or_else(|| leader_since.elapsed());
             let out = silent > settings.election_timeout;
             match (out, self.lost.get(id)) {
                 (true, None) => {
@@ -1156,14 +1147,20 @@ impl Contact {
 /// The leader's record of its members' acknowledgements, from `metrics` taken while this node
 /// still leads in `term`: `None` once it does not (a node that lost its leadership has no such
 /// record, and every member would look silent since it took over).
-fn leader_heartbeat(
-    metrics: openraft::RaftMetrics<crate::raft::TypeConfig>,
-    term: u64,
-) -> Option<BTreeMap<NodeId, Option<openraft::type_config::alias::SerdeInstantOf<crate::raft::TypeConfig>>>> {
+fn leader_heartbeat(metrics: openraft::RaftMetrics<crate::raft::TypeConfig>, term: u64) -> Option<Acks> {
     if metrics.state != ServerState::Leader || metrics.current_term != term {
         return None;
     }
     metrics.heartbeat
+}
+
+/// A leader's record of its members' acknowledgements (Raft's heartbeat metrics).
+type Acks = BTreeMap<NodeId, Option<openraft::type_config::alias::SerdeInstantOf<crate::raft::TypeConfig>>>;
+
+/// How long ago `id` last acknowledged the leader whose record `acks` is: `None` when it has not
+/// since that leader took over, or is not a Raft member.
+fn acked_ago(acks: &Acks, id: NodeId) -> Option<Duration> {
+    acks.get(&id).and_then(|acked| *acked).map(|acked| openraft::Instant::elapsed(&acked.into_inner()))
 }
 
 /// Members unreachable in the view of the leader of `term`: those not acknowledged within
@@ -1183,10 +1180,7 @@ fn unreachable_members(
         .keys()
         .copied()
         .filter(|id| *id != cluster.id)
-        .filter(|id| match heartbeat.get(id).and_then(|t| *t) {
-            Some(instant) => openraft::Instant::elapsed(&instant.into_inner()) > failover_after,
-            None => leader_since.elapsed() > failover_after,
-        })
+        .filter(|id| acked_ago(&heartbeat, *id).unwrap_or_else(|| leader_since.elapsed()) > failover_after)
         .collect();
     Some(unreachable)
 }

@@ -134,13 +134,9 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Parses a time parameter: RFC 3339 or unix seconds.
-pub fn parse_time(name: &str, value: &str) -> Result<i64, Error> {
-    Ok((parse_time_ns(name, value)? / NANOS_PER_SECOND) as i64)
-}
-
-/// A time parameter in unix nanoseconds: RFC 3339 keeps its fraction of a second.
-pub fn parse_time_ns(name: &str, value: &str) -> Result<u64, Error> {
+/// Parses a time parameter, RFC 3339 or unix seconds, into unix nanoseconds: RFC 3339 keeps its
+/// fraction of a second.
+pub fn parse_time(name: &str, value: &str) -> Result<u64, Error> {
     let (seconds, nanos) = match value.trim().parse::<i64>() {
         Ok(seconds) => (seconds, 0),
         Err(_) => chrono::DateTime::parse_from_rfc3339(value.trim())
@@ -227,11 +223,11 @@ const DEFAULT_RANGE_SECONDS: u64 = 3600;
 /// exclusive, and a record stamped within the current second has been received already.
 fn range(start: Option<&str>, end: Option<&str>, now: i64) -> Result<(u64, u64), Error> {
     let end = match end {
-        Some(value) => parse_time_ns("end", value)?,
+        Some(value) => parse_time("end", value)?,
         None => (now.max(0) as u64 + 1) * NANOS_PER_SECOND,
     };
     let start = match start {
-        Some(value) => parse_time_ns("start", value)?,
+        Some(value) => parse_time("start", value)?,
         None => end.saturating_sub(DEFAULT_RANGE_SECONDS * NANOS_PER_SECOND),
     };
     // Checked before a metric query rounds them to seconds (`start=...00.7Z&end=...00.2Z`).
@@ -604,7 +600,7 @@ mod tests {
     #[test]
     fn test_a_fraction_of_a_second_is_kept() {
         let start = 1_796_657_220; // 2026-12-07T15:27:00Z
-        assert_eq!(parse_time_ns("end", "2026-12-07T15:27:00.999Z").unwrap(), start * 1_000_000_000 + 999_000_000);
+        assert_eq!(parse_time("end", "2026-12-07T15:27:00.999Z").unwrap(), start * 1_000_000_000 + 999_000_000);
         let within = range(Some("2026-12-07T15:27:00Z"), Some("2026-12-07T15:27:00.7941Z"), 0).unwrap();
         assert_eq!(within, (start * 1_000_000_000, start * 1_000_000_000 + 794_100_000));
         assert_eq!(range_seconds(within), (start as i64, start as i64 + 1));
@@ -613,19 +609,22 @@ mod tests {
         // An inverted range within one second, and a fraction past the last second allowed.
         let inverted = range(Some("2026-12-07T15:27:00.7Z"), Some("2026-12-07T15:27:00.2Z"), 0).unwrap_err();
         assert!(inverted.to_string().contains("end must be after start"), "{inverted}");
-        let late = parse_time_ns("end", "2500-01-01T00:00:00.5Z").unwrap_err().to_string();
+        let late = parse_time("end", "2500-01-01T00:00:00.5Z").unwrap_err().to_string();
         assert!(late.contains("2500-01-01T00:00:00Z"), "{late}");
-        assert!(parse_time_ns("end", "2500-01-01T00:00:00Z").is_ok());
+        assert!(parse_time("end", "2500-01-01T00:00:00Z").is_ok());
     }
 
     #[test]
     fn test_parse_time_accepts_rfc3339_and_unix_seconds() {
-        assert_eq!(parse_time("start", "1764151200").unwrap(), 1_764_151_200);
-        assert_eq!(parse_time("start", "2025-11-26T10:00:00Z").unwrap(), 1_764_151_200);
-        assert_eq!(parse_time("start", "2025-11-26T11:00:00+01:00").unwrap(), 1_764_151_200);
+        assert_eq!(parse_time("start", "1764151200").unwrap(), 1_764_151_200_000_000_000);
+        assert_eq!(parse_time("start", "2025-11-26T10:00:00Z").unwrap(), 1_764_151_200_000_000_000);
+        assert_eq!(parse_time("start", "2025-11-26T11:00:00+01:00").unwrap(), 1_764_151_200_000_000_000);
         assert!(parse_time("start", "yesterday").unwrap_err().to_string().contains("start"));
         assert_eq!(parse_time("end", "0").unwrap(), 0);
-        assert_eq!(parse_time("end", "2500-01-01T00:00:00Z").unwrap(), crate::query::LATEST_TIME);
+        assert_eq!(
+            parse_time("end", "2500-01-01T00:00:00Z").unwrap(),
+            crate::query::LATEST_TIME as u64 * 1_000_000_000
+        );
         for (value, why) in [
             ("-1", "before 1970"),
             ("16725225601", "after 2500"),

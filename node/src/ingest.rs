@@ -90,7 +90,9 @@ impl Ingest {
     }
 
     /// Waits, at most `timeout`, until this node uses configuration documents at least as new
-    /// as `pricing` and `rules`; returns the versions it uses then.
+    /// as `pricing` and `rules`; returns the versions it uses then. When it uses them already,
+    /// this returns at once (the timeout polls the wait first, and starts no timer when it is
+    /// ready).
     pub async fn config_at_least(&self, pricing: u64, rules: u64, timeout: Duration) -> (u64, u64) {
         let mut config = self.config.clone();
         let newer = |c: &Arc<RuntimeConfig>| c.pricing.version() >= pricing && c.rules.version >= rules;

@@ -69,10 +69,7 @@ impl PeerService {
     /// sender used: this node waits for them a while (it was paused, or restarted, while they
     /// were committed, and catches up) and else refuses the data with a retryable error.
     async fn fence(&self, pricing: u64, rules: u64) -> Result<(), Status> {
-        let (used_pricing, used_rules) = self.ingest.config_versions();
-        if used_pricing >= pricing && used_rules >= rules {
-            return Ok(());
-        }
+        // At once, without a timer, when this node uses them already (`config_at_least`).
         let timeout = self.cluster.settings().election_timeout * 2;
         let (used_pricing, used_rules) = self.ingest.config_at_least(pricing, rules, timeout).await;
         if used_pricing >= pricing && used_rules >= rules {

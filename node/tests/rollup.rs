@@ -58,6 +58,12 @@ async fn start_node(
     (node, api, client)
 }
 
+/// Minutes kept an hour (the shortest retention allowed), swept every second.
+fn minutes_kept_an_hour(config: &mut NodeConfig) {
+    config.retention.minute_seconds = 3600;
+    config.retention.sweep_interval_seconds = 1;
+}
+
 /// Sets the rules' lateness window through the cluster API.
 async fn set_lateness(api: &str, seconds: u64) {
     let status = reqwest::Client::new()
@@ -198,11 +204,7 @@ async fn test_quiet_partitions_are_rolled_up_before_their_minutes_expire() {
     let t0 = now_seconds() / 3600 * 3600 - 3600;
     let clock = tollgate::ManualClock::new((t0 + 5 * MINUTE) * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
-        config.retention.minute_seconds = 3600;
-        config.retention.sweep_interval_seconds = 1;
-    })
-    .await;
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), minutes_kept_an_hour).await;
 
     // Five minutes of a pod, then it stops. Its newest minute is not a lateness window old yet:
     // nothing is closed.
@@ -318,11 +320,7 @@ async fn test_minutes_are_rolled_up_before_retention_with_a_long_lateness_window
     let t0 = now_seconds() / 3600 * 3600 - 4 * 3600;
     let clock = tollgate::ManualClock::new(t0 * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
-        config.retention.minute_seconds = 3600;
-        config.retention.sweep_interval_seconds = 1;
-    })
-    .await;
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), minutes_kept_an_hour).await;
     set_lateness(&api, 86400).await;
     // The pod sends a minute every ten for two hours; each time the owners are maintained.
     let mut requests = 0;
@@ -353,11 +351,7 @@ async fn test_minutes_merged_already_past_retention_reach_their_hour_and_day() {
     let t0 = now / 3600 * 3600 - 3 * 3600;
     let clock = tollgate::ManualClock::new(now * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
-        config.retention.minute_seconds = 3600;
-        config.retention.sweep_interval_seconds = 1;
-    })
-    .await;
+    let (node, api, mut client) = start_node(dir.path(), Arc::new(clock.clone()), minutes_kept_an_hour).await;
     // Minutes 2 to 3 hours old, a new partition's first points: accepted.
     let mut requests = 0;
     for minute in 0..30 {
@@ -397,13 +391,7 @@ async fn test_a_partition_that_sends_only_access_logs_is_rolled_up() {
     let t0 = now_seconds() / 3600 * 3600 - 3600;
     let clock = tollgate::ManualClock::new((t0 + 5 * MINUTE) * 1_000_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let (node, api, _) = start_node(dir.path(), Arc::new(clock.clone()), |config| {
-        config.retention.minute_seconds = 3600;
-        config.retention.hour_seconds = 7 * 86_400;
-        config.retention.day_seconds = 7 * 86_400;
-        config.retention.sweep_interval_seconds = 1;
-    })
-    .await;
+    let (node, api, _) = start_node(dir.path(), Arc::new(clock.clone()), minutes_kept_an_hour).await;
     let mut logs = LogsServiceClient::connect(format!("http://{}", node.endpoints.otlp_grpc[0])).await.unwrap();
     let records = (0..5)
         .map(|minute| LogRecord {

@@ -18,15 +18,15 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate_rules::testing::{gateway_bounds, gateway_unit};
 
-/// The gateway pod's resource, in the SWIP-10 convention.
+/// The gateway pod's resource, in the SWIP-10 convention; without `service.instance.id` for an
+/// empty `instance` (as the gateway's Go SDK sends it unless told one).
 fn resource(instance: &str) -> Resource {
-    Resource::builder_empty()
-        .with_attributes([
-            KeyValue::new("service.name", "envoy-ai-gateway"),
-            KeyValue::new("aigw.service", "sdk-gw"),
-            KeyValue::new("service.instance.id", instance.to_string()),
-        ])
-        .build()
+    let mut attributes =
+        vec![KeyValue::new("service.name", "envoy-ai-gateway"), KeyValue::new("aigw.service", "sdk-gw")];
+    if !instance.is_empty() {
+        attributes.push(KeyValue::new("service.instance.id", instance.to_string()));
+    }
+    Resource::builder_empty().with_attributes(attributes).build()
 }
 
 fn provider(endpoint: &str, instance: &str) -> SdkMeterProvider {
@@ -234,6 +234,41 @@ async fn test_opentelemetry_sdk_cumulative_exports_over_http_protobuf_are_exact(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_opentelemetry_sdk_cumulative_exports_over_http_json_are_exact() {
     cumulative_over_http(Protocol::HttpJson).await;
+}
+
+/// Two pods of one gateway that set no `service.instance.id` send the very same cumulative
+/// series, each with its own start time, their exports interleaved. Each pod's totals are kept
+/// apart (by their start times), so every request is counted once: a reset at each change of
+/// start time would count each pod's whole total again at each of its exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_opentelemetry_sdk_cumulative_pods_without_an_instance_id_are_each_counted_once() {
+    let node = TestNode::start().await;
+    let url = format!("{}/v1/metrics", node.otlp_http());
+    let mut pods = Vec::new();
+    for _ in 0..2 {
+        let provider = http_provider(&url, Protocol::HttpBinary, "");
+        let duration = gateway_histogram(&provider.meter("envoyproxy/ai-gateway"), "gen_ai.server.request.duration");
+        // Each pod's start time is when it first records.
+        duration.record(0.3, &attributes("gpt-4o", &[]));
+        pods.push((provider, duration));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut recorded = 2;
+    for round in 0..4 {
+        for (pod, (provider, duration)) in pods.iter().enumerate() {
+            for _ in 0..round + pod {
+                duration.record(1.5, &attributes("gpt-4o", &[]));
+                recorded += 1;
+            }
+            flush(provider).await;
+        }
+    }
+    assert_eq!(recorded, 2 + (1 + 2 + 3) + (1 + 2 + 3 + 4), "pod 0 records 0 to 3 per round, pod 1 1 to 4");
+    assert_eq!(total(&node, "meter_envoy_ai_gw_request_cpm", "").await, recorded as f64);
+    assert_eq!(node.self_metric_opt("tollgate_points_rejected_total").await.unwrap_or(0.0), 0.0);
+    for (provider, _) in pods {
+        provider.shutdown().ok();
+    }
 }
 
 /// Access logs through the SDK's log exporter: a failed request is kept with its attributes

@@ -98,6 +98,69 @@ async fn test_kill9_during_stream_then_resend_counts_everything_exactly_once() {
     assert_eq!(tokens, expected_tokens as f64);
 }
 
+/// Export `k` of pod `pod` of a gateway that sets no `service.instance.id`: both pods send the
+/// same cumulative request-duration series, pod `pod`'s started at `base − 100 − 10·pod` with a
+/// total of (pod + 1)·(k + 1) requests at `base + 10·k`.
+fn shared_series_export(base: u64, pod: u64, k: u64) -> ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
+    };
+    let bounds = tollgate_rules::testing::gateway_bounds("gen_ai.server.request.duration").to_vec();
+    let count = (pod + 1) * (k + 1);
+    let mut bucket_counts = vec![0; bounds.len() + 1];
+    bucket_counts[3] = count;
+    let point = HistogramDataPoint {
+        attributes: vec![string_attribute("gen_ai.response.model", "m")],
+        start_time_unix_nano: (base - 100 - 10 * pod) * 1_000_000_000,
+        time_unix_nano: (base + 10 * k) * 1_000_000_000,
+        count,
+        sum: Some(count as f64),
+        bucket_counts,
+        explicit_bounds: bounds,
+        ..Default::default()
+    };
+    let metric = Metric {
+        name: "gen_ai.server.request.duration".into(),
+        data: Some(metric::Data::Histogram(Histogram { data_points: vec![point], aggregation_temporality: 2 })),
+        ..Default::default()
+    };
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(gateway_resource(Convention::AigwService, "restart-gw", None)),
+            scope_metrics: vec![ScopeMetrics { metrics: vec![metric], ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// Two pods that share a series (no `service.instance.id`) each keep their own running totals
+/// across a `kill -9`: after the restart, each pod's next export adds only what it counted
+/// since its previous one, and a retried export adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_kill9_keeps_the_totals_of_each_pod_sharing_a_series() {
+    let mut node = TestNode::start().await;
+    let base = now_seconds() - 200;
+    let mut client = node.metrics_client(0).await;
+    for k in 0..4 {
+        for pod in 0..2 {
+            let response = client.export(shared_series_export(base, pod, k)).await.expect("accepted").into_inner();
+            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+        }
+    }
+    let (start, end) = (base - 60, base + 120);
+    assert_eq!(sum_of(&node, "meter_envoy_ai_gw_request_cpm", start, end).await, 4.0 * 3.0);
+    node.kill9();
+    node.restart().await;
+    let mut client = node.metrics_client(0).await;
+    for k in 3..8 {
+        for pod in 0..2 {
+            let response = client.export(shared_series_export(base, pod, k)).await.expect("accepted").into_inner();
+            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+        }
+    }
+    assert_eq!(sum_of(&node, "meter_envoy_ai_gw_request_cpm", start, end).await, 8.0 * 3.0);
+}
+
 /// Pods streaming at once into the node whose disk fills: their partitions spread over many
 /// owners, so that several have a write in flight when the store fails.
 const FULL_PODS: u64 = 16;

@@ -114,6 +114,11 @@ pub struct Baseline {
 pub struct SeriesCursor {
     /// The last cumulative point, for cumulative series.
     pub baseline: Option<Baseline>,
+    /// The last points of other start times that are still alive, for a cumulative series that
+    /// two sources send at once (pods of one service without `service.instance.id`): each start
+    /// time keeps its own running totals. Empty for a series with one source. They share the
+    /// bounds of `baseline`.
+    pub others: Box<[Baseline]>,
     /// Keys of the points accepted within the lateness window, sorted. Older keys are
     /// forgotten: a point that old is rejected as too late anyway.
     pub seen: SeenKeys,
@@ -212,7 +217,7 @@ pub fn normalize(
     }
     let outcome = match point.temporality {
         Temporality::Delta => Normalized::Merge,
-        Temporality::Cumulative => match cumulative_to_delta(cursor, point, bounds, config) {
+        Temporality::Cumulative => match cumulative_to_delta(cursor, point, bounds, oldest, config) {
             Ok(outcome) => outcome,
             Err(rejection) => return Normalized::Rejected(rejection),
         },
@@ -232,6 +237,7 @@ fn cumulative_to_delta(
     cursor: &mut SeriesCursor,
     point: &mut ValidPoint,
     bounds: &Bounds,
+    oldest_ns: u64,
     config: &NormalizeConfig,
 ) -> Result<Normalized, Rejection> {
     // Extremes of a cumulative point cover the series' whole life, not the delta.
@@ -239,12 +245,14 @@ fn cumulative_to_delta(
     point.max = None;
     let Some(baseline) = cursor.baseline.as_mut() else {
         cursor.baseline = Some(baseline_of(point, bounds));
-        let gap_ns = point.time_ns - point.start_ns;
-        if point.start_ns > 0 && gap_ns <= config.max_delta_gap_seconds * 1_000_000_000 {
-            return Ok(Normalized::Merge);
-        }
-        return Ok(Normalized::Baseline);
+        return Ok(first_point(point, config));
     };
+    if point.start_ns != baseline.start_ns || !cursor.others.is_empty() {
+        if let Some(outcome) = switch_stream(cursor, point, bounds, oldest_ns, config) {
+            return Ok(outcome);
+        }
+    }
+    let baseline = cursor.baseline.as_mut().expect("switch_stream leaves a baseline");
     if point.time_ns < baseline.time_ns {
         return Err(Rejection::new(
             RejectReason::OutOfOrder,
@@ -268,6 +276,71 @@ fn cumulative_to_delta(
     baseline.sum = sum;
     baseline.time_ns = point.time_ns;
     Ok(Normalized::Merge)
+}
+
+/// The first point of a cumulative series (or of a source of it) counts whole only if its start
+/// is at most `max_delta_gap` before it; otherwise it only becomes the baseline.
+fn first_point(point: &ValidPoint, config: &NormalizeConfig) -> Normalized {
+    let gap_ns = point.time_ns - point.start_ns;
+    if point.start_ns > 0 && gap_ns <= config.max_delta_gap_seconds * 1_000_000_000 {
+        Normalized::Merge
+    } else {
+        Normalized::Baseline
+    }
+}
+
+/// Most start times a cumulative series keeps at once (see [`SeriesCursor::others`]).
+pub const MAX_STARTS_PER_SERIES: usize = 8;
+
+/// Makes the baseline of `point`'s start time the current one, for a point whose start differs
+/// from the current baseline's or a series that keeps other start times. A start time is one
+/// life of one source. Two sources that send one series (pods of a service without
+/// `service.instance.id`) alternate between their start times: keeping each start's totals apart
+/// keeps them exact, where a reset at each change would count each source's whole total again
+/// at every export.
+///
+/// - A start time the series keeps becomes the current baseline again, and the point is a delta
+///   from it as usual (or out of order).
+/// - A new start at or after the series' newest point is a new life (a restart, or a source
+///   that just started): the point is the delta, as SPEC §1.5's reset says.
+/// - A new start before it is another source alive at the same time: its first point counts as
+///   a series' first point does (whole only within `max_delta_gap`).
+///
+/// The other start times are kept beside the current one, except those whose last point is older
+/// than `oldest_ns` (the lateness window: a source that restarted stops sending its earlier
+/// start), and at most [`MAX_STARTS_PER_SERIES`] in all, the least recent forgotten first.
+/// Returns the outcome when the point needs no delta (a new start), `None` to go on with the
+/// current baseline.
+fn switch_stream(
+    cursor: &mut SeriesCursor,
+    point: &ValidPoint,
+    bounds: &Bounds,
+    oldest_ns: u64,
+    config: &NormalizeConfig,
+) -> Option<Normalized> {
+    let baseline = cursor.baseline.as_mut().expect("a cursor with starts to switch has a baseline");
+    let mut others = std::mem::take(&mut cursor.others).into_vec();
+    let newest_ns = others.iter().map(|other| other.time_ns).max().unwrap_or(0).max(baseline.time_ns);
+    let mut outcome = None;
+    if let Some(kept) = others.iter_mut().find(|other| other.start_ns == point.start_ns) {
+        std::mem::swap(baseline, kept);
+    } else if point.start_ns != baseline.start_ns {
+        outcome = Some(if point.start_ns >= newest_ns { Normalized::Merge } else { first_point(point, config) });
+        if Arc::ptr_eq(bounds, &baseline.bounds) || **bounds == *baseline.bounds {
+            others.push(std::mem::replace(baseline, baseline_of(point, bounds)));
+        } else {
+            // Other bounds (a new gateway version): the starts kept cannot go on with them.
+            others.clear();
+            *baseline = baseline_of(point, bounds);
+        }
+    }
+    others.retain(|other| other.time_ns >= oldest_ns);
+    if others.len() >= MAX_STARTS_PER_SERIES {
+        let least_recent = (0..others.len()).min_by_key(|&i| others[i].time_ns).expect("not empty");
+        others.swap_remove(least_recent);
+    }
+    cursor.others = others.into_boxed_slice();
+    outcome
 }
 
 /// A reset: a new start time, other bounds, or any running total that went down (for sums
@@ -409,6 +482,90 @@ mod tests {
         let (outcome, p) = h.feed(point(Temporality::Cumulative, T0 + 20, T0 + 40, [0, 1, 0], 1.5));
         assert_eq!(outcome, Normalized::Merge);
         assert_eq!((p.count, p.buckets), (1, vec![0, 1, 0]), "a bucket went down: reset");
+    }
+
+    /// Two pods of one service without `service.instance.id` send the same series, each with its
+    /// own start time, their exports interleaved: each start keeps its own running totals, so
+    /// every delta is what that pod counted since its previous export.
+    #[test]
+    fn test_normalize_two_sources_of_one_series_are_each_counted_once() {
+        let mut h = Harness::new();
+        let (a, b) = (T0 - 2 * MINUTE, T0 - MINUTE);
+        let sent = [
+            (a, T0 + 10, [10, 0, 0]),
+            (b, T0 + 11, [3, 0, 0]),
+            (a, T0 + 20, [12, 1, 0]),
+            (b, T0 + 19, [4, 0, 0]),
+            (a, T0 + 30, [12, 2, 0]),
+            (b, T0 + 31, [7, 0, 1]),
+        ];
+        let deltas: Vec<(Normalized, Vec<u64>)> = sent
+            .iter()
+            .map(|&(start, time, buckets)| {
+                let (outcome, p) = h.feed(point(Temporality::Cumulative, start, time, buckets, 0.0));
+                (outcome, p.buckets)
+            })
+            .collect();
+        assert_eq!(
+            deltas,
+            vec![
+                (Normalized::Merge, vec![10, 0, 0]),
+                (Normalized::Merge, vec![3, 0, 0]),
+                (Normalized::Merge, vec![2, 1, 0]),
+                (Normalized::Merge, vec![1, 0, 0]),
+                (Normalized::Merge, vec![0, 1, 0]),
+                (Normalized::Merge, vec![3, 0, 1]),
+            ],
+            "a reset at each change of start would merge 10+3+13+4+14+8 = 52 requests, not 20"
+        );
+        assert_eq!(h.cursor.others.len(), 1);
+        // A retried export of either is a duplicate; an older point of either is out of order.
+        assert_eq!(h.feed(point(Temporality::Cumulative, a, T0 + 20, [12, 1, 0], 0.0)).0, Normalized::Duplicate);
+        assert_eq!(
+            rejected(h.feed(point(Temporality::Cumulative, b, T0 + 25, [5, 0, 0], 0.0)).0),
+            RejectReason::OutOfOrder
+        );
+    }
+
+    /// A new start after the series' last point is a new life (SPEC §1.5's reset): the point is
+    /// the delta. A new start before it is another source: its first point counts whole only
+    /// within `max_delta_gap`, as a series' first point does. Either way the earlier start is
+    /// kept: after a new pod started, the one already there goes on with its own totals.
+    #[test]
+    fn test_normalize_a_new_life_counts_whole_and_an_old_source_is_a_baseline() {
+        let mut h = Harness::new();
+        h.feed(point(Temporality::Cumulative, T0, T0 + 10, [5, 0, 0], 0.0));
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0 + 15, T0 + 20, [1, 0, 0], 0.0));
+        assert_eq!((outcome, p.count), (Normalized::Merge, 1));
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0, T0 + 25, [7, 0, 0], 0.0));
+        assert_eq!((outcome, p.count), (Normalized::Merge, 2), "the first pod still sends: a delta of its own");
+        let long_ago = T0 - 6 * MINUTE;
+        assert_eq!(h.feed(point(Temporality::Cumulative, long_ago, T0 + 21, [40, 0, 0], 0.0)).0, Normalized::Baseline);
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, long_ago, T0 + 31, [42, 0, 0], 0.0));
+        assert_eq!((outcome, p.count), (Normalized::Merge, 2));
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0 + 15, T0 + 30, [4, 0, 0], 0.0));
+        assert_eq!((outcome, p.count), (Normalized::Merge, 3));
+    }
+
+    /// Other start times are forgotten once their last point is out of the lateness window, and
+    /// beyond `MAX_STARTS_PER_SERIES` the least recent goes first.
+    #[test]
+    fn test_normalize_other_starts_are_bounded_and_expire() {
+        let mut h = Harness::new();
+        for source in 0..10 {
+            h.feed(point(Temporality::Cumulative, T0 - source * MINUTE, T0 + 10 * MINUTE + source, [1, 0, 0], 0.0));
+        }
+        assert_eq!(h.cursor.others.len(), MAX_STARTS_PER_SERIES - 1);
+        let mut starts: Vec<u64> = h.cursor.others.iter().map(|b| (T0 - b.start_ns) / MINUTE).collect();
+        starts.sort();
+        assert_eq!(starts, vec![2, 3, 4, 5, 6, 7, 8], "sources 0 and 1, the least recent, are forgotten");
+        assert_eq!(h.cursor.baseline.as_ref().unwrap().start_ns, T0 - 9 * MINUTE);
+        // Source 9 goes on alone for more than the lateness window: the others expire.
+        h.now = T0 + 30 * MINUTE;
+        for step in 1..=12 {
+            h.feed(point(Temporality::Cumulative, T0 - 9 * MINUTE, T0 + (10 + step) * MINUTE, [1 + step, 0, 0], 0.0));
+        }
+        assert!(h.cursor.others.is_empty(), "{:?}", h.cursor.others);
     }
 
     #[test]

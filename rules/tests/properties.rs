@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tollgate_rules::aggregate::{Aggregate, Bounds, Delta};
 use tollgate_rules::attributes::AttributeSet;
+use tollgate_rules::normalize::MAX_STARTS_PER_SERIES;
 use tollgate_rules::testing::{gateway_resource, string_attribute, Convention};
 use tollgate_rules::{
     Catalogue, CompiledRules, Entity, Fixed, MemoryPipeline, MetricQuery, Partial, PriceTable, SeriesKey, Step,
@@ -84,13 +85,19 @@ fn request(point: &GenPoint) -> ExportMetricsServiceRequest {
 }
 
 /// Delta series: consecutive intervals. Cumulative series: running totals with occasional
-/// resets (totals from zero, with or without a new start), first start recent or long ago.
-fn series_points(series: usize, cumulative: bool, span_seconds: u64) -> impl Strategy<Value = Vec<GenPoint>> {
+/// resets (totals from zero, with or without a new start), first start recent or long ago
+/// (`shift` seconds earlier still, for a second source of one series).
+fn series_points(
+    series: usize,
+    cumulative: bool,
+    span_seconds: u64,
+    shift: u64,
+) -> impl Strategy<Value = Vec<GenPoint>> {
     let steps = prop::collection::vec((1u64..=90, prop::array::uniform4(0u64..4), 0u64..5_000, 0u8..20), 1..12);
     (steps, prop::bool::ANY).prop_map(move |(steps, old_start)| {
         let mut out = Vec::new();
         let mut time = T0;
-        let mut start = if cumulative && old_start { T0 - 400 } else { T0 - 10 };
+        let mut start = if cumulative && old_start { T0 - 400 } else { T0 - 10 } - shift;
         let mut running = ([0u64; 4], 0u64);
         for (advance, buckets, sum_millis, reset) in steps {
             let previous = time;
@@ -121,23 +128,34 @@ fn series_points(series: usize, cumulative: bool, span_seconds: u64) -> impl Str
 }
 
 /// Arrival order: all points shuffled (or each series in order, interleaved), plus retries of
-/// random points inserted at random later positions.
+/// random points inserted at random later positions. A cumulative series 2 has, half of the
+/// time, a second source (a pod without `service.instance.id` beside another) with start times
+/// of its own.
 fn stream(span_seconds: u64, in_order: bool) -> impl Strategy<Value = Vec<GenPoint>> {
-    let series = (prop::bool::ANY, prop::bool::ANY, prop::bool::ANY).prop_flat_map(move |(c0, c1, c2)| {
-        (series_points(0, c0, span_seconds), series_points(1, c1, span_seconds), series_points(2, c2, span_seconds))
-    });
+    let series = (prop::bool::ANY, prop::bool::ANY, prop::bool::ANY, prop::bool::ANY).prop_flat_map(
+        move |(c0, c1, c2, two_sources)| {
+            let second =
+                series_points(2, c2, span_seconds, 7).prop_map(move |p| if c2 && two_sources { p } else { vec![] });
+            (
+                series_points(0, c0, span_seconds, 0),
+                series_points(1, c1, span_seconds, 0),
+                series_points(2, c2, span_seconds, 0),
+                second,
+            )
+        },
+    );
     (series, prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..8), any::<u64>())
-        .prop_map(move |((a, b, c), retries, seed)| {
+        .prop_map(move |((a, b, c, d), retries, seed)| {
             let mut all: Vec<GenPoint> = Vec::new();
             if in_order {
-                // Interleave series while keeping each one in time order.
-                let mut queues = [a, b, c].map(std::collections::VecDeque::from);
+                // Interleave series (and sources) while keeping each one in time order.
+                let mut queues = [a, b, c, d].map(std::collections::VecDeque::from);
                 let mut state = seed | 1;
                 while queues.iter().any(|q| !q.is_empty()) {
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    let pick = (state % 3) as usize;
+                    let pick = (state % 4) as usize;
                     if let Some(p) = queues[pick].pop_front() {
                         all.push(p);
                     }
@@ -146,6 +164,7 @@ fn stream(span_seconds: u64, in_order: bool) -> impl Strategy<Value = Vec<GenPoi
                 all.extend(a);
                 all.extend(b);
                 all.extend(c);
+                all.extend(d);
                 let mut state = seed | 1;
                 for i in (1..all.len()).rev() {
                     state ^= state << 13;
@@ -170,11 +189,16 @@ fn stream(span_seconds: u64, in_order: bool) -> impl Strategy<Value = Vec<GenPoi
 /// What the model expects per (series, minute): count, sum (thousandths), buckets.
 type ModelStates = BTreeMap<(usize, u64), (u64, i64, [u64; 4])>;
 
-/// The naive model of SPEC §1.5: every accepted key remembered forever, plain loops.
+/// The naive model of SPEC §1.5: every accepted key remembered forever, plain loops. A cumulative
+/// series keeps the last point of each of its start times (`normalize::switch_stream`): a start it
+/// does not know at or after its newest point is a new life and counts whole; one before it is
+/// another source, whose first point counts as a series' first point does. Starts other than the
+/// point's own are forgotten once older than the lateness window, and beyond
+/// `MAX_STARTS_PER_SERIES` the least recent first.
 fn model(stream: &[GenPoint], lateness_seconds: u64, gap_seconds: u64) -> (ModelStates, u64) {
     let mut states = ModelStates::new();
     let mut accepted: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
-    let mut last: HashMap<usize, GenPoint> = HashMap::new();
+    let mut starts: HashMap<usize, Vec<GenPoint>> = HashMap::new();
     let mut newest_minute: HashMap<&str, u64> = HashMap::new();
     let mut rejected = 0;
     for point in stream {
@@ -193,22 +217,32 @@ fn model(stream: &[GenPoint], lateness_seconds: u64, gap_seconds: u64) -> (Model
         let add: Option<([u64; 4], i64)> = if !point.cumulative {
             Some((point.buckets, point.sum_millis as i64))
         } else {
-            match last.get(&point.series) {
+            let oldest = newest_minute.get(partition).map_or(0, |newest| newest.saturating_sub(lateness_seconds));
+            let kept = starts.entry(point.series).or_default();
+            let newest = kept.iter().map(|p| p.time).max();
+            kept.retain(|p| p.start == point.start || p.time >= oldest);
+            match kept.iter().position(|p| p.start == point.start) {
                 None => {
-                    if point.time - point.start <= gap_seconds {
-                        Some((point.buckets, point.sum_millis as i64))
-                    } else {
-                        None
+                    let whole = match newest {
+                        Some(newest) if point.start >= newest => true,
+                        _ => point.time - point.start <= gap_seconds,
+                    };
+                    kept.push(point.clone());
+                    if kept.len() > MAX_STARTS_PER_SERIES {
+                        let others = kept.len() - 1;
+                        let least_recent = (0..others).min_by_key(|&i| kept[i].time).unwrap();
+                        kept.remove(least_recent);
                     }
+                    whole.then_some((point.buckets, point.sum_millis as i64))
                 }
-                Some(previous) if point.time < previous.time => {
+                Some(i) if point.time < kept[i].time => {
                     rejected += 1;
                     continue;
                 }
-                Some(previous) => {
-                    let reset = previous.start != point.start
-                        || point.count() < previous.count()
-                        || (0..4).any(|i| point.buckets[i] < previous.buckets[i]);
+                Some(i) => {
+                    let previous = std::mem::replace(&mut kept[i], point.clone());
+                    let reset =
+                        point.count() < previous.count() || (0..4).any(|i| point.buckets[i] < previous.buckets[i]);
                     if reset {
                         Some((point.buckets, point.sum_millis as i64))
                     } else {
@@ -221,9 +255,6 @@ fn model(stream: &[GenPoint], lateness_seconds: u64, gap_seconds: u64) -> (Model
                 }
             }
         };
-        if point.cumulative {
-            last.insert(point.series, point.clone());
-        }
         keys.push((point.start, point.time));
         let newest = newest_minute.entry(partition).or_insert(minute);
         *newest = (*newest).max(minute);

@@ -330,12 +330,27 @@ struct StoredBaseline {
 /// A cursor as stored: the first point key, then each key's difference from the one before
 /// (time ascending, so its difference is unsigned; start wrapping). Written by [`encode_cursor`]
 /// directly; serde writes it only in the tests, which check that the two agree.
+///
+/// The baselines of a series' other start times ([`SeriesCursor::others`]), when it has any,
+/// follow it as a postcard `Vec<StoredOtherStart>`. A version that does not know them reads the
+/// cursor without them (postcard leaves trailing bytes unread): it keeps the current start.
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
 struct StoredCursor {
     baseline: Option<StoredBaseline>,
     first: Option<(u64, u64)>,
     steps: Vec<(u64, i64)>,
+}
+
+/// The baseline of another start time of a series; its bounds are its current baseline's.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StoredOtherStart {
+    start_ns: u64,
+    time_ns: u64,
+    count: u64,
+    sum: i128,
+    buckets: Vec<u64>,
 }
 
 /// Encodes a cursor; also returns the hash of its baseline's bounds (`None` when it has none or
@@ -371,6 +386,16 @@ pub fn encode_cursor(cursor: &SeriesCursor) -> (Vec<u8>, Option<u64>) {
     }
     // The keys' steps are held in the cursor as they are stored (`SeenKeys`): copied, not encoded.
     out.0.extend_from_slice(steps);
+    if !cursor.others.is_empty() {
+        out.len(cursor.others.len());
+        for other in cursor.others.iter() {
+            out.u64(other.start_ns);
+            out.u64(other.time_ns);
+            out.u64(other.count);
+            out.i128(other.sum.nanos());
+            out.u64s(&other.buckets);
+        }
+    }
     (out.0, bounds)
 }
 
@@ -496,7 +521,11 @@ pub fn decode_cursor(
     since_ns: u64,
     resolve: impl FnOnce(u64) -> Option<Bounds>,
 ) -> Result<SeriesCursor, String> {
-    let stored: StoredCursor = postcard::from_bytes(bytes).map_err(|e| format!("cursor: {e}"))?;
+    let (stored, rest): (StoredCursor, _) = postcard::take_from_bytes(bytes).map_err(|e| format!("cursor: {e}"))?;
+    let others: Vec<StoredOtherStart> = match rest {
+        [] => Vec::new(),
+        rest => postcard::from_bytes(rest).map_err(|e| format!("cursor's other start times: {e}"))?,
+    };
     let baseline = match stored.baseline {
         Some(b) => {
             let bounds = match b.bounds {
@@ -516,6 +545,30 @@ pub fn decode_cursor(
             })
         }
         None => None,
+    };
+    let others = match &baseline {
+        None if !others.is_empty() => return Err("cursor has other start times and no baseline".into()),
+        None => Box::default(),
+        Some(current) => others
+            .into_iter()
+            .map(|other| {
+                if other.buckets.len() != current.buckets.len() {
+                    return Err(format!(
+                        "other start time has {} buckets for {} bounds",
+                        other.buckets.len(),
+                        current.bounds.len()
+                    ));
+                }
+                Ok(Baseline {
+                    start_ns: other.start_ns,
+                    time_ns: other.time_ns,
+                    count: other.count,
+                    sum: Fixed::from_nanos(other.sum),
+                    bounds: Arc::clone(&current.bounds),
+                    buckets: other.buckets,
+                })
+            })
+            .collect::<Result<_, String>>()?,
     };
     let mut seen = SeenKeys::new();
     if let Some((time_ns, start_ns)) = stored.first {
@@ -542,7 +595,7 @@ pub fn decode_cursor(
         }
         seen.set_forgotten_before(forgotten_before.max(watermark.unwrap_or(0)));
     }
-    Ok(SeriesCursor { baseline, seen })
+    Ok(SeriesCursor { baseline, others, seen })
 }
 
 /// Encodes any stored record.
@@ -616,7 +669,22 @@ mod tests {
                 (key.time_ns - previous.time_ns, key.start_ns.wrapping_sub(previous.start_ns) as i64)
             })
             .collect();
-        postcard::to_stdvec(&StoredCursor { baseline, first, steps }).unwrap()
+        let mut bytes = postcard::to_stdvec(&StoredCursor { baseline, first, steps }).unwrap();
+        if !cursor.others.is_empty() {
+            let others: Vec<StoredOtherStart> = cursor
+                .others
+                .iter()
+                .map(|b| StoredOtherStart {
+                    start_ns: b.start_ns,
+                    time_ns: b.time_ns,
+                    count: b.count,
+                    sum: b.sum.nanos(),
+                    buckets: b.buckets.clone(),
+                })
+                .collect();
+            bytes.extend(postcard::to_stdvec(&others).unwrap());
+        }
+        bytes
     }
 
     /// Integers of every width, the edges of each varint length among them.
@@ -687,7 +755,21 @@ mod tests {
                 (1, first) => seen.set_forgotten_before(first.map_or(1 + random.below(1 << 40), |k| k.time_ns + 1)),
                 _ => {}
             }
-            let cursor = SeriesCursor { baseline, seen };
+            // Some of the time, other start times of the series beside its baseline.
+            let others = match &baseline {
+                Some(current) if random.below(3) == 0 => (0..1 + random.below(7))
+                    .map(|_| Baseline {
+                        start_ns: any_u64(&mut random),
+                        time_ns: any_u64(&mut random),
+                        count: any_u64(&mut random),
+                        sum: any_nanos(&mut random),
+                        bounds: bounds.clone(),
+                        buckets: current.buckets.iter().map(|_| any_u64(&mut random)).collect(),
+                    })
+                    .collect(),
+                _ => Box::default(),
+            };
+            let cursor = SeriesCursor { baseline, others, seen };
             let (bytes, hash) = encode_cursor(&cursor);
             assert_eq!(bytes, postcard_cursor(&cursor), "{cursor:?}");
             let back = decode_cursor(&bytes, 0, |h| (Some(h) == hash).then(|| bounds.clone())).unwrap();
@@ -753,7 +835,7 @@ mod tests {
         let keys = |times: std::ops::Range<u64>| -> SeenKeys {
             times.map(|t| PointKey { time_ns: t * 10_000_000_000 + t * t * 1_000, start_ns: 0 }).collect()
         };
-        let cursor = |seen: SeenKeys| encode_cursor(&SeriesCursor { baseline: None, seen }).0;
+        let cursor = |seen: SeenKeys| encode_cursor(&SeriesCursor { baseline: None, seen, ..Default::default() }).0;
         let previous = cursor(keys(0..60));
         // Any number of keys forgotten, one to eight added: a patch that keeps every step of the
         // keys kept (all but the first key's, which is written whole at the head).
@@ -882,6 +964,39 @@ mod tests {
     }
 
     #[test]
+    fn test_cursor_keeps_other_start_times_where_older_versions_ignore_them() {
+        let bounds: Bounds = Arc::from(vec![1.0, 5.0]);
+        let baseline = |start_ns, time_ns, count: u64| Baseline {
+            start_ns,
+            time_ns,
+            count,
+            sum: Fixed::from_int(count as i64),
+            bounds: Arc::clone(&bounds),
+            buckets: vec![count, 0, 0],
+        };
+        let single = SeriesCursor {
+            baseline: Some(baseline(7, 130, 9)),
+            others: Box::default(),
+            seen: [PointKey { time_ns: 130, start_ns: 7 }].into_iter().collect(),
+        };
+        let mut two = single.clone();
+        two.others = vec![baseline(3, 125, 4), baseline(5, 120, 2)].into_boxed_slice();
+        let (bytes, hash) = encode_cursor(&two);
+        let resolve = |h: u64| (Some(h) == hash).then(|| Arc::clone(&bounds));
+        assert_eq!(decode_cursor(&bytes, 0, resolve).unwrap(), two);
+        // A version that does not know other start times decodes `StoredCursor` and leaves the
+        // bytes after it: it reads the cursor with its current start only.
+        let (single_bytes, _) = encode_cursor(&single);
+        assert!(bytes.len() > single_bytes.len() && bytes.starts_with(&single_bytes));
+        let older: StoredCursor = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(postcard::to_stdvec(&older).unwrap(), single_bytes);
+        let mut bad = two.clone();
+        bad.others[1].buckets.push(1);
+        let error = decode_cursor(&encode_cursor(&bad).0, 0, resolve).unwrap_err();
+        assert!(error.contains("other start time has 4 buckets for 2 bounds"), "{error}");
+    }
+
+    #[test]
     fn test_cursor_round_trips_with_key_steps_and_bounds_by_reference() {
         let bounds: Bounds = Arc::from(vec![1.0, 5.0]);
         let keys = [(100, 0), (110, 0), (120, 115), (120, 118), (130, 5), (u64::MAX - 1, u64::MAX)];
@@ -894,6 +1009,7 @@ mod tests {
                 bounds: Arc::clone(&bounds),
                 buckets: vec![1, 2, 6],
             }),
+            others: Box::default(),
             seen: keys.iter().map(|&(time_ns, start_ns)| PointKey { time_ns, start_ns }).collect(),
         };
         let (bytes, hash) = encode_cursor(&cursor);

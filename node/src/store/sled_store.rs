@@ -1270,7 +1270,7 @@ mod tests {
             batch.push(Op::Series { vnode: 3, partition: 9, id, key: key.clone() });
             let seen =
                 [PointKey { time_ns: 50, start_ns: 40 }, PointKey { time_ns: 70, start_ns: 60 }].into_iter().collect();
-            let cursor = EncodedCursor::new(&SeriesCursor { baseline: None, seen });
+            let cursor = EncodedCursor::new(&SeriesCursor { baseline: None, seen, ..Default::default() });
             batch.push(Op::Cursor { vnode: 3, partition: 9, id, cursor });
             batch.push(Op::RolledUntil { vnode: 3, partition: 9, minute: 600 });
             for minute in 10..13 {

@@ -248,16 +248,13 @@ fn cumulative_to_delta(
         return Ok(first_point(point, config));
     };
     if point.start_ns != baseline.start_ns || !cursor.others.is_empty() {
-        if let Some(outcome) = switch_stream(cursor, point, bounds, oldest_ns, config) {
+        if let Some(outcome) = switch_stream(cursor, point, bounds, oldest_ns, config)? {
             return Ok(outcome);
         }
     }
     let baseline = cursor.baseline.as_mut().expect("switch_stream leaves a baseline");
     if point.time_ns < baseline.time_ns {
-        return Err(Rejection::new(
-            RejectReason::OutOfOrder,
-            format!("cumulative point at {} is older than the last one merged at {}", point.time_ns, baseline.time_ns),
-        ));
+        return Err(out_of_order(point, baseline.time_ns));
     }
     if is_reset(baseline, point, bounds) {
         *baseline = baseline_of(point, bounds);
@@ -290,7 +287,14 @@ fn first_point(point: &ValidPoint, config: &NormalizeConfig) -> Normalized {
 }
 
 /// Most start times a cumulative series keeps at once (see [`SeriesCursor::others`]).
-pub const MAX_STARTS_PER_SERIES: usize = 8;
+pub const MAX_STARTS_PER_SERIES: usize = 32;
+
+fn out_of_order(point: &ValidPoint, last_ns: u64) -> Rejection {
+    Rejection::new(
+        RejectReason::OutOfOrder,
+        format!("cumulative point at {} is older than the last one merged at {last_ns}", point.time_ns),
+    )
+}
 
 /// Makes the baseline of `point`'s start time the current one, for a point whose start differs
 /// from the current baseline's or a series that keeps other start times. A start time is one
@@ -308,39 +312,63 @@ pub const MAX_STARTS_PER_SERIES: usize = 8;
 ///
 /// The other start times are kept beside the current one, except those whose last point is older
 /// than `oldest_ns` (the lateness window: a source that restarted stops sending its earlier
-/// start), and at most [`MAX_STARTS_PER_SERIES`] in all, the least recent forgotten first.
-/// Returns the outcome when the point needs no delta (a new start), `None` to go on with the
-/// current baseline.
+/// start). A new start beyond [`MAX_STARTS_PER_SERIES`] is refused (`cardinality_limit`): the
+/// starts kept stay exact, and a start frees its place once it expires. Other starts keep the
+/// bounds of the current one: a point with other bounds forgets them (it is a reset). A point
+/// refused leaves the cursor as it was (the owner does not store it). Returns the outcome when
+/// the point needs no delta (a new start), `None` to go on with the current baseline.
 fn switch_stream(
     cursor: &mut SeriesCursor,
     point: &ValidPoint,
     bounds: &Bounds,
     oldest_ns: u64,
     config: &NormalizeConfig,
-) -> Option<Normalized> {
+) -> Result<Option<Normalized>, Rejection> {
     let baseline = cursor.baseline.as_mut().expect("a cursor with starts to switch has a baseline");
-    let mut others = std::mem::take(&mut cursor.others).into_vec();
-    let newest_ns = others.iter().map(|other| other.time_ns).max().unwrap_or(0).max(baseline.time_ns);
-    let mut outcome = None;
-    if let Some(kept) = others.iter_mut().find(|other| other.start_ns == point.start_ns) {
-        std::mem::swap(baseline, kept);
-    } else if point.start_ns != baseline.start_ns {
-        outcome = Some(if point.start_ns >= newest_ns { Normalized::Merge } else { first_point(point, config) });
-        if Arc::ptr_eq(bounds, &baseline.bounds) || **bounds == *baseline.bounds {
-            others.push(std::mem::replace(baseline, baseline_of(point, bounds)));
-        } else {
-            // Other bounds (a new gateway version): the starts kept cannot go on with them.
-            others.clear();
-            *baseline = baseline_of(point, bounds);
+    let kept = cursor.others.iter().position(|other| other.start_ns == point.start_ns);
+    let own_last_ns = match kept {
+        Some(i) => Some(cursor.others[i].time_ns),
+        None => (point.start_ns == baseline.start_ns).then_some(baseline.time_ns),
+    };
+    if let Some(last_ns) = own_last_ns.filter(|&last_ns| point.time_ns < last_ns) {
+        return Err(out_of_order(point, last_ns));
+    }
+    let same_bounds = Arc::ptr_eq(bounds, &baseline.bounds) || **bounds == *baseline.bounds;
+    let alive = |other: &Baseline| other.time_ns >= oldest_ns;
+    if own_last_ns.is_none() && same_bounds {
+        let starts = 1 + usize::from(alive(baseline)) + cursor.others.iter().filter(|other| alive(other)).count();
+        if starts > MAX_STARTS_PER_SERIES {
+            return Err(Rejection::new(
+                RejectReason::CardinalityLimit,
+                format!(
+                    "start time {} would be the series' {starts}th at once (at most {MAX_STARTS_PER_SERIES}): more \
+                     sources send it than Tollgate keeps apart (pods without service.instance.id?)",
+                    point.start_ns
+                ),
+            ));
         }
     }
-    others.retain(|other| other.time_ns >= oldest_ns);
-    if others.len() >= MAX_STARTS_PER_SERIES {
-        let least_recent = (0..others.len()).min_by_key(|&i| others[i].time_ns).expect("not empty");
-        others.swap_remove(least_recent);
+    let newest_ns = cursor.others.iter().map(|other| other.time_ns).max().unwrap_or(0).max(baseline.time_ns);
+    let mut others = std::mem::take(&mut cursor.others).into_vec();
+    let outcome = match kept {
+        Some(i) => {
+            std::mem::swap(baseline, &mut others[i]);
+            None
+        }
+        None if own_last_ns.is_some() => None,
+        None => {
+            let outcome = if point.start_ns >= newest_ns { Normalized::Merge } else { first_point(point, config) };
+            others.push(std::mem::replace(baseline, baseline_of(point, bounds)));
+            Some(outcome)
+        }
+    };
+    if !same_bounds {
+        // Other bounds (a new gateway version): the other starts cannot go on with them.
+        others.clear();
     }
+    others.retain(alive);
     cursor.others = others.into_boxed_slice();
-    outcome
+    Ok(outcome)
 }
 
 /// A reset: a new start time, other bounds, or any running total that went down (for sums
@@ -547,25 +575,60 @@ mod tests {
         assert_eq!((outcome, p.count), (Normalized::Merge, 3));
     }
 
-    /// Other start times are forgotten once their last point is out of the lateness window, and
-    /// beyond `MAX_STARTS_PER_SERIES` the least recent goes first.
+    /// Beyond `MAX_STARTS_PER_SERIES` start times at once, a new start is refused (the ones kept
+    /// stay exact, where forgetting the least recent would forget the source that sends next);
+    /// starts are forgotten once their last point is out of the lateness window, which makes room.
     #[test]
     fn test_normalize_other_starts_are_bounded_and_expire() {
         let mut h = Harness::new();
-        for source in 0..10 {
-            h.feed(point(Temporality::Cumulative, T0 - source * MINUTE, T0 + 10 * MINUTE + source, [1, 0, 0], 0.0));
+        let source = |n: u64, time: u64, count: u64| {
+            point(Temporality::Cumulative, T0 - n * 1_000_000, T0 + 10 * MINUTE + time, [count, 0, 0], 0.0)
+        };
+        for n in 0..MAX_STARTS_PER_SERIES as u64 {
+            let outcome = h.feed(source(n, n, 1)).0;
+            assert!(!matches!(outcome, Normalized::Rejected(_)), "source {n}: {outcome:?}");
         }
         assert_eq!(h.cursor.others.len(), MAX_STARTS_PER_SERIES - 1);
-        let mut starts: Vec<u64> = h.cursor.others.iter().map(|b| (T0 - b.start_ns) / MINUTE).collect();
-        starts.sort();
-        assert_eq!(starts, vec![2, 3, 4, 5, 6, 7, 8], "sources 0 and 1, the least recent, are forgotten");
-        assert_eq!(h.cursor.baseline.as_ref().unwrap().start_ns, T0 - 9 * MINUTE);
-        // Source 9 goes on alone for more than the lateness window: the others expire.
+        let before = h.cursor.clone();
+        let outcome = h.feed(source(99, 100, 1)).0;
+        assert_eq!(rejected(outcome.clone()), RejectReason::CardinalityLimit, "{outcome:?}");
+        assert_eq!(h.cursor, before, "a refused start changes nothing");
+        // Each source kept goes on exactly.
+        for n in 0..MAX_STARTS_PER_SERIES as u64 {
+            let (outcome, p) = h.feed(source(n, 200 + n, 1 + n));
+            assert_eq!((outcome, p.count), (Normalized::Merge, n), "source {n}");
+        }
+        // Source 0 goes on alone for more than the lateness window: the others expire.
         h.now = T0 + 30 * MINUTE;
         for step in 1..=12 {
-            h.feed(point(Temporality::Cumulative, T0 - 9 * MINUTE, T0 + (10 + step) * MINUTE, [1 + step, 0, 0], 0.0));
+            h.feed(source(0, step * MINUTE, 1 + step));
         }
         assert!(h.cursor.others.is_empty(), "{:?}", h.cursor.others);
+        assert_eq!(h.feed(source(99, 13 * MINUTE, 1)).0, Normalized::Baseline, "room again, an old start");
+    }
+
+    /// Other starts share the current bounds: a point with other bounds forgets them (it is a
+    /// reset). An out-of-order point of a kept start is refused and changes nothing.
+    #[test]
+    fn test_normalize_other_bounds_forget_the_other_starts_and_out_of_order_changes_nothing() {
+        let mut h = Harness::new();
+        let (a, b) = (T0 - 2 * MINUTE, T0 - MINUTE);
+        h.feed(point(Temporality::Cumulative, a, T0 + 10, [1, 0, 0], 0.0));
+        h.feed(point(Temporality::Cumulative, b, T0 + 11, [2, 0, 0], 0.0));
+        h.feed(point(Temporality::Cumulative, a, T0 + 20, [3, 0, 0], 0.0));
+        let before = h.cursor.clone();
+        assert_eq!(
+            rejected(h.feed(point(Temporality::Cumulative, b, T0 + 5, [2, 0, 0], 0.0)).0),
+            RejectReason::OutOfOrder
+        );
+        assert_eq!(h.cursor, before);
+        let mut wider = point(Temporality::Cumulative, a, T0 + 30, [3, 0, 0], 0.0);
+        (wider.bounds, wider.buckets, wider.count) = (vec![1.0, 2.0, 3.0], vec![3, 0, 0, 1], 4);
+        let wider_bounds: Bounds = Arc::from(vec![1.0, 2.0, 3.0]);
+        let outcome = normalize(&mut h.cursor, &mut h.clock, &mut wider, &wider_bounds, h.now, &h.config);
+        assert_eq!((outcome, wider.count), (Normalized::Merge, 4), "other bounds: a reset");
+        assert!(h.cursor.others.is_empty(), "the starts of the old bounds are forgotten");
+        assert_eq!(h.cursor.baseline.as_ref().unwrap().bounds, wider_bounds);
     }
 
     #[test]

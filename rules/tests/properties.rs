@@ -193,8 +193,8 @@ type ModelStates = BTreeMap<(usize, u64), (u64, i64, [u64; 4])>;
 /// series keeps the last point of each of its start times (`normalize::switch_stream`): a start it
 /// does not know at or after its newest point is a new life and counts whole; one before it is
 /// another source, whose first point counts as a series' first point does. Starts other than the
-/// point's own are forgotten once older than the lateness window, and beyond
-/// `MAX_STARTS_PER_SERIES` the least recent first.
+/// point's own are forgotten once older than the lateness window; a new start beyond
+/// `MAX_STARTS_PER_SERIES` alive is refused, and so is a point older than its own start's last.
 fn model(stream: &[GenPoint], lateness_seconds: u64, gap_seconds: u64) -> (ModelStates, u64) {
     let mut states = ModelStates::new();
     let mut accepted: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
@@ -219,6 +219,15 @@ fn model(stream: &[GenPoint], lateness_seconds: u64, gap_seconds: u64) -> (Model
         } else {
             let oldest = newest_minute.get(partition).map_or(0, |newest| newest.saturating_sub(lateness_seconds));
             let kept = starts.entry(point.series).or_default();
+            if let Some(own) = kept.iter().find(|p| p.start == point.start) {
+                if point.time < own.time {
+                    rejected += 1;
+                    continue;
+                }
+            } else if !kept.is_empty() && 1 + kept.iter().filter(|p| p.time >= oldest).count() > MAX_STARTS_PER_SERIES {
+                rejected += 1;
+                continue;
+            }
             let newest = kept.iter().map(|p| p.time).max();
             kept.retain(|p| p.start == point.start || p.time >= oldest);
             match kept.iter().position(|p| p.start == point.start) {
@@ -228,16 +237,7 @@ fn model(stream: &[GenPoint], lateness_seconds: u64, gap_seconds: u64) -> (Model
                         _ => point.time - point.start <= gap_seconds,
                     };
                     kept.push(point.clone());
-                    if kept.len() > MAX_STARTS_PER_SERIES {
-                        let others = kept.len() - 1;
-                        let least_recent = (0..others).min_by_key(|&i| kept[i].time).unwrap();
-                        kept.remove(least_recent);
-                    }
                     whole.then_some((point.buckets, point.sum_millis as i64))
-                }
-                Some(i) if point.time < kept[i].time => {
-                    rejected += 1;
-                    continue;
                 }
                 Some(i) => {
                     let previous = std::mem::replace(&mut kept[i], point.clone());

@@ -4,7 +4,8 @@
 use crate::clock::SystemClock;
 use crate::config::{FlagOverrides, NodeConfig};
 use crate::server::Node;
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -228,9 +229,33 @@ pub struct LogsArgs {
     pub cursor: Option<String>,
 }
 
+/// Parses the command line: as [`Cli::parse`], and `serve` refuses the client commands' options
+/// given on its command line, which it would otherwise ignore (`serve --token` left the writes
+/// open while `--help` said it set a token).
+fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Serve(_), Some(serve)) = (&cli.command, matches.subcommand_matches("serve")) {
+        let given = |matches: &ArgMatches, id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        for (id, instead) in [
+            ("token", "the node's token is `api_token` in its configuration file, or TOLLGATE_API_TOKEN"),
+            ("api", "the node's API address is `--http-addr`"),
+            ("timeout", "it applies to client commands only"),
+        ] {
+            if given(&matches, id) || given(serve, id) {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--{id} is an option of the client commands, not of `serve`: {instead}"),
+                ));
+            }
+        }
+    }
+    Ok(cli)
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     if let Err(e) = init_logging() {
         eprintln!("tollgate: {e}");
         return ExitCode::FAILURE;
@@ -715,7 +740,7 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{api_url, openraft_shown, render_status, Cli, Client};
+    use super::{api_url, openraft_shown, parse_args, render_status, Cli, Client};
     use clap::Parser;
     use tracing::Level;
 
@@ -791,6 +816,29 @@ mod tests {
         assert!(error.contains("--api") && error.contains("not-a-url"), "{error}");
         let error = Cli::try_parse_from(["tollgate", "cluster", "join", "10.0.0.7:12800"]).unwrap_err().to_string();
         assert!(error.contains("10.0.0.7:12800"), "{error}");
+    }
+
+    /// `serve` refuses the client commands' options on its command line (it ignored them, so
+    /// `serve --token` left the writes open); from the environment they are fine, since
+    /// `TOLLGATE_API_TOKEN` is also the node's `api_token`.
+    #[test]
+    fn test_serve_refuses_the_client_options() {
+        let parse = |args: &[&str]| parse_args(args.iter().map(std::ffi::OsString::from));
+        for args in [
+            &["tollgate", "serve", "--token", "s3cret"][..],
+            &["tollgate", "--token", "s3cret", "serve"],
+            &["tollgate", "serve", "--api", "http://127.0.0.1:1"],
+            &["tollgate", "serve", "--timeout", "5"],
+        ] {
+            let error = parse(args).unwrap_err().to_string();
+            let option = args.iter().find(|a| a.starts_with("--")).unwrap();
+            assert!(error.contains(option) && error.contains("not of `serve`"), "{args:?}: {error}");
+        }
+        let error = parse(&["tollgate", "serve", "--token", "s3cret"]).unwrap_err().to_string();
+        assert!(error.contains("api_token"), "{error}");
+        assert!(parse(&["tollgate", "serve", "--data-dir", "/tmp/x"]).is_ok());
+        assert!(parse(&["tollgate", "--token", "s3cret", "pricing", "get"]).is_ok());
+        assert!(parse(&["tollgate", "services", "--timeout", "5"]).is_ok());
     }
 
     #[test]

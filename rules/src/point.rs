@@ -314,6 +314,14 @@ fn number(point: &NumberDataPoint, temporality: Temporality, monotonic: bool) ->
         Some(number_data_point::Value::AsInt(v)) => Fixed::from_int(v),
         None => return Err(Rejection::new(RejectReason::MissingValue, "number point has no value")),
     };
+    // A monotonic sum only counts up: a negative total or increment (a broken exporter) would make
+    // a count per minute negative.
+    if monotonic && value < Fixed::ZERO {
+        return Err(Rejection::new(
+            RejectReason::ValueOutOfRange,
+            format!("value {value} of a monotonic sum is negative (a monotonic sum only counts up)"),
+        ));
+    }
     Ok(ValidPoint {
         start_ns: point.start_time_unix_nano,
         time_ns: point.time_unix_nano,
@@ -485,13 +493,25 @@ mod tests {
         {
             for value in [value, -value.max(-i64::MAX)] {
                 point.value = Some(number_data_point::Value::AsInt(value));
-                let checked = check_number(&point, Temporality::Delta, true);
+                let checked = check_number(&point, Temporality::Delta, false);
                 match accepted {
                     true => assert!(matches!(checked, Checked::Valid(_)), "{value}"),
                     false => assert_eq!(reason(checked), RejectReason::ValueOutOfRange, "{value}"),
                 }
             }
         }
+        // A monotonic sum cannot be negative, in either temporality; a non-monotonic one can.
+        for value in [number_data_point::Value::AsInt(-25), number_data_point::Value::AsDouble(-0.5)] {
+            point.value = Some(value);
+            for temporality in [Temporality::Delta, Temporality::Cumulative] {
+                let Checked::Rejected(rejection) = check_number(&point, temporality, true) else { panic!("{value:?}") };
+                assert_eq!(rejection.reason, RejectReason::ValueOutOfRange);
+                assert!(rejection.detail.contains("monotonic sum is negative"), "{}", rejection.detail);
+                assert!(matches!(check_number(&point, temporality, false), Checked::Valid(_)));
+            }
+        }
+        point.value = Some(number_data_point::Value::AsInt(0));
+        assert!(matches!(check_number(&point, Temporality::Delta, true), Checked::Valid(_)));
         point.value = None;
         assert_eq!(reason(check_number(&point, Temporality::Delta, true)), RejectReason::MissingValue);
         point.value = Some(number_data_point::Value::AsDouble(f64::NAN));

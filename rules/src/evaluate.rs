@@ -155,10 +155,17 @@ impl Partial {
         if query.metric.rule.value == ValueKind::Unpriced && state.unpriced.is_zero() {
             return;
         }
+        let step_start = query.step.floor(unix_seconds);
         let Some(group) = catalogue.group_of(&query.metric.rule, &key.attributes) else {
+            // The source has data for the entity in this step, none of it passing the filter: a
+            // rate is 0 there, not missing (a minute of requests without failures has an
+            // `error_cpm` of 0). Averages and percentiles of nothing stay missing.
+            if matches!(query.metric.rule.value, ValueKind::Count | ValueKind::Sum) {
+                let group = catalogue.labels_of(&query.metric.rule, &key.attributes);
+                self.groups.entry(group).or_default().entry(step_start).or_insert_with(Aggregate::empty);
+            }
             return;
         };
-        let step_start = query.step.floor(unix_seconds);
         self.groups.entry(group).or_default().entry(step_start).or_insert_with(Aggregate::empty).merge(state);
     }
 
@@ -290,6 +297,44 @@ mod tests {
         let result = partial.finish(&q);
         assert_eq!(result.series.len(), 1);
         assert_eq!(result.series[0].points, vec![(600, None), (660, Some(5.0)), (720, None)]);
+    }
+
+    /// A filtered rate is 0 in a step where its source has data for the entity that the filter
+    /// leaves out (requests, no failures), per group; missing where the source has none. An
+    /// average of nothing stays missing.
+    #[test]
+    fn test_a_filtered_rate_is_zero_where_its_source_has_data_and_an_average_of_nothing_missing() {
+        let catalogue = Catalogue::default();
+        let q = query("meter_envoy_ai_gw_error_cpm", None, 600, 780, Step::Minute);
+        let mut partial = Partial::default();
+        partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &[]), 600, &state(3, 1.0, &[1, 2, 0]));
+        let failed = [("error.type", "_OTHER")];
+        partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &failed), 660, &state(2, 1.0, &[2, 0, 0]));
+        partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &[]), 660, &state(4, 1.0, &[4, 0, 0]));
+        partial.add(&catalogue, &q, &key("a", "gen_ai.client.token.usage", &[]), 720, &state(9, 9.0, &[0, 0, 9]));
+        let result = partial.finish(&q);
+        assert_eq!(result.series[0].points, vec![(600, Some(0.0)), (660, Some(2.0)), (720, None)]);
+
+        let q = query("meter_envoy_ai_gw_mcp_backend_error_cpm", None, 600, 660, Step::Minute);
+        let mut partial = Partial::default();
+        let calls = |backend, status| [("mcp.backend", backend), ("status", status)];
+        for (backend, status, calls_made) in [("a", "success", 5.0), ("b", "success", 1.0), ("b", "error", 2.0)] {
+            let mut sum = state(0, 0.0, &[]);
+            sum.sum = Fixed::from_f64(calls_made).unwrap();
+            partial.add(&catalogue, &q, &key("a", "mcp.method.count", &calls(backend, status)), 600, &sum);
+        }
+        let result = partial.finish(&q);
+        let by_backend: Vec<(String, Option<f64>)> =
+            result.series.iter().map(|s| (s.labels["backend"].clone(), s.points[0].1)).collect();
+        assert_eq!(by_backend, vec![("a".to_string(), Some(0.0)), ("b".to_string(), Some(2.0))]);
+
+        // A filtered average (a rules document may define one): nothing passed, nothing to average.
+        let mut q = query("meter_envoy_ai_gw_error_cpm", None, 600, 660, Step::Minute);
+        q.metric.rule.value = ValueKind::Mean;
+        let mut partial = Partial::default();
+        partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &[]), 600, &state(3, 1.0, &[1, 2, 0]));
+        assert_eq!(partial.finish(&q).series[0].points, vec![(600, None)]);
+        assert!(partial.groups.is_empty());
     }
 
     #[test]

@@ -271,7 +271,8 @@ impl NodeConfig {
         if text.trim().is_empty() {
             return Ok(NodeConfig::default());
         }
-        serde_saphyr::from_str(text).map_err(|e| ConfigError(e.to_string()))
+        tollgate_rules::config::deserialize_yaml(text, serde_saphyr::Options::default(), ToString::to_string)
+            .map_err(ConfigError)
     }
 
     /// Applies `TOLLGATE_*` variables: every option, nested ones with their path joined by `_`.
@@ -509,6 +510,15 @@ mod tests {
     #[test]
     fn test_config_rejects_unknown_keys_variables_and_bad_values() {
         assert!(NodeConfig::parse("data_dri: x\n").unwrap_err().0.contains("data_dri"));
+        // A type error names the option's path (it named only a line, a column and a type).
+        for (text, path) in [
+            ("limits: {max_request_bytes: -5}\n", "limits.max_request_bytes: "),
+            ("limits:\n  max_request_bytes: big\n", "limits.max_request_bytes: "),
+            ("otlp_grpc_addrs: [5]\n", "otlp_grpc_addrs[0]: "),
+        ] {
+            let error = NodeConfig::parse(text).unwrap_err().0;
+            assert!(error.contains(path), "{text:?}: {error}");
+        }
         let error = NodeConfig::load(None, &env(&[("TOLLGATE_DATADIR", "x")]), &FlagOverrides::default()).unwrap_err();
         assert!(error.0.contains("TOLLGATE_DATADIR"), "{error}");
         let error =

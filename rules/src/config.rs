@@ -105,12 +105,34 @@ pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     budget.max_events = budget.max_events.max(2 * MAX_DOCUMENT_NODES);
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
-    let document: Option<T> = serde_saphyr::from_str_with_options(text, options)
-        .map_err(|error| error.render_with_formatter(&serde_saphyr::UserMessageFormatter))?;
+    let document: Option<T> =
+        deserialize_yaml(text, options, |error| error.render_with_formatter(&serde_saphyr::UserMessageFormatter))?;
     // A document of only comments (a file whose entries are all commented out), or `null`, read
     // as an empty one and replaced the whole configuration with the built-in rules or no prices.
     document.ok_or_else(|| {
         "the document is empty: it has no content, only comments or null (`{}` is the empty document)".into()
+    })
+}
+
+/// Deserializes YAML with serde-saphyr and `options`; an error is `render`ed and prefixed with
+/// the path of the field it is about (`sampling.slow_threshold_ms`, `providers[0].models[2].name`),
+/// when it is about one: serde-saphyr names the line and column, and for a type error only the
+/// type (`invalid u64`), which in a one-line JSON document says nothing of the field.
+pub fn deserialize_yaml<T: DeserializeOwned>(
+    text: &str,
+    options: serde_saphyr::Options,
+    render: impl FnOnce(&serde_saphyr::Error) -> String,
+) -> Result<T, String> {
+    let path = std::cell::RefCell::new(None);
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |deserializer| {
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            *path.borrow_mut() = Some(error.path().to_string()).filter(|path| path != ".");
+            error.into_inner()
+        })
+    })
+    .map_err(|error| match path.into_inner() {
+        Some(path) => format!("{path}: {}", render(&error)),
+        None => render(&error),
     })
 }
 
@@ -143,8 +165,13 @@ mod tests {
     fn test_unknown_fields_and_bad_values_are_named() {
         let error = RulesConfig::parse("sampling:\n  token_treshold: 5000\n").unwrap_err().to_string();
         assert!(error.contains("token_treshold"), "{error}");
+        // A type error names the field's path, also in a one-line JSON document.
         let error = RulesConfig::parse("normalize:\n  max_lateness_seconds: -1\n").unwrap_err().to_string();
-        assert!(error.contains("max_lateness_seconds") || error.contains("-1"), "{error}");
+        assert!(error.contains("normalize.max_lateness_seconds: ") && error.contains("line 2"), "{error}");
+        let error = RulesConfig::parse(r#"{"sampling": {"slow_threshold_ms": "slow"}}"#).unwrap_err().to_string();
+        assert!(error.contains("sampling.slow_threshold_ms: "), "{error}");
+        let error = RulesConfig::parse("routing:\n  instance_attributes: [a, 5, [b]]\n").unwrap_err().to_string();
+        assert!(error.contains("routing.instance_attributes[2]: "), "{error}");
         let error = RulesConfig::parse("normalize:\n  max_lateness_seconds: 999999\n").unwrap_err().to_string();
         assert!(error.contains("normalize.max_lateness_seconds"), "{error}");
         let error = RulesConfig::parse("sampling:\n  cost_threshold: -5\n").unwrap_err().to_string();

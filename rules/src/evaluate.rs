@@ -309,7 +309,13 @@ mod tests {
         let mut partial = Partial::default();
         partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &[]), 600, &state(3, 1.0, &[1, 2, 0]));
         let failed = [("error.type", "_OTHER")];
-        partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &failed), 660, &state(2, 1.0, &[2, 0, 0]));
+        partial.add(
+            &catalogue,
+            &q,
+            &key("a", "gen_ai.server.request.duration", &failed),
+            660,
+            &state(2, 1.0, &[2, 0, 0]),
+        );
         partial.add(&catalogue, &q, &key("a", "gen_ai.server.request.duration", &[]), 660, &state(4, 1.0, &[4, 0, 0]));
         partial.add(&catalogue, &q, &key("a", "gen_ai.client.token.usage", &[]), 720, &state(9, 9.0, &[0, 0, 9]));
         let result = partial.finish(&q);

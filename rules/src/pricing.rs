@@ -454,10 +454,13 @@ providers:
             "providers:\n  - provider: x\n    models:\n      - name: m\n        input-estimated-cost-per-m: -1\n";
         let error = PriceTable::parse(negative).unwrap_err().to_string();
         assert!(error.contains("providers[0].models[0].input-estimated-cost-per-m"), "{error}");
-        let text =
-            "providers:\n  - provider: x\n    models:\n      - name: m\n        output-estimated-cost-per-m: abc\n";
-        let error = PriceTable::parse(text).unwrap_err().to_string();
-        assert!(error.contains("output-estimated-cost-per-m"), "{error}");
+        for value in ["abc", "'abc'", "[1]"] {
+            let text = format!(
+                "providers:\n  - provider: x\n    models:\n      - name: m\n        output-estimated-cost-per-m: {value}\n"
+            );
+            let error = PriceTable::parse(&text).unwrap_err().to_string();
+            assert!(error.contains("providers[0].models[0].output-estimated-cost-per-m: "), "{value}: {error}");
+        }
         let typo = "providers:\n  - provider: x\n    models:\n      - name: m\n        input-cost-per-m: 1\n";
         let error = PriceTable::parse(typo).unwrap_err().to_string();
         assert!(error.contains("input-cost-per-m"), "{error}");

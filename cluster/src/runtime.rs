@@ -143,6 +143,11 @@ pub struct VnodeSummary {
     pub epoch: u64,
     /// Vnodes being handed over.
     pub moving: usize,
+    /// Vnodes still to be handed over (beside `moving`) before every member owns its share: the
+    /// leader moves them a few at a time. 0 (and `moving` 0) when the map is balanced. Absent
+    /// from versions before it (read as 0).
+    #[serde(default)]
+    pub to_move: usize,
     /// Vnodes per owner name.
     pub owners: BTreeMap<String, usize>,
 }
@@ -887,6 +892,9 @@ impl Cluster {
             .expect("leading lock")
             .filter(|(term, _)| *term == metrics.current_term)
             .map(|(_, since)| since);
+        // The members that keep vnodes: the leader balances the map over them.
+        let staying: BTreeSet<NodeId> =
+            applied.state.nodes.keys().copied().filter(|id| !applied.state.leaving.contains(id)).collect();
         let mut owned: BTreeMap<NodeId, usize> = BTreeMap::new();
         let mut moving = 0;
         for vnode in &applied.state.vnodes.vnodes {
@@ -954,6 +962,7 @@ impl Cluster {
                 total: applied.state.vnodes.len(),
                 epoch: applied.state.vnodes.epoch,
                 moving,
+                to_move: applied.state.vnodes.rebalance(&staying).len(),
                 owners,
             },
             held_by: applied.state.held_by.clone(),

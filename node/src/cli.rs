@@ -715,8 +715,8 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "vnodes     {} (map epoch {}, {} moving)",
-        status.vnodes.total, status.vnodes.epoch, status.vnodes.moving
+        "vnodes     {} (map epoch {}, {} moving, {} to move)",
+        status.vnodes.total, status.vnodes.epoch, status.vnodes.moving, status.vnodes.to_move
     );
     let _ = writeln!(
         out,

@@ -387,6 +387,9 @@ pub async fn wait_balanced(nodes: &[&TestNode]) {
         for node in nodes {
             views.push(node.cluster_status().await);
         }
+        for view in &views {
+            check_to_move(view);
+        }
         let fair = 16 / nodes.len() as u64;
         let settled = views.iter().all(|view| {
             view["vnodes"]["moving"] == 0
@@ -403,6 +406,23 @@ pub async fn wait_balanced(nodes: &[&TestNode]) {
         assert!(started.elapsed() < START_DEADLINE, "the cluster did not settle: {views:#?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `vnodes.to_move` of a status agrees with its own map: 0 with nothing moving exactly when every
+/// member that is not leaving owns its share and they own every vnode.
+fn check_to_move(view: &Value) {
+    let staying: Vec<&Value> =
+        view["nodes"].as_array().into_iter().flatten().filter(|m| m["leaving"] == false).collect();
+    if staying.is_empty() {
+        return;
+    }
+    let total = view["vnodes"]["total"].as_u64().expect("total");
+    let share = total / staying.len() as u64;
+    let owned: Vec<u64> = staying.iter().map(|m| m["vnodes"].as_u64().unwrap_or(0)).collect();
+    let (moving, to_move) = (view["vnodes"]["moving"].as_u64().unwrap(), view["vnodes"]["to_move"].as_u64().unwrap());
+    let balanced =
+        moving == 0 && owned.iter().sum::<u64>() == total && owned.iter().all(|&o| o == share || o == share + 1);
+    assert_eq!(balanced, moving + to_move == 0, "`to_move` disagrees with the map: {view:#}");
 }
 
 async fn spawn(

@@ -327,15 +327,14 @@ impl Catalogue {
         if !rule.filter.iter().all(|condition| condition.matches(attributes)) {
             return None;
         }
-        Some(self.labels_of(rule, attributes))
-    }
-
-    /// The label values of `rule`'s groups for a series, whether or not it passes the filter.
-    pub fn labels_of(&self, rule: &MetricRule, attributes: &AttributeSet) -> Vec<String> {
-        rule.group_by
-            .iter()
-            .map(|label| self.labels.get(label).map(|source| source.value(attributes).to_string()).unwrap_or_default())
-            .collect()
+        Some(
+            rule.group_by
+                .iter()
+                .map(|label| {
+                    self.labels.get(label).map(|source| source.value(attributes).to_string()).unwrap_or_default()
+                })
+                .collect(),
+        )
     }
 
     /// The value of label `name` for a series.

@@ -126,7 +126,7 @@ pub fn deserialize_yaml<T: DeserializeOwned>(
     let path = std::cell::RefCell::new(None);
     serde_saphyr::with_deserializer_from_str_with_options(text, options, |deserializer| {
         serde_path_to_error::deserialize(deserializer).map_err(|error| {
-            *path.borrow_mut() = Some(error.path().to_string()).filter(|path| path != ".");
+            *path.borrow_mut() = Some(field_path(error.path())).filter(|path| !path.is_empty());
             error.into_inner()
         })
     })
@@ -134,6 +134,27 @@ pub fn deserialize_yaml<T: DeserializeOwned>(
         Some(path) => format!("{path}: {}", render(&error)),
         None => render(&error),
     })
+}
+
+/// `limits.max_request_bytes`, `providers[0].models[2]`: the known part of a field's path (the
+/// library marks a key it could not read, such as a duplicate one, as unknown: the path stops
+/// before it).
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    out
 }
 
 /// Most YAML nodes (scalars, sequences, mappings) in a configuration document: one per byte of

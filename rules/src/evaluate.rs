@@ -157,12 +157,14 @@ impl Partial {
         }
         let step_start = query.step.floor(unix_seconds);
         let Some(group) = catalogue.group_of(&query.metric.rule, &key.attributes) else {
-            // The source has data for the entity in this step, none of it passing the filter: a
-            // rate is 0 there, not missing (a minute of requests without failures has an
-            // `error_cpm` of 0). Averages and percentiles of nothing stay missing.
-            if matches!(query.metric.rule.value, ValueKind::Count | ValueKind::Sum) {
-                let group = catalogue.labels_of(&query.metric.rule, &key.attributes);
-                self.groups.entry(group).or_default().entry(step_start).or_insert_with(Aggregate::empty);
+            // The source has data for the entity in this step, none of it passing the filter: an
+            // unlabelled rate is 0 there, not missing (a minute of requests without failures has
+            // an `error_cpm` of 0). Averages and percentiles of nothing stay missing. A labelled
+            // rule's series are the label values of data that passes its filter: a filter on the
+            // label itself (`token_type in [input, output]`) must not bring in the others as 0.
+            let rule = &query.metric.rule;
+            if rule.group_by.is_empty() && matches!(rule.value, ValueKind::Count | ValueKind::Sum | ValueKind::Cost) {
+                self.groups.entry(Vec::new()).or_default().entry(step_start).or_insert_with(Aggregate::empty);
             }
             return;
         };
@@ -299,11 +301,12 @@ mod tests {
         assert_eq!(result.series[0].points, vec![(600, None), (660, Some(5.0)), (720, None)]);
     }
 
-    /// A filtered rate is 0 in a step where its source has data for the entity that the filter
-    /// leaves out (requests, no failures), per group; missing where the source has none. An
-    /// average of nothing stays missing.
+    /// An unlabelled filtered rate is 0 in a step where its source has data for the entity that
+    /// the filter leaves out (requests, no failures); missing where the source has none. A
+    /// labelled one has series only for label values with data that passes. An average of
+    /// nothing stays missing.
     #[test]
-    fn test_a_filtered_rate_is_zero_where_its_source_has_data_and_an_average_of_nothing_missing() {
+    fn test_an_unlabelled_filtered_rate_is_zero_where_its_source_has_data() {
         let catalogue = Catalogue::default();
         let q = query("meter_envoy_ai_gw_error_cpm", None, 600, 780, Step::Minute);
         let mut partial = Partial::default();
@@ -321,6 +324,7 @@ mod tests {
         let result = partial.finish(&q);
         assert_eq!(result.series[0].points, vec![(600, Some(0.0)), (660, Some(2.0)), (720, None)]);
 
+        // A labelled rule: only label values with data passing the filter have a series.
         let q = query("meter_envoy_ai_gw_mcp_backend_error_cpm", None, 600, 660, Step::Minute);
         let mut partial = Partial::default();
         let calls = |backend, status| [("mcp.backend", backend), ("status", status)];
@@ -332,7 +336,7 @@ mod tests {
         let result = partial.finish(&q);
         let by_backend: Vec<(String, Option<f64>)> =
             result.series.iter().map(|s| (s.labels["backend"].clone(), s.points[0].1)).collect();
-        assert_eq!(by_backend, vec![("a".to_string(), Some(0.0)), ("b".to_string(), Some(2.0))]);
+        assert_eq!(by_backend, vec![("b".to_string(), Some(2.0))]);
 
         // A filtered average (a rules document may define one): nothing passed, nothing to average.
         let mut q = query("meter_envoy_ai_gw_error_cpm", None, 600, 660, Step::Minute);

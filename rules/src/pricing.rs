@@ -461,6 +461,10 @@ providers:
             let error = PriceTable::parse(&text).unwrap_err().to_string();
             assert!(error.contains("providers[0].models[0].output-estimated-cost-per-m: "), "{value}: {error}");
         }
+        // A duplicate key: the path names where it is, with no placeholder for the key.
+        let twice = "providers:\n  - provider: x\n    provider: y\n";
+        let error = PriceTable::parse(twice).unwrap_err().to_string();
+        assert!(error.contains("providers[0]: error: line 3") && !error.contains('?'), "{error}");
         let typo = "providers:\n  - provider: x\n    models:\n      - name: m\n        input-cost-per-m: 1\n";
         let error = PriceTable::parse(typo).unwrap_err().to_string();
         assert!(error.contains("input-cost-per-m"), "{error}");

@@ -796,13 +796,12 @@ fn test_mcp_service_scope_minute_values() {
             (CONTEXT7_TOOLS_CALL, [s(3.0), s(3.0), s(3.0), N, s(0.0)]),
         ],
     );
-    // github errors: only pod-a (delta): m0 1, m2 2; in m1 and m4 github had calls and no
-    // errors: 0 (m3 has no data: null).
+    // github errors: only pod-a (delta): m0 1, m2 2; no github error series in m1 or m4.
     // context7 errors: m0 B 1; m1 A 1 + B 0 = 1; m2 B 3; m4 B 0.
     c.minutes(
         &service("backend_error_cpm"),
         None,
-        &[(GITHUB, [s(1.0), s(0.0), s(2.0), N, s(0.0)]), (CONTEXT7, [s(1.0), s(1.0), s(3.0), N, s(0.0)])],
+        &[(GITHUB, [s(1.0), N, s(2.0), N, N]), (CONTEXT7, [s(1.0), s(1.0), s(3.0), N, s(0.0)])],
     );
     // github: m0 (0.9+0.2)/3 → 1100/3 ms; m1 only pod-b with count 0 → absent; m2 1.7/2 → 850.
     // context7: m1 1.5/1 → 1500.
@@ -901,11 +900,10 @@ fn test_mcp_instance_scope_minute_values_of_the_delta_pod() {
             (CONTEXT7_TOOLS_CALL, [s(2.0), s(3.0), N, N, N]),
         ],
     );
-    // context7 in m0: calls, no errors: 0.
     c.minutes(
         &instance("backend_error_cpm"),
         pod,
-        &[(GITHUB, [s(1.0), N, s(2.0), N, N]), (CONTEXT7, [s(0.0), s(1.0), N, N, N])],
+        &[(GITHUB, [s(1.0), N, s(2.0), N, N]), (CONTEXT7, [N, s(1.0), N, N, N])],
     );
     // github: m0 0.9/2 → 450. context7: m1 1.5/1 → 1500.
     c.minutes(
@@ -991,12 +989,7 @@ fn test_mcp_instance_scope_minute_values_of_the_cumulative_pod() {
             (CONTEXT7_TOOLS_CALL, [s(1.0), s(0.0), s(3.0), N, s(0.0)]),
         ],
     );
-    // github: calls in every minute with data, never an error: 0.
-    c.minutes(
-        &instance("backend_error_cpm"),
-        pod,
-        &[(GITHUB, [s(0.0), s(0.0), s(0.0), N, s(0.0)]), (CONTEXT7, [s(1.0), s(0.0), s(3.0), N, s(0.0)])],
-    );
+    c.minutes(&instance("backend_error_cpm"), pod, &[(CONTEXT7, [s(1.0), s(0.0), s(3.0), N, s(0.0)])]);
     c.minutes(&instance("backend_initialization_latency_avg"), pod, &[(GITHUB, [s(200.0), N, s(850.0), N, N])]);
     c.finish(13 * 5);
 }
@@ -1319,7 +1312,7 @@ fn test_mcp_hour_step_equals_merging_its_minutes() {
             (CONTEXT7_TOOLS_CALL, s(4.0 / 60.0)),
         ],
     );
-    c.hour(&instance("backend_error_cpm"), pod, &[(GITHUB, s(0.0)), (CONTEXT7, s(4.0 / 60.0))]);
+    c.hour(&instance("backend_error_cpm"), pod, &[(CONTEXT7, s(4.0 / 60.0))]);
     c.hour(&instance("backend_initialization_latency_avg"), pod, &[(GITHUB, s(1900.0 / 3.0))]);
     c.finish(3 * 13 * 2);
 }

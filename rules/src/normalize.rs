@@ -341,8 +341,9 @@ fn switch_stream(
             return Err(Rejection::new(
                 RejectReason::CardinalityLimit,
                 format!(
-                    "start time {} would be the series' {starts}th at once (at most {MAX_STARTS_PER_SERIES}): more \
-                     sources send it than Tollgate keeps apart (pods without service.instance.id?)",
+                    "start time {} would make {starts} start times of the series at once (at most \
+                     {MAX_STARTS_PER_SERIES}): more sources send it than Tollgate keeps apart (pods without \
+                     service.instance.id?)",
                     point.start_ns
                 ),
             ));
@@ -591,7 +592,9 @@ mod tests {
         assert_eq!(h.cursor.others.len(), MAX_STARTS_PER_SERIES - 1);
         let before = h.cursor.clone();
         let outcome = h.feed(source(99, 100, 1)).0;
-        assert_eq!(rejected(outcome.clone()), RejectReason::CardinalityLimit, "{outcome:?}");
+        let Normalized::Rejected(rejection) = outcome else { panic!("{outcome:?}") };
+        assert_eq!(rejection.reason, RejectReason::CardinalityLimit);
+        assert!(rejection.detail.contains("would make 33 start times of the series"), "{}", rejection.detail);
         assert_eq!(h.cursor, before, "a refused start changes nothing");
         // Each source kept goes on exactly.
         for n in 0..MAX_STARTS_PER_SERIES as u64 {

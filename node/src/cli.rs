@@ -671,6 +671,16 @@ impl Client {
             DocumentAction::Set { file } => {
                 let body =
                     std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                // The node refuses it with 413 before reading it, which a client still sending
+                // sees as a broken connection ("cannot reach": as if the node were down).
+                if body.len() > crate::api::MAX_DOCUMENT_BYTES {
+                    anyhow::bail!(
+                        "{} is {} bytes: the API takes documents of at most {} bytes",
+                        file.display(),
+                        body.len(),
+                        crate::api::MAX_DOCUMENT_BYTES
+                    );
+                }
                 let response =
                     self.send(self.http.put(&url).header("content-type", "application/yaml").body(body)).await?;
                 let value: Value = response.json().await?;
@@ -771,6 +781,20 @@ mod tests {
         let error = client.get_json("/api/v1/cluster", &[]).await.unwrap_err().to_string();
         assert!(error.starts_with(&format!("cannot reach {refused}: ")), "{error}");
         assert!(error.to_lowercase().contains("refused"), "{error}");
+    }
+
+    /// A document larger than the API takes is refused before it is sent: the node's early 413
+    /// reached the client as a broken pipe, reported as an unreachable node.
+    #[tokio::test]
+    async fn test_a_document_too_large_is_refused_before_it_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big.yaml");
+        std::fs::write(&file, "#".repeat(crate::api::MAX_DOCUMENT_BYTES + 1)).unwrap();
+        let second = std::time::Duration::from_secs(1);
+        let client = Client::with_timeouts("http://127.0.0.1:1".into(), None, second, second).unwrap();
+        let command = super::Command::Pricing { action: super::DocumentAction::Set { file: file.clone() } };
+        let error = client.run(command).await.unwrap_err().to_string();
+        assert!(error.contains("is 4194305 bytes: the API takes documents of at most 4194304 bytes"), "{error}");
     }
 
     /// `cluster status` says which cluster the node's state belongs to (comparing it across

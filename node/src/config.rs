@@ -411,18 +411,30 @@ impl NodeConfig {
                     .into(),
             );
         }
-        if r.logs_seconds == 0 || r.sweep_interval_seconds == 0 {
-            return fail("retention.logs_seconds and retention.sweep_interval_seconds: must be greater than 0".into());
+        for (name, value) in [("logs_seconds", r.logs_seconds), ("sweep_interval_seconds", r.sweep_interval_seconds)] {
+            if value == 0 {
+                return fail(format!("retention.{name}: must be greater than 0"));
+            }
         }
         let c = &self.cluster;
         if c.vnodes == 0 || c.vnodes > 4096 {
             return fail(format!("cluster.vnodes: {} must be between 1 and 4096", c.vnodes));
         }
-        if c.heartbeat_interval_ms == 0 || c.election_timeout_ms <= c.heartbeat_interval_ms * 2 {
-            return fail("cluster.election_timeout_ms must be more than twice cluster.heartbeat_interval_ms".into());
+        // Each zero is named on its own (two options named at once for one of them misled).
+        for (name, value) in [
+            ("heartbeat_interval_ms", c.heartbeat_interval_ms),
+            ("rpc_timeout_ms", c.rpc_timeout_ms),
+            ("failover_after_seconds", c.failover_after_seconds),
+        ] {
+            if value == 0 {
+                return fail(format!("cluster.{name}: must be greater than 0"));
+            }
         }
-        if c.rpc_timeout_ms == 0 || c.failover_after_seconds == 0 {
-            return fail("cluster.rpc_timeout_ms and cluster.failover_after_seconds: must be greater than 0".into());
+        if c.election_timeout_ms <= c.heartbeat_interval_ms.saturating_mul(2) {
+            return fail(format!(
+                "cluster.election_timeout_ms: {} must be more than twice cluster.heartbeat_interval_ms ({})",
+                c.election_timeout_ms, c.heartbeat_interval_ms
+            ));
         }
         Ok(())
     }
@@ -528,6 +540,21 @@ mod tests {
         let bad =
             NodeConfig { limits: LimitsConfig { max_inflight_bytes: 1, ..Default::default() }, ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("limits.max_inflight_bytes"));
+        // A zero names its own option only.
+        for (text, named, not_named) in [
+            (
+                "cluster: {heartbeat_interval_ms: 0}",
+                "cluster.heartbeat_interval_ms: must be greater than 0",
+                "election",
+            ),
+            ("cluster: {rpc_timeout_ms: 0}", "cluster.rpc_timeout_ms: must be greater than 0", "failover"),
+            ("cluster: {failover_after_seconds: 0}", "cluster.failover_after_seconds: must be", "rpc_timeout"),
+            ("retention: {sweep_interval_seconds: 0}", "retention.sweep_interval_seconds: must be", "logs_seconds"),
+            ("cluster: {election_timeout_ms: 500}", "cluster.election_timeout_ms: 500 must be more than twice", "rpc"),
+        ] {
+            let error = NodeConfig::parse(text).unwrap().validate().unwrap_err().0;
+            assert!(error.contains(named) && !error.contains(not_named), "{text}: {error}");
+        }
         let bad = NodeConfig { node_id: Some("a b".into()), ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("node_id"));
         let bad = NodeConfig {

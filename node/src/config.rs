@@ -38,13 +38,23 @@ pub struct NodeConfig {
     /// sending it new requests (Kubernetes removes a terminating pod's endpoint asynchronously).
     pub shutdown_delay_ms: u64,
     /// Request, memory and queue limits.
+    #[serde(deserialize_with = "section")]
     pub limits: LimitsConfig,
     /// sled settings.
+    #[serde(deserialize_with = "section")]
     pub storage: StorageConfig,
     /// How long data is kept.
+    #[serde(deserialize_with = "section")]
     pub retention: RetentionConfig,
     /// Partitioning and failure detection.
+    #[serde(deserialize_with = "section")]
     pub cluster: ClusterConfig,
+}
+
+/// A section of the file: an empty one (`limits:` with every option under it commented out)
+/// reads as null, and means the defaults, as a missing one does.
+fn section<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(deserializer: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Request, memory and queue limits (SPEC §8).
@@ -540,6 +550,9 @@ mod tests {
         let bad =
             NodeConfig { limits: LimitsConfig { max_inflight_bytes: 1, ..Default::default() }, ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("limits.max_inflight_bytes"));
+        // A section whose options are all commented out is empty: the defaults.
+        let commented = "limits:\n  # max_request_bytes: 1000\nstorage:\ncluster: ~\nretention: null\n";
+        assert_eq!(NodeConfig::parse(commented).unwrap(), NodeConfig::default());
         // A zero names its own option only.
         for (text, named, not_named) in [
             (

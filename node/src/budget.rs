@@ -59,6 +59,19 @@ impl BudgetPermit {
         }
     }
 
+    /// Gives back up to `bytes` of what is held (a buffer the request no longer needs).
+    pub fn release(&mut self, bytes: usize) {
+        let less = bytes.min(self.bytes as usize) as u32;
+        if less == 0 {
+            return;
+        }
+        if let Some(held) = &mut self.permit {
+            drop(held.split(less as usize));
+        }
+        self.bytes -= less;
+        metrics::gauge!(m::INFLIGHT_BYTES).decrement(less as f64);
+    }
+
     /// Bytes held.
     pub fn held(&self) -> usize {
         self.bytes as usize
@@ -97,6 +110,13 @@ mod tests {
     #[test]
     fn test_budget_refuses_beyond_capacity_and_recovers() {
         let budget = Budget::new(100);
+        let mut released = budget.try_acquire(70).unwrap();
+        released.release(50);
+        assert_eq!((released.held(), budget.available()), (20, 80));
+        released.release(1000);
+        assert_eq!((released.held(), budget.available()), (0, 100));
+        drop(released);
+        assert_eq!(budget.available(), 100);
         let a = budget.try_acquire(60).unwrap();
         assert!(matches!(budget.try_acquire(60), Err(Error::Overloaded { .. })));
         let b = budget.try_acquire(40).unwrap();

@@ -480,6 +480,33 @@ async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_nod
     assert!(popped > 0.0 && popped <= pushed, "pushed {pushed}, popped {popped}");
 }
 
+/// One request within `limits.max_request_bytes` fits on an idle node even when
+/// `limits.max_inflight_bytes` equals it: its wire, inflated and decoded bytes are charged to one
+/// permit, capped at the whole budget. Charged as two permits, a gRPC request over half the
+/// budget was refused as overloaded at every retry, plain or gzip, while OTLP/HTTP took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_one_request_within_the_request_limit_fits_a_budget_of_the_same_size() {
+    let node = TestNode::start_with(
+        &[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"), ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000")],
+        &[],
+    )
+    .await;
+    let time = now_seconds() - 120;
+    let export = |service: &str| {
+        request(gateway(service), vec![durations((0..1300).map(|i| point(&format!("p{i}"), time)).collect())])
+    };
+    let plain = export("whole-gw");
+    assert!((150_000..200_000).contains(&plain.encoded_len()), "{}", plain.encoded_len());
+    let mut client = node.metrics_client(0).await;
+    client.export(plain).await.expect("a request within the limit fits an idle node");
+    let (status, message) = grpc_frame(&node, true, &gzip_member(&export("whole-gz-gw").encode_to_vec())).await;
+    assert_eq!(status.as_deref(), Some("0"), "{message}");
+    let minute = time - time % 60;
+    assert_eq!(request_cpm(&node, "whole-gw", minute).await, Some(2600.0));
+    assert_eq!(request_cpm(&node, "whole-gz-gw", minute).await, Some(2600.0));
+    assert_eq!(node.self_metric("tollgate_inflight_bytes").await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arriving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

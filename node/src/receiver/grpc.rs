@@ -8,7 +8,6 @@ use crate::ingest::Ingest;
 use crate::metrics as m;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
-use prost::Message;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -37,6 +36,28 @@ impl OtlpGrpc {
     }
 }
 
+impl OtlpGrpc {
+    /// Charges the decoded request to the same permit as its wire (and inflated) bytes: a
+    /// request's charges together are capped at the whole budget, so one request within
+    /// `limits.max_request_bytes` always fits on an idle node. Charged separately, the decoded
+    /// request did not fit next to its own wire bytes once they held half the budget, and such a
+    /// request was refused as overloaded at every retry. Without a wire permit (a call that did
+    /// not come through [`ChargeWireBytes`]), a permit of its own.
+    fn charge_decoded<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Option<WirePermit>, Option<BudgetPermit>), crate::error::Error> {
+        let bytes = request.get_ref().encoded_len();
+        match request.extensions().get::<WirePermit>().cloned() {
+            Some(wire) => {
+                wire.grow(bytes)?;
+                Ok((Some(wire), None))
+            }
+            None => Ok((None, Some(self.budget.try_acquire(bytes)?))),
+        }
+    }
+}
+
 fn outcome_label<T>(result: &Result<T, crate::error::Error>) -> &'static str {
     match result {
         Ok(_) => "ok",
@@ -52,8 +73,7 @@ impl MetricsService for OtlpGrpc {
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let result = async {
             // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
-            let _wire = request.extensions().get::<WirePermit>().cloned();
-            let _decoded = self.budget.try_acquire(request.get_ref().encoded_len())?;
+            let (_wire, _decoded) = self.charge_decoded(&request)?;
             self.ingest.metrics_encoded(request.into_inner().resource_metrics, "grpc").await
         }
         .await;
@@ -71,8 +91,7 @@ impl LogsService for OtlpGrpc {
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let result = async {
             // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
-            let _wire = request.extensions().get::<WirePermit>().cloned();
-            let _decoded = self.budget.try_acquire(request.get_ref().encoded_len())?;
+            let (_wire, _decoded) = self.charge_decoded(&request)?;
             self.ingest.logs_encoded(request.into_inner().resource_logs, "grpc").await
         }
         .await;
@@ -222,6 +241,13 @@ impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for CodecStatusBod
 #[derive(Clone, Debug)]
 struct WirePermit(Arc<Mutex<BudgetPermit>>);
 
+impl WirePermit {
+    /// Charges `bytes` more to the request's permit (see [`BudgetPermit::grow`]).
+    fn grow(&self, bytes: usize) -> Result<(), crate::error::Error> {
+        self.0.lock().map_err(|_| crate::error::Error::Internal("in-flight budget lock poisoned".into()))?.grow(bytes)
+    }
+}
+
 /// Charges every request body frame to the in-flight budget as it arrives, before tonic buffers
 /// and decodes the message: beyond the budget the request fails at once with a retryable
 /// `RESOURCE_EXHAUSTED`, so memory held by requests being read stays bounded. A body still
@@ -276,7 +302,7 @@ where
         let timeout = self.body_timeout;
         // Any other encoding tonic refuses (`UNIMPLEMENTED`), before reading the body.
         let gzip = parts.headers.get("grpc-encoding").is_some_and(|encoding| encoding == "gzip");
-        let messages = Messages::new(gzip.then(|| self.budget.clone()), self.max_request_bytes);
+        let messages = Messages::new(gzip.then(|| permit.clone()), self.max_request_bytes);
         self.inner.call(http::Request::from_parts(parts, ChargedBody { inner, permit, deadline, timeout, messages }))
     }
 }
@@ -297,13 +323,14 @@ const PREFIX: usize = 5;
 /// ignored too.
 #[derive(Debug)]
 struct Messages {
-    /// Set in a gzip request: the budget the inflated bytes are charged to.
-    inflate: Option<Budget>,
-    /// The inflated message's charge, held until the body ends: tonic holds the message until
-    /// then (it reads to the end before calling the handler, which charges the decoded request),
+    /// Set in a gzip request: the request's permit, which the inflated bytes are charged to.
+    /// They stay charged until the request is answered: tonic holds the message until the body
+    /// ends (it reads to the end before calling the handler, which charges the decoded request),
     /// and a client that never ends its body would otherwise hold up to the request limit
     /// uncharged for as long as `limits.body_timeout_ms`.
-    inflated: Option<BudgetPermit>,
+    inflate: Option<WirePermit>,
+    /// The inflated message's bytes charged to `inflate`, given back when the body ends.
+    inflated: usize,
     limit: usize,
     /// Inflating: the message's bytes so far. Otherwise: its prefix's bytes so far (the message
     /// itself is passed on as it comes).
@@ -317,9 +344,9 @@ struct Messages {
 }
 
 impl Messages {
-    fn new(inflate: Option<Budget>, limit: usize) -> Messages {
+    fn new(inflate: Option<WirePermit>, limit: usize) -> Messages {
         let pending = bytes::BytesMut::new();
-        Messages { inflate, inflated: None, limit, pending, remaining: 0, begun: false, ended: false }
+        Messages { inflate, inflated: 0, limit, pending, remaining: 0, begun: false, ended: false }
     }
 
     /// A message begins: refused if it is not the first.
@@ -362,7 +389,7 @@ impl Messages {
     /// nothing until the message is complete, then the message (inflated if it is compressed,
     /// as it came if not, for tonic to read or refuse).
     fn push(&mut self, data: bytes::Bytes) -> Result<bytes::Bytes, Status> {
-        let Some(budget) = self.inflate.clone() else {
+        let Some(permit) = self.inflate.clone() else {
             self.follow(&data)?;
             return Ok(data);
         };
@@ -385,10 +412,13 @@ impl Messages {
         if message[0] != 1 {
             return Ok(message.freeze());
         }
-        let mut permit = budget.empty();
         let mut inflated = vec![0u8; PREFIX];
-        super::gunzip(&message[PREFIX..], self.limit, &mut permit, &mut inflated)?;
-        self.inflated = Some(permit);
+        let mut permit = permit.0.lock().map_err(|_| Status::internal("in-flight budget lock poisoned"))?;
+        let before = permit.held();
+        let result = super::gunzip(&message[PREFIX..], self.limit, &mut permit, &mut inflated);
+        self.inflated += permit.held() - before;
+        drop(permit);
+        result?;
         let length = (inflated.len() - PREFIX) as u32;
         inflated[1..PREFIX].copy_from_slice(&length.to_be_bytes());
         Ok(bytes::Bytes::from(inflated))
@@ -426,7 +456,11 @@ impl Messages {
     /// request ended early.
     fn end(&mut self) -> Option<bytes::Bytes> {
         self.ended = true;
-        self.inflated = None;
+        if let Some(permit) = &self.inflate {
+            if let Ok(mut permit) = permit.0.lock() {
+                permit.release(std::mem::take(&mut self.inflated));
+            }
+        }
         let rest = self.pending.split().freeze();
         (self.inflate.is_some() && !rest.is_empty()).then_some(rest)
     }
@@ -538,7 +572,7 @@ mod tests {
     }
 
     fn inflating(budget: &Budget, limit: usize) -> Messages {
-        Messages::new(Some(budget.clone()), limit)
+        Messages::new(Some(WirePermit(Arc::new(Mutex::new(budget.empty())))), limit)
     }
 
     /// What `messages` hands on for `body` cut into chunks of `cut` bytes, and its first error.

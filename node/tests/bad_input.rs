@@ -214,10 +214,14 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     assert!(bomb.len() < 65_536);
     // The same over gRPC: inflating past the limit is RESOURCE_EXHAUSTED, a body that is not
     // gzip is malformed (tonic said INTERNAL).
+    let too_large = r#"tollgate_requests_total{protocol="grpc",signal="metrics",outcome="too_large"}"#;
+    let before = node.self_metric_opt(too_large).await.unwrap_or(0.0);
     let (status, message) = grpc_frame(&node, true, &bomb).await;
     assert_eq!(status.as_deref(), Some("8"), "{message}");
     // Too large (not retried), not the retryable overload.
     assert!(message.contains("once%20inflated"), "{message}");
+    // Refused before its handler ran, and counted all the same.
+    assert_eq!(node.self_metric_opt(too_large).await, Some(before + 1.0));
     let (status, message) = grpc_frame(&node, true, &[1, 2, 3]).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert!(message.starts_with("invalid%20gzip%20body"), "{message}");
@@ -470,6 +474,10 @@ async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_nod
         use tonic_types::StatusExt;
         assert!(status.get_details_retry_info().is_some(), "{status:?}");
     }
+    // Every refusal is counted, those of a body over the budget (before the handler ran) too.
+    let counted =
+        node.self_metric(r#"tollgate_requests_total{protocol="grpc",signal="metrics",outcome="overloaded"}"#).await;
+    assert_eq!(counted, overloaded.len() as f64);
     // The node keeps serving once the flood is over, and counted what it refused.
     let mut client = node.metrics_client(1).await;
     client.export(big(1000)).await.expect("accepted after the flood");

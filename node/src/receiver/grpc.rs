@@ -9,6 +9,7 @@ use crate::metrics as m;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,6 +72,7 @@ impl MetricsService for OtlpGrpc {
         &self,
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let counted = request.extensions().get::<Counted>().cloned();
         let result = async {
             // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
             let (_wire, _decoded) = self.charge_decoded(&request)?;
@@ -79,6 +81,7 @@ impl MetricsService for OtlpGrpc {
         .await;
         metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => "metrics", "outcome" => outcome_label(&result))
             .increment(1);
+        counted.inspect(Counted::mark);
         Ok(Response::new(metrics_response(&result?)))
     }
 }
@@ -89,6 +92,7 @@ impl LogsService for OtlpGrpc {
         &self,
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let counted = request.extensions().get::<Counted>().cloned();
         let result = async {
             // The wire bytes stay charged (`WirePermit`), the decoded request is charged on top.
             let (_wire, _decoded) = self.charge_decoded(&request)?;
@@ -97,6 +101,7 @@ impl LogsService for OtlpGrpc {
         .await;
         metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => "logs", "outcome" => outcome_label(&result))
             .increment(1);
+        counted.inspect(Counted::mark);
         Ok(Response::new(logs_response(&result?)))
     }
 }
@@ -151,6 +156,36 @@ struct CodecStatusService<S> {
     inner: S,
 }
 
+/// Set by the handlers once they counted their request in `tollgate_requests_total`; a request
+/// refused before its handler ran (its body over the in-flight budget or the request limit, cut
+/// off by `limits.body_timeout_ms`, or malformed) is counted by [`CodecStatusService`], from the
+/// status it is answered with.
+#[derive(Clone, Debug, Default)]
+struct Counted(Arc<AtomicBool>);
+
+impl Counted {
+    fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The `outcome` of a request answered `headers` (a trailers-only answer: an error) before its
+/// handler ran.
+fn refused_outcome(headers: &http::HeaderMap) -> Option<&'static str> {
+    let status = headers.get("grpc-status")?.as_bytes();
+    let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
+    let mentions = |text: &str| message.windows(text.len()).any(|w| w == text.as_bytes());
+    Some(match status {
+        b"0" => return None,
+        b"8" if mentions("max_request_bytes") => "too_large",
+        b"8" => "overloaded",
+        b"3" | b"12" => "invalid_argument",
+        b"4" => "timeout",
+        b"14" => "unavailable",
+        _ => "internal",
+    })
+}
+
 const OUT_OF_RANGE: &str = "11";
 const RESOURCE_EXHAUSTED: &str = "8";
 const INTERNAL: &str = "13";
@@ -188,11 +223,24 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let signal = match request.uri().path() {
+            "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export" => Some("metrics"),
+            "/opentelemetry.proto.collector.logs.v1.LogsService/Export" => Some("logs"),
+            _ => None,
+        };
+        let counted = Counted::default();
+        request.extensions_mut().insert(counted.clone());
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.await?;
             rewrite(response.headers_mut());
+            if let (Some(signal), false) = (signal, counted.0.load(Ordering::Relaxed)) {
+                if let Some(outcome) = refused_outcome(response.headers()) {
+                    metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => signal, "outcome" => outcome)
+                        .increment(1);
+                }
+            }
             Ok(response.map(|inner| CodecStatusBody { inner }))
         })
     }

@@ -222,6 +222,12 @@ async fn test_malformed_and_oversized_requests_get_the_documented_answers() {
     assert!(message.contains("once%20inflated"), "{message}");
     // Refused before its handler ran, and counted all the same.
     assert_eq!(node.self_metric_opt(too_large).await, Some(before + 1.0));
+    // A body without a message is malformed (tonic said INTERNAL), and counted as such.
+    let malformed = r#"tollgate_requests_total{protocol="grpc",signal="metrics",outcome="invalid_argument"}"#;
+    let before = node.self_metric_opt(malformed).await.unwrap_or(0.0);
+    let (status, message) = grpc_body(&node, None, Vec::new()).await;
+    assert_eq!(status.as_deref(), Some("3"), "{message}");
+    assert_eq!(node.self_metric_opt(malformed).await, Some(before + 1.0));
     let (status, message) = grpc_frame(&node, true, &[1, 2, 3]).await;
     assert_eq!(status.as_deref(), Some("3"), "{message}");
     assert!(message.starts_with("invalid%20gzip%20body"), "{message}");

@@ -176,7 +176,8 @@ fn refused_outcome(headers: &http::HeaderMap) -> Option<&'static str> {
     let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
     let mentions = |text: &str| message.windows(text.len()).any(|w| w == text.as_bytes());
     Some(match status {
-        b"0" => return None,
+        // Not refusals: an answer to a client that cancelled or lost its connection.
+        b"0" | b"1" | b"2" => return None,
         b"8" if mentions("max_request_bytes") => "too_large",
         b"8" => "overloaded",
         b"3" | b"12" => "invalid_argument",
@@ -199,7 +200,9 @@ fn rewrite(headers: &mut http::HeaderMap) {
         // `grpc-message` is percent-encoded: its spaces are `%20`.
         let message = headers.get("grpc-message").map(|m| m.as_bytes()).unwrap_or_default();
         // A message cut short (its frame says more bytes than the request held) is malformed too.
-        let malformed = ["failed to decode Protobuf message", "Unexpected EOF decoding stream"];
+        // tonic's answer to a body without a message (empty) is malformed too.
+        let malformed =
+            ["failed to decode Protobuf message", "Unexpected EOF decoding stream", "Missing request message"];
         let malformed = malformed.iter().any(|text| {
             message.starts_with(text.as_bytes()) || message.starts_with(text.replace(' ', "%20").as_bytes())
         });
@@ -372,8 +375,8 @@ const PREFIX: usize = 5;
 #[derive(Debug)]
 struct Messages {
     /// Set in a gzip request: the request's permit, which the inflated bytes are charged to.
-    /// They stay charged until the request is answered: tonic holds the message until the body
-    /// ends (it reads to the end before calling the handler, which charges the decoded request),
+    /// They stay charged until the body ends ([`Messages::end`]): tonic holds the message until
+    /// then (it reads to the end before calling the handler, which charges the decoded request),
     /// and a client that never ends its body would otherwise hold up to the request limit
     /// uncharged for as long as `limits.body_timeout_ms`.
     inflate: Option<WirePermit>,

@@ -385,7 +385,18 @@ impl NodeConfig {
             ("storage.writer_queue_capacity", self.storage.writer_queue_capacity),
             ("cluster.max_forward_inflight_bytes", self.cluster.max_forward_inflight_bytes),
             ("cluster.forward_calls_per_peer", self.cluster.forward_calls_per_peer),
-        ] {
+        ]
+        .map(|(name, value)| (name, value as u64))
+        .into_iter()
+        .chain([
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.body_timeout_ms", l.body_timeout_ms),
+            ("retention.logs_seconds", self.retention.logs_seconds),
+            ("retention.sweep_interval_seconds", self.retention.sweep_interval_seconds),
+            ("cluster.heartbeat_interval_ms", self.cluster.heartbeat_interval_ms),
+            ("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms),
+            ("cluster.failover_after_seconds", self.cluster.failover_after_seconds),
+        ]) {
             if value == 0 {
                 return fail(format!("{name}: must be greater than 0"));
             }
@@ -395,12 +406,6 @@ impl NodeConfig {
                 "limits.max_inflight_bytes ({}) must be at least limits.max_request_bytes ({})",
                 l.max_inflight_bytes, l.max_request_bytes
             ));
-        }
-        if l.request_timeout_ms == 0 {
-            return fail("limits.request_timeout_ms: must be greater than 0".into());
-        }
-        if l.body_timeout_ms == 0 {
-            return fail("limits.body_timeout_ms: must be greater than 0".into());
         }
         if self.storage.cache_capacity_bytes < 1024 * 1024 {
             return fail("storage.cache_capacity_bytes: at least 1 MiB".into());
@@ -421,24 +426,9 @@ impl NodeConfig {
                     .into(),
             );
         }
-        for (name, value) in [("logs_seconds", r.logs_seconds), ("sweep_interval_seconds", r.sweep_interval_seconds)] {
-            if value == 0 {
-                return fail(format!("retention.{name}: must be greater than 0"));
-            }
-        }
         let c = &self.cluster;
         if c.vnodes == 0 || c.vnodes > 4096 {
             return fail(format!("cluster.vnodes: {} must be between 1 and 4096", c.vnodes));
-        }
-        // Each zero is named on its own (two options named at once for one of them misled).
-        for (name, value) in [
-            ("heartbeat_interval_ms", c.heartbeat_interval_ms),
-            ("rpc_timeout_ms", c.rpc_timeout_ms),
-            ("failover_after_seconds", c.failover_after_seconds),
-        ] {
-            if value == 0 {
-                return fail(format!("cluster.{name}: must be greater than 0"));
-            }
         }
         if c.election_timeout_ms <= c.heartbeat_interval_ms.saturating_mul(2) {
             return fail(format!(

@@ -35,9 +35,7 @@ impl OtlpGrpc {
     pub fn new(ingest: Ingest, budget: Budget) -> OtlpGrpc {
         OtlpGrpc { ingest, budget }
     }
-}
 
-impl OtlpGrpc {
     /// Charges the decoded request to the same permit as its wire (and inflated) bytes: a
     /// request's charges together are capped at the whole budget, so one request within
     /// `limits.max_request_bytes` always fits on an idle node. Charged separately, the decoded
@@ -66,6 +64,18 @@ fn outcome_label<T>(result: &Result<T, crate::error::Error>) -> &'static str {
     }
 }
 
+/// Counts a gRPC export in `tollgate_requests_total`.
+fn count_request(signal: &'static str, outcome: &'static str) {
+    metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => signal, "outcome" => outcome).increment(1);
+}
+
+/// Counts the export a handler answered with `result`, and marks it counted for
+/// [`CodecStatusService`].
+fn count_handled<T>(signal: &'static str, result: &Result<T, crate::error::Error>, counted: Option<Counted>) {
+    count_request(signal, outcome_label(result));
+    counted.inspect(Counted::mark);
+}
+
 #[tonic::async_trait]
 impl MetricsService for OtlpGrpc {
     async fn export(
@@ -79,9 +89,7 @@ impl MetricsService for OtlpGrpc {
             self.ingest.metrics_encoded(request.into_inner().resource_metrics, "grpc").await
         }
         .await;
-        metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => "metrics", "outcome" => outcome_label(&result))
-            .increment(1);
-        counted.inspect(Counted::mark);
+        count_handled("metrics", &result, counted);
         Ok(Response::new(metrics_response(&result?)))
     }
 }
@@ -99,9 +107,7 @@ impl LogsService for OtlpGrpc {
             self.ingest.logs_encoded(request.into_inner().resource_logs, "grpc").await
         }
         .await;
-        metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => "logs", "outcome" => outcome_label(&result))
-            .increment(1);
-        counted.inspect(Counted::mark);
+        count_handled("logs", &result, counted);
         Ok(Response::new(logs_response(&result?)))
     }
 }
@@ -240,8 +246,7 @@ where
             rewrite(response.headers_mut());
             if let (Some(signal), false) = (signal, counted.0.load(Ordering::Relaxed)) {
                 if let Some(outcome) = refused_outcome(response.headers()) {
-                    metrics::counter!(m::REQUESTS, "protocol" => "grpc", "signal" => signal, "outcome" => outcome)
-                        .increment(1);
+                    count_request(signal, outcome);
                 }
             }
             Ok(response.map(|inner| CodecStatusBody { inner }))

@@ -448,13 +448,18 @@ async fn test_json_bad_points_are_rejected_with_reasons_and_good_points_kept() {
     assert_eq!(request_cpm(&node, "json-gw", minute).await, Some(4.0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_node_keeps_serving() {
-    let node = TestNode::start_with(
+/// A node whose requests and in-flight budget are both limited to 200 000 bytes.
+async fn start_with_a_200_kb_budget() -> TestNode {
+    TestNode::start_with(
         &[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"), ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000")],
         &[],
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_node_keeps_serving() {
+    let node = start_with_a_200_kb_budget().await;
     let time = now_seconds() - 120;
     // Each request is well under the request limit but together they exceed the budget.
     let big = |n: u64| {
@@ -500,11 +505,7 @@ async fn test_flood_beyond_the_inflight_budget_gets_retryable_errors_and_the_nod
 /// budget was refused as overloaded at every retry, plain or gzip, while OTLP/HTTP took it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_one_request_within_the_request_limit_fits_a_budget_of_the_same_size() {
-    let node = TestNode::start_with(
-        &[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"), ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000")],
-        &[],
-    )
-    .await;
+    let node = start_with_a_200_kb_budget().await;
     let time = now_seconds() - 120;
     let export = |service: &str| {
         request(gateway(service), vec![durations((0..1300).map(|i| point(&format!("p{i}"), time)).collect())])
@@ -524,11 +525,7 @@ async fn test_one_request_within_the_request_limit_fits_a_budget_of_the_same_siz
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_request_is_charged_to_the_budget_while_its_body_is_still_arriving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let node = TestNode::start_with(
-        &[("TOLLGATE_LIMITS_MAX_REQUEST_BYTES", "200000"), ("TOLLGATE_LIMITS_MAX_INFLIGHT_BYTES", "200000")],
-        &[],
-    )
-    .await;
+    let node = start_with_a_200_kb_budget().await;
     // A slow OTLP/HTTP upload: 180 000 of its 199 000 bytes sent, the rest still to come.
     let mut upload = partial_upload(&node, 199_000, 180_000).await;
 

@@ -133,6 +133,17 @@ fn shared_series_export(base: u64, pod: u64, k: u64) -> ExportMetricsServiceRequ
     }
 }
 
+/// Exports `rounds` of both pods of [`shared_series_export`], each accepted whole.
+async fn send_shared_series(node: &TestNode, base: u64, rounds: std::ops::Range<u64>) {
+    let mut client = node.metrics_client(0).await;
+    for k in rounds {
+        for pod in 0..2 {
+            let response = client.export(shared_series_export(base, pod, k)).await.expect("accepted").into_inner();
+            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
+        }
+    }
+}
+
 /// Two pods that share a series (no `service.instance.id`) each keep their own running totals
 /// across a `kill -9`: after the restart, each pod's next export adds only what it counted
 /// since its previous one, and a retried export adds nothing.
@@ -140,24 +151,12 @@ fn shared_series_export(base: u64, pod: u64, k: u64) -> ExportMetricsServiceRequ
 async fn test_kill9_keeps_the_totals_of_each_pod_sharing_a_series() {
     let mut node = TestNode::start().await;
     let base = now_seconds() - 200;
-    let mut client = node.metrics_client(0).await;
-    for k in 0..4 {
-        for pod in 0..2 {
-            let response = client.export(shared_series_export(base, pod, k)).await.expect("accepted").into_inner();
-            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
-        }
-    }
+    send_shared_series(&node, base, 0..4).await;
     let (start, end) = (base - 60, base + 120);
     assert_eq!(sum_of(&node, "meter_envoy_ai_gw_request_cpm", start, end).await, 4.0 * 3.0);
     node.kill9();
     node.restart().await;
-    let mut client = node.metrics_client(0).await;
-    for k in 3..8 {
-        for pod in 0..2 {
-            let response = client.export(shared_series_export(base, pod, k)).await.expect("accepted").into_inner();
-            assert!(response.partial_success.is_none(), "{:?}", response.partial_success);
-        }
-    }
+    send_shared_series(&node, base, 3..8).await;
     assert_eq!(sum_of(&node, "meter_envoy_ai_gw_request_cpm", start, end).await, 8.0 * 3.0);
 }
 

@@ -196,14 +196,20 @@ pub fn misaddressed(id: NodeId, target: NodeId) -> Option<String> {
     })
 }
 
-/// Hands a Raft RPC from a peer to the local Raft node.
-pub async fn serve_raft(raft: &Raft, request: RaftRequest) -> RaftResponse {
+/// An append-entries (or heartbeat) this node accepted from a leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The index the leader reported committed, when it committed it in its own term: a new
+    /// leader's report of an earlier term's commit may be behind what was committed.
+    pub commit: Option<u64>,
+}
+
+/// Hands a Raft RPC from a peer to the local Raft node; for an append-entries it accepted, what
+/// the leader said.
+pub async fn serve_raft(raft: &Raft, request: RaftRequest) -> (RaftResponse, Option<Accepted>) {
     let kind = RaftKind::try_from(request.kind).unwrap_or(RaftKind::Unspecified);
-    match kind {
-        RaftKind::AppendEntries => match decode(&request.payload) {
-            Ok(rpc) => answer(raft.append_entries(rpc).await),
-            Err(e) => e,
-        },
+    let response = match kind {
+        RaftKind::AppendEntries => return append_entries(raft, &request.payload).await,
         RaftKind::Vote => match decode(&request.payload) {
             Ok(rpc) => answer(raft.vote(rpc).await),
             Err(e) => e,
@@ -223,7 +229,20 @@ pub async fn serve_raft(raft: &Raft, request: RaftRequest) -> RaftResponse {
         RaftKind::Unspecified => {
             RaftResponse { payload: Vec::new(), error: format!("unknown raft message kind {}", request.kind) }
         }
-    }
+    };
+    (response, None)
+}
+
+async fn append_entries(raft: &Raft, payload: &[u8]) -> (RaftResponse, Option<Accepted>) {
+    let rpc: AppendEntriesRequest<TypeConfig> = match decode(payload) {
+        Ok(rpc) => rpc,
+        Err(e) => return (e, None),
+    };
+    let term = rpc.vote.leader_id().term;
+    let commit = rpc.leader_commit.filter(|c| c.committed_leader_id().term == term).map(|c| c.index);
+    let result = raft.append_entries(rpc).await;
+    let accepted = matches!(&result, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)));
+    (answer(result), accepted.then_some(Accepted { commit }))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! writes routed to the leader, joining, and (on the leader) the controller that keeps the vnode
 //! map balanced, fails over unreachable nodes and lets nodes leave.
 
+use crate::lease::{Lease, LeaseCheck};
 use crate::network::{Directory, NetworkFactory};
 use crate::raft::Raft;
 use crate::raft_store::{self, AppliedState};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_proto::peer::{
-    AwaitConfigRequest, JoinRequest, JoinResponse, RaftKind, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    AwaitConfigRequest, JoinRequest, JoinResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tracing::{debug, info, warn};
 
@@ -212,6 +213,8 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// When a leader's append-entries (or heartbeat) last reached this node.
     leader_contact: Mutex<Option<Instant>>,
+    /// This node's lease on the vnodes it owns ([`Cluster::holds_lease`]).
+    lease: Mutex<Lease>,
     /// While this node leads: its term, and since when, as its controller saw it take over.
     leading_since: Mutex<Option<(u64, Instant)>>,
 }
@@ -267,6 +270,7 @@ impl Cluster {
         let raft = Raft::new(id, raft_config(&settings)?, network, log_store, state_machine)
             .await
             .map_err(|e| ClusterError::Failed(format!("starting raft: {e}")))?;
+        let lease = Lease::new(settings.failover_after / 2, settings.election_timeout);
         let cluster = Arc::new(Cluster {
             id,
             me,
@@ -276,6 +280,7 @@ impl Cluster {
             settings,
             tasks: Mutex::new(Vec::new()),
             leader_contact: Mutex::new(None),
+            lease: Mutex::new(lease),
             leading_since: Mutex::new(None),
         });
         let controller = tokio::spawn(controller(Arc::clone(&cluster)));
@@ -473,12 +478,43 @@ impl Cluster {
         if let Some(error) = crate::network::misaddressed(self.id, request.target) {
             return RaftResponse { payload: Vec::new(), error };
         }
-        let append = request.kind == RaftKind::AppendEntries as i32;
-        let response = crate::network::serve_raft(&self.raft, request).await;
-        if append && response.error.is_empty() {
-            *self.leader_contact.lock().expect("contact lock") = Some(Instant::now());
+        let (response, accepted) = crate::network::serve_raft(&self.raft, request).await;
+        if let Some(accepted) = accepted {
+            let now = Instant::now();
+            *self.leader_contact.lock().expect("contact lock") = Some(now);
+            self.lease.lock().expect("lease lock").touch(now, accepted.commit, false);
         }
         response
+    }
+
+    /// Whether this node may merge data for the vnodes the applied map gives it: it holds its
+    /// [lease](crate::lease) (in touch with a leader within half of `failover_after`, so that
+    /// the leader cannot have given them to another member; and, after a lapse, back in touch
+    /// and caught up). A single-member cluster always holds it once it leads.
+    pub fn holds_lease(&self) -> LeaseCheck {
+        let now = Instant::now();
+        let (acked, commit, applied) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let acked = if metrics.state != ServerState::Leader {
+                None
+            } else if metrics.membership_config.membership().voter_ids().all(|id| id == self.id) {
+                Some(now)
+            } else {
+                metrics
+                    .last_quorum_acked
+                    .and_then(|acked| now.checked_sub(openraft::Instant::elapsed(&acked.into_inner())))
+            };
+            // As a follower's: what it committed in its own term (a new leader's earlier commits
+            // may be behind what the one before committed, though its log holds them).
+            let commit = metrics.cluster_committed.filter(|c| c.committed_leader_id().term == metrics.current_term);
+            (acked, commit.map(|c| c.index), metrics.last_applied.map_or(0, |l| l.index))
+        };
+        let mut lease = self.lease.lock().expect("lease lock");
+        if let Some(acked) = acked {
+            lease.touch(acked, commit, true);
+        }
+        lease.check(now, applied)
     }
 
     /// True when this node is in touch with a leader: it leads and a quorum acknowledged it
@@ -1077,6 +1113,9 @@ async fn controller(cluster: Arc<Cluster>) {
     let mut last_pass = Instant::now();
     loop {
         tokio::time::sleep(CONTROL_INTERVAL).await;
+        // Notes a leader's acknowledgements in the lease even when nothing is merged (else a
+        // leader stepping down would look out of touch since its last merge).
+        cluster.holds_lease();
         // A pass long after the last one: this process was not running (paused, starved), so
         // every member looks silent; the next pass, with Raft's view brought up to date (this
         // node may not even lead any more), judges their contact.

@@ -436,6 +436,14 @@ impl NodeConfig {
                 c.election_timeout_ms, c.heartbeat_interval_ms
             ));
         }
+        if c.failover_after_seconds.saturating_mul(1000) < c.election_timeout_ms.saturating_mul(4) {
+            return fail(format!(
+                "cluster.failover_after_seconds: {} s must be at least four election timeouts \
+                 (cluster.election_timeout_ms {} ms): a member out of touch with the leader for half of it stops \
+                 merging, and an election must not make it stop",
+                c.failover_after_seconds, c.election_timeout_ms
+            ));
+        }
         Ok(())
     }
 }
@@ -554,6 +562,11 @@ mod tests {
             ("cluster: {failover_after_seconds: 0}", "cluster.failover_after_seconds: must be", "rpc_timeout"),
             ("retention: {sweep_interval_seconds: 0}", "retention.sweep_interval_seconds: must be", "logs_seconds"),
             ("cluster: {election_timeout_ms: 500}", "cluster.election_timeout_ms: 500 must be more than twice", "rpc"),
+            (
+                "cluster: {failover_after_seconds: 3}",
+                "cluster.failover_after_seconds: 3 s must be at least four election timeouts (cluster.election_timeout_ms 1000 ms)",
+                "heartbeat",
+            ),
         ] {
             let error = NodeConfig::parse(text).unwrap().validate().unwrap_err().0;
             assert!(error.contains(named) && !error.contains(not_named), "{text}: {error}");

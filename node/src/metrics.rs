@@ -90,6 +90,10 @@ pub const RAFT_APPLIED_INDEX: &str = "tollgate_raft_applied_index";
 pub const RAFT_IS_LEADER: &str = "tollgate_raft_is_leader";
 /// Vnodes this node owns.
 pub const VNODES_OWNED: &str = "tollgate_vnodes_owned";
+/// 1 while this node holds its lease on the vnodes it owns (it merges their data); 0 while it is
+/// lapsed (out of touch with the leader for half of `cluster.failover_after_seconds`, or not yet
+/// caught up since: their exports are refused).
+pub const VNODES_LEASE_HELD: &str = "tollgate_vnodes_lease_held";
 /// Hand-overs this node completed, by `direction` (`in`, `out`) and `kind` (`state`: a vnode's
 /// normalisation state; `drain`: all data of a leaving node).
 pub const VNODE_MOVES: &str = "tollgate_vnode_moves_total";

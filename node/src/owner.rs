@@ -29,8 +29,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tollgate_cluster::lease::LeaseCheck;
 use tollgate_cluster::raft_store::AppliedState;
-use tollgate_cluster::NodeId;
+use tollgate_cluster::{Cluster, NodeId};
 use tollgate_rules::ingest::{log_counters, log_increment, LogCounter, LogFingerprinter};
 use tollgate_rules::normalize::{PartitionClock, PointKey};
 use tollgate_rules::series::{minute_of, shrink_if_sparse, FastMap, FastSet, NANOS_PER_MINUTE};
@@ -47,6 +48,9 @@ pub struct OwnerContext {
     pub me: NodeId,
     /// The applied cluster state: who owns which vnode.
     pub cluster: watch::Receiver<Arc<AppliedState>>,
+    /// The cluster, asked before every merge whether this node holds its lease on the vnodes it
+    /// owns ([`Cluster::holds_lease`]).
+    pub lease: Arc<Cluster>,
     /// Durable state.
     pub store: Arc<dyn Storage>,
     /// Time.
@@ -423,9 +427,14 @@ impl Actor for Owner {
         if owned != state.owned {
             state.transition(owned).await;
         }
+        let merges = owned && matches!(message, OwnerMsg::Metrics { .. } | OwnerMsg::Logs { .. });
+        let lapsed = merges.then(|| state.context.lease.holds_lease()).filter(|check| !check.holds());
         match message {
             OwnerMsg::Metrics { reply, .. } | OwnerMsg::Logs { reply, .. } if !owned => {
                 let _ = reply.send(Err(state.not_owner()));
+            }
+            OwnerMsg::Metrics { reply, .. } | OwnerMsg::Logs { reply, .. } if lapsed.is_some() => {
+                let _ = reply.send(Err(lease_lapsed(lapsed)));
             }
             OwnerMsg::Metrics { points, reply, permit } => {
                 let outcome = state.ingest_metrics(points);
@@ -475,6 +484,21 @@ impl Actor for Owner {
         state.report_cached();
         Ok(())
     }
+}
+
+/// The refusal of data for a vnode this node owns while its lease is lapsed.
+fn lease_lapsed(check: Option<LeaseCheck>) -> Error {
+    let contact = match check {
+        Some(LeaseCheck::Lapsed { last_contact: Some(ago) }) => {
+            format!("last in touch with the cluster's leader {} ms ago", ago.as_millis())
+        }
+        _ => "not in touch with a cluster leader since it started".into(),
+    };
+    Error::Unavailable(format!(
+        "this node's lease on the vnodes it owns is lapsed ({contact}): out of touch for half of \
+         cluster.failover_after_seconds, they may have been given to other members, and it merges nothing until \
+         it is back in touch and caught up; retry"
+    ))
 }
 
 /// What processing one message produced: the batch to write (always), and the report to send

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tollgate_cluster::lease::LeaseCheck;
 use tollgate_cluster::transport::{TonicTransport, Transport};
 use tollgate_cluster::{Cluster, ClusterError, ClusterSettings, NodeId, PeerNode};
 use tracing::{error, info, warn};
@@ -67,7 +68,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 /// Whether this member caught up with the cluster's log ([`Cluster::caught_up`]) and uses the
 /// configuration documents it applied.
 fn caught_up(cluster: &Cluster, runtime: &watch::Receiver<Arc<crate::runtime::RuntimeConfig>>) -> bool {
-    if !cluster.caught_up() {
+    if !cluster.caught_up() || !cluster.holds_lease().holds() {
         return false;
     }
     let applied = cluster.applied();
@@ -327,6 +328,7 @@ impl Node {
         let context = Arc::new(OwnerContext {
             me: raft_id,
             cluster: cluster.applied(),
+            lease: Arc::clone(&cluster),
             store: Arc::clone(&storage),
             clock: Arc::clone(&clock),
             config: runtime.clone(),
@@ -739,6 +741,8 @@ fn spawn_background(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Each owner logs its own transitions at debug level; the node logs the count.
             let mut owned_before = None;
+            // Whether the lease was held at the last tick (its lapses and returns are logged).
+            let mut lease_before = None;
             // Contact with a leader that has a majority (as a follower, or as a leader with its
             // quorum); an election after the leader went away is not reported.
             let mut contact = Contact::new(cluster.settings().election_timeout * 2);
@@ -757,11 +761,26 @@ fn spawn_background(
                         for_ms,
                         "cut off from the cluster (no leader with a majority reaches this node): configuration \
                          and membership writes through it fail (503) until one does; exports for the vnodes it \
-                         owns go on"
+                         owns go on until its lease on them lapses"
                     ),
                     Some(ContactChange::Back { away_ms }) => info!(away_ms, "in contact with the cluster again"),
                     None => {}
                 }
+                let lease = cluster.holds_lease();
+                match (lease, lease_before.replace(lease.holds())) {
+                    (LeaseCheck::Lapsed { last_contact }, Some(true)) => warn!(
+                        last_contact_ms = last_contact.map(|ago| ago.as_millis() as u64),
+                        "lease lapsed: out of touch with the cluster's leader for half of \
+                         cluster.failover_after_seconds, this node merges nothing for the vnodes it owns (they may \
+                         be given to other members) until it is back in touch and caught up; their exports are \
+                         refused (503, retryable)"
+                    ),
+                    (LeaseCheck::Held, Some(false)) => {
+                        info!("lease regained: merging exports for the vnodes it owns again")
+                    }
+                    _ => {}
+                }
+                metrics::gauge!(m::VNODES_LEASE_HELD).set(f64::from(u8::from(lease.holds())));
                 let raft = cluster.figures();
                 metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
                 metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.commit_index as f64);

@@ -877,3 +877,72 @@ async fn test_a_node_advertising_another_nodes_address_does_not_start() {
     let cluster = first.cluster_status().await;
     assert_eq!(cluster["nodes"].as_array().unwrap().len(), 1, "{cluster}");
 }
+
+/// A member frozen (`SIGSTOP`, a stalled VM) for longer than `failover_after_seconds` loses its
+/// vnodes to the others, and what waited for it in its sockets meanwhile (an export sent to it
+/// directly, one forwarded to it as an owner) was retried by the senders and merged by the new
+/// owners. When it resumes, it must not merge those waiting exports as well (they were counted
+/// twice): out of touch with the cluster for half of `failover_after_seconds`, it merges nothing
+/// until it is back in touch and has applied what the leader committed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_member_frozen_past_failover_does_not_merge_what_waited_for_it() {
+    use prost::Message as _;
+    const PODS: u64 = 12;
+    let env = [("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "4")];
+    let nodes = three_nodes(&env).await;
+    let leader = wait_for("a leader", || async { leader_name(&nodes[0].cluster_status().await) }).await;
+    let frozen = nodes.iter().find(|n| n.endpoints.node_id != leader).expect("a follower");
+    let receiver = nodes.iter().find(|n| n.endpoints.node_id != frozen.endpoints.node_id).expect("another");
+    let owned = |status: &Value| status["vnodes"]["owners"][&frozen.endpoints.node_id].as_u64().unwrap_or(0);
+    assert!(owned(&receiver.cluster_status().await) > 0, "the member to freeze owns vnodes");
+    let base = now_seconds() - 200;
+    let service = "frozen-gw";
+    // Every export carries twelve pods: some of their series belong to the frozen member.
+    let (direct, direct_requests) = fleet_export(service, base, 0, PODS);
+    let (forwarded, forwarded_requests) = fleet_export(service, base, 1, PODS);
+
+    frozen.signal("STOP");
+    // Sent to it directly (OTLP/HTTP, as a load balancer would): the client gives up.
+    let sent = frozen
+        .http
+        .post(format!("{}/v1/metrics", frozen.otlp_http()))
+        .header("content-type", "application/x-protobuf")
+        .body(direct.encode_to_vec())
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(sent.is_err(), "a frozen node does not answer: {sent:?}");
+    // Sent to another member, which forwards the frozen member's series to it: refused once the
+    // forward timed out, retryably.
+    let mut client = receiver.metrics_client(0).await;
+    let refused = client.export(forwarded.clone()).await.expect_err("the owner is frozen");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    // After failover the frozen member's vnodes belong to the others, which take the retries.
+    wait_for("the frozen member's vnodes given to the others", || async {
+        (owned(&receiver.cluster_status().await) == 0).then_some(())
+    })
+    .await;
+    for export in [&direct, &forwarded] {
+        wait_for("a retry taken by the new owners", || async {
+            let mut client = receiver.metrics_client(0).await;
+            client.export(export.clone()).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    frozen.signal("CONT");
+    wait_for("the resumed member caught up with the new map", || async {
+        let mine = frozen.cluster_status().await;
+        let theirs = receiver.cluster_status().await;
+        (mine["in_contact"] == true && mine["vnodes"]["epoch"] == theirs["vnodes"]["epoch"]).then_some(())
+    })
+    .await;
+    // Whatever the resumed member was going to do with what waited for it, it has done.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in &nodes {
+        let (requests, missing) = sum_of(node, "meter_envoy_ai_gw_request_cpm", service, base - 120, base + 120).await;
+        assert_eq!(missing, None, "every member answered");
+        assert_eq!(requests, (direct_requests + forwarded_requests) as f64, "each export counted once");
+    }
+}

@@ -7,16 +7,21 @@
 //! resumes, the exports that waited in its sockets, whose senders gave up long ago and sent them
 //! again to the new owners. Merged there too, they were counted twice.
 //!
-//! So a member merges only while it holds a lease: it was in touch with a leader within half of
-//! `failover_after` (a follower accepted the leader's append-entries, a leader had a quorum's
-//! acknowledgement). Once the lease lapsed, it is regained only when the member is back in touch
-//! and has applied what the leader reported committed, so that it knows where its vnodes went.
-//! A follower's contact counts from when it handled the leader's message, not when the leader
-//! sent it: what waited in its sockets during a freeze is handled in the first moments after it
-//! resumes, and may be old. It must be back in touch for `settle` (an election timeout, many
-//! heartbeats) before it merges again, so that the leader's commit it applied is a recent one. A
-//! leader's contact is the sending time of the message a quorum acknowledged (openraft's), never
-//! old.
+//! So a member merges only while it holds a lease: within half of `failover_after` of when it
+//! sent a request that a leader with a majority answered. A follower renews it with the `Lease`
+//! RPC (the leader answers while a majority acknowledged it within two election timeouts, with
+//! what it committed in its term); a leader's is its last quorum acknowledgement (openraft's,
+//! also a sending time). Both are times this node sent something, after which the answer was
+//! given: never old, whatever waited in sockets. Once the lease lapsed, it is regained by an
+//! answer to a request sent after the lapse was seen, once this node applied the commit that
+//! answer reported, so that it knows where its vnodes went.
+//!
+//! A leader that predates the `Lease` RPC cannot renew anything: its followers count its
+//! append-entries instead (the time they handled one, and the commit it reported). That contact
+//! may be old (a message that waited in a socket during a freeze is handled in the first moments
+//! after it), so after a lapse such a follower must be back in touch for `settle` (an election
+//! timeout, many heartbeats) before it merges again; and a leader cut off from the majority still
+//! sends them. Only a cluster in the middle of an upgrade relies on it.
 
 use std::time::{Duration, Instant};
 
@@ -40,8 +45,9 @@ struct Touch {
     /// What the leader reported committed, if it committed it in its own term (a new leader's
     /// report of an earlier term's commit may be behind what the old leader committed).
     commit: Option<u64>,
-    /// The contact is a leader's quorum acknowledgement (its time is a sending time).
-    leading: bool,
+    /// The contact's time is when this node sent what was answered (a lease renewal, a leader's
+    /// message a quorum acknowledged), not when it handled a leader's message.
+    sent: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -76,13 +82,17 @@ impl Lease {
         Lease { term, settle, touched: None, lapsed: None }
     }
 
-    /// Contact with a leader at `at`: a follower accepted its append-entries (`leading` false),
-    /// or this node, leading, had a quorum acknowledge what it sent at `at`. `commit`: the index
-    /// the leader reported committed in its own term.
-    pub fn touch(&mut self, at: Instant, commit: Option<u64>, leading: bool) {
+    /// Contact with a leader at `at`: a leader answered what this node sent at `at` (`sent`: a
+    /// lease renewal, or this node leads and a quorum acknowledged it), or this node handled a
+    /// leader's append-entries at `at`. `commit`: the index the leader reported committed in its
+    /// own term (`None`: none yet, and the lease is not regained with it).
+    pub fn touch(&mut self, at: Instant, commit: Option<u64>, sent: bool) {
         let previous = self.touched;
+        // Committed indexes only grow: an answer handled late does not lower what must be applied.
+        let commit = commit.map(|c| c.max(previous.and_then(|p| p.commit).unwrap_or(0)));
         if let Some(previous) = previous {
             if at < previous.at {
+                self.touched = Some(Touch { commit: commit.or(previous.commit), ..previous });
                 return;
             }
         }
@@ -94,7 +104,7 @@ impl Lease {
                 lapse.back = Some(at);
             }
         }
-        self.touched = Some(Touch { at, commit, leading });
+        self.touched = Some(Touch { at, commit, sent });
     }
 
     /// Whether the lease is held at `now`, this node having applied its log up to `applied`.
@@ -110,7 +120,7 @@ impl Lease {
         };
         let regained = in_touch
             && self.touched.zip(lapse.back).is_some_and(|(touch, back)| {
-                let settle = if touch.leading { Duration::ZERO } else { self.settle };
+                let settle = if touch.sent { Duration::ZERO } else { self.settle };
                 touch.at >= back + settle && touch.commit.is_some_and(|commit| applied >= commit)
             });
         if regained {
@@ -134,39 +144,57 @@ mod tests {
     }
 
     #[test]
-    fn test_a_new_member_holds_no_lease_until_a_leader_reached_it_and_it_settled() {
+    fn test_a_new_member_holds_no_lease_until_a_leader_answered_it_and_it_applied_the_commit() {
         let t0 = Instant::now();
         let mut lease = Lease::new(TERM, SETTLE);
         assert_eq!(lease.check(t0, 0), LeaseCheck::Lapsed { last_contact: None });
-        lease.touch(after(t0, 100), Some(5), false);
-        assert!(!lease.check(after(t0, 100), 5).holds(), "not settled");
-        lease.touch(after(t0, 600), Some(5), false);
-        assert!(!lease.check(after(t0, 600), 5).holds(), "not settled");
-        lease.touch(after(t0, 1100), Some(7), false);
-        assert!(!lease.check(after(t0, 1100), 6).holds(), "the leader's commit not applied");
-        assert!(lease.check(after(t0, 1150), 7).holds());
+        lease.touch(after(t0, 100), Some(7), true);
+        assert!(!lease.check(after(t0, 110), 6).holds(), "the leader's commit not applied");
+        assert!(lease.check(after(t0, 120), 7).holds(), "an answer to what it sent needs no settling");
     }
 
     #[test]
-    fn test_a_member_in_touch_holds_its_lease_through_short_silences() {
+    fn test_a_member_renewing_holds_its_lease_through_short_silences() {
         let t0 = Instant::now();
         let mut lease = Lease::new(TERM, SETTLE);
-        lease.touch(t0, Some(1), false);
-        lease.touch(after(t0, 1000), Some(1), false);
-        assert!(lease.check(after(t0, 1000), 1).holds());
+        lease.touch(t0, Some(1), true);
+        assert!(lease.check(after(t0, 10), 1).holds());
         // An election, a network blip: shorter than the lease.
         assert!(lease.check(after(t0, 30_000), 1).holds());
-        lease.touch(after(t0, 30_500), None, false);
-        assert!(lease.check(after(t0, 30_500), 1).holds(), "a new leader's first messages do not lapse it");
+        lease.touch(after(t0, 29_000), Some(3), true);
+        assert!(lease.check(after(t0, 30_500), 1).holds(), "held: what it applies matters after a lapse only");
+        assert!(!lease.check(after(t0, 59_001), 3).holds(), "lapsed 30 s after the last renewal was sent");
     }
 
     #[test]
-    fn test_a_frozen_member_merges_nothing_until_it_settled_back_in_touch_and_applied_the_leaders_commit() {
+    fn test_after_a_lapse_only_an_answer_to_a_renewal_sent_after_it_was_seen_counts() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(TERM, SETTLE);
+        lease.touch(t0, Some(1), true);
+        assert!(lease.check(t0, 1).holds());
+        // Frozen for a minute right after sending a renewal; its answer is handled on resuming.
+        lease.touch(after(t0, 300), Some(1), true);
+        assert_eq!(
+            lease.check(after(t0, 60_300), 1),
+            LeaseCheck::Lapsed { last_contact: Some(Duration::from_secs(60)) },
+            "the last contact is when the renewal was sent, not when its answer came"
+        );
+        // A renewal sent after the lapse was seen: the failover it reports must be applied first.
+        lease.touch(after(t0, 60_400), Some(9), true);
+        assert!(!lease.check(after(t0, 60_450), 1).holds());
+        // An older answer handled late does not lower what must be applied.
+        lease.touch(after(t0, 60_350), Some(2), true);
+        assert!(!lease.check(after(t0, 60_460), 2).holds());
+        assert!(lease.check(after(t0, 60_500), 9).holds());
+    }
+
+    #[test]
+    fn test_with_a_leader_that_predates_renewals_its_heartbeats_count_once_settled() {
         let t0 = Instant::now();
         let mut lease = Lease::new(TERM, SETTLE);
         lease.touch(t0, Some(1), false);
         lease.touch(after(t0, 1000), Some(1), false);
-        assert!(lease.check(after(t0, 1000), 1).holds());
+        assert!(lease.check(after(t0, 1000), 1).holds(), "settled, and applied");
         // Frozen for a minute. What waited in its sockets is handled at once: an old heartbeat
         // (its commit from before the failover) makes it look in touch.
         let resumed = after(t0, 61_000);
@@ -175,10 +203,11 @@ mod tests {
             lease.check(after(t0, 61_001), 1),
             LeaseCheck::Lapsed { last_contact: Some(Duration::from_millis(1)) }
         );
-        // Current heartbeats, the leader's commit (the failover) not applied yet.
+        // Current heartbeats, the leader's commit (the failover) not applied yet; an old one
+        // handled among them does not lower it.
         lease.touch(after(t0, 61_500), Some(9), false);
-        lease.touch(after(t0, 62_100), Some(9), false);
-        assert!(!lease.check(after(t0, 62_100), 1).holds());
+        lease.touch(after(t0, 62_100), Some(4), false);
+        assert!(!lease.check(after(t0, 62_100), 4).holds());
         assert!(lease.check(after(t0, 62_200), 9).holds());
     }
 
@@ -214,13 +243,15 @@ mod tests {
     }
 
     #[test]
-    fn test_an_old_contact_given_late_changes_nothing() {
+    fn test_a_new_leader_without_a_commit_in_its_term_does_not_end_a_lapse() {
         let t0 = Instant::now();
         let mut lease = Lease::new(TERM, SETTLE);
-        lease.touch(after(t0, 5000), Some(2), true);
-        lease.touch(after(t0, 1000), Some(1), true);
-        assert!(lease.check(after(t0, 5000), 2).holds());
-        assert!(lease.check(after(t0, 35_000), 2).holds());
-        assert!(!lease.check(after(t0, 35_001), 2).holds());
+        lease.touch(t0, Some(5), true);
+        assert!(lease.check(t0, 5).holds());
+        assert!(!lease.check(after(t0, 31_000), 5).holds());
+        lease.touch(after(t0, 32_000), None, true);
+        assert!(!lease.check(after(t0, 32_001), 5).holds());
+        lease.touch(after(t0, 32_500), Some(6), true);
+        assert!(lease.check(after(t0, 32_501), 6).holds());
     }
 }

@@ -15,12 +15,14 @@ use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_proto::peer::{
-    AwaitConfigRequest, JoinRequest, JoinResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    AwaitConfigRequest, JoinRequest, JoinResponse, LeaseResponse, RaftRequest, RaftResponse, WriteRequest,
+    WriteResponse,
 };
 use tracing::{debug, info, warn};
 
@@ -215,6 +217,9 @@ pub struct Cluster {
     leader_contact: Mutex<Option<Instant>>,
     /// This node's lease on the vnodes it owns ([`Cluster::holds_lease`]).
     lease: Mutex<Lease>,
+    /// The leader answered a lease renewal as a node that predates it: its append-entries renew
+    /// the lease instead (see [`crate::lease`]).
+    leader_predates_lease: AtomicBool,
     /// While this node leads: its term, and since when, as its controller saw it take over.
     leading_since: Mutex<Option<(u64, Instant)>>,
 }
@@ -281,9 +286,11 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             leader_contact: Mutex::new(None),
             lease: Mutex::new(lease),
+            leader_predates_lease: AtomicBool::new(false),
             leading_since: Mutex::new(None),
         });
         let controller = tokio::spawn(controller(Arc::clone(&cluster)));
+        let renewals = tokio::spawn(renew_lease(Arc::clone(&cluster)));
         let addresses = tokio::spawn({
             let mut applied = cluster.applied();
             let transport = Arc::clone(&cluster.transport);
@@ -295,7 +302,7 @@ impl Cluster {
                 }
             }
         });
-        cluster.tasks.lock().expect("tasks lock").extend([controller, addresses]);
+        cluster.tasks.lock().expect("tasks lock").extend([controller, renewals, addresses]);
         Ok(cluster)
     }
 
@@ -482,9 +489,25 @@ impl Cluster {
         if let Some(accepted) = accepted {
             let now = Instant::now();
             *self.leader_contact.lock().expect("contact lock") = Some(now);
-            self.lease.lock().expect("lease lock").touch(now, accepted.commit, false);
+            if self.leader_predates_lease.load(Ordering::SeqCst) {
+                self.lease.lock().expect("lease lock").touch(now, accepted.commit, false);
+            }
         }
         response
+    }
+
+    /// Answers a member's lease renewal: only a leader a majority acknowledged within two
+    /// election timeouts does, with its term and what it committed in it.
+    pub fn handle_lease(&self) -> Result<LeaseResponse, ClusterError> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        if metrics.state != ServerState::Leader || !self.in_contact_by(&metrics) {
+            return Err(ClusterError::NoQuorum("not a leader with a majority in touch: no lease to give".into()));
+        }
+        let commit = metrics.cluster_committed.filter(|c| c.committed_leader_id().term == metrics.current_term);
+        let Some(commit) = commit else {
+            return Err(ClusterError::NoQuorum("a new leader that committed nothing in its term yet; retry".into()));
+        };
+        Ok(LeaseResponse { term: metrics.current_term, commit_index: commit.index })
     }
 
     /// Whether this node may merge data for the vnodes the applied map gives it: it holds its
@@ -1108,6 +1131,33 @@ const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
+/// A follower's lease renewals: every half election timeout, asks the leader it knows (see
+/// [`crate::lease`]). A leader that predates the `Lease` RPC makes its append-entries count
+/// instead, until a leader answers one.
+async fn renew_lease(cluster: Arc<Cluster>) {
+    let interval = cluster.settings.election_timeout / 2;
+    loop {
+        tokio::time::sleep(interval).await;
+        if cluster.is_leader() {
+            continue;
+        }
+        let Some((_, leader)) = cluster.leader() else { continue };
+        let sent = Instant::now();
+        match cluster.transport.lease(&leader.cluster_addr).await {
+            Ok(answer) => {
+                cluster.leader_predates_lease.store(false, Ordering::SeqCst);
+                cluster.lease.lock().expect("lease lock").touch(sent, Some(answer.commit_index), true);
+            }
+            Err(TransportError::Refused { code, .. }) if code == "Unimplemented" => {
+                if !cluster.leader_predates_lease.swap(true, Ordering::SeqCst) {
+                    info!(leader = %leader.name, "the leader predates lease renewals: its heartbeats renew this node's lease");
+                }
+            }
+            Err(error) => debug!(leader = %leader.name, %error, "lease renewal failed"),
+        }
+    }
+}
+
 async fn controller(cluster: Arc<Cluster>) {
     let mut contact = Contact::default();
     let mut last_pass = Instant::now();

@@ -14,7 +14,7 @@ use tollgate_proto::peer::peer_client::PeerClient;
 use tollgate_proto::peer::{
     AwaitConfigRequest, AwaitConfigResponse, ForwardExportRequest, ForwardExportsRequest, ForwardRequest,
     ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
-    QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    LeaseRequest, LeaseResponse, QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tonic::transport::{Channel, Endpoint};
@@ -106,6 +106,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     ) -> BoxFuture<'_, Result<AwaitConfigResponse, TransportError>> {
         let error =
             status_error(addr, tonic::Status::unimplemented("this transport cannot wait for a peer's configuration"));
+        Box::pin(async move { Err(error) })
+    }
+    /// Asks the leader at `addr` to renew this node's lease (the `Lease` RPC). A transport
+    /// without it cannot ask (nor can a node that predates it: both answer as unimplemented).
+    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+        let error = status_error(addr, tonic::Status::unimplemented("this transport cannot renew a lease"));
         Box::pin(async move { Err(error) })
     }
 }
@@ -530,6 +536,14 @@ impl Transport for TonicTransport {
             within(&addr, timeout, client.await_config(self.request(request, timeout))).await
         })
     }
+
+    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let mut client = self.client(&addr)?;
+            within(&addr, self.timeout, client.lease(self.request(LeaseRequest {}, self.timeout))).await
+        })
+    }
 }
 
 /// Faults shared by the transports of an in-process test cluster.
@@ -542,6 +556,8 @@ pub struct Faults {
 struct FaultState {
     /// Addresses cut off from everyone else (both directions).
     isolated: BTreeSet<String>,
+    /// One side of a partition: calls between it and the other addresses fail.
+    side: BTreeSet<String>,
     /// Calls dropped (failing as unreachable) every `n`-th time, 0 for never.
     drop_every: u64,
     calls: u64,
@@ -568,6 +584,12 @@ impl Faults {
         self.state.lock().expect("faults lock").isolated.insert(addr.to_string());
     }
 
+    /// Splits the cluster in two: calls between `side` and every other address fail as
+    /// unreachable (each side still reaches itself).
+    pub fn partition(&self, side: &[&str]) {
+        self.state.lock().expect("faults lock").side = side.iter().map(|a| a.to_string()).collect();
+    }
+
     /// Reconnects `addr`.
     pub fn heal(&self, addr: &str) {
         self.state.lock().expect("faults lock").isolated.remove(addr);
@@ -577,6 +599,7 @@ impl Faults {
     pub fn heal_all(&self) {
         let mut state = self.state.lock().expect("faults lock");
         state.isolated.clear();
+        state.side.clear();
         state.predating.clear();
         state.raft_held.clear();
         state.raft_delays.clear();
@@ -638,7 +661,8 @@ impl Faults {
     fn check(&self, from: &str, to: &str) -> Result<Duration, TransportError> {
         let mut state = self.state.lock().expect("faults lock");
         state.calls += 1;
-        if state.isolated.contains(from) || state.isolated.contains(to) {
+        let split = !state.side.is_empty() && state.side.contains(from) != state.side.contains(to);
+        if split || state.isolated.contains(from) || state.isolated.contains(to) {
             return Err(unreachable(to, format!("partitioned from {from}")));
         }
         if state.drop_every > 0 && state.calls.is_multiple_of(state.drop_every) {
@@ -762,6 +786,14 @@ impl Transport for FaultyTransport {
         Box::pin(async move {
             self.gate(&addr).await?;
             self.inner.await_config(&addr, request).await
+        })
+    }
+
+    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            self.gate(&addr).await?;
+            self.inner.lease(&addr).await
         })
     }
 }

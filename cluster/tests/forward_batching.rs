@@ -12,8 +12,8 @@ use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
     AwaitConfigRequest, AwaitConfigResponse, ExportOutcome, ForwardExportRequest, ForwardExportsRequest,
     ForwardExportsResponse, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest,
-    IdentifyResponse, JoinRequest, JoinResponse, QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest,
-    WriteResponse,
+    IdentifyResponse, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, QueryRequest, QueryResponse, RaftRequest,
+    RaftResponse, WriteRequest, WriteResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -97,6 +97,9 @@ impl Peer for TestPeer {
     }
     async fn await_config(&self, _: Request<AwaitConfigRequest>) -> Result<Response<AwaitConfigResponse>, Status> {
         Err(Status::unimplemented("await_config"))
+    }
+    async fn lease(&self, _: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+        Err(Status::unimplemented("lease"))
     }
 }
 

@@ -14,8 +14,8 @@ use tollgate_cluster::{
     Cluster, ClusterError, ClusterSettings, ClusterState, Command, CommandResponse, NodeId, PeerNode, VnodeState,
 };
 use tollgate_proto::peer::{
-    ForwardExportRequest, ForwardRequest, ForwardResponse, HandOffRequest, JoinRequest, JoinResponse, QueryRequest,
-    QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
+    ForwardExportRequest, ForwardRequest, ForwardResponse, HandOffRequest, JoinRequest, JoinResponse, LeaseResponse,
+    QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
 use tollgate_rules::pricing::{ModelPricing, ProviderPricing};
 use tollgate_rules::PricingDocument;
@@ -88,6 +88,11 @@ impl Transport for LocalTransport {
     fn join(&self, addr: &str, request: JoinRequest) -> BoxFuture<'_, Result<JoinResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move { self.node(&addr)?.handle_join(request).await.map_err(|e| refused(&addr, e)) })
+    }
+
+    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+        let addr = addr.to_string();
+        Box::pin(async move { self.node(&addr)?.handle_lease().map_err(|e| refused(&addr, e)) })
     }
 }
 
@@ -570,4 +575,63 @@ async fn test_cluster_dead_node_is_removed_by_force_after_failover() {
     })
     .await;
     assert!(cluster.node(leader).state().held_by.is_empty(), "its data is given up, not held");
+}
+
+/// A leader cut off with one follower from the majority of five voters goes on sending that
+/// follower heartbeats (same term: the follower accepts them, and with Pre-Vote never runs for
+/// election). Counting those as contact kept the follower's lease, so it went on merging the
+/// vnodes the majority had meanwhile given to others. Renewals are answered only by a leader a
+/// majority acknowledged: both lapse within half of `failover_after`, before the majority
+/// reassigns anything, and regain it once back and caught up with the reassignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_minority_with_the_old_leader_loses_its_lease_before_the_majority_reassigns_its_vnodes() {
+    let mut cluster = TestCluster::new();
+    cluster.bootstrap(1).await;
+    for id in 2..=5 {
+        cluster.join(id, 1).await;
+    }
+    let all = [1, 2, 3, 4, 5];
+    cluster.wait_all("a balanced map over five", |s| balanced(s, &all)).await;
+    wait_until("five voters holding their leases", || {
+        let leader = cluster.leader()?;
+        let voters = cluster.node(leader).status().nodes.iter().filter(|m| m.role == "voter").count();
+        (voters == 5 && all.iter().all(|id| cluster.node(*id).holds_lease().holds())).then_some(())
+    })
+    .await;
+    let old_leader = cluster.leader().expect("a leader");
+    let follower = all.into_iter().find(|id| *id != old_leader).unwrap();
+    let majority: Vec<NodeId> = all.into_iter().filter(|id| *id != old_leader && *id != follower).collect();
+    let owned_before = owned_by(&cluster.node(follower).state(), follower);
+    assert!(owned_before > 0, "the follower owns vnodes");
+
+    let cut = Instant::now();
+    cluster.faults.partition(&[&addr(old_leader), &addr(follower)]);
+    wait_until("the minority's leases lapsed", || {
+        [old_leader, follower].iter().all(|id| !cluster.node(*id).holds_lease().holds()).then_some(())
+    })
+    .await;
+    let lapsed_after = cut.elapsed();
+    assert!(lapsed_after < cluster.settings.failover_after, "lapsed within failover_after: {lapsed_after:?}");
+    assert_eq!(owned_by(&cluster.node(follower).state(), follower), owned_before, "its own map is unchanged");
+    let new_leader = cluster.wait_leader_among(&majority).await;
+    wait_until("the majority reassigned the minority's vnodes", || {
+        let state = cluster.node(new_leader).state();
+        (owned_by(&state, follower) == 0 && owned_by(&state, old_leader) == 0).then_some(state.vnodes.epoch)
+    })
+    .await;
+    for id in &majority {
+        assert!(cluster.node(*id).holds_lease().holds(), "node {id} of the majority merges");
+    }
+    assert!(!cluster.node(follower).holds_lease().holds(), "the follower still merges nothing");
+
+    cluster.faults.heal_all();
+    let reassigned = cluster.node(new_leader).state().vnodes.epoch;
+    for id in [old_leader, follower] {
+        let node = cluster.node(id);
+        wait_until("back in touch, holding its lease", || node.holds_lease().holds().then_some(())).await;
+        assert!(
+            node.state().vnodes.epoch >= reassigned,
+            "node {id} holds its lease with the map it was given meanwhile"
+        );
+    }
 }

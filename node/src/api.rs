@@ -584,6 +584,9 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         } else if !state.cluster.caught_up() {
             "catching up with the cluster: not in touch with a leader yet, or still applying the changes it \
              committed"
+        } else if !state.cluster.holds_lease().holds() {
+            "catching up with the cluster: no lease on its vnodes yet (the leader has not answered a renewal \
+             sent since it started, or it is still applying what the leader committed)"
         } else {
             "starting or stopping"
         }

@@ -21,8 +21,8 @@ use tollgate_proto::peer::peer_server::{Peer, PeerServer};
 use tollgate_proto::peer::{
     AwaitConfigRequest, AwaitConfigResponse, ExportOutcome, ForwardExportRequest, ForwardExportsRequest,
     ForwardExportsResponse, ForwardRequest, ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest,
-    IdentifyResponse, JoinRequest, JoinResponse, QueryKind, QueryRequest, QueryResponse, RaftRequest, RaftResponse,
-    Signal, WriteRequest, WriteResponse,
+    IdentifyResponse, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, QueryKind, QueryRequest, QueryResponse,
+    RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
 use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
 use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
@@ -267,6 +267,10 @@ impl Peer for PeerService {
         let (pricing_version, rules_version) =
             self.ingest.config_at_least(request.pricing_version, request.rules_version, timeout).await;
         Ok(Response::new(AwaitConfigResponse { pricing_version, rules_version }))
+    }
+
+    async fn lease(&self, _request: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+        self.cluster.handle_lease().map(Response::new).map_err(cluster_status)
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {

@@ -9,11 +9,13 @@
 //!
 //! So a member merges only while it holds a lease: within half of `failover_after` of when it
 //! sent a request that a leader with a majority answered. A follower renews it with the `Lease`
-//! RPC (the leader answers while a majority acknowledged it within two election timeouts, with
-//! what it committed in its term); a leader's is its last quorum acknowledgement (openraft's,
-//! also a sending time). Both are times this node sent something, after which the answer was
-//! given: never old, whatever waited in sockets. Once the lease lapsed, it is regained by an
-//! answer to a request sent after the lapse was seen, once this node applied the commit that
+//! RPC (the leader answers, with what it committed in its term, while a majority acknowledged
+//! it within two election timeouts and the member acknowledged its messages within a quarter of
+//! `failover_after`: failover counts from those); a leader's is its last quorum acknowledgement
+//! (openraft's, also a sending time). Both are times this node sent something, after which the
+//! answer was given: never old, whatever waited in sockets. Once the lease lapsed, it is
+//! regained by an answer to a request sent after the lease ran out (after the lapse was seen, or
+//! longer than the lease after the previous contact), once this node applied the commit that
 //! answer reported, so that it knows where its vnodes went.
 //!
 //! A leader that predates the `Lease` RPC cannot renew anything: its followers count its

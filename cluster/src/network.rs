@@ -199,6 +199,8 @@ pub fn misaddressed(id: NodeId, target: NodeId) -> Option<String> {
 /// An append-entries (or heartbeat) this node accepted from a leader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accepted {
+    /// The leader that sent it.
+    pub leader: NodeId,
     /// The index the leader reported committed, when it committed it in its own term: a new
     /// leader's report of an earlier term's commit may be behind what was committed.
     pub commit: Option<u64>,
@@ -238,11 +240,11 @@ async fn append_entries(raft: &Raft, payload: &[u8]) -> (RaftResponse, Option<Ac
         Ok(rpc) => rpc,
         Err(e) => return (e, None),
     };
-    let term = rpc.vote.leader_id().term;
+    let (term, leader) = (rpc.vote.leader_id().term, rpc.vote.leader_id().node_id);
     let commit = rpc.leader_commit.filter(|c| c.committed_leader_id().term == term).map(|c| c.index);
     let result = raft.append_entries(rpc).await;
     let accepted = matches!(&result, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)));
-    (answer(result), accepted.then_some(Accepted { commit }))
+    (answer(result), accepted.then_some(Accepted { leader, commit }))
 }
 
 #[cfg(test)]

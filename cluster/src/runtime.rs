@@ -15,14 +15,13 @@ use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_proto::peer::{
-    AwaitConfigRequest, JoinRequest, JoinResponse, LeaseResponse, RaftRequest, RaftResponse, WriteRequest,
-    WriteResponse,
+    AwaitConfigRequest, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, RaftRequest, RaftResponse,
+    WriteRequest, WriteResponse,
 };
 use tracing::{debug, info, warn};
 
@@ -217,9 +216,12 @@ pub struct Cluster {
     leader_contact: Mutex<Option<Instant>>,
     /// This node's lease on the vnodes it owns ([`Cluster::holds_lease`]).
     lease: Mutex<Lease>,
-    /// The leader answered a lease renewal as a node that predates it: its append-entries renew
-    /// the lease instead (see [`crate::lease`]).
-    leader_predates_lease: AtomicBool,
+    /// The leader that answered a lease renewal as a node that predates it: its append-entries
+    /// (its own, no other leader's) renew the lease instead (see [`crate::lease`]).
+    leader_predates_lease: Mutex<Option<NodeId>>,
+    /// While this node leads: the members whose vnodes its controller is reassigning (a
+    /// failover pass writes one command per vnode); their lease renewals are refused meanwhile.
+    failing_over: Mutex<BTreeSet<NodeId>>,
     /// While this node leads: its term, and since when, as its controller saw it take over.
     leading_since: Mutex<Option<(u64, Instant)>>,
 }
@@ -286,7 +288,8 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             leader_contact: Mutex::new(None),
             lease: Mutex::new(lease),
-            leader_predates_lease: AtomicBool::new(false),
+            leader_predates_lease: Mutex::new(None),
+            failing_over: Mutex::new(BTreeSet::new()),
             leading_since: Mutex::new(None),
         });
         let controller = tokio::spawn(controller(Arc::clone(&cluster)));
@@ -489,7 +492,7 @@ impl Cluster {
         if let Some(accepted) = accepted {
             let now = Instant::now();
             *self.leader_contact.lock().expect("contact lock") = Some(now);
-            if self.leader_predates_lease.load(Ordering::SeqCst) {
+            if *self.leader_predates_lease.lock().expect("lease lock") == Some(accepted.leader) {
                 self.lease.lock().expect("lease lock").touch(now, accepted.commit, false);
             }
         }
@@ -497,8 +500,12 @@ impl Cluster {
     }
 
     /// Answers a member's lease renewal: only a leader a majority acknowledged within two
-    /// election timeouts does, with its term and what it committed in it.
-    pub fn handle_lease(&self) -> Result<LeaseResponse, ClusterError> {
+    /// election timeouts does, with its term and what it committed in it, and only while the
+    /// member acknowledged it within a quarter of `failover_after` (its failover counts from
+    /// those acknowledgements: a member that reaches the leader but whose Raft messages fail gets
+    /// no lease) and is not losing its vnodes in a failover pass now.
+    pub fn handle_lease(&self, request: LeaseRequest) -> Result<LeaseResponse, ClusterError> {
+        let member = request.node_id;
         let metrics = self.raft.metrics().borrow_watched().clone();
         if metrics.state != ServerState::Leader || !self.in_contact_by(&metrics) {
             return Err(ClusterError::NoQuorum("not a leader with a majority in touch: no lease to give".into()));
@@ -507,6 +514,22 @@ impl Cluster {
         let Some(commit) = commit else {
             return Err(ClusterError::NoQuorum("a new leader that committed nothing in its term yet; retry".into()));
         };
+        if member != self.id {
+            let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+            if !heartbeat.contains_key(&member) {
+                return Err(ClusterError::NoQuorum(format!("node {member} is not a member this leader replicates to")));
+            }
+            let since = self.leading_since.lock().expect("leading lock").map(|(_, since)| since);
+            let silent = acked_ago(&heartbeat, member).or_else(|| since.map(|s| s.elapsed()));
+            if silent.is_none_or(|silent| silent > self.settings.failover_after / 4) {
+                return Err(ClusterError::NoQuorum(format!(
+                    "node {member} has not acknowledged this leader's messages lately: no lease"
+                )));
+            }
+            if self.failing_over.lock().expect("failover lock").contains(&member) {
+                return Err(ClusterError::NoQuorum(format!("node {member}'s vnodes are being reassigned; retry")));
+            }
+        }
         Ok(LeaseResponse { term: metrics.current_term, commit_index: commit.index })
     }
 
@@ -1130,7 +1153,6 @@ const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the leader's controller looks at the cluster.
 const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
 /// A follower's lease renewals: every half election timeout, asks the leader it knows (see
 /// [`crate::lease`]). A leader that predates the `Lease` RPC makes its append-entries count
 /// instead, until a leader answers one.
@@ -1141,15 +1163,23 @@ async fn renew_lease(cluster: Arc<Cluster>) {
         if cluster.is_leader() {
             continue;
         }
-        let Some((_, leader)) = cluster.leader() else { continue };
+        if cluster.applied.borrow().state.departed.contains(&cluster.id) {
+            continue;
+        }
+        let Some((leader_id, leader)) = cluster.leader() else { continue };
+        let request = LeaseRequest { node_id: cluster.id };
         let sent = Instant::now();
-        match cluster.transport.lease(&leader.cluster_addr).await {
+        // At most an election timeout: a leader gone silent must not hold renewals up once
+        // another is elected.
+        let answer = cluster.transport.lease(&leader.cluster_addr, request, cluster.settings.election_timeout).await;
+        let mut predates = cluster.leader_predates_lease.lock().expect("lease lock");
+        match answer {
             Ok(answer) => {
-                cluster.leader_predates_lease.store(false, Ordering::SeqCst);
+                *predates = None;
                 cluster.lease.lock().expect("lease lock").touch(sent, Some(answer.commit_index), true);
             }
             Err(TransportError::Refused { code, .. }) if code == "Unimplemented" => {
-                if !cluster.leader_predates_lease.swap(true, Ordering::SeqCst) {
+                if predates.replace(leader_id) != Some(leader_id) {
                     info!(leader = %leader.name, "the leader predates lease renewals: its heartbeats renew this node's lease");
                 }
             }
@@ -1158,6 +1188,7 @@ async fn renew_lease(cluster: Arc<Cluster>) {
     }
 }
 
+/// On the leader: fail over unreachable nodes, let leaving nodes go, keep the map balanced.
 async fn controller(cluster: Arc<Cluster>) {
     let mut contact = Contact::default();
     let mut last_pass = Instant::now();
@@ -1283,6 +1314,15 @@ fn unreachable_members(
     Some(unreachable)
 }
 
+/// Ends a failover pass (however the pass ends): no member is refused a lease for it any more.
+struct FailoverPass<'a>(&'a Cluster);
+
+impl Drop for FailoverPass<'_> {
+    fn drop(&mut self) {
+        self.0.failing_over.lock().expect("failover lock").clear();
+    }
+}
+
 async fn control_once(cluster: &Cluster, term: u64, leader_since: Instant) -> Result<(), ClusterError> {
     let state = cluster.state();
     if !state.is_bootstrapped() {
@@ -1298,6 +1338,10 @@ async fn control_once(cluster: &Cluster, term: u64, leader_since: Instant) -> Re
     }
 
     // Failover: vnodes of unreachable nodes go to live ones at once (no hand-over possible).
+    // Their lease renewals are refused until the pass is over: one answered halfway would let a
+    // member that just came back merge for vnodes reassigned moments later.
+    *cluster.failing_over.lock().expect("failover lock") = unreachable.clone();
+    let _pass = FailoverPass(cluster);
     let mut reassigned = false;
     let mut load: BTreeMap<NodeId, usize> =
         state.vnodes.counts(&live).into_iter().filter(|(id, _)| live.contains(id)).collect();

@@ -108,9 +108,15 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
             status_error(addr, tonic::Status::unimplemented("this transport cannot wait for a peer's configuration"));
         Box::pin(async move { Err(error) })
     }
-    /// Asks the leader at `addr` to renew this node's lease (the `Lease` RPC). A transport
-    /// without it cannot ask (nor can a node that predates it: both answer as unimplemented).
-    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+    /// Asks the leader at `addr` to renew this node's lease (the `Lease` RPC), waiting at most
+    /// `timeout`. A transport without it cannot ask (nor can a node that predates it: both
+    /// answer as unimplemented).
+    fn lease(
+        &self,
+        addr: &str,
+        _request: LeaseRequest,
+        _timeout: Duration,
+    ) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
         let error = status_error(addr, tonic::Status::unimplemented("this transport cannot renew a lease"));
         Box::pin(async move { Err(error) })
     }
@@ -537,11 +543,16 @@ impl Transport for TonicTransport {
         })
     }
 
-    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+    fn lease(
+        &self,
+        addr: &str,
+        request: LeaseRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move {
             let mut client = self.client(&addr)?;
-            within(&addr, self.timeout, client.lease(self.request(LeaseRequest {}, self.timeout))).await
+            within(&addr, timeout, client.lease(self.request(request, timeout))).await
         })
     }
 }
@@ -567,6 +578,8 @@ struct FaultState {
     delay: Duration,
     /// Addresses answering `ForwardExport` as a node that predates it.
     predating: BTreeSet<String>,
+    /// Addresses answering `Lease` as a node that predates it.
+    predating_leases: BTreeSet<String>,
     /// Raft calls to these addresses fail as unreachable (the other calls go through).
     raft_held: BTreeSet<String>,
     /// Added to Raft calls to these addresses.
@@ -590,6 +603,12 @@ impl Faults {
         self.state.lock().expect("faults lock").side = side.iter().map(|a| a.to_string()).collect();
     }
 
+    /// `addr` answers `Lease` as a node that predates it (unimplemented), until
+    /// [`Faults::heal_all`].
+    pub fn predate_lease(&self, addr: &str) {
+        self.state.lock().expect("faults lock").predating_leases.insert(addr.to_string());
+    }
+
     /// Reconnects `addr`.
     pub fn heal(&self, addr: &str) {
         self.state.lock().expect("faults lock").isolated.remove(addr);
@@ -601,6 +620,7 @@ impl Faults {
         state.isolated.clear();
         state.side.clear();
         state.predating.clear();
+        state.predating_leases.clear();
         state.raft_held.clear();
         state.raft_delays.clear();
         state.drop_every = 0;
@@ -789,11 +809,19 @@ impl Transport for FaultyTransport {
         })
     }
 
-    fn lease(&self, addr: &str) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
+    fn lease(
+        &self,
+        addr: &str,
+        request: LeaseRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<LeaseResponse, TransportError>> {
         let addr = addr.to_string();
         Box::pin(async move {
             self.gate(&addr).await?;
-            self.inner.lease(&addr).await
+            if self.faults.state.lock().expect("faults lock").predating_leases.contains(&addr) {
+                return Err(status_error(&addr, tonic::Status::unimplemented("unknown method Lease")));
+            }
+            self.inner.lease(&addr, request, timeout).await
         })
     }
 }

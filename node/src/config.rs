@@ -436,11 +436,12 @@ impl NodeConfig {
                 c.election_timeout_ms, c.heartbeat_interval_ms
             ));
         }
-        if c.failover_after_seconds.saturating_mul(1000) < c.election_timeout_ms.saturating_mul(6) {
+        if c.failover_after_seconds.saturating_mul(1000) < c.election_timeout_ms.saturating_mul(12) {
             return fail(format!(
-                "cluster.failover_after_seconds: {} s must be at least six election timeouts \
+                "cluster.failover_after_seconds: {} s must be at least twelve election timeouts \
                  (cluster.election_timeout_ms {} ms): a member out of touch with the leader for half of it stops \
-                 merging, and an election (up to two election timeouts and a few round trips) must not make it stop",
+                 merging, and an election (three to four election timeouts and a few round trips) must not make it \
+                 stop",
                 c.failover_after_seconds, c.election_timeout_ms
             ));
         }
@@ -563,8 +564,8 @@ mod tests {
             ("retention: {sweep_interval_seconds: 0}", "retention.sweep_interval_seconds: must be", "logs_seconds"),
             ("cluster: {election_timeout_ms: 500}", "cluster.election_timeout_ms: 500 must be more than twice", "rpc"),
             (
-                "cluster: {failover_after_seconds: 5}",
-                "cluster.failover_after_seconds: 5 s must be at least six election timeouts (cluster.election_timeout_ms 1000 ms)",
+                "cluster: {failover_after_seconds: 11}",
+                "cluster.failover_after_seconds: 11 s must be at least twelve election timeouts (cluster.election_timeout_ms 1000 ms)",
                 "heartbeat",
             ),
         ] {

@@ -423,15 +423,17 @@ impl Actor for Owner {
         metrics::counter!(m::OWNER_POPPED).increment(1);
         // Ownership is read from the applied cluster state at every message: data that was
         // queued before a hand-over began is refused once it has.
-        // The lease first: once it is held, the map read next is at least as new as the commit
-        // it was regained with (the state machine publishes the map before Raft counts the
-        // entry applied).
-        let merges = matches!(message, OwnerMsg::Metrics { .. } | OwnerMsg::Logs { .. });
-        let lapsed = merges.then(|| state.context.lease.holds_lease()).filter(|check| !check.holds());
         let owned = state.owns_now();
         if owned != state.owned {
             state.transition(owned).await;
         }
+        // The lease, then the map once more: once the lease is held, the map read after it is at
+        // least as new as the commit it was regained with (the state machine publishes the map
+        // before Raft counts the entry applied). A vnode found moved here is refused this once;
+        // the next message makes the transition.
+        let merges = matches!(message, OwnerMsg::Metrics { .. } | OwnerMsg::Logs { .. });
+        let lapsed = merges.then(|| state.context.lease.holds_lease()).filter(|check| !check.holds());
+        let owned = owned && state.owns_now();
         match message {
             OwnerMsg::Metrics { reply, .. } | OwnerMsg::Logs { reply, .. } if !owned => {
                 let _ = reply.send(Err(state.not_owner()));

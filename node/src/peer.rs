@@ -269,8 +269,8 @@ impl Peer for PeerService {
         Ok(Response::new(AwaitConfigResponse { pricing_version, rules_version }))
     }
 
-    async fn lease(&self, _request: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
-        self.cluster.handle_lease().map(Response::new).map_err(cluster_status)
+    async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+        self.cluster.handle_lease(request.into_inner()).map(Response::new).map_err(cluster_status)
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {

@@ -278,7 +278,7 @@ async fn test_cluster_kill9_of_an_owner_during_a_stream_loses_and_doubles_nothin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cluster_kill9_of_the_leader_then_writes_resume_and_it_catches_up() {
-    let env = [("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "4")];
+    let env = [("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "8")];
     let mut nodes = three_nodes(&env).await;
     // A member names the leader while it is in touch with it (a starved one may not, a moment).
     let leader = wait_for("a leader", || async { leader_name(&nodes[0].cluster_status().await) }).await;
@@ -888,7 +888,7 @@ async fn test_a_node_advertising_another_nodes_address_does_not_start() {
 async fn test_a_member_frozen_past_failover_does_not_merge_what_waited_for_it() {
     use prost::Message as _;
     const PODS: u64 = 12;
-    let env = [("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "4")];
+    let env = [("TOLLGATE_CLUSTER_FAILOVER_AFTER_SECONDS", "8")];
     let nodes = three_nodes(&env).await;
     let leader = wait_for("a leader", || async { leader_name(&nodes[0].cluster_status().await) }).await;
     let frozen = nodes.iter().find(|n| n.endpoints.node_id != leader).expect("a follower");

@@ -741,8 +741,9 @@ fn spawn_background(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Each owner logs its own transitions at debug level; the node logs the count.
             let mut owned_before = None;
-            // Whether the lease was held at the last tick (its lapses and returns are logged).
-            let mut lease_before = None;
+            // Whether the lease was held since the node started, and whether its lapse was told
+            // (its lapses and returns are logged once each).
+            let (mut lease_held_once, mut lease_lapse_told) = (false, false);
             // Contact with a leader that has a majority (as a follower, or as a leader with its
             // quorum); an election after the leader went away is not reported.
             let mut contact = Contact::new(cluster.settings().election_timeout * 2);
@@ -767,19 +768,20 @@ fn spawn_background(
                     None => {}
                 }
                 let lease = cluster.holds_lease();
-                match (lease, lease_before.replace(lease.holds())) {
-                    (LeaseCheck::Lapsed { last_contact }, Some(true)) => warn!(
+                match (lease, lease_lapse_told) {
+                    (LeaseCheck::Lapsed { last_contact }, false) if lease_held_once => warn!(
                         last_contact_ms = last_contact.map(|ago| ago.as_millis() as u64),
                         "lease lapsed: out of touch with the cluster's leader for half of \
                          cluster.failover_after_seconds, this node merges nothing for the vnodes it owns (they may \
                          be given to other members) until it is back in touch and caught up; their exports are \
                          refused (503, retryable)"
                     ),
-                    (LeaseCheck::Held, Some(false)) => {
-                        info!("lease regained: merging exports for the vnodes it owns again")
-                    }
+                    (LeaseCheck::Held, true) => info!("lease regained: merging exports for the vnodes it owns again"),
                     _ => {}
                 }
+                // A node starting holds no lease yet: only a lapse after it held one is told.
+                lease_held_once |= lease.holds();
+                lease_lapse_told = lease_held_once && !lease.holds();
                 metrics::gauge!(m::VNODES_LEASE_HELD).set(f64::from(u8::from(lease.holds())));
                 let raft = cluster.figures();
                 metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);

@@ -178,22 +178,22 @@ pub struct QueryArgs {
     #[arg(long)]
     pub list: bool,
     /// Service.
-    #[arg(long)]
+    #[arg(long, requires = "metric")]
     pub service: Option<String>,
     /// Instance (instance metrics).
-    #[arg(long)]
+    #[arg(long, requires = "metric")]
     pub instance: Option<String>,
     /// Start (RFC 3339 or unix seconds; default: an hour before end).
-    #[arg(long)]
+    #[arg(long, requires = "metric")]
     pub start: Option<String>,
     /// End, exclusive (default: now).
-    #[arg(long)]
+    #[arg(long, requires = "metric")]
     pub end: Option<String>,
     /// minute, hour or day.
-    #[arg(long)]
+    #[arg(long, requires = "metric")]
     pub step: Option<String>,
     /// Print the raw JSON answer.
-    #[arg(long)]
+    #[arg(long, requires = "metric")]
     pub json: bool,
 }
 
@@ -313,15 +313,18 @@ fn api_url(text: &str) -> Result<String, String> {
 /// them itself (a new leader; losing and regaining contact with a member), so unless the filter
 /// names `openraft`, only [`openraft_shown`] events of openraft pass it.
 fn init_logging() -> Result<(), String> {
-    use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _};
+    use tracing_subscriber::filter::{filter_fn, FilterExt as _};
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
-    let directives =
-        std::env::var("TOLLGATE_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".into());
+    let (variable, directives) = match std::env::var("TOLLGATE_LOG") {
+        Ok(directives) => ("TOLLGATE_LOG", directives),
+        Err(_) => ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
+    };
+    let filter = log_filter(&directives).map_err(|e| format!("{variable}: {e}"))?;
     let quiet_raft = !directives.contains("openraft");
     let raft = filter_fn(move |event| !quiet_raft || openraft_shown(event.target(), event.level()));
-    let filter = EnvFilter::new(directives).and(raft);
+    let filter = filter.and(raft);
     let layer = tracing_subscriber::fmt::layer().with_target(false);
     let layer = match std::env::var("TOLLGATE_LOG_FORMAT").as_deref() {
         Err(_) | Ok("text") => layer.with_ansi(std::io::stdout().is_terminal()).with_filter(filter).boxed(),
@@ -330,6 +333,22 @@ fn init_logging() -> Result<(), String> {
     };
     tracing_subscriber::registry().with(layer).init();
     Ok(())
+}
+
+/// The log filter of `directives` (`tracing`'s `EnvFilter` syntax), refusing what it would
+/// take silently for something else: a word that is not a level (`warning`, `notalevel`) is a
+/// target name to it, and the filter then shows that target only, that is nothing.
+fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    for directive in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', '{']);
+        if bare && directive.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?} is not a level (error, warn, info, debug, trace or off) nor TARGET=LEVEL, e.g. \
+                 info or info,tollgate=debug"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| format!("{directives:?} is not a log filter: {e}"))
 }
 
 /// Whether an event of `target` at `level` is logged when the filter does not name openraft:
@@ -750,7 +769,7 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{api_url, openraft_shown, parse_args, render_status, Cli, Client};
+    use super::{api_url, log_filter, openraft_shown, parse_args, render_status, Cli, Client};
     use clap::Parser;
     use tracing::Level;
 
@@ -840,6 +859,29 @@ mod tests {
         assert!(error.contains("--api") && error.contains("not-a-url"), "{error}");
         let error = Cli::try_parse_from(["tollgate", "cluster", "join", "10.0.0.7:12800"]).unwrap_err().to_string();
         assert!(error.contains("10.0.0.7:12800"), "{error}");
+        // A query's options without a metric: refused (it listed the catalogue, options ignored).
+        let error = Cli::try_parse_from(["tollgate", "query", "--service", "gw"]).unwrap_err().to_string();
+        assert!(error.contains("<METRIC>"), "{error}");
+        assert!(Cli::try_parse_from(["tollgate", "query"]).is_ok(), "the catalogue");
+        assert!(Cli::try_parse_from(["tollgate", "query", "m", "--service", "gw", "--json"]).is_ok());
+    }
+
+    /// A typo in `TOLLGATE_LOG` (`warning`) made `EnvFilter` show one target of that name, and
+    /// the node logged nothing at all.
+    #[test]
+    fn test_a_log_filter_that_would_show_nothing_is_refused() {
+        for good in ["info", "warn,tollgate=debug", "info,openraft=info", "WARN", "off", "debug,tollgate::owner=trace"]
+        {
+            assert!(log_filter(good).is_ok(), "{good}: {:?}", log_filter(good).err());
+        }
+        for (bad, says) in [
+            ("notalevel", "\"notalevel\" is not a level (error, warn, info, debug, trace or off) nor TARGET=LEVEL"),
+            ("info,warning", "\"warning\" is not a level"),
+            ("info,tollgate=loud", "\"info,tollgate=loud\" is not a log filter"),
+        ] {
+            let error = log_filter(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     /// `serve` refuses the client commands' options on its command line (it ignored them, so

@@ -438,11 +438,13 @@ impl NodeConfig {
         }
         if c.failover_after_seconds.saturating_mul(1000) < c.election_timeout_ms.saturating_mul(12) {
             return fail(format!(
-                "cluster.failover_after_seconds: {} s must be at least twelve election timeouts \
+                "cluster.failover_after_seconds: {} s must be at least twelve election timeouts, {} s here \
                  (cluster.election_timeout_ms {} ms): a member out of touch with the leader for half of it stops \
                  merging, and an election (three to four election timeouts and a few round trips) must not make it \
                  stop",
-                c.failover_after_seconds, c.election_timeout_ms
+                c.failover_after_seconds,
+                c.election_timeout_ms.saturating_mul(12).div_ceil(1000),
+                c.election_timeout_ms
             ));
         }
         Ok(())
@@ -565,7 +567,7 @@ mod tests {
             ("cluster: {election_timeout_ms: 500}", "cluster.election_timeout_ms: 500 must be more than twice", "rpc"),
             (
                 "cluster: {failover_after_seconds: 11}",
-                "cluster.failover_after_seconds: 11 s must be at least twelve election timeouts (cluster.election_timeout_ms 1000 ms)",
+                "cluster.failover_after_seconds: 11 s must be at least twelve election timeouts, 12 s here (cluster.election_timeout_ms 1000 ms)",
                 "heartbeat",
             ),
         ] {

@@ -510,8 +510,7 @@ impl Cluster {
         if metrics.state != ServerState::Leader || !self.in_contact_by(&metrics) {
             return Err(ClusterError::NoQuorum("not a leader with a majority in touch: no lease to give".into()));
         }
-        let commit = metrics.cluster_committed.filter(|c| c.committed_leader_id().term == metrics.current_term);
-        let Some(commit) = commit else {
+        let Some(commit) = committed_in_term(&metrics) else {
             return Err(ClusterError::NoQuorum("a new leader that committed nothing in its term yet; retry".into()));
         };
         if member != self.id {
@@ -530,7 +529,7 @@ impl Cluster {
                 return Err(ClusterError::NoQuorum(format!("node {member}'s vnodes are being reassigned; retry")));
             }
         }
-        Ok(LeaseResponse { term: metrics.current_term, commit_index: commit.index })
+        Ok(LeaseResponse { term: metrics.current_term, commit_index: commit })
     }
 
     /// Whether this node may merge data for the vnodes the applied map gives it: it holds its
@@ -544,17 +543,14 @@ impl Cluster {
             let metrics = metrics.borrow_watched();
             let acked = if metrics.state != ServerState::Leader {
                 None
-            } else if metrics.membership_config.membership().voter_ids().all(|id| id == self.id) {
+            } else if self.sole_voter(&metrics) {
                 Some(now)
             } else {
                 metrics
                     .last_quorum_acked
                     .and_then(|acked| now.checked_sub(openraft::Instant::elapsed(&acked.into_inner())))
             };
-            // As a follower's: what it committed in its own term (a new leader's earlier commits
-            // may be behind what the one before committed, though its log holds them).
-            let commit = metrics.cluster_committed.filter(|c| c.committed_leader_id().term == metrics.current_term);
-            (acked, commit.map(|c| c.index), metrics.last_applied.map_or(0, |l| l.index))
+            (acked, committed_in_term(&metrics), metrics.last_applied.map_or(0, |l| l.index))
         };
         let mut lease = self.lease.lock().expect("lease lock");
         if let Some(acked) = acked {
@@ -578,19 +574,22 @@ impl Cluster {
     /// first entry is committed.
     pub fn caught_up(&self) -> bool {
         let metrics = self.raft.metrics().borrow_watched().clone();
-        let Some(committed) = metrics.cluster_committed.as_ref() else { return false };
+        let Some(committed) = committed_in_term(&metrics) else { return false };
         let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
-        committed.committed_leader_id().term == metrics.current_term
-            && applied >= committed.index
-            && self.in_contact_by(&metrics)
+        applied >= committed && self.in_contact_by(&metrics)
+    }
+
+    /// Whether this node is the only voter (a single-node cluster): it leads with itself as its
+    /// majority.
+    fn sole_voter(&self, metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool {
+        metrics.membership_config.membership().voter_ids().all(|id| id == self.id)
     }
 
     /// [`Cluster::in_contact`] by Raft's `metrics` as read by the caller.
     fn in_contact_by(&self, metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool {
         let window = self.settings.election_timeout * 2;
         if metrics.state == ServerState::Leader {
-            let alone = metrics.membership_config.membership().voter_ids().all(|id| id == self.id);
-            return alone
+            return self.sole_voter(metrics)
                 || metrics
                     .last_quorum_acked
                     .is_some_and(|acked| openraft::Instant::elapsed(&acked.into_inner()) <= window);
@@ -1281,6 +1280,14 @@ fn leader_heartbeat(metrics: openraft::RaftMetrics<crate::raft::TypeConfig>, ter
         return None;
     }
     metrics.heartbeat
+}
+
+/// The index the cluster committed, as Raft's `metrics` report it, if it was committed in the
+/// current term: a new leader reports none, or an earlier term's (which may be behind what the
+/// leader before it committed, though its log holds it), until its first entry is committed,
+/// and that entry commits everything before it.
+fn committed_in_term(metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> Option<u64> {
+    metrics.cluster_committed.filter(|c| c.committed_leader_id().term == metrics.current_term).map(|c| c.index)
 }
 
 /// A leader's record of its members' acknowledgements (Raft's heartbeat metrics).

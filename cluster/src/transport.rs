@@ -576,10 +576,8 @@ struct FaultState {
     forwards: HashMap<(String, String), u64>,
     /// Added to every call.
     delay: Duration,
-    /// Addresses answering `ForwardExport` as a node that predates it.
-    predating: BTreeSet<String>,
-    /// Addresses answering `Lease` as a node that predates it.
-    predating_leases: BTreeSet<String>,
+    /// Addresses and the RPCs they answer as a node that predates them.
+    predating: BTreeSet<(String, &'static str)>,
     /// Raft calls to these addresses fail as unreachable (the other calls go through).
     raft_held: BTreeSet<String>,
     /// Added to Raft calls to these addresses.
@@ -606,7 +604,7 @@ impl Faults {
     /// `addr` answers `Lease` as a node that predates it (unimplemented), until
     /// [`Faults::heal_all`].
     pub fn predate_lease(&self, addr: &str) {
-        self.state.lock().expect("faults lock").predating_leases.insert(addr.to_string());
+        self.state.lock().expect("faults lock").predating.insert((addr.to_string(), "Lease"));
     }
 
     /// Reconnects `addr`.
@@ -620,7 +618,6 @@ impl Faults {
         state.isolated.clear();
         state.side.clear();
         state.predating.clear();
-        state.predating_leases.clear();
         state.raft_held.clear();
         state.raft_delays.clear();
         state.drop_every = 0;
@@ -664,7 +661,17 @@ impl Faults {
     /// Makes the node at `addr` answer `ForwardExport` as a node that predates it does (a gRPC
     /// `UNIMPLEMENTED`), as during a rolling upgrade.
     pub fn predate_forward_export(&self, addr: &str) {
-        self.state.lock().expect("faults lock").predating.insert(addr.to_string());
+        self.state.lock().expect("faults lock").predating.insert((addr.to_string(), "ForwardExport"));
+    }
+
+    /// A call of `method` to `to` answered as a node that predates the RPC answers it (a gRPC
+    /// `UNIMPLEMENTED`), when [`Faults::predate_forward_export`] or [`Faults::predate_lease`]
+    /// said so.
+    fn predates(&self, to: &str, method: &'static str) -> Result<(), TransportError> {
+        if self.state.lock().expect("faults lock").predating.contains(&(to.to_string(), method)) {
+            return Err(status_error(to, tonic::Status::unimplemented(format!("unknown method {method}"))));
+        }
+        Ok(())
     }
 
     /// Forward calls (`Forward` and `ForwardExport`) made from `from` to `to` so far.
@@ -750,9 +757,7 @@ impl Transport for FaultyTransport {
         Box::pin(async move {
             self.faults.count_forward(&self.from, &addr);
             self.gate(&addr).await?;
-            if self.faults.state.lock().expect("faults lock").predating.contains(&addr) {
-                return Err(status_error(&addr, tonic::Status::unimplemented("unknown method ForwardExport")));
-            }
+            self.faults.predates(&addr, "ForwardExport")?;
             self.inner.forward_export(&addr, request).await
         })
     }
@@ -818,9 +823,7 @@ impl Transport for FaultyTransport {
         let addr = addr.to_string();
         Box::pin(async move {
             self.gate(&addr).await?;
-            if self.faults.state.lock().expect("faults lock").predating_leases.contains(&addr) {
-                return Err(status_error(&addr, tonic::Status::unimplemented("unknown method Lease")));
-            }
+            self.faults.predates(&addr, "Lease")?;
             self.inner.lease(&addr, request, timeout).await
         })
     }

@@ -16,7 +16,7 @@ use tollgate_proto::peer::{
     ForwardResponse, HandOffChunk, HandOffRequest, IdentifyRequest, IdentifyResponse, JoinRequest, JoinResponse,
     LeaseRequest, LeaseResponse, QueryRequest, QueryResponse, RaftRequest, RaftResponse, WriteRequest, WriteResponse,
 };
-use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
+use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER, PEER_ANSWER_HEADER};
 use tonic::transport::{Channel, Endpoint};
 
 /// A boxed future.
@@ -401,15 +401,22 @@ fn unreachable(addr: &str, error: impl std::fmt::Display) -> TransportError {
 }
 
 fn status_error(addr: &str, status: tonic::Status) -> TransportError {
+    let answered = status.metadata().contains_key(PEER_ANSWER_HEADER);
     match status.code() {
+        // The peer itself answered: it is up, and refused (retryably) what was asked.
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded if answered => refused(addr, status),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
             unreachable(addr, status.message())
         }
-        code => TransportError::Refused {
-            addr: addr.to_string(),
-            code: format!("{code:?}"),
-            message: status.message().to_string(),
-        },
+        _ => refused(addr, status),
+    }
+}
+
+fn refused(addr: &str, status: tonic::Status) -> TransportError {
+    TransportError::Refused {
+        addr: addr.to_string(),
+        code: format!("{:?}", status.code()),
+        message: status.message().to_string(),
     }
 }
 

@@ -24,7 +24,7 @@ use tollgate_proto::peer::{
     IdentifyResponse, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, QueryKind, QueryRequest, QueryResponse,
     RaftRequest, RaftResponse, Signal, WriteRequest, WriteResponse,
 };
-use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER};
+use tollgate_proto::{CLUSTER_ID_HEADER, CLUSTER_SECRET_HEADER, PEER_ANSWER_HEADER};
 use tollgate_rules::{ExtractedLog, IngestReport, MetricQuery};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
@@ -419,6 +419,7 @@ pub async fn serve(
         check,
     );
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(mark_answer::<tonic::body::Body>))
         .max_frame_size(PEER_MAX_FRAME_BYTES)
         // A node that was paused (a stalled VM, CPU throttling) finds on resuming every call its
         // peers cancelled meanwhile (heartbeats, four a second, time out after the RPC timeout);
@@ -428,6 +429,13 @@ pub async fn serve(
         .add_service(server)
         .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown)
         .await
+}
+
+/// Marks an answer as this service's own ([`PEER_ANSWER_HEADER`]): a caller tells this node's
+/// retryable refusals from a node it cannot reach.
+fn mark_answer<B>(mut response: http::Response<B>) -> http::Response<B> {
+    response.headers_mut().insert(PEER_ANSWER_HEADER, http::HeaderValue::from_static("1"));
+    response
 }
 
 #[cfg(test)]

@@ -471,6 +471,33 @@ async fn test_owners_that_predate_forward_export_get_the_points_extracted() {
     cluster.shutdown().await;
 }
 
+/// A member that answers a call with a retryable refusal (here a follower asked for a lease,
+/// which only the leader gives) is told apart from one nobody reaches: an owner whose lease
+/// lapsed says so to the node forwarding to it, rather than being reported unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_retryable_refusal_of_a_reachable_member_is_not_taken_for_unreachable() {
+    let cluster = Cluster::start().await;
+    let transport = TonicTransport::new(None, Duration::from_secs(2), 1 << 20);
+    let follower = cluster.nodes.iter().find(|node| !node.cluster().is_leader()).expect("a follower");
+    let addr = follower.endpoints.cluster.to_string();
+    let request = tollgate_proto::peer::LeaseRequest { node_id: 1 };
+    match transport.lease(&addr, request, Duration::from_secs(2)).await {
+        Err(error) if matches!(error, TransportError::Refused { .. }) => {
+            assert!(error.is_retryable(), "{error}");
+            let text = error.to_string();
+            assert!(text.contains("refused: Unavailable: not a leader"), "{text}");
+        }
+        other => panic!("expected the follower's retryable refusal, got {other:?}"),
+    }
+    // Nothing listening: unreachable, as before.
+    let closed = free_address().to_string();
+    match transport.lease(&closed, request, Duration::from_secs(2)).await {
+        Err(TransportError::Unreachable { .. }) => {}
+        other => panic!("expected an unreachable peer, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_a_resource_that_does_not_decode_fails_the_export_as_invalid() {
     const SERVICE: &str = "corrupt-gw";

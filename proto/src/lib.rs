@@ -56,3 +56,9 @@ pub const CLUSTER_SECRET_HEADER: &str = "x-tollgate-cluster-secret";
 /// gRPC metadata key of the cluster a calling node belongs to (`ClusterState::cluster_id`, in
 /// decimal; absent while it belongs to none): a node of another cluster refuses the call.
 pub const CLUSTER_ID_HEADER: &str = "x-tollgate-cluster-id";
+
+/// Response header on every answer of a node's peer service: an `UNAVAILABLE` status that
+/// carries it is the peer's own, retryable refusal (a lapsed lease, no quorum, stopping); one
+/// without it came from the transport or from something in between (a proxy), and the peer
+/// counts as unreachable.
+pub const PEER_ANSWER_HEADER: &str = "x-tollgate-peer";

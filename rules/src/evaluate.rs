@@ -194,11 +194,13 @@ impl Partial {
         if groups.is_empty() && rule.group_by.is_empty() {
             groups.push((Vec::new(), &empty));
         }
-        let ranks: Vec<Option<u32>> = if rule.value == ValueKind::Percentile {
+        // Percentile ranks in rank order, whatever the order of the rule's list.
+        let mut ranks: Vec<Option<u32>> = if rule.value == ValueKind::Percentile {
             rule.percentiles.iter().map(|r| Some(*r)).collect()
         } else {
             vec![None]
         };
+        ranks.sort_unstable();
         let mut series = Vec::new();
         for (values, states) in groups {
             for rank in &ranks {
@@ -368,6 +370,16 @@ mod tests {
         assert!(result.series.iter().all(|s| s.points.iter().all(|(_, v)| v.is_none())));
         let labelled = query("meter_envoy_ai_gw_model_request_cpm", None, 0, 120, Step::Minute);
         assert!(Partial::default().finish(&labelled).series.is_empty());
+    }
+
+    /// A rule that lists its ranks out of order answers them in rank order, as the API says.
+    #[test]
+    fn test_percentile_series_come_in_rank_order() {
+        let mut q = query("meter_envoy_ai_gw_request_latency_percentile", None, 0, 120, Step::Minute);
+        q.metric.rule.percentiles = vec![99, 1, 50];
+        let result = Partial::default().finish(&q);
+        let ranks: Vec<&str> = result.series.iter().map(|s| s.labels["p"].as_str()).collect();
+        assert_eq!(ranks, ["1", "50", "99"]);
     }
 
     #[test]

@@ -175,7 +175,7 @@ pub struct QueryArgs {
     /// Metric name (`tollgate query --list` shows them all).
     pub metric: Option<String>,
     /// List the catalogue instead.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["metric", "service", "instance", "start", "end", "step", "json"])]
     pub list: bool,
     /// Service.
     #[arg(long, requires = "metric")]
@@ -483,6 +483,20 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// after 300 s.
 const LEAVE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(330);
 
+/// `value` as one segment of a URL path: every byte but RFC 3986's unreserved characters
+/// percent-encoded, so that a name holding `/`, `?` or `#` names that one resource.
+fn path_segment(value: &str) -> String {
+    let mut segment = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            segment.push(char::from(byte));
+        } else {
+            segment.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    segment
+}
+
 impl Client {
     /// A client of `api` that waits `connect` to connect and `request` for an answer (`--timeout`;
     /// a paused or hung node made a command wait forever).
@@ -564,7 +578,7 @@ impl Client {
                 let metric = args.metric.unwrap_or_default();
                 let value = self
                     .get_json(
-                        &format!("/api/v1/metrics/{metric}"),
+                        &format!("/api/v1/metrics/{}", path_segment(&metric)),
                         &[
                             ("service", args.service),
                             ("instance", args.instance),
@@ -653,7 +667,7 @@ impl Client {
                 Ok(())
             }
             ClusterAction::Leave { node } => {
-                let url = format!("{}/api/v1/cluster/nodes/{node}", self.api);
+                let url = format!("{}/api/v1/cluster/nodes/{}", self.api, path_segment(&node));
                 let wait = self.request_timeout.max(LEAVE_REQUEST_TIMEOUT);
                 let response = self.send(self.http.delete(url).timeout(wait)).await?;
                 let value: Value = response.json().await?;
@@ -769,9 +783,16 @@ pub fn render_status(status: &tollgate_cluster::ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{api_url, log_filter, openraft_shown, parse_args, render_status, Cli, Client};
+    use super::{api_url, log_filter, openraft_shown, parse_args, path_segment, render_status, Cli, Client};
     use clap::Parser;
     use tracing::Level;
+
+    #[test]
+    fn test_a_path_segment_keeps_only_unreserved_characters() {
+        assert_eq!(path_segment("meter_envoy_ai_gw_request_cpm"), "meter_envoy_ai_gw_request_cpm");
+        assert_eq!(path_segment("a/b?c#d e.f~g-h"), "a%2Fb%3Fc%23d%20e.f~g-h");
+        assert_eq!(path_segment("ü"), "%C3%BC");
+    }
 
     /// A node that accepts the connection and never answers (paused, hung) gets a timeout, not
     /// a wait forever; one that refuses it is named with the reason.

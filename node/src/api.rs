@@ -7,7 +7,7 @@ use crate::query::{check_time, LogQuery};
 use crate::runtime::cluster_error;
 use crate::runtime::ConfigService;
 use crate::store::{LogPosition, StoredLog};
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -92,6 +92,12 @@ pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 /// Query parameters, with a malformed value answered in the API's error format.
 fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
     query.map(|Query(params)| params).map_err(|rejection| Error::InvalidArgument(rejection.body_text()))
+}
+
+/// A path parameter, with a malformed one (not UTF-8 once percent-decoded) answered in the API's
+/// error format.
+fn path(path: Result<Path<String>, PathRejection>) -> Result<String, Error> {
+    path.map(|Path(value)| value).map_err(|rejection| Error::InvalidArgument(rejection.body_text()))
 }
 
 /// A request body, with an oversized one answered in the API's error format.
@@ -245,10 +251,13 @@ fn range_seconds((start, end): (u64, u64)) -> (i64, i64) {
 
 async fn metric(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<MetricParams>, QueryRejection>,
 ) -> Result<Response, Error> {
-    let result = metric_answer(state, name, query).await;
+    let result = match path(name) {
+        Ok(name) => metric_answer(state, name, query).await,
+        Err(error) => Err(error),
+    };
     count_query("metric", &result);
     result
 }
@@ -401,7 +410,7 @@ async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejec
         reason,
         kind,
         model: params.model.filter(|model| !model.is_empty()),
-        limit: params.limit.unwrap_or(100),
+        limit: params.limit.unwrap_or_else(|| state.query.local().default_log_page()),
         cursor: params.cursor.as_deref().map(parse_cursor).transpose()?,
     };
     let page = state.query.logs(query).await?;
@@ -535,9 +544,10 @@ struct RemoveOptions {
 async fn remove_node(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     options: Result<Query<RemoveOptions>, QueryRejection>,
 ) -> Result<Response, Error> {
+    let id = path(id)?;
     let options = params(options)?;
     authorize(&headers, state.api_token.as_deref())?;
     let members = state.cluster.state().nodes;

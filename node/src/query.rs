@@ -196,6 +196,9 @@ fn cut_to_page(logs: &mut Vec<StoredLog>, limit: usize, max_bytes: usize) -> boo
     cut
 }
 
+/// The page size of a logs query that gives no `limit`, unless `limits.max_log_page` is smaller.
+pub const DEFAULT_LOG_PAGE: usize = 100;
+
 impl QueryEngine {
     /// A query engine.
     pub fn new(
@@ -209,6 +212,12 @@ impl QueryEngine {
     ) -> QueryEngine {
         let slots = Arc::new(QuerySlots::new(max_concurrent_queries));
         QueryEngine { store, config, vnodes, max_query_points, max_answer_points, max_log_page, slots }
+    }
+
+    /// The page size of a logs query that gives no `limit`: 100, or `limits.max_log_page` when
+    /// that is smaller.
+    pub fn default_log_page(&self) -> usize {
+        DEFAULT_LOG_PAGE.min(self.max_log_page)
     }
 
     /// Refuses a metric answer of more than `limits.max_answer_points` values (a point per

@@ -248,6 +248,31 @@ async fn test_a_record_just_acknowledged_is_in_the_default_range() {
     }
 }
 
+/// A node whose `limits.max_log_page` is below the default page answers a query without `limit`
+/// with a page of that size (it refused the `limit` its client had not sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_query_without_limit_gets_a_page_of_max_log_page_when_that_is_smaller() {
+    let node = TestNode::start_with(&[("TOLLGATE_LIMITS_MAX_LOG_PAGE", "3")], &[]).await;
+    let mut client = node.logs_client().await;
+    let errors: BTreeMap<String, CaseValue> = [
+        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
+        ("response_code".to_string(), CaseValue::Text("500".into())),
+    ]
+    .into_iter()
+    .collect();
+    let base = now_seconds() - 120;
+    let records = (0..5).map(|i| record(base + i, &errors)).collect();
+    client.export(request("small-page-gw", records)).await.expect("accepted");
+    let window = format!("service=small-page-gw&start={}&end={}", base - 60, base + 60);
+    let page = logs(&node, &window).await;
+    assert_eq!(page["logs"].as_array().unwrap().len(), 3, "{page}");
+    let cursor = page["next_cursor"].as_str().expect("more records");
+    let rest = logs(&node, &format!("{window}&cursor={cursor}")).await;
+    assert_eq!(rest["logs"].as_array().unwrap().len(), 2, "{rest}");
+    let (status, body) = node.get(&format!("/api/v1/logs?{window}&limit=4")).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("limit must be between 1 and 3")), "{body}");
+}
+
 /// A record that repeats an attribute is read by the first value, in its derived fields and in
 /// its attributes alike (the attributes showed the last value: `response_code` 200 beside the
 /// reason `error` and `response_code` 500 derived from the first).

@@ -162,6 +162,15 @@ async fn test_pricing_and_rules_are_versioned_validated_protected_and_applied_at
     assert_eq!(answer["name"], "meter_envoy_ai_gw_estimated_cost");
     let (ok, stdout, _) = cli(&node, &["services"]);
     assert!(ok && stdout.contains("cfg-gw") && stdout.contains("pod-0"), "{stdout}");
+    // A metric name is one path segment: a `#`, `?` or `/` in it does not make it another request
+    // (the first two queried the metric before them, the third reached /api/v1/services).
+    for name in ["meter_envoy_ai_gw_request_cpm#frag", "meter_envoy_ai_gw_request_cpm?x=1", "../services"] {
+        let (ok, _, stderr) = cli(&node, &["query", name, "--service", "cfg-gw"]);
+        assert!(!ok && stderr.contains(&format!("no metric named {name:?}")), "{name}: {stderr}");
+    }
+    // Listing takes no query options (it said that a metric was required).
+    let (ok, _, stderr) = cli(&node, &["query", "--list", "--service", "cfg-gw"]);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +240,8 @@ async fn test_query_api_answers_and_parameter_errors() {
     for (query, status, code) in [
         ("/api/v1/metrics/meter_envoy_ai_gw_instance_request_cpm?service=cfg-gw", 400, "invalid_argument"),
         ("/api/v1/metrics/meter_nothing?service=cfg-gw", 404, "not_found"),
+        // A name that is not UTF-8 once decoded: answered in JSON as well (it was plain text).
+        ("/api/v1/metrics/%FF?service=cfg-gw", 400, "invalid_argument"),
         ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm", 400, "invalid_argument"),
         ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&step=week", 400, "invalid_argument"),
         ("/api/v1/metrics/meter_envoy_ai_gw_request_cpm?service=cfg-gw&start=10&end=5", 400, "invalid_argument"),

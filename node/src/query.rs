@@ -232,9 +232,10 @@ impl QueryEngine {
             return Ok(());
         }
         Err(Error::InvalidArgument(format!(
-            "the answer has at least {groups} series of {} values ({values}); at most {} (limits.max_answer_points): \
+            "the answer has at least {} series of {} values ({values}); at most {} (limits.max_answer_points): \
              ask for one instance, a shorter range or a larger step",
-            query.values_per_group(),
+            groups.saturating_mul(query.series_per_group()),
+            query.steps(),
             self.max_answer_points
         )))
     }

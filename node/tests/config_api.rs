@@ -689,4 +689,7 @@ async fn test_a_metric_answer_is_bounded_in_values() {
     let (status, body) =
         node.get(&format!("{percentiles}&start={}&end={}", minute + 60 - 2 * 86_400, minute + 60)).await;
     assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{body}");
+    // Counted as the answer would hold them (it said 1 series of 14 400 values).
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("at least 5 series of 2880 values (14400)"), "{error}");
 }

@@ -119,13 +119,23 @@ impl MetricQuery {
         self.step.floor(self.end - 1) + self.step.seconds()
     }
 
+    /// The steps of the range: the values of one series of the answer.
+    pub fn steps(&self) -> usize {
+        ((self.steps_end() - self.step.floor(self.start)) / self.step.seconds()).max(0) as usize
+    }
+
+    /// The series of one group in the answer: one per percentile rank of a percentile metric,
+    /// else one.
+    pub fn series_per_group(&self) -> usize {
+        let ranks =
+            if self.metric.rule.value == ValueKind::Percentile { self.metric.rule.percentiles.len() } else { 1 };
+        ranks.max(1)
+    }
+
     /// The values of one group in the answer: a point per step, for each percentile rank of a
     /// percentile metric.
     pub fn values_per_group(&self) -> usize {
-        let steps = ((self.steps_end() - self.step.floor(self.start)) / self.step.seconds()).max(0) as usize;
-        let ranks =
-            if self.metric.rule.value == ValueKind::Percentile { self.metric.rule.percentiles.len() } else { 1 };
-        steps.saturating_mul(ranks.max(1))
+        self.steps().saturating_mul(self.series_per_group())
     }
 }
 

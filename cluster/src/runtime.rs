@@ -397,10 +397,9 @@ impl Cluster {
                     Err(error @ TransportError::Refused { .. }) if is_final(&error) => {
                         return Err(ClusterError::Refused(format!("joining via {address} was refused: {error}")));
                     }
-                    // The cluster is busy (another node joining): asked again shortly.
-                    Err(TransportError::Refused { ref code, ref message, .. }) if code == "Unavailable" => {
-                        info!(via = %address, reason = %message, "join attempt deferred");
-                    }
+                    // Retryable: the cluster is busy (another node joining), or the leader could
+                    // not replicate to this node (its advertised address is wrong, say): asked
+                    // again shortly, with the reason shown at the default level.
                     Err(error) => warn!(via = %address, %error, "join attempt failed"),
                 }
             }

@@ -950,11 +950,25 @@ impl Cluster {
         if let CommandResponse::Refused { reason } = self.write(command).await? {
             return Err(ClusterError::Refused(reason));
         }
-        if wait_applied(&self.applied, timeout, |a| !a.state.nodes.contains_key(&id)).await {
-            Ok(())
-        } else {
-            Err(ClusterError::NoQuorum(format!("node {id} is still leaving after {timeout:?}; it goes on")))
+        // This node leaving meanwhile (removed by another request) stops following the cluster:
+        // it cannot tell when `id` is gone, and says so at once (it waited out `timeout`, then
+        // reported a removal that had finished as still going on).
+        let me = self.id;
+        let settled = |a: &Arc<AppliedState>| !a.state.nodes.contains_key(&id) || a.state.departed.contains(&me);
+        if !wait_applied(&self.applied, timeout, settled).await {
+            return Err(ClusterError::NoQuorum(format!("node {id} is still leaving after {timeout:?}; it goes on")));
         }
+        let state = self.state();
+        if id != me && state.nodes.contains_key(&id) {
+            let mut members: Vec<&str> = state.nodes.values().map(|node| node.name.as_str()).collect();
+            members.sort_unstable();
+            return Err(ClusterError::NoQuorum(format!(
+                "node {id} is leaving, but this node left the cluster meanwhile and no longer follows it: ask a \
+                 member ({}) whether it is gone",
+                members.join(", ")
+            )));
+        }
+        Ok(())
     }
 
     /// The cluster as this node sees it.

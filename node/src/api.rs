@@ -514,9 +514,16 @@ async fn add_node(
     bytes: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     authorize(&headers, state.api_token.as_deref())?;
+    state.query.refuse_if_departed()?;
     let body = body(bytes)?;
     let node: NodeToAdd =
         serde_json::from_slice(&body).map_err(|e| Error::InvalidArgument(format!("the node to add: {e}")))?;
+    // What the node itself would refuse to start with: the leader could never reach it, or a
+    // client could never reach its API (it was stored, or waited for until a "retry" timed out).
+    let invalid = |field: &str, error: String| Error::InvalidArgument(format!("the node to add: {field}: {error}"));
+    crate::config::check_node_name(&node.name).map_err(|error| invalid("name", error))?;
+    crate::config::check_host_port(&node.cluster_addr).map_err(|error| invalid("cluster_addr", error))?;
+    crate::config::check_host_port(&node.api_addr).map_err(|error| invalid("api_addr", error))?;
     let request = tollgate_proto::peer::JoinRequest {
         node_id: node.node_id,
         name: node.name,
@@ -550,6 +557,7 @@ async fn remove_node(
     let id = path(id)?;
     let options = params(options)?;
     authorize(&headers, state.api_token.as_deref())?;
+    state.query.refuse_if_departed()?;
     let members = state.cluster.state().nodes;
     let node_id = match id.parse::<u64>() {
         Ok(number) if members.contains_key(&number) => number,

@@ -290,14 +290,27 @@ impl NodeConfig {
     /// silently do nothing); `TOLLGATE_CONFIG` names the file, `TOLLGATE_LOG` and
     /// `TOLLGATE_LOG_FORMAT` the logs' filter and format.
     pub fn with_environment(self, environment: &BTreeMap<String, String>) -> Result<NodeConfig, ConfigError> {
-        let mut tree = serde_json::to_value(&self).map_err(|e| ConfigError(e.to_string()))?;
+        let base = serde_json::to_value(&self).map_err(|e| ConfigError(e.to_string()))?;
+        let mut tree = base.clone();
         let mut known =
             ["TOLLGATE_CONFIG", "TOLLGATE_LOG", "TOLLGATE_LOG_FORMAT", "TOLLGATE_API"].map(String::from).to_vec();
         overlay(&mut tree, "TOLLGATE", environment, &mut known)?;
         if let Some(unknown) = environment.keys().find(|k| k.starts_with("TOLLGATE_") && !known.contains(k)) {
             return Err(ConfigError(format!("unknown environment variable {unknown}")));
         }
-        serde_json::from_value(tree).map_err(|e| ConfigError(format!("from environment: {e}")))
+        serde_json::from_value(tree).map_err(|error| {
+            // Named by the variable whose value does not parse (an address, say), found by
+            // applying each one alone.
+            let culprit =
+                environment.iter().filter(|(name, _)| name.starts_with("TOLLGATE_")).find_map(|(name, value)| {
+                    let mut alone = base.clone();
+                    let one = BTreeMap::from([(name.clone(), value.clone())]);
+                    overlay(&mut alone, "TOLLGATE", &one, &mut Vec::new()).ok()?;
+                    let parsed: Result<NodeConfig, _> = serde_json::from_value(alone);
+                    parsed.err().map(|error| format!("{name}: {value:?}: {error}"))
+                });
+            ConfigError(culprit.unwrap_or_else(|| format!("from environment: {error}")))
+        })
     }
 
     fn apply_flags(&mut self, flags: &FlagOverrides) {
@@ -334,9 +347,7 @@ impl NodeConfig {
             return fail("data_dir: must not be empty".into());
         }
         if let Some(id) = &self.node_id {
-            if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return fail(format!("node_id: {id:?} must be 1-128 letters, digits, '-', '_' or '.'"));
-            }
+            check_node_name(id).map_err(|error| ConfigError(format!("node_id: {error}")))?;
         }
         if self.otlp_grpc_addrs.is_empty() {
             return fail("otlp_grpc_addrs: at least one address".into());
@@ -348,28 +359,24 @@ impl NodeConfig {
             }
         }
         if let Some(advertise) = &self.advertise_addr {
-            if !advertise.contains(':') {
-                return fail(format!("advertise_addr: {advertise:?} must be HOST:PORT"));
-            }
+            check_host_port(advertise).map_err(|error| ConfigError(format!("advertise_addr: {error}")))?;
         }
         for address in &self.join {
-            if !address.contains(':') {
-                return fail(format!("join: {address:?} must be HOST:PORT"));
-            }
+            check_host_port(address).map_err(|error| ConfigError(format!("join: {error}")))?;
         }
         for (name, value) in [("api_token", &self.api_token), ("cluster_secret", &self.cluster_secret)] {
             if value.as_deref() == Some("") {
                 return fail(format!("{name}: must not be empty when set (remove it to disable)"));
             }
-        }
-        // It travels in a gRPC header: a value a header cannot carry was left out of every call,
-        // so every node refused every other (and a node its own start-up check).
-        if let Some(secret) = &self.cluster_secret {
-            if !secret.bytes().all(|b| (0x20..0x7f).contains(&b)) || secret.trim() != secret {
-                return fail(
-                    "cluster_secret: must be printable ASCII, without spaces at either end (it travels in a header)"
-                        .to_string(),
-                );
+            // Each travels in a header (`Authorization`, a gRPC header): a value a header cannot
+            // carry, or whose spaces a server trims, never matched, so every write (every call
+            // between nodes) was refused.
+            if let Some(value) = value {
+                if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) || value.trim() != value {
+                    return fail(format!(
+                        "{name}: must be printable ASCII, without spaces at either end (it travels in a header)"
+                    ));
+                }
             }
         }
         let l = &self.limits;
@@ -492,6 +499,22 @@ fn overlay(
     Ok(())
 }
 
+/// Checks a node's name (`node_id`): 1-128 ASCII letters, digits, '-', '_' or '.'.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(format!("{name:?} must be 1-128 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(())
+}
+
+/// Checks a `HOST:PORT` address another node dials: a host, and a port from 1 to 65535.
+pub fn check_host_port(address: &str) -> Result<(), String> {
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0) => Ok(()),
+        _ => Err(format!("{address:?} must be HOST:PORT, with a port from 1 to 65535")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,6 +571,17 @@ mod tests {
             NodeConfig::load(None, &env(&[("TOLLGATE_LIMITS_MAX_LOG_PAGE", "many")]), &FlagOverrides::default())
                 .unwrap_err();
         assert!(error.0.contains("TOLLGATE_LIMITS_MAX_LOG_PAGE"), "{error}");
+        // An address that does not parse names its variable too (it said only "invalid socket
+        // address syntax"), beside others that do.
+        for (variable, value) in [
+            ("TOLLGATE_CLUSTER_ADDR", "garbage"),
+            ("TOLLGATE_OTLP_GRPC_ADDRS", "127.0.0.1:4317,x"),
+            ("TOLLGATE_HTTP_ADDR", "127.0.0.1"),
+        ] {
+            let environment = env(&[(variable, value), ("TOLLGATE_OTLP_HTTP_ADDR", "127.0.0.1:4318")]);
+            let error = NodeConfig::load(None, &environment, &FlagOverrides::default()).unwrap_err();
+            assert!(error.0.starts_with(&format!("{variable}: {value:?}: ")), "{error}");
+        }
         let bad =
             NodeConfig { limits: LimitsConfig { max_inflight_bytes: 1, ..Default::default() }, ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("limits.max_inflight_bytes"));
@@ -589,6 +623,21 @@ mod tests {
         }
         let good = NodeConfig { cluster_secret: Some("a b~!".into()), ..NodeConfig::default() };
         good.validate().unwrap();
+        for token in ["tökén", " lead", "trail ", "tab\tinside"] {
+            let bad = NodeConfig { api_token: Some(token.into()), ..NodeConfig::default() };
+            assert!(bad.validate().unwrap_err().0.contains("api_token: must be printable ASCII"), "{token:?}");
+        }
+        for address in ["foo:abc", "foo:", ":4000", "foo:99999", "foo:0", "foo"] {
+            let bad = NodeConfig { advertise_addr: Some(address.into()), ..NodeConfig::default() };
+            assert!(bad.validate().unwrap_err().0.contains("advertise_addr: "), "{address:?}");
+            let bad = NodeConfig { join: vec![address.into()], ..NodeConfig::default() };
+            assert!(bad.validate().unwrap_err().0.contains("join: "), "{address:?}");
+        }
+        for address in ["tollgate-0.tollgate:11900", "10.0.0.1:1", "[::1]:65535"] {
+            let good =
+                NodeConfig { advertise_addr: Some(address.into()), join: vec![address.into()], ..Default::default() };
+            good.validate().unwrap();
+        }
     }
 
     #[test]

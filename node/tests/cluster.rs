@@ -441,6 +441,14 @@ async fn test_cluster_join_and_leave_during_a_stream_keep_results_exact() {
         let (status, body) = second.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
         assert_eq!(status, 503, "{body}");
         assert!(body["error"].as_str().unwrap().starts_with("this node left the cluster"), "{body}");
+        // Nor membership changes (they said "no stable leader; retry").
+        let (status, body) = second.delete("/api/v1/cluster/nodes/n3", None).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body["error"].as_str().unwrap().starts_with("this node left the cluster"), "{body}");
+        let node = json!({"node_id": 7, "name": "x", "cluster_addr": "a:1", "api_addr": "b:2"});
+        let (status, body) = second.post("/api/v1/cluster/nodes", &node, None).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body["error"].as_str().unwrap().starts_with("this node left the cluster"), "{body}");
     }
     // The node that left is gone for good; the other two hold everything.
     drop(second);
@@ -718,6 +726,20 @@ async fn test_an_unreachable_node_is_not_admitted_and_the_cluster_keeps_its_majo
     assert_eq!((nodes.len(), nodes[0]["name"].as_str()), (1, Some("n1")), "{cluster}");
     let (status, body) = node.put("/api/v1/config/rules", "sampling:\n  token_threshold: 5000\n", None).await;
     assert_eq!(status, 200, "{body}");
+    // A name or an address no node could have is refused at once, naming the field: it was the
+    // same 503 after 5 s ("retry"), or stored (an API address).
+    for (field, value) in [
+        ("name", "bad name!"),
+        ("cluster_addr", "nonsense"),
+        ("cluster_addr", "127.0.0.1:99999"),
+        ("api_addr", "garbage"),
+    ] {
+        let mut bad = ghost.clone();
+        bad[field] = json!(value);
+        let (status, body) = node.post("/api/v1/cluster/nodes", &bad, None).await;
+        assert_eq!(status, 400, "{field}={value}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(&format!("{field}: {value:?}")), "{body}");
+    }
 }
 
 /// A node that bootstrapped a cluster of its own holds that cluster's Raft log and state: admitted

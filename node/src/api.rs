@@ -421,7 +421,11 @@ async fn logs_answer(state: ApiState, query: Result<Query<LogParams>, QueryRejec
 }
 
 fn wants_yaml(headers: &HeaderMap) -> bool {
-    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|accept| accept.contains("yaml"))
+    // Media types are case-insensitive (`application/YAML`).
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.to_ascii_lowercase().contains("yaml"))
 }
 
 fn document_response<T: Serialize>(

@@ -58,7 +58,7 @@ fn stdout_error(error: std::io::Error) -> anyhow::Error {
 #[command(name = "tollgate", version, about)]
 pub struct Cli {
     /// The node API to talk to (client commands).
-    #[arg(long, global = true, env = "TOLLGATE_API", default_value = "http://127.0.0.1:12800", value_parser = api_url)]
+    #[arg(long, global = true, env = "TOLLGATE_API", default_value = "http://127.0.0.1:12800")]
     pub api: String,
     /// Bearer token for writes (client commands).
     #[arg(long, global = true, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
@@ -235,6 +235,14 @@ pub struct LogsArgs {
 fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, clap::Error> {
     let matches = Cli::command().try_get_matches_from(args)?;
     let cli = Cli::from_arg_matches(&matches)?;
+    // Checked for the client commands only: `serve` ignores TOLLGATE_API (a value set for the
+    // client commands in the same environment stopped the node from starting).
+    if !matches!(cli.command, Command::Serve(_)) {
+        if let Err(error) = api_url(&cli.api) {
+            return Err(Cli::command()
+                .error(clap::error::ErrorKind::ValueValidation, format!("--api (or TOLLGATE_API): {error}")));
+        }
+    }
     if let (Command::Serve(_), Some(serve)) = (&cli.command, matches.subcommand_matches("serve")) {
         let given = |matches: &ArgMatches, id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
         for (id, instead) in [
@@ -876,8 +884,10 @@ mod tests {
             let error = api_url(bad).unwrap_err();
             assert!(error.contains(bad) && error.contains("http://127.0.0.1:12800"), "{bad}: {error}");
         }
-        let error = Cli::try_parse_from(["tollgate", "--api", "not-a-url", "services"]).unwrap_err().to_string();
-        assert!(error.contains("--api") && error.contains("not-a-url"), "{error}");
+        let error = parse_args(["tollgate", "--api", "not-a-url", "services"].map(Into::into)).unwrap_err().to_string();
+        assert!(error.contains("--api (or TOLLGATE_API)") && error.contains("not-a-url"), "{error}");
+        // `serve` ignores it, whatever its value (it refused to start).
+        assert!(parse_args(["tollgate", "serve"].map(Into::into)).is_ok());
         let error = Cli::try_parse_from(["tollgate", "cluster", "join", "10.0.0.7:12800"]).unwrap_err().to_string();
         assert!(error.contains("10.0.0.7:12800"), "{error}");
         // A query's options without a metric: refused (it listed the catalogue, options ignored).

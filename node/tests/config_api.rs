@@ -123,16 +123,19 @@ async fn test_pricing_and_rules_are_versioned_validated_protected_and_applied_at
     assert_eq!(unpriced(base - 60).await, Some(1000.0));
     assert_eq!(unpriced(base).await, None);
 
-    // YAML read with the version in a header.
-    let response = node
-        .http
-        .get(format!("{}/api/v1/config/pricing", node.api()))
-        .header("accept", "application/yaml")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.headers()["x-tollgate-config-version"], "1");
-    assert!(response.text().await.unwrap().contains("acme-large"));
+    // YAML read with the version in a header; media types are case-insensitive.
+    for accept in ["application/yaml", "application/YAML"] {
+        let response = node
+            .http
+            .get(format!("{}/api/v1/config/pricing", node.api()))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-tollgate-config-version"], "1");
+        let text = response.text().await.unwrap();
+        assert!(text.contains("acme-large") && !text.starts_with('{'), "{accept}: {text}");
+    }
 
     // The command line, with and without the token.
     let (ok, stdout, _) = cli(&node, &["pricing", "get"]);
@@ -514,7 +517,8 @@ fn test_serve_logs_plain_text_or_json() {
 /// command that fails still says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_client_output_into_a_closed_pipe_ends_quietly() {
-    let node = TestNode::start_with(&[], &[]).await;
+    // `serve` ignores the client commands' TOLLGATE_API, whatever it holds (it refused to start).
+    let node = TestNode::start_with(&[("TOLLGATE_API", "garbage")], &[]).await;
     for args in [&["query", "--list"][..], &["services"], &["cluster", "status"]] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);

@@ -281,8 +281,12 @@ impl NodeConfig {
         if text.trim().is_empty() {
             return Ok(NodeConfig::default());
         }
-        tollgate_rules::config::deserialize_yaml(text, serde_saphyr::Options::default(), ToString::to_string)
-            .map_err(ConfigError)
+        // Worded for people, as the API's documents are (a duplicate key said to set the
+        // library's `DuplicateKeyPolicy`).
+        tollgate_rules::config::deserialize_yaml(text, serde_saphyr::Options::default(), |error| {
+            error.render_with_formatter(&serde_saphyr::UserMessageFormatter)
+        })
+        .map_err(ConfigError)
     }
 
     /// Applies `TOLLGATE_*` variables: every option, nested ones with their path joined by `_`.
@@ -556,6 +560,8 @@ mod tests {
     #[test]
     fn test_config_rejects_unknown_keys_variables_and_bad_values() {
         assert!(NodeConfig::parse("data_dri: x\n").unwrap_err().0.contains("data_dri"));
+        let error = NodeConfig::parse("http_addr: 127.0.0.1:1\nhttp_addr: 127.0.0.1:2\n").unwrap_err().0;
+        assert!(error.contains("http_addr") && !error.contains("DuplicateKeyPolicy"), "{error}");
         // A type error names the option's path (it named only a line, a column and a type).
         for (text, path) in [
             ("limits: {max_request_bytes: -5}\n", "limits.max_request_bytes: "),

@@ -315,7 +315,8 @@ impl ExportCaller {
                     let result = outcome
                         .into_result()
                         .map(|report| ForwardResponse { report })
-                        .map_err(|status| status_error(&self.addr, status));
+                        // The call was answered: each outcome is the peer's own.
+                        .map_err(|status| refused(&self.addr, status));
                     let _ = export.reply.send(result);
                 }
             }

@@ -44,6 +44,9 @@ fn answer(request: &ForwardExportRequest) -> Result<Vec<u8>, Status> {
     if name == "bad" {
         return Err(Status::invalid_argument("resource bad does not decode"));
     }
+    if name == "lapsed" {
+        return Err(Status::unavailable("this node's lease on the vnodes it owns is lapsed"));
+    }
     Ok(name.into_bytes())
 }
 
@@ -160,19 +163,25 @@ async fn forward_behind_a_held_call(
 async fn test_exports_waiting_for_the_call_in_flight_go_in_one_call_each_with_its_own_outcome() {
     let (addr, calls, gate) = serve(false).await;
     let transport = TonicTransport::new(None, Duration::from_secs(10), 64 << 20).with_forward_calls(1);
-    let others = ["a", "b", "bad", "c"];
+    let others = ["a", "b", "bad", "lapsed", "c"];
     let outcomes = forward_behind_a_held_call(&transport, &addr, &gate, &calls, &others).await;
 
     let calls = calls.lock().unwrap();
     assert_eq!(calls.single, ["first"]);
-    assert_eq!(calls.batches, [["a", "b", "bad", "c"]], "the waiting exports, in order, in one call");
+    assert_eq!(calls.batches, [["a", "b", "bad", "lapsed", "c"]], "the waiting exports, in order, in one call");
     for (resource, outcome) in others.iter().zip(&outcomes) {
         match (*resource, outcome) {
             ("bad", Err(TransportError::Refused { code, message, .. })) => {
                 assert_eq!(code, "InvalidArgument");
                 assert_eq!(message, "resource bad does not decode");
             }
-            ("bad", other) => panic!("the bad export got {other:?}"),
+            // The peer's own retryable refusal of one export of the call: a refusal, not an
+            // unreachable peer (the call itself was answered).
+            ("lapsed", Err(error @ TransportError::Refused { .. })) => {
+                assert!(error.is_retryable(), "{error}");
+                assert!(error.to_string().contains("refused: Unavailable: this node's lease"), "{error}");
+            }
+            ("bad" | "lapsed", other) => panic!("the {resource} export got {other:?}"),
             (resource, outcome) => {
                 assert_eq!(outcome.as_ref().expect("a good export").report, resource.as_bytes())
             }

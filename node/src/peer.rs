@@ -431,10 +431,14 @@ pub async fn serve(
         .await
 }
 
-/// Marks an answer as this service's own ([`PEER_ANSWER_HEADER`]): a caller tells this node's
-/// retryable refusals from a node it cannot reach.
+/// Marks an error answer as this service's own ([`PEER_ANSWER_HEADER`]): a caller tells this
+/// node's retryable refusals from a node it cannot reach. Only trailers-only answers (an error
+/// status in the headers) are marked: tonic hands the headers of an answer whose body then failed
+/// (a connection lost mid-answer) to the caller's error, which must stay unreachable.
 fn mark_answer<B>(mut response: http::Response<B>) -> http::Response<B> {
-    response.headers_mut().insert(PEER_ANSWER_HEADER, http::HeaderValue::from_static("1"));
+    if response.headers().contains_key("grpc-status") {
+        response.headers_mut().insert(PEER_ANSWER_HEADER, http::HeaderValue::from_static("1"));
+    }
     response
 }
 

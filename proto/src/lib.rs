@@ -57,8 +57,9 @@ pub const CLUSTER_SECRET_HEADER: &str = "x-tollgate-cluster-secret";
 /// decimal; absent while it belongs to none): a node of another cluster refuses the call.
 pub const CLUSTER_ID_HEADER: &str = "x-tollgate-cluster-id";
 
-/// Response header on every answer of a node's peer service: an `UNAVAILABLE` status that
-/// carries it is the peer's own, retryable refusal (a lapsed lease, no quorum, stopping); one
-/// without it came from the transport or from something in between (a proxy), and the peer
-/// counts as unreachable.
+/// Response header on every error answer of a node's peer service that carries its status in
+/// the headers (trailers-only, as a handler's or the interceptor's refusal is): an `UNAVAILABLE`
+/// status that carries it is the peer's own, retryable refusal (a lapsed lease, no quorum,
+/// stopping); one without it came from the transport or from something in between (a proxy),
+/// and the peer counts as unreachable.
 pub const PEER_ANSWER_HEADER: &str = "x-tollgate-peer";

@@ -503,10 +503,14 @@ fn overlay(
     Ok(())
 }
 
-/// Checks a node's name (`node_id`): 1-128 ASCII letters, digits, '-', '_' or '.'.
+/// Checks a node's name (`node_id`): 1-128 ASCII letters, digits, '-', '_' or '.', and not `.`
+/// or `..` (a URL path cannot name them: `tollgate cluster leave ..` asked for another path).
 pub fn check_node_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
         return Err(format!("{name:?} must be 1-128 letters, digits, '-', '_' or '.'"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} cannot name a node: it is a path's own name in URLs"));
     }
     Ok(())
 }
@@ -638,6 +642,10 @@ mod tests {
             assert!(bad.validate().unwrap_err().0.contains("advertise_addr: "), "{address:?}");
             let bad = NodeConfig { join: vec![address.into()], ..NodeConfig::default() };
             assert!(bad.validate().unwrap_err().0.contains("join: "), "{address:?}");
+        }
+        for name in ["", ".", "..", "a b", "é"] {
+            let bad = NodeConfig { node_id: Some(name.into()), ..NodeConfig::default() };
+            assert!(bad.validate().unwrap_err().0.starts_with("node_id: "), "{name:?}");
         }
         for address in ["tollgate-0.tollgate:11900", "10.0.0.1:1", "[::1]:65535"] {
             let good =

@@ -886,8 +886,6 @@ mod tests {
         }
         let error = parse_args(["tollgate", "--api", "not-a-url", "services"].map(Into::into)).unwrap_err().to_string();
         assert!(error.contains("--api (or TOLLGATE_API)") && error.contains("not-a-url"), "{error}");
-        // `serve` ignores it, whatever its value (it refused to start).
-        assert!(parse_args(["tollgate", "serve"].map(Into::into)).is_ok());
         let error = Cli::try_parse_from(["tollgate", "cluster", "join", "10.0.0.7:12800"]).unwrap_err().to_string();
         assert!(error.contains("10.0.0.7:12800"), "{error}");
         // A query's options without a metric: refused (it listed the catalogue, options ignored).

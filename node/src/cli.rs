@@ -57,13 +57,13 @@ fn stdout_error(error: std::io::Error) -> anyhow::Error {
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about)]
 pub struct Cli {
-    /// The node API to talk to (client commands).
+    /// The node API to talk to (client commands, not `serve`).
     #[arg(long, global = true, env = "TOLLGATE_API", default_value = "http://127.0.0.1:12800")]
     pub api: String,
-    /// Bearer token for writes (client commands).
+    /// Bearer token for writes (client commands, not `serve`).
     #[arg(long, global = true, env = "TOLLGATE_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Seconds a client command waits for the node's answer (`cluster leave`: at least 330)
+    /// Seconds a client command waits for the node's answer (`cluster leave`: at least 330; not `serve`)
     #[arg(long, global = true, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), value_name = "SECONDS")]
     pub timeout: u64,
     /// What to do.

@@ -321,6 +321,21 @@ impl Catalogue {
         out
     }
 
+    /// The source metrics that must be histograms: read for their counts, means, percentiles
+    /// or cost (a sum's point has no count: merged into such a series, it made a mean of a sum
+    /// over no calls). The others (read for sums only) may be sums or histograms.
+    pub fn histogram_sources(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.metrics.iter())
+            .filter(|rule| !matches!(rule.value, ValueKind::Sum))
+            .map(|rule| rule.source.clone())
+            .collect();
+        out.insert(self.cost.metric.clone());
+        out
+    }
+
     /// The label values of `rule`'s groups for a series, or `None` when the series does not
     /// pass the rule's filter.
     pub fn group_of(&self, rule: &MetricRule, attributes: &AttributeSet) -> Option<Vec<String>> {

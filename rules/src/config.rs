@@ -62,6 +62,7 @@ pub struct CompiledRules {
     pub version: u64,
     metrics: HashMap<String, ResolvedMetric>,
     sources: HashSet<String>,
+    histogram_sources: HashSet<String>,
 }
 
 impl CompiledRules {
@@ -70,7 +71,8 @@ impl CompiledRules {
         config.validate()?;
         let metrics = config.catalogue.index();
         let sources = config.catalogue.source_metrics().into_iter().collect();
-        Ok(CompiledRules { config, version, metrics, sources })
+        let histogram_sources = config.catalogue.histogram_sources().into_iter().collect();
+        Ok(CompiledRules { config, version, metrics, sources, histogram_sources })
     }
 
     /// The metric with this full name.
@@ -81,6 +83,13 @@ impl CompiledRules {
     /// True when some rule reads this source metric (only those are stored).
     pub fn is_source(&self, metric: &str) -> bool {
         self.sources.contains(metric)
+    }
+
+    /// True when this source metric must be a histogram ([`Catalogue::histogram_sources`]).
+    ///
+    /// [`Catalogue::histogram_sources`]: crate::catalogue::Catalogue::histogram_sources
+    pub fn needs_histogram(&self, metric: &str) -> bool {
+        self.histogram_sources.contains(metric)
     }
 }
 

@@ -285,6 +285,15 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                         emit(decoded.take_attributes(ordinal, index), checked, time_ns, report);
                     }
                 }
+                Some(Data::Sum(sum)) if rules.needs_histogram(&name) => {
+                    let rejection = Rejection::new(
+                        RejectReason::UnsupportedType,
+                        "sum points cannot be merged: the rules read this metric's counts, means, percentiles or \
+                         cost, which only a histogram has; send a histogram",
+                    );
+                    let count = sum.data_points.len() as u64;
+                    report.reject_many(&rejection, count, || format!("{name} of {entity}"));
+                }
                 Some(Data::Sum(sum)) => {
                     let temporality = Temporality::from_otlp(sum.aggregation_temporality);
                     for (index, point) in sum.data_points.into_iter().enumerate() {
@@ -1301,6 +1310,27 @@ mod tests {
         let batch = extract_metrics(request(resource(), vec![gauge]), &rules);
         assert_eq!(batch.report.rejected.get(&RejectReason::UnsupportedType), Some(&3));
         assert!(batch.report.error_message("data points").contains("gauge points cannot be merged"));
+
+        // A sum under a name the rules read as a histogram (its counts, means, percentiles or
+        // cost): refused, where its value was merged as a sum over no calls.
+        let sum = Metric {
+            name: "gen_ai.server.request.duration".into(),
+            data: Some(Data::Sum(Sum {
+                data_points: vec![NumberDataPoint {
+                    start_time_unix_nano: T0 - 10_000_000_000,
+                    time_unix_nano: T0,
+                    value: Some(number_data_point::Value::AsInt(5)),
+                    ..Default::default()
+                }],
+                aggregation_temporality: 1,
+                is_monotonic: true,
+            })),
+            ..Default::default()
+        };
+        let batch = extract_metrics(request(resource(), vec![sum, duration_metric(vec![point.clone()])]), &rules);
+        assert_eq!(batch.report.rejected.get(&RejectReason::UnsupportedType), Some(&1));
+        assert!(batch.report.error_message("data points").contains("only a histogram has"), "{:?}", batch.report);
+        assert_eq!(batch.points.len(), 1, "the histogram of the same request is kept");
 
         let unspecified = histogram("gen_ai.server.request.duration", 0, vec![point]);
         let batch = extract_metrics(request(resource(), vec![unspecified]), &rules);

@@ -260,6 +260,18 @@ fn cumulative_to_delta(
         *baseline = baseline_of(point, bounds);
         return Ok(Normalized::Merge);
     }
+    // Counts that did not go down with a sum that did: a negative increase, which OTLP does not
+    // allow a histogram's sum to carry (it made token rates, costs and latencies negative).
+    if matches!(point.kind, PointKind::Histogram) && point.sum < baseline.sum {
+        return Err(Rejection::new(
+            RejectReason::ValueOutOfRange,
+            format!(
+                "sum went down from {} to {} while the counts did not: a histogram's sum only grows (OTLP leaves \
+                 it out of a histogram that recorded negative values)",
+                baseline.sum, point.sum
+            ),
+        ));
+    }
     // delta = point − baseline; baseline = point, swapped in place without allocating.
     let (count, sum) = (point.count, point.sum);
     point.count -= baseline.count;
@@ -511,6 +523,20 @@ mod tests {
         let (outcome, p) = h.feed(point(Temporality::Cumulative, T0 + 20, T0 + 40, [0, 1, 0], 1.5));
         assert_eq!(outcome, Normalized::Merge);
         assert_eq!((p.count, p.buckets), (1, vec![0, 1, 0]), "a bucket went down: reset");
+    }
+
+    /// A sum that went down while no count did is a negative increase, which a histogram cannot
+    /// carry: refused, and the next point is a delta from the last one merged (token rates and
+    /// costs went negative).
+    #[test]
+    fn test_normalize_cumulative_sum_going_down_without_a_reset_is_refused() {
+        let mut h = Harness::new();
+        h.feed(point(Temporality::Cumulative, T0, T0 + 10, [2, 0, 0], 500.0));
+        let (outcome, _) = h.feed(point(Temporality::Cumulative, T0, T0 + 20, [3, 0, 0], 400.0));
+        assert_eq!(rejected(outcome), RejectReason::ValueOutOfRange);
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0, T0 + 30, [4, 0, 0], 900.0));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!((p.count, p.sum), (2, Fixed::from_f64(400.0).unwrap()));
     }
 
     /// Two pods of one service without `service.instance.id` send the same series, each with its

@@ -235,6 +235,21 @@ fn histogram(point: &mut HistogramDataPoint, temporality: Temporality) -> Result
         return Err(Rejection::new(RejectReason::MissingSum, "histogram point has no sum"));
     };
     let sum = fixed("sum", sum)?;
+    // OTLP leaves the sum out of a histogram that recorded negative values, and a histogram
+    // without observations sums to 0: either made means, rates and costs negative, or a mean of
+    // a sum over no calls.
+    if sum < Fixed::ZERO {
+        return Err(Rejection::new(
+            RejectReason::ValueOutOfRange,
+            format!("sum {sum} is negative (OTLP leaves the sum out of a histogram that recorded negative values)"),
+        ));
+    }
+    if point.count == 0 && sum != Fixed::ZERO {
+        return Err(Rejection::new(
+            RejectReason::ValueOutOfRange,
+            format!("sum {sum} with count 0: no observation sums to 0"),
+        ));
+    }
     let min = finite("min", point.min)?;
     let max = finite("max", point.max)?;
     let bounds = &point.explicit_bounds;
@@ -461,6 +476,15 @@ mod tests {
         let mut point = histogram_point();
         point.sum = Some(1e30);
         assert_eq!(reason(check_histogram(&mut point, Temporality::Delta)), RejectReason::ValueOutOfRange);
+        // OTLP: no sum for negative values, and no observation sums to 0 (they corrupted means).
+        let mut point = histogram_point();
+        point.sum = Some(-1.0);
+        assert_eq!(reason(check_histogram(&mut point, Temporality::Delta)), RejectReason::ValueOutOfRange);
+        let mut point = histogram_point();
+        (point.count, point.bucket_counts, point.sum) = (0, vec![0; point.bucket_counts.len()], Some(5.0));
+        assert_eq!(reason(check_histogram(&mut point, Temporality::Delta)), RejectReason::ValueOutOfRange);
+        point.sum = Some(0.0);
+        assert!(matches!(check_histogram(&mut point, Temporality::Delta), Checked::Valid(_)));
     }
 
     #[test]

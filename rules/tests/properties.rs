@@ -19,6 +19,8 @@ use tollgate_rules::{
 const T0: u64 = 1_764_151_200; // a minute boundary, unix seconds
 const NS: u64 = 1_000_000_000;
 const BOUNDS: [f64; 3] = [0.5, 1.0, 2.0];
+/// The value of every observation in each bucket, in thousandths.
+const OBSERVED_MILLIS: [u64; 4] = [250, 750, 1_500, 4_000];
 const METRIC: &str = "gen_ai.server.request.duration";
 
 /// One generated point of one series.
@@ -93,13 +95,16 @@ fn series_points(
     span_seconds: u64,
     shift: u64,
 ) -> impl Strategy<Value = Vec<GenPoint>> {
-    let steps = prop::collection::vec((1u64..=90, prop::array::uniform4(0u64..4), 0u64..5_000, 0u8..20), 1..12);
+    let steps = prop::collection::vec((1u64..=90, prop::array::uniform4(0u64..4), 0u8..20), 1..12);
     (steps, prop::bool::ANY).prop_map(move |(steps, old_start)| {
         let mut out = Vec::new();
         let mut time = T0;
         let mut start = if cumulative && old_start { T0 - 400 } else { T0 - 10 } - shift;
         let mut running = ([0u64; 4], 0u64);
-        for (advance, buckets, sum_millis, reset) in steps {
+        for (advance, buckets, reset) in steps {
+            // Each observation's value lies in its bucket: a sum grows with the counts, and no
+            // observations sum to 0 (a histogram's sum, as OTLP has it).
+            let sum_millis: u64 = buckets.iter().zip(OBSERVED_MILLIS).map(|(count, value)| count * value).sum();
             let previous = time;
             time = (time + advance).min(T0 + span_seconds);
             if time == previous && !out.is_empty() {

@@ -864,13 +864,21 @@ impl OwnerState {
         if let Err(error) = self.load_log_batches() {
             return (out.batch, Err(error));
         }
+        let config = self.config();
+        let now = self.context.clock.now_ns();
         if self.log_batches.contains_key(&fingerprint) {
-            out.report.duplicates = records.len() as u64;
+            // A retry answers as the batch was answered: the records refused then are refused
+            // again (a retry was told that everything was taken), the others are duplicates.
+            let normalize = &config.rules.config.normalize;
+            for record in &records {
+                match too_far_in_future(record, normalize, now) {
+                    Some(rejection) => out.report.reject(&rejection, || format!("log record of {}", record.entity)),
+                    None => out.report.duplicates += 1,
+                }
+            }
             metrics::counter!(m::LOG_BATCHES_DUPLICATE).increment(1);
             return (out.batch, Ok(out.report));
         }
-        let config = self.config();
-        let now = self.context.clock.now_ns();
         // The store has the records of durable batches (the writer applies a batch before it
         // syncs it).
         let durable = self.durable.borrow().highest;
@@ -904,11 +912,7 @@ impl OwnerState {
     ) -> Result<(), Error> {
         let normalize = &config.rules.config.normalize;
         self.ensure_partition(record.partition, &record.entity)?;
-        if record.time_ns > now.saturating_add(normalize.max_future_seconds * 1_000_000_000) {
-            let rejection = Rejection::new(
-                RejectReason::TooFarInFuture,
-                format!("time {} is more than {} s ahead of the clock", record.time_ns, normalize.max_future_seconds),
-            );
+        if let Some(rejection) = too_far_in_future(&record, normalize, now) {
             report.reject(&rejection, || format!("log record of {}", record.entity));
             return Ok(());
         }
@@ -1237,6 +1241,20 @@ struct Touched {
     states: FastSet<StateKey>,
     /// Series whose cursor moved, with their partition.
     cursors: FastMap<SeriesId, u64>,
+}
+
+/// The refusal of a log record stamped more than `max_future_seconds` ahead of `now_ns`.
+fn too_far_in_future(
+    record: &ExtractedLog,
+    normalize: &tollgate_rules::normalize::NormalizeConfig,
+    now_ns: u64,
+) -> Option<Rejection> {
+    (record.time_ns > now_ns.saturating_add(normalize.max_future_seconds * 1_000_000_000)).then(|| {
+        Rejection::new(
+            RejectReason::TooFarInFuture,
+            format!("time {} is more than {} s ahead of the clock", record.time_ns, normalize.max_future_seconds),
+        )
+    })
 }
 
 /// The aggregates a merge into `minute` updates: the minute, and also its hour and day when the

@@ -248,6 +248,30 @@ async fn test_a_record_just_acknowledged_is_in_the_default_range() {
     }
 }
 
+/// A retried export is answered as the first one was: a record refused then (stamped far in the
+/// future) is refused again, where the retry was told that everything was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_retried_log_export_reports_the_records_refused_the_first_time() {
+    let node = TestNode::start().await;
+    let mut client = node.logs_client().await;
+    let errors: BTreeMap<String, CaseValue> = [
+        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
+        ("response_code".to_string(), CaseValue::Text("500".into())),
+    ]
+    .into_iter()
+    .collect();
+    let now = now_seconds();
+    let export = request("retry-gw", vec![record(now - 60, &errors), record(now + 11 * 86_400, &errors)]);
+    for attempt in 0..3 {
+        let answer = client.export(export.clone()).await.expect("accepted").into_inner();
+        let partial = answer.partial_success.unwrap_or_default();
+        assert_eq!(partial.rejected_log_records, 1, "attempt {attempt}: {partial:?}");
+        assert!(partial.error_message.contains("too_far_in_future"), "attempt {attempt}: {partial:?}");
+    }
+    let window = format!("service=retry-gw&start={}&end={}", now - 120, now);
+    assert_eq!(logs(&node, &window).await["logs"].as_array().unwrap().len(), 1, "the good record, once");
+}
+
 /// A node whose `limits.max_log_page` is below the default page answers a query without `limit`
 /// with a page of that size (it refused the `limit` its client had not sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -223,18 +223,23 @@ async fn test_access_logs_sampling_counters_retries_paging_and_runtime_threshold
     assert_eq!(kept[0]["total_tokens"], json!(6000));
 }
 
+/// The attributes of an LLM call that failed with `response_code`: kept as an error.
+fn failed_llm_call(response_code: &str) -> BTreeMap<String, CaseValue> {
+    [
+        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
+        ("response_code".to_string(), CaseValue::Text(response_code.into())),
+    ]
+    .into_iter()
+    .collect()
+}
+
 /// A record acknowledged a moment ago is in the default range (`end` = now): the range ended at
 /// the start of the current second, so a record stamped within it was missing until the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_record_just_acknowledged_is_in_the_default_range() {
     let node = TestNode::start().await;
     let mut client = node.logs_client().await;
-    let attributes: BTreeMap<String, CaseValue> = [
-        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
-        ("response_code".to_string(), CaseValue::Text("503".into())),
-    ]
-    .into_iter()
-    .collect();
+    let attributes = failed_llm_call("503");
     for attempt in 0..3 {
         let mut record = record(0, &attributes);
         let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
@@ -254,12 +259,7 @@ async fn test_a_record_just_acknowledged_is_in_the_default_range() {
 async fn test_a_retried_log_export_reports_the_records_refused_the_first_time() {
     let node = TestNode::start().await;
     let mut client = node.logs_client().await;
-    let errors: BTreeMap<String, CaseValue> = [
-        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
-        ("response_code".to_string(), CaseValue::Text("500".into())),
-    ]
-    .into_iter()
-    .collect();
+    let errors = failed_llm_call("500");
     let now = now_seconds();
     let export = request("retry-gw", vec![record(now - 60, &errors), record(now + 11 * 86_400, &errors)]);
     for attempt in 0..3 {
@@ -278,12 +278,7 @@ async fn test_a_retried_log_export_reports_the_records_refused_the_first_time() 
 async fn test_a_query_without_limit_gets_a_page_of_max_log_page_when_that_is_smaller() {
     let node = TestNode::start_with(&[("TOLLGATE_LIMITS_MAX_LOG_PAGE", "3")], &[]).await;
     let mut client = node.logs_client().await;
-    let errors: BTreeMap<String, CaseValue> = [
-        ("gen_ai.request.model".to_string(), CaseValue::Text("gpt-4o".into())),
-        ("response_code".to_string(), CaseValue::Text("500".into())),
-    ]
-    .into_iter()
-    .collect();
+    let errors = failed_llm_call("500");
     let base = now_seconds() - 120;
     let records = (0..5).map(|i| record(base + i, &errors)).collect();
     client.export(request("small-page-gw", records)).await.expect("accepted");

@@ -321,18 +321,17 @@ impl Catalogue {
         out
     }
 
-    /// The source metrics that must be histograms: read for their counts, means, percentiles
-    /// or cost (a sum's point has no count: merged into such a series, it made a mean of a sum
-    /// over no calls). The others (read for sums only) may be sums or histograms.
-    pub fn histogram_sources(&self) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> = self
-            .groups
-            .iter()
-            .flat_map(|g| g.metrics.iter())
-            .filter(|rule| !matches!(rule.value, ValueKind::Sum))
-            .map(|rule| rule.source.clone())
-            .collect();
-        out.insert(self.cost.metric.clone());
+    /// The source metrics that must be histograms, each with the first rule that reads its
+    /// counts (a count, mean or percentile: a sum's point has no count, and merged into such a
+    /// series it made a mean of a sum over no calls). The others (read for their sums: rates,
+    /// cost) may be sums or histograms.
+    pub fn histogram_sources(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for rule in self.groups.iter().flat_map(|g| g.metrics.iter()) {
+            if matches!(rule.value, ValueKind::Count | ValueKind::Mean | ValueKind::Percentile) {
+                out.entry(rule.source.clone()).or_insert_with(|| rule.name.clone());
+            }
+        }
         out
     }
 

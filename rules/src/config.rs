@@ -62,7 +62,7 @@ pub struct CompiledRules {
     pub version: u64,
     metrics: HashMap<String, ResolvedMetric>,
     sources: HashSet<String>,
-    histogram_sources: HashSet<String>,
+    histogram_sources: HashMap<String, String>,
 }
 
 impl CompiledRules {
@@ -85,11 +85,12 @@ impl CompiledRules {
         self.sources.contains(metric)
     }
 
-    /// True when this source metric must be a histogram ([`Catalogue::histogram_sources`]).
+    /// The rule that needs this source metric to be a histogram, if one does
+    /// ([`Catalogue::histogram_sources`]).
     ///
     /// [`Catalogue::histogram_sources`]: crate::catalogue::Catalogue::histogram_sources
-    pub fn needs_histogram(&self, metric: &str) -> bool {
-        self.histogram_sources.contains(metric)
+    pub fn histogram_reader(&self, metric: &str) -> Option<&str> {
+        self.histogram_sources.get(metric).map(String::as_str)
     }
 }
 

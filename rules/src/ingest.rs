@@ -285,11 +285,14 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                         emit(decoded.take_attributes(ordinal, index), checked, time_ns, report);
                     }
                 }
-                Some(Data::Sum(sum)) if rules.needs_histogram(&name) => {
+                Some(Data::Sum(sum)) if rules.histogram_reader(&name).is_some() => {
+                    let rule = rules.histogram_reader(&name).unwrap_or_default();
                     let rejection = Rejection::new(
                         RejectReason::UnsupportedType,
-                        "sum points cannot be merged: the rules read this metric's counts, means, percentiles or \
-                         cost, which only a histogram has; send a histogram",
+                        format!(
+                            "sum points cannot be merged: rule {rule} reads this metric's counts (a count, mean or \
+                             percentile), which only a histogram has; send a histogram"
+                        ),
                     );
                     let count = sum.data_points.len() as u64;
                     report.reject_many(&rejection, count, || format!("{name} of {entity}"));
@@ -1329,7 +1332,8 @@ mod tests {
         };
         let batch = extract_metrics(request(resource(), vec![sum, duration_metric(vec![point.clone()])]), &rules);
         assert_eq!(batch.report.rejected.get(&RejectReason::UnsupportedType), Some(&1));
-        assert!(batch.report.error_message("data points").contains("only a histogram has"), "{:?}", batch.report);
+        let message = batch.report.error_message("data points");
+        assert!(message.contains("rule request_cpm reads this metric's counts"), "{message}");
         assert_eq!(batch.points.len(), 1, "the histogram of the same request is kept");
 
         let unspecified = histogram("gen_ai.server.request.duration", 0, vec![point]);

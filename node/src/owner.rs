@@ -866,12 +866,13 @@ impl OwnerState {
         }
         let config = self.config();
         let now = self.context.clock.now_ns();
-        if self.log_batches.contains_key(&fingerprint) {
-            // A retry answers as the batch was answered: the records refused then are refused
-            // again (a retry was told that everything was taken), the others are duplicates.
+        if let Some(&first_ns) = self.log_batches.get(&fingerprint) {
+            // A retry answers as the batch was answered: the records refused then (by the clock
+            // of that first attempt, which this owner remembers with the batch) are refused again
+            // (a retry was told that everything was taken), the others are duplicates.
             let normalize = &config.rules.config.normalize;
             for record in &records {
-                match too_far_in_future(record, normalize, now) {
+                match too_far_in_future(record, normalize, first_ns) {
                     Some(rejection) => out.report.reject(&rejection, || format!("log record of {}", record.entity)),
                     None => out.report.duplicates += 1,
                 }

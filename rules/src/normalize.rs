@@ -261,7 +261,15 @@ fn cumulative_to_delta(
         return Ok(Normalized::Merge);
     }
     // Counts that did not go down with a sum that did: a negative increase, which OTLP does not
-    // allow a histogram's sum to carry (it made token rates, costs and latencies negative).
+    // allow a histogram's sum to carry (it made token rates, costs and latencies negative). A
+    // drop within a billionth of the sum is floating-point rounding (a Collector that adds
+    // cumulative histograms in another order at each export), taken as no change.
+    if matches!(point.kind, PointKind::Histogram) && point.sum < baseline.sum {
+        let drop = baseline.sum.nanos() - point.sum.nanos();
+        if drop.saturating_mul(1_000_000_000) <= baseline.sum.nanos() {
+            point.sum = baseline.sum;
+        }
+    }
     if matches!(point.kind, PointKind::Histogram) && point.sum < baseline.sum {
         return Err(Rejection::new(
             RejectReason::ValueOutOfRange,
@@ -537,6 +545,12 @@ mod tests {
         let (outcome, p) = h.feed(point(Temporality::Cumulative, T0, T0 + 30, [4, 0, 0], 900.0));
         assert_eq!(outcome, Normalized::Merge);
         assert_eq!((p.count, p.sum), (2, Fixed::from_f64(400.0).unwrap()));
+        // Rounding: a billionth of the sum lower is no change (a sum of 9e8 ms, one ulp apart).
+        let (outcome, p) = h.feed(point(Temporality::Cumulative, T0, T0 + 40, [5, 0, 0], 899.999_999_1));
+        assert_eq!(outcome, Normalized::Merge);
+        assert_eq!((p.count, p.sum), (1, Fixed::ZERO));
+        let (_, p) = h.feed(point(Temporality::Cumulative, T0, T0 + 50, [6, 0, 0], 901.0));
+        assert_eq!((p.count, p.sum), (1, Fixed::from_f64(1.0).unwrap()), "the next delta is from the sum merged");
     }
 
     /// Two pods of one service without `service.instance.id` send the same series, each with its

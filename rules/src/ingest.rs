@@ -273,6 +273,7 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                 }
             };
             let report = &mut batch.report;
+            let histogram_reader = rules.histogram_reader(&name);
             match metric.data {
                 Some(Data::Histogram(histogram)) => {
                     let temporality = Temporality::from_otlp(histogram.aggregation_temporality);
@@ -285,8 +286,8 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                         emit(decoded.take_attributes(ordinal, index), checked, time_ns, report);
                     }
                 }
-                Some(Data::Sum(sum)) if rules.histogram_reader(&name).is_some() => {
-                    let rule = rules.histogram_reader(&name).unwrap_or_default();
+                Some(Data::Sum(sum)) if histogram_reader.is_some() => {
+                    let rule = histogram_reader.unwrap_or_default();
                     let rejection = Rejection::new(
                         RejectReason::UnsupportedType,
                         format!(
@@ -1314,8 +1315,8 @@ mod tests {
         assert_eq!(batch.report.rejected.get(&RejectReason::UnsupportedType), Some(&3));
         assert!(batch.report.error_message("data points").contains("gauge points cannot be merged"));
 
-        // A sum under a name the rules read as a histogram (its counts, means, percentiles or
-        // cost): refused, where its value was merged as a sum over no calls.
+        // A sum under a name a rule reads the counts of (a count, mean or percentile rule):
+        // refused, where its value was merged as a sum over no calls.
         let sum = Metric {
             name: "gen_ai.server.request.duration".into(),
             data: Some(Data::Sum(Sum {

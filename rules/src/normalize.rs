@@ -266,19 +266,17 @@ fn cumulative_to_delta(
     // cumulative histograms in another order at each export), taken as no change.
     if matches!(point.kind, PointKind::Histogram) && point.sum < baseline.sum {
         let drop = baseline.sum.nanos() - point.sum.nanos();
-        if drop.saturating_mul(1_000_000_000) <= baseline.sum.nanos() {
-            point.sum = baseline.sum;
+        if drop.saturating_mul(1_000_000_000) > baseline.sum.nanos() {
+            return Err(Rejection::new(
+                RejectReason::ValueOutOfRange,
+                format!(
+                    "sum went down from {} to {} while the counts did not: a histogram's sum only grows (OTLP \
+                     leaves it out of a histogram that recorded negative values)",
+                    baseline.sum, point.sum
+                ),
+            ));
         }
-    }
-    if matches!(point.kind, PointKind::Histogram) && point.sum < baseline.sum {
-        return Err(Rejection::new(
-            RejectReason::ValueOutOfRange,
-            format!(
-                "sum went down from {} to {} while the counts did not: a histogram's sum only grows (OTLP leaves \
-                 it out of a histogram that recorded negative values)",
-                baseline.sum, point.sum
-            ),
-        ));
+        point.sum = baseline.sum;
     }
     // delta = point − baseline; baseline = point, swapped in place without allocating.
     let (count, sum) = (point.count, point.sum);

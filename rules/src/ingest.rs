@@ -295,8 +295,15 @@ pub fn extract_decoded_metrics(resources: Vec<DecodedMetrics>, rules: &CompiledR
                              percentile), which only a histogram has; send a histogram"
                         ),
                     );
-                    let count = sum.data_points.len() as u64;
-                    report.reject_many(&rejection, count, || format!("{name} of {entity}"));
+                    // Points that say they recorded nothing are dropped, as any such point is.
+                    let empty =
+                        sum.data_points.iter().filter(|p| p.flags & crate::point::FLAG_NO_RECORDED_VALUE != 0).count()
+                            as u64;
+                    report.drop_items(DropReason::NoRecordedValue, empty);
+                    let count = sum.data_points.len() as u64 - empty;
+                    if count > 0 {
+                        report.reject_many(&rejection, count, || format!("{name} of {entity}"));
+                    }
                 }
                 Some(Data::Sum(sum)) => {
                     let temporality = Temporality::from_otlp(sum.aggregation_temporality);
@@ -1317,15 +1324,18 @@ mod tests {
 
         // A sum under a name a rule reads the counts of (a count, mean or percentile rule):
         // refused, where its value was merged as a sum over no calls.
+        let sum_point = NumberDataPoint {
+            start_time_unix_nano: T0 - 10_000_000_000,
+            time_unix_nano: T0,
+            value: Some(number_data_point::Value::AsInt(5)),
+            ..Default::default()
+        };
+        // One that says it recorded nothing is dropped, as any such point is.
+        let empty = NumberDataPoint { flags: crate::point::FLAG_NO_RECORDED_VALUE, ..sum_point.clone() };
         let sum = Metric {
             name: "gen_ai.server.request.duration".into(),
             data: Some(Data::Sum(Sum {
-                data_points: vec![NumberDataPoint {
-                    start_time_unix_nano: T0 - 10_000_000_000,
-                    time_unix_nano: T0,
-                    value: Some(number_data_point::Value::AsInt(5)),
-                    ..Default::default()
-                }],
+                data_points: vec![sum_point, empty],
                 aggregation_temporality: 1,
                 is_monotonic: true,
             })),
@@ -1336,6 +1346,7 @@ mod tests {
         let message = batch.report.error_message("data points");
         assert!(message.contains("rule request_cpm reads this metric's counts"), "{message}");
         assert_eq!(batch.points.len(), 1, "the histogram of the same request is kept");
+        assert_eq!(batch.report.dropped.get(&DropReason::NoRecordedValue), Some(&1));
 
         let unspecified = histogram("gen_ai.server.request.duration", 0, vec![point]);
         let batch = extract_metrics(request(resource(), vec![unspecified]), &rules);

@@ -960,12 +960,10 @@ impl Cluster {
         }
         let state = self.state();
         if id != me && state.nodes.contains_key(&id) {
-            let mut members: Vec<&str> = state.nodes.values().map(|node| node.name.as_str()).collect();
-            members.sort_unstable();
             return Err(ClusterError::NoQuorum(format!(
                 "node {id} is leaving, but this node left the cluster meanwhile and no longer follows it: ask a \
                  member ({}) whether it is gone",
-                members.join(", ")
+                state.member_names()
             )));
         }
         Ok(())

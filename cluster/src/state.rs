@@ -205,6 +205,13 @@ impl ClusterState {
         self.is_bootstrapped() && self.nodes.contains_key(&id)
     }
 
+    /// The members' names, sorted and comma-separated: whom to ask instead of a node that left.
+    pub fn member_names(&self) -> String {
+        let mut names: Vec<&str> = self.nodes.values().map(|node| node.name.as_str()).collect();
+        names.sort_unstable();
+        names.join(", ")
+    }
+
     /// True when `id` owns a vnode or takes part in a move.
     pub fn owns_or_moves(&self, id: NodeId) -> bool {
         self.vnodes.vnodes.iter().any(|s| match s {

@@ -254,19 +254,17 @@ async fn metric(
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<MetricParams>, QueryRejection>,
 ) -> Result<Response, Error> {
-    let result = match path(name) {
-        Ok(name) => metric_answer(state, name, query).await,
-        Err(error) => Err(error),
-    };
+    let result = metric_answer(state, name, query).await;
     count_query("metric", &result);
     result
 }
 
 async fn metric_answer(
     state: ApiState,
-    name: String,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<MetricParams>, QueryRejection>,
 ) -> Result<Response, Error> {
+    let name = path(name)?;
     let params = params(query)?;
     let service = required_service(params.service)?;
     let step = match params.step.as_deref() {

@@ -67,11 +67,9 @@ impl Fanout {
     fn state(&self) -> Result<ClusterState, Error> {
         let state = self.cluster.state();
         if state.departed.contains(&self.cluster.id) {
-            let mut members: Vec<&str> = state.nodes.values().map(|node| node.name.as_str()).collect();
-            members.sort_unstable();
             return Err(Error::Unavailable(format!(
                 "this node left the cluster: its data is held by another member; query a member ({})",
-                members.join(", ")
+                state.member_names()
             )));
         }
         Ok(state)
